@@ -1,0 +1,72 @@
+// Model-free quantization: safetensors shards in, a packed checkpoint out, no model and no framework.
+// A library call usable without Python (see cpp/tools/fastround_model_free.cpp for the C++ CLI twin).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "fastround/quant/scheme.h"
+
+namespace fastround {
+
+// Upstream release whose on-disk format this build reproduces; written as autoround_version.
+inline constexpr const char* kAutoRoundCompatVersion = "0.16.1";
+
+// Everything a run needs; also its JSON wire format between Python (or a job file) and the core.
+struct ModelFreeJob {
+  std::filesystem::path source_dir;
+  std::filesystem::path output_dir;
+  ojson scheme = "W4A16";          // preset name, or a dict of QuantizationScheme fields
+  ojson overrides = ojson::object();  // explicit bits/group_size/sym/data_type/act_* arguments
+  ojson layer_config = ojson::object();
+  std::string ignore_layers;
+  bool quant_lm_head = false;
+  bool quant_nontext_module = false;
+  std::vector<std::string> detected_ignore;  // unpackable module names found by the transformers glue
+  std::string format = "auto_round";
+  int threads = 0;  // 0: OpenMP default
+
+  static ModelFreeJob from_json(const ojson& j);
+  ojson to_json() const;
+};
+
+// The default scheme a job resolves to, with the label used in messages.
+struct ResolvedScheme {
+  SchemeFields fields;
+  std::string label;
+  std::string name;  // upper-cased preset name when given as a string, else empty
+};
+ResolvedScheme resolve_job_scheme(const ModelFreeJob& job);
+
+struct ModelFreeProgress {
+  int shard_index = 0;  // 1-based
+  int shard_count = 0;
+  std::string shard_name;
+  uint64_t bytes_done = 0;   // source bytes consumed over the whole run
+  uint64_t bytes_total = 0;
+};
+
+enum class LogLevel { Debug = 10, Info = 20, Warning = 30 };
+
+struct ModelFreeCallbacks {
+  // Called from the calling thread between tensors; return false to cancel the run.
+  std::function<bool(const ModelFreeProgress&)> progress;
+  std::function<void(LogLevel, const std::string&)> log;
+};
+
+struct ModelFreeResult {
+  std::filesystem::path output_dir;
+  std::vector<std::string> quantized_layers;
+  std::vector<std::string> ignored_layers;
+  std::vector<std::string> shard_files;
+  uint64_t source_bytes = 0;
+  uint64_t output_bytes = 0;
+  ojson quantization_config;
+};
+
+ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks& callbacks = {});
+
+}  // namespace fastround

@@ -1,0 +1,1 @@
+from fastround._C import *  # noqa
