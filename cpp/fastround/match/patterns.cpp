@@ -120,36 +120,54 @@ std::vector<std::string> parse_ignore_layers(std::string_view csv) {
   return out;
 }
 
-std::vector<std::string> predefined_ignore_layers(const ojson& config) {
-  std::vector<std::string> out;
-  auto add = [&](const std::string& p) {
-    if (std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
+namespace {
+
+// One row per model family, in upstream's registration order; the first matching row owns the model.
+struct IgnoreRule {
+  enum class On { Architecture, ModelType } on;
+  const char* match;               // substring of the joined architectures, or the exact model_type
+  bool dense_mlps;                 // add layers.{i}.mlp for i < first_k_dense_replace (default 1)
+  std::vector<const char*> layers;
+};
+
+const std::vector<IgnoreRule>& ignore_rules() {
+  using On = IgnoreRule::On;
+  static const std::vector<IgnoreRule> rules = {
+      {On::Architecture, "Longcat", false, {"classifier"}},
+      {On::Architecture, "Glm4MoeLite", true, {}},
+      {On::ModelType, "glm_moe_dsa", true, {"weights_proj", "indexer"}},
+      {On::ModelType, "glm5_next", true, {"weights_proj", "indexer", "self_attn"}},
+      {On::ModelType, "step3p5", false, {"g_proj", "moe.gate", "eh_proj", "shared_head", "layers.45"}},
+      {On::ModelType, "kimi_k25", false, {"vision_tower", "mm_projector"}},
+      {On::Architecture, "Qwen4", false, {"hyper_connection", "mlp.gate", "shared_expert"}},
+      {On::ModelType, "bagel", false, {"moe_gen"}},
   };
+  return rules;
+}
+
+}  // namespace
+
+std::vector<std::string> predefined_ignore_layers(const ojson& config) {
   std::string archs;
   if (config.contains("architectures") && config["architectures"].is_array())
     for (const auto& a : config["architectures"])
       if (a.is_string()) archs += (archs.empty() ? "" : ",") + a.get<std::string>();
   const std::string model_type = config.value("model_type", std::string());
-  auto dense_mlps = [&] {
-    int k = 1;
-    if (config.contains("first_k_dense_replace") && config["first_k_dense_replace"].is_number_integer())
-      k = config["first_k_dense_replace"].get<int>();
-    for (int i = 0; i < k; ++i) add("layers." + std::to_string(i) + ".mlp");
-  };
-  if (archs.find("Longcat") != std::string::npos) add("classifier");
-  if (archs.find("Glm4MoeLite") != std::string::npos) dense_mlps();
-  if (model_type == "glm_moe_dsa") {
-    dense_mlps();
-    add("weights_proj");
+  for (const auto& rule : ignore_rules()) {
+    const bool hit = rule.on == IgnoreRule::On::Architecture ? archs.find(rule.match) != std::string::npos
+                                                             : model_type == rule.match;
+    if (!hit) continue;
+    std::vector<std::string> out;
+    if (rule.dense_mlps) {
+      int k = 1;
+      if (config.contains("first_k_dense_replace") && config["first_k_dense_replace"].is_number_integer())
+        k = config["first_k_dense_replace"].get<int>();
+      for (int i = 0; i < k; ++i) out.push_back("layers." + std::to_string(i) + ".mlp");
+    }
+    for (const char* l : rule.layers) out.emplace_back(l);
+    return out;
   }
-  if (model_type == "step3p5")
-    for (const char* p : {"g_proj", "moe.gate", "eh_proj", "shared_head", "layers.45"}) add(p);
-  if (model_type == "kimi_k25")
-    for (const char* p : {"vision_tower", "mm_projector"}) add(p);
-  if (model_type == "bagel")
-    for (const char* p : {"moe_gen", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"})
-      add(p);
-  return out;
+  return {};
 }
 
 LayerConfig LayerConfig::parse(const ojson& raw, const std::string& scheme_name) {

@@ -1,5 +1,7 @@
 #include "fastround/pack/pack_gptq.h"
 
+#include <algorithm>
+
 namespace fastround {
 
 void pack_gptq_qweight_ref(const uint8_t* codes, int64_t rows, int64_t cols_p, int bits, int32_t* qweight) {
@@ -15,12 +17,15 @@ void pack_gptq_qweight_ref(const uint8_t* codes, int64_t rows, int64_t cols_p, i
 void pack_gptq_qzeros_ref(const int32_t* zeros, int64_t rows_p, int64_t groups, int bits, int zero_offset,
                           int32_t* qzeros) {
   const int pf = 32 / bits;
+  const int32_t maxq = (1 << bits) - 1;
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t k = 0; k < rows_p / pf; ++k) {
-      int64_t sum = 0;
-      for (int j = 0; j < pf; ++j)
-        sum += static_cast<int64_t>(zeros[(k * pf + j) * groups + g] - zero_offset) * (int64_t{1} << (bits * j));
-      qzeros[g * (rows_p / pf) + k] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(sum)));
+      uint32_t word = 0;
+      for (int j = 0; j < pf; ++j) {
+        const int32_t lane = std::clamp(zeros[(k * pf + j) * groups + g] - zero_offset, 0, maxq);
+        word |= static_cast<uint32_t>(lane) << (bits * j);
+      }
+      qzeros[g * (rows_p / pf) + k] = static_cast<int32_t>(word);
     }
 }
 

@@ -1,6 +1,7 @@
 #include "fastround/pipeline/model_free.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -128,7 +129,6 @@ struct RunContext {
   const SchemeTraits* default_traits;
   LayerConfig layer_config;
   std::unique_ptr<IgnoreMatcher> ignore;
-  int zero_offset = 1;
   Logger log;
 };
 
@@ -162,14 +162,30 @@ void plan_shard(const RunContext& ctx, ShardPlan& shard) {
       if (!dtype_is_float_weight(t.dtype))
         throw OptionError(site + " has dtype " + std::string(dtype_name(t.dtype)) +
                           "; model-free quantizes F32, F16 and BF16 weights (ignore the layer to keep it as is)");
-      tp.params = IntQuantParams{bits, eff->group_size.value_or(128), eff->sym.value_or(true), ctx.zero_offset};
-      try {
-        tp.layout = int_gptq_layout(t.shape[0], t.shape[1], tp.params, t.name.c_str());
-      } catch (const OptionError& e) {
-        if (tp.params.group_size <= 0 && tp.params.group_size != -1) throw OptionError(site + ": " + e.what());
-        // Upstream's kernel rejects this shape and keeps the weight; so do we, loudly.
-        ctx.log(LogLevel::Warning, std::string(e.what()) + "; keeping the original weight");
+      // Each layer packs by its own sym, as upstream does (the config's packing_format follows the default).
+      const SchemeTraits& traits = traits_for(*eff);
+      const bool sym = eff->sym.value_or(true);
+      tp.params = IntQuantParams{bits, eff->group_size.value_or(128), sym,
+                                 sym ? traits.zero_offset_sym : traits.zero_offset_asym};
+      const int64_t g = tp.params.group_size;
+      if (g == 0 || g < -1)
+        throw OptionError(site + ": group_size must be -1 or positive, got " + std::to_string(g) + from);
+      const int64_t in = t.shape[1];
+      const bool partial = g == -1 ? in % (32 / bits) != 0 : in % g != 0;
+      if (partial && !ctx.job.pad_partial_groups) {
+        // A padded qweight loads in neither upstream's loader nor vLLM; keep the weight (see docs/compatibility.md).
+        ctx.log(LogLevel::Warning, "[model_free] " + t.name + ": in_features " + std::to_string(in) +
+                                       " is not a multiple of group_size " + std::to_string(g) +
+                                       "; keeping it in full precision (pad_partial_groups=True pads like upstream)");
         quantize = false;
+      } else {
+        try {
+          tp.layout = int_gptq_layout(t.shape[0], in, tp.params, t.name.c_str());
+        } catch (const OptionError& e) {
+          // Upstream's kernel rejects this shape and keeps the weight; so do we, loudly.
+          ctx.log(LogLevel::Warning, std::string(e.what()) + "; keeping the original weight");
+          quantize = false;
+        }
       }
     }
     if (quantize) {
@@ -286,6 +302,23 @@ ojson build_quantization_config(const RunContext& ctx, const std::vector<std::st
 
 // ---- output folder ------------------------------------------------------------------------------
 
+void drop_quantization_configs(ojson& j) {
+  if (j.is_object()) {
+    j.erase("quantization_config");
+    for (auto& [k, v] : j.items()) drop_quantization_configs(v);
+  } else if (j.is_array()) {
+    for (auto& v : j) drop_quantization_configs(v);
+  }
+}
+
+// Quantization metadata of another tool, or a model card describing the unquantized model.
+bool is_stale_metadata(const std::string& name) {
+  std::string lower = name;
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  return lower == "quantization_config.json" || lower == "quantize_config.json" || lower == "quant_config.json" ||
+         lower == "readme.md";
+}
+
 bool is_weight_file(const std::string& name) {
   return ends_with(name, ".safetensors") || ends_with(name, ".bin") || ends_with(name, ".safetensors.index.json") ||
          ends_with(name, ".bin.index.json");
@@ -306,6 +339,10 @@ void publish(const fs::path& staging, const fs::path& out, const std::vector<std
   std::set<std::string> ours(shard_files.begin(), shard_files.end());
   for (const auto& e : fs::directory_iterator(out)) {
     const std::string n = e.path().filename().string();
+    if (e.is_regular_file() && is_stale_metadata(n) && !fs::exists(staging / n)) {
+      fs::remove(e.path());
+      continue;
+    }
     if (e.is_regular_file() && is_weight_file(n) && !ours.count(n) && !fs::exists(staging / n)) {
       log(LogLevel::Warning, "[model_free] removing stale weight file '" + e.path().string() +
                                  "' from an earlier output so loaders do not pick it up");
@@ -337,7 +374,7 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
   if (!j.is_object()) throw OptionError("[model_free] job must be a JSON object");
   static const std::set<std::string> known = {"source_dir",  "output_dir",    "scheme",         "overrides",
                                               "layer_config", "ignore_layers", "quant_lm_head", "quant_nontext_module",
-                                              "detected_ignore", "format",     "threads"};
+                                              "detected_ignore", "format",     "threads", "pad_partial_groups"};
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) throw OptionError("[model_free] unknown job option '" + k + "'");
   ModelFreeJob job;
@@ -353,6 +390,7 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
     job.detected_ignore = j.value("detected_ignore", std::vector<std::string>{});
     job.format = j.value("format", std::string("auto_round"));
     job.threads = j.value("threads", 0);
+    job.pad_partial_groups = j.value("pad_partial_groups", false);
   } catch (const nlohmann::json::exception& e) {
     throw OptionError(std::string("[model_free] invalid job: ") + e.what());
   }
@@ -372,6 +410,7 @@ ojson ModelFreeJob::to_json() const {
   j["detected_ignore"] = detected_ignore;
   j["format"] = format;
   j["threads"] = threads;
+  j["pad_partial_groups"] = pad_partial_groups;
   return j;
 }
 
@@ -397,6 +436,16 @@ ResolvedScheme resolve_job_scheme(const ModelFreeJob& job) {
   }
   r.fields = r.fields.merged(SchemeFields::from_json(job.overrides, "scheme overrides"));
   validate_model_free_scheme(r.fields, r.label);
+  // Upstream's AutoRound entry hands model-free a fully resolved scheme; these fields reach extra_config.
+  // W4A16_MIXED follows upstream's core path instead, which receives the bare preset.
+  if (r.name != "W4A16_MIXED" && r.fields.bits.value_or(16) < 16) {
+    SchemeFields& f = r.fields;
+    if (!f.act_bits) f.act_bits = 16;
+    if (!f.act_group_size) f.act_group_size = f.group_size;
+    if (!f.act_sym) f.act_sym = f.sym;
+    if (!f.act_data_type) f.act_data_type = "float";
+    if (!f.act_dynamic) f.act_dynamic = true;
+  }
   return r;
 }
 
@@ -418,10 +467,8 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   const ResolvedScheme scheme = resolve_job_scheme(job);
   const ojson config = read_json_file(src / "config.json");
   RunContext ctx{job, scheme.fields, &traits_for(scheme.fields), LayerConfig::parse(job.layer_config, scheme.name),
-                 nullptr, 1, log};
+                 nullptr, log};
   if (ctx.default_traits->family == KernelFamily::None) ctx.default_traits = &traits_for(*find_preset("W4A16"));
-  ctx.zero_offset = scheme.fields.sym.value_or(true) ? ctx.default_traits->zero_offset_sym
-                                                     : ctx.default_traits->zero_offset_asym;
   IgnoreOptions io;
   io.ignore_layers = job.ignore_layers;
   io.quant_lm_head = job.quant_lm_head;
@@ -487,12 +534,13 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
     }
     result.quantization_config = build_quantization_config(ctx, result.quantized_layers, result.ignored_layers);
     ojson out_config = config;
+    drop_quantization_configs(out_config);
     out_config["quantization_config"] = result.quantization_config;
     write_text_atomic(staging / "quantization_config.json", python_json_dumps(result.quantization_config));
     write_text_atomic(staging / "config.json", python_json_dumps(out_config));
     for (const auto& e : fs::directory_iterator(src)) {
       const std::string n = e.path().filename().string();
-      if (e.is_regular_file() && is_weight_file(n)) continue;
+      if ((e.is_regular_file() && is_weight_file(n)) || is_stale_metadata(n)) continue;
       if (fs::exists(out / n) || fs::exists(staging / n)) continue;
       copy_tree(e.path(), staging / n);
     }

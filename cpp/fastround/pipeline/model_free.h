@@ -28,6 +28,8 @@ struct ModelFreeJob {
   std::vector<std::string> detected_ignore;  // unpackable module names found by the transformers glue
   std::string format = "auto_round";
   int threads = 0;  // 0: OpenMP default
+  // Pad in_features to whole groups like upstream (byte parity) instead of keeping such layers unquantized.
+  bool pad_partial_groups = false;
 
   static ModelFreeJob from_json(const ojson& j);
   ojson to_json() const;

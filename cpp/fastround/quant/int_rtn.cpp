@@ -106,10 +106,12 @@ void quantize_int_gptq_tiles(DType src, const void* w, const IntGptqLayout& L, b
     }
     for (int64_t g = 0; g < L.groups; ++g)
       for (int64_t wd = 0; wd < (r1 - r0) / PF; ++wd) {
-        int64_t sum = 0;
-        for (int j = 0; j < PF; ++j)
-          sum += static_cast<int64_t>(zeros[(wd * PF + j) * L.groups + g] - zero_offset) * (int64_t{1} << (BITS * j));
-        qzeros[g * zwords + r0 / PF + wd] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(sum)));
+        uint32_t word = 0;
+        for (int j = 0; j < PF; ++j) {
+          const int32_t lane = std::clamp(zeros[(wd * PF + j) * L.groups + g] - zero_offset, 0, (1 << BITS) - 1);
+          word |= static_cast<uint32_t>(lane) << (BITS * j);
+        }
+        qzeros[g * zwords + r0 / PF + wd] = static_cast<int32_t>(word);
       }
   });
 }

@@ -1,0 +1,5 @@
+import sys
+
+from fastround.cli import main
+
+sys.exit(main())

@@ -1,0 +1,240 @@
+"""The AutoRound entry point: same arguments as upstream auto-round; model-free runs in C++."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable
+
+from fastround import _C
+from fastround._hf import detect_unpackable_modules, resolve_model_dir
+from fastround.schemes import SchemeLike, layer_config_to_job, scheme_to_job
+
+logger = logging.getLogger("fastround")
+
+_OVERRIDE_FIELDS = (
+    "bits",
+    "group_size",
+    "sym",
+    "data_type",
+    "act_bits",
+    "act_group_size",
+    "act_sym",
+    "act_data_type",
+    "act_dynamic",
+)
+_MODEL_FREE_FORMATS = ("auto_round", "auto_round:auto_gptq")
+
+REGULAR_FLOW_MISSING = (
+    "the regular (calibration/tuning) AutoRound flow is not available in this fastround version; "
+    "use model_free=True, or iters=0 with disable_opt_rtn=True and a model-free scheme"
+)
+
+
+def _first_format(fmt: str | None) -> str:
+    return str(fmt or "auto_round").lower().replace(" ", "").split(",")[0]
+
+
+def is_model_free_supported(scheme: SchemeLike, overrides: dict[str, Any] | None = None) -> bool:
+    """Whether model-free mode can produce `scheme` (after overrides). Never raises."""
+    try:
+        job = {"source_dir": "", "output_dir": "", "scheme": scheme_to_job(scheme), "overrides": overrides or {}}
+        _C.resolve_job_scheme(json.dumps(job))
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+class ModelFreeCompressor:
+    """Quantizes a safetensors checkpoint tensor by tensor in C++, without loading the model."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        scheme: SchemeLike = "W4A16",
+        layer_config: dict | None = None,
+        ignore_layers: str = "",
+        quant_lm_head: bool = False,
+        quant_nontext_module: bool = False,
+        overrides: dict[str, Any] | None = None,
+        trust_remote_code: bool = True,
+        threads: int | None = None,
+        show_progress: bool = True,
+        pad_partial_groups: bool = False,
+        **unused: Any,
+    ) -> None:
+        if not isinstance(model_name_or_path, str):
+            raise ValueError("model_free=True requires `model` to be a HuggingFace ID or local path string.")
+        self.model_name_or_path = model_name_or_path
+        self.scheme = scheme
+        self.layer_config = layer_config_to_job(layer_config)
+        self.ignore_layers = ignore_layers or ""
+        self.quant_lm_head = bool(quant_lm_head)
+        self.quant_nontext_module = bool(quant_nontext_module)
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        self.trust_remote_code = trust_remote_code
+        self.threads = threads or 0
+        self.show_progress = show_progress
+        self.pad_partial_groups = bool(pad_partial_groups)
+        self.model = None
+        self.model_free = True
+        self.quantized = False
+        if unused:
+            logger.debug("model-free ignores arguments: %s", ", ".join(sorted(unused)))
+        # Fail on a bad scheme now, as upstream does at construction.
+        _C.resolve_job_scheme(json.dumps(self._job("", "", "auto_round")))
+
+    def _job(self, source_dir: str, output_dir: str, fmt: str, detected: list[str] | None = None) -> dict[str, Any]:
+        return {
+            "source_dir": source_dir,
+            "output_dir": output_dir,
+            "scheme": scheme_to_job(self.scheme),
+            "overrides": self.overrides,
+            "layer_config": self.layer_config,
+            "ignore_layers": self.ignore_layers,
+            "quant_lm_head": self.quant_lm_head,
+            "quant_nontext_module": self.quant_nontext_module,
+            "detected_ignore": detected or [],
+            "format": fmt,
+            "threads": self.threads,
+            "pad_partial_groups": self.pad_partial_groups,
+        }
+
+    def quantize(self) -> Any:
+        raise NotImplementedError(REGULAR_FLOW_MISSING)
+
+    def quantize_and_save(
+        self, output_dir: str = "tmp_autoround", format: str = "auto_round", inplace: bool = True, **kwargs: Any
+    ) -> tuple[None, str]:
+        if _first_format(format) not in _MODEL_FREE_FORMATS:
+            raise ValueError(
+                f"format '{format}' is not supported by model-free INT output (use one of {list(_MODEL_FREE_FORMATS)}); "
+                + REGULAR_FLOW_MISSING
+            )
+        source = resolve_model_dir(self.model_name_or_path)
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"[model_free] model path '{source}' does not exist")
+        detected = detect_unpackable_modules(source, self.trust_remote_code) if os.path.isdir(source) else []
+        job = self._job(os.fspath(source), os.fspath(output_dir), format, detected)
+        summary = json.loads(_run_with_progress(json.dumps(job), self.show_progress))
+        self.quantized = True
+        self.summary = summary
+        logger.info(
+            "model-free quantization done: %d layers quantized, %d kept, output in %s",
+            len(summary["quantized_layers"]),
+            len(summary["ignored_layers"]),
+            summary["output_dir"],
+        )
+        return None, os.fspath(output_dir)
+
+
+def _run_with_progress(job_json: str, show: bool) -> str:
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=0, unit="B", unit_scale=True, desc="Quantizing shards")
+
+    def progress(p: dict) -> bool:
+        if bar is not None:
+            if bar.total != p["bytes_total"]:
+                bar.total = p["bytes_total"]
+            bar.set_postfix_str(f"shard {p['shard_index']}/{p['shard_count']}", refresh=False)
+            bar.update(p["bytes_done"] - bar.n)
+        return True
+
+    def log(level: int, message: str) -> None:
+        logger.log(level, "%s", message)
+
+    try:
+        return _C.run_model_free(job_json, progress if bar is not None else None, log)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+class AutoRound:
+    """Upstream's entry point. Model-free when asked for or auto-routed; the regular flow is not built yet."""
+
+    def __new__(
+        cls,
+        model: Any,
+        tokenizer: Any = None,
+        platform: str = "hf",
+        scheme: SchemeLike = "W4A16",
+        layer_config: dict | None = None,
+        dataset: Any = "NeelNanda/pile-10k",
+        iters: int = 200,
+        seqlen: int = 2048,
+        nsamples: int = 128,
+        batch_size: int = 8,
+        gradient_accumulate_steps: int = 1,
+        low_gpu_mem_usage: bool = False,
+        device_map: Any = 0,
+        enable_torch_compile: bool | None = None,
+        seed: int = 42,
+        *,
+        ignore_layers: str = "",
+        fp_layers: str | None = None,
+        quant_lm_head: bool = False,
+        quant_nontext_module: bool = False,
+        disable_opt_rtn: bool | None = None,
+        model_free: bool = False,
+        disable_model_free: bool = False,
+        bits: int | None = None,
+        group_size: int | None = None,
+        sym: bool | None = None,
+        data_type: str | None = None,
+        act_bits: int | None = None,
+        act_group_size: int | None = None,
+        act_sym: bool | None = None,
+        act_data_type: str | None = None,
+        act_dynamic: bool | None = None,
+        threads: int | None = None,
+        **kwargs: Any,
+    ) -> ModelFreeCompressor:
+        overrides = {
+            "bits": bits,
+            "group_size": group_size,
+            "sym": sym,
+            "data_type": data_type,
+            "act_bits": act_bits,
+            "act_group_size": act_group_size,
+            "act_sym": act_sym,
+            "act_data_type": act_data_type,
+            "act_dynamic": act_dynamic,
+        }
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if fp_layers and not ignore_layers:
+            ignore_layers = fp_layers
+        blocked = any(kwargs.get(k) is not None for k in ("static_kv_dtype", "static_attention_dtype"))
+        routed = (
+            not blocked
+            and not disable_model_free
+            and isinstance(model, str)
+            and iters == 0
+            and disable_opt_rtn is True
+            and _first_format(kwargs.get("format")) == "auto_round"
+            and is_model_free_supported(scheme, overrides)
+        )
+        if model_free and not blocked or routed:
+            if not model_free:
+                logger.info(
+                    "Auto-routing to model-free quantization (iters=0, disable_opt_rtn=True, supported scheme). "
+                    "Pass disable_model_free=True to use the regular flow."
+                )
+            return ModelFreeCompressor(
+                model,
+                scheme=scheme,
+                layer_config=layer_config,
+                ignore_layers=ignore_layers,
+                quant_lm_head=quant_lm_head,
+                quant_nontext_module=quant_nontext_module,
+                overrides=overrides,
+                trust_remote_code=kwargs.pop("trust_remote_code", True),
+                threads=threads,
+                show_progress=kwargs.pop("show_progress", True),
+                pad_partial_groups=kwargs.pop("pad_partial_groups", False),
+            )
+        raise NotImplementedError(REGULAR_FLOW_MISSING)
