@@ -194,6 +194,8 @@ class AutoRound:
         threads: int | None = None,
         **kwargs: Any,
     ) -> ModelFreeCompressor:
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
         overrides = {
             "bits": bits,
             "group_size": group_size,

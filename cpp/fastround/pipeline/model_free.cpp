@@ -244,10 +244,37 @@ void run_shard(ShardPlan& shard, const fs::path& staging, ProgressState& progres
 
 bool differs(const std::optional<int>& a, const std::optional<int>& b) { return a && a != b; }
 
-ojson build_extra_config(const RunContext& ctx, const std::vector<std::string>& quantized,
+// With a full-precision default, the config reads "INT with full-precision exceptions": its top-level
+// fields are the most common (bits, group_size, sym, data_type) among quantized layers, first seen on ties.
+SchemeFields config_default_scheme(const RunContext& ctx, const std::vector<std::string>& quantized) {
+  if (ctx.default_scheme.bits.value_or(16) < 16) return ctx.default_scheme;
+  std::vector<std::pair<SchemeFields, int>> counts;
+  for (const auto& layer : quantized) {
+    const auto eff = resolve_layer_scheme(ctx.default_scheme, ctx.layer_config.match(layer));
+    if (!eff || eff->bits.value_or(16) >= 16) continue;
+    SchemeFields key;
+    key.bits = eff->bits;
+    key.group_size = eff->group_size ? eff->group_size : ctx.default_scheme.group_size;
+    key.sym = eff->sym.value_or(true);
+    std::string dt = eff->data_type.value_or("int");
+    std::transform(dt.begin(), dt.end(), dt.begin(), [](unsigned char c) { return std::tolower(c); });
+    key.data_type = dt;
+    auto it = std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == key; });
+    if (it == counts.end())
+      counts.emplace_back(key, 1);
+    else
+      ++it->second;
+  }
+  if (counts.empty()) return ctx.default_scheme;
+  auto best = counts.begin();
+  for (auto it = counts.begin(); it != counts.end(); ++it)
+    if (it->second > best->second) best = it;
+  return best->first;
+}
+
+ojson build_extra_config(const RunContext& ctx, const SchemeFields& d, const std::vector<std::string>& quantized,
                          const std::vector<std::string>& ignored) {
   ojson extra = ojson::object();
-  const SchemeFields& d = ctx.default_scheme;
   for (const auto& e : ctx.layer_config.entries()) {
     const SchemeFields& c = e.fields;
     const int bits = c.bits.value_or(d.bits.value_or(16));
@@ -273,7 +300,7 @@ ojson build_extra_config(const RunContext& ctx, const std::vector<std::string>& 
 
 ojson build_quantization_config(const RunContext& ctx, const std::vector<std::string>& quantized,
                                 const std::vector<std::string>& ignored) {
-  const SchemeFields& d = ctx.default_scheme;
+  const SchemeFields d = config_default_scheme(ctx, quantized);
   ojson q;
   q["quant_method"] = "auto-round";
   q["packing_format"] = std::string(d.sym.value_or(true) ? ctx.default_traits->packing_format_sym
@@ -295,7 +322,7 @@ ojson build_quantization_config(const RunContext& ctx, const std::vector<std::st
     for (const auto& b : blocks) joined += (joined.empty() ? "" : ",") + b;
     q["block_name_to_quantize"] = joined;
   }
-  ojson extra = build_extra_config(ctx, quantized, ignored);
+  ojson extra = build_extra_config(ctx, d, quantized, ignored);
   if (!extra.empty()) q["extra_config"] = extra;
   return q;
 }
