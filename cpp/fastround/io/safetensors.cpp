@@ -124,7 +124,12 @@ SafetensorsReader::SafetensorsReader(const fs::path& path) : path_(path) {
     if (t.end > data_size)
       throw CheckpointError(at + " has data_offsets " + jo.dump() + " beyond the " + std::to_string(data_size) +
                             "-byte data area (truncated file?)");
-    const uint64_t bits = static_cast<uint64_t>(t.numel()) * static_cast<uint64_t>(dtype_bits(t.dtype));
+    uint64_t bits = static_cast<uint64_t>(dtype_bits(t.dtype));
+    for (int64_t d : t.shape)
+      if (d != 0 && __builtin_mul_overflow(bits, static_cast<uint64_t>(d), &bits))
+        throw CheckpointError(at + " has shape " + shape_str(t.shape) + " whose byte size overflows 64 bits");
+    for (int64_t d : t.shape)
+      if (d == 0) bits = 0;
     if ((bits + 7) / 8 != t.nbytes())
       throw CheckpointError(at + " has " + std::to_string(t.nbytes()) + " data bytes, but dtype " +
                             std::string(dtype_name(t.dtype)) + " and shape " + shape_str(t.shape) + " need " +

@@ -84,6 +84,9 @@ std::vector<std::string> discover_shards(const fs::path& src) {
         throw CheckpointError("[model_free] index '" + index.string() + "': tensor '" + tensor +
                               "' maps to a non-string " + file.dump());
       const std::string f = file.get<std::string>();
+      if (f.empty() || fs::path(f).is_absolute() || f.find("..") != std::string::npos || f.find('/') != std::string::npos)
+        throw CheckpointError("[model_free] index '" + index.string() + "': tensor '" + tensor + "' maps to '" + f +
+                              "', which is not a file name inside '" + src.string() + "'");
       if (std::find(shards.begin(), shards.end(), f) == shards.end()) shards.push_back(f);
     }
     for (const auto& f : shards)
@@ -508,6 +511,7 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   const std::vector<std::string> shard_names = discover_shards(src);
   std::vector<ShardPlan> shards(shard_names.size());
   uint64_t total = 0;
+  std::map<std::string, std::string> tensor_home;
   for (size_t i = 0; i < shard_names.size(); ++i) {
     ShardPlan& s = shards[i];
     s.source_name = shard_names[i];
@@ -517,6 +521,12 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
     s.output_name = shard_names.size() == 1 ? "model.safetensors" : name;
     plan_shard(ctx, s);
     total += s.reader->data_bytes();
+    for (const auto& t : s.reader->tensors()) {
+      auto [it, fresh] = tensor_home.emplace(t.name, s.source_name);
+      if (!fresh)
+        throw CheckpointError("[model_free] tensor '" + t.name + "' appears in both '" + it->second + "' and '" +
+                              s.source_name + "'; a checkpoint must hold each tensor once");
+    }
   }
   log(LogLevel::Info, "[model_free] " + std::to_string(shards.size()) + " shard(s), " + std::to_string(total) +
                           " bytes, scheme " + scheme.label + " -> " + out.string());
