@@ -1,6 +1,6 @@
 """The C++ INT kernels: fused fast path vs scalar reference (bit for bit), vs upstream's RTN formula
 written in torch, the torch-tensor entry point, dequantization, and the documented worked example
-(/work/shared/reference/model-free.md §3.4 and §4.2)."""
+(shared/reference/model-free.md §3.4 and §4.2)."""
 
 from __future__ import annotations
 
