@@ -167,6 +167,7 @@ SafetensorsWriter::SafetensorsWriter(fs::path final_path, std::vector<OutputTens
     if (a.dtype != b.dtype) return dtype_rank(a.dtype) > dtype_rank(b.dtype);
     return a.name < b.name;
   });
+  for (size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
   for (size_t i = 1; i < tensors_.size(); ++i)
     if (tensors_[i].name == tensors_[i - 1].name)
       throw OptionError("[safetensors] " + final_path_.string() + ": tensor '" + tensors_[i].name +
@@ -217,8 +218,8 @@ SafetensorsWriter::~SafetensorsWriter() {
 }
 
 size_t SafetensorsWriter::index_of(const std::string& name) const {
-  for (size_t i = 0; i < tensors_.size(); ++i)
-    if (tensors_[i].name == name) return i;
+  auto it = index_.find(name);
+  if (it != index_.end()) return it->second;
   throw OptionError("[safetensors] " + final_path_.string() + ": no output tensor '" + name + "'");
 }
 

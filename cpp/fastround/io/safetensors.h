@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "fastround/common/dtype.h"
@@ -91,6 +92,7 @@ class SafetensorsWriter {
   std::filesystem::path final_path_, tmp_path_;
   std::vector<OutputTensor> tensors_;  // in file order
   std::vector<uint64_t> offsets_;      // absolute file offsets
+  std::unordered_map<std::string, size_t> index_;
   std::unique_ptr<std::atomic<uint64_t>[]> written_;
   int fd_ = -1;
   bool committed_ = false;
