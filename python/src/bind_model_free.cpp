@@ -23,7 +23,8 @@ struct PendingPyError {
   }
 };
 
-std::string run_model_free_json(const std::string& job_json, py::object progress, py::object log) {
+std::string run_model_free_json(const std::string& job_json, py::object progress, py::object log, py::object fetch,
+                                py::object release) {
   const fr::ModelFreeJob job = fr::ModelFreeJob::from_json(fr::ojson::parse(job_json));
   PendingPyError pending;
   fr::ModelFreeCallbacks cb;
@@ -57,11 +58,37 @@ std::string run_model_free_json(const std::string& job_json, py::object progress
         pending.park();
       }
     };
+  // Streaming callbacks run on worker threads; a Python error fails that shard, and is re-raised here.
+  if (!fetch.is_none())
+    cb.fetch_shard = [&](const std::string& shard, const std::string& dest, const std::vector<std::string>& upcoming) {
+      py::gil_scoped_acquire gil;
+      try {
+        return fetch(shard, dest, upcoming).cast<std::string>();
+      } catch (py::error_already_set& e) {
+        if (!pending.parked()) {
+          e.restore();
+          pending.park();
+        }
+        throw fr::IoError("[model_free] could not fetch shard '" + shard + "'");
+      }
+    };
+  if (!release.is_none())
+    cb.release_shard = [&](const std::string& shard) {
+      py::gil_scoped_acquire gil;
+      try {
+        release(shard);
+      } catch (py::error_already_set& e) {
+        if (!pending.parked()) {
+          e.restore();
+          pending.park();
+        }
+      }
+    };
   fr::ModelFreeResult result;
   try {
     py::gil_scoped_release release;
     result = fr::run_model_free(job, cb);
-  } catch (const fr::Cancelled&) {
+  } catch (const std::exception&) {
     if (pending.parked()) pending.raise();
     throw;
   }
@@ -74,6 +101,7 @@ std::string run_model_free_json(const std::string& job_json, py::object progress
   r["source_bytes"] = result.source_bytes;
   r["output_bytes"] = result.output_bytes;
   r["quantization_config"] = result.quantization_config;
+  r["summary"] = result.summary;
   return r.dump();
 }
 
@@ -81,9 +109,11 @@ std::string run_model_free_json(const std::string& job_json, py::object progress
 
 void init_model_free(py::module_& m) {
   m.def("run_model_free", &run_model_free_json, py::arg("job_json"), py::arg("progress") = py::none(),
-        py::arg("log") = py::none(),
+        py::arg("log") = py::none(), py::arg("fetch") = py::none(), py::arg("release") = py::none(),
         R"doc(Run a model-free job given as JSON text. progress(dict) is called between tensors (return
-False to cancel); log(level, message) receives the core's messages. Returns the summary as JSON text.)doc");
+False to cancel); log(level, message) receives the core's messages. For a streamed repo,
+fetch(shard, dest_dir, upcoming) -> path provides a shard and release(shard) says it is no longer needed;
+both are called from worker threads. Returns the summary as JSON text.)doc");
   m.def(
       "resolve_job_scheme",
       [](const std::string& job_json) {

@@ -6,7 +6,9 @@
 #include "fastround/common/dtype.h"
 #include "fastround/common/error.h"
 #include "fastround/common/parallel.h"
+#include "fastround/quant/fp_rtn.h"
 #include "fastround/quant/int_rtn.h"
+#include "fastround/source/dequant.h"
 
 namespace fr = fastround;
 
@@ -54,6 +56,100 @@ py::array_t<float> dequantize_int_gptq_np(py::array_t<int32_t, py::array::c_styl
   return out;
 }
 
+void check_bytes(const py::buffer_info& info, int64_t need, const char* site) {
+  if (info.size * info.itemsize != need)
+    throw fr::OptionError(std::string("[") + site + "] buffer has " + std::to_string(info.size * info.itemsize) +
+                          " bytes, expected " + std::to_string(need));
+}
+
+py::tuple quantize_mxfp_np(py::buffer weight, const std::string& dtype, int64_t rows, int64_t cols, int bits,
+                           bool opt_rtn, bool reference) {
+  const fr::DType dt = parse_src_dtype(dtype);
+  py::buffer_info info = weight.request();
+  check_bytes(info, rows * cols * (fr::dtype_bits(dt) / 8), "quantize_mxfp");
+  const fr::MxfpLayout L = fr::mxfp_layout(rows, cols, bits, "weight");
+  py::array_t<uint8_t> w(bits == 4 ? std::vector<int64_t>{rows, cols / 2} : std::vector<int64_t>{rows, cols});
+  py::array_t<uint8_t> scale({rows, cols / 32});
+  {
+    py::gil_scoped_release release;
+    auto fn = reference ? fr::quantize_mxfp_ref : fr::quantize_mxfp;
+    fn(dt, info.ptr, L, opt_rtn, w.mutable_data(), scale.mutable_data());
+  }
+  return py::make_tuple(w, scale);
+}
+
+py::array_t<float> dequantize_mxfp_np(py::array_t<uint8_t, py::array::c_style> w,
+                                      py::array_t<uint8_t, py::array::c_style> scale, int64_t rows, int64_t cols,
+                                      int bits) {
+  const fr::MxfpLayout L = fr::mxfp_layout(rows, cols, bits, "weight");
+  if (w.size() != L.weight_bytes() || scale.size() != L.scale_bytes())
+    throw fr::OptionError("[dequantize_mxfp] tensors do not match weight shape");
+  py::array_t<float> out({rows, cols});
+  fr::dequantize_mxfp_ref(w.data(), scale.data(), L, out.mutable_data());
+  return out;
+}
+
+py::tuple quantize_nvfp4_np(py::buffer weight, const std::string& dtype, int64_t rows, int64_t cols, bool opt_rtn,
+                            bool reference) {
+  const fr::DType dt = parse_src_dtype(dtype);
+  py::buffer_info info = weight.request();
+  check_bytes(info, rows * cols * (fr::dtype_bits(dt) / 8), "quantize_nvfp4_e5m3");
+  py::array_t<uint8_t> packed({rows, cols / 2});
+  py::array_t<uint8_t> scale({rows, cols / 16});
+  {
+    py::gil_scoped_release release;
+    auto fn = reference ? fr::quantize_nvfp4_e5m3_ref : fr::quantize_nvfp4_e5m3;
+    fn(dt, info.ptr, rows, cols, opt_rtn, packed.mutable_data(), scale.mutable_data());
+  }
+  return py::make_tuple(packed, scale);
+}
+
+py::array fake_quantize_nvfp4_np(py::buffer weight, const std::string& dtype, int64_t rows, int64_t cols,
+                                 bool opt_rtn) {
+  const fr::DType dt = parse_src_dtype(dtype);
+  py::buffer_info info = weight.request();
+  const int64_t esize = fr::dtype_bits(dt) / 8;
+  check_bytes(info, rows * cols * esize, "fake_quantize_nvfp4_e5m3");
+  py::array_t<uint8_t> out({rows, cols * esize});  // raw source-dtype bytes
+  {
+    py::gil_scoped_release release;
+    fr::fake_quantize_nvfp4_e5m3(dt, info.ptr, rows, cols, opt_rtn, out.mutable_data());
+  }
+  return out;
+}
+
+py::array_t<float> dequantize_nvfp4_np(py::array_t<uint8_t, py::array::c_style> packed,
+                                       py::array_t<uint8_t, py::array::c_style> scale, int64_t rows, int64_t cols) {
+  if (cols % 16 != 0 || packed.size() != rows * cols / 2 || scale.size() != rows * cols / 16)
+    throw fr::OptionError("[dequantize_nvfp4_e5m3] tensors do not match weight shape");
+  py::array_t<float> out({rows, cols});
+  fr::dequantize_nvfp4_e5m3_ref(packed.data(), scale.data(), rows, cols, out.mutable_data());
+  return out;
+}
+
+py::array_t<uint16_t> dequant_fp8_np(py::array_t<uint8_t, py::array::c_style> w, int64_t rows, int64_t cols,
+                                     py::buffer scale, const std::string& scale_dtype, std::vector<int64_t> scale_shape,
+                                     int64_t block_rows, int64_t block_cols, bool e8m0, bool reference) {
+  auto sdt = fr::dtype_from_name(scale_dtype);
+  if (!sdt) throw fr::OptionError("[dequant_fp8] unknown scale dtype '" + scale_dtype + "'");
+  py::buffer_info sinfo = scale.request();
+  fr::Fp8ScaleView v;
+  v.dtype = *sdt;
+  v.data = sinfo.ptr;
+  v.numel = 1;
+  for (auto d : scale_shape) v.numel *= d;
+  v.rows = scale_shape.size() == 2 ? scale_shape[0] : 0;
+  v.cols = scale_shape.size() == 2 ? scale_shape[1] : 0;
+  v.block_rows = block_rows;
+  v.block_cols = block_cols;
+  v.e8m0 = e8m0;
+  if (w.size() != rows * cols) throw fr::OptionError("[dequant_fp8] weight does not match [rows, cols]");
+  py::array_t<uint16_t> out({rows, cols});
+  auto fn = reference ? fr::dequant_fp8_scaled_ref : fr::dequant_fp8_scaled;
+  fn(w.data(), rows, cols, v, "weight", out.mutable_data());
+  return out;
+}
+
 }  // namespace
 
 void init_quant(py::module_& m) {
@@ -66,6 +162,24 @@ as uint16 fp16 bits). reference=True runs the scalar reference instead of the fu
   m.def("dequantize_int_gptq", &dequantize_int_gptq_np, py::arg("qweight"), py::arg("qzeros"), py::arg("scales"),
         py::arg("rows"), py::arg("cols"), py::arg("bits"), py::arg("group_size"), py::arg("sym"),
         py::arg("zero_offset") = 1, "Dequantize auto_gptq-packed tensors to float32 [rows, cols].");
+  m.def("quantize_mxfp", &quantize_mxfp_np, py::arg("weight"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+        py::arg("bits"), py::arg("opt_rtn") = true, py::arg("reference") = false,
+        "MXFP4/MXFP8-quantize a [rows, cols] weight: returns (weight_packed u8 [rows, cols/2] or float8 bytes "
+        "[rows, cols], weight_scale u8 E8M0 [rows, cols/32]).");
+  m.def("dequantize_mxfp", &dequantize_mxfp_np, py::arg("weight"), py::arg("scale"), py::arg("rows"), py::arg("cols"),
+        py::arg("bits"), "Dequantize MXFP tensors to float32 [rows, cols].");
+  m.def("quantize_nvfp4_e5m3", &quantize_nvfp4_np, py::arg("weight"), py::arg("dtype"), py::arg("rows"),
+        py::arg("cols"), py::arg("opt_rtn") = true, py::arg("reference") = false,
+        "NVFP4_E5M3-quantize: returns (weight_packed u8 [rows, cols/2], weight_scale u8 UE5M3 [rows, cols/16]).");
+  m.def("fake_quantize_nvfp4_e5m3", &fake_quantize_nvfp4_np, py::arg("weight"), py::arg("dtype"), py::arg("rows"),
+        py::arg("cols"), py::arg("opt_rtn") = true,
+        "NVFP4_E5M3 quantize-dequantize, as raw bytes of the source dtype [rows, cols*itemsize].");
+  m.def("dequantize_nvfp4_e5m3", &dequantize_nvfp4_np, py::arg("packed"), py::arg("scale"), py::arg("rows"),
+        py::arg("cols"), "Dequantize NVFP4_E5M3 tensors to float32 [rows, cols].");
+  m.def("dequant_fp8_scaled", &dequant_fp8_np, py::arg("weight"), py::arg("rows"), py::arg("cols"), py::arg("scale"),
+        py::arg("scale_dtype"), py::arg("scale_shape"), py::arg("block_rows") = 0, py::arg("block_cols") = 0,
+        py::arg("e8m0") = false, py::arg("reference") = false,
+        "Dequantize an FP8 E4M3 weight with its weight_scale_inv to bf16 bits [rows, cols].");
   m.def("set_num_threads", &fr::set_num_threads, py::arg("n"), "Threads used by the C++ kernels.");
   m.def("max_threads", &fr::max_threads);
 }

@@ -55,6 +55,9 @@ class SafetensorsReader {
   const uint8_t* data(const TensorInfo& t) const { return map_->data() + data_start_ + t.begin; }
   void will_need(const TensorInfo& t) const { map_->will_need(data_start_ + t.begin, t.nbytes()); }
   void release(const TensorInfo& t) const { map_->release(data_start_ + t.begin, t.nbytes()); }
+  // The same for `len` bytes at byte `at` inside tensor t (one expert of a fused tensor).
+  void will_need(const TensorInfo& t, uint64_t at, uint64_t len) const { map_->will_need(data_start_ + t.begin + at, len); }
+  void release(const TensorInfo& t, uint64_t at, uint64_t len) const { map_->release(data_start_ + t.begin + at, len); }
   uint64_t data_bytes() const { return map_->size() - data_start_; }
 
  private:

@@ -2,17 +2,25 @@
 
 #include <algorithm>
 #include <cctype>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <queue>
 #include <set>
+#include <thread>
 
 #include "fastround/common/error.h"
 #include "fastround/common/parallel.h"
 #include "fastround/io/files.h"
 #include "fastround/io/safetensors.h"
 #include "fastround/match/patterns.h"
-#include "fastround/quant/int_rtn.h"
+#include "fastround/pipeline/quant_config.h"
+#include "fastround/pipeline/resume.h"
+#include "fastround/pipeline/shard_plan.h"
 
 namespace fastround {
 
@@ -21,6 +29,8 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kStagingDir = ".fastround-partial";
+constexpr const char* kDownloadDir = "source-shards";  // inside the staging folder
+constexpr const char* kSummaryFile = "fastround_summary.json";
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -31,37 +41,10 @@ std::string layer_of(const std::string& tensor_name) {
   return dot == std::string::npos ? tensor_name : tensor_name.substr(0, dot);
 }
 
-// Prefix before the first purely numeric dotted component at index > 0 ("model.layers.3.mlp" -> "model.layers").
-std::optional<std::string> block_name_of(const std::string& layer) {
-  std::vector<std::string> parts;
-  size_t start = 0;
-  while (true) {
-    const size_t dot = layer.find('.', start);
-    parts.push_back(layer.substr(start, dot == std::string::npos ? std::string::npos : dot - start));
-    if (dot == std::string::npos) break;
-    start = dot + 1;
-  }
-  for (size_t i = 1; i < parts.size(); ++i) {
-    const auto& p = parts[i];
-    if (!p.empty() && std::all_of(p.begin(), p.end(), [](unsigned char c) { return std::isdigit(c); })) {
-      std::string prefix = parts[0];
-      for (size_t k = 1; k < i; ++k) prefix += "." + parts[k];
-      return prefix;
-    }
-  }
-  return std::nullopt;
-}
-
-struct Logger {
-  const ModelFreeCallbacks& cb;
-  void operator()(LogLevel level, const std::string& msg) const {
-    if (cb.log) cb.log(level, msg);
-  }
-};
-
 // ---- source discovery -------------------------------------------------------------------------
 
-std::vector<std::string> discover_shards(const fs::path& src) {
+// `remote`: shard files of a streamed hub repo, fetched on demand (empty for a local folder).
+std::vector<std::string> discover_shards(const fs::path& src, const std::vector<std::string>& remote) {
   std::vector<fs::path> index_files, weight_files, bin_files;
   for (const auto& e : fs::directory_iterator(src)) {
     if (!e.is_regular_file()) continue;
@@ -90,12 +73,15 @@ std::vector<std::string> discover_shards(const fs::path& src) {
       if (std::find(shards.begin(), shards.end(), f) == shards.end()) shards.push_back(f);
     }
     for (const auto& f : shards)
-      if (!fs::is_regular_file(src / f))
+      if (!fs::is_regular_file(src / f) && std::find(remote.begin(), remote.end(), f) == remote.end())
         throw MissingPathError("[model_free] shard '" + f + "' listed in '" + index.filename().string() +
                                "' is missing from '" + src.string() + "'");
     return shards;
   }
   for (const auto& w : weight_files) shards.push_back(w.filename().string());
+  for (const auto& r : remote)
+    if (ends_with(r, ".safetensors") && std::find(shards.begin(), shards.end(), r) == shards.end()) shards.push_back(r);
+  std::sort(shards.begin(), shards.end());
   if (shards.empty()) {
     if (!bin_files.empty())
       throw OptionError("[model_free] '" + src.string() +
@@ -106,228 +92,148 @@ std::vector<std::string> discover_shards(const fs::path& src) {
   return shards;
 }
 
-// ---- planning ---------------------------------------------------------------------------------
+// ---- shard order and source files --------------------------------------------------------------
 
-enum class Action { Copy, IntGptq };
-
-struct TensorPlan {
-  const TensorInfo* src = nullptr;
-  Action action = Action::Copy;
-  std::string layer;
-  IntGptqLayout layout{};
-  IntQuantParams params{};
-};
-
-struct ShardPlan {
-  std::string source_name, output_name;
-  std::unique_ptr<SafetensorsReader> reader;
-  std::vector<TensorPlan> tensors;
-  std::vector<OutputTensor> outputs;
-  std::vector<std::string> quantized, ignored;
-};
-
-struct RunContext {
-  const ModelFreeJob& job;
-  SchemeFields default_scheme;
-  const SchemeTraits* default_traits;
-  LayerConfig layer_config;
-  std::unique_ptr<IgnoreMatcher> ignore;
-  Logger log;
-};
-
-void plan_shard(const RunContext& ctx, ShardPlan& shard) {
-  for (const TensorInfo& t : shard.reader->tensors()) {
-    TensorPlan tp;
-    tp.src = &t;
-    const bool is_weight = ends_with(t.name, ".weight");
-    const bool is_layer_weight = is_weight && t.shape.size() > 1;
-    const std::string layer = layer_of(t.name);
-    bool quantize = is_weight && t.shape.size() == 2;
-    if (quantize && ctx.ignore->matches(layer) && !ctx.layer_config.has_key(layer)) quantize = false;
-    if (quantize && is_always_skipped(t.name)) quantize = false;
-    std::optional<SchemeFields> eff;
-    const LayerOverride* entry = nullptr;
-    if (quantize) {
-      entry = ctx.layer_config.match(layer);
-      eff = resolve_layer_scheme(ctx.default_scheme, entry);
-      if (!eff || eff->bits.value_or(16) >= 16) quantize = false;
-    }
-    if (quantize) {
-      const std::string site = "[model_free] " + shard.reader->path().string() + ": tensor '" + t.name + "'";
-      const std::string from = entry ? " (from layer_config['" + entry->key + "'])" : "";
-      const std::string dt = eff->data_type.value_or("int");
-      if (dt.find("mx_fp") != std::string::npos || dt == "nvfp4_v2")
-        throw OptionError(site + ": data_type '" + dt + "'" + from + " is not supported by this fastround version");
-      const int bits = *eff->bits;
-      if (!traits_for(*eff).supports_bits(bits))
-        throw OptionError(site + ": bits=" + std::to_string(bits) + from +
-                          " is not supported by model-free INT quantization (2, 4 or 8)");
-      if (!dtype_is_float_weight(t.dtype))
-        throw OptionError(site + " has dtype " + std::string(dtype_name(t.dtype)) +
-                          "; model-free quantizes F32, F16 and BF16 weights (ignore the layer to keep it as is)");
-      // Each layer packs by its own sym, as upstream does (the config's packing_format follows the default).
-      const SchemeTraits& traits = traits_for(*eff);
-      const bool sym = eff->sym.value_or(true);
-      tp.params = IntQuantParams{bits, eff->group_size.value_or(128), sym,
-                                 sym ? traits.zero_offset_sym : traits.zero_offset_asym};
-      const int64_t g = tp.params.group_size;
-      if (g == 0 || g < -1)
-        throw OptionError(site + ": group_size must be -1 or positive, got " + std::to_string(g) + from);
-      const int64_t in = t.shape[1];
-      const bool partial = g == -1 ? in % (32 / bits) != 0 : in % g != 0;
-      if (partial && !ctx.job.pad_partial_groups) {
-        // A padded qweight loads in neither upstream's loader nor vLLM; keep the weight (see docs/compatibility.md).
-        ctx.log(LogLevel::Warning, "[model_free] " + t.name + ": in_features " + std::to_string(in) +
-                                       " is not a multiple of group_size " + std::to_string(g) +
-                                       "; keeping it in full precision (pad_partial_groups=True pads like upstream)");
-        quantize = false;
-      } else {
-        try {
-          tp.layout = int_gptq_layout(t.shape[0], in, tp.params, t.name.c_str());
-        } catch (const OptionError& e) {
-          // Upstream's kernel rejects this shape and keeps the weight; so do we, loudly.
-          ctx.log(LogLevel::Warning, std::string(e.what()) + "; keeping the original weight");
-          quantize = false;
-        }
-      }
-    }
-    if (quantize) {
-      tp.action = Action::IntGptq;
-      tp.layer = layer;
-      const auto& L = tp.layout;
-      shard.outputs.push_back({layer + ".qweight", DType::I32, {L.cols_p / L.pack_factor, L.rows}});
-      shard.outputs.push_back({layer + ".qzeros", DType::I32, {L.groups, L.rows_p / L.pack_factor}});
-      shard.outputs.push_back({layer + ".scales", DType::F16, {L.groups, L.rows}});
-      shard.quantized.push_back(layer);
-    } else {
-      shard.outputs.push_back({t.name, t.dtype, t.shape});
-      if (is_layer_weight) shard.ignored.push_back(layer);
-    }
-    shard.tensors.push_back(std::move(tp));
-  }
+// tensor -> shard from the weight index (empty without one).
+std::map<std::string, std::string> read_tensor_homes(const fs::path& src) {
+  std::map<std::string, std::string> homes;
+  std::vector<fs::path> index_files;
+  for (const auto& e : fs::directory_iterator(src))
+    if (e.is_regular_file() && ends_with(e.path().filename().string(), ".safetensors.index.json"))
+      index_files.push_back(e.path());
+  if (index_files.empty()) return homes;
+  std::sort(index_files.begin(), index_files.end());
+  fs::path index = src / "model.safetensors.index.json";
+  if (!fs::exists(index)) index = index_files.front();
+  for (const auto& [tensor, file] : read_json_file(index)["weight_map"].items()) homes[tensor] = file.get<std::string>();
+  return homes;
 }
 
-// ---- execution --------------------------------------------------------------------------------
-
-struct ProgressState {
-  const ModelFreeCallbacks& cb;
-  ModelFreeProgress p;
-  void report() {
-    if (cb.progress && !cb.progress(p)) throw Cancelled("[model_free] cancelled");
+// Shards that hold an FP8 scale for a weight elsewhere run first (donors before recipients, otherwise
+// source order), so a recipient finds its scale; returns recipient -> donors.
+std::map<std::string, std::set<std::string>> order_for_donors(std::vector<std::string>& shards,
+                                                              const std::map<std::string, std::string>& homes,
+                                                              Logger& log) {
+  std::map<std::string, std::set<std::string>> donors;
+  const std::string suffix = ".weight_scale_inv";
+  for (const auto& [tensor, donor] : homes) {
+    if (!ends_with(tensor, suffix)) continue;
+    auto w = homes.find(tensor.substr(0, tensor.size() - suffix.size()) + ".weight");
+    if (w != homes.end() && w->second != donor) donors[w->second].insert(donor);
   }
+  if (donors.empty()) return donors;
+  std::map<std::string, size_t> pos;
+  for (size_t i = 0; i < shards.size(); ++i) pos[shards[i]] = i;
+  std::map<std::string, int> indegree;
+  std::map<std::string, std::vector<std::string>> after;
+  for (const auto& [recipient, ds] : donors)
+    for (const auto& d : ds) {
+      if (!pos.count(d) || !pos.count(recipient)) continue;
+      ++indegree[recipient];
+      after[d].push_back(recipient);
+    }
+  auto by_pos = [&](const std::string& a, const std::string& b) { return pos[a] > pos[b]; };
+  std::priority_queue<std::string, std::vector<std::string>, decltype(by_pos)> ready(by_pos);
+  for (const auto& s : shards)
+    if (indegree[s] == 0) ready.push(s);
+  std::vector<std::string> ordered;
+  std::set<std::string> placed;
+  while (!ready.empty()) {
+    const std::string s = ready.top();
+    ready.pop();
+    ordered.push_back(s);
+    placed.insert(s);
+    for (const auto& r : after[s])
+      if (--indegree[r] == 0) ready.push(r);
+  }
+  if (ordered.size() != shards.size()) {
+    log(LogLevel::Warning, "[model_free] FP8 scale donations between shards form a cycle; keeping source order for the rest");
+    for (const auto& s : shards)
+      if (!placed.count(s)) ordered.push_back(s);
+  }
+  shards = ordered;
+  return donors;
+}
+
+// Opens source shards, fetching streamed ones through the callback, and lets each go once every shard
+// that needs it (itself, and recipients of its scales) has finished.
+class ShardStore {
+ public:
+  ShardStore(fs::path src, fs::path download_dir, const ModelFreeCallbacks& cb)
+      : src_(std::move(src)), download_dir_(std::move(download_dir)), cb_(cb) {}
+
+  void pin(const std::string& shard) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++pins_[shard];
+  }
+
+  std::shared_ptr<SafetensorsReader> open(const std::string& shard, const std::vector<std::string>& upcoming) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = open_.find(shard);
+      if (it != open_.end()) return it->second;
+    }
+    fs::path path = src_ / shard;
+    if (!fs::is_regular_file(path)) {
+      if (!cb_.fetch_shard)
+        throw MissingPathError("[model_free] shard '" + shard + "' is missing from '" + src_.string() + "'");
+      fs::create_directories(download_dir_);
+      path = cb_.fetch_shard(shard, download_dir_.string(), upcoming);
+      if (path.empty() || !fs::is_regular_file(path))
+        throw MissingPathError("[model_free] fetching shard '" + shard + "' gave no file (got '" + path.string() + "')");
+      std::lock_guard<std::mutex> lock(mu_);
+      fetched_.insert(shard);
+    }
+    auto reader = std::make_shared<SafetensorsReader>(path);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto [it, fresh] = open_.emplace(shard, reader);
+    return it->second;
+  }
+
+  void unpin(const std::string& shard) {
+    bool release = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--pins_[shard] > 0) return;
+      open_.erase(shard);
+      release = fetched_.erase(shard) > 0;
+    }
+    if (release && cb_.release_shard) cb_.release_shard(shard);
+  }
+
+ private:
+  fs::path src_, download_dir_;
+  const ModelFreeCallbacks& cb_;
+  std::mutex mu_;
+  std::map<std::string, int> pins_;
+  std::map<std::string, std::shared_ptr<SafetensorsReader>> open_;
+  std::set<std::string> fetched_;
 };
 
-void run_shard(ShardPlan& shard, const fs::path& staging, ProgressState& progress) {
-  SafetensorsWriter writer(staging / shard.output_name, shard.outputs);
-  const SafetensorsReader& reader = *shard.reader;
-  for (size_t i = 0; i < shard.tensors.size(); ++i) {
-    const TensorPlan& tp = shard.tensors[i];
-    const TensorInfo& t = *tp.src;
-    if (i + 1 < shard.tensors.size()) reader.will_need(*shard.tensors[i + 1].src);
-    if (tp.action == Action::Copy) {
-      writer.write(writer.index_of(t.name), reader.data(t), t.nbytes());
-    } else {
-      const IntGptqLayout& L = tp.layout;
-      std::vector<int32_t> qweight(static_cast<size_t>(L.qweight_elems()));
-      std::vector<int32_t> qzeros(static_cast<size_t>(L.qzeros_elems()));
-      std::vector<uint16_t> scales(static_cast<size_t>(L.scales_elems()));
-      quantize_int_gptq(t.dtype, reader.data(t), L, tp.params, qweight.data(), qzeros.data(), scales.data());
-      writer.write(writer.index_of(tp.layer + ".qweight"), qweight.data(), qweight.size() * 4);
-      writer.write(writer.index_of(tp.layer + ".qzeros"), qzeros.data(), qzeros.size() * 4);
-      writer.write(writer.index_of(tp.layer + ".scales"), scales.data(), scales.size() * 2);
-    }
-    reader.release(t);
-    progress.p.bytes_done += t.nbytes();
-    progress.report();
-  }
-  writer.commit();
+// ---- parallelism ------------------------------------------------------------------------------------
+
+uint64_t available_memory_bytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  uint64_t kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return 8ull << 30;
 }
 
-// ---- configs ----------------------------------------------------------------------------------
-
-bool differs(const std::optional<int>& a, const std::optional<int>& b) { return a && a != b; }
-
-// With a full-precision default, the config reads "INT with full-precision exceptions": its top-level
-// fields are the most common (bits, group_size, sym, data_type) among quantized layers, first seen on ties.
-SchemeFields config_default_scheme(const RunContext& ctx, const std::vector<std::string>& quantized) {
-  if (ctx.default_scheme.bits.value_or(16) < 16) return ctx.default_scheme;
-  std::vector<std::pair<SchemeFields, int>> counts;
-  for (const auto& layer : quantized) {
-    const auto eff = resolve_layer_scheme(ctx.default_scheme, ctx.layer_config.match(layer));
-    if (!eff || eff->bits.value_or(16) >= 16) continue;
-    SchemeFields key;
-    key.bits = eff->bits;
-    key.group_size = eff->group_size ? eff->group_size : ctx.default_scheme.group_size;
-    key.sym = eff->sym.value_or(true);
-    std::string dt = eff->data_type.value_or("int");
-    std::transform(dt.begin(), dt.end(), dt.begin(), [](unsigned char c) { return std::tolower(c); });
-    key.data_type = dt;
-    auto it = std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == key; });
-    if (it == counts.end())
-      counts.emplace_back(key, 1);
-    else
-      ++it->second;
+// Shards in flight: asked for, else as many as a quarter of free RAM holds at ~3x the largest tensor
+// each (mapped input pages, output buffers, a dequantized copy), at most one per two cores.
+int choose_parallelism(const ModelFreeJob& job, size_t shard_count, uint64_t largest_tensor, Logger& log) {
+  int p = job.shard_parallelism;
+  if (p <= 0) {
+    const uint64_t per_worker = 3 * std::max<uint64_t>(largest_tensor, 64ull << 20) + (64ull << 20);
+    const uint64_t by_memory = available_memory_bytes() / 4 / per_worker;
+    p = static_cast<int>(std::min<uint64_t>(by_memory, static_cast<uint64_t>(std::max(1, max_threads() / 2))));
   }
-  if (counts.empty()) return ctx.default_scheme;
-  auto best = counts.begin();
-  for (auto it = counts.begin(); it != counts.end(); ++it)
-    if (it->second > best->second) best = it;
-  return best->first;
-}
-
-ojson build_extra_config(const RunContext& ctx, const SchemeFields& d, const std::vector<std::string>& quantized,
-                         const std::vector<std::string>& ignored) {
-  ojson extra = ojson::object();
-  for (const auto& e : ctx.layer_config.entries()) {
-    const SchemeFields& c = e.fields;
-    const int bits = c.bits.value_or(d.bits.value_or(16));
-    const bool changes = differs(c.bits, d.bits) || (c.group_size && c.group_size != d.group_size) ||
-                         (c.sym && c.sym != d.sym);
-    if (bits >= 16 || changes) extra[e.key] = c.to_json();
-  }
-  for (const auto& layer : ignored) {
-    if (extra.contains(layer) || layer.find("embed") != std::string::npos || layer.find("conv") != std::string::npos)
-      continue;
-    extra[layer] = ojson{{"bits", 16}, {"data_type", "float"}};
-  }
-  for (const auto& layer : quantized) {
-    if ((layer == "lm_head" || layer == "head" || layer == "embed_out" || layer == "output") && !extra.contains(layer)) {
-      const LayerOverride* exact = nullptr;
-      for (const auto& e : ctx.layer_config.entries())
-        if (e.key == layer) exact = &e;
-      extra[layer] = exact ? exact->fields.to_json() : d.to_json();
-    }
-  }
-  return extra;
-}
-
-ojson build_quantization_config(const RunContext& ctx, const std::vector<std::string>& quantized,
-                                const std::vector<std::string>& ignored) {
-  const SchemeFields d = config_default_scheme(ctx, quantized);
-  ojson q;
-  q["quant_method"] = "auto-round";
-  q["packing_format"] = std::string(d.sym.value_or(true) ? ctx.default_traits->packing_format_sym
-                                                         : ctx.default_traits->packing_format_asym);
-  q["bits"] = d.bits.value_or(16);
-  q["group_size"] = d.group_size.value_or(128);
-  q["sym"] = d.sym.value_or(true);
-  q["data_type"] = d.data_type.value_or("int");
-  q["iters"] = 0;
-  q["model_free"] = true;
-  q["autoround_version"] = kAutoRoundCompatVersion;
-  std::vector<std::string> blocks;
-  for (const auto& layer : quantized) {
-    const auto b = block_name_of(layer);
-    if (b && std::find(blocks.begin(), blocks.end(), *b) == blocks.end()) blocks.push_back(*b);
-  }
-  if (!blocks.empty()) {
-    std::string joined;
-    for (const auto& b : blocks) joined += (joined.empty() ? "" : ",") + b;
-    q["block_name_to_quantize"] = joined;
-  }
-  ojson extra = build_extra_config(ctx, d, quantized, ignored);
-  if (!extra.empty()) q["extra_config"] = extra;
-  return q;
+  p = std::max(1, std::min<int>(p, static_cast<int>(std::max<size_t>(shard_count, 1))));
+  log(LogLevel::Debug, "[model_free] " + std::to_string(p) + " shard(s) in flight");
+  return p;
 }
 
 // ---- output folder ------------------------------------------------------------------------------
@@ -396,6 +302,91 @@ void publish(const fs::path& staging, const fs::path& out, const std::vector<std
   fs::remove(staging);
 }
 
+
+// Upstream's format gate: INT writes auto_round(/auto_gptq); MXFP adds llm_compressor; NVFP4_E5M3 adds
+// fake and llm_compressor.
+void check_model_free_format(const std::string& fmt, const SchemeFields& scheme, const std::string& given) {
+  const KernelFamily family = traits_for(scheme).family;
+  std::vector<std::string> ok = {"auto_round", "auto_round:auto_gptq"};
+  if (family == KernelFamily::Mxfp) ok.insert(ok.end(), {"llm_compressor", "auto_round:llm_compressor"});
+  if (family == KernelFamily::Nvfp4E5M3) ok.insert(ok.end(), {"fake", "llm_compressor", "auto_round:llm_compressor"});
+  if (std::find(ok.begin(), ok.end(), fmt) != ok.end()) return;
+  std::string list;
+  for (const auto& f : ok) list += (list.empty() ? "'" : ", '") + f + "'";
+  throw OptionError("[model_free] format '" + given + "' is not supported for model-free " +
+                    std::string(traits_for(scheme).name) + " output; use one of " + list);
+}
+
+// An FP8 source (DeepSeek style) names its scale block and scale encoding in its quantization_config.
+void read_fp8_source_config(const ojson& config, RunContext& ctx) {
+  if (!config.contains("quantization_config") || !config["quantization_config"].is_object()) return;
+  const ojson& q = config["quantization_config"];
+  if (q.contains("weight_block_size") && q["weight_block_size"].is_array() && q["weight_block_size"].size() == 2)
+    ctx.fp8_block = {q["weight_block_size"][0].get<int64_t>(), q["weight_block_size"][1].get<int64_t>()};
+  ctx.scale_e8m0 = q.value("scale_fmt", std::string()) == "ue8m0";
+}
+
+// What makes partial output reusable: options that change bytes, the config, and each source shard.
+Fingerprint make_fingerprint(const ModelFreeJob& job, const fs::path& src, const std::vector<std::string>& shards) {
+  ojson options = job.to_json();
+  for (const char* k : {"source_dir", "output_dir", "threads", "shard_parallelism", "remote_shards", "source_revision"})
+    options.erase(k);
+  Fingerprint fp;
+  fp.add_json("options", options);
+  fp.add("fastround", std::string(kAutoRoundCompatVersion) + "/resume-1");
+  std::ifstream cfg(src / "config.json", std::ios::binary);
+  fp.add("config.json", std::string(std::istreambuf_iterator<char>(cfg), {}));
+  for (const auto& s : shards) {
+    if (fs::is_regular_file(src / s))
+      fp.add_file_stat("shard " + s, src / s);
+    else
+      fp.add("shard " + s, job.source_revision);  // streamed: the hub revision names the bytes
+  }
+  return fp;
+}
+
+struct ShardJob {
+  std::string source_name, output_name;
+  std::unique_ptr<ShardPlan> plan;  // planned up front for local shards
+  std::shared_ptr<SafetensorsReader> reader;
+  ShardRecord record;
+  bool done = false;
+};
+
+ShardRecord record_of(const ShardPlan& plan, uint64_t file_bytes) {
+  ShardRecord r;
+  r.source_name = plan.source_name;
+  r.output_name = plan.output_name;
+  r.output_bytes = file_bytes;
+  for (const auto& t : plan.outputs) r.tensor_names.push_back(t.name);
+  r.quantized = plan.quantized;
+  r.ignored = plan.ignored;
+  r.accounting = accounting_json(plan);
+  return r;
+}
+
+void add_accounting(ojson& total, const ojson& shard) {
+  for (const char* k : {"quantized", "kept", "dropped"}) {
+    if (!total.contains(k)) total[k] = ojson{{"tensors", 0}, {"bytes", 0}};
+    total[k]["tensors"] = total[k]["tensors"].get<uint64_t>() + shard[k]["tensors"].get<uint64_t>();
+    total[k]["bytes"] = total[k]["bytes"].get<uint64_t>() + shard[k]["bytes"].get<uint64_t>();
+  }
+  if (!total.contains("dropped_tensors")) total["dropped_tensors"] = ojson::array();
+  for (const auto& d : shard["dropped_tensors"]) total["dropped_tensors"].push_back(d);
+}
+
+std::string human_bytes(uint64_t b) {
+  char buf[32];
+  const double v = static_cast<double>(b);
+  if (v >= 1e9)
+    std::snprintf(buf, sizeof buf, "%.2f GB", v / 1e9);
+  else if (v >= 1e6)
+    std::snprintf(buf, sizeof buf, "%.2f MB", v / 1e6);
+  else
+    std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
+  return buf;
+}
+
 }  // namespace
 
 // ---- job ----------------------------------------------------------------------------------------
@@ -404,7 +395,9 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
   if (!j.is_object()) throw OptionError("[model_free] job must be a JSON object");
   static const std::set<std::string> known = {"source_dir",  "output_dir",    "scheme",         "overrides",
                                               "layer_config", "ignore_layers", "quant_lm_head", "quant_nontext_module",
-                                              "detected_ignore", "format",     "threads", "pad_partial_groups"};
+                                              "detected_ignore", "format",     "threads", "pad_partial_groups",
+                                              "disable_opt_rtn", "shard_parallelism", "remote_shards",
+                                              "source_revision"};
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) throw OptionError("[model_free] unknown job option '" + k + "'");
   ModelFreeJob job;
@@ -421,6 +414,11 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
     job.format = j.value("format", std::string("auto_round"));
     job.threads = j.value("threads", 0);
     job.pad_partial_groups = j.value("pad_partial_groups", false);
+    if (j.contains("disable_opt_rtn") && !j["disable_opt_rtn"].is_null())
+      job.disable_opt_rtn = j["disable_opt_rtn"].get<bool>();
+    job.shard_parallelism = j.value("shard_parallelism", 0);
+    job.remote_shards = j.value("remote_shards", std::vector<std::string>{});
+    job.source_revision = j.value("source_revision", std::string());
   } catch (const nlohmann::json::exception& e) {
     throw OptionError(std::string("[model_free] invalid job: ") + e.what());
   }
@@ -441,6 +439,10 @@ ojson ModelFreeJob::to_json() const {
   j["format"] = format;
   j["threads"] = threads;
   j["pad_partial_groups"] = pad_partial_groups;
+  j["disable_opt_rtn"] = disable_opt_rtn ? ojson(*disable_opt_rtn) : ojson();
+  j["shard_parallelism"] = shard_parallelism;
+  j["remote_shards"] = remote_shards;
+  j["source_revision"] = source_revision;
   return j;
 }
 
@@ -480,7 +482,8 @@ ResolvedScheme resolve_job_scheme(const ModelFreeJob& job) {
 }
 
 ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks& callbacks) {
-  Logger log{callbacks};
+  Logger log{&callbacks};
+  const auto started = std::chrono::steady_clock::now();
   const fs::path src = job.source_dir;
   const fs::path out = job.output_dir;
   if (!fs::exists(src)) throw MissingPathError("[model_free] model path '" + src.string() + "' does not exist");
@@ -488,17 +491,19 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   if (!fs::is_regular_file(src / "config.json"))
     throw MissingPathError("[model_free] '" + src.string() + "' has no config.json");
   check_output_location(src, out);
+  const ResolvedScheme scheme = resolve_job_scheme(job);
   const std::string fmt = job.format.substr(0, job.format.find(','));
-  if (fmt != "auto_round" && fmt != "auto_round:auto_gptq")
-    throw OptionError("[model_free] format '" + job.format +
-                      "' is not supported for INT model-free output; use 'auto_round' or 'auto_round:auto_gptq'");
+  check_model_free_format(fmt, scheme.fields, job.format);
   if (job.threads > 0) set_num_threads(job.threads);
 
-  const ResolvedScheme scheme = resolve_job_scheme(job);
   const ojson config = read_json_file(src / "config.json");
   RunContext ctx{job, scheme.fields, &traits_for(scheme.fields), LayerConfig::parse(job.layer_config, scheme.name),
                  nullptr, log};
   if (ctx.default_traits->family == KernelFamily::None) ctx.default_traits = &traits_for(*find_preset("W4A16"));
+  ctx.fake_format = fmt == "fake";
+  ctx.llm_compressor = fmt == "llm_compressor";
+  ctx.opt_rtn = !job.disable_opt_rtn.value_or(false);
+  read_fp8_source_config(config, ctx);
   IgnoreOptions io;
   io.ignore_layers = job.ignore_layers;
   io.quant_lm_head = job.quant_lm_head;
@@ -507,63 +512,195 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   io.predefined = predefined_ignore_layers(config);
   ctx.ignore = std::make_unique<IgnoreMatcher>(build_ignore_patterns(io, ctx.layer_config));
 
-  // Read and plan every shard before writing anything: bad input fails with nothing on disk.
-  const std::vector<std::string> shard_names = discover_shards(src);
-  std::vector<ShardPlan> shards(shard_names.size());
-  uint64_t total = 0;
-  std::map<std::string, std::string> tensor_home;
-  for (size_t i = 0; i < shard_names.size(); ++i) {
-    ShardPlan& s = shards[i];
-    s.source_name = shard_names[i];
-    s.reader = std::make_unique<SafetensorsReader>(src / shard_names[i]);
+  std::vector<std::string> order = discover_shards(src, job.remote_shards);
+  ctx.tensor_home = read_tensor_homes(src);
+  const auto donors = order_for_donors(order, ctx.tensor_home, log);
+  const size_t n = order.size();
+  std::vector<ShardJob> jobs(n);
+  for (size_t i = 0; i < n; ++i) {
     char name[64];
-    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shard_names.size());
-    s.output_name = shard_names.size() == 1 ? "model.safetensors" : name;
-    plan_shard(ctx, s);
-    total += s.reader->data_bytes();
-    for (const auto& t : s.reader->tensors()) {
-      auto [it, fresh] = tensor_home.emplace(t.name, s.source_name);
-      if (!fresh)
-        throw CheckpointError("[model_free] tensor '" + t.name + "' appears in both '" + it->second + "' and '" +
-                              s.source_name + "'; a checkpoint must hold each tensor once");
-    }
+    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, n);
+    jobs[i].source_name = order[i];
+    jobs[i].output_name = n == 1 ? "model.safetensors" : name;
   }
-  log(LogLevel::Info, "[model_free] " + std::to_string(shards.size()) + " shard(s), " + std::to_string(total) +
-                          " bytes, scheme " + scheme.label + " -> " + out.string());
 
   const bool created_out = !fs::exists(out);
-  fs::create_directories(out);
   const fs::path staging = out / kStagingDir;
-  fs::remove_all(staging);
-  fs::create_directories(staging);
+  ShardStore store(src, staging / kDownloadDir, callbacks);
+  // Local shards are read and planned before anything is written: bad input fails with nothing on disk.
+  uint64_t total = 0, largest = 0;
+  std::map<std::string, std::string> seen;
+  auto donor_lookup = [&](const std::string& tensor) -> std::pair<const SafetensorsReader*, const TensorInfo*> {
+    const std::string& home = ctx.tensor_home.at(tensor);
+    auto r = store.open(home, {});
+    return {r.get(), r->find(tensor)};
+  };
+  auto plan_job = [&](ShardJob& j) {
+    j.plan = std::make_unique<ShardPlan>();
+    j.plan->source_name = j.source_name;
+    j.plan->output_name = j.output_name;
+    plan_shard(ctx, *j.reader, donor_lookup, *j.plan);
+  };
+  const bool local = job.remote_shards.empty();
+  if (local) {
+    for (auto& j : jobs) {
+      j.reader = store.open(j.source_name, {});
+      total += j.reader->data_bytes();
+      for (const auto& t : j.reader->tensors()) {
+        largest = std::max(largest, t.nbytes());
+        auto [it, fresh] = seen.emplace(t.name, j.source_name);
+        if (!fresh)
+          throw CheckpointError("[model_free] tensor '" + t.name + "' appears in both '" + it->second + "' and '" +
+                                j.source_name + "'; a checkpoint must hold each tensor once");
+      }
+    }
+  }
+
+  fs::create_directories(out);
+  std::string resume_message;
+  ResumeManifest manifest(staging, make_fingerprint(job, src, order), resume_message);
+  if (!resume_message.empty())
+    log(resume_message.rfind("discarding", 0) == 0 ? LogLevel::Warning : LogLevel::Info, "[model_free] " + resume_message);
+  for (auto& j : jobs) {
+    if (const ShardRecord* r = manifest.record(j.output_name); r && r->source_name == j.source_name) {
+      j.done = true;
+      j.record = *r;
+    }
+  }
+  std::set<std::string> written_names;
+  auto claim_names = [&](const std::vector<std::string>& names, const std::string& shard) {
+    for (const auto& t : names)
+      if (!written_names.insert(t).second)
+        throw CheckpointError("[model_free] tensor '" + t + "' would be written twice (again by shard '" + shard +
+                              "'); refusing to write a checkpoint with duplicate names");
+  };
+  if (local) {
+    for (auto& j : jobs) {
+      if (j.done) {
+        claim_names(j.record.tensor_names, j.source_name);
+        continue;
+      }
+      plan_job(j);
+      std::vector<std::string> names;
+      for (const auto& t : j.plan->outputs) names.push_back(t.name);
+      claim_names(names, j.source_name);
+    }
+  }
+  log(LogLevel::Info, "[model_free] " + std::to_string(n) + " shard(s)" + (local ? ", " + human_bytes(total) : "") +
+                          ", scheme " + scheme.label + " -> " + out.string());
+
+  for (const auto& j : jobs)
+    if (!j.done) {
+      store.pin(j.source_name);
+      auto d = donors.find(j.source_name);
+      if (d != donors.end())
+        for (const auto& s : d->second) store.pin(s);
+    }
+  for (auto& j : jobs) j.reader.reset();  // the store keeps what is still needed
+
+  const int parallel = choose_parallelism(job, n, largest, log);
+  const int threads_each = std::max(1, (job.threads > 0 ? job.threads : max_threads()) / parallel);
+  std::atomic<bool> cancel{false};
+  std::atomic<uint64_t> bytes_done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t next = 0, finished = 0;
+  std::exception_ptr failure;
+  std::vector<size_t> todo;
+  for (size_t i = 0; i < n; ++i)
+    if (!jobs[i].done) todo.push_back(i);
+    else if (local) bytes_done += fs::file_size(src / jobs[i].source_name);
+
+  auto worker = [&]() {
+    set_num_threads(threads_each);
+    while (true) {
+      size_t k;
+      std::vector<std::string> upcoming;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (next >= todo.size() || cancel) return;
+        k = todo[next++];
+        for (size_t u = next; u < todo.size() && upcoming.size() < static_cast<size_t>(parallel); ++u)
+          upcoming.push_back(jobs[todo[u]].source_name);
+      }
+      ShardJob& j = jobs[k];
+      try {
+        j.reader = store.open(j.source_name, upcoming);
+        if (!j.plan) {
+          plan_job(j);
+          std::vector<std::string> names;
+          for (const auto& t : j.plan->outputs) names.push_back(t.name);
+          std::lock_guard<std::mutex> lock(mu);
+          claim_names(names, j.source_name);
+        }
+        run_shard(ctx, *j.plan, staging, cancel, bytes_done);
+        j.record = record_of(*j.plan, fs::file_size(staging / j.output_name));
+        manifest.mark_done(j.record);
+        log(LogLevel::Info, "[model_free] shard " + std::to_string(k + 1) + "/" + std::to_string(n) + " (" +
+                                j.source_name + " -> " + j.output_name + "): " + std::to_string(j.plan->quantized.size()) +
+                                " quantized, " + std::to_string(j.plan->ignored.size()) + " kept");
+        j.plan.reset();
+        j.reader.reset();
+        store.unpin(j.source_name);
+        auto d = donors.find(j.source_name);
+        if (d != donors.end())
+          for (const auto& s : d->second) store.unpin(s);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!failure) failure = std::current_exception();
+        cancel = true;
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      ++finished;
+      cv.notify_all();
+    }
+  };
+
   ModelFreeResult result;
   result.output_dir = out;
   try {
-    ProgressState progress{callbacks, {}};
-    progress.p.shard_count = static_cast<int>(shards.size());
-    progress.p.bytes_total = total;
-    ojson weight_map = ojson::object();
-    for (size_t i = 0; i < shards.size(); ++i) {
-      ShardPlan& s = shards[i];
-      progress.p.shard_index = static_cast<int>(i + 1);
-      progress.p.shard_name = s.source_name;
-      progress.report();
-      run_shard(s, staging, progress);
-      // weight_map lists source keys in order, a quantized weight expanded to qweight, qzeros, scales.
-      for (const auto& t : s.outputs) {
-        weight_map[t.name] = s.output_name;
-        result.output_bytes += t.nbytes();
+    std::vector<std::thread> pool;
+    for (int w = 0; w < std::min<int>(parallel, static_cast<int>(todo.size())); ++w) pool.emplace_back(worker);
+    ModelFreeProgress p;
+    p.shard_count = static_cast<int>(n);
+    p.bytes_total = total;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      while (finished < todo.size()) {
+        cv.wait_for(lock, std::chrono::milliseconds(100));
+        if (failure) break;
+        p.shard_index = static_cast<int>(std::min(next, todo.size()) + (n - todo.size()));
+        p.shard_name = next > 0 && next <= todo.size() ? jobs[todo[next - 1]].source_name : "";
+        p.bytes_done = bytes_done;
+        lock.unlock();
+        const bool go = !callbacks.progress || callbacks.progress(p);
+        lock.lock();
+        if (!go) {
+          cancel = true;
+          break;
+        }
       }
-      result.quantized_layers.insert(result.quantized_layers.end(), s.quantized.begin(), s.quantized.end());
-      result.ignored_layers.insert(result.ignored_layers.end(), s.ignored.begin(), s.ignored.end());
-      result.shard_files.push_back(s.output_name);
-      log(LogLevel::Info, "[model_free] shard " + std::to_string(i + 1) + "/" + std::to_string(shards.size()) + " (" +
-                              s.source_name + " -> " + s.output_name + "): " + std::to_string(s.quantized.size()) +
-                              " quantized, " + std::to_string(s.ignored.size()) + " kept");
-      s.reader.reset();
     }
-    result.source_bytes = total;
-    if (shards.size() > 1) {
+    for (auto& t : pool) t.join();
+    if (failure) std::rethrow_exception(failure);
+    if (cancel) throw Cancelled("[model_free] cancelled");
+    p.shard_index = static_cast<int>(n);
+    p.bytes_done = std::max<uint64_t>(bytes_done, total);
+    if (callbacks.progress && !callbacks.progress(p)) throw Cancelled("[model_free] cancelled");
+
+    ojson weight_map = ojson::object();
+    ojson accounting = ojson::object();
+    for (const auto& j : jobs) {
+      for (const auto& t : j.record.tensor_names) weight_map[t] = j.output_name;
+      result.quantized_layers.insert(result.quantized_layers.end(), j.record.quantized.begin(), j.record.quantized.end());
+      result.ignored_layers.insert(result.ignored_layers.end(), j.record.ignored.begin(), j.record.ignored.end());
+      result.shard_files.push_back(j.output_name);
+      result.output_bytes += j.record.output_bytes;
+      add_accounting(accounting, j.record.accounting);
+    }
+    result.source_bytes = accounting["quantized"]["bytes"].get<uint64_t>() + accounting["kept"]["bytes"].get<uint64_t>() +
+                          accounting["dropped"]["bytes"].get<uint64_t>();
+    if (n > 1) {
       ojson index;
       index["metadata"] = ojson{{"total_size", 0}};
       index["weight_map"] = weight_map;
@@ -575,17 +712,51 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
     out_config["quantization_config"] = result.quantization_config;
     write_text_atomic(staging / "quantization_config.json", python_json_dumps(result.quantization_config));
     write_text_atomic(staging / "config.json", python_json_dumps(out_config));
+    const uint64_t qb = accounting["quantized"]["bytes"].get<uint64_t>();
+    accounting["quantized_bytes_fraction"] = result.source_bytes ? static_cast<double>(qb) / result.source_bytes : 0.0;
+    accounting["source_bytes"] = result.source_bytes;
+    accounting["output_bytes"] = result.output_bytes;
+    ojson summary;
+    summary["fastround_model_free"] = accounting;
+    summary["quantized_layers"] = result.quantized_layers.size();
+    summary["kept_layers"] = result.ignored_layers.size();
+    summary["shards"] = n;
+    result.summary = summary;
+    write_text_atomic(staging / kSummaryFile, python_json_dumps(summary));
     for (const auto& e : fs::directory_iterator(src)) {
-      const std::string n = e.path().filename().string();
-      if ((e.is_regular_file() && is_weight_file(n)) || is_stale_metadata(n)) continue;
-      if (fs::exists(out / n) || fs::exists(staging / n)) continue;
-      copy_tree(e.path(), staging / n);
+      const std::string name = e.path().filename().string();
+      if ((e.is_regular_file() && is_weight_file(name)) || is_stale_metadata(name)) continue;
+      if (fs::exists(out / name) || fs::exists(staging / name)) continue;
+      copy_tree(e.path(), staging / name);
     }
+    std::error_code ec;
+    fs::remove_all(staging / kDownloadDir, ec);
+    manifest.retire();
     publish(staging, out, result.shard_files, log);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    char line[512];
+    std::snprintf(line, sizeof line,
+                  "[model_free] summary: %llu tensors quantized (%s), %llu kept (%s), %llu dropped (%s); "
+                  "%.1f%% of source bytes quantized; output %s in %.2f s",
+                  static_cast<unsigned long long>(accounting["quantized"]["tensors"].get<uint64_t>()),
+                  human_bytes(qb).c_str(),
+                  static_cast<unsigned long long>(accounting["kept"]["tensors"].get<uint64_t>()),
+                  human_bytes(accounting["kept"]["bytes"].get<uint64_t>()).c_str(),
+                  static_cast<unsigned long long>(accounting["dropped"]["tensors"].get<uint64_t>()),
+                  human_bytes(accounting["dropped"]["bytes"].get<uint64_t>()).c_str(),
+                  100.0 * accounting["quantized_bytes_fraction"].get<double>(), human_bytes(result.output_bytes).c_str(),
+                  secs);
+    log(LogLevel::Info, line);
   } catch (...) {
     std::error_code ec;
-    fs::remove_all(staging, ec);
-    if (created_out && fs::is_empty(out, ec)) fs::remove(out, ec);
+    if (manifest.done_count() == 0) {
+      fs::remove_all(staging, ec);
+      if (created_out && fs::is_empty(out, ec)) fs::remove(out, ec);
+    } else {
+      log(LogLevel::Warning, "[model_free] " + std::to_string(manifest.done_count()) +
+                                 " finished shard(s) kept in '" + staging.string() +
+                                 "'; rerun the same command to resume");
+    }
     throw;
   }
   return result;

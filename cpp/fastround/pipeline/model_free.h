@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,11 @@ struct ModelFreeJob {
   int threads = 0;  // 0: OpenMP default
   // Pad in_features to whole groups like upstream (byte parity) instead of keeping such layers unquantized.
   bool pad_partial_groups = false;
+  std::optional<bool> disable_opt_rtn;  // unset: MXFP searches the shared exponent (upstream default)
+  int shard_parallelism = 0;            // shards in flight; 0: chosen from free memory
+  // A streamed hub repo: source_dir holds its metadata; these weight files are fetched on demand.
+  std::vector<std::string> remote_shards;
+  std::string source_revision;          // hub commit of a streamed repo (part of the resume fingerprint)
 
   static ModelFreeJob from_json(const ojson& j);
   ojson to_json() const;
@@ -54,8 +60,15 @@ struct ModelFreeProgress {
 enum class LogLevel { Debug = 10, Info = 20, Warning = 30 };
 
 struct ModelFreeCallbacks {
-  // Called from the calling thread between tensors; return false to cancel the run.
+  // Called from the calling thread about every 100 ms; return false to cancel the run.
   std::function<bool(const ModelFreeProgress&)> progress;
+  // Called from worker threads. Streaming: make `shard` available (download it into `dest_dir`, or find
+  // it in a cache) and return its path; `upcoming` lists the shards needed next, to prefetch.
+  std::function<std::string(const std::string& shard, const std::string& dest_dir,
+                            const std::vector<std::string>& upcoming)>
+      fetch_shard;
+  // A fetched shard is no longer needed (delete it unless it was cached before the run).
+  std::function<void(const std::string& shard)> release_shard;
   std::function<void(LogLevel, const std::string&)> log;
 };
 
@@ -67,6 +80,7 @@ struct ModelFreeResult {
   uint64_t source_bytes = 0;
   uint64_t output_bytes = 0;
   ojson quantization_config;
+  ojson summary;  // what fastround_summary.json holds: tensors and bytes quantized, kept and dropped
 };
 
 ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks& callbacks = {});

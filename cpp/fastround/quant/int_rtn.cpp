@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "fastround/common/convert.h"
 #include "fastround/common/error.h"
 #include "fastround/common/half.h"
 #include "fastround/common/parallel.h"
@@ -21,28 +22,6 @@ float load_element(DType src, const void* w, int64_t i) {
     case DType::F32: return static_cast<const float*>(w)[i];
     case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
     case DType::F16: return fp16_to_float(static_cast<const uint16_t*>(w)[i]);
-    default: throw OptionError("[quantize_int] unsupported source dtype " + std::string(dtype_name(src)));
-  }
-}
-
-// Converts `n` elements starting at element `offset` to fp32; the fast path's only dtype branch.
-void load_row(DType src, const void* w, int64_t offset, int64_t n, float* __restrict out) {
-  switch (src) {
-    case DType::F32: {
-      const float* p = static_cast<const float*>(w) + offset;
-      std::copy(p, p + n, out);
-      break;
-    }
-    case DType::BF16: {
-      const uint16_t* p = static_cast<const uint16_t*>(w) + offset;
-      for (int64_t i = 0; i < n; ++i) out[i] = bits_float(static_cast<uint32_t>(p[i]) << 16);
-      break;
-    }
-    case DType::F16: {
-      const uint16_t* p = static_cast<const uint16_t*>(w) + offset;
-      for (int64_t i = 0; i < n; ++i) out[i] = fp16_to_float(p[i]);
-      break;
-    }
     default: throw OptionError("[quantize_int] unsupported source dtype " + std::string(dtype_name(src)));
   }
 }
@@ -80,7 +59,7 @@ void quantize_int_gptq_tiles(DType src, const void* w, const IntGptqLayout& L, b
     std::vector<uint8_t> codes(static_cast<size_t>((rv - r0) * L.cols_p));  // [tile rows, cols_p]
     std::vector<int32_t> zeros(static_cast<size_t>((r1 - r0) * L.groups), pad_zero);  // [tile rows, groups]
     for (int64_t r = r0; r < rv; ++r) {
-      load_row(src, w, r * L.cols, L.cols, row.data());
+      load_as_float(src, w, r * L.cols, L.cols, row.data());
       for (int64_t g = 0; g < L.groups; ++g) {
         const float* x = row.data() + g * L.group;
         float mn = 0.0f, mx = 0.0f;

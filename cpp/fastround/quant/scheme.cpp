@@ -115,12 +115,19 @@ std::optional<T> take(const ojson& j, const char* key, const std::string& site) 
 }
 
 bool int_gptq_bits(int b) { return b == 2 || b == 4 || b == 8; }
+bool mxfp_bits(int b) { return b == 4 || b == 8; }
+bool nvfp4_bits(int b) { return b == 4; }
 bool no_bits(int) { return false; }
 
 constexpr SchemeTraits kTraits[] = {
     {KernelFamily::None, "full_precision", "", "", 0, 0, no_bits},
     // Sym GPTQ stores zp-1 (consumers add 1 back); asym "auto_round" packing stores zp as is.
     {KernelFamily::IntGptq, "int_rtn_gptq", "auto_round:auto_gptq", "auto_round", 1, 0, int_gptq_bits},
+    // compressed-tensors layouts: MXFP4 weight_packed (E2M1 nibbles) / MXFP8 float8 weight, E8M0 scales.
+    {KernelFamily::Mxfp, "mxfp", "auto_round:llm_compressor", "auto_round:llm_compressor", 0, 0, mxfp_bits},
+    // E2M1 nibbles with one UE5M3 scale per 16 inputs; format "fake" writes the dequantized weight instead.
+    {KernelFamily::Nvfp4E5M3, "nvfp4_e5m3", "auto_round:llm_compressor_nvfp4_e5m3",
+     "auto_round:llm_compressor_nvfp4_e5m3", 0, 0, nvfp4_bits},
 };
 
 }  // namespace
@@ -204,6 +211,9 @@ std::vector<std::string> preset_names() {
 const SchemeTraits& traits_for(const SchemeFields& s) {
   const int bits = s.bits.value_or(16);
   if (bits >= 16) return kTraits[0];
+  const std::string dt = s.data_type.value_or("int");
+  if (dt.find("mx_fp") != std::string::npos) return kTraits[2];
+  if (dt == "nvfp4_v2") return kTraits[3];
   return kTraits[1];
 }
 
@@ -213,15 +223,40 @@ void validate_model_free_scheme(const SchemeFields& s, const std::string& label)
   const std::string dt = s.data_type.value_or("int");
   const std::string supported =
       "supported: W2A16, W2A16G32, W2A16G64, W4A16, W4A16G32, W4A16G64, W4A16_MIXED, W8A16, W8A16G32, W8A16G64, "
-      "BF16, or a custom scheme with data_type='int', bits in (2, 4, 8), act_bits >= 16, sym or asym, any "
-      "group_size (-1 = per output channel)";
+      "MXFP4, MXFP8, NVFP4_E5M3, BF16, or a custom scheme with data_type='int', bits in (2, 4, 8), act_bits >= 16, "
+      "sym or asym, any group_size (-1 = per output channel)";
   if (label.rfind("GGUF:", 0) == 0)
     throw OptionError("[model_free] scheme '" + label + "' is a GGUF scheme, which model-free mode does not produce; " +
                       supported);
   if (bits >= 16 && act_bits >= 16) return;
-  if (dt.find("mx_fp") != std::string::npos || dt == "nvfp4_v2" || dt.find("nv_fp") != std::string::npos)
+  const bool preset = label.rfind("custom ", 0) != 0;
+  if (dt.find("mx_fp") != std::string::npos) {
+    const std::string adt = s.act_data_type.value_or("mx_fp");
+    if (adt != "mx_fp")
+      throw OptionError("[model_free] scheme '" + label + "': model-free MXFP supports only act_data_type='mx_fp', got '" +
+                        adt + "'");
+    if (preset && label != "MXFP4" && label != "MXFP8")
+      throw OptionError("[model_free] scheme '" + label +
+                        "': model-free mode only supports the MXFP presets 'MXFP4' and 'MXFP8'; " + supported);
+    if (bits != 4 && bits != 8)
+      throw OptionError("[model_free] scheme '" + label + "': model-free MXFP supports bits in (4, 8), got bits=" +
+                        std::to_string(bits));
+    if (s.group_size && *s.group_size != 32)
+      throw OptionError("[model_free] scheme '" + label + "': model-free MXFP needs group_size=32, got " +
+                        std::to_string(*s.group_size));
+    return;
+  }
+  if (dt == "nvfp4_v2") {
+    if (bits != 4 || s.group_size.value_or(0) != 16 || act_bits != 4 || s.act_data_type.value_or("") != "nvfp4_v2" ||
+        s.act_group_size.value_or(0) != 16)
+      throw OptionError("[model_free] scheme '" + label +
+                        "': model-free NVFP4_E5M3 requires bits=4, group_size=16, act_bits=4, "
+                        "act_data_type='nvfp4_v2' and act_group_size=16");
+    return;
+  }
+  if (dt.find("nv_fp") != std::string::npos)
     throw OptionError("[model_free] scheme '" + label + "' (data_type='" + dt +
-                      "') is not supported by this fastround version; " + supported);
+                      "') is not supported by model-free mode (NVFP4 needs calibrated global scales); " + supported);
   if (act_bits < 16)
     throw OptionError("[model_free] scheme '" + label +
                       "': model-free mode only supports weight-only quantization (WOQ) schemes where act_bits >= 16, got "

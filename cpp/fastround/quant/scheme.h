@@ -42,7 +42,7 @@ std::vector<std::string> preset_names();
 std::string to_upper(std::string_view s);
 
 // Which kernel/packer family serves a scheme. New formats add a row to the traits table.
-enum class KernelFamily { None, IntGptq };
+enum class KernelFamily { None, IntGptq, Mxfp, Nvfp4E5M3 };
 
 struct SchemeTraits {
   KernelFamily family;

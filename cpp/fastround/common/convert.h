@@ -1,0 +1,64 @@
+// Source-dtype <-> fp32 conversion of contiguous runs; the kernels' only dtype branch.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "fastround/common/dtype.h"
+#include "fastround/common/error.h"
+#include "fastround/common/fp_codes.h"
+#include "fastround/common/half.h"
+
+namespace fastround {
+
+// out[i] = float(w[offset + i]) for i < n; w holds F32, F16 or BF16 elements.
+inline void load_as_float(DType src, const void* w, int64_t offset, int64_t n, float* __restrict out) {
+  switch (src) {
+    case DType::F32: {
+      const float* p = static_cast<const float*>(w) + offset;
+      std::copy(p, p + n, out);
+      break;
+    }
+    case DType::BF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(w) + offset;
+      for (int64_t i = 0; i < n; ++i) out[i] = bits_float(static_cast<uint32_t>(p[i]) << 16);
+      break;
+    }
+    case DType::F16: {
+      const uint16_t* p = static_cast<const uint16_t*>(w) + offset;
+      for (int64_t i = 0; i < n; ++i) out[i] = fp16_to_float(p[i]);
+      break;
+    }
+    default: throw OptionError("[convert] unsupported source dtype " + std::string(dtype_name(src)));
+  }
+}
+
+// Rounds fp32 to the source dtype (RNE, as torch's .to()) and back: what a value looks like once stored.
+inline float round_to_dtype(DType dt, float v) {
+  switch (dt) {
+    case DType::BF16: return bf16_to_float(float_to_bf16(v));
+    case DType::F16: return fp16_to_float(float_to_fp16(v));
+    default: return v;
+  }
+}
+
+// dst[offset + i] = dtype(v[i]) for i < n.
+inline void store_from_float(DType dst_dtype, const float* v, int64_t n, void* dst, int64_t offset) {
+  switch (dst_dtype) {
+    case DType::F32: std::copy(v, v + n, static_cast<float*>(dst) + offset); break;
+    case DType::BF16: {
+      uint16_t* p = static_cast<uint16_t*>(dst) + offset;
+      for (int64_t i = 0; i < n; ++i) p[i] = float_to_bf16(v[i]);
+      break;
+    }
+    case DType::F16: {
+      uint16_t* p = static_cast<uint16_t*>(dst) + offset;
+      for (int64_t i = 0; i < n; ++i) p[i] = float_to_fp16(v[i]);
+      break;
+    }
+    default: throw OptionError("[convert] unsupported destination dtype " + std::string(dtype_name(dst_dtype)));
+  }
+}
+
+}  // namespace fastround

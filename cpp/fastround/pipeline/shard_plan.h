@@ -1,0 +1,103 @@
+// One source shard -> one output shard: how every source tensor is read (raw, a fused-expert slice, a
+// dequantized FP8/MXFP source), what kernel it goes through, and where each source byte is accounted.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fastround/io/safetensors.h"
+#include "fastround/match/patterns.h"
+#include "fastround/pipeline/model_free.h"
+#include "fastround/pipeline/resume.h"
+#include "fastround/quant/int_rtn.h"
+#include "fastround/quant/scheme.h"
+
+namespace fastround {
+
+struct Logger {
+  const ModelFreeCallbacks* cb = nullptr;
+  void operator()(LogLevel level, const std::string& msg) const {
+    if (cb && cb->log) cb->log(level, msg);
+  }
+};
+
+// Job-wide facts every shard plan reads; immutable once the run starts.
+struct RunContext {
+  const ModelFreeJob& job;
+  SchemeFields default_scheme;
+  const SchemeTraits* default_traits;
+  LayerConfig layer_config;
+  std::unique_ptr<IgnoreMatcher> ignore;
+  Logger log;
+  bool fake_format = false;  // format "fake": NVFP4 writes dequantized weights
+  bool llm_compressor = false;  // format "llm_compressor": compressed-tensors quantization_config
+  bool opt_rtn = true;       // MXFP exponent search (upstream default unless disable_opt_rtn)
+  std::optional<std::pair<int64_t, int64_t>> fp8_block;  // weight_block_size of an FP8 source config
+  bool scale_e8m0 = false;   // FP8 source with scale_fmt ue8m0
+  std::map<std::string, std::string> tensor_home;  // tensor -> source shard, from the index
+};
+
+enum class Kernel { Copy, IntGptq, Mxfp, Nvfp4, Nvfp4Fake };
+enum class InputKind { Raw, Fp8Scaled, MxfpSource };
+
+// A 2-D [rows, cols] view of a weight as the kernels consume it.
+struct WeightInput {
+  InputKind kind = InputKind::Raw;
+  const SafetensorsReader* reader = nullptr;
+  const TensorInfo* tensor = nullptr;
+  uint64_t byte_offset = 0;  // start of this slice inside `tensor` (a fused-expert slice)
+  DType dtype = DType::BF16;  // of the values the kernel sees (BF16 for every dequantized source)
+  int64_t rows = 0, cols = 0;
+  // Fp8Scaled: scale_inv; MxfpSource: E8M0 scale [rows, cols/32] and `bits` of the source.
+  const SafetensorsReader* scale_reader = nullptr;
+  const TensorInfo* scale = nullptr;
+  int source_bits = 0;
+  uint64_t nbytes() const;
+};
+
+struct WorkItem {
+  Kernel kernel = Kernel::Copy;
+  std::string name;  // Copy: the output tensor; quantizers: the layer
+  WeightInput in;
+  IntQuantParams int_params{};
+  IntGptqLayout int_layout{};
+  int fp_bits = 0;
+};
+
+// Where each source tensor went, for the run summary.
+enum class Fate { Quantized, Kept, Dropped };
+struct TensorFate {
+  Fate fate;
+  uint64_t bytes;
+  std::string why;  // for kept/dropped tensors that are not plain non-weights
+};
+
+struct ShardPlan {
+  std::string source_name, output_name;
+  std::vector<WorkItem> items;
+  std::vector<OutputTensor> outputs;  // in write order (= weight_map order)
+  std::vector<std::string> quantized, ignored;
+  std::map<std::string, TensorFate> fates;
+  uint64_t source_bytes = 0;
+};
+
+// Resolves a tensor that lives in another shard (an FP8 scale donated across shards).
+using DonorLookup = std::function<std::pair<const SafetensorsReader*, const TensorInfo*>(const std::string& tensor)>;
+
+void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const DonorLookup& donors, ShardPlan& plan);
+
+// Writes the plan's output shard into `staging`; checks `cancel` between tensors.
+void run_shard(const RunContext& ctx, const ShardPlan& plan, const std::filesystem::path& staging,
+               const std::atomic<bool>& cancel, std::atomic<uint64_t>& bytes_done);
+
+// Counts and bytes per fate for the summary file.
+ojson accounting_json(const ShardPlan& plan);
+
+}  // namespace fastround

@@ -1,0 +1,132 @@
+#include "fastround/source/dequant.h"
+
+#include <algorithm>
+
+#include "fastround/common/error.h"
+#include "fastround/common/fp_codes.h"
+#include "fastround/common/half.h"
+#include "fastround/common/parallel.h"
+
+namespace fastround {
+
+namespace {
+
+float scale_at(const Fp8ScaleView& s, int64_t i) {
+  switch (s.dtype) {
+    case DType::F32: return static_cast<const float*>(s.data)[i];
+    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(s.data)[i]);
+    case DType::F16: return fp16_to_float(static_cast<const uint16_t*>(s.data)[i]);
+    case DType::F8_E8M0: return e8m0_to_float(static_cast<const uint8_t*>(s.data)[i]);
+    case DType::U8:
+      if (s.e8m0) return e8m0_to_float(static_cast<const uint8_t*>(s.data)[i]);
+      break;
+    default: break;
+  }
+  throw CheckpointError("[dequant_fp8] scale dtype " + std::string(dtype_name(s.dtype)) +
+                        " is not a float scale (or a ue8m0 byte scale)");
+}
+
+// Upstream multiplies a bf16 weight by a bf16 scale in bf16: both operands rounded, product rounded.
+inline uint16_t bf16_mul(float w, float scale_bf16) { return float_to_bf16(w * scale_bf16); }
+
+// Maps each (row, col) to its scale index; validates coverage once.
+struct ScaleIndex {
+  int64_t br = 0, bc = 0, stride = 0;
+  enum { Block, Scalar, PerRow, PerCol } mode = Scalar;
+  int64_t at(int64_t r, int64_t c) const {
+    switch (mode) {
+      case Block: return (r / br) * stride + c / bc;
+      case Scalar: return 0;
+      case PerRow: return r;
+      case PerCol: return c;
+    }
+    return 0;
+  }
+};
+
+ScaleIndex index_for(int64_t rows, int64_t cols, const Fp8ScaleView& s, const std::string& tensor) {
+  ScaleIndex ix;
+  const std::string site = "[dequant_fp8] tensor '" + tensor + "'";
+  if (s.block_rows > 0 && s.block_cols > 0) {
+    const int64_t need_r = (rows + s.block_rows - 1) / s.block_rows, need_c = (cols + s.block_cols - 1) / s.block_cols;
+    if (s.rows < need_r || s.cols < need_c)
+      throw CheckpointError(site + " [" + std::to_string(rows) + ", " + std::to_string(cols) + "]: weight_scale_inv [" +
+                            std::to_string(s.rows) + ", " + std::to_string(s.cols) + "] does not cover blocks of " +
+                            std::to_string(s.block_rows) + "x" + std::to_string(s.block_cols) + " (needs at least [" +
+                            std::to_string(need_r) + ", " + std::to_string(need_c) + "])");
+    ix.mode = ScaleIndex::Block;
+    ix.br = s.block_rows;
+    ix.bc = s.block_cols;
+    ix.stride = s.cols;
+    return ix;
+  }
+  if (s.numel == 1) return ix;
+  if (s.numel == rows) {
+    ix.mode = ScaleIndex::PerRow;
+    return ix;
+  }
+  if (s.numel == cols) {
+    ix.mode = ScaleIndex::PerCol;
+    return ix;
+  }
+  throw CheckpointError(site + " [" + std::to_string(rows) + ", " + std::to_string(cols) + "]: weight_scale_inv with " +
+                        std::to_string(s.numel) +
+                        " elements is neither a scalar, per-row nor per-column scale, and the config gives no "
+                        "weight_block_size");
+}
+
+}  // namespace
+
+void dequant_fp8_scaled_ref(const uint8_t* w, int64_t rows, int64_t cols, const Fp8ScaleView& s,
+                            const std::string& tensor, uint16_t* out) {
+  const ScaleIndex ix = index_for(rows, cols, s, tensor);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float scale = bf16_to_float(float_to_bf16(scale_at(s, ix.at(r, c))));
+      out[r * cols + c] = bf16_mul(fp8_e4m3_to_float(w[r * cols + c]), scale);
+    }
+}
+
+void dequant_fp8_scaled(const uint8_t* w, int64_t rows, int64_t cols, const Fp8ScaleView& s, const std::string& tensor,
+                        uint16_t* out) {
+  const ScaleIndex ix = index_for(rows, cols, s, tensor);
+  // Every FP8 byte decodes exactly; a 256-entry table replaces the bit twiddling.
+  float lut[256];
+  for (int b = 0; b < 256; ++b) lut[b] = fp8_e4m3_to_float(static_cast<uint8_t>(b));
+  parallel_for(rows, [&](int64_t r) {
+    const uint8_t* wr = w + r * cols;
+    uint16_t* o = out + r * cols;
+    if (ix.mode == ScaleIndex::Block) {
+      for (int64_t c0 = 0; c0 < cols; c0 += ix.bc) {
+        const float scale = bf16_to_float(float_to_bf16(scale_at(s, ix.at(r, c0))));
+        const int64_t c1 = std::min(cols, c0 + ix.bc);
+        for (int64_t c = c0; c < c1; ++c) o[c] = bf16_mul(lut[wr[c]], scale);
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c)
+        o[c] = bf16_mul(lut[wr[c]], bf16_to_float(float_to_bf16(scale_at(s, ix.at(r, c)))));
+    }
+  });
+}
+
+void dequant_mxfp_source(int bits, const uint8_t* w, const uint8_t* scale, int64_t rows, int64_t cols, uint16_t* out) {
+  const int64_t groups = cols / 32;
+  parallel_for(rows, [&](int64_t r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = bf16_to_float(float_to_bf16(e8m0_to_float(scale[r * groups + g])));
+      for (int64_t k = 0; k < 32; ++k) {
+        const int64_t c = g * 32 + k;
+        float v;
+        if (bits == 8) {
+          v = fp8_e4m3_to_float(w[r * cols + c]);
+        } else {
+          const uint8_t byte = w[r * (cols / 2) + c / 2];
+          v = e2m1_to_float((c & 1) ? (byte >> 4) : (byte & 0xF));
+        }
+        out[r * cols + c] = float_to_bf16(v * s);
+      }
+    }
+  });
+}
+
+}  // namespace fastround
