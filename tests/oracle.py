@@ -400,7 +400,9 @@ def _relative_entries(directory: Path, ignore: Iterable[str]) -> set[str]:
     return entries
 
 
-def compare_checkpoints(a_dir: PathLike, b_dir: PathLike, ignore: Iterable[str] = (".cache",)) -> CheckpointDiff:
+def compare_checkpoints(
+    a_dir: PathLike, b_dir: PathLike, ignore: Iterable[str] = (".cache", "fastround_summary.json")
+) -> CheckpointDiff:
     """Human-readable differences between two checkpoint directories (A vs B).
 
     The returned list holds substantive differences; `.order` holds
@@ -409,7 +411,8 @@ def compare_checkpoints(a_dir: PathLike, b_dir: PathLike, ignore: Iterable[str] 
     byte for byte where bytes are checked.
 
     `ignore` names top-level entries to leave out: upstream 0.16.1 leaves an
-    empty `.cache/` (its resume-manifest folder) in every output dir.
+    empty `.cache/` (its resume-manifest folder) in every output dir; fastround adds its
+    accounting summary `fastround_summary.json` (checked by its own tests).
     """
     a, b = Path(a_dir), Path(b_dir)
     result = CheckpointDiff()

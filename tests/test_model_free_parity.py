@@ -166,10 +166,8 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("qwen2-W4A16", "qwen2", "bfloat16", {"scheme": "W4A16"}),
     ("qwen3_moe-W4A16", "qwen3_moe", "bfloat16", {"scheme": "W4A16"}),
     ("qwen3_moe-W8A16-g64", "qwen3_moe", "float32", {"scheme": "W8A16", "group_size": 64}),
-    # Fused 3-D experts (transformers' in-memory layout): upstream splits them into
-    # per-expert 2-D layers and quantizes those; fastround passes the 3-D tensors
-    # through (docs/compatibility.md, "Not yet supported"). Kept as strict xfails so
-    # they turn into failures, and get promoted, once the split lands.
+    # Fused 3-D experts (transformers' in-memory layout): split into per-expert 2-D
+    # layers with upstream's names, then quantized.
     ("qwen3_moe_fused-W4A16", "qwen3_moe_fused", "bfloat16", {"scheme": "W4A16"}),
     ("qwen3_moe_fused-W2A16G32-fp16", "qwen3_moe_fused", "float16", {"scheme": "W2A16G32"}),
     ("llama_tied-W4A16", "llama_tied", "bfloat16", {"scheme": "W4A16"}),
@@ -266,14 +264,11 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
 ]
 
 
-_FUSED_XFAIL = pytest.mark.xfail(
-    strict=True, reason="fused 3-D MoE expert split not implemented in fastround (docs/compatibility.md)"
-)
 
 
 def _params() -> list[Any]:
     return [
-        pytest.param(kind, dtype, kwargs, id=cid, marks=[_FUSED_XFAIL] if kind == "qwen3_moe_fused" else [])
+        pytest.param(kind, dtype, kwargs, id=cid, marks=[])
         for cid, kind, dtype, kwargs in CASES
     ]
 

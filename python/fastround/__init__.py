@@ -1,5 +1,7 @@
 """fastround: LLM weight quantization with a C++ core and the AutoRound API."""
 
+import logging
+
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from fastround import _C
@@ -8,6 +10,14 @@ from fastround.autoround import AutoRound, ModelFreeCompressor
 from fastround.schemes import QuantizationScheme, preset_names
 
 __version__ = "0.1.0"
+
+# Like upstream auto-round, show INFO (progress summaries) unless the application configured logging.
+_logger = logging.getLogger("fastround")
+if not _logger.handlers and not logging.getLogger().handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _logger.addHandler(_handler)
+    _logger.setLevel(logging.INFO)
 AUTOROUND_COMPAT_VERSION: str = _C.AUTOROUND_COMPAT_VERSION
 
 __all__ = [

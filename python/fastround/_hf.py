@@ -2,31 +2,148 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 logger = logging.getLogger("fastround")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def resolve_model_dir(model: str) -> str:
-    """A local checkpoint folder for `model`: the path itself, or a hub snapshot (cache first)."""
-    if os.path.isdir(model) or os.path.isabs(model) or model.startswith((".", "~")) or not _HUB_ID.match(model):
-        return os.path.expanduser(model)
-    if os.path.exists(model):
-        return model
+_WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pth", "*.pt"]
+
+
+def is_hub_id(model: str) -> bool:
+    return not (os.path.isdir(model) or os.path.isabs(model) or model.startswith((".", "~")) or not _HUB_ID.match(model))
+
+
+@dataclass
+class ModelSource:
+    """Where model-free reads from: a local folder, or a hub repo whose shards are streamed.
+
+    For a streamed repo `directory` holds the metadata (config, index, tokenizer) and `remote_shards` the
+    weight files still to fetch; `fetch`/`release` are the callbacks the C++ core drives.
+    """
+
+    directory: str
+    remote_shards: list[str] = field(default_factory=list)
+    revision: str = ""
+    streamer: ShardStreamer | None = None
+
+
+class ShardStreamer:
+    """Fetches hub shards one at a time (prefetching the next ones) and deletes those it downloaded."""
+
+    def __init__(self, repo_id: str, revision: str, max_prefetch: int = 2) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        self._pool = ThreadPoolExecutor(max_workers=max_prefetch, thread_name_prefix="fastround-fetch")
+        self._futures: dict[str, Future[str]] = {}
+        self._downloaded: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _cached(self, shard: str) -> str | None:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(self.repo_id, shard, revision=self.revision)
+        return path if isinstance(path, str) else None
+
+    def _download(self, shard: str, dest_dir: str) -> str:
+        from huggingface_hub import hf_hub_download
+
+        logger.debug("downloading %s from %s", shard, self.repo_id)
+        return hf_hub_download(self.repo_id, shard, revision=self.revision, local_dir=dest_dir)
+
+    def _submit(self, shard: str, dest_dir: str) -> Future[str]:
+        with self._lock:
+            fut = self._futures.get(shard)
+            if fut is None:
+                cached = self._cached(shard)
+                if cached is not None:  # already in the HF cache: read in place, never deleted
+                    fut = Future()
+                    fut.set_result(cached)
+                else:
+                    self._downloaded.add(shard)
+                    fut = self._pool.submit(self._download, shard, dest_dir)
+                self._futures[shard] = fut
+            return fut
+
+    def fetch(self, shard: str, dest_dir: str, upcoming: list[str]) -> str:
+        fut = self._submit(shard, dest_dir)
+        for nxt in upcoming:
+            self._submit(nxt, dest_dir)
+        try:
+            return fut.result()
+        except Exception as e:
+            raise FileNotFoundError(f"could not fetch shard '{shard}' of '{self.repo_id}': {e}") from e
+
+    def release(self, shard: str) -> None:
+        with self._lock:
+            fut = self._futures.pop(shard, None)
+            ours = shard in self._downloaded
+            self._downloaded.discard(shard)
+        if fut is not None and ours and fut.done() and fut.exception() is None:
+            try:
+                os.remove(fut.result())
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def resolve_source(model: str, stream: bool = True) -> ModelSource:
+    """A local folder as is; a hub id from the cache when complete, else streamed shard by shard."""
+    if not is_hub_id(model) or os.path.exists(model):
+        return ModelSource(os.path.expanduser(model))
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
         raise FileNotFoundError(f"model path '{model}' does not exist and huggingface_hub is not installed") from e
+    offline = bool(constants.HF_HUB_OFFLINE)
     try:
-        return snapshot_download(model)
+        meta = snapshot_download(model, ignore_patterns=_WEIGHT_PATTERNS, local_files_only=offline)
     except Exception as e:  # offline, unknown repo, no network: say which model and why
         raise FileNotFoundError(
-            f"model '{model}' is not a local folder and could not be fetched from the Hugging Face hub: {e}"
+            f"model '{model}' is not a local folder and could not be fetched from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE is set and it is not in the cache)' if offline else ''}: {e}"
         ) from e
+    revision = os.path.basename(os.path.normpath(meta))
+    shards = _list_shards(model, meta, revision, offline)
+    streamer = ShardStreamer(model, revision)
+    missing = [s for s in shards if streamer._cached(s) is None]
+    if not missing:
+        streamer.close()
+        return ModelSource(meta)  # the cache holds the whole checkpoint: read it in place
+    if offline or not stream:
+        streamer.close()
+        if offline:
+            raise FileNotFoundError(
+                f"model '{model}': shard(s) {', '.join(missing)} are not in the local cache and HF_HUB_OFFLINE is set"
+            )
+        return ModelSource(snapshot_download(model, revision=revision))
+    logger.info("streaming %d of %d shard(s) of %s (revision %s)", len(missing), len(shards), model, revision[:12])
+    return ModelSource(meta, remote_shards=shards, revision=revision, streamer=streamer)
+
+
+def _list_shards(model: str, meta: str, revision: str, offline: bool) -> list[str]:
+    index = os.path.join(meta, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        found = sorted(f for f in os.listdir(meta) if f.endswith(".safetensors.index.json"))
+        index = os.path.join(meta, found[0]) if found else ""
+    if index:
+        with open(index, encoding="utf-8") as f:
+            return list(dict.fromkeys(json.load(f)["weight_map"].values()))
+    if offline:
+        return [f for f in ("model.safetensors",) if os.path.exists(os.path.join(meta, f))] or ["model.safetensors"]
+    from huggingface_hub import HfApi
+
+    return sorted(f for f in HfApi().list_repo_files(model, revision=revision) if f.endswith(".safetensors") and "/" not in f)
 
 
 def detect_unpackable_modules(model_dir: str, trust_remote_code: bool = True) -> list[str]:

@@ -8,7 +8,7 @@ import os
 from typing import Any, Callable
 
 from fastround import _C
-from fastround._hf import detect_unpackable_modules, resolve_model_dir
+from fastround._hf import ModelSource, detect_unpackable_modules, resolve_source
 from fastround.schemes import SchemeLike, layer_config_to_job, scheme_to_job
 
 logger = logging.getLogger("fastround")
@@ -24,7 +24,9 @@ _OVERRIDE_FIELDS = (
     "act_data_type",
     "act_dynamic",
 )
-_MODEL_FREE_FORMATS = ("auto_round", "auto_round:auto_gptq")
+# Formats the model-free core writes; which of them a scheme accepts is checked there.
+_MODEL_FREE_FORMATS = ("auto_round", "auto_round:auto_gptq", "llm_compressor", "auto_round:llm_compressor", "fake")
+_PARALLELISM_ENV = "AR_MODEL_FREE_SHARD_PARALLELISM"  # upstream's knob, honoured as the default
 
 REGULAR_FLOW_MISSING = (
     "the regular (calibration/tuning) AutoRound flow is not available in this fastround version; "
@@ -46,6 +48,19 @@ def is_model_free_supported(scheme: SchemeLike, overrides: dict[str, Any] | None
         return False
 
 
+def _routable_format(fmt: str, scheme: SchemeLike, overrides: dict[str, Any]) -> bool:
+    """Upstream auto-routes format auto_round, and llm_compressor for MXFP schemes."""
+    if fmt == "auto_round":
+        return True
+    if fmt != "llm_compressor":
+        return False
+    try:
+        job = {"source_dir": "", "output_dir": "", "scheme": scheme_to_job(scheme), "overrides": overrides or {}}
+        return "mx_fp" in str(json.loads(_C.resolve_job_scheme(json.dumps(job))).get("data_type", ""))
+    except (ValueError, TypeError):
+        return False
+
+
 class ModelFreeCompressor:
     """Quantizes a safetensors checkpoint tensor by tensor in C++, without loading the model."""
 
@@ -62,6 +77,9 @@ class ModelFreeCompressor:
         threads: int | None = None,
         show_progress: bool = True,
         pad_partial_groups: bool = False,
+        disable_opt_rtn: bool | None = None,
+        shard_parallelism: int | None = None,
+        stream: bool = True,
         **unused: Any,
     ) -> None:
         if not isinstance(model_name_or_path, str):
@@ -77,6 +95,9 @@ class ModelFreeCompressor:
         self.threads = threads or 0
         self.show_progress = show_progress
         self.pad_partial_groups = bool(pad_partial_groups)
+        self.disable_opt_rtn = disable_opt_rtn
+        self.shard_parallelism = _parallelism(shard_parallelism)
+        self.stream = stream
         self.model = None
         self.model_free = True
         self.quantized = False
@@ -85,7 +106,9 @@ class ModelFreeCompressor:
         # Fail on a bad scheme now, as upstream does at construction.
         _C.resolve_job_scheme(json.dumps(self._job("", "", "auto_round")))
 
-    def _job(self, source_dir: str, output_dir: str, fmt: str, detected: list[str] | None = None) -> dict[str, Any]:
+    def _job(
+        self, source_dir: str, output_dir: str, fmt: str, detected: list[str] | None = None, src: ModelSource | None = None
+    ) -> dict[str, Any]:
         return {
             "source_dir": source_dir,
             "output_dir": output_dir,
@@ -99,6 +122,10 @@ class ModelFreeCompressor:
             "format": fmt,
             "threads": self.threads,
             "pad_partial_groups": self.pad_partial_groups,
+            "disable_opt_rtn": self.disable_opt_rtn,
+            "shard_parallelism": self.shard_parallelism,
+            "remote_shards": src.remote_shards if src else [],
+            "source_revision": src.revision if src else "",
         }
 
     def quantize(self) -> Any:
@@ -109,15 +136,20 @@ class ModelFreeCompressor:
     ) -> tuple[None, str]:
         if _first_format(format) not in _MODEL_FREE_FORMATS:
             raise ValueError(
-                f"format '{format}' is not supported by model-free INT output (use one of {list(_MODEL_FREE_FORMATS)}); "
+                f"format '{format}' is not supported by model-free output (use one of {list(_MODEL_FREE_FORMATS)}); "
                 + REGULAR_FLOW_MISSING
             )
-        source = resolve_model_dir(self.model_name_or_path)
+        src = resolve_source(self.model_name_or_path, stream=self.stream)
+        source = src.directory
         if not os.path.exists(source):
             raise FileNotFoundError(f"[model_free] model path '{source}' does not exist")
         detected = detect_unpackable_modules(source, self.trust_remote_code) if os.path.isdir(source) else []
-        job = self._job(os.fspath(source), os.fspath(output_dir), format, detected)
-        summary = json.loads(_run_with_progress(json.dumps(job), self.show_progress))
+        job = self._job(os.fspath(source), os.fspath(output_dir), format, detected, src)
+        try:
+            summary = json.loads(_run_with_progress(json.dumps(job), self.show_progress, src))
+        finally:
+            if src.streamer is not None:
+                src.streamer.close()
         self.quantized = True
         self.summary = summary
         logger.info(
@@ -129,7 +161,24 @@ class ModelFreeCompressor:
         return None, os.fspath(output_dir)
 
 
-def _run_with_progress(job_json: str, show: bool) -> str:
+def _parallelism(value: int | None) -> int:
+    """Shards in flight: the argument, else upstream's environment variable, else 0 (the core decides)."""
+    if value is not None:
+        if int(value) < 0:
+            raise ValueError(f"shard_parallelism must be >= 0, got {value}")
+        return int(value)
+    env = os.environ.get(_PARALLELISM_ENV, "").strip()
+    if env:
+        try:
+            if int(env) > 0:
+                return int(env)
+        except ValueError:
+            pass
+        logger.warning("ignoring %s=%r (not a positive integer); choosing from free memory", _PARALLELISM_ENV, env)
+    return 0
+
+
+def _run_with_progress(job_json: str, show: bool, src: ModelSource | None = None) -> str:
     bar = None
     if show:
         from tqdm.auto import tqdm
@@ -148,7 +197,14 @@ def _run_with_progress(job_json: str, show: bool) -> str:
         logger.log(level, "%s", message)
 
     try:
-        return _C.run_model_free(job_json, progress if bar is not None else None, log)
+        streamer = src.streamer if src is not None else None
+        return _C.run_model_free(
+            job_json,
+            progress if bar is not None else None,
+            log,
+            streamer.fetch if streamer else None,
+            streamer.release if streamer else None,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -217,9 +273,13 @@ class AutoRound:
             and isinstance(model, str)
             and iters == 0
             and disable_opt_rtn is True
-            and _first_format(kwargs.get("format")) == "auto_round"
+            and _routable_format(_first_format(kwargs.get("format")), scheme, overrides)
             and is_model_free_supported(scheme, overrides)
         )
+        if disable_opt_rtn is True and iters != 0:
+            # Upstream applies disable_opt_rtn only to RTN (iters=0); MXFP/NVFP keep their search otherwise.
+            logger.warning("disable_opt_rtn=True is ignored unless iters=0 (as in auto-round)")
+            disable_opt_rtn = None
         if model_free and not blocked or routed:
             if not model_free:
                 logger.info(
@@ -238,5 +298,8 @@ class AutoRound:
                 threads=threads,
                 show_progress=kwargs.pop("show_progress", True),
                 pad_partial_groups=kwargs.pop("pad_partial_groups", False),
+                disable_opt_rtn=disable_opt_rtn,
+                shard_parallelism=kwargs.pop("shard_parallelism", None),
+                stream=kwargs.pop("stream", True),
             )
         raise NotImplementedError(REGULAR_FLOW_MISSING)

@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--disable_torch_compile", action="store_true")
     p.add_argument("--pad_partial_groups", action="store_true", help="pad in_features to whole groups like upstream")
     p.add_argument("--threads", type=int, default=None, help="C++ kernel threads (default: all cores)")
+    p.add_argument(
+        "--shard_parallelism",
+        type=int,
+        default=None,
+        help="source shards quantized at once (default: $AR_MODEL_FREE_SHARD_PARALLELISM, else from free memory)",
+    )
+    p.add_argument("--no_stream", action="store_true", help="download a hub model whole instead of shard by shard")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -172,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             format=args.format,
             show_progress=not args.no_progress,
             pad_partial_groups=args.pad_partial_groups,
+            shard_parallelism=args.shard_parallelism,
+            stream=not args.no_stream,
         )
         compressor.quantize_and_save(args.output_dir, format=args.format)
     except (ValueError, TypeError, OSError, NotImplementedError) as e:
         print(f"fastround: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("fastround: interrupted; no complete output was written", file=sys.stderr)
+        print("fastround: interrupted; no complete output was written (rerun the same command to resume)", file=sys.stderr)
         return 130
     return 0
 
