@@ -33,13 +33,24 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def assert_no_complete_output(out: Path, existed_before: bool) -> None:
-    if not existed_before:
-        assert not out.exists(), f"output dir {out} was left behind: {sorted(os.listdir(out))}"
+STAGING = ".fastround-partial"
+
+
+def assert_no_complete_output(out: Path, existed_before: bool, resumable: bool = False) -> None:
+    """Nothing that looks finished: no output dir at all (or the pre-existing one left empty), unless
+    `resumable` shards were finished, which wait in the hidden staging folder beside their manifest."""
+    if not resumable:
+        if not existed_before:
+            assert not out.exists(), f"output dir {out} was left behind: {sorted(os.listdir(out))}"
+            return
+        assert not (out / "config.json").exists(), "config.json written despite the failure"
+        leftovers = sorted(p.name for p in out.rglob("*.safetensors"))
+        assert not leftovers, f"safetensors left in the output dir: {leftovers}"
         return
-    assert not (out / "config.json").exists(), "config.json written despite the failure"
-    leftovers = sorted(p.name for p in out.rglob("*.safetensors"))
-    assert not leftovers, f"safetensors left in the output dir: {leftovers}"
+    assert sorted(p.name for p in out.iterdir()) == [STAGING], f"left in output dir: {sorted(os.listdir(out))}"
+    manifest = json.loads((out / STAGING / "fastround-resume.json").read_text())
+    kept = sorted(p.name for p in (out / STAGING).glob("*.safetensors"))
+    assert kept and kept == sorted(r["output"] for r in manifest["shards"]), (kept, manifest["shards"])
 
 
 def st_bytes(tensors: dict[str, dict], data: bytes, metadata: dict | None = None) -> bytes:
@@ -391,7 +402,7 @@ def test_int_weight_ignored_passes_through(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "scheme", ["W3A16", "FPW8A16", "GGUF:Q4_K_M", "NVFP4", "INT8_W8A8", "FP8_STATIC", "MXFP4", "NOPE"]
+    "scheme", ["W3A16", "FPW8A16", "GGUF:Q4_K_M", "NVFP4", "INT8_W8A8", "FP8_STATIC", "MXFP4_RCEIL", "NOPE"]
 )
 def test_unsupported_scheme(tmp_path, scheme):
     src = make_tiny(tmp_path / "src")
@@ -603,8 +614,12 @@ def test_interrupt_cleans_up(checkpoint, tmp_path, progress_calls, when, out_exi
         _C.run_model_free(_job(src, out), progress, lambda level, msg: logs.append((level, msg)))
     assert len(seen) == stop_at, "progress was called again after it raised"
     assert snapshot(src) == before
-    assert_no_complete_output(out, out_exists)
-    if out_exists:
+    # Progress is reported at each shard's start and after each tensor: a stop past the first shard
+    # leaves that shard finished, kept for a resume.
+    finished = (out / STAGING / "fastround-resume.json").exists()
+    assert finished == (when in ("middle", "last")), (when, seen[-1])
+    assert_no_complete_output(out, out_exists, resumable=finished)
+    if out_exists and not finished:
         assert out.is_dir() and list(out.iterdir()) == [], f"left in output dir: {list(out.iterdir())}"
 
 

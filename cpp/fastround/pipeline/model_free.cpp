@@ -556,6 +556,22 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
     }
   }
 
+  std::set<std::string> written_names;
+  auto claim_names = [&](const std::vector<std::string>& names, const std::string& shard) {
+    for (const auto& t : names)
+      if (!written_names.insert(t).second)
+        throw CheckpointError("[model_free] tensor '" + t + "' would be written twice (again by shard '" + shard +
+                              "'); refusing to write a checkpoint with duplicate names");
+  };
+  if (local) {
+    for (auto& j : jobs) {
+      plan_job(j);
+      std::vector<std::string> names;
+      for (const auto& t : j.plan->outputs) names.push_back(t.name);
+      claim_names(names, j.source_name);
+    }
+  }
+
   fs::create_directories(out);
   std::string resume_message;
   ResumeManifest manifest(staging, make_fingerprint(job, src, order), resume_message);
@@ -567,25 +583,8 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
       j.record = *r;
     }
   }
-  std::set<std::string> written_names;
-  auto claim_names = [&](const std::vector<std::string>& names, const std::string& shard) {
-    for (const auto& t : names)
-      if (!written_names.insert(t).second)
-        throw CheckpointError("[model_free] tensor '" + t + "' would be written twice (again by shard '" + shard +
-                              "'); refusing to write a checkpoint with duplicate names");
-  };
-  if (local) {
-    for (auto& j : jobs) {
-      if (j.done) {
-        claim_names(j.record.tensor_names, j.source_name);
-        continue;
-      }
-      plan_job(j);
-      std::vector<std::string> names;
-      for (const auto& t : j.plan->outputs) names.push_back(t.name);
-      claim_names(names, j.source_name);
-    }
-  }
+  for (auto& j : jobs)
+    if (j.done) j.plan.reset();  // finished by an earlier run
   log(LogLevel::Info, "[model_free] " + std::to_string(n) + " shard(s)" + (local ? ", " + human_bytes(total) : "") +
                           ", scheme " + scheme.label + " -> " + out.string());
 
@@ -611,8 +610,21 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
     if (!jobs[i].done) todo.push_back(i);
     else if (local) bytes_done += fs::file_size(src / jobs[i].source_name);
 
+  ModelFreeProgress p;
+  p.shard_count = static_cast<int>(n);
+  p.bytes_total = total;
+  // One shard at a time runs on the calling thread and reports between tensors, so cancelling from the
+  // progress callback is prompt and deterministic; with several in flight the calling thread reports
+  // whenever a worker finishes a tensor (or every 100 ms).
+  const bool inline_run = parallel == 1 || todo.size() <= 1;
+  auto report = [&](size_t k) {
+    p.shard_index = static_cast<int>(k + 1);
+    p.shard_name = jobs[k].source_name;
+    p.bytes_done = bytes_done;
+    if (callbacks.progress && !callbacks.progress(p)) throw Cancelled("[model_free] cancelled");
+  };
   auto worker = [&]() {
-    set_num_threads(threads_each);
+    if (!inline_run) set_num_threads(threads_each);
     while (true) {
       size_t k;
       std::vector<std::string> upcoming;
@@ -625,6 +637,7 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
       }
       ShardJob& j = jobs[k];
       try {
+        if (inline_run) report(k);
         j.reader = store.open(j.source_name, upcoming);
         if (!j.plan) {
           plan_job(j);
@@ -633,7 +646,12 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
           std::lock_guard<std::mutex> lock(mu);
           claim_names(names, j.source_name);
         }
-        run_shard(ctx, *j.plan, staging, cancel, bytes_done);
+        std::function<void()> after_tensor;
+        if (inline_run)
+          after_tensor = [&, k] { report(k); };
+        else
+          after_tensor = [&] { cv.notify_all(); };
+        run_shard(ctx, *j.plan, staging, cancel, bytes_done, after_tensor);
         j.record = record_of(*j.plan, fs::file_size(staging / j.output_name));
         manifest.mark_done(j.record);
         log(LogLevel::Info, "[model_free] shard " + std::to_string(k + 1) + "/" + std::to_string(n) + " (" +
@@ -649,6 +667,8 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
         std::lock_guard<std::mutex> lock(mu);
         if (!failure) failure = std::current_exception();
         cancel = true;
+        cv.notify_all();
+        return;
       }
       std::lock_guard<std::mutex> lock(mu);
       ++finished;
@@ -660,25 +680,28 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   result.output_dir = out;
   try {
     std::vector<std::thread> pool;
-    for (int w = 0; w < std::min<int>(parallel, static_cast<int>(todo.size())); ++w) pool.emplace_back(worker);
-    ModelFreeProgress p;
-    p.shard_count = static_cast<int>(n);
-    p.bytes_total = total;
-    {
+    if (inline_run) {
+      worker();
+    } else {
+      for (int w = 0; w < std::min<int>(parallel, static_cast<int>(todo.size())); ++w) pool.emplace_back(worker);
       std::unique_lock<std::mutex> lock(mu);
-      while (finished < todo.size()) {
+      while (finished < todo.size() && !failure) {
         cv.wait_for(lock, std::chrono::milliseconds(100));
         if (failure) break;
-        p.shard_index = static_cast<int>(std::min(next, todo.size()) + (n - todo.size()));
-        p.shard_name = next > 0 && next <= todo.size() ? jobs[todo[next - 1]].source_name : "";
-        p.bytes_done = bytes_done;
+        const size_t k = todo[std::min(next, todo.size()) - (next > 0 ? 1 : 0)];
         lock.unlock();
-        const bool go = !callbacks.progress || callbacks.progress(p);
-        lock.lock();
-        if (!go) {
+        bool go = true;
+        try {
+          report(k);
+        } catch (...) {
+          go = false;
+          lock.lock();
+          if (!failure) failure = std::current_exception();
           cancel = true;
           break;
         }
+        lock.lock();
+        if (!go) break;
       }
     }
     for (auto& t : pool) t.join();

@@ -366,7 +366,7 @@ const void* materialize(const RunContext& ctx, const WeightInput& in, std::vecto
 }  // namespace
 
 void run_shard(const RunContext& ctx, const ShardPlan& plan, const fs::path& staging, const std::atomic<bool>& cancel,
-               std::atomic<uint64_t>& bytes_done) {
+               std::atomic<uint64_t>& bytes_done, const std::function<void()>& after_tensor) {
   SafetensorsWriter writer(staging / plan.output_name, plan.outputs);
   std::vector<uint16_t> deq;
   std::vector<uint8_t> out_a, out_b;
@@ -442,6 +442,7 @@ void run_shard(const RunContext& ctx, const ShardPlan& plan, const fs::path& sta
       in.reader->release(*in.tensor);
     bytes_done.fetch_add(consumed, std::memory_order_relaxed);
     reported += consumed;
+    if (after_tensor) after_tensor();
   }
   writer.commit();
   // Scales folded into weights have no item of their own.

@@ -93,9 +93,10 @@ using DonorLookup = std::function<std::pair<const SafetensorsReader*, const Tens
 
 void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const DonorLookup& donors, ShardPlan& plan);
 
-// Writes the plan's output shard into `staging`; checks `cancel` between tensors.
+// Writes the plan's output shard into `staging`; checks `cancel` and calls `after_tensor` between tensors.
 void run_shard(const RunContext& ctx, const ShardPlan& plan, const std::filesystem::path& staging,
-               const std::atomic<bool>& cancel, std::atomic<uint64_t>& bytes_done);
+               const std::atomic<bool>& cancel, std::atomic<uint64_t>& bytes_done,
+               const std::function<void()>& after_tensor);
 
 // Counts and bytes per fate for the summary file.
 ojson accounting_json(const ShardPlan& plan);

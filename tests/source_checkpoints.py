@@ -1,0 +1,267 @@
+"""Tiny checkpoints in already-quantized or fused source formats, for tests/test_sources.py.
+
+Every builder writes a HuggingFace-style folder (config.json, one or more safetensors shards, an index
+when sharded) whose bytes depend only on the builder's arguments. The formats follow what upstream
+auto-round 0.16.1's model-free mode understands (see /work/notes/sources.md):
+
+  fp8        DeepSeek-style FP8 block-scaled source: float8_e4m3fn `.weight` with an fp32
+             `.weight_scale_inv` [ceil(out/128), ceil(in/128)], config quantization_config
+             {quant_method: fp8, fmt: e4m3, weight_block_size: [128, 128]}. Three shards:
+               A (listed first): k_proj.weight whose scale lives in C, q_proj/o_proj with their
+                 scales (o_proj's is over-provisioned and has an input_scale companion) and an FP8
+                 router mlp.gate.weight with its scale;
+               B: up/down_proj with scales, FP8 lm_head with its scale, a norm;
+               C (donor): k_proj.weight_scale_inv, model.norm, bf16 embed_tokens.
+             Upstream processes donors first, so the output numbering is B, C, A.
+             ue8m0=True adds scale_fmt "ue8m0" (model_type deepseek_v3) with power-of-two scales.
+  moe_fused  Qwen3-MoE-style fused 3-D experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] with
+             and without the `.weight` suffix, `block_sparse_moe.w13` / `moe.down_proj` (a parent
+             ending in "moe": `moe.gate_up_proj`), `shared_experts`, an fp16 block; layer 1 is meant to be ignored by the caller.
+  mxfp       compressed-tensors MXFP4 (`weight_packed` u8 + `weight_scale` u8 E8M0) and MXFP8
+             (`weight` float8_e4m3fn + `weight_scale` u8) layers, an MXFP4 lm_head, a bf16 norm.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _gen(name: str, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((zlib.crc32(name.encode()) ^ (salt * 0x9E3779B1)) & 0x7FFFFFFF)
+
+
+def bf16(name: str, *shape: int, std: float = 0.05) -> torch.Tensor:
+    return (std * torch.randn(*shape, generator=_gen(name))).to(torch.bfloat16)
+
+
+def fp8(name: str, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(name)).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def scale_inv(name: str, *shape: int, pow2: bool = False) -> torch.Tensor:
+    g = _gen(name, 1)
+    if pow2:  # ue8m0-representable: 2^-k, k in 6..10
+        return torch.pow(2.0, -torch.randint(6, 11, shape, generator=g).float())
+    return (0.001 + 0.01 * torch.rand(*shape, generator=g)).float()
+
+
+def write_checkpoint(
+    path: Path, config: dict[str, Any], shards: dict[str, Tensors], index: bool | None = None
+) -> Path:
+    """shards: {file name: {tensor: value}}; the index weight_map lists shards in the given order."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for fname, tensors in shards.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / fname), metadata={"format": "pt"})
+        for k in tensors:
+            weight_map[k] = fname
+    if index if index is not None else len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for s in shards.values() for t in s.values())
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# FP8 (DeepSeek style)
+
+FP8_H, FP8_I, FP8_VOCAB = 224, 352, 96  # in_features multiples of 32 (MXFP) but not of 128 (partial blocks)
+FP8_SHARDS = ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors")
+
+
+def _fp8_pair(name: str, rows: int, cols: int, pow2: bool, scale_shape: tuple[int, int] | None = None) -> Tensors:
+    s = scale_shape or (-(-rows // 128), -(-cols // 128))
+    return {f"{name}.weight": fp8(name, rows, cols), f"{name}.weight_scale_inv": scale_inv(name, *s, pow2=pow2)}
+
+
+def fp8_config(ue8m0: bool = False) -> dict[str, Any]:
+    qc: dict[str, Any] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
+    if ue8m0:
+        qc["scale_fmt"] = "ue8m0"
+    return {
+        "architectures": ["DeepseekV3ForCausalLM" if ue8m0 else "LlamaForCausalLM"],
+        "model_type": "deepseek_v3" if ue8m0 else "llama",
+        "hidden_size": FP8_H,
+        "intermediate_size": FP8_I,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 56,
+        "vocab_size": FP8_VOCAB,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+        "dtype": "bfloat16",
+        "quantization_config": qc,
+    }
+
+
+def fp8_shards(ue8m0: bool = False, cross_shard: bool = True) -> dict[str, Tensors]:
+    H, I, V = FP8_H, FP8_I, FP8_VOCAB
+    p = "model.layers.0."
+    k = _fp8_pair(p + "self_attn.k_proj", 64, H, ue8m0)
+    a: Tensors = {
+        **(k if not cross_shard else {p + "self_attn.k_proj.weight": k[p + "self_attn.k_proj.weight"]}),
+        **_fp8_pair(p + "self_attn.q_proj", 200, H, ue8m0),
+        **_fp8_pair(p + "self_attn.o_proj", H, H, ue8m0, scale_shape=(3, 3)),  # over-provisioned [3,3] for [2,2]
+        p + "self_attn.o_proj.input_scale": torch.tensor([0.25], dtype=torch.float32),
+        **_fp8_pair(p + "mlp.gate", 8, H, ue8m0),  # router: kept FP8 with its scale
+    }
+    lm = _fp8_pair("lm_head", V, H, ue8m0)
+    if not ue8m0:  # byte vectors from the fact sheet: 0x3B * 0.005078125 -> 0x3BE4, 0x3B * 0.0007 -> 0x3A7D
+        lm["lm_head.weight"].view(torch.uint8)[0, 0] = 0x3B
+        lm["lm_head.weight"].view(torch.uint8)[0, 130] = 0x3B
+        lm["lm_head.weight_scale_inv"][0, 0] = 0.005078125
+        lm["lm_head.weight_scale_inv"][0, 1] = 0.0007
+    b: Tensors = {
+        p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+        **_fp8_pair(p + "mlp.up_proj", I, H, ue8m0),
+        **_fp8_pair(p + "mlp.down_proj", H, I, ue8m0),
+        **lm,
+    }
+    c: Tensors = {
+        **({p + "self_attn.k_proj.weight_scale_inv": k[p + "self_attn.k_proj.weight_scale_inv"]} if cross_shard else {}),
+        "model.norm.weight": torch.ones(H, dtype=torch.bfloat16),
+        "model.embed_tokens.weight": bf16("model.embed_tokens", V, H, std=0.02),
+    }
+    return dict(zip(FP8_SHARDS, (a, b, c)))
+
+
+def build_fp8(path: Path, ue8m0: bool = False, cross_shard: bool = True) -> Path:
+    """cross_shard=False keeps k_proj's scale next to its weight (no donor; source shard order kept)."""
+    return write_checkpoint(path, fp8_config(ue8m0), fp8_shards(ue8m0, cross_shard))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused 3-D experts
+
+MOE_E, MOE_I, MOE_H = 3, 40, 64
+
+
+def moe_config(num_layers: int = 4) -> dict[str, Any]:
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_size": MOE_H,
+        "intermediate_size": 96,
+        "moe_intermediate_size": MOE_I,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "num_experts": MOE_E,
+        "num_experts_per_tok": 2,
+        "vocab_size": 32,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+    }
+
+
+def build_moe_fused(path: Path) -> Path:
+    E, I, H = MOE_E, MOE_I, MOE_H
+    s1: Tensors = {
+        "model.embed_tokens.weight": bf16("embed", 32, H),
+        "model.layers.0.input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": bf16("q0", 64, H),
+        "model.layers.0.mlp.gate.weight": bf16("router0", E, H),
+        "model.layers.0.mlp.experts.gate_up_proj": bf16("gu0", E, 2 * I, H),  # no .weight suffix
+        "model.layers.0.mlp.experts.down_proj": bf16("dn0", E, H, I),
+    }
+    s2: Tensors = {
+        # with the .weight suffix; the caller ignores layer 1: split but not quantized
+        "model.layers.1.mlp.experts.gate_up_proj.weight": bf16("gu1", E, 2 * I, H),
+        "model.layers.1.mlp.experts.down_proj.weight": bf16("dn1", E, H, I),
+        # parents ending in "moe": target <parent>.experts.{i}
+        "model.layers.2.block_sparse_moe.w13": bf16("w13", E, 2 * I, H),
+        "model.layers.2.moe.down_proj": bf16("dn2", E, H, I),
+        "model.layers.2.mlp.shared_experts.gate_up_proj": bf16("sgu2", 2, 2 * I, H),
+        # a parent named "moe", fp16
+        "model.layers.3.moe.gate_up_proj": bf16("gu3", 2, 2 * I, H).to(torch.float16),
+        "model.layers.3.moe.down_proj.weight": bf16("dn3", 2, H, I).to(torch.float16),
+        "lm_head.weight": bf16("lm_head", 32, H),
+    }
+    return write_checkpoint(
+        path, moe_config(), {"model-00001-of-00002.safetensors": s1, "model-00002-of-00002.safetensors": s2}
+    )
+
+
+def build_moe_single(path: Path, tensors: Tensors, num_layers: int = 1) -> Path:
+    """One-shard MoE checkpoint holding exactly `tensors` (plus a norm)."""
+    t = {"model.norm.weight": torch.ones(MOE_H, dtype=torch.bfloat16), **tensors}
+    return write_checkpoint(path, moe_config(num_layers), {"model.safetensors": t})
+
+
+# ---------------------------------------------------------------------------------------------------
+# MXFP4 / MXFP8 (compressed-tensors naming)
+
+
+def mxfp4(name: str, rows: int, cols: int) -> Tensors:
+    """MXFP4 layer with `cols` logical inputs: weight_packed [rows, cols/2] u8, weight_scale [rows, cols/32] u8."""
+    g = _gen(name, 2)
+    packed = torch.randint(0, 256, (rows, cols // 2), generator=g, dtype=torch.uint8)
+    scale = torch.randint(118, 130, (rows, cols // 32), generator=g, dtype=torch.uint8)
+    return {f"{name}.weight_packed": packed, f"{name}.weight_scale": scale}
+
+
+def mxfp8(name: str, rows: int, cols: int) -> Tensors:
+    g = _gen(name, 3)
+    w = torch.randn(rows, cols, generator=g).to(torch.float8_e4m3fn)
+    scale = torch.randint(118, 130, (rows, cols // 32), generator=g, dtype=torch.uint8)
+    return {f"{name}.weight": w, f"{name}.weight_scale": scale}
+
+
+def mxfp_config() -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 64,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+        "quantization_config": {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized"},
+    }
+
+
+def mxfp_tensors(router: bool = False) -> Tensors:
+    p = "model.layers.0."
+    up = mxfp4(p + "mlp.up_proj", 128, 128)
+    up[p + "mlp.up_proj.weight_packed"][0, 0] = 0xF7  # low nibble +6.0, high nibble -6.0
+    up[p + "mlp.up_proj.weight_scale"][0, 0] = 124  # 2^-3 -> bf16 0x3F40, 0xBF40
+    down = mxfp8(p + "mlp.down_proj", 128, 128)
+    down[p + "mlp.down_proj.weight"].view(torch.uint8)[0, 0] = 0x3B
+    down[p + "mlp.down_proj.weight_scale"][0, 0] = 120  # 1.375 * 2^-7 -> bf16 0x3C30
+    t: Tensors = {
+        **up,
+        **down,
+        **mxfp4(p + "self_attn.q_proj", 128, 128),
+        **mxfp8(p + "self_attn.o_proj", 128, 128),
+        **mxfp4("lm_head", 64, 128),
+        p + "input_layernorm.weight": torch.ones(128, dtype=torch.bfloat16),
+        "model.embed_tokens.weight": bf16("embed", 64, 128),
+    }
+    if router:
+        t.update(mxfp4(p + "mlp.gate", 8, 128))
+    return t
+
+
+def build_mxfp(path: Path, router: bool = False) -> Path:
+    return write_checkpoint(path, mxfp_config(), {"model.safetensors": mxfp_tensors(router)})
