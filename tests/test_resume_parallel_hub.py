@@ -246,8 +246,11 @@ def assert_finished(out: Path) -> None:
     assert not (out / STAGING).exists(), f"staging folder left behind: {list((out / STAGING).rglob('*'))}"
 
 
-def shard_lines(log_text: str) -> list[str]:
-    return [line for line in log_text.splitlines() if "[model_free] shard " in line]
+def shards_done(log_text: str) -> set[str]:
+    """The "k/n" of every "[model_free] shard k/n (...)" line: the shards quantized by this run (a set, as
+    the CLI prints each record twice; see test_cli_logs_each_message_once)."""
+    return {ln.split("[model_free] shard ", 1)[1].split(" ", 1)[0] for ln in log_text.splitlines()
+            if "[model_free] shard " in ln}
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------------
@@ -317,8 +320,8 @@ def test_rerun_same_command_resumes_and_equals_clean_run(killed, src, reference,
     log = r.stderr
     assert "[model_free] resuming from" in log and f"{kept} finished shard(s) kept" in log, log
     assert "discarding" not in log, log
-    # Only the unfinished shards were quantized again (one "shard k/n" line each, whatever the handlers).
-    redone = {line.split("[model_free] shard ", 1)[1].split(" ", 1)[0] for line in shard_lines(log)}
+    # Only the unfinished shards were quantized again.
+    redone = shards_done(log)
     assert len(redone) == N_SHARDS - kept, f"expected {N_SHARDS - kept} shards redone, got {sorted(redone)}:\n{log}"
     assert_finished(out)
     assert_same_tree(out, reference("W4A16"))
@@ -361,7 +364,7 @@ def test_resume_drops_half_written_and_truncated_shards(killed, src, reference, 
     run_api(src, out, shard_parallelism=2, threads=2)  # neither is part of the fingerprint
     log = caplog.text
     assert f"{len(done) - 1} finished shard(s) kept" in log, log
-    assert len(shard_lines(log)) == N_SHARDS - (len(done) - 1), log
+    assert len(shards_done(log)) == N_SHARDS - (len(done) - 1), log
     assert_finished(out)
     assert_same_tree(out, reference("W4A16"))
 
@@ -374,7 +377,7 @@ def test_rerun_with_other_scheme_discards_and_says_why(killed, src, reference, o
     assert "WARNING" in warn[0], warn[0]
     assert why(warn[0]) == 'option scheme: "W4A16" -> "W8A16"', warn[0]
     assert "resuming" not in r.stderr
-    assert len(set(shard_lines(r.stderr))) == N_SHARDS
+    assert len(shards_done(r.stderr)) == N_SHARDS
     assert_finished(out)
     assert_same_tree(out, reference("W8A16"))
 
@@ -540,7 +543,7 @@ class DiskSampler(threading.Thread):
         self.peak_count = 0
         self.seen: set[str] = set()
         self.samples = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def _sample(self) -> None:
         total = count = 0
@@ -561,12 +564,12 @@ class DiskSampler(threading.Thread):
         self.samples += 1
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self._sample()
             time.sleep(0.001)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
