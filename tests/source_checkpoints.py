@@ -13,10 +13,14 @@ auto-round 0.16.1's model-free mode understands (see /work/notes/sources.md):
                B: up/down_proj with scales, FP8 lm_head with its scale, a norm;
                C (donor): k_proj.weight_scale_inv, model.norm, bf16 embed_tokens.
              Upstream processes donors first, so the output numbering is B, C, A.
-             ue8m0=True adds scale_fmt "ue8m0" (model_type deepseek_v3) with power-of-two scales.
-  moe_fused  Qwen3-MoE-style fused 3-D experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] with
-             and without the `.weight` suffix, `block_sparse_moe.w13` / `moe.down_proj` (a parent
-             ending in "moe": `moe.gate_up_proj`), `shared_experts`, an fp16 block; layer 1 is meant to be ignored by the caller.
+             ue8m0=True adds scale_fmt "ue8m0" (model_type deepseek_v3) with power-of-two scales;
+             cross_shard=False keeps every scale next to its weight.
+  fp8 variants  build_fp8_variant: scales without a block size, elementwise scales, a nested
+             quantization_config, float8_e8m0fnu scales.
+  moe_fused  Qwen3-MoE-style fused 3-D experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I], without
+             (layer 0) and with (layer 1, meant to be ignored by the caller) the `.weight` suffix;
+             parents ending in "moe" (`block_sparse_moe.w13`, `moe.down_proj`, fp16 `moe.gate_up_proj`);
+             `shared_experts.gate_up_proj`. build_moe_single writes one shard with given tensors.
   mxfp       compressed-tensors MXFP4 (`weight_packed` u8 + `weight_scale` u8 E8M0) and MXFP8
              (`weight` float8_e4m3fn + `weight_scale` u8) layers, an MXFP4 lm_head, a bf16 norm.
 """
@@ -77,7 +81,7 @@ def write_checkpoint(
 # FP8 (DeepSeek style)
 
 FP8_H, FP8_I, FP8_VOCAB = 224, 352, 96  # in_features multiples of 32 (MXFP) but not of 128 (partial blocks)
-FP8_SHARDS = ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors")
+FP8_SHARDS = tuple(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
 
 
 def _fp8_pair(name: str, rows: int, cols: int, pow2: bool, scale_shape: tuple[int, int] | None = None) -> Tensors:
@@ -135,7 +139,8 @@ def fp8_shards(ue8m0: bool = False, cross_shard: bool = True) -> dict[str, Tenso
         **lm,
     }
     c: Tensors = {
-        **({p + "self_attn.k_proj.weight_scale_inv": k[p + "self_attn.k_proj.weight_scale_inv"]} if cross_shard else {}),
+        # the donated scale (cross_shard) lives here
+        **({n: v for n, v in k.items() if n.endswith("weight_scale_inv")} if cross_shard else {}),
         "model.norm.weight": torch.ones(H, dtype=torch.bfloat16),
         "model.embed_tokens.weight": bf16("model.embed_tokens", V, H, std=0.02),
     }
@@ -145,6 +150,40 @@ def fp8_shards(ue8m0: bool = False, cross_shard: bool = True) -> dict[str, Tenso
 def build_fp8(path: Path, ue8m0: bool = False, cross_shard: bool = True) -> Path:
     """cross_shard=False keeps k_proj's scale next to its weight (no donor; source shard order kept)."""
     return write_checkpoint(path, fp8_config(ue8m0), fp8_shards(ue8m0, cross_shard))
+
+
+def build_fp8_variant(path: Path, variant: str) -> Path:
+    """Single-shard FP8 sources for the other scale layouts upstream accepts.
+
+    noblock      no weight_block_size: scale_inv 0-D, [1], [rows], [rows, 1] and [cols] (broadcast)
+    elementwise  no weight_block_size: scale_inv of the weight's own shape
+    nested       block scales, but quantization_config lives under text_config (upstream searches depth-first)
+    e8m0         scale_fmt ue8m0 with float8_e8m0fnu scale_inv tensors
+    """
+    H, p = FP8_H, "model.layers.0."
+    config = fp8_config(ue8m0=variant == "e8m0")
+    if variant in ("noblock", "elementwise"):
+        del config["quantization_config"]["weight_block_size"]
+    t: Tensors = {"model.norm.weight": torch.ones(H, dtype=torch.bfloat16)}
+    if variant == "noblock":
+        for proj, shape in (("q_proj", ()), ("k_proj", (1,)), ("v_proj", (64,)), ("o_proj", (64, 1))):
+            name = p + "self_attn." + proj
+            t[name + ".weight"] = fp8(name, 64, H)
+            t[name + ".weight_scale_inv"] = scale_inv(name, *shape) if shape else torch.tensor(0.0123)
+        t[p + "mlp.up_proj.weight"] = fp8(p + "mlp.up_proj", 64, H)
+        t[p + "mlp.up_proj.weight_scale_inv"] = scale_inv(p + "mlp.up_proj", H)  # per column
+    elif variant == "elementwise":
+        t.update(_fp8_pair(p + "mlp.up_proj", 64, H, False, scale_shape=(64, H)))
+    elif variant == "nested":
+        config["text_config"] = {"model_type": "llama", "quantization_config": config.pop("quantization_config")}
+        t.update(_fp8_pair(p + "mlp.up_proj", 200, H, False))
+    elif variant == "e8m0":
+        t.update(_fp8_pair(p + "mlp.up_proj", 200, H, True))
+        e = torch.tensor([[120, 121], [119, 125]], dtype=torch.uint8)
+        t[p + "mlp.up_proj.weight_scale_inv"] = e.view(torch.float8_e8m0fnu)
+    else:
+        raise ValueError(variant)
+    return write_checkpoint(path, config, {"model.safetensors": t})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -114,10 +114,45 @@ def source(checkpoint: CheckpointFactory, tmp_path_factory: pytest.TempPathFacto
 
 
 def run_fastround(src: Path, out: Path, format: str = "auto_round", **kwargs: Any) -> Path:
+    """fastround's AutoRound(model_free=True).quantize_and_save, in process.
+
+    Requests with a layer_config and a non-llm_compressor format run in a child process instead:
+    with the installed build, building the MXFP auto_round quantization_config for any non-empty
+    layer_config crashes the process (SIGSEGV, see test_mxfp_auto_round_layer_config_does_not_crash),
+    which would otherwise take the whole pytest session down with it. The child costs a few seconds
+    (importing torch).
+    """
+    if kwargs.get("layer_config") and format != "llm_compressor":
+        return run_fastround_subprocess(src, out, format=format, **kwargs)
     from fastround import AutoRound
 
     ar = AutoRound(model=str(src), model_free=True, show_progress=False, **kwargs)
     assert ar.quantize_and_save(str(out), format=format) == (None, str(out))
+    return out
+
+
+_CHILD = """
+import json, sys
+from fastround import AutoRound
+src, out, fmt, kwargs = json.loads(sys.argv[1])
+ar = AutoRound(model=src, model_free=True, show_progress=False, **kwargs)
+assert ar.quantize_and_save(out, format=fmt) == (None, out)
+"""
+
+
+def run_fastround_subprocess(src: Path, out: Path, format: str = "auto_round", **kwargs: Any) -> Path:
+    import subprocess
+    import sys
+
+    arg = json.dumps([str(src), str(out), format, kwargs])
+    proc = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        what = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        pytest.fail(
+            f"fastround AutoRound(model_free=True, **{kwargs!r}).quantize_and_save(format={format!r}) "
+            f"{what}\n--- stderr (tail) ---\n{proc.stderr[-3000:]}",
+            pytrace=False,
+        )
     return out
 
 
@@ -183,10 +218,16 @@ CASES: list[tuple[str, str, str, str, dict[str, Any], int | None]] = [
     ("mxfp4-plain-qk8-auto_round-bf16", "llama_aligned", "bfloat16", "auto_round",
      {"scheme": "MXFP4", "layer_config": MIXED_QK8, **PLAIN}, None),
     # --- BF16 default with a q_proj MXFP4 override ---
+    # (auto_round: upstream's top level carries all five act_* fields of the API-resolved BF16 scheme,
+    # act_bits 16 / act_data_type "fp" / act_dynamic true / act_group_size 128 / act_sym true, and
+    # q_proj's extra_config only {act_bits 4, act_group_size 32, act_data_type "mx_fp"}.)
     ("bf16-q4-auto_round-bf16", "llama_aligned", "bfloat16", "auto_round",
      {"scheme": "BF16", "layer_config": {"q_proj": "MXFP4"}}, 2),
     ("bf16-q4-llmc-fp16", "llama_aligned", "float16", "llm_compressor",
      {"scheme": "BF16", "layer_config": {"q_proj": "MXFP4"}}, 2),
+    # BF16 default with an NVFP4_E5M3 override (upstream accepts llm_compressor / fake here too)
+    ("bf16-qnv-llmc-bf16", "llama_aligned", "bfloat16", "llm_compressor",
+     {"scheme": "BF16", "layer_config": {"q_proj": "NVFP4_E5M3"}}, 2),
     # --- MoE kinds, MXFP4 llm_compressor ---
     # tests/checkpoints.py kinds: in_features 104/40, nothing is MXFP-aligned, every projection is kept.
     ("qwen3_moe-mxfp4-llmc-bf16", "qwen3_moe", "bfloat16", "llm_compressor", {"scheme": "MXFP4"}, 0),
@@ -252,6 +293,20 @@ def test_disable_opt_rtn_needs_iters0(source, oracle_tmp, tmp_path: Path) -> Non
     plain = run_fastround(src, tmp_path / "plain", scheme="MXFP4", **PLAIN)
     assert list(oracle.compare_checkpoints(fast, opt)) == []
     assert list(oracle.compare_checkpoints(fast, plain)) != []  # the two modes really differ here
+
+
+def test_mxfp_auto_round_layer_config_does_not_crash(source, tmp_path: Path) -> None:
+    """Minimal repro: MXFP4, format auto_round, a no-op layer_config {"k_proj": "MXFP4"}.
+
+    With the installed build the process dies with SIGSEGV after every shard is written, inside
+    fastround::build_quantization_config (mxfp_autoround_config). Any non-empty layer_config does it
+    (also {"k_proj": {"bits": 16}}, and BF16 + {"q_proj": "MXFP4"}); llm_compressor does not.
+    The no-op override must give exactly the output of the plain request.
+    """
+    src = source("llama_aligned", "bfloat16")
+    fast = run_fastround_subprocess(src, tmp_path / "lc", scheme="MXFP4", layer_config={"k_proj": "MXFP4"})
+    plain = run_fastround(src, tmp_path / "plain", scheme="MXFP4")
+    assert list(oracle.compare_checkpoints(fast, plain)) == []
 
 
 def test_nonaligned_llama_layers_kept(source, tmp_path: Path) -> None:

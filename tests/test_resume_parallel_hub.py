@@ -11,11 +11,20 @@
 The checkpoint is built here (9 shards of ~0.5-3.6 MB, a LlamaForCausalLM config). Quantization of such a
 shard takes ~20 ms, so the killed run is slowed down legitimately: a logging handler on the "fastround"
 logger sleeps after each "[model_free] shard k/n ..." message (sent from the worker thread once that shard is
-committed), and the script then runs `python -m fastround` itself (runpy) with the CLI's argv.
+committed), and the script then runs `python -m fastround` itself (runpy) with the CLI's argv. One killed
+run is made per module; each rerun works on a copy of the folder it left (the fingerprint leaves output_dir
+out, so a copy is the same partial output).
+
+Known failures (bugs in python/fastround, left failing on purpose):
+- test_cli_logs_each_message_once / test_cli_verbose_shows_debug_messages: CLI logging (see docstrings).
+- test_hub_parallel_late_fetch_downloads_each_shard_once: ShardStreamer.fetch() prefetches its `upcoming`
+  shards even when another worker already fetched and released them, so they are downloaded again, and a
+  download still running when the core publishes leaves `.fastround-partial/source-shards/` in the output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -316,6 +325,7 @@ def test_killed_run_does_not_look_finished(killed):
 def test_rerun_same_command_resumes_and_equals_clean_run(killed, src, reference, outdir):
     out = copy_killed(killed, outdir("resumed"))
     kept = len(killed[1]["shards"])
+    stamps = {r["output"]: (out / STAGING / r["output"]).stat().st_mtime_ns for r in killed[1]["shards"]}
     r = run_cli(*cli_args(src, out))
     log = r.stderr
     assert "[model_free] resuming from" in log and f"{kept} finished shard(s) kept" in log, log
@@ -324,6 +334,8 @@ def test_rerun_same_command_resumes_and_equals_clean_run(killed, src, reference,
     redone = shards_done(log)
     assert len(redone) == N_SHARDS - kept, f"expected {N_SHARDS - kept} shards redone, got {sorted(redone)}:\n{log}"
     assert_finished(out)
+    # The kept shards were published as they were, not rewritten.
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
     assert_same_tree(out, reference("W4A16"))
 
 
@@ -474,7 +486,8 @@ def shard_threads():
 
 @pytest.mark.parametrize("parallelism", [1, 2, 3])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_parallel_shards_write_identical_bytes(src, reference, outdir, shard_threads, monkeypatch, parallelism, threads):
+def test_parallel_shards_write_identical_bytes(src, reference, outdir, shard_threads, monkeypatch, parallelism,
+                                               threads):
     monkeypatch.delenv("AR_MODEL_FREE_SHARD_PARALLELISM", raising=False)
     out = outdir(f"p{parallelism}-t{threads}")
     run_api(src, out, shard_parallelism=parallelism, threads=threads)
@@ -505,16 +518,15 @@ def test_parallelism_argument_beats_environment(src, reference, outdir, shard_th
 
 
 def test_parallelism_environment_via_cli(src, reference, outdir, tmp_path):
-    """The CLI without --shard_parallelism takes the environment variable (DEBUG records shown through
-    the wrapper, as -v does not show them)."""
+    """The CLI without --shard_parallelism takes the environment variable (-v shows the DEBUG record)."""
     out = outdir("cli-env")
     env = cli_env()
     env["AR_MODEL_FREE_SHARD_PARALLELISM"] = "3"
     args = cli_args(src, out, threads=2)
     i = args.index("--shard_parallelism")
     del args[i:i + 2]
-    r = subprocess.run([*wrapped_cli(tmp_path, 0.0, debug=True), *args], capture_output=True, text=True,
-                       env=env, timeout=240)
+    r = subprocess.run([*wrapped_cli(tmp_path, 0.0), *args, "-v"], capture_output=True, text=True, env=env,
+                       timeout=240)
     assert r.returncode == 0, r.stderr
     assert "[model_free] 3 shard(s) in flight" in r.stderr, r.stderr
     assert_same_tree(out, reference("W4A16"))
@@ -536,21 +548,28 @@ def hf_cache(tmp_path, monkeypatch) -> Path:
 class DiskSampler(threading.Thread):
     """Polls the download folder (and the HF cache) for source shards: peak bytes and count on disk."""
 
-    def __init__(self, *roots: Path) -> None:
+    def __init__(self, shards_of: Path, *roots: Path) -> None:
         super().__init__(daemon=True)
         self.roots = roots
+        self.etags = {hashlib.sha256((shards_of / n).read_bytes()).hexdigest(): n for n in shard_names(shards_of)}
         self.peak_bytes = 0
         self.peak_count = 0
+        self.peak_names: list[str] = []
         self.seen: set[str] = set()
         self.samples = 0
         self._halt = threading.Event()
 
     def _sample(self) -> None:
         total = count = 0
+        names: list[str] = []
         for root in self.roots:
             for dirpath, _, files in os.walk(root):
                 for f in files:
-                    if ".safetensors" not in f:  # shards and their .incomplete downloads
+                    # A shard, or a download of one in progress: huggingface_hub names its temporary
+                    # "...<etag>.<uuid>.incomplete", the etag of an LFS file being its sha256.
+                    shard = f if f.endswith(".safetensors") else next(
+                        (n for e, n in self.etags.items() if f.endswith(".incomplete") and e in f), None)
+                    if shard is None:
                         continue
                     try:
                         size = os.path.getsize(os.path.join(dirpath, f))
@@ -558,9 +577,11 @@ class DiskSampler(threading.Thread):
                         continue
                     total += size
                     count += 1
-                    self.seen.add(f.split(".safetensors")[0] + ".safetensors")
+                    names.append(f)
+                    self.seen.add(shard)
         self.peak_bytes = max(self.peak_bytes, total)
-        self.peak_count = max(self.peak_count, count)
+        if count > self.peak_count:
+            self.peak_count, self.peak_names = count, sorted(names)
         self.samples += 1
 
     def run(self) -> None:
@@ -582,7 +603,7 @@ def test_hub_streaming_equals_local(src, reference, outdir, hf_cache, hub):
     shards = shard_names(src)
     largest = max((src / s).stat().st_size for s in shards)
     out = outdir("hub")
-    sampler = DiskSampler(out / STAGING / DOWNLOADS, hf_cache)
+    sampler = DiskSampler(src, out / STAGING / DOWNLOADS, hf_cache)
     sampler.start()
     try:
         run_api(REPO, out)
@@ -597,8 +618,10 @@ def test_hub_streaming_equals_local(src, reference, outdir, hf_cache, hub):
     cache_bytes = sum(p.stat().st_size for p in hf_cache.rglob("*") if p.is_file() and not p.is_symlink())
     assert cache_bytes < 100_000, f"the cache holds {cache_bytes} bytes: only metadata belongs there"
     # At most the shard in work and the one prefetched on disk at once.
+    print(f"disk sampler: {sampler.samples} samples, peak {sampler.peak_count} shard file(s) {sampler.peak_bytes} B "
+          f"({sampler.peak_names}), saw {len(sampler.seen)} of {len(shards)} shards")
     assert sampler.samples > 50 and len(sampler.seen) >= len(shards) // 2, (sampler.samples, sampler.seen)
-    assert 0 < sampler.peak_count <= 2, sampler.peak_count
+    assert 0 < sampler.peak_count <= 2, sampler.peak_names
     assert sampler.peak_bytes <= 2 * largest, (sampler.peak_bytes, largest)
 
 
@@ -665,3 +688,100 @@ def test_hub_offline_nothing_cached(outdir, hf_cache):
             run_api(REPO, out)
     assert REPO in str(e.value)
     assert not out.exists()
+
+
+def processing_order(src: Path) -> list[str]:
+    """Source shards in the order the core takes them: first appearance in the (sorted) weight_map."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    return list(dict.fromkeys(index["weight_map"].values()))
+
+
+def test_hub_parallel_late_fetch_downloads_each_shard_once(src, reference, outdir, hf_cache, hub, monkeypatch):
+    """shard_parallelism 3, and one worker calls fetch() late after taking its shard (as a thread held up
+    by the GIL would). Its `upcoming` list then names shards other workers already fetched, quantized and
+    released; each must still be downloaded once, and nothing may be left in the output."""
+    from fastround import _hf
+
+    hub.add_repo(REPO, src)
+    order = processing_order(src)
+    late = order[3]
+    real_fetch, real_download = _hf.ShardStreamer.fetch, _hf.ShardStreamer._download
+    started: Counter = Counter()
+
+    def fetch(self, shard, dest_dir, upcoming):
+        if shard == late:
+            time.sleep(1.0)
+        return real_fetch(self, shard, dest_dir, upcoming)
+
+    def download(self, shard, dest_dir):
+        started[shard] += 1
+        if started[shard] > 1:  # a second download of a shard is slow to connect: it outlives the run
+            time.sleep(0.5)
+        return real_download(self, shard, dest_dir)
+
+    monkeypatch.setattr(_hf.ShardStreamer, "fetch", fetch)
+    monkeypatch.setattr(_hf.ShardStreamer, "_download", download)
+    out = outdir("hub-p3-late")
+    run_api(REPO, out, shard_parallelism=3, threads=2)
+    twice = {s: n for s, n in downloads(hub).items() if n != 1}
+    leftover = sorted(p.relative_to(out).as_posix() for p in (out / STAGING).rglob("*"))
+    assert not twice and not leftover, (
+        f"shards downloaded again after their release: {twice}; left in the output: {leftover}")
+    assert_same_tree(out, reference("W4A16"))
+
+
+def test_hub_cancelled_run_resumes_without_refetching(src, reference, outdir, hf_cache, hub, monkeypatch, caplog):
+    """A streamed run stopped after two shards (progress callback returns False); the rerun keeps them and
+    downloads none of their sources again."""
+    hub.add_repo(REPO, src)
+    hub.delays.update(dict.fromkeys(shard_names(src), 0.15))
+    out = outdir("hub-resume")
+    real_run = fastround._C.run_model_free
+
+    def cancel_after_two(job, progress, log, fetch, release):
+        def stop_when_two_done(p):
+            m = read_manifest(out)
+            return m is None or len(m["shards"]) < KILL_AFTER
+        return real_run(job, stop_when_two_done, log, fetch, release)
+
+    monkeypatch.setattr(fastround._C, "run_model_free", cancel_after_two)
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        run_api(REPO, out)
+    monkeypatch.setattr(fastround._C, "run_model_free", real_run)
+    finished = {r["source"] for r in read_manifest(out)["shards"]}
+    assert len(finished) >= KILL_AFTER and not (out / "config.json").exists()
+    first = downloads(hub)
+    hub.reset()
+    hub.delays.clear()
+    caplog.set_level(logging.INFO, logger="fastround")
+    run_api(REPO, out)
+    again = downloads(hub)
+    assert f"{len(finished)} finished shard(s) kept" in caplog.text, caplog.text
+    assert not set(again) & finished, f"finished shards fetched again: {sorted(set(again) & finished)}"
+    assert all(n == 1 for n in again.values()), again
+    assert set(first) | set(again) == set(shard_names(src))
+    assert_finished(out)
+    assert_same_tree(out, reference("W4A16"))
+    assert not list(hf_cache.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_parallelism_environment_not_positive_is_ignored(src, reference, outdir, monkeypatch, caplog, value):
+    monkeypatch.setenv("AR_MODEL_FREE_SHARD_PARALLELISM", value)
+    caplog.set_level(logging.INFO, logger="fastround")
+    out = outdir("env-bad")
+    run_api(src, out, shard_parallelism=None, threads=2)
+    assert "ignoring AR_MODEL_FREE_SHARD_PARALLELISM" in caplog.text, caplog.text
+    assert_same_tree(out, reference("W4A16"))
+
+
+def test_parallelism_above_shard_count_is_clamped(src, reference, outdir, shard_threads):
+    out = outdir("p-many")
+    run_api(src, out, shard_parallelism=4 * N_SHARDS, threads=2)
+    assert f"[model_free] {N_SHARDS} shard(s) in flight" in shard_threads.messages, shard_threads.messages
+    assert_same_tree(out, reference("W4A16"))
+
+
+def test_negative_parallelism_is_rejected(src):
+    with pytest.raises(ValueError, match="shard_parallelism"):
+        fastround.AutoRound(str(src), model_free=True, shard_parallelism=-1)

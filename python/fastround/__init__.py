@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _logger = logging.getLogger("fastround")
 if not _logger.handlers and not logging.getLogger().handlers:
     _handler = logging.StreamHandler()
+    _handler._fastround_default = True  # type: ignore[attr-defined]  # the CLI swaps it for its own
     _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     _logger.addHandler(_handler)
     _logger.setLevel(logging.INFO)

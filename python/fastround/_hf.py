@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class ShardStreamer:
         self._pool = ThreadPoolExecutor(max_workers=max_prefetch, thread_name_prefix="fastround-fetch")
         self._futures: dict[str, Future[str]] = {}
         self._downloaded: set[str] = set()
+        self._released: set[str] = set()  # done with: never prefetched again
+        self._dest_dirs: set[str] = set()
         self._lock = threading.Lock()
 
     def _cached(self, shard: str) -> str | None:
@@ -59,8 +62,11 @@ class ShardStreamer:
         logger.debug("downloading %s from %s", shard, self.repo_id)
         return hf_hub_download(self.repo_id, shard, revision=self.revision, local_dir=dest_dir)
 
-    def _submit(self, shard: str, dest_dir: str) -> Future[str]:
+    def _submit(self, shard: str, dest_dir: str, prefetch: bool = False) -> Future[str] | None:
         with self._lock:
+            if prefetch and shard in self._released:
+                return None  # another worker already quantized and released it
+            self._dest_dirs.add(dest_dir)
             fut = self._futures.get(shard)
             if fut is None:
                 cached = self._cached(shard)
@@ -76,7 +82,7 @@ class ShardStreamer:
     def fetch(self, shard: str, dest_dir: str, upcoming: list[str]) -> str:
         fut = self._submit(shard, dest_dir)
         for nxt in upcoming:
-            self._submit(nxt, dest_dir)
+            self._submit(nxt, dest_dir, prefetch=True)
         try:
             return fut.result()
         except Exception as e:
@@ -87,6 +93,7 @@ class ShardStreamer:
             fut = self._futures.pop(shard, None)
             ours = shard in self._downloaded
             self._downloaded.discard(shard)
+            self._released.add(shard)
         if fut is not None and ours and fut.done() and fut.exception() is None:
             try:
                 os.remove(fut.result())
@@ -94,7 +101,25 @@ class ShardStreamer:
                 pass
 
     def close(self) -> None:
+        """Stops prefetching and deletes whatever was downloaded but not released (a failed or cancelled run)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            leftovers = [f for s, f in self._futures.items() if s in self._downloaded]
+            self._futures.clear()
+            self._downloaded.clear()
+        for fut in leftovers:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                try:
+                    os.remove(fut.result())
+                except FileNotFoundError:
+                    pass
+        for d in self._dest_dirs:  # our download folder: hf_hub_download's local_dir metadata goes too
+            shutil.rmtree(d, ignore_errors=True)
+            parent = os.path.dirname(d)
+            try:
+                os.rmdir(parent)  # the core's staging folder, once nothing else is in it
+            except OSError:
+                pass
 
 
 def resolve_source(model: str, stream: bool = True) -> ModelSource:
@@ -104,7 +129,7 @@ def resolve_source(model: str, stream: bool = True) -> ModelSource:
     try:
         from huggingface_hub import constants, snapshot_download
     except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
-        raise FileNotFoundError(f"model path '{model}' does not exist and huggingface_hub is not installed") from e
+        raise FileNotFoundError(f"model path '{model}' does not exist and huggingface_hub cannot be imported: {e}") from e
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
         meta = snapshot_download(model, ignore_patterns=_WEIGHT_PATTERNS, local_files_only=offline)

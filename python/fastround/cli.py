@@ -146,9 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    lib = logging.getLogger("fastround")  # the library's fallback handler would print every line twice
+    for h in list(lib.handlers):
+        if getattr(h, "_fastround_default", False):
+            lib.removeHandler(h)
+    lib.setLevel(level)
     model = args.model or args.model_pos
     if not model:
         print("fastround: error: a model (positional or --model) is required", file=sys.stderr)

@@ -105,7 +105,8 @@ std::map<std::string, std::string> read_tensor_homes(const fs::path& src) {
   std::sort(index_files.begin(), index_files.end());
   fs::path index = src / "model.safetensors.index.json";
   if (!fs::exists(index)) index = index_files.front();
-  for (const auto& [tensor, file] : read_json_file(index)["weight_map"].items()) homes[tensor] = file.get<std::string>();
+  const ojson j = read_json_file(index);  // kept alive: items() refers into it
+  for (const auto& [tensor, file] : j["weight_map"].items()) homes[tensor] = file.get<std::string>();
   return homes;
 }
 
@@ -318,9 +319,24 @@ void check_model_free_format(const std::string& fmt, const SchemeFields& scheme,
 }
 
 // An FP8 source (DeepSeek style) names its scale block and scale encoding in its quantization_config.
+// The first quantization_config dict, depth first (multimodal configs nest it under text_config).
+const ojson* find_quantization_config(const ojson& j) {
+  if (j.is_object()) {
+    auto it = j.find("quantization_config");
+    if (it != j.end() && it->is_object()) return &*it;
+    for (const auto& [k, v] : j.items())
+      if (const ojson* q = find_quantization_config(v)) return q;
+  } else if (j.is_array()) {
+    for (const auto& v : j)
+      if (const ojson* q = find_quantization_config(v)) return q;
+  }
+  return nullptr;
+}
+
 void read_fp8_source_config(const ojson& config, RunContext& ctx) {
-  if (!config.contains("quantization_config") || !config["quantization_config"].is_object()) return;
-  const ojson& q = config["quantization_config"];
+  const ojson* found = find_quantization_config(config);
+  if (!found) return;
+  const ojson& q = *found;
   if (q.contains("weight_block_size") && q["weight_block_size"].is_array() && q["weight_block_size"].size() == 2)
     ctx.fp8_block = {q["weight_block_size"][0].get<int64_t>(), q["weight_block_size"][1].get<int64_t>()};
   ctx.scale_e8m0 = q.value("scale_fmt", std::string()) == "ue8m0";
@@ -723,7 +739,20 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
     }
     result.source_bytes = accounting["quantized"]["bytes"].get<uint64_t>() + accounting["kept"]["bytes"].get<uint64_t>() +
                           accounting["dropped"]["bytes"].get<uint64_t>();
-    if (n > 1) {
+    // Upstream's rule: an output whose tensors all sit in one shard is model.safetensors, without an index
+    // (a shard left empty, having donated all it held, is still written).
+    size_t filled = 0, only = 0;
+    for (size_t i = 0; i < n; ++i)
+      if (!jobs[i].record.tensor_names.empty()) {
+        ++filled;
+        only = i;
+      }
+    const bool single = n > 1 && filled == 1;
+    if (single) {
+      fs::rename(staging / jobs[only].output_name, staging / "model.safetensors");
+      result.shard_files[only] = "model.safetensors";
+    }
+    if (n > 1 && !single) {
       ojson index;
       index["metadata"] = ojson{{"total_size", 0}};
       index["weight_map"] = weight_map;

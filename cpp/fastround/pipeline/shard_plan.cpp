@@ -35,8 +35,10 @@ struct Candidate {
   bool from_fused = false;
 };
 
-// Upstream's split of fused expert tensors [E, out, in]: gate_up_proj/w13 halves, anything else per expert.
-// Applies to 3-D tensors whose parent path ends with "experts" or "moe" (".weight" optional).
+// Upstream's split of fused expert tensors [E, out, in]: gate_up_proj/w13 into row halves (the first
+// ceil(out/2) rows are gate/w1), anything else per expert. Applies to 3-D tensors whose parent path ends
+// with "experts" or "moe"; ".weight" is optional and vLLM's "<proj>_weight" / "_weight_scale" /
+// "_weight_scale_2" / "_input_scale" suffixes name the output's last component.
 bool split_fused(const SafetensorsReader& reader, const TensorInfo& t, std::vector<Candidate>& out) {
   if (t.shape.size() != 3) return false;
   const std::string base = ends_with(t.name, ".weight") ? t.name.substr(0, t.name.size() - 7) : t.name;
@@ -49,29 +51,41 @@ bool split_fused(const SafetensorsReader& reader, const TensorInfo& t, std::vect
     prefix = parent + ".experts";
   else
     return false;
-  const std::string proj = last_part(base);
+  std::string proj = last_part(base), suffix = "weight";
+  for (const char* s : {"_weight_scale_2", "_weight_scale", "_weight", "_input_scale"}) {
+    const std::string sfx = s;
+    if (proj.size() > sfx.size() && ends_with(proj, sfx)) {
+      proj = proj.substr(0, proj.size() - sfx.size());
+      suffix = sfx.substr(1);
+      break;
+    }
+  }
   const int64_t E = t.shape[0], rows = t.shape[1], cols = t.shape[2];
   const uint64_t esize = static_cast<uint64_t>(dtype_bits(t.dtype) / 8);
   const uint64_t expert_bytes = static_cast<uint64_t>(rows * cols) * esize;
-  std::vector<std::pair<std::string, int64_t>> parts;  // (projection, first row)
-  if ((proj == "gate_up_proj" || proj == "w13") && rows % 2 == 0) {
+  struct Part {
+    std::string name;
+    int64_t first, count;
+  };
+  std::vector<Part> parts;
+  if (proj == "gate_up_proj" || proj == "w13") {
     const bool w = proj == "w13";
-    parts = {{w ? "w1" : "gate_proj", 0}, {w ? "w3" : "up_proj", rows / 2}};
+    const int64_t head = (rows + 1) / 2;  // torch.chunk: ceil halves
+    parts = {{w ? "w1" : "gate_proj", 0, head}, {w ? "w3" : "up_proj", head, rows - head}};
   } else {
-    parts = {{proj, 0}};
+    parts = {{proj, 0, rows}};
   }
-  const int64_t part_rows = rows / static_cast<int64_t>(parts.size());
   for (int64_t e = 0; e < E; ++e) {
-    for (const auto& [p, first] : parts) {
+    for (const auto& p : parts) {
       Candidate c;
-      c.name = prefix + "." + std::to_string(e) + "." + p + ".weight";
+      c.name = prefix + "." + std::to_string(e) + "." + p.name + "." + suffix;
       c.source = t.name;
       c.from_fused = true;
       c.in.reader = &reader;
       c.in.tensor = &t;
-      c.in.byte_offset = static_cast<uint64_t>(e) * expert_bytes + static_cast<uint64_t>(first * cols) * esize;
+      c.in.byte_offset = static_cast<uint64_t>(e) * expert_bytes + static_cast<uint64_t>(p.first * cols) * esize;
       c.in.dtype = t.dtype;
-      c.in.rows = part_rows;
+      c.in.rows = p.count;
       c.in.cols = cols;
       out.push_back(std::move(c));
     }
@@ -95,6 +109,7 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
   // weight_scale/weight_scale_inv, so a scale is always marked before the loop below reaches it.
   std::set<std::string> consumed;
   std::vector<Candidate> cands;
+  std::vector<std::pair<const SafetensorsReader*, const TensorInfo*>> foreign_scales;  // kept beside their router
   for (const TensorInfo& t : reader.tensors()) {
     plan.source_bytes += t.nbytes();
     if (split_fused(reader, t, cands)) continue;
@@ -129,7 +144,11 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
         if (it != ctx.tensor_home.end() && it->second != shard) std::tie(sr, s) = donors(sname);
       }
       if (s) {
-        if (is_always_skipped(c.name)) continue;  // upstream keeps skip-list layers (routers) in FP8
+        if (is_always_skipped(c.name)) {
+          // Upstream keeps skip-list layers (routers) in FP8, with their scale even when it was donated.
+          if (sr != &reader) foreign_scales.push_back({sr, s});
+          continue;
+        }
         c.in.kind = InputKind::Fp8Scaled;
         c.in.dtype = DType::BF16;
         c.in.scale_reader = sr;
@@ -139,7 +158,7 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
       }
     }
     const TensorInfo* ms = reader.find(layer + ".weight_scale");
-    if (ms && ms->dtype == DType::U8 &&
+    if (ms && ms->dtype == DType::U8 && !is_always_skipped(c.name) &&
         ((is_weight && t->dtype == DType::F8_E4M3) || (is_packed && (t->dtype == DType::U8 || t->dtype == DType::I8)))) {
       c.in.kind = InputKind::MxfpSource;
       c.in.source_bits = is_weight ? 8 : 4;
@@ -149,6 +168,19 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
       c.in.scale = ms;
       c.name = layer + ".weight";
     }
+  }
+
+  for (const auto& [sr, s] : foreign_scales) {
+    Candidate c;
+    c.name = c.source = s->name;
+    c.in.reader = sr;
+    c.in.tensor = s;
+    c.in.dtype = s->dtype;
+    if (s->shape.size() == 2) {
+      c.in.rows = s->shape[0];
+      c.in.cols = s->shape[1];
+    }
+    cands.push_back(std::move(c));
   }
 
   std::set<std::string> written;
@@ -178,7 +210,10 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
     if (ends_with(c.name, ".weight_scale_inv")) {
       auto it = ctx.tensor_home.find(layer_of(c.name) + ".weight");
       if (it != ctx.tensor_home.end() && it->second != shard) {
-        fate(c.source, Fate::Dropped, t.nbytes(), "FP8 scale donated to '" + it->second + "'");
+        if (is_always_skipped(it->first))
+          fate(c.source, Fate::Kept, t.nbytes(), "written beside its FP8 router in the output of '" + it->second + "'");
+        else
+          fate(c.source, Fate::Dropped, t.nbytes(), "FP8 scale donated to '" + it->second + "'");
         continue;
       }
     }
@@ -333,7 +368,7 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
       if (c.from_fused) why = "split per expert" + (why.empty() ? "" : ", " + why);
       if (c.in.kind == InputKind::Fp8Scaled) why = "FP8 dequantized to bf16" + (why.empty() ? "" : ", " + why);
       if (c.in.kind == InputKind::MxfpSource) why = "MXFP dequantized to bf16" + (why.empty() ? "" : ", " + why);
-      fate(c.source, Fate::Kept, t.nbytes(), why);
+      if (c.in.reader == &reader) fate(c.source, Fate::Kept, t.nbytes(), why);  // a donated tensor counts in its own shard
     }
     plan.items.push_back(std::move(item));
   }

@@ -32,13 +32,14 @@ inline uint16_t bf16_mul(float w, float scale_bf16) { return float_to_bf16(w * s
 // Maps each (row, col) to its scale index; validates coverage once.
 struct ScaleIndex {
   int64_t br = 0, bc = 0, stride = 0;
-  enum { Block, Scalar, PerRow, PerCol } mode = Scalar;
+  enum { Block, Scalar, PerRow, PerCol, Elementwise } mode = Scalar;
   int64_t at(int64_t r, int64_t c) const {
     switch (mode) {
       case Block: return (r / br) * stride + c / bc;
       case Scalar: return 0;
       case PerRow: return r;
       case PerCol: return c;
+      case Elementwise: return r * stride + c;
     }
     return 0;
   }
@@ -61,6 +62,11 @@ ScaleIndex index_for(int64_t rows, int64_t cols, const Fp8ScaleView& s, const st
     return ix;
   }
   if (s.numel == 1) return ix;
+  if (s.numel == rows * cols && rows > 1 && cols > 1) {  // same shape as the weight
+    ix.mode = ScaleIndex::Elementwise;
+    ix.stride = cols;
+    return ix;
+  }
   if (s.numel == rows) {
     ix.mode = ScaleIndex::PerRow;
     return ix;
