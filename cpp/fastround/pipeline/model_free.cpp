@@ -305,12 +305,15 @@ void publish(const fs::path& staging, const fs::path& out, const std::vector<std
 
 
 // Upstream's format gate: INT writes auto_round(/auto_gptq); MXFP adds llm_compressor; NVFP4_E5M3 adds
-// fake and llm_compressor.
-void check_model_free_format(const std::string& fmt, const SchemeFields& scheme, const std::string& given) {
-  const KernelFamily family = traits_for(scheme).family;
+// fake and llm_compressor. A full-precision default takes the formats of its layer_config overrides.
+void check_model_free_format(const std::string& fmt, const SchemeFields& scheme, const LayerConfig& lc,
+                             const std::string& given) {
+  std::set<KernelFamily> families = {traits_for(scheme).family};
+  if (scheme.bits.value_or(16) >= 16)
+    for (const auto& e : lc.entries()) families.insert(traits_for(scheme.merged(e.fields)).family);
   std::vector<std::string> ok = {"auto_round", "auto_round:auto_gptq"};
-  if (family == KernelFamily::Mxfp) ok.insert(ok.end(), {"llm_compressor", "auto_round:llm_compressor"});
-  if (family == KernelFamily::Nvfp4E5M3) ok.insert(ok.end(), {"fake", "llm_compressor", "auto_round:llm_compressor"});
+  if (families.count(KernelFamily::Mxfp)) ok.insert(ok.end(), {"llm_compressor", "auto_round:llm_compressor"});
+  if (families.count(KernelFamily::Nvfp4E5M3)) ok.insert(ok.end(), {"fake", "llm_compressor", "auto_round:llm_compressor"});
   if (std::find(ok.begin(), ok.end(), fmt) != ok.end()) return;
   std::string list;
   for (const auto& f : ok) list += (list.empty() ? "'" : ", '") + f + "'";
@@ -486,7 +489,7 @@ ResolvedScheme resolve_job_scheme(const ModelFreeJob& job) {
   validate_model_free_scheme(r.fields, r.label);
   // Upstream's AutoRound entry hands model-free a fully resolved scheme; these fields reach extra_config.
   // W4A16_MIXED follows upstream's core path instead, which receives the bare preset.
-  if (r.name != "W4A16_MIXED" && r.fields.bits.value_or(16) < 16) {
+  if (r.name != "W4A16_MIXED") {
     SchemeFields& f = r.fields;
     if (!f.act_bits) f.act_bits = 16;
     if (!f.act_group_size) f.act_group_size = f.group_size;
@@ -509,12 +512,12 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   check_output_location(src, out);
   const ResolvedScheme scheme = resolve_job_scheme(job);
   const std::string fmt = job.format.substr(0, job.format.find(','));
-  check_model_free_format(fmt, scheme.fields, job.format);
   if (job.threads > 0) set_num_threads(job.threads);
 
   const ojson config = read_json_file(src / "config.json");
   RunContext ctx{job, scheme.fields, &traits_for(scheme.fields), LayerConfig::parse(job.layer_config, scheme.name),
                  nullptr, log};
+  check_model_free_format(fmt, scheme.fields, ctx.layer_config, job.format);
   if (ctx.default_traits->family == KernelFamily::None) ctx.default_traits = &traits_for(*find_preset("W4A16"));
   ctx.fake_format = fmt == "fake";
   ctx.llm_compressor = fmt == "llm_compressor";

@@ -167,7 +167,8 @@ ojson mxfp_autoround_config(const RunContext& ctx, const std::vector<std::string
   ojson extra = ojson::object();
   for (const auto& e : ctx.layer_config.entries()) {
     ojson diff = ojson::object();
-    for (const auto& [k, v] : e.fields.to_json().items())
+    const ojson fields = e.fields.to_json();  // kept alive: items() refers into it
+    for (const auto& [k, v] : fields.items())
       if (!q.contains(k) || q[k] != v) diff[k] = v;
     if (!diff.empty()) extra[e.key] = diff;
   }
