@@ -15,10 +15,33 @@ namespace {
 
 // ---- numerics shared by the reference and the fast path (upstream's torch ops, one element at a time) ----
 
-// floor(log2(a)) of a correctly rounded fp32 log2, as torch computes it (rounding can reach the next integer).
-inline float floor_log2(float a) { return std::floor(static_cast<float>(std::log2(static_cast<double>(a)))); }
+// floor(log2(a)) of a correctly rounded fp32 log2, as torch computes it: rounding can reach the next
+// integer for mantissas just below 2. The exponent bits give the answer except there (and for subnormals),
+// where the double log2 decides.
+inline float floor_log2_exact(float a) { return std::floor(static_cast<float>(std::log2(static_cast<double>(a)))); }
 
-inline float pow2f(float e) { return std::ldexp(1.0f, static_cast<int>(e)); }
+inline float floor_log2(float a) {
+  const uint32_t u = float_bits(a);
+  const uint32_t exp = (u >> 23) & 0xFFu;
+  if (exp == 0 || exp == 0xFFu || (u & 0x7FFFFFu) >= 0x7FFE00u) return floor_log2_exact(a);  // top 2^-14 of the binade
+  return static_cast<float>(static_cast<int>(exp) - 127);
+}
+
+// 2^e for an integer-valued e, exact (subnormal results included).
+inline float pow2f(float e) {
+  const int k = static_cast<int>(e);
+  if (k >= -126 && k <= 127) return bits_float(static_cast<uint32_t>(k + 127) << 23);
+  return std::ldexp(1.0f, k);
+}
+
+// floor for 0 <= v < 2^31 without a libm call.
+inline float floor_nonneg(float v) { return static_cast<float>(static_cast<int32_t>(v)); }
+
+// Round half to even for 0 <= v < 2^22 without a libm call (the 2^23 magic number).
+inline float rne_nonneg(float v) {
+  constexpr float kMagic = 8388608.0f;  // exact IEEE adds: the compiler may not fold this without -ffast-math
+  return (v + kMagic) - kMagic;
+}
 
 inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -58,12 +81,16 @@ inline float mx_round_element(float t) {
   const float a0 = std::fabs(t) + (t == 0.0f ? 1.0f : 0.0f);
   const float p = std::max(floor_log2(a0), T::kMinP);
   const float pw = pow2f(p);
-  const float u = (t / pw) * T::kMscale;
+  const float u = (t * pow2f(-p)) * T::kMscale;  // == t / pw: one correctly rounded op on the same value
   const float a = std::fabs(u);
   const float half_off = a - 0.5f;
-  const float mask = (std::fmod(half_off, 2.0f) == 0.0f && half_off >= 0.0f) ? 1.0f : 0.0f;
-  const float r = signf(u) * (std::floor(a + 0.5f) - mask);
-  return clampf((r / T::kMscale) * pw, -T::kMaxNorm, T::kMaxNorm);
+  // torch.remainder(|u| - 0.5, 2) == 0: |u| - 0.5 is an even integer (|u| is at most 2^9 here).
+  const float mask = (half_off >= 0.0f && floor_nonneg(half_off) == half_off &&
+                      (static_cast<int32_t>(half_off) & 1) == 0)
+                         ? 1.0f
+                         : 0.0f;
+  const float r = signf(u) * (floor_nonneg(a + 0.5f) - mask);
+  return clampf((r * (1.0f / T::kMscale)) * pw, -T::kMaxNorm, T::kMaxNorm);
 }
 
 // Shared exponent of a group whose (candidate) max is m; an all-zero group uses the literal exponent 1.
@@ -76,10 +103,10 @@ inline float mx_shared_exponent(float m) {
 // Quantize-dequantize one 32-group with shared exponent e; returns the squared-error loss.
 template <int BITS>
 inline float mx_qdq_group(const float* x, float e, float* q) {
-  const float sc = pow2f(e);
+  const float sc = pow2f(e), inv_sc = pow2f(-e);  // x * 2^-e == x / 2^e bit for bit
   float sq[32];
   for (int i = 0; i < 32; ++i) {
-    const float t = clampf(x[i] / sc, -MxTraits<BITS>::kMaxNorm, MxTraits<BITS>::kMaxNorm);
+    const float t = clampf(x[i] * inv_sc, -MxTraits<BITS>::kMaxNorm, MxTraits<BITS>::kMaxNorm);
     q[i] = mx_round_element<BITS>(t) * sc;
     const float d = q[i] - x[i];
     sq[i] = d * d;
@@ -89,6 +116,14 @@ inline float mx_qdq_group(const float* x, float e, float* q) {
 
 // E2M1 code of the nearest grid value (ties to the lower magnitude, NaN to 0), sign from the sign bit.
 inline uint8_t e2m1_code(float s) {
+  // On-grid values (the usual case) map straight from their bits: exponent and top mantissa bit.
+  const uint32_t u = float_bits(s);
+  const uint32_t mag = u & 0x7FFFFFFFu, exp = mag >> 23, man = mag & 0x7FFFFFu;
+  const uint8_t sign = static_cast<uint8_t>((u >> 28) & 0x8u);
+  if (mag == 0) return sign;
+  if (exp >= 127 && exp <= 129 && (man & 0x3FFFFFu) == 0)
+    return static_cast<uint8_t>(sign | (2 * (exp - 127) + 2 + (man >> 22)));
+  if (mag == 0x3F000000u) return static_cast<uint8_t>(sign | 1u);  // 0.5
   const float a = std::fabs(s);
   uint8_t idx = 0;
   if (!std::isnan(a)) {
@@ -120,8 +155,10 @@ void mx_row(const float* x, int64_t cols, DType src, bool opt_rtn, uint8_t* code
     float e = mx_shared_exponent<BITS>(m);
     float loss = mx_qdq_group<BITS>(xg, e, q);
     if (opt_rtn) {
+      const float e0 = e;
       for (float mult : {0.5f, 2.0f}) {
         const float ce = mx_shared_exponent<BITS>(m * mult);
+        if (ce == e0) continue;  // same exponent, same loss: never strictly lower
         const float closs = mx_qdq_group<BITS>(xg, ce, cand);
         if (closs < loss) {
           loss = closs;
@@ -166,12 +203,14 @@ inline float cast_to_fp4(float y) {
   const float sgn = std::isnan(y) ? 0.0f : signf(y);
   const float a = std::fabs(y);
   float r;
-  if (a < 2.0f)
-    r = std::nearbyint(2.0f * a) / 2.0f;
+  if (std::isnan(a))
+    r = a;
+  else if (a < 2.0f)
+    r = rne_nonneg(2.0f * a) / 2.0f;
   else if (a < 4.0f)
-    r = std::nearbyint(a);
+    r = rne_nonneg(a);
   else
-    r = 2.0f * std::nearbyint(a / 2.0f);
+    r = 2.0f * rne_nonneg(std::min(a, 16.0f) / 2.0f);  // anything above 12 clamps to 6 below
   r = std::isnan(r) ? r : clampf(r, -6.0f, 6.0f);
   return r * sgn;
 }
@@ -209,9 +248,14 @@ NvScale nv_best_scale(const float* x, bool opt_rtn) {
   NvScale best = nv_scale(vmax, 1.0f);
   if (!opt_rtn) return best;
   float best_loss = nv_group_loss(x, best.d);
+  // Many multipliers encode to the same scale byte; an equal loss never wins, so each byte is tried once.
+  bool tried[256] = {};
+  tried[best.byte] = true;
   for (int k = 50; k < 152; ++k) {
     if (k == 100) continue;
     const NvScale s = nv_scale(vmax, static_cast<float>(k / 100.0));
+    if (tried[s.byte]) continue;
+    tried[s.byte] = true;
     const float loss = nv_group_loss(x, s.d);
     if (loss < best_loss) {
       best_loss = loss;
