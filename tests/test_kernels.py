@@ -13,6 +13,7 @@ import torch
 
 fastround = pytest.importorskip("fastround")
 _C = fastround._C
+import fastround._torch as _torch  # noqa: E402  (after torch, which it links against)
 
 DTYPES = ("BF16", "F16", "F32")
 BITS = (2, 4, 8)
@@ -353,7 +354,7 @@ def test_tensor_entry_equals_numpy(shape, bits, sym, dtype):
          "F16": lambda: torch.from_numpy(buf.copy()),
          "BF16": lambda: torch.from_numpy(buf.view(np.int16).copy()).view(torch.bfloat16)}[dtype]()
     assert torch.equal(t.float(), torch.from_numpy(values))
-    tq, tz, ts = _C.quantize_int_gptq_tensor(t, bits, group, sym, zo)
+    tq, tz, ts = _torch.quantize_int_gptq_tensor(t, bits, group, sym, zo)
     assert tq.dtype == torch.int32 and tz.dtype == torch.int32 and ts.dtype == torch.float16
     nq, nz, ns = _C.quantize_int_gptq(buf, dtype, rows, cols, bits, group, sym, zo)
     np.testing.assert_array_equal(tq.numpy(), nq)
@@ -365,8 +366,8 @@ def test_tensor_entry_non_contiguous():
     w = torch.randn(100, 48, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     wt = w.t()  # [48, 100], not contiguous
     assert not wt.is_contiguous()
-    a = _C.quantize_int_gptq_tensor(wt, 4, 32, True, 1)
-    b = _C.quantize_int_gptq_tensor(wt.contiguous(), 4, 32, True, 1)
+    a = _torch.quantize_int_gptq_tensor(wt, 4, 32, True, 1)
+    b = _torch.quantize_int_gptq_tensor(wt.contiguous(), 4, 32, True, 1)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -378,7 +379,7 @@ def test_tensor_entry_non_contiguous():
 )
 def test_tensor_entry_rejects_bad_tensor(tensor):
     with pytest.raises(ValueError, match="quantize_int_gptq_tensor"):
-        _C.quantize_int_gptq_tensor(tensor, 4, 32, True, 1)
+        _torch.quantize_int_gptq_tensor(tensor, 4, 32, True, 1)
 
 
 # ----------------------------------------------------------------------------------------------

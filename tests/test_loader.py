@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import oracle
+from fastround._hf import KNOWN_UNPACKABLE
 
 CheckpointFactory = Callable[..., Path]
 
@@ -140,3 +141,17 @@ def test_upstream_loader_rejects_padded_layers(checkpoint: CheckpointFactory, tm
     # The layer falls back to the "auto_round:fake" backend: a float Linear stand-in with a fresh weight.
     mod = dict(model.named_modules())["model.layers.0.self_attn.q_proj"]
     assert type(mod).__name__ == "FakeActQuantLinear" and not hasattr(mod, "qweight"), type(mod)
+
+
+@pytest.mark.parametrize("model_type", sorted(KNOWN_UNPACKABLE))
+def test_known_unpackable_table_matches_meta_scan(tmp_path, model_type):
+    """The shortcut table equals what building the model on the meta device finds."""
+    from transformers import CONFIG_MAPPING
+
+    from fastround._hf import detect_unpackable_modules
+
+    cfg = CONFIG_MAPPING[model_type](num_hidden_layers=1, hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=128)
+    cfg.save_pretrained(tmp_path)
+    assert detect_unpackable_modules(str(tmp_path), use_table=False) == KNOWN_UNPACKABLE[model_type]
+    assert detect_unpackable_modules(str(tmp_path)) == KNOWN_UNPACKABLE[model_type]

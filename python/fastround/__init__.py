@@ -1,8 +1,9 @@
-"""fastround: LLM weight quantization with a C++ core and the AutoRound API."""
+"""fastround: LLM weight quantization with a C++ core and the AutoRound API.
+
+Importing it does not import torch: the model-free core (`fastround._C`) is plain C++. The LibTorch
+adapters live in `fastround._torch` (import torch first)."""
 
 import logging
-
-import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from fastround import _C
 from fastround._C import CheckpointError

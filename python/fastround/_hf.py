@@ -171,11 +171,28 @@ def _list_shards(model: str, meta: str, revision: str, offline: bool) -> list[st
     return sorted(f for f in HfApi().list_repo_files(model, revision=revision) if f.endswith(".safetensors") and "/" not in f)
 
 
-def detect_unpackable_modules(model_dir: str, trust_remote_code: bool = True) -> list[str]:
+# What the meta-device scan finds for common decoder-only text models (tests/test_loader.py checks each
+# against the scan). Knowing it spares importing transformers' model classes, seconds per run.
+KNOWN_UNPACKABLE: dict[str, list[str]] = {
+    mt: ["embed_tokens", "rotary_emb"]
+    for mt in ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3", "gemma",
+               "gemma2", "glm4_moe")
+}
+
+
+def detect_unpackable_modules(model_dir: str, trust_remote_code: bool = True, use_table: bool = True) -> list[str]:
     """Names of Embedding/Conv1d/Conv1D modules, found by building the model on the meta device.
 
     Upstream ignores these because they cannot be packed; failures only cost the detection.
     """
+    if use_table:
+        try:
+            with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+                cfg = json.load(f)
+            if not cfg.get("auto_map") and cfg.get("model_type") in KNOWN_UNPACKABLE:
+                return list(KNOWN_UNPACKABLE[cfg["model_type"]])
+        except (OSError, ValueError):
+            pass
     try:
         import torch
         from transformers import AutoConfig, AutoModel

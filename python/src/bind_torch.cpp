@@ -1,4 +1,5 @@
-// Thin LibTorch adapter: the INT kernel on torch tensors (the only file that includes torch headers).
+// Thin LibTorch adapter, its own module fastround._torch: the INT kernel on torch tensors. The only file that
+// includes torch headers; fastround._C stays free of libtorch so model-free runs never load torch.
 #include <torch/extension.h>
 
 #include "bindings.h"
@@ -24,7 +25,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int_gptq_tensor
                                                                                    int64_t group_size, bool sym,
                                                                                    int zero_offset) {
   if (weight.dim() != 2 || !weight.device().is_cpu())
-    throw fr::OptionError("[quantize_int_gptq_tensor] weight must be a 2-D CPU tensor [out, in]");
+    throw py::value_error("[quantize_int_gptq_tensor] weight must be a 2-D CPU tensor [out, in]");
   const torch::Tensor w = weight.contiguous();
   const fr::IntQuantParams p{bits, group_size, sym, zero_offset};
   const fr::IntGptqLayout L = fr::int_gptq_layout(w.size(0), w.size(1), p, "weight");
@@ -42,7 +43,15 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int_gptq_tensor
 
 }  // namespace
 
-void init_torch(py::module_& m) {
+PYBIND11_MODULE(_torch, m) {
+  m.doc() = "fastround LibTorch adapters";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fr::OptionError& e) {
+      py::set_error(PyExc_ValueError, e.what());
+    }
+  });
   m.def("quantize_int_gptq_tensor", &quantize_int_gptq_tensor, py::arg("weight"), py::arg("bits"),
         py::arg("group_size"), py::arg("sym"), py::arg("zero_offset") = 1,
         "RTN-quantize a torch weight [out, in] and pack it as auto_gptq: (qweight, qzeros, scales fp16).");

@@ -8,4 +8,3 @@ namespace py = pybind11;
 void init_quant(py::module_& m);
 void init_match(py::module_& m);
 void init_model_free(py::module_& m);
-void init_torch(py::module_& m);

@@ -23,5 +23,4 @@ PYBIND11_MODULE(_C, m) {
   init_quant(m);
   init_match(m);
   init_model_free(m);
-  init_torch(m);
 }
