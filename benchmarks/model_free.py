@@ -225,7 +225,8 @@ for path in sys.argv[1:]:
 """
 
 
-def measure(tool: str, scheme: str, src: Path, work: Path, cache: str, threads: int | None, timeout: float) -> Run:
+def measure(tool: str, scheme: str, src: Path, work: Path, cache: str, threads: int | None, timeout: float,
+            parallelism: int | None = None) -> Run:
     src_gb = sum(f.stat().st_size for f in shard_files(src)) / 1e9
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     out = work / f"out-{tool}-{scheme}-{cache}"
@@ -237,6 +238,8 @@ def measure(tool: str, scheme: str, src: Path, work: Path, cache: str, threads: 
                str(out), "--no_progress"]
         if threads:
             cmd += ["--threads", str(threads)]
+        if parallelism:
+            cmd += ["--shard_parallelism", str(parallelism)]
     else:
         compile_flag = "--enable_torch_compile" if tool == "upstream-compile" else "--disable_torch_compile"
         cmd = [sys.executable, "-m", "auto_round", str(src), "--model_free", *SCHEMES[scheme][1], "--output_dir",
@@ -297,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", default="read,fastround,upstream,upstream-compile")
     ap.add_argument("--cold", action="store_true", help="also measure from a cold page cache")
     ap.add_argument("--threads", type=int, default=None, help="fastround --threads (default: all cores)")
+    ap.add_argument("--parallelism", type=int, default=None, help="fastround --shard_parallelism (default: auto)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fastround-bench"))
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", default=None, help="write every measurement here")
@@ -321,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         for gb in [float(x) for x in args.scaling.split(",")]:
             layers = max(1, round((gb * 1e9 - 4 * args.vocab * s["hidden"]) / per_layer))
             src = build_checkpoint(work, args.model, layers, args.vocab, args.shard_gb)
-            measure("fastround", "W4A16", src, work, "warm", args.threads, args.timeout)  # warm the page cache
-            r = measure("fastround", "W4A16", src, work, "warm", args.threads, args.timeout)
+            measure("fastround", "W4A16", src, work, "warm", args.threads, args.timeout, args.parallelism)  # warm up
+            r = measure("fastround", "W4A16", src, work, "warm", args.threads, args.timeout, args.parallelism)
             r.note = f"{layers} layers"
             runs.append(r)
             print(f"{r.source_gb:.2f} GB ({layers} layers): {r.seconds:.2f} s, {r.gb_per_s:.3f} GB/s, "
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     if cache == "warm":
                         warm_page_cache(src)
-                    r = measure(tool, scheme, src, work, cache, args.threads, args.timeout)
+                    r = measure(tool, scheme, src, work, cache, args.threads, args.timeout, args.parallelism)
                     runs.append(r)
                     print(f"{scheme} {tool} {cache}: {r.seconds:.2f} s, {r.gb_per_s:.3f} GB/s, "
                           f"{r.peak_rss_gb:.2f} GB RSS {'' if r.ok else r.note}", flush=True)
