@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares an offline GPU host (the `device` machines: torch/transformers/pybind11/scikit-build-core present,
 # no registry) for benchmarks/model_free.py: wheels carried in .whl/ (auto-round 0.16.1 and the pydantic it
-# needs), nlohmann/json headers carried in .deps/root (Debian's nlohmann-json3-dev, unpacked), then builds
+# needs), nlohmann/json headers carried in .deps/nlohmann-json (Debian's nlohmann-json3-dev, unpacked), then builds
 # fastround against the host's torch. Idempotent: a second call only re-exports PYTHONPATH.
 #   source benchmarks/device_setup.sh
 if [ ! -d /tmp/site ]; then
@@ -10,6 +10,6 @@ fi
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import fastround" 2>/dev/null; then
   python3 -m pip install -q --no-build-isolation --no-deps . \
-    -Ccmake.define.nlohmann_json_DIR="$PWD/.deps/root/usr/share/cmake/nlohmann_json"
+    -Ccmake.define.nlohmann_json_DIR="$PWD/.deps/nlohmann-json/usr/share/cmake/nlohmann_json"
 fi
 python3 -c "import fastround, auto_round, torch; print('fastround', fastround.__version__, '| auto-round', auto_round.__version__, '| torch', torch.__version__)"

@@ -2,7 +2,7 @@
 
 Every builder writes a HuggingFace-style folder (config.json, one or more safetensors shards, an index
 when sharded) whose bytes depend only on the builder's arguments. The formats follow what upstream
-auto-round 0.16.1's model-free mode understands (see /work/notes/sources.md):
+auto-round 0.16.1's model-free mode understands (facts in ../shared/reference/model-free.md §7 and docs/compatibility.md):
 
   fp8        DeepSeek-style FP8 block-scaled source: float8_e4m3fn `.weight` with an fp32
              `.weight_scale_inv` [ceil(out/128), ceil(in/128)], config quantization_config

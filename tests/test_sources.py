@@ -1,7 +1,7 @@
 """Already-quantized and fused source formats: parity with upstream auto-round 0.16.1 model-free, accounting,
 and the errors fastround raises instead of writing something wrong.
 
-Sources (built by tests/source_checkpoints.py; the format rules are in /work/notes/sources.md):
+Sources (built by tests/source_checkpoints.py; the format rules are in ../shared/reference/model-free.md §7 and docs/compatibility.md):
   * FP8 block-scaled (DeepSeek style `weight_scale_inv`), incl. a scale that lives in another shard (upstream
     processes donor shards first, which renumbers the output shards), an FP8 router kept as is, an ignored FP8
     lm_head (dequantized to bf16), an `input_scale` companion, and the `scale_fmt: ue8m0` variant;
@@ -33,14 +33,7 @@ import source_checkpoints as sc
 
 fastround = pytest.importorskip("fastround")
 
-# Order differences upstream derives from its processing order (see test_model_free_parity.py).
-_ORDER_OK = (
-    "model.safetensors.index.json.weight_map: key order differs",
-    "config.json.quantization_config.extra_config: key order differs",
-    "quantization_config.json.extra_config: key order differs",
-    "config.json.quantization_config.block_name_to_quantize: item order differs",
-    "quantization_config.json.block_name_to_quantize: item order differs",
-)
+_ORDER_OK = oracle.ORDER_ONLY_DIFFS
 _EXTRA_CONFIG_DIFFS = ("config.json.quantization_config.extra_config", "quantization_config.json.extra_config")
 
 L0 = "model.layers.0."
