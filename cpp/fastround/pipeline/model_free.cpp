@@ -36,11 +36,6 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-std::string layer_of(const std::string& tensor_name) {
-  const size_t dot = tensor_name.rfind('.');
-  return dot == std::string::npos ? tensor_name : tensor_name.substr(0, dot);
-}
-
 // ---- source discovery -------------------------------------------------------------------------
 
 // `remote`: shard files of a streamed hub repo, fetched on demand (empty for a local folder).
@@ -515,8 +510,8 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   if (job.threads > 0) set_num_threads(job.threads);
 
   const ojson config = read_json_file(src / "config.json");
-  RunContext ctx{job, scheme.fields, &traits_for(scheme.fields), LayerConfig::parse(job.layer_config, scheme.name),
-                 nullptr, log};
+  RunContext ctx{job, scheme.fields, &traits_for(scheme.fields), LayerConfig::parse(job.layer_config, scheme.name)};
+  ctx.log = log;
   check_model_free_format(fmt, scheme.fields, ctx.layer_config, job.format);
   if (ctx.default_traits->family == KernelFamily::None) ctx.default_traits = &traits_for(*find_preset("W4A16"));
   ctx.fake_format = fmt == "fake";

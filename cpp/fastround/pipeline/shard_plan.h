@@ -34,14 +34,14 @@ struct RunContext {
   SchemeFields default_scheme;
   const SchemeTraits* default_traits;
   LayerConfig layer_config;
-  std::unique_ptr<IgnoreMatcher> ignore;
-  Logger log;
+  std::unique_ptr<IgnoreMatcher> ignore{};
+  Logger log{};
   bool fake_format = false;  // format "fake": NVFP4 writes dequantized weights
   bool llm_compressor = false;  // format "llm_compressor": compressed-tensors quantization_config
   bool opt_rtn = true;       // MXFP exponent search (upstream default unless disable_opt_rtn)
-  std::optional<std::pair<int64_t, int64_t>> fp8_block;  // weight_block_size of an FP8 source config
+  std::optional<std::pair<int64_t, int64_t>> fp8_block{};  // weight_block_size of an FP8 source config
   bool scale_e8m0 = false;   // FP8 source with scale_fmt ue8m0
-  std::map<std::string, std::string> tensor_home;  // tensor -> source shard, from the index
+  std::map<std::string, std::string> tensor_home{};  // tensor -> source shard, from the index
 };
 
 enum class Kernel { Copy, IntGptq, Mxfp, Nvfp4, Nvfp4Fake };
