@@ -6,7 +6,7 @@ Builds a checkpoint with real layer shapes (Llama-3-8B-like dense or Qwen3-30B-A
   fastround model-free through `python -m fastround`
   upstream  auto-round 0.16.1 model-free through its CLI, torch.compile off and on, at its default parallelism
 for each scheme, from a warm page cache and (where --cold) a cold one (posix_fadvise DONTNEED on the
-sources, no root needed). Peak RSS is the largest sum over the run's process tree, sampled every 20 ms.
+sources, or drop_caches as root). Peak RSS is the largest sum over the run's process tree, sampled every 20 ms.
 
     python3 benchmarks/model_free.py --model llama3-8b --layers 4 --vocab 32000 --cold
     python3 benchmarks/model_free.py --kernels            # C++ micro-benchmark of each kernel
@@ -132,7 +132,14 @@ def shard_files(d: Path) -> list[Path]:
 
 
 def drop_page_cache(d: Path) -> None:
+    """Evicts the sources from the page cache: drop_caches where permitted (root), else per-file DONTNEED."""
     os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return
+    except OSError:
+        pass
     for f in shard_files(d):
         fd = os.open(f, os.O_RDONLY)
         try:
@@ -338,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         tools = args.tools.split(",")
         for cache in caches:
             if cache == "cold" and not cache_is_cold(src):
-                print("cold cache: posix_fadvise(DONTNEED) had no effect here; skipping cold runs", flush=True)
+                print("cold cache: neither drop_caches nor posix_fadvise(DONTNEED) evicts pages here; skipping cold runs",
+                      flush=True)
                 continue
             if "read" in tools:
                 runs.append(measure("read", "-", src, work, cache, None, args.timeout))
