@@ -33,7 +33,16 @@ from typing import Callable
 
 import torch
 
-KINDS: tuple[str, ...] = ("llama", "qwen2", "qwen3_moe", "qwen3_moe_fused", "llama_tied", "llama_aligned")
+KINDS: tuple[str, ...] = (
+    "llama",
+    "qwen2",
+    "qwen3_moe",
+    "qwen3_moe_fused",
+    "llama_tied",
+    "llama_aligned",
+    "qwen3_moe_aligned",
+    "qwen3_moe_aligned_fused",
+)
 DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
 _SEED = 20240917
@@ -257,19 +266,20 @@ def _make_qwen2() -> tuple[torch.nn.Module, int | None]:
     return Qwen2ForCausalLM(cfg), None
 
 
-def _make_qwen3_moe() -> tuple[torch.nn.Module, int | None]:
+def _make_qwen3_moe(aligned: bool = False) -> tuple[torch.nn.Module, int | None]:
+    """aligned: every in_features a multiple of 32, so MXFP/NVFP4 quantize the experts too."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    moe_intermediate = 40
+    moe_intermediate = 32 if aligned else 40
     cfg = Qwen3MoeConfig(
         vocab_size=96,
-        hidden_size=104,
-        intermediate_size=72,
+        hidden_size=128 if aligned else 104,
+        intermediate_size=64 if aligned else 72,
         moe_intermediate_size=moe_intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=26,
+        head_dim=32 if aligned else 26,
         num_experts=4,
         num_experts_per_tok=2,
         decoder_sparse_step=1,
@@ -286,6 +296,8 @@ _FACTORIES: dict[str, Callable[[], tuple[torch.nn.Module, int | None]]] = {
     "qwen2": _make_qwen2,
     "qwen3_moe": _make_qwen3_moe,
     "qwen3_moe_fused": _make_qwen3_moe,
+    "qwen3_moe_aligned": lambda: _make_qwen3_moe(aligned=True),
+    "qwen3_moe_aligned_fused": lambda: _make_qwen3_moe(aligned=True),
 }
 
 
@@ -302,7 +314,7 @@ def build(kind: str, path: str | Path, dtype: str | torch.dtype = "bfloat16") ->
     model.config.dtype = torch_dtype
     model.eval()
     _fill_parameters(model, moe_intermediate)
-    if kind == "qwen3_moe_fused":
+    if kind.endswith("_fused"):  # transformers' in-memory layout: fused 3-D expert tensors
         _save_manual(model, out)
     else:
         _save_sharded(model, out)

@@ -16,9 +16,9 @@ differences upstream derives from shard completion order / its skip-list handlin
 order, extra_config key order, block_name_to_quantize item order).
 
 The tests/checkpoints.py MoE kinds (hidden 104, moe_intermediate 40) have no MXFP-aligned layer, so
-every projection is kept there; this file also builds MXFP-aligned Qwen3-MoE checkpoints (hidden
-128, moe_intermediate 32, per-expert and fused 3-D layouts) from the same helpers so that expert
-quantization and the llm_compressor RoutedExperts / ignore rules are exercised too.
+every projection is kept there; the qwen3_moe_aligned(_fused) kinds (hidden 128, moe_intermediate 32,
+per-expert and fused 3-D layouts) exercise expert quantization and the llm_compressor RoutedExperts /
+ignore rules too.
 """
 
 from __future__ import annotations
@@ -42,63 +42,6 @@ _ORDER_OK = oracle.ORDER_ONLY_DIFFS
 
 PLAIN = {"iters": 0, "disable_opt_rtn": True}
 _KEPT_EXTRA = {"bits": 16, "data_type": "float", "act_bits": 16, "act_data_type": "float"}
-
-
-# ---------------------------------------------------------------------------
-# MXFP-aligned Qwen3-MoE (built with tests/checkpoints.py helpers, not registered there)
-# ---------------------------------------------------------------------------
-
-ALIGNED_MOE = ("qwen3_moe_aligned", "qwen3_moe_aligned_fused")
-
-
-def _build_aligned_moe(kind: str, path: Path, dtype: str) -> Path:
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    moe_intermediate = 32
-    cfg = Qwen3MoeConfig(
-        vocab_size=96,
-        hidden_size=128,
-        intermediate_size=64,
-        moe_intermediate_size=moe_intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_experts=4,
-        num_experts_per_tok=2,
-        decoder_sparse_step=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    torch_dtype = checkpoints._torch_dtype(dtype)
-    model = Qwen3MoeForCausalLM(cfg).to(torch_dtype)
-    model.config.dtype = torch_dtype
-    model.eval()
-    checkpoints._fill_parameters(model, moe_intermediate)
-    if kind == "qwen3_moe_aligned_fused":
-        checkpoints._save_manual(model, path)  # in-memory fused 3-D expert tensors
-    else:
-        checkpoints._save_sharded(model, path)
-    checkpoints._write_side_files(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def source(checkpoint: CheckpointFactory, tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
-    """source(kind, dtype): the tests/checkpoints.py kinds plus the aligned MoE kinds."""
-    root = tmp_path_factory.mktemp("fp_sources")
-    built: dict[tuple[str, str], Path] = {}
-
-    def get(kind: str, dtype: str = "bfloat16") -> Path:
-        if kind not in ALIGNED_MOE:
-            return checkpoint(kind, dtype)
-        key = (kind, dtype)
-        if key not in built:
-            built[key] = _build_aligned_moe(kind, root / f"{kind}-{dtype}", dtype)
-        return built[key]
-
-    return get
 
 
 # ---------------------------------------------------------------------------
@@ -250,8 +193,8 @@ def _params() -> list[Any]:
 
 
 @pytest.mark.parametrize(("kind", "dtype", "fmt", "kwargs", "n_quantized"), _params())
-def test_parity(source, oracle_tmp, tmp_path: Path, kind, dtype, fmt, kwargs, n_quantized) -> None:
-    src = source(kind, dtype)
+def test_parity(checkpoint, oracle_tmp, tmp_path: Path, kind, dtype, fmt, kwargs, n_quantized) -> None:
+    src = checkpoint(kind, dtype)
     upstream = run_upstream(src, oracle_tmp(kind), format=fmt, **kwargs)
     fast = run_fastround(src, tmp_path / "fast", format=fmt, **kwargs)
     assert_same(fast, upstream)
@@ -276,9 +219,9 @@ def test_parity(source, oracle_tmp, tmp_path: Path, kind, dtype, fmt, kwargs, n_
             assert all(qc["extra_config"][p] == _KEPT_EXTRA for p in projections)
 
 
-def test_disable_opt_rtn_needs_iters0(source, oracle_tmp, tmp_path: Path) -> None:
+def test_disable_opt_rtn_needs_iters0(checkpoint, oracle_tmp, tmp_path: Path) -> None:
     """disable_opt_rtn=True without iters=0 is ignored on both sides: the output is the opt-RTN one."""
-    src = source("llama_aligned", "bfloat16")
+    src = checkpoint("llama_aligned", "bfloat16")
     kw = {"scheme": "MXFP4", "disable_opt_rtn": True}
     fast = run_fastround(src, tmp_path / "fast", **kw)
     assert_same(fast, run_upstream(src, oracle_tmp("mxfp4-dor-only"), **kw))
@@ -288,7 +231,7 @@ def test_disable_opt_rtn_needs_iters0(source, oracle_tmp, tmp_path: Path) -> Non
     assert list(oracle.compare_checkpoints(fast, plain)) != []  # the two modes really differ here
 
 
-def test_mxfp_auto_round_layer_config_does_not_crash(source, tmp_path: Path) -> None:
+def test_mxfp_auto_round_layer_config_does_not_crash(checkpoint, tmp_path: Path) -> None:
     """Minimal repro: MXFP4, format auto_round, a no-op layer_config {"k_proj": "MXFP4"}.
 
     With the installed build the process dies with SIGSEGV after every shard is written, inside
@@ -296,16 +239,16 @@ def test_mxfp_auto_round_layer_config_does_not_crash(source, tmp_path: Path) -> 
     (also {"k_proj": {"bits": 16}}, and BF16 + {"q_proj": "MXFP4"}); llm_compressor does not.
     The no-op override must give exactly the output of the plain request.
     """
-    src = source("llama_aligned", "bfloat16")
+    src = checkpoint("llama_aligned", "bfloat16")
     fast = run_fastround_subprocess(src, tmp_path / "lc", scheme="MXFP4", layer_config={"k_proj": "MXFP4"})
     plain = run_fastround(src, tmp_path / "plain", scheme="MXFP4")
     assert list(oracle.compare_checkpoints(fast, plain)) == []
 
 
-def test_nonaligned_llama_layers_kept(source, tmp_path: Path) -> None:
+def test_nonaligned_llama_layers_kept(checkpoint, tmp_path: Path) -> None:
     """MXFP4 on llama (in_features 104 / 72): no layer can be MXFP-packed; every projection keeps its
     source bytes and gets the full-precision extra_config entry (as upstream, no padding)."""
-    src = source("llama", "bfloat16")
+    src = checkpoint("llama", "bfloat16")
     fast = run_fastround(src, tmp_path / "fast", scheme="MXFP4")
     tensors, src_tensors = oracle.read_checkpoint(fast), oracle.read_checkpoint(src)
     qc = qconfig(fast)
@@ -343,14 +286,14 @@ def _group_for(qc, layer: str):
 
 
 @pytest.mark.parametrize(("kind", "dtype", "kwargs"), [pytest.param(*c[1:], id=c[0]) for c in CT_CASES])
-def test_compressed_tensors_decompress_equals_ours(source, tmp_path: Path, kind, dtype, kwargs) -> None:
+def test_compressed_tensors_decompress_equals_ours(checkpoint, tmp_path: Path, kind, dtype, kwargs) -> None:
     torch = pytest.importorskip("torch")
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
-    fast = run_fastround(source(kind, dtype), tmp_path / "fast", format="llm_compressor", **kwargs)
+    fast = run_fastround(checkpoint(kind, dtype), tmp_path / "fast", format="llm_compressor", **kwargs)
     qc = QuantizationConfig.model_validate(qconfig(fast))
     tensors: dict[str, Any] = {}
     for f in sorted(fast.glob("*.safetensors")):

@@ -157,15 +157,13 @@ def resolve_source(model: str, stream: bool = True) -> ModelSource:
 
 
 def _list_shards(model: str, meta: str, revision: str, offline: bool) -> list[str]:
-    index = os.path.join(meta, "model.safetensors.index.json")
-    if not os.path.exists(index):
-        found = sorted(f for f in os.listdir(meta) if f.endswith(".safetensors.index.json"))
-        index = os.path.join(meta, found[0]) if found else ""
-    if index:
-        with open(index, encoding="utf-8") as f:
-            return list(dict.fromkeys(json.load(f)["weight_map"].values()))
+    from fastround import _C
+
+    shards = _C.indexed_shards(meta)  # the core's rule for which index counts
+    if shards:
+        return shards
     if offline:
-        return [f for f in ("model.safetensors",) if os.path.exists(os.path.join(meta, f))] or ["model.safetensors"]
+        return ["model.safetensors"]
     from huggingface_hub import HfApi
 
     return sorted(f for f in HfApi().list_repo_files(model, revision=revision) if f.endswith(".safetensors") and "/" not in f)

@@ -121,6 +121,9 @@ both are called from worker threads. Returns the summary as JSON text.)doc");
         return fr::resolve_job_scheme(job).fields.to_json().dump();
       },
       py::arg("job_json"), "The validated default scheme of a job, as JSON text (raises ValueError if unsupported).");
+  m.def(
+      "indexed_shards", [](const std::string& dir) { return fr::indexed_shards(dir); }, py::arg("source_dir"),
+      "Shard files named by the folder's weight index, in first-appearance order (empty without an index).");
   m.def("preset_names", &fr::preset_names);
   m.def(
       "preset",

@@ -38,38 +38,64 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 // ---- source discovery -------------------------------------------------------------------------
 
+}  // namespace
+
+std::optional<fs::path> find_weight_index(const fs::path& src) {
+  std::vector<fs::path> index_files;
+  for (const auto& e : fs::directory_iterator(src))
+    if (e.is_regular_file() && ends_with(e.path().filename().string(), ".safetensors.index.json"))
+      index_files.push_back(e.path());
+  if (index_files.empty()) return std::nullopt;
+  if (fs::exists(src / "model.safetensors.index.json")) return src / "model.safetensors.index.json";
+  std::sort(index_files.begin(), index_files.end());
+  return index_files.front();
+}
+
+std::vector<std::string> indexed_shards(const fs::path& src) {
+  std::vector<std::string> shards;
+  if (const auto index = find_weight_index(src)) {
+    const ojson j = read_json_file(*index);
+    if (j.contains("weight_map") && j["weight_map"].is_object())
+      for (const auto& [tensor, file] : j["weight_map"].items())
+        if (file.is_string() && std::find(shards.begin(), shards.end(), file.get<std::string>()) == shards.end())
+          shards.push_back(file.get<std::string>());
+  }
+  return shards;
+}
+
+namespace {
+
 // `remote`: shard files of a streamed hub repo, fetched on demand (empty for a local folder).
-std::vector<std::string> discover_shards(const fs::path& src, const std::vector<std::string>& remote) {
-  std::vector<fs::path> index_files, weight_files, bin_files;
+// `homes` receives tensor -> shard from the index (empty without one).
+std::vector<std::string> discover_shards(const fs::path& src, const std::vector<std::string>& remote,
+                                         std::map<std::string, std::string>* homes) {
+  std::vector<fs::path> weight_files, bin_files;
   for (const auto& e : fs::directory_iterator(src)) {
     if (!e.is_regular_file()) continue;
     const std::string n = e.path().filename().string();
-    if (ends_with(n, ".safetensors.index.json")) index_files.push_back(e.path());
     if (ends_with(n, ".safetensors")) weight_files.push_back(e.path());
     if (ends_with(n, ".bin")) bin_files.push_back(e.path());
   }
-  std::sort(index_files.begin(), index_files.end());
   std::sort(weight_files.begin(), weight_files.end());
   std::vector<std::string> shards;
-  if (!index_files.empty()) {
-    fs::path index = src / "model.safetensors.index.json";
-    if (!fs::exists(index)) index = index_files.front();
-    const ojson j = read_json_file(index);
+  if (const auto index = find_weight_index(src)) {
+    const ojson j = read_json_file(*index);
     if (!j.contains("weight_map") || !j["weight_map"].is_object())
-      throw CheckpointError("[model_free] index '" + index.string() + "' has no weight_map object");
+      throw CheckpointError("[model_free] index '" + index->string() + "' has no weight_map object");
     for (const auto& [tensor, file] : j["weight_map"].items()) {
       if (!file.is_string())
-        throw CheckpointError("[model_free] index '" + index.string() + "': tensor '" + tensor +
+        throw CheckpointError("[model_free] index '" + index->string() + "': tensor '" + tensor +
                               "' maps to a non-string " + file.dump());
       const std::string f = file.get<std::string>();
       if (f.empty() || fs::path(f).is_absolute() || f.find("..") != std::string::npos || f.find('/') != std::string::npos)
-        throw CheckpointError("[model_free] index '" + index.string() + "': tensor '" + tensor + "' maps to '" + f +
+        throw CheckpointError("[model_free] index '" + index->string() + "': tensor '" + tensor + "' maps to '" + f +
                               "', which is not a file name inside '" + src.string() + "'");
       if (std::find(shards.begin(), shards.end(), f) == shards.end()) shards.push_back(f);
+      if (homes) (*homes)[tensor] = f;
     }
     for (const auto& f : shards)
       if (!fs::is_regular_file(src / f) && std::find(remote.begin(), remote.end(), f) == remote.end())
-        throw MissingPathError("[model_free] shard '" + f + "' listed in '" + index.filename().string() +
+        throw MissingPathError("[model_free] shard '" + f + "' listed in '" + index->filename().string() +
                                "' is missing from '" + src.string() + "'");
     return shards;
   }
@@ -88,22 +114,6 @@ std::vector<std::string> discover_shards(const fs::path& src, const std::vector<
 }
 
 // ---- shard order and source files --------------------------------------------------------------
-
-// tensor -> shard from the weight index (empty without one).
-std::map<std::string, std::string> read_tensor_homes(const fs::path& src) {
-  std::map<std::string, std::string> homes;
-  std::vector<fs::path> index_files;
-  for (const auto& e : fs::directory_iterator(src))
-    if (e.is_regular_file() && ends_with(e.path().filename().string(), ".safetensors.index.json"))
-      index_files.push_back(e.path());
-  if (index_files.empty()) return homes;
-  std::sort(index_files.begin(), index_files.end());
-  fs::path index = src / "model.safetensors.index.json";
-  if (!fs::exists(index)) index = index_files.front();
-  const ojson j = read_json_file(index);  // kept alive: items() refers into it
-  for (const auto& [tensor, file] : j["weight_map"].items()) homes[tensor] = file.get<std::string>();
-  return homes;
-}
 
 // Shards that hold an FP8 scale for a weight elsewhere run first (donors before recipients, otherwise
 // source order), so a recipient finds its scale; returns recipient -> donors.
@@ -526,8 +536,7 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   io.predefined = predefined_ignore_layers(config);
   ctx.ignore = std::make_unique<IgnoreMatcher>(build_ignore_patterns(io, ctx.layer_config));
 
-  std::vector<std::string> order = discover_shards(src, job.remote_shards);
-  ctx.tensor_home = read_tensor_homes(src);
+  std::vector<std::string> order = discover_shards(src, job.remote_shards, &ctx.tensor_home);
   const auto donors = order_for_donors(order, ctx.tensor_home, log);
   const size_t n = order.size();
   std::vector<ShardJob> jobs(n);

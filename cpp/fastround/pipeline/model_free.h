@@ -83,6 +83,11 @@ struct ModelFreeResult {
   ojson summary;  // what fastround_summary.json holds: tensors and bytes quantized, kept and dropped
 };
 
+// The weight index a source folder is read through: model.safetensors.index.json, else the first
+// *.safetensors.index.json by name (upstream's rule); and its shards in first-appearance order.
+std::optional<std::filesystem::path> find_weight_index(const std::filesystem::path& src);
+std::vector<std::string> indexed_shards(const std::filesystem::path& src);
+
 ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks& callbacks = {});
 
 }  // namespace fastround
