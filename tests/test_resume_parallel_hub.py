@@ -560,8 +560,7 @@ class DiskSampler(threading.Thread):
         self._halt = threading.Event()
 
     def _sample(self) -> None:
-        total = count = 0
-        names: list[str] = []
+        found: dict[str, int] = {}
         for root in self.roots:
             for dirpath, _, files in os.walk(root):
                 for f in files:
@@ -571,14 +570,17 @@ class DiskSampler(threading.Thread):
                         (n for e, n in self.etags.items() if f.endswith(".incomplete") and e in f), None)
                     if shard is None:
                         continue
+                    path = os.path.join(dirpath, f)
                     try:
-                        size = os.path.getsize(os.path.join(dirpath, f))
+                        found[path] = os.path.getsize(path)
                     except OSError:
                         continue
-                    total += size
-                    count += 1
-                    names.append(f)
                     self.seen.add(shard)
+        # The walk lists folders one after another (downloads land in a .cache subfolder), so a shard
+        # deleted after its folder was listed could be counted with a download started later. Counting
+        # only files that still exist now keeps files that all existed when the last folder was listed.
+        still = {p: size for p, size in found.items() if os.path.exists(p)}
+        total, count, names = sum(still.values()), len(still), [os.path.basename(p) for p in still]
         self.peak_bytes = max(self.peak_bytes, total)
         if count > self.peak_count:
             self.peak_count, self.peak_names = count, sorted(names)
