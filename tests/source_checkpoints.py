@@ -304,3 +304,164 @@ def mxfp_tensors(router: bool = False) -> Tensors:
 
 def build_mxfp(path: Path, router: bool = False) -> Path:
     return write_checkpoint(path, mxfp_config(), {"model.safetensors": mxfp_tensors(router)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# NVFP4 (ModelOpt legacy naming and compressed-tensors naming), kimi_k25 INT4, DeepSeek V4 / V3.2 E8M0
+
+NV_LAYERS = (("self_attn.q_proj", 128, 128), ("self_attn.o_proj", 128, 128), ("mlp.up_proj", 96, 128),
+             ("mlp.down_proj", 128, 96))
+
+
+def _nvfp4_parts(name: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random E2M1 codes [rows, cols/2] u8, E4M3 block scales [rows, cols/16], weight_scale_2 and input_scale."""
+    g = _gen(name, 4)
+    packed = torch.randint(0, 256, (rows, cols // 2), generator=g, dtype=torch.uint8)
+    block = (0.25 + 4 * torch.rand(rows, cols // 16, generator=g)).to(torch.float8_e4m3fn)
+    block[0, 0] = 0.0  # a zero block scale
+    s2 = (1e-3 + 1e-2 * torch.rand(1, generator=g)).float().reshape(())
+    inp = (0.01 + torch.rand(1, generator=g)).float().reshape(())
+    return packed, block, s2, inp
+
+
+def nvfp4_tensors(naming: str) -> Tensors:
+    """naming "legacy": ModelOpt (`weight` u8, `weight_scale_2`, `input_scale`); "ct": compressed-tensors
+    (`weight_packed`, `weight_global_scale` = fp32(1 / weight_scale_2), `input_global_scale` likewise)."""
+    p = "model.layers.0."
+    t: Tensors = {}
+    for proj, rows, cols in NV_LAYERS:
+        packed, block, s2, inp = _nvfp4_parts(p + proj, rows, cols)
+        layer = p + proj
+        if naming == "legacy":
+            t.update({f"{layer}.weight": packed, f"{layer}.weight_scale": block, f"{layer}.weight_scale_2": s2,
+                      f"{layer}.input_scale": inp})
+        else:
+            t.update({f"{layer}.weight_packed": packed, f"{layer}.weight_scale": block,
+                      f"{layer}.weight_global_scale": (1.0 / s2).reshape(1),
+                      f"{layer}.input_global_scale": (1.0 / inp).reshape(1)})
+    t[p + "input_layernorm.weight"] = torch.ones(128, dtype=torch.bfloat16)
+    t["model.embed_tokens.weight"] = bf16("embed", 64, 128)
+    t["lm_head.weight"] = bf16("lm_head", 64, 128)
+    return t
+
+
+def build_nvfp4(path: Path, naming: str) -> Path:
+    cfg = mxfp_config()
+    cfg["quantization_config"] = (
+        {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}
+        if naming == "legacy"
+        else {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}
+    )
+    return write_checkpoint(path, cfg, {"model.safetensors": nvfp4_tensors(naming)})
+
+
+def _int4_codes(name: str, rows: int, cols: int) -> torch.Tensor:
+    return torch.randint(0, 16, (rows, cols), generator=_gen(name, 5), dtype=torch.int32)
+
+
+def _pack_nibbles(q: torch.Tensor, per: int) -> torch.Tensor:
+    """[rows, cols] nibbles -> int32 words of 8 (per=8) or uint8 bytes of 2 (per=2), first element lowest."""
+    rows, cols = q.shape
+    q = q.reshape(rows, cols // per, per).to(torch.int64)
+    word = sum(q[..., i] << (4 * i) for i in range(per))
+    if per == 8:
+        return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return word.to(torch.uint8)
+
+
+def kimi_int4_tensors() -> Tensors:
+    """kimi_k25 INT4: int32 words with bf16 group-32 scales and weight_shape (no zero point, q - 8); a uint8
+    layer with a per-group zero point; a uint8 layer whose zero point is packed like the weight."""
+    p = "model.layers.0."
+    t: Tensors = {}
+    for proj, rows, cols, mode in (("self_attn.q_proj", 128, 128, "i32"), ("self_attn.o_proj", 128, 128, "i32"),
+                                   ("mlp.up_proj", 96, 128, "zp_group"), ("mlp.down_proj", 128, 96, "zp_packed")):
+        layer = p + proj
+        q = _int4_codes(layer, rows, cols)
+        g = _gen(layer, 6)
+        t[f"{layer}.weight_scale"] = (0.001 + 0.01 * torch.rand(rows, cols // 32, generator=g)).to(torch.bfloat16)
+        if mode == "i32":
+            t[f"{layer}.weight_packed"] = _pack_nibbles(q, 8)
+            t[f"{layer}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
+        else:
+            t[f"{layer}.weight_packed"] = _pack_nibbles(q, 2)
+            if mode == "zp_group":
+                t[f"{layer}.weight_zero_point"] = torch.randint(0, 16, (rows, cols // 32), generator=g, dtype=torch.uint8)
+            else:
+                t[f"{layer}.weight_zero_point"] = _pack_nibbles(_int4_codes(layer + ".zp", rows, cols), 2)
+    t[p + "input_layernorm.weight"] = torch.ones(128, dtype=torch.bfloat16)
+    t["model.embed_tokens.weight"] = bf16("embed", 64, 128)
+    t["lm_head.weight"] = bf16("lm_head", 64, 128)
+    return t
+
+
+def build_kimi_int4(path: Path) -> Path:
+    cfg = mxfp_config()
+    cfg["model_type"] = "kimi_k25"
+    cfg["architectures"] = ["KimiK25ForConditionalGeneration"]
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                  "group_size": 32, "sym": True}
+    return write_checkpoint(path, cfg, {"model.safetensors": kimi_int4_tensors()})
+
+
+def e8m0(name: str, *shape: int) -> torch.Tensor:
+    return torch.randint(118, 132, shape, generator=_gen(name, 7), dtype=torch.uint8)
+
+
+def deepseek_tensors(version: str) -> Tensors:
+    """v4: FP8 `weight` + `scale` on a coarse 128x128 grid (u8, fp32 exponent-only, and an exact-multiple
+    grid), int8 MXFP4 bytes + u8 `scale` [rows, cols/32]. v32: FP8 weights + fp32 ue8m0 `weight_scale_inv`."""
+    p = "model.layers.0."
+    H, I = FP8_H, FP8_I
+    t: Tensors = {}
+    if version == "v4":
+        t[p + "self_attn.q_proj.weight"] = fp8(p + "q", H, H)
+        t[p + "self_attn.q_proj.scale"] = e8m0(p + "q", -(-H // 128), -(-H // 128))  # coarse grid, cropped
+        t[p + "self_attn.o_proj.weight"] = fp8(p + "o", H, H)
+        t[p + "self_attn.o_proj.scale"] = torch.pow(2.0, (e8m0(p + "o", 2, 7).float() - 127)).float()  # fp32
+        t[p + "mlp.up_proj.weight"] = torch.randint(-128, 128, (I, H // 2), generator=_gen(p + "up"), dtype=torch.int8)
+        t[p + "mlp.up_proj.scale"] = e8m0(p + "up", I, H // 32)
+        t[p + "mlp.down_proj.weight"] = torch.randint(0, 256, (H, I // 2), generator=_gen(p + "down"), dtype=torch.uint8)
+        t[p + "mlp.down_proj.scale"] = e8m0(p + "down", H // 32, I // 32)  # whole multiple along rows
+    else:
+        for proj, rows, cols in (("self_attn.q_proj", H, H), ("self_attn.o_proj", H, H), ("mlp.up_proj", I, H),
+                                 ("mlp.down_proj", H, I)):
+            t.update(_fp8_pair(p + proj, rows, cols, pow2=True))
+    t[p + "input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+    t["model.embed_tokens.weight"] = bf16("embed", FP8_VOCAB, H)
+    t["lm_head.weight"] = bf16("lm_head", FP8_VOCAB, H)
+    return t
+
+
+def build_deepseek(path: Path, version: str) -> Path:
+    cfg = fp8_config(ue8m0=True)
+    cfg["model_type"] = "deepseek_" + version
+    cfg["architectures"] = ["DeepseekV4ForCausalLM" if version == "v4" else "DeepseekV32ForCausalLM"]
+    return write_checkpoint(path, cfg, {"model.safetensors": deepseek_tensors(version)})
+
+
+def modelopt_bare_tensors() -> Tensors:
+    """TensorRT-LLM / ModelOpt NVFP4 under bare names: uint8 `X` with `X.scale` (E4M3 per 16), `X.scale2`
+    (global multiplier), `X.input_amax`; next to an ordinary bf16 layer."""
+    p = "model.layers.0.mlp."
+    t: Tensors = {}
+    for name, rows, cols in (("w2_weight", 128, 96), ("w13_weight", 192, 128)):
+        packed, block, s2, inp = _nvfp4_parts(p + name, rows, cols)
+        t.update({p + name: packed, f"{p}{name}.scale": block, f"{p}{name}.scale2": s2.reshape(1),
+                  f"{p}{name}.input_amax": inp.reshape(1)})
+    t["model.layers.0.self_attn.q_proj.weight"] = bf16("q", 128, 128)
+    t["model.embed_tokens.weight"] = bf16("embed", 64, 128)
+    return t
+
+
+def build_modelopt_bare(path: Path, split_scales: bool = False) -> Path:
+    """split_scales: the `.scale` tensors live in a second shard (fastround refuses; see docs/compatibility.md)."""
+    cfg = mxfp_config()
+    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}
+    t = modelopt_bare_tensors()
+    if not split_scales:
+        return write_checkpoint(path, cfg, {"model.safetensors": t})
+    second = {k: v for k, v in t.items() if k.endswith(".scale")}
+    first = {k: v for k, v in t.items() if k not in second}
+    return write_checkpoint(path, cfg, {"model-00001-of-00002.safetensors": first,
+                                        "model-00002-of-00002.safetensors": second})

@@ -20,6 +20,7 @@ Runs are cached per module (fastround and upstream), so the accounting tests reu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -52,6 +53,12 @@ _BUILDERS: dict[str, Callable[[Path], Path]] = {
     "moe": sc.build_moe_fused,
     "mxfp": lambda p: sc.build_mxfp(p),
     "mxfp_router": lambda p: sc.build_mxfp(p, router=True),
+    "nvfp4_legacy": lambda p: sc.build_nvfp4(p, "legacy"),
+    "nvfp4_ct": lambda p: sc.build_nvfp4(p, "ct"),
+    "kimi_int4": sc.build_kimi_int4,
+    "deepseek_v4": lambda p: sc.build_deepseek(p, "v4"),
+    "deepseek_v32": lambda p: sc.build_deepseek(p, "v32"),
+    "modelopt_bare": lambda p: sc.build_modelopt_bare(p),
 }
 
 
@@ -100,11 +107,12 @@ def fast(work: Path) -> Callable[..., Path]:
 def upstream(work: Path) -> Callable[..., Path]:
     """upstream(src, **kwargs) -> upstream 0.16.1 output folder (AutoRound API, model_free=True, eager; cached)."""
     cache: dict[str, Path] = {}
+    runs = itertools.count()  # a failed run leaves its folder behind and is not cached
 
     def run(src: Path, **kwargs: Any) -> Path:
         key = _key(src, kwargs)
         if key not in cache:
-            cache[key] = oracle.run_upstream_api(src, work / "upstream" / f"run{len(cache)}", **kwargs)
+            cache[key] = oracle.run_upstream_api(src, work / "upstream" / f"run{next(runs)}", **kwargs)
         return cache[key]
 
     return run
@@ -203,6 +211,9 @@ def _bf16_bits(rec: oracle.TensorRecord, row: int, col: int) -> int:
 # (id, source kind, kwargs for both tools, layers only fastround lists as kept[, layers it may list])
 _MX_BF16_LAYERS = ("lm_head",)
 _ROUTER = (L0 + "mlp.gate",)
+# upstream lists layers whose source is `weight_packed` nowhere in extra_config (its ignored-layer snapshot
+# only sees `.weight` names); fastround lists them as kept
+_NV_LAYERS = tuple(L0 + proj for proj, _, _ in sc.NV_LAYERS)
 PARITY: list[tuple[Any, ...]] = [
     # FP8 with a cross-shard scale: upstream's donor-first order numbers the outputs B, C, A.
     ("fp8-xshard-W4A16", "fp8", {"scheme": "W4A16"}, ()),
@@ -239,6 +250,26 @@ PARITY: list[tuple[Any, ...]] = [
     # an MXFP4 router (skip list) is kept raw upstream, like the FP8 router
     ("mxfp-router-MXFP4", "mxfp_router", {"scheme": "MXFP4"}, _MX_BF16_LAYERS, _ROUTER),
     ("mxfp-router-W4A16", "mxfp_router", {"scheme": "W4A16"}, _MX_BF16_LAYERS, _ROUTER),
+    # NVFP4 in ModelOpt naming (weight u8, weight_scale_2, input_scale): dequantized to bf16 for every target
+    ("nvfp4-legacy-W4A16", "nvfp4_legacy", {"scheme": "W4A16"}, ()),
+    ("nvfp4-legacy-MXFP4", "nvfp4_legacy", {"scheme": "MXFP4"}, ()),
+    ("nvfp4-legacy-MXFP8", "nvfp4_legacy", {"scheme": "MXFP8"}, ()),
+    ("nvfp4-legacy-BF16", "nvfp4_legacy", {"scheme": "BF16"}, ()),
+    # kimi_k25 INT4: int32 words / uint8 bytes, no zero point (q - 8), per-group and packed zero points
+    ("kimi-int4-W4A16", "kimi_int4", {"scheme": "W4A16"}, ()),
+    ("kimi-int4-MXFP4", "kimi_int4", {"scheme": "MXFP4"}, ()),
+    ("kimi-int4-BF16", "kimi_int4", {"scheme": "BF16"}, _NV_LAYERS),
+    # DeepSeek V4 E8M0 `.scale` (coarse 128x128 grid, fp32 exponent-only, whole multiples; FP8 and MXFP4 bytes)
+    ("deepseek-v4-W4A16", "deepseek_v4", {"scheme": "W4A16"}, ()),
+    ("deepseek-v4-MXFP4", "deepseek_v4", {"scheme": "MXFP4"}, ()),
+    ("deepseek-v4-MXFP8", "deepseek_v4", {"scheme": "MXFP8"}, ()),
+    ("deepseek-v4-BF16", "deepseek_v4", {"scheme": "BF16"}, ()),
+    # DeepSeek V3.2 with ue8m0 scales: weight_scale_inv read as MX scales (MXFP8 passes through)
+    ("deepseek-v32-MXFP8", "deepseek_v32", {"scheme": "MXFP8"}, ()),
+    ("deepseek-v32-W4A16", "deepseek_v32", {"scheme": "W4A16"}, ()),
+    # ModelOpt / TensorRT-LLM bare names (X, X.scale, X.scale2): X dequantized to bf16, metadata dropped
+    ("modelopt-bare-W4A16", "modelopt_bare", {"scheme": "W4A16"}, ()),
+    ("modelopt-bare-MXFP8", "modelopt_bare", {"scheme": "MXFP8"}, ()),
 ]
 
 
@@ -459,6 +490,61 @@ def test_mxfp_passthrough_and_dequant(source, fast) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# 3b. NVFP4 in compressed-tensors naming, and DeepSeek MX passthrough
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "MXFP4", "BF16"])
+def test_nvfp4_ct_naming_equals_upstream_on_legacy_naming(source, fast, upstream, scheme: str) -> None:
+    """weight_global_scale is compressed-tensors' divisor, fp32(1 / weight_scale_2) of the legacy twin:
+    fastround reads it as such, so its output equals upstream's on the legacy-named source. Upstream inverts
+    an existing weight_global_scale a second time (docs/compatibility.md), so its own output on the CT
+    naming is off by orders of magnitude."""
+    _assert_parity(fast(source("nvfp4_ct"), scheme=scheme), upstream(source("nvfp4_legacy"), scheme=scheme))
+    if scheme == "BF16":
+        ours = oracle.read_checkpoint(fast(source("nvfp4_ct"), scheme=scheme))
+        theirs = oracle.read_checkpoint(upstream(source("nvfp4_ct"), scheme=scheme))
+        layer = L0 + "self_attn.q_proj.weight"
+        assert ours[layer][2] != theirs[layer][2], "upstream no longer inverts weight_global_scale twice: revisit"
+
+
+def test_nvfp4_ct_dequant_equals_compressed_tensors(source, fast) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from safetensors.torch import load_file
+
+    src = load_file(str(source("nvfp4_ct") / "model.safetensors"))
+    ours = load_file(str(fast(source("nvfp4_ct"), scheme="BF16") / "model.safetensors"))
+    comp = BaseCompressor.get_value_from_registry("nvfp4-pack-quantized")
+    scheme = preset_name_to_scheme("NVFP4A16", ["Linear"])
+    for proj, rows, cols in sc.NV_LAYERS:
+        layer = L0 + proj
+        t = {n: src[f"{layer}.{n}"] for n in comp.compression_param_names(scheme)}
+        t["weight_shape"] = torch.tensor([rows, cols])
+        dense = comp.decompress(t, scheme)["weight"].to(torch.bfloat16)
+        assert torch.equal(ours[f"{layer}.weight"].view(torch.int16), dense.view(torch.int16)), layer
+
+
+def test_deepseek_v4_mx_passthrough(source, fast) -> None:
+    src = oracle.read_safetensors(source("deepseek_v4") / "model.safetensors")
+    t = oracle.read_checkpoint(fast(source("deepseek_v4"), scheme="MXFP4"))
+    up = L0 + "mlp.up_proj"  # int8 MXFP4 bytes: renamed weight_packed, viewed as uint8, scale as it is
+    assert t[up + ".weight_packed"] == ("U8", src[up + ".weight"][1], src[up + ".weight"][2])
+    assert t[up + ".weight_scale"] == ("U8", src[up + ".scale"][1], src[up + ".scale"][2])
+    down = L0 + "mlp.down_proj"  # scale [7, 11] for [224, 11] groups: each row repeated 32 times
+    scale = src[down + ".scale"][2]
+    out = t[down + ".weight_scale"]
+    assert out[:2] == ("U8", (sc.FP8_H, sc.FP8_I // 32))
+    assert out[2] == b"".join(scale[(r // 32) * 11 : (r // 32) * 11 + 11] for r in range(sc.FP8_H))
+    t8 = oracle.read_checkpoint(fast(source("deepseek_v4"), scheme="MXFP8"))
+    q = L0 + "self_attn.q_proj"  # 2x2 grid of 128x128 blocks -> [224, 7]: rows / 128, columns / 4
+    grid = src[q + ".scale"][2]
+    assert t8[q + ".weight"] == src[q + ".weight"]
+    assert t8[q + ".weight_scale"][2] == bytes(grid[(r // 128) * 2 + c // 4] for r in range(sc.FP8_H) for c in range(7))
+
+
+# ---------------------------------------------------------------------------------------------------
 # 4. accounting
 
 ACCOUNTED = [
@@ -468,6 +554,13 @@ ACCOUNTED = [
     ("moe", {"scheme": "W4A16", "ignore_layers": "layers.1."}),
     ("mxfp", {"scheme": "MXFP4"}),
     ("mxfp", {"scheme": "W4A16"}),
+    ("nvfp4_legacy", {"scheme": "W4A16"}),
+    ("nvfp4_ct", {"scheme": "BF16"}),
+    ("kimi_int4", {"scheme": "MXFP4"}),
+    ("deepseek_v4", {"scheme": "MXFP4"}),
+    ("deepseek_v4", {"scheme": "W4A16"}),
+    ("deepseek_v32", {"scheme": "MXFP8"}),
+    ("modelopt_bare", {"scheme": "W4A16"}),
 ]
 
 
@@ -487,6 +580,21 @@ def _expected_dropped(kind: str, kwargs: dict[str, Any], src: Path) -> set[str]:
             bits = 4 if layer + ".weight_packed" in names else 8
             if bits != passthrough_bits or layer == "lm_head":
                 dropped.add(n)
+        return dropped
+    if kind.startswith("nvfp4"):  # block and global scales, input scales
+        return {n for n in names if n.endswith(("_scale", "_scale_2"))}
+    if kind == "modelopt_bare":
+        return {n for n in names if n.endswith((".scale", ".scale2", ".input_amax"))}
+    if kind == "kimi_int4":
+        return {n for n in names if n.endswith(("weight_scale", "zero_point", "weight_shape"))}
+    if kind.startswith("deepseek"):  # E8M0 scales: written (expanded) when their layer passes through, else folded
+        passthrough_bits = {"MXFP4": 4, "MXFP8": 8}.get(kwargs["scheme"])
+        dropped = set()
+        for n in names:
+            if n.endswith((".scale", ".weight_scale_inv")):
+                bits = 8 if names[n[: n.rindex(".")] + ".weight"][0] == "F8_E4M3" else 4
+                if bits != passthrough_bits:
+                    dropped.add(n)
         return dropped
     return set()
 
@@ -612,3 +720,66 @@ def test_fp8_weight_without_scale_raises(work) -> None:
                                "model.norm.weight": torch.ones(sc.FP8_H, dtype=torch.bfloat16)}},
     )
     _expect_error(src, work / "err" / "no_scale", [up + ".weight"], scheme="W4A16")
+
+
+def _single(work: Path, name: str, config: dict[str, Any], tensors: dict[str, Any]) -> Path:
+    return sc.write_checkpoint(work / "src" / name, config, {"model.safetensors": tensors})
+
+
+def _kimi_config() -> dict[str, Any]:
+    cfg = sc.mxfp_config()
+    cfg.update(model_type="kimi_k25", quantization_config={"group_size": 32})
+    return cfg
+
+
+def test_int4_scale_not_matching_groups_raises(work, upstream) -> None:
+    """128 inputs with a [64, 3] scale: no group size fits, and the config's 32 needs 4 columns (upstream raises too)."""
+    up = L0 + "mlp.up_proj"
+    src = _single(work, "kimi_bad_scale", _kimi_config(), {
+        up + ".weight_packed": sc._pack_nibbles(sc._int4_codes(up, 64, 128), 8),
+        up + ".weight_scale": sc.bf16(up, 64, 3),
+    })
+    msg = _expect_error(src, work / "err" / "kimi_bad_scale", [up + ".weight_scale", "[64, 4]"], scheme="W4A16")
+    assert "[64, 3]" in msg
+    with pytest.raises(ValueError, match="Scale shape mismatch"):
+        upstream(src, scheme="W4A16")
+
+
+def test_int4_zero_point_shape_raises(work) -> None:
+    up = L0 + "mlp.up_proj"
+    src = _single(work, "kimi_bad_zp", _kimi_config(), {
+        up + ".weight_packed": sc._pack_nibbles(sc._int4_codes(up, 64, 128), 2),
+        up + ".weight_scale": sc.bf16(up, 64, 4),
+        up + ".weight_zero_point": sc.e8m0(up, 64, 5),
+    })
+    _expect_error(src, work / "err" / "kimi_bad_zp", [up + ".weight_zero_point", "[64, 5]"], scheme="W4A16")
+
+
+def test_nvfp4_block_scale_shape_raises(work) -> None:
+    up = L0 + "mlp.up_proj"
+    packed, block, s2, _ = sc._nvfp4_parts(up, 64, 128)
+    src = _single(work, "nvfp4_bad_scale", sc.mxfp_config(), {
+        up + ".weight_packed": packed, up + ".weight_scale": block[:, :4].contiguous(),
+        up + ".weight_global_scale": (1.0 / s2).reshape(1),
+    })
+    _expect_error(src, work / "err" / "nvfp4_bad_scale", [up + ".weight_packed", "[64, 8]", "[64, 4]"], scheme="W4A16")
+
+
+def test_deepseek_scale_shape_raises(work, upstream) -> None:
+    """A [3, 3] E8M0 scale is neither a divisor of [224, 7] nor the 128x128 grid [2, 2] (upstream raises too)."""
+    q = L0 + "self_attn.q_proj"
+    cfg = sc.fp8_config(ue8m0=True)
+    cfg["model_type"] = "deepseek_v4"
+    src = _single(work, "deepseek_bad_scale", cfg, {q + ".weight": sc.fp8(q, sc.FP8_H, sc.FP8_H),
+                                                    q + ".scale": sc.e8m0(q, 3, 3)})
+    _expect_error(src, work / "err" / "deepseek_bad_scale", [q + ".weight", "[3, 3]"], scheme="MXFP4")
+    with pytest.raises(ValueError, match="Cannot expand E8M0 block scale"):
+        upstream(src, scheme="MXFP4")
+
+
+def test_modelopt_scales_in_another_shard_raise(work) -> None:
+    """Documented limit: upstream reads them from the sibling shard; fastround names the tensors and refuses."""
+    src = sc.build_modelopt_bare(work / "src" / "modelopt_split", split_scales=True)
+    w13 = "model.layers.0.mlp.w13_weight"  # the first bare weight in name order
+    _expect_error(src, work / "err" / "modelopt_split", [w13, w13 + ".scale", "model-00002-of-00002.safetensors"],
+                  scheme="W4A16")

@@ -34,6 +34,34 @@ inline void load_as_float(DType src, const void* w, int64_t offset, int64_t n, f
   }
 }
 
+// Element i of a small tensor (a scale, a zero point) as torch's .to(float32) reads it.
+inline float element_as_float(DType dt, const void* p, int64_t i) {
+  switch (dt) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F64: return static_cast<float>(static_cast<const double*>(p)[i]);
+    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::F16: return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::F8_E4M3: return fp8_e4m3_to_float(static_cast<const uint8_t*>(p)[i]);
+    case DType::U8: return static_cast<const uint8_t*>(p)[i];
+    case DType::I8: return static_cast<const int8_t*>(p)[i];
+    case DType::I16: return static_cast<const int16_t*>(p)[i];
+    case DType::I32: return static_cast<float>(static_cast<const int32_t*>(p)[i]);
+    default: throw OptionError("[convert] cannot read a " + std::string(dtype_name(dt)) + " element as a number");
+  }
+}
+
+// ... and as .to(int16): floats truncate toward zero, wider integers keep their low 16 bits.
+inline int16_t element_as_int16(DType dt, const void* p, int64_t i) {
+  switch (dt) {
+    case DType::U8: return static_cast<const uint8_t*>(p)[i];
+    case DType::I8: return static_cast<const int8_t*>(p)[i];
+    case DType::I16: return static_cast<const int16_t*>(p)[i];
+    case DType::I32: return static_cast<int16_t>(static_cast<const int32_t*>(p)[i]);
+    case DType::I64: return static_cast<int16_t>(static_cast<const int64_t*>(p)[i]);
+    default: return static_cast<int16_t>(element_as_float(dt, p, i));
+  }
+}
+
 // Rounds fp32 to the source dtype (RNE, as torch's .to()) and back: what a value looks like once stored.
 inline float round_to_dtype(DType dt, float v) {
   switch (dt) {

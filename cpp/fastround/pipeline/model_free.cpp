@@ -3,12 +3,14 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <queue>
 #include <set>
 #include <thread>
@@ -341,13 +343,57 @@ const ojson* find_quantization_config(const ojson& j) {
   return nullptr;
 }
 
-void read_fp8_source_config(const ojson& config, RunContext& ctx) {
+// An int-like config value as upstream reads one (ints, integral floats, digit strings; not bools).
+std::optional<int64_t> int_like(const ojson& v) {
+  if (v.is_number_integer()) return v.get<int64_t>();
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (std::floor(d) == d) return static_cast<int64_t>(d);
+  }
+  if (v.is_string()) {
+    const std::string t = v.get<std::string>();
+    try {
+      size_t used = 0;
+      const int64_t n = std::stoll(t, &used);
+      if (used == t.size() && !t.empty() && t[0] != '+') return n;
+    } catch (const std::exception&) {
+    }
+  }
+  return std::nullopt;
+}
+
+// What the source's config says about already-quantized weights: the FP8 block and scale encoding, the
+// model type's own formats (DeepSeek V4/V3.2 E8M0 scales, kimi_k25 INT4).
+void read_source_config(const ojson& config, RunContext& ctx) {
+  if (config.contains("model_type") && config["model_type"].is_string()) {
+    ctx.model_type = config["model_type"].get<std::string>();
+    std::transform(ctx.model_type.begin(), ctx.model_type.end(), ctx.model_type.begin(),
+                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  }
   const ojson* found = find_quantization_config(config);
-  if (!found) return;
-  const ojson& q = *found;
+  const ojson q = found ? *found : ojson::object();
   if (q.contains("weight_block_size") && q["weight_block_size"].is_array() && q["weight_block_size"].size() == 2)
     ctx.fp8_block = {q["weight_block_size"][0].get<int64_t>(), q["weight_block_size"][1].get<int64_t>()};
+  auto lower = [&](const char* key) {
+    std::string v = q.contains(key) && q[key].is_string() ? q[key].get<std::string>() : std::string();
+    std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    return v;
+  };
   ctx.scale_e8m0 = q.value("scale_fmt", std::string()) == "ue8m0";
+  ctx.deepseek_v32_scales = ctx.model_type == "deepseek_v32" && q.value("quant_method", std::string()) == "fp8" &&
+                            lower("fmt") == "e4m3" && lower("scale_fmt") == "ue8m0";
+  ctx.deepseek_mx_source = ctx.model_type == "deepseek_v4" || ctx.deepseek_v32_scales;
+  ctx.int4_source = ctx.model_type == "kimi_k25";
+  if (ctx.int4_source) {
+    std::vector<const ojson*> cands{&q};
+    if (q.contains("weights") && q["weights"].is_object()) cands.push_back(&q["weights"]);
+    for (const ojson* c : cands) {
+      for (const char* key : {"group_size", "weight_group_size"}) {
+        if (ctx.int4_group || !c->contains(key)) continue;
+        if (auto g = int_like((*c)[key]); g && *g > 0) ctx.int4_group = *g;
+      }
+    }
+  }
 }
 
 // What makes partial output reusable: options that change bytes, the config, and each source shard.
@@ -527,7 +573,7 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   ctx.fake_format = fmt == "fake";
   ctx.llm_compressor = fmt == "llm_compressor";
   ctx.opt_rtn = !job.disable_opt_rtn.value_or(false);
-  read_fp8_source_config(config, ctx);
+  read_source_config(config, ctx);
   IgnoreOptions io;
   io.ignore_layers = job.ignore_layers;
   io.quant_lm_head = job.quant_lm_head;

@@ -135,4 +135,51 @@ void dequant_mxfp_source(int bits, const uint8_t* w, const uint8_t* scale, int64
   });
 }
 
+void dequant_nvfp4_source(const uint8_t* packed, const float* scale, int64_t rows, int64_t cols, int64_t group,
+                          bool has_global, float global_mult, uint16_t* out) {
+  const int64_t groups = cols / group;
+  parallel_for(rows, [&](int64_t r) {
+    const uint8_t* pr = packed + r * (cols / 2);
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint8_t byte = pr[c / 2];
+      float v = e2m1_to_float((c & 1) ? (byte >> 4) : (byte & 0xF)) * scale[r * groups + c / group];
+      if (has_global) v = v * global_mult;
+      out[r * cols + c] = float_to_bf16(v);
+    }
+  });
+}
+
+void dequant_int4_source(const Int4SourceView& v, uint16_t* out) {
+  const int64_t groups = v.cols / v.group;
+  const int64_t row_bytes = v.cols / 2;  // two nibbles a byte, whether stored as bytes or int32 words
+  parallel_for(v.rows, [&](int64_t r) {
+    const void* row = static_cast<const uint8_t*>(v.packed) + r * row_bytes;
+    for (int64_t c = 0; c < v.cols; ++c) {
+      const int64_t g = c / v.group;
+      const int zero = !v.zero ? 8 : v.zero_per_element ? v.zero[r * v.cols + c] : v.zero[r * groups + g];
+      const int q = int4_nibble(row, v.words32, c) - zero;
+      out[r * v.cols + c] = float_to_bf16(static_cast<float>(q) * v.scale[r * groups + g]);
+    }
+  });
+}
+
+void expand_e8m0_block_scale(const uint8_t* scale, int64_t srows, int64_t scols, int64_t rows, int64_t cols,
+                             const std::string& tensor, uint8_t* out) {
+  const int64_t trows = rows, tcols = cols / 32;
+  int64_t rrep = 0, crep = 0;
+  if (srows > 0 && scols > 0 && trows % srows == 0 && tcols % scols == 0) {
+    rrep = trows / srows;
+    crep = tcols / scols;
+  } else if (srows == (rows + 127) / 128 && scols == (cols + 127) / 128) {
+    rrep = 128;
+    crep = 4;  // 128-column blocks hold four 32-column groups
+  } else {
+    throw CheckpointError("[dequant] E8M0 block scale of '" + tensor + "' has shape [" + std::to_string(srows) + ", " +
+                          std::to_string(scols) + "], which expands to neither [" + std::to_string(trows) + ", " +
+                          std::to_string(tcols) + "] nor from 128x128 blocks");
+  }
+  for (int64_t r = 0; r < trows; ++r)
+    for (int64_t c = 0; c < tcols; ++c) out[r * tcols + c] = scale[(r / rrep) * scols + c / crep];
+}
+
 }  // namespace fastround
