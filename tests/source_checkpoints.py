@@ -23,6 +23,13 @@ auto-round 0.16.1's model-free mode understands (facts in ../shared/reference/mo
              `shared_experts.gate_up_proj`. build_moe_single writes one shard with given tensors.
   mxfp       compressed-tensors MXFP4 (`weight_packed` u8 + `weight_scale` u8 E8M0) and MXFP8
              (`weight` float8_e4m3fn + `weight_scale` u8) layers, an MXFP4 lm_head, a bf16 norm.
+  nvfp4      NVFP4 layers in ModelOpt legacy naming (`weight` u8, `weight_scale_2`, `input_scale`) or its
+             compressed-tensors twin (`weight_packed`, `weight_global_scale` = fp32(1/weight_scale_2)).
+  modelopt_bare  TensorRT-LLM bare names `X` u8 + `X.scale` + `X.scale2` (+ `X.input_amax`), optionally
+             with the scales in a second shard.
+  kimi_int4  model_type kimi_k25: int32-word and uint8 INT4 `weight_packed`, bf16 scales, zero points.
+  deepseek   model_type deepseek_v4 (`.scale` E8M0 grids, FP8 and MXFP4 bytes) or deepseek_v32 (ue8m0 fp32
+             `weight_scale_inv` read as MX scales).
 """
 
 from __future__ import annotations
