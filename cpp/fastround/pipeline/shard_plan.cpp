@@ -309,10 +309,10 @@ void classify_quantized_sources(const RunContext& ctx, const SafetensorsReader& 
     auto find = [&](const char* sfx) { return reader.find(layer + sfx); };
     const DType dt = t->dtype;
 
-    // FP8 scale_inv, possibly donated by another shard.
+    // FP8 scale_inv, possibly donated by another shard (DeepSeek V3.2 may also pair it with MXFP4 bytes).
     const SafetensorsReader* inv_reader = &reader;
     const TensorInfo* inv = nullptr;
-    if (is_weight && (dt == DType::F8_E4M3 || is_byte_dtype(dt))) {
+    if (is_weight && (dt == DType::F8_E4M3 || (ctx.deepseek_v32_scales && is_byte_dtype(dt)))) {
       const std::string sname = layer + ".weight_scale_inv";
       inv = reader.find(sname);
       if (!inv) {
