@@ -133,6 +133,22 @@ float scalar_of(const SafetensorsReader& r, const TensorInfo& t) {
   return element_as_float(t.dtype, r.data(t), 0);
 }
 
+// An MX source (weight or weight_packed with an E8M0 weight_scale [rows, cols/32]) read through `scale`;
+// `pass` defaults to the two source tensors as they are.
+void as_mx_source(const SafetensorsReader& reader, Candidate& c, const std::string& layer, int bits,
+                  const SafetensorsReader& sr, const TensorInfo& scale, Folded& folded) {
+  const TensorInfo& w = *c.in.tensor;
+  c.in.kind = InputKind::MxfpSource;
+  c.in.source_bits = bits;
+  c.in.cols = bits == 8 ? w.shape[1] : w.shape[1] * 2;
+  c.in.dtype = DType::BF16;
+  c.in.scale_reader = &sr;
+  c.in.scale = &scale;
+  c.name = layer + ".weight";
+  c.pass = {{w.name, w.dtype, w.shape, &w, nullptr}, {scale.name, scale.dtype, scale.shape, &scale, nullptr}};
+  if (&sr == &reader) folded[scale.name] = "MX scale folded into the dequantized weight";
+}
+
 // DeepSeek V4 / V3.2: an FP8 weight (MXFP8) or int8/uint8 weight (MXFP4 bytes) with an E8M0 block scale.
 void as_deepseek_mx(const SafetensorsReader& reader, Candidate& c, const std::string& layer,
                     const SafetensorsReader& sr, const TensorInfo& scale, Folded& folded) {
@@ -159,14 +175,8 @@ void as_deepseek_mx(const SafetensorsReader& reader, Candidate& c, const std::st
   }
   auto expanded = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(rows * (cols / 32)));
   expand_e8m0_block_scale(bytes.data(), scale.shape[0], scale.shape[1], rows, cols, w.name, expanded->data());
-  c.in.kind = InputKind::MxfpSource;
-  c.in.source_bits = fp8 ? 8 : 4;
-  c.in.cols = cols;
-  c.in.dtype = DType::BF16;
-  c.in.scale_reader = &sr;
-  c.in.scale = &scale;
+  as_mx_source(reader, c, layer, fp8 ? 8 : 4, sr, scale, folded);
   c.in.owned_scale = expanded;
-  c.name = layer + ".weight";
   c.pass = {{layer + (fp8 ? ".weight" : ".weight_packed"), fp8 ? DType::F8_E4M3 : DType::U8,
              {rows, fp8 ? cols : cols / 2}, &w, nullptr},
             {layer + ".weight_scale", DType::U8, {rows, cols / 32}, nullptr, expanded}};
@@ -347,29 +357,14 @@ void classify_quantized_sources(const RunContext& ctx, const SafetensorsReader& 
       } else if (!is_byte_dtype(dt)) {
         continue;
       } else if (!globals && ws->dtype == DType::U8) {
-        c.in.kind = InputKind::MxfpSource;
-        c.in.source_bits = 4;
-        c.in.cols = t->shape[1] * 2;
-        c.in.dtype = DType::BF16;
-        c.in.scale_reader = &reader;
-        c.in.scale = ws;
-        c.name = layer + ".weight";
-        c.pass = {{t->name, t->dtype, t->shape, t, nullptr}, {ws->name, ws->dtype, ws->shape, ws, nullptr}};
-        folded[ws->name] = "MX scale folded into the dequantized weight";
+        as_mx_source(reader, c, layer, 4, reader, *ws, folded);
       } else {
         as_nvfp4(reader, c, layer, *ws, folded);
       }
       continue;
     }
     if (is_weight && dt == DType::F8_E4M3 && ws && ws->dtype == DType::U8) {
-      c.in.kind = InputKind::MxfpSource;
-      c.in.source_bits = 8;
-      c.in.cols = t->shape[1];
-      c.in.dtype = DType::BF16;
-      c.in.scale_reader = &reader;
-      c.in.scale = ws;
-      c.pass = {{t->name, t->dtype, t->shape, t, nullptr}, {ws->name, ws->dtype, ws->shape, ws, nullptr}};
-      folded[ws->name] = "MX scale folded into the dequantized weight";
+      as_mx_source(reader, c, layer, 8, reader, *ws, folded);
       continue;
     }
     if (is_weight && dt == DType::F8_E4M3 && inv) {

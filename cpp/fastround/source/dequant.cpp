@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "fastround/common/convert.h"
 #include "fastround/common/error.h"
 #include "fastround/common/fp_codes.h"
 #include "fastround/common/half.h"
@@ -12,16 +13,9 @@ namespace fastround {
 namespace {
 
 float scale_at(const Fp8ScaleView& s, int64_t i) {
-  switch (s.dtype) {
-    case DType::F32: return static_cast<const float*>(s.data)[i];
-    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(s.data)[i]);
-    case DType::F16: return fp16_to_float(static_cast<const uint16_t*>(s.data)[i]);
-    case DType::F8_E8M0: return e8m0_to_float(static_cast<const uint8_t*>(s.data)[i]);
-    case DType::U8:
-      if (s.e8m0) return e8m0_to_float(static_cast<const uint8_t*>(s.data)[i]);
-      break;
-    default: break;
-  }
+  const bool byte_e8m0 = s.dtype == DType::F8_E8M0 || (s.dtype == DType::U8 && s.e8m0);
+  if (byte_e8m0) return e8m0_to_float(static_cast<const uint8_t*>(s.data)[i]);
+  if (s.dtype == DType::F32 || s.dtype == DType::BF16 || s.dtype == DType::F16) return element_as_float(s.dtype, s.data, i);
   throw CheckpointError("[dequant_fp8] scale dtype " + std::string(dtype_name(s.dtype)) +
                         " is not a float scale (or a ue8m0 byte scale)");
 }
