@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-fastround = pytest.importorskip("fastround")
+import fastround  # a broken build must fail here, not skip
 _C = fastround._C
 import fastround._torch as _torch  # noqa: E402  (after torch, which it links against)
 

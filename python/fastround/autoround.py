@@ -24,8 +24,8 @@ _OVERRIDE_FIELDS = (
     "act_data_type",
     "act_dynamic",
 )
-# Formats the model-free core writes; which of them a scheme accepts is checked there.
-_MODEL_FREE_FORMATS = ("auto_round", "auto_round:auto_gptq", "llm_compressor", "auto_round:llm_compressor", "fake")
+# Formats the model-free core writes (the encoding table's union); which a scheme accepts is checked there.
+_MODEL_FREE_FORMATS = tuple(dict.fromkeys(f for enc in _C.encodings() for f in enc.model_free_formats))
 _PARALLELISM_ENV = "AR_MODEL_FREE_SHARD_PARALLELISM"  # upstream's knob, honoured as the default
 
 REGULAR_FLOW_MISSING = (
@@ -49,16 +49,14 @@ def is_model_free_supported(scheme: SchemeLike, overrides: dict[str, Any] | None
 
 
 def _routable_format(fmt: str, scheme: SchemeLike, overrides: dict[str, Any]) -> bool:
-    """Upstream auto-routes format auto_round, and llm_compressor for MXFP schemes."""
-    if fmt == "auto_round":
-        return True
-    if fmt != "llm_compressor":
-        return False
+    """Whether upstream auto-routes an RTN request in format `fmt` to model-free: the encoding table says."""
     try:
         job = {"source_dir": "", "output_dir": "", "scheme": scheme_to_job(scheme), "overrides": overrides or {}}
-        return "mx_fp" in str(json.loads(_C.resolve_job_scheme(json.dumps(job))).get("data_type", ""))
+        fields = json.loads(_C.resolve_job_scheme(json.dumps(job)))
+        enc = _C.encoding_for(int(fields.get("bits", 16)), str(fields.get("data_type", "int")), fmt)
     except (ValueError, TypeError):
         return False
+    return fmt == "auto_round" if enc is None else fmt in enc.routed_formats
 
 
 class ModelFreeCompressor:

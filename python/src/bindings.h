@@ -6,5 +6,6 @@
 namespace py = pybind11;
 
 void init_quant(py::module_& m);
+void init_encoding(py::module_& m);
 void init_match(py::module_& m);
 void init_model_free(py::module_& m);

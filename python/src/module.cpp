@@ -21,6 +21,7 @@ PYBIND11_MODULE(_C, m) {
     }
   });
   init_quant(m);
+  init_encoding(m);
   init_match(m);
   init_model_free(m);
 }

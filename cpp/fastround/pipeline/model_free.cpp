@@ -311,21 +311,31 @@ void publish(const fs::path& staging, const fs::path& out, const std::vector<std
 }
 
 
-// Upstream's format gate: INT writes auto_round(/auto_gptq); MXFP adds llm_compressor; NVFP4_E5M3 adds
-// fake and llm_compressor. A full-precision default takes the formats of its layer_config overrides.
+// Upstream's format gate, from the encoding table: auto_round and auto_round:auto_gptq always, plus what each
+// encoding of the run accepts. A full-precision default takes the encodings of its layer_config overrides.
 void check_model_free_format(const std::string& fmt, const SchemeFields& scheme, const LayerConfig& lc,
                              const std::string& given) {
-  std::set<KernelFamily> families = {traits_for(scheme).family};
+  std::vector<const EncodingTraits*> used = {&encoding(Encoding::IntGptq), encoding_for(scheme)};
   if (scheme.bits.value_or(16) >= 16)
-    for (const auto& e : lc.entries()) families.insert(traits_for(scheme.merged(e.fields)).family);
-  std::vector<std::string> ok = {"auto_round", "auto_round:auto_gptq"};
-  if (families.count(KernelFamily::Mxfp)) ok.insert(ok.end(), {"llm_compressor", "auto_round:llm_compressor"});
-  if (families.count(KernelFamily::Nvfp4E5M3)) ok.insert(ok.end(), {"fake", "llm_compressor", "auto_round:llm_compressor"});
-  if (std::find(ok.begin(), ok.end(), fmt) != ok.end()) return;
+    for (const auto& e : lc.entries()) {
+      try {
+        used.push_back(encoding_for(scheme.merged(e.fields)));
+      } catch (const OptionError&) {
+        // An override no encoding serves fails later, naming its layer.
+      }
+    }
+  std::vector<std::string_view> ok;
+  for (const EncodingTraits* enc : used) {
+    if (!enc) continue;
+    if (enc->accepts_model_free_format(fmt)) return;
+    for (auto f : enc->model_free_formats)
+      if (std::find(ok.begin(), ok.end(), f) == ok.end()) ok.push_back(f);
+  }
   std::string list;
-  for (const auto& f : ok) list += (list.empty() ? "'" : ", '") + f + "'";
+  for (const auto& f : ok) list += (list.empty() ? "'" : ", '") + std::string(f) + "'";
+  const EncodingTraits* def = encoding_for(scheme);
   throw OptionError("[model_free] format '" + given + "' is not supported for model-free " +
-                    std::string(traits_for(scheme).name) + " output; use one of " + list);
+                    std::string(def ? def->name : "full_precision") + " output; use one of " + list);
 }
 
 // An FP8 source (DeepSeek style) names its scale block and scale encoding in its quantization_config.
@@ -566,10 +576,12 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   if (job.threads > 0) set_num_threads(job.threads);
 
   const ojson config = read_json_file(src / "config.json");
-  RunContext ctx{job, scheme.fields, &traits_for(scheme.fields), LayerConfig::parse(job.layer_config, scheme.name)};
+  RunContext ctx{job, scheme.fields, nullptr, LayerConfig::parse(job.layer_config, scheme.name)};
   ctx.log = log;
   check_model_free_format(fmt, scheme.fields, ctx.layer_config, job.format);
-  if (ctx.default_traits->family == KernelFamily::None) ctx.default_traits = &traits_for(*find_preset("W4A16"));
+  ctx.default_encoding = encoding_for(scheme.fields, fmt);
+  if (!ctx.default_encoding) ctx.default_encoding = &encoding(Encoding::IntGptq);
+  ctx.format = fmt;
   ctx.fake_format = fmt == "fake";
   ctx.llm_compressor = fmt == "llm_compressor";
   ctx.opt_rtn = !job.disable_opt_rtn.value_or(false);

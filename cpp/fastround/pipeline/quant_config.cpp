@@ -357,8 +357,7 @@ ojson build_quantization_config(const RunContext& ctx, const std::vector<std::st
   const SchemeFields d = config_default_scheme(ctx, quantized);
   ojson q;
   q["quant_method"] = "auto-round";
-  q["packing_format"] = std::string(d.sym.value_or(true) ? ctx.default_traits->packing_format_sym
-                                                         : ctx.default_traits->packing_format_asym);
+  q["packing_format"] = std::string(ctx.default_encoding->packing_format(d.sym.value_or(true)));
   q["bits"] = d.bits.value_or(16);
   q["group_size"] = d.group_size.value_or(128);
   q["sym"] = d.sym.value_or(true);
@@ -372,7 +371,7 @@ ojson build_quantization_config(const RunContext& ctx, const std::vector<std::st
     if (d.act_group_size) q["act_group_size"] = *d.act_group_size;
     if (d.act_sym) q["act_sym"] = *d.act_sym;
     if (d.act_dynamic) q["act_dynamic"] = *d.act_dynamic;
-    q["packing_format"] = ctx.fake_format ? "auto_round:fake" : "auto_round:llm_compressor_nvfp4_e5m3";
+    q["packing_format"] = ctx.fake_format ? "auto_round:fake" : std::string(encoding(Encoding::Nvfp4E5M3).packing_format(true));
   }
   const std::string blocks = joined_block_names(quantized);
   if (!blocks.empty()) q["block_name_to_quantize"] = blocks;

@@ -5,7 +5,6 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/common/error.h"
-#include "fastround/quant/fp_rtn.h"
 #include "fastround/source/dequant.h"
 
 namespace fastround {
@@ -487,65 +486,55 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
     if (quantize) {
       const std::string site = site_of(reader, c.name);
       const std::string from = entry ? " (from layer_config['" + entry->key + "'])" : "";
-      const SchemeTraits& traits = traits_for(*eff);
-      const int bits = *eff->bits;
-      if (!traits.supports_bits(bits))
-        throw OptionError(site + ": bits=" + std::to_string(bits) + " with data_type '" +
-                          eff->data_type.value_or("int") + "'" + from + " is not supported by model-free " +
-                          std::string(traits.name));
+      const EncodingTraits* enc = nullptr;
+      try {
+        enc = encoding_for(*eff, ctx.format);
+      } catch (const OptionError& e) {
+        throw OptionError(site + ": " + e.what() + from + "; model-free cannot write it");
+      }
       if (!dtype_is_float_weight(c.in.dtype))
         throw OptionError(site + " has dtype " + std::string(dtype_name(c.in.dtype)) +
                           "; model-free quantizes F32, F16 and BF16 weights and the quantized sources it can read "
                           "(FP8 with weight_scale_inv, MXFP, NVFP4 with its scales, kimi_k25 INT4, DeepSeek E8M0); "
                           "ignore the layer to keep it as is");
-      const int64_t rows = c.in.rows, cols = c.in.cols;
-      if (traits.family == KernelFamily::IntGptq) {
-        const bool sym = eff->sym.value_or(true);
-        item.int_params = IntQuantParams{bits, eff->group_size.value_or(128), sym,
-                                         sym ? traits.zero_offset_sym : traits.zero_offset_asym};
-        const int64_t g = item.int_params.group_size;
-        if (g == 0 || g < -1)
-          throw OptionError(site + ": group_size must be -1 or positive, got " + std::to_string(g) + from);
-        const bool partial = g == -1 ? cols % (32 / bits) != 0 : cols % g != 0;
-        if (partial && !ctx.job.pad_partial_groups) {
+      item.params = encoding_params(*enc, *eff, ctx.opt_rtn);
+      const int64_t g = item.params.group_size;
+      if (g == 0 || g < -1)
+        throw OptionError(site + ": group_size must be -1 or positive, got " + std::to_string(g) + from);
+      const int64_t cols = c.in.cols;
+      if (!enc->full_groups(cols, item.params) && !(enc->pads_partial_groups && ctx.job.pad_partial_groups)) {
+        if (enc->pads_partial_groups) {
           // A padded qweight loads in neither upstream's loader nor vLLM; keep the weight (docs/compatibility.md).
           ctx.log(LogLevel::Warning, "[model_free] " + c.name + ": in_features " + std::to_string(cols) +
                                          " is not a multiple of group_size " + std::to_string(g) +
                                          "; keeping it in full precision (pad_partial_groups=True pads like upstream)");
-          quantize = false;
           keep_why = "in_features not a multiple of group_size";
         } else {
-          try {
-            item.int_layout = int_gptq_layout(rows, cols, item.int_params, c.name.c_str());
-            item.kernel = Kernel::IntGptq;
-          } catch (const OptionError& e) {
-            ctx.log(LogLevel::Warning, std::string(e.what()) + "; keeping the original weight");
-            quantize = false;
-            keep_why = "shape the kernel cannot pack";
-          }
-        }
-      } else {
-        const int64_t group = traits.family == KernelFamily::Mxfp ? 32 : 16;
-        if (cols % group != 0) {
           // Upstream's kernel raises here and keeps the weight; so do we, loudly.
           ctx.log(LogLevel::Warning, "[model_free] " + c.name + ": in_features " + std::to_string(cols) +
-                                         " is not a multiple of " + std::to_string(group) +
+                                         " is not a multiple of " + std::to_string(enc->fixed_group) +
                                          "; keeping the original weight");
-          quantize = false;
           keep_why = "in_features not a multiple of the FP group";
-        } else {
-          item.fp_bits = bits;
-          item.kernel = traits.family == KernelFamily::Mxfp ? Kernel::Mxfp
-                        : ctx.fake_format                   ? Kernel::Nvfp4Fake
-                                                            : Kernel::Nvfp4;
+        }
+        quantize = false;
+      } else {
+        try {
+          item.outputs = enc->layout(c.in.rows, cols, item.params, c.in.dtype);
+          item.enc = enc;
+          item.fake = ctx.fake_format && enc->fake_quantize;
+          if (item.fake) item.outputs = {{"weight", c.in.dtype, {c.in.rows, cols}}};
+        } catch (const OptionError& e) {
+          ctx.log(LogLevel::Warning, std::string(e.what()) + " (" + c.name + "); keeping the original weight");
+          quantize = false;
+          keep_why = "shape the kernel cannot pack";
         }
       }
     }
-    // An MX source whose target is the same MX format passes through byte for byte.
-    if (quantize && c.in.kind == InputKind::MxfpSource && item.kernel == Kernel::Mxfp && item.fp_bits == c.in.source_bits) {
+    // An MX source whose target is the same MX encoding passes through byte for byte.
+    if (quantize && c.in.kind == InputKind::MxfpSource && item.enc->data_type == "mx_fp" &&
+        item.params.bits == c.in.source_bits) {
       for (const PassPart& p : c.pass) {
         WorkItem copy;
-        copy.kernel = Kernel::Copy;
         copy.name = p.name;
         copy.bytes = p.bytes;
         if (p.src) {
@@ -563,34 +552,10 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
     }
     if (quantize) {
       item.name = layer;
-      switch (item.kernel) {
-        case Kernel::IntGptq: {
-          const auto& L = item.int_layout;
-          emit(layer + ".qweight", DType::I32, {L.cols_p / L.pack_factor, L.rows});
-          emit(layer + ".qzeros", DType::I32, {L.groups, L.rows_p / L.pack_factor});
-          emit(layer + ".scales", DType::F16, {L.groups, L.rows});
-          break;
-        }
-        case Kernel::Mxfp:
-          if (item.fp_bits == 4)
-            emit(layer + ".weight_packed", DType::U8, {c.in.rows, c.in.cols / 2});
-          else
-            emit(layer + ".weight", DType::F8_E4M3, {c.in.rows, c.in.cols});
-          emit(layer + ".weight_scale", DType::U8, {c.in.rows, c.in.cols / 32});
-          break;
-        case Kernel::Nvfp4:
-          emit(layer + ".weight_packed", DType::U8, {c.in.rows, c.in.cols / 2});
-          emit(layer + ".weight_scale", DType::U8, {c.in.rows, c.in.cols / 16});
-          break;
-        case Kernel::Nvfp4Fake:
-          emit(layer + ".weight", c.in.dtype, {c.in.rows, c.in.cols});
-          break;
-        case Kernel::Copy: break;
-      }
+      for (const TensorSpec& o : item.outputs) emit(layer + "." + o.suffix, o.dtype, o.shape);
       plan.quantized.push_back(layer);
       fate(c.source, Fate::Quantized, t.nbytes(), "");
     } else {
-      item.kernel = Kernel::Copy;
       item.name = c.name;
       if (c.in.kind == InputKind::Raw && !c.from_fused) {
         emit(c.name, t.dtype, t.shape);
@@ -676,7 +641,7 @@ void run_shard(const RunContext& ctx, const ShardPlan& plan, const fs::path& sta
                std::atomic<uint64_t>& bytes_done, const std::function<void()>& after_tensor) {
   SafetensorsWriter writer(staging / plan.output_name, plan.outputs);
   std::vector<uint16_t> deq;
-  std::vector<uint8_t> out_a, out_b;
+  std::vector<std::vector<uint8_t>> outs;  // one buffer per output tensor, reused across items
   uint64_t reported = 0;
   for (size_t i = 0; i < plan.items.size(); ++i) {
     if (cancel.load(std::memory_order_relaxed)) throw Cancelled("[model_free] cancelled");
@@ -692,7 +657,7 @@ void run_shard(const RunContext& ctx, const ShardPlan& plan, const fs::path& sta
                              next.kind == InputKind::Raw && next.rows == 0 ? next.tensor->nbytes() : next.nbytes());
     }
     uint64_t consumed = 0;
-    if (item.kernel == Kernel::Copy) {
+    if (!item.enc) {
       if (in.kind == InputKind::Raw && in.rows == 0) {  // whole tensor, any rank
         writer.write(writer.index_of(item.name), in.reader->data(*in.tensor), in.tensor->nbytes());
         consumed = in.tensor->nbytes();
@@ -705,46 +670,19 @@ void run_shard(const RunContext& ctx, const ShardPlan& plan, const fs::path& sta
         consumed = in.tensor->nbytes();
       }
     } else {
-      const void* w = materialize(ctx, in, deq);
-      const int64_t rows = in.rows, cols = in.cols;
-      switch (item.kernel) {
-        case Kernel::IntGptq: {
-          const IntGptqLayout& L = item.int_layout;
-          std::vector<int32_t> qweight(static_cast<size_t>(L.qweight_elems()));
-          std::vector<int32_t> qzeros(static_cast<size_t>(L.qzeros_elems()));
-          std::vector<uint16_t> scales(static_cast<size_t>(L.scales_elems()));
-          quantize_int_gptq(in.dtype, w, L, item.int_params, qweight.data(), qzeros.data(), scales.data());
-          writer.write(writer.index_of(item.name + ".qweight"), qweight.data(), qweight.size() * 4);
-          writer.write(writer.index_of(item.name + ".qzeros"), qzeros.data(), qzeros.size() * 4);
-          writer.write(writer.index_of(item.name + ".scales"), scales.data(), scales.size() * 2);
-          break;
-        }
-        case Kernel::Mxfp: {
-          const MxfpLayout L = mxfp_layout(rows, cols, item.fp_bits);
-          out_a.resize(static_cast<size_t>(L.weight_bytes()));
-          out_b.resize(static_cast<size_t>(L.scale_bytes()));
-          quantize_mxfp(in.dtype, w, L, ctx.opt_rtn, out_a.data(), out_b.data());
-          writer.write(writer.index_of(item.name + (item.fp_bits == 4 ? ".weight_packed" : ".weight")), out_a.data(),
-                       out_a.size());
-          writer.write(writer.index_of(item.name + ".weight_scale"), out_b.data(), out_b.size());
-          break;
-        }
-        case Kernel::Nvfp4: {
-          out_a.resize(static_cast<size_t>(rows * cols / 2));
-          out_b.resize(static_cast<size_t>(rows * cols / 16));
-          quantize_nvfp4_e5m3(in.dtype, w, rows, cols, ctx.opt_rtn, out_a.data(), out_b.data());
-          writer.write(writer.index_of(item.name + ".weight_packed"), out_a.data(), out_a.size());
-          writer.write(writer.index_of(item.name + ".weight_scale"), out_b.data(), out_b.size());
-          break;
-        }
-        case Kernel::Nvfp4Fake: {
-          out_a.resize(static_cast<size_t>(in.nbytes()));
-          fake_quantize_nvfp4_e5m3(in.dtype, w, rows, cols, ctx.opt_rtn, out_a.data());
-          writer.write(writer.index_of(item.name + ".weight"), out_a.data(), out_a.size());
-          break;
-        }
-        case Kernel::Copy: break;
+      const WeightView w{in.dtype, materialize(ctx, in, deq), in.rows, in.cols};
+      outs.resize(item.outputs.size());
+      std::vector<void*> ptrs(item.outputs.size());
+      for (size_t k = 0; k < outs.size(); ++k) {
+        outs[k].resize(static_cast<size_t>(item.outputs[k].nbytes()));
+        ptrs[k] = outs[k].data();
       }
+      if (item.fake)
+        item.enc->fake_quantize(w, item.params, ptrs[0]);
+      else
+        item.enc->quantize(w, item.params, ptrs.data());
+      for (size_t k = 0; k < outs.size(); ++k)
+        writer.write(writer.index_of(item.name + "." + item.outputs[k].suffix), outs[k].data(), outs[k].size());
       consumed = in.kind == InputKind::Raw ? in.nbytes() : in.tensor->nbytes();
     }
     if (in.kind == InputKind::Raw && in.rows != 0)

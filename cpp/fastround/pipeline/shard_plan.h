@@ -16,7 +16,7 @@
 #include "fastround/match/patterns.h"
 #include "fastround/pipeline/model_free.h"
 #include "fastround/pipeline/resume.h"
-#include "fastround/quant/int_rtn.h"
+#include "fastround/quant/encoding.h"
 #include "fastround/quant/scheme.h"
 
 namespace fastround {
@@ -32,10 +32,11 @@ struct Logger {
 struct RunContext {
   const ModelFreeJob& job;
   SchemeFields default_scheme;
-  const SchemeTraits* default_traits;
+  const EncodingTraits* default_encoding;  // of the default scheme; INT GPTQ when that is full precision
   LayerConfig layer_config;
   std::unique_ptr<IgnoreMatcher> ignore{};
   Logger log{};
+  std::string format = "auto_round";  // the first requested format
   bool fake_format = false;  // format "fake": NVFP4 writes dequantized weights
   bool llm_compressor = false;  // format "llm_compressor": compressed-tensors quantization_config
   bool opt_rtn = true;       // MXFP exponent search (upstream default unless disable_opt_rtn)
@@ -49,7 +50,6 @@ struct RunContext {
   std::map<std::string, std::string> tensor_home{};  // tensor -> source shard, from the index
 };
 
-enum class Kernel { Copy, IntGptq, Mxfp, Nvfp4, Nvfp4Fake };
 enum class InputKind { Raw, Fp8Scaled, MxfpSource, Nvfp4Source, Int4Source };
 
 // A 2-D [rows, cols] view of a weight as the kernels consume it.
@@ -73,14 +73,15 @@ struct WeightInput {
   uint64_t nbytes() const;
 };
 
+// A copy (no encoding) or one layer encoded through its table row.
 struct WorkItem {
-  Kernel kernel = Kernel::Copy;
-  std::string name;  // Copy: the output tensor; quantizers: the layer
+  const EncodingTraits* enc = nullptr;  // null: copy
+  std::string name;  // copy: the output tensor; encoded: the layer
   WeightInput in;
-  IntQuantParams int_params{};
-  IntGptqLayout int_layout{};
-  int fp_bits = 0;
-  std::shared_ptr<const std::vector<uint8_t>> bytes;  // Copy: write these instead of `in`'s tensor
+  EncodingParams params{};
+  bool fake = false;                  // write enc->fake_quantize's qdq weight instead of the packed tensors
+  std::vector<TensorSpec> outputs;    // encoded: the row's tensors, written as <name>.<suffix>
+  std::shared_ptr<const std::vector<uint8_t>> bytes;  // copy: write these instead of `in`'s tensor
 };
 
 // Where each source tensor went, for the run summary.

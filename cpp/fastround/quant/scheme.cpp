@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "fastround/common/error.h"
+#include "fastround/quant/encoding.h"
 
 namespace fastround {
 
@@ -114,22 +115,6 @@ std::optional<T> take(const ojson& j, const char* key, const std::string& site) 
   }
 }
 
-bool int_gptq_bits(int b) { return b == 2 || b == 4 || b == 8; }
-bool mxfp_bits(int b) { return b == 4 || b == 8; }
-bool nvfp4_bits(int b) { return b == 4; }
-bool no_bits(int) { return false; }
-
-constexpr SchemeTraits kTraits[] = {
-    {KernelFamily::None, "full_precision", "", "", 0, 0, no_bits},
-    // Sym GPTQ stores zp-1 (consumers add 1 back); asym "auto_round" packing stores zp as is.
-    {KernelFamily::IntGptq, "int_rtn_gptq", "auto_round:auto_gptq", "auto_round", 1, 0, int_gptq_bits},
-    // compressed-tensors layouts: MXFP4 weight_packed (E2M1 nibbles) / MXFP8 float8 weight, E8M0 scales.
-    {KernelFamily::Mxfp, "mxfp", "auto_round:llm_compressor", "auto_round:llm_compressor", 0, 0, mxfp_bits},
-    // E2M1 nibbles with one UE5M3 scale per 16 inputs; format "fake" writes the dequantized weight instead.
-    {KernelFamily::Nvfp4E5M3, "nvfp4_e5m3", "auto_round:llm_compressor_nvfp4_e5m3",
-     "auto_round:llm_compressor_nvfp4_e5m3", 0, 0, nvfp4_bits},
-};
-
 }  // namespace
 
 std::string to_upper(std::string_view s) {
@@ -208,15 +193,6 @@ std::vector<std::string> preset_names() {
   return names;
 }
 
-const SchemeTraits& traits_for(const SchemeFields& s) {
-  const int bits = s.bits.value_or(16);
-  if (bits >= 16) return kTraits[0];
-  const std::string dt = s.data_type.value_or("int");
-  if (dt.find("mx_fp") != std::string::npos) return kTraits[2];
-  if (dt == "nvfp4_v2") return kTraits[3];
-  return kTraits[1];
-}
-
 void validate_model_free_scheme(const SchemeFields& s, const std::string& label) {
   const int bits = s.bits.value_or(16);
   const int act_bits = s.act_bits.value_or(16);
@@ -265,7 +241,7 @@ void validate_model_free_scheme(const SchemeFields& s, const std::string& label)
     throw OptionError("[model_free] scheme '" + label +
                       "': model-free mode only supports integer weight quantization (data_type='int'), got data_type='" +
                       dt + "'; " + supported);
-  if (!int_gptq_bits(bits))
+  if (!encoding(Encoding::IntGptq).supports_bits(bits))
     throw OptionError("[model_free] scheme '" + label + "': model-free INT supports bits in (2, 4, 8), got bits=" +
                       std::to_string(bits) + "; " + supported);
   const int64_t g = s.group_size.value_or(128);

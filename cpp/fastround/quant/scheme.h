@@ -1,5 +1,5 @@
-// Quantization schemes: upstream's preset table, field merging, model-free validation, and the
-// scheme-traits table that is the only place mapping a scheme to its kernel and packer.
+// Quantization schemes: upstream's preset table, field merging and model-free validation. Which encoding
+// (kernels, packer, tensors) a scheme is written in is quant/encoding's table.
 #pragma once
 
 #include <cstdint>
@@ -40,23 +40,6 @@ struct SchemeFields {
 const SchemeFields* find_preset(std::string_view upper_name);
 std::vector<std::string> preset_names();
 std::string to_upper(std::string_view s);
-
-// Which kernel/packer family serves a scheme. New formats add a row to the traits table.
-enum class KernelFamily { None, IntGptq, Mxfp, Nvfp4E5M3 };
-
-struct SchemeTraits {
-  KernelFamily family;
-  std::string_view name;
-  std::string_view packing_format_sym;   // quantization_config.packing_format
-  std::string_view packing_format_asym;
-  // Offset subtracted from zero points before packing (GPTQ stores zp-1; auto_round asym stores zp).
-  int zero_offset_sym;
-  int zero_offset_asym;
-  bool (*supports_bits)(int bits);
-};
-
-// Kernel family for an effective per-layer scheme (bits < 16), or None when full precision stays.
-const SchemeTraits& traits_for(const SchemeFields& effective);
 
 // Throws OptionError when model-free cannot produce the default scheme; `label` names it.
 void validate_model_free_scheme(const SchemeFields& s, const std::string& label);
