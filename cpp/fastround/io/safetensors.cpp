@@ -209,6 +209,12 @@ SafetensorsWriter::SafetensorsWriter(fs::path final_path, std::vector<OutputTens
   }
 }
 
+SinkFactory SafetensorsWriter::factory() {
+  return [](const std::filesystem::path& final_path, std::vector<OutputTensor> tensors) -> std::unique_ptr<TensorSink> {
+    return std::make_unique<SafetensorsWriter>(final_path, std::move(tensors));
+  };
+}
+
 SafetensorsWriter::~SafetensorsWriter() {
   if (fd_ >= 0) ::close(fd_);
   if (!committed_) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "fastround/common/dtype.h"
+#include "fastround/io/tensor_sink.h"
 
 namespace fastround {
 
@@ -67,28 +68,22 @@ class SafetensorsReader {
   std::vector<TensorInfo> tensors_;
 };
 
-struct OutputTensor {
-  std::string name;
-  DType dtype;
-  std::vector<int64_t> shape;
-  uint64_t nbytes() const;
-};
-
 // Writes `<final>.tmp`, renamed to `final` by commit(); destroyed uncommitted, it removes the temp file.
-class SafetensorsWriter {
+class SafetensorsWriter : public TensorSink {
  public:
   SafetensorsWriter(std::filesystem::path final_path, std::vector<OutputTensor> tensors);
-  ~SafetensorsWriter();
+  ~SafetensorsWriter() override;
+  static SinkFactory factory();
   SafetensorsWriter(const SafetensorsWriter&) = delete;
   SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
 
   // Index of a tensor by name; throws if absent.
-  size_t index_of(const std::string& name) const;
+  size_t index_of(const std::string& name) const override;
   const std::vector<OutputTensor>& tensors() const { return tensors_; }
   // Writes `len` bytes of tensor `idx` at byte `at` within it. Thread-safe for disjoint ranges.
-  void write(size_t idx, const void* data, uint64_t len, uint64_t at = 0);
+  void write(size_t idx, const void* data, uint64_t len, uint64_t at = 0) override;
   // Checks every byte was written, syncs, renames into place.
-  void commit();
+  void commit() override;
   const std::filesystem::path& final_path() const { return final_path_; }
 
  private:

@@ -639,7 +639,8 @@ const void* materialize(const RunContext& ctx, const WeightInput& in, std::vecto
 
 void run_shard(const RunContext& ctx, const ShardPlan& plan, const fs::path& staging, const std::atomic<bool>& cancel,
                std::atomic<uint64_t>& bytes_done, const std::function<void()>& after_tensor) {
-  SafetensorsWriter writer(staging / plan.output_name, plan.outputs);
+  const std::unique_ptr<TensorSink> sink = ctx.make_sink(staging / plan.output_name, plan.outputs);
+  TensorSink& writer = *sink;
   std::vector<uint16_t> deq;
   std::vector<std::vector<uint8_t>> outs;  // one buffer per output tensor, reused across items
   uint64_t reported = 0;

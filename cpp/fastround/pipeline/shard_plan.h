@@ -48,6 +48,7 @@ struct RunContext {
   bool int4_source = false;          // kimi_k25: weight_packed + float weight_scale is INT4
   std::optional<int64_t> int4_group{};  // its config's group size, when the shapes do not say
   std::map<std::string, std::string> tensor_home{};  // tensor -> source shard, from the index
+  SinkFactory make_sink = SafetensorsWriter::factory();  // where each output shard's tensors go
 };
 
 enum class InputKind { Raw, Fp8Scaled, MxfpSource, Nvfp4Source, Int4Source };
