@@ -5,25 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import fields
 from typing import Any, Callable
 
 from fastround import _C
 from fastround._hf import ModelSource, detect_unpackable_modules, resolve_source
-from fastround.schemes import SchemeLike, layer_config_to_job, scheme_to_job
+from fastround.schemes import QuantizationScheme, SchemeLike, layer_config_to_job, scheme_to_job
 
 logger = logging.getLogger("fastround")
 
-_OVERRIDE_FIELDS = (
-    "bits",
-    "group_size",
-    "sym",
-    "data_type",
-    "act_bits",
-    "act_group_size",
-    "act_sym",
-    "act_data_type",
-    "act_dynamic",
-)
+# Keyword arguments ModelFreeCompressor takes as scheme overrides: every QuantizationScheme field, as upstream.
+_SCHEME_FIELDS = tuple(f.name for f in fields(QuantizationScheme))
 # Formats the model-free core writes; which of them a scheme accepts is checked there.
 _MODEL_FREE_FORMATS = ("auto_round", "auto_round:auto_gptq", "llm_compressor", "auto_round:llm_compressor", "fake")
 _PARALLELISM_ENV = "AR_MODEL_FREE_SHARD_PARALLELISM"  # upstream's knob, honoured as the default
@@ -67,11 +59,15 @@ class ModelFreeCompressor:
     def __init__(
         self,
         model_name_or_path: str,
+        output_dir: str | None = None,
         scheme: SchemeLike = "W4A16",
         layer_config: dict | None = None,
         ignore_layers: str = "",
+        format: str | None = None,
+        device: str = "cpu",
         quant_lm_head: bool = False,
         quant_nontext_module: bool = False,
+        *,
         overrides: dict[str, Any] | None = None,
         trust_remote_code: bool = True,
         threads: int | None = None,
@@ -80,17 +76,25 @@ class ModelFreeCompressor:
         disable_opt_rtn: bool | None = None,
         shard_parallelism: int | None = None,
         stream: bool = True,
+        _resolved_by_entry: bool = False,
         **unused: Any,
     ) -> None:
         if not isinstance(model_name_or_path, str):
             raise ValueError("model_free=True requires `model` to be a HuggingFace ID or local path string.")
+        del device  # the C++ core runs on the CPU
         self.model_name_or_path = model_name_or_path
+        self.output_dir = output_dir
+        self.format = format
         self.scheme = scheme
         self.layer_config = layer_config_to_job(layer_config)
         self.ignore_layers = ignore_layers or ""
         self.quant_lm_head = bool(quant_lm_head)
         self.quant_nontext_module = bool(quant_nontext_module)
-        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        # Upstream takes the scheme fields as keyword arguments and sets each non-None one on the scheme.
+        given = {**(overrides or {}), **{k: unused.pop(k) for k in _SCHEME_FIELDS if k in unused}}
+        self.overrides = {k: v for k, v in given.items() if v is not None}
+        if self.overrides.pop("rotation_config", None):
+            raise ValueError("rotation_config is not supported by model-free mode")
         self.trust_remote_code = trust_remote_code
         self.threads = threads or 0
         self.show_progress = show_progress
@@ -98,6 +102,8 @@ class ModelFreeCompressor:
         self.disable_opt_rtn = disable_opt_rtn
         self.shard_parallelism = _parallelism(shard_parallelism)
         self.stream = stream
+        # Upstream's AutoRound entry fills unset act_* fields before model-free sees the scheme; its class does not.
+        self.fill_act_defaults = bool(_resolved_by_entry)
         self.model = None
         self.model_free = True
         self.quantized = False
@@ -126,10 +132,15 @@ class ModelFreeCompressor:
             "shard_parallelism": self.shard_parallelism,
             "remote_shards": src.remote_shards if src else [],
             "source_revision": src.revision if src else "",
+            "fill_act_defaults": self.fill_act_defaults,
         }
 
     def quantize(self) -> Any:
         raise NotImplementedError(REGULAR_FLOW_MISSING)
+
+    def run(self) -> str:
+        """Upstream's driver call: quantize into the constructor's output_dir and format; returns the folder."""
+        return self.quantize_and_save(self.output_dir or "tmp_autoround", self.format or "auto_round")[1]
 
     def quantize_and_save(
         self, output_dir: str = "tmp_autoround", format: str = "auto_round", inplace: bool = True, **kwargs: Any
@@ -303,3 +314,4 @@ class AutoRound:
                 stream=kwargs.pop("stream", True),
             )
         raise NotImplementedError(REGULAR_FLOW_MISSING)
+                _resolved_by_entry=True,

@@ -467,7 +467,7 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
                                               "layer_config", "ignore_layers", "quant_lm_head", "quant_nontext_module",
                                               "detected_ignore", "format",     "threads", "pad_partial_groups",
                                               "disable_opt_rtn", "shard_parallelism", "remote_shards",
-                                              "source_revision"};
+                                              "source_revision", "fill_act_defaults"};
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) throw OptionError("[model_free] unknown job option '" + k + "'");
   ModelFreeJob job;
@@ -489,6 +489,7 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
     job.shard_parallelism = j.value("shard_parallelism", 0);
     job.remote_shards = j.value("remote_shards", std::vector<std::string>{});
     job.source_revision = j.value("source_revision", std::string());
+    job.fill_act_defaults = j.value("fill_act_defaults", true);
   } catch (const nlohmann::json::exception& e) {
     throw OptionError(std::string("[model_free] invalid job: ") + e.what());
   }
@@ -513,6 +514,7 @@ ojson ModelFreeJob::to_json() const {
   j["shard_parallelism"] = shard_parallelism;
   j["remote_shards"] = remote_shards;
   j["source_revision"] = source_revision;
+  j["fill_act_defaults"] = fill_act_defaults;
   return j;
 }
 
@@ -537,10 +539,13 @@ ResolvedScheme resolve_job_scheme(const ModelFreeJob& job) {
                       job.scheme.dump());
   }
   r.fields = r.fields.merged(SchemeFields::from_json(job.overrides, "scheme overrides"));
-  validate_model_free_scheme(r.fields, r.label);
-  // Upstream's AutoRound entry hands model-free a fully resolved scheme; these fields reach extra_config.
-  // W4A16_MIXED follows upstream's core path instead, which receives the bare preset.
-  if (r.name != "W4A16_MIXED") {
+  // Upstream resolves a preset with overrides into a QuantizationScheme object, which its preset-name checks
+  // (MXFP4/MXFP8 only) no longer see as a name.
+  if (!job.overrides.empty() && job.scheme.is_string()) r.label = "custom " + r.name + " + " + job.overrides.dump();
+  // Upstream's AutoRound entry hands model-free a fully resolved scheme, validated as such (an MXFP scheme
+  // without act_data_type gets 'float' and fails); these fields reach extra_config. W4A16_MIXED follows
+  // upstream's core path instead, which receives the bare preset.
+  if (job.fill_act_defaults && r.name != "W4A16_MIXED") {
     SchemeFields& f = r.fields;
     if (!f.act_bits) f.act_bits = 16;
     if (!f.act_group_size) f.act_group_size = f.group_size;
@@ -548,6 +553,7 @@ ResolvedScheme resolve_job_scheme(const ModelFreeJob& job) {
     if (!f.act_data_type) f.act_data_type = "float";
     if (!f.act_dynamic) f.act_dynamic = true;
   }
+  validate_model_free_scheme(r.fields, r.label);
   return r;
 }
 

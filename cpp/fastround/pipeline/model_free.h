@@ -22,6 +22,9 @@ struct ModelFreeJob {
   std::filesystem::path output_dir;
   ojson scheme = "W4A16";          // preset name, or a dict of QuantizationScheme fields
   ojson overrides = ojson::object();  // explicit bits/group_size/sym/data_type/act_* arguments
+  // Resolve unset act_* fields before validating, as upstream's AutoRound entry does; upstream's
+  // ModelFreeCompressor class, called directly, leaves them unset.
+  bool fill_act_defaults = true;
   ojson layer_config = ojson::object();
   std::string ignore_layers;
   bool quant_lm_head = false;
