@@ -154,7 +154,12 @@ class ModelFreeCompressor:
         source = src.directory
         if not os.path.exists(source):
             raise FileNotFoundError(f"[model_free] model path '{source}' does not exist")
-        detected = detect_unpackable_modules(source, self.trust_remote_code) if os.path.isdir(source) else []
+        detected = []
+        if os.path.isdir(source):
+            # A diffusers pipeline is scanned per transformer component, as upstream does.
+            for sub in _C.diffusion_components(os.fspath(source)) or [""]:
+                found = detect_unpackable_modules(os.path.join(source, sub), self.trust_remote_code)
+                detected += [d for d in found if d not in detected]
         job = self._job(os.fspath(source), os.fspath(output_dir), format, detected, src)
         try:
             summary = json.loads(_run_with_progress(json.dumps(job), self.show_progress, src))
@@ -312,6 +317,6 @@ class AutoRound:
                 disable_opt_rtn=disable_opt_rtn,
                 shard_parallelism=kwargs.pop("shard_parallelism", None),
                 stream=kwargs.pop("stream", True),
+                _resolved_by_entry=True,
             )
         raise NotImplementedError(REGULAR_FLOW_MISSING)
-                _resolved_by_entry=True,

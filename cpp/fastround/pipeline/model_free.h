@@ -91,6 +91,11 @@ struct ModelFreeResult {
 std::optional<std::filesystem::path> find_weight_index(const std::filesystem::path& src);
 std::vector<std::string> indexed_shards(const std::filesystem::path& src);
 
+// A diffusers pipeline folder (no config.json, a transformer/ that has one), upstream's rule: the
+// components model-free quantizes, "transformer" first, then every other "transformer*" folder with a
+// config.json, by name. Empty for any other folder.
+std::vector<std::string> diffusion_components(const std::filesystem::path& src);
+
 ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks& callbacks = {});
 
 }  // namespace fastround
