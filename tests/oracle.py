@@ -165,6 +165,25 @@ def run_upstream_core(src: PathLike, out: PathLike | None = None, scheme: Any = 
     return _cached_run(key, out, runner)
 
 
+def run_upstream_class(src: PathLike, out: PathLike | None = None, format: str = "auto_round", **kwargs: Any) -> Path:
+    """ModelFreeCompressor(src, **kwargs).quantize_and_save(out, format=format): upstream's exported class.
+
+    Unlike the AutoRound entry, the class takes scheme fields (bits, sym, ...) as keyword overrides and
+    sets them on the bare preset, leaving unset act_* fields unset.
+    """
+    src = str(Path(src).resolve())
+    key = _freeze(["class", src, format, kwargs])
+
+    def runner(target: Path) -> None:
+        patch_upstream()
+        from auto_round.compressors.model_free import ModelFreeCompressor
+
+        opts = {"enable_torch_compile": False, **kwargs}
+        ModelFreeCompressor(src, **opts).quantize_and_save(str(target), format=format)
+
+    return _cached_run(key, out, runner)
+
+
 def run_upstream_regular(src: PathLike, out: PathLike | None = None, **kwargs: Any) -> Path:
     """The regular (model-loading) RTN flow on CPU, for cross-checking numerics.
 
@@ -473,6 +492,7 @@ __all__ = [
     "read_safetensors",
     "read_safetensors_header",
     "run_upstream_api",
+    "run_upstream_class",
     "run_upstream_core",
     "run_upstream_regular",
     "safetensors_files",

@@ -28,6 +28,8 @@ auto-round 0.16.1's model-free mode understands (facts in ../shared/reference/mo
   modelopt_bare  TensorRT-LLM bare names `X` u8 + `X.scale` + `X.scale2` (+ `X.input_amax`), optionally
              with the scales in a second shard.
   kimi_int4  model_type kimi_k25: int32-word and uint8 INT4 `weight_packed`, bf16 scales, zero points.
+  diffusers  a diffusers pipeline: model_index.json, a sharded transformer/ and a transformer_2/ (diffusers
+             file names), vae/, text_encoder/, tokenizer/, scheduler/, README.md and LICENSE at the root.
   deepseek   model_type deepseek_v4 (`.scale` E8M0 grids, FP8 and MXFP4 bytes) or deepseek_v32 (ue8m0 fp32
              `weight_scale_inv` read as MX scales).
 """
@@ -472,3 +474,70 @@ def build_modelopt_bare(path: Path, split_scales: bool = False) -> Path:
     first = {k: v for k, v in t.items() if k not in second}
     return write_checkpoint(path, cfg, {"model-00001-of-00002.safetensors": first,
                                         "model-00002-of-00002.safetensors": second})
+
+
+# ---------------------------------------------------------------------------------------------------
+# A diffusers pipeline folder: model_index.json, no root config.json, a transformer/ (sharded, diffusers
+# file names) and a transformer_2/ to quantize, and other components to copy as they are.
+
+DIFFUSERS_COMPONENTS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _dit_tensors(prefix: str, blocks: int) -> Tensors:
+    t: Tensors = {}
+    for b in range(blocks):
+        p = f"transformer_blocks.{b}."
+        for proj, rows, cols in (("attn.to_q", 64, 64), ("attn.to_k", 64, 64), ("attn.to_out.0", 64, 64),
+                                 ("ff.net.0.proj", 128, 64), ("ff.net.2", 64, 128)):
+            t[f"{p}{proj}.weight"] = bf16(prefix + p + proj, rows, cols)
+            t[f"{p}{proj}.bias"] = bf16(prefix + p + proj + ".b", rows)
+        t[f"{p}norm1.linear.weight"] = bf16(prefix + p + "norm1", 192, 64)
+    t["x_embedder.weight"] = bf16(prefix + "x_embedder", 64, 32)
+    t["proj_out.weight"] = bf16(prefix + "proj_out", 32, 64)
+    return t
+
+
+def build_diffusers(path: Path, sharded: bool = True) -> Path:
+    """Weights are bf16 with in_features multiples of 64, so every INT group size up to 64 divides them."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "ToyPipeline", "_diffusers_version": "0.36.0", "scheduler": ["diffusers", "Toy"],
+             "text_encoder": ["transformers", "ToyText"], "tokenizer": ["transformers", "ToyTokenizer"],
+             "transformer": ["diffusers", "ToyTransformer"], "transformer_2": ["diffusers", "ToyTransformer"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    (path / "README.md").write_text("# toy pipeline\n")
+    (path / "LICENSE").write_text("toy license\n")
+    for name, blocks in (("transformer", 2), ("transformer_2", 1)):
+        cfg = {"_class_name": "ToyTransformer", "_diffusers_version": "0.36.0", "num_layers": blocks}
+        t = _dit_tensors(name, blocks)
+        comp = path / name
+        comp.mkdir()
+        if sharded and name == "transformer":
+            keys = sorted(t)
+            half = len(keys) // 2
+            shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": {k: t[k] for k in keys[:half]},
+                      "diffusion_pytorch_model-00002-of-00002.safetensors": {k: t[k] for k in keys[half:]}}
+            for fname, part in shards.items():
+                save_file(part, str(comp / fname), metadata={"format": "pt"})
+            weight_map = {k: f for f, part in shards.items() for k in part}
+            (comp / "diffusion_pytorch_model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2))
+        else:
+            save_file(t, str(comp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        (comp / "config.json").write_text(json.dumps(cfg, indent=2))
+    vae = path / "vae"
+    vae.mkdir()
+    save_file({"encoder.conv_in.weight": bf16("vae.conv", 8, 3, 3, 3), "decoder.mid.attn.to_q.weight": bf16("vae.q", 32, 32)},
+              str(vae / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4}))
+    te = path / "text_encoder"
+    te.mkdir()
+    save_file({"text_model.encoder.layers.0.self_attn.q_proj.weight": bf16("te.q", 32, 32)},
+              str(te / "model.safetensors"), metadata={"format": "pt"})
+    (te / "config.json").write_text(json.dumps({"model_type": "clip_text_model", "hidden_size": 32}))
+    (path / "tokenizer").mkdir()
+    (path / "tokenizer" / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (path / "scheduler").mkdir()
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "Toy", "steps": 4}))
+    return path

@@ -754,14 +754,21 @@ def test_int4_zero_point_shape_raises(work) -> None:
     _expect_error(src, work / "err" / "kimi_bad_zp", [up + ".weight_zero_point", "[64, 5]"], scheme="W4A16")
 
 
-def test_nvfp4_block_scale_shape_raises(work) -> None:
+def test_nvfp4_block_scale_shape_raises(work, upstream) -> None:
+    """Documented deviation: under an nv_fp target upstream passes the mismatched scale through (any other
+    target fails there with a reshape error); fastround refuses the source for every target."""
     up = L0 + "mlp.up_proj"
     packed, block, s2, _ = sc._nvfp4_parts(up, 64, 128)
     src = _single(work, "nvfp4_bad_scale", sc.mxfp_config(), {
         up + ".weight_packed": packed, up + ".weight_scale": block[:, :4].contiguous(),
         up + ".weight_global_scale": (1.0 / s2).reshape(1),
     })
-    _expect_error(src, work / "err" / "nvfp4_bad_scale", [up + ".weight_packed", "[64, 8]", "[64, 4]"], scheme="W4A16")
+    needles = [up + ".weight_packed", "[64, 8]", "[64, 4]"]
+    _expect_error(src, work / "err" / "nvfp4_bad_scale", needles, scheme="W4A16")
+    nv = {"scheme": "W4A16", "layer_config": {"up_proj": "NVFP4"}}
+    _expect_error(src, work / "err" / "nvfp4_bad_scale_nv", needles, **nv)
+    theirs = oracle.read_checkpoint(upstream(src, **nv))
+    assert theirs[up + ".weight_scale"][:2] == ("F8_E4M3", (64, 4)), "upstream no longer passes it through: revisit"
 
 
 def test_deepseek_scale_shape_raises(work, upstream) -> None:
@@ -811,3 +818,67 @@ def test_nvfp4_layer_kept_at_16_bits_is_dequantized(source, fast, upstream) -> N
     assert ours[L0 + "mlp.up_proj.qweight"][0] == "I32"
     theirs = oracle.read_checkpoint(upstream(src, **kwargs))
     assert q + ".weight_packed" in theirs, "upstream now dequantizes 16-bit NVFP4 layers: revisit"
+
+
+# nv_fp targets: upstream has no NVFP4 kernel in model-free; an NVFP4 source layer whose target is 4-bit nv_fp
+# passes through in compressed-tensors naming (weight_packed u8, weight_scale, fp32 [1] divisors).
+_NV_Q = L0 + "self_attn.q_proj"
+NV_FP_TARGETS = [
+    ("W4A16", {"q_proj": {"bits": 4, "group_size": 16, "data_type": "nv_fp"}}),
+    ("W4A16", {"q_proj": "NVFP4"}),
+    ("BF16", {"q_proj": {"bits": 4, "group_size": 16, "data_type": "nv_fp"}}),
+]
+
+
+@pytest.mark.parametrize(("scheme", "lc"), NV_FP_TARGETS, ids=["W4A16-dict", "W4A16-preset", "BF16-dict"])
+def test_nvfp4_source_with_nv_fp_target_passes_through(source, fast, upstream, scheme: str, lc: dict) -> None:
+    src = source("nvfp4_legacy")
+    out = fast(src, scheme=scheme, layer_config=lc)
+    _assert_parity(out, upstream(src, scheme=scheme, layer_config=lc))
+    ours = oracle.read_checkpoint(out)
+    raw = _read_all(src)
+    assert ours[_NV_Q + ".weight_packed"] == ("U8", (128, 64), raw[_NV_Q + ".weight"][2])
+    assert ours[_NV_Q + ".weight_scale"] == raw[_NV_Q + ".weight_scale"]
+    s2 = torch.frombuffer(bytearray(raw[_NV_Q + ".weight_scale_2"][2]), dtype=torch.float32)
+    assert ours[_NV_Q + ".weight_global_scale"] == ("F32", (1,), (1.0 / s2).numpy().tobytes())
+    assert not any(n.startswith(_NV_Q) and n.endswith(("qweight", "qzeros", "scales")) for n in ours)
+    qc = qconfig(out)
+    assert (qc["extra_config"]["q_proj"] if scheme == "W4A16" else qc)["data_type"] == "nv_fp"
+    # the passed-through layer is quantized in the summary, its scales included
+    acc = json.loads((out / "fastround_summary.json").read_text())["fastround_model_free"]
+    dropped = {d["tensor"] for d in acc["dropped_tensors"]}
+    assert not any(n.startswith(_NV_Q + ".") for n in dropped)
+    assert acc["dropped"]["tensors"] == 3 * 3  # the other three layers' block scale, weight_scale_2, input_scale
+
+
+@pytest.mark.parametrize(("scheme", "lc"), NV_FP_TARGETS[:1])
+def test_nvfp4_ct_source_with_nv_fp_target_keeps_its_divisors(source, fast, upstream, scheme: str, lc: dict) -> None:
+    """Documented deviation: upstream inverts a compressed-tensors weight_global_scale / input_global_scale
+    as if it were ModelOpt's multiplier, so its pass-through checkpoint is off by orders of magnitude.
+    fastround keeps the divisors: the same bytes as upstream's output on the legacy-named twin."""
+    _assert_parity(fast(source("nvfp4_ct"), scheme=scheme, layer_config=lc),
+                   upstream(source("nvfp4_legacy"), scheme=scheme, layer_config=lc))
+    raw = _read_all(source("nvfp4_ct"))
+    theirs = oracle.read_checkpoint(upstream(source("nvfp4_ct"), scheme=scheme, layer_config=lc))
+    for g in (".weight_global_scale", ".input_global_scale"):
+        ours = oracle.read_checkpoint(fast(source("nvfp4_ct"), scheme=scheme, layer_config=lc))[_NV_Q + g]
+        assert ours == raw[_NV_Q + g]
+        inverted = (1.0 / torch.frombuffer(bytearray(raw[_NV_Q + g][2]), dtype=torch.float32)).numpy().tobytes()
+        assert theirs[_NV_Q + g][2] == inverted, "upstream no longer inverts compressed-tensors divisors: revisit"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needles"),
+    [
+        # a bf16 layer: upstream writes INT4 GPTQ tensors under an nv_fp config
+        ({"scheme": "W4A16", "quant_lm_head": True,
+          "layer_config": {"lm_head": {"bits": 4, "group_size": 16, "data_type": "nv_fp"}}},
+         ["lm_head.weight", "layer_config['lm_head']", "nv_fp"]),
+        ({"scheme": "W4A16", "layer_config": {"q_proj": {"bits": 8, "group_size": 16, "data_type": "nv_fp"}}},
+         [_NV_Q + ".weight", "layer_config['q_proj']", "bits=8"]),
+    ],
+    ids=["bf16-layer", "8-bit"],
+)
+def test_nv_fp_target_without_nvfp4_source_raises(source, work, kwargs: dict, needles: list[str]) -> None:
+    src = source("nvfp4_legacy")
+    _expect_error(src, work / "err" / f"nv_fp-{needles[-1]}", needles, **kwargs)

@@ -139,6 +139,12 @@ def resolve_source(model: str, stream: bool = True) -> ModelSource:
             f"{' (HF_HUB_OFFLINE is set and it is not in the cache)' if offline else ''}: {e}"
         ) from e
     revision = os.path.basename(os.path.normpath(meta))
+    from fastround import _C
+
+    if _C.diffusion_components(meta):
+        # A diffusers pipeline keeps its weights in component folders: fetch it whole rather than stream.
+        logger.info("%s is a diffusers pipeline; downloading it whole (revision %s)", model, revision[:12])
+        return ModelSource(snapshot_download(model, revision=revision, local_files_only=offline))
     shards = _list_shards(model, meta, revision, offline)
     streamer = ShardStreamer(model, revision)
     missing = [s for s in shards if streamer._cached(s) is None]

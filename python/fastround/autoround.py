@@ -5,25 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import fields
 from typing import Any, Callable
 
 from fastround import _C
 from fastround._hf import ModelSource, detect_unpackable_modules, resolve_source
-from fastround.schemes import SchemeLike, layer_config_to_job, scheme_to_job
+from fastround.schemes import QuantizationScheme, SchemeLike, layer_config_to_job, scheme_to_job
 
 logger = logging.getLogger("fastround")
 
-_OVERRIDE_FIELDS = (
-    "bits",
-    "group_size",
-    "sym",
-    "data_type",
-    "act_bits",
-    "act_group_size",
-    "act_sym",
-    "act_data_type",
-    "act_dynamic",
-)
+# Keyword arguments ModelFreeCompressor takes as scheme overrides: every QuantizationScheme field, as upstream.
+_SCHEME_FIELDS = tuple(f.name for f in fields(QuantizationScheme))
 # Formats the model-free core writes (the encoding table's union); which a scheme accepts is checked there.
 _MODEL_FREE_FORMATS = tuple(dict.fromkeys(f for enc in _C.encodings() for f in enc.model_free_formats))
 _PARALLELISM_ENV = "AR_MODEL_FREE_SHARD_PARALLELISM"  # upstream's knob, honoured as the default
@@ -65,11 +57,15 @@ class ModelFreeCompressor:
     def __init__(
         self,
         model_name_or_path: str,
+        output_dir: str | None = None,
         scheme: SchemeLike = "W4A16",
         layer_config: dict | None = None,
         ignore_layers: str = "",
+        format: str | None = None,
+        device: str = "cpu",
         quant_lm_head: bool = False,
         quant_nontext_module: bool = False,
+        *,
         overrides: dict[str, Any] | None = None,
         trust_remote_code: bool = True,
         threads: int | None = None,
@@ -78,17 +74,25 @@ class ModelFreeCompressor:
         disable_opt_rtn: bool | None = None,
         shard_parallelism: int | None = None,
         stream: bool = True,
+        _resolved_by_entry: bool = False,
         **unused: Any,
     ) -> None:
         if not isinstance(model_name_or_path, str):
             raise ValueError("model_free=True requires `model` to be a HuggingFace ID or local path string.")
+        del device  # the C++ core runs on the CPU
         self.model_name_or_path = model_name_or_path
+        self.output_dir = output_dir
+        self.format = format
         self.scheme = scheme
         self.layer_config = layer_config_to_job(layer_config)
         self.ignore_layers = ignore_layers or ""
         self.quant_lm_head = bool(quant_lm_head)
         self.quant_nontext_module = bool(quant_nontext_module)
-        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        # Upstream takes the scheme fields as keyword arguments and sets each non-None one on the scheme.
+        given = {**(overrides or {}), **{k: unused.pop(k) for k in _SCHEME_FIELDS if k in unused}}
+        self.overrides = {k: v for k, v in given.items() if v is not None}
+        if self.overrides.pop("rotation_config", None):
+            raise ValueError("rotation_config is not supported by model-free mode")
         self.trust_remote_code = trust_remote_code
         self.threads = threads or 0
         self.show_progress = show_progress
@@ -96,6 +100,8 @@ class ModelFreeCompressor:
         self.disable_opt_rtn = disable_opt_rtn
         self.shard_parallelism = _parallelism(shard_parallelism)
         self.stream = stream
+        # Upstream's AutoRound entry fills unset act_* fields before model-free sees the scheme; its class does not.
+        self.fill_act_defaults = bool(_resolved_by_entry)
         self.model = None
         self.model_free = True
         self.quantized = False
@@ -124,10 +130,15 @@ class ModelFreeCompressor:
             "shard_parallelism": self.shard_parallelism,
             "remote_shards": src.remote_shards if src else [],
             "source_revision": src.revision if src else "",
+            "fill_act_defaults": self.fill_act_defaults,
         }
 
     def quantize(self) -> Any:
         raise NotImplementedError(REGULAR_FLOW_MISSING)
+
+    def run(self) -> str:
+        """Upstream's driver call: quantize into the constructor's output_dir and format; returns the folder."""
+        return self.quantize_and_save(self.output_dir or "tmp_autoround", self.format or "auto_round")[1]
 
     def quantize_and_save(
         self, output_dir: str = "tmp_autoround", format: str = "auto_round", inplace: bool = True, **kwargs: Any
@@ -141,7 +152,12 @@ class ModelFreeCompressor:
         source = src.directory
         if not os.path.exists(source):
             raise FileNotFoundError(f"[model_free] model path '{source}' does not exist")
-        detected = detect_unpackable_modules(source, self.trust_remote_code) if os.path.isdir(source) else []
+        detected = []
+        if os.path.isdir(source):
+            # A diffusers pipeline is scanned per transformer component, as upstream does.
+            for sub in _C.diffusion_components(os.fspath(source)) or [""]:
+                found = detect_unpackable_modules(os.path.join(source, sub), self.trust_remote_code)
+                detected += [d for d in found if d not in detected]
         job = self._job(os.fspath(source), os.fspath(output_dir), format, detected, src)
         try:
             summary = json.loads(_run_with_progress(json.dumps(job), self.show_progress, src))
@@ -299,5 +315,6 @@ class AutoRound:
                 disable_opt_rtn=disable_opt_rtn,
                 shard_parallelism=kwargs.pop("shard_parallelism", None),
                 stream=kwargs.pop("stream", True),
+                _resolved_by_entry=True,
             )
         raise NotImplementedError(REGULAR_FLOW_MISSING)

@@ -124,6 +124,10 @@ both are called from worker threads. Returns the summary as JSON text.)doc");
   m.def(
       "indexed_shards", [](const std::string& dir) { return fr::indexed_shards(dir); }, py::arg("source_dir"),
       "Shard files named by the folder's weight index, in first-appearance order (empty without an index).");
+  m.def(
+      "diffusion_components", [](const std::string& dir) { return fr::diffusion_components(dir); },
+      py::arg("source_dir"),
+      "The transformer components of a diffusers pipeline folder, in processing order (empty for any other folder).");
   m.def("preset_names", &fr::preset_names);
   m.def(
       "preset",

@@ -477,7 +477,7 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
                                               "layer_config", "ignore_layers", "quant_lm_head", "quant_nontext_module",
                                               "detected_ignore", "format",     "threads", "pad_partial_groups",
                                               "disable_opt_rtn", "shard_parallelism", "remote_shards",
-                                              "source_revision"};
+                                              "source_revision", "fill_act_defaults"};
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) throw OptionError("[model_free] unknown job option '" + k + "'");
   ModelFreeJob job;
@@ -499,6 +499,7 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
     job.shard_parallelism = j.value("shard_parallelism", 0);
     job.remote_shards = j.value("remote_shards", std::vector<std::string>{});
     job.source_revision = j.value("source_revision", std::string());
+    job.fill_act_defaults = j.value("fill_act_defaults", true);
   } catch (const nlohmann::json::exception& e) {
     throw OptionError(std::string("[model_free] invalid job: ") + e.what());
   }
@@ -523,6 +524,7 @@ ojson ModelFreeJob::to_json() const {
   j["shard_parallelism"] = shard_parallelism;
   j["remote_shards"] = remote_shards;
   j["source_revision"] = source_revision;
+  j["fill_act_defaults"] = fill_act_defaults;
   return j;
 }
 
@@ -547,10 +549,13 @@ ResolvedScheme resolve_job_scheme(const ModelFreeJob& job) {
                       job.scheme.dump());
   }
   r.fields = r.fields.merged(SchemeFields::from_json(job.overrides, "scheme overrides"));
-  validate_model_free_scheme(r.fields, r.label);
-  // Upstream's AutoRound entry hands model-free a fully resolved scheme; these fields reach extra_config.
-  // W4A16_MIXED follows upstream's core path instead, which receives the bare preset.
-  if (r.name != "W4A16_MIXED") {
+  // Upstream resolves a preset with overrides into a QuantizationScheme object, which its preset-name checks
+  // (MXFP4/MXFP8 only) no longer see as a name.
+  if (!job.overrides.empty() && job.scheme.is_string()) r.label = "custom " + r.name + " + " + job.overrides.dump();
+  // Upstream's AutoRound entry hands model-free a fully resolved scheme, validated as such (an MXFP scheme
+  // without act_data_type gets 'float' and fails); these fields reach extra_config. W4A16_MIXED follows
+  // upstream's core path instead, which receives the bare preset.
+  if (job.fill_act_defaults && r.name != "W4A16_MIXED") {
     SchemeFields& f = r.fields;
     if (!f.act_bits) f.act_bits = 16;
     if (!f.act_group_size) f.act_group_size = f.group_size;
@@ -558,8 +563,94 @@ ResolvedScheme resolve_job_scheme(const ModelFreeJob& job) {
     if (!f.act_data_type) f.act_data_type = "float";
     if (!f.act_dynamic) f.act_dynamic = true;
   }
+  validate_model_free_scheme(r.fields, r.label);
   return r;
 }
+
+std::vector<std::string> diffusion_components(const fs::path& src) {
+  if (fs::exists(src / "config.json") || !fs::is_regular_file(src / "transformer" / "config.json")) return {};
+  std::vector<std::string> more;
+  for (const auto& e : fs::directory_iterator(src)) {
+    const std::string name = e.path().filename().string();
+    if (name != "transformer" && name.rfind("transformer", 0) == 0 && fs::is_regular_file(e.path() / "config.json"))
+      more.push_back(name);
+  }
+  std::sort(more.begin(), more.end());
+  more.insert(more.begin(), "transformer");
+  return more;
+}
+
+namespace {
+
+// A diffusers pipeline as upstream handles it: each transformer component is quantized as a checkpoint of
+// its own into <out>/<component>, every other root entry is copied unless the output already has it. All
+// of it is staged and renamed into place at the end, model_index.json last, so a pipeline folder with a
+// model_index.json is complete.
+ModelFreeResult run_diffusion_pipeline(const ModelFreeJob& job, const std::vector<std::string>& components,
+                                       const ModelFreeCallbacks& callbacks) {
+  Logger log{&callbacks};
+  const fs::path src = job.source_dir;
+  const fs::path out = job.output_dir;
+  check_output_location(src, out);
+  if (!job.remote_shards.empty())
+    throw OptionError("[model_free] '" + src.string() + "' is a diffusers pipeline; streaming its shards is not "
+                      "supported, download it whole (stream=False)");
+  log(LogLevel::Info, "[model_free] Detected diffusion model (no root config.json, found transformer/ subfolder). "
+                      "All transformer components will be quantized; other sub-components are copied.");
+  const bool created_out = !fs::exists(out);
+  const fs::path staging = out / kStagingDir;
+  ModelFreeResult total;
+  total.output_dir = out;
+  total.summary = ojson::object();
+  try {
+    fs::create_directories(staging);
+    for (const auto& name : components) {
+      log(LogLevel::Info, "[model_free] Model-free quantization of " + name);
+      ModelFreeJob part = job;
+      part.source_dir = src / name;
+      part.output_dir = staging / name;
+      ModelFreeResult r = run_model_free(part, callbacks);
+      total.quantized_layers.insert(total.quantized_layers.end(), r.quantized_layers.begin(), r.quantized_layers.end());
+      total.ignored_layers.insert(total.ignored_layers.end(), r.ignored_layers.begin(), r.ignored_layers.end());
+      for (const auto& f : r.shard_files) total.shard_files.push_back(name + "/" + f);
+      total.source_bytes += r.source_bytes;
+      total.output_bytes += r.output_bytes;
+      if (name == "transformer") total.quantization_config = r.quantization_config;
+      total.summary[name] = r.summary;
+    }
+    std::vector<fs::path> copies;
+    for (const auto& e : fs::directory_iterator(src)) {
+      const std::string name = e.path().filename().string();
+      if (is_stale_metadata(name) || name == "model_index.json" || fs::exists(out / name)) continue;
+      if (std::find(components.begin(), components.end(), name) != components.end()) continue;
+      copy_tree(e.path(), staging / name);
+      copies.push_back(name);
+    }
+    if (fs::is_regular_file(src / "model_index.json")) copy_tree(src / "model_index.json", staging / "model_index.json");
+    for (const auto& name : components) {
+      std::error_code ec;
+      fs::remove_all(out / name, ec);  // an earlier output of this component
+      fs::rename(staging / name, out / name);
+    }
+    for (const auto& name : copies) fs::rename(staging / name, out / name);
+    if (fs::exists(staging / "model_index.json")) fs::rename(staging / "model_index.json", out / "model_index.json");
+    fs::remove(staging);
+  } catch (...) {
+    // Components keep their own resume state under the staging folder; without any, nothing is left.
+    std::error_code ec;
+    bool resumable = false;
+    for (const auto& name : components)
+      resumable = resumable || fs::exists(staging / name / kStagingDir / kResumeManifestName, ec);
+    if (!resumable) {
+      fs::remove_all(staging, ec);
+      if (created_out && fs::is_empty(out, ec)) fs::remove(out, ec);
+    }
+    throw;
+  }
+  return total;
+}
+
+}  // namespace
 
 ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks& callbacks) {
   Logger log{&callbacks};
@@ -568,8 +659,12 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   const fs::path out = job.output_dir;
   if (!fs::exists(src)) throw MissingPathError("[model_free] model path '" + src.string() + "' does not exist");
   if (!fs::is_directory(src)) throw OptionError("[model_free] model path '" + src.string() + "' is not a folder");
-  if (!fs::is_regular_file(src / "config.json"))
-    throw MissingPathError("[model_free] '" + src.string() + "' has no config.json");
+  if (!fs::is_regular_file(src / "config.json")) {
+    const std::vector<std::string> components = diffusion_components(src);
+    if (!components.empty()) return run_diffusion_pipeline(job, components, callbacks);
+    throw MissingPathError("[model_free] '" + src.string() + "' has no config.json (nor a diffusers transformer/ "
+                           "folder with one)");
+  }
   check_output_location(src, out);
   const ResolvedScheme scheme = resolve_job_scheme(job);
   const std::string fmt = job.format.substr(0, job.format.find(','));

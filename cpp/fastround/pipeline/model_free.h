@@ -22,6 +22,9 @@ struct ModelFreeJob {
   std::filesystem::path output_dir;
   ojson scheme = "W4A16";          // preset name, or a dict of QuantizationScheme fields
   ojson overrides = ojson::object();  // explicit bits/group_size/sym/data_type/act_* arguments
+  // Resolve unset act_* fields before validating, as upstream's AutoRound entry does; upstream's
+  // ModelFreeCompressor class, called directly, leaves them unset.
+  bool fill_act_defaults = true;
   ojson layer_config = ojson::object();
   std::string ignore_layers;
   bool quant_lm_head = false;
@@ -87,6 +90,11 @@ struct ModelFreeResult {
 // *.safetensors.index.json by name (upstream's rule); and its shards in first-appearance order.
 std::optional<std::filesystem::path> find_weight_index(const std::filesystem::path& src);
 std::vector<std::string> indexed_shards(const std::filesystem::path& src);
+
+// A diffusers pipeline folder (no config.json, a transformer/ that has one), upstream's rule: the
+// components model-free quantizes, "transformer" first, then every other "transformer*" folder with a
+// config.json, by name. Empty for any other folder.
+std::vector<std::string> diffusion_components(const std::filesystem::path& src);
 
 ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks& callbacks = {});
 

@@ -1,6 +1,8 @@
 #include "fastround/pipeline/shard_plan.h"
 
 #include <algorithm>
+#include <cctype>
+#include <cstring>
 #include <set>
 
 #include "fastround/common/convert.h"
@@ -15,6 +17,11 @@ namespace {
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  return s;
 }
 
 std::string layer_of(const std::string& tensor_name) {
@@ -42,7 +49,9 @@ struct Candidate {
   std::string source;       // source tensor it reads
   WeightInput in;
   bool from_fused = false;
-  std::vector<PassPart> pass;  // MxfpSource: what is written when the target is the same MX format
+  // MxfpSource / Nvfp4Source: what is written when the target is the source's own format. Empty for an NVFP4
+  // layer whose global scales are not single values.
+  std::vector<PassPart> pass;
 };
 
 // Upstream's split of fused expert tensors [E, out, in]: gate_up_proj/w13 into row halves (the first
@@ -254,6 +263,26 @@ void as_nvfp4(const SafetensorsReader& reader, Candidate& c, const std::string& 
   c.in.has_global = divisor.has_value();
   c.in.global_mult = divisor ? (*divisor == 0.0f ? 0.0f : 1.0f / *divisor) : 1.0f;
   c.name = layer + ".weight";
+  // Passed through under an nv_fp target in compressed-tensors naming, as upstream normalises it: uint8
+  // weight_packed, the block scale as it is, and fp32 [1] divisors (ModelOpt's multipliers inverted).
+  const TensorInfo* igs = reader.find(layer + ".input_global_scale");
+  const TensorInfo* is = reader.find(layer + ".input_scale");
+  auto divisor_part = [&](const std::string& name, const TensorInfo* div, const TensorInfo* mult) {
+    const TensorInfo* t = div ? div : mult;
+    if (!t || t->numel() != 1) return false;
+    const float v = element_as_float(t->dtype, reader.data(*t), 0);
+    auto bytes = std::make_shared<std::vector<uint8_t>>(4);
+    const float d = div ? v : 1.0f / v;
+    std::memcpy(bytes->data(), &d, 4);
+    c.pass.push_back({name, DType::F32, {1}, nullptr, bytes});
+    return true;
+  };
+  const bool legacy = !ends_with(w.name, ".weight_packed");
+  c.pass = {{layer + ".weight_packed", legacy ? DType::U8 : w.dtype, w.shape, &w, nullptr},
+            {scale.name, scale.dtype, scale.shape, &scale, nullptr}};
+  const bool single = (divisor_part(layer + ".weight_global_scale", wgs, ws2) || (!wgs && !ws2)) &&
+                      (divisor_part(layer + ".input_global_scale", igs, is) || (!igs && !is));
+  if (!single) c.pass.clear();
   for (const char* sfx : {".weight_scale", ".weight_scale_2", ".weight_global_scale", ".input_scale", ".input_global_scale"})
     if (const TensorInfo* t = reader.find(layer + sfx)) folded[t->name] = "NVFP4 scale folded into the dequantized weight";
 }
@@ -483,7 +512,23 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
                             "'...experts' or '...moe'); add it to ignore_layers to keep it unquantized");
     WorkItem item;
     item.in = c.in;
-    if (quantize) {
+    // Model-free has no NVFP4 ('nv_fp') kernel: upstream passes an NVFP4 source layer through and runs
+    // anything else through its INT kernel under the nv_fp label.
+    bool nv_pass = false;
+    if (quantize && lower(eff->data_type.value_or("")).find("nv_fp") != std::string::npos) {
+      const std::string from = entry ? " (from layer_config['" + entry->key + "'])" : "";
+      const std::string site = site_of(reader, c.name) + ": data_type '" + *eff->data_type + "'" + from;
+      if (c.in.kind != InputKind::Nvfp4Source || eff->bits.value_or(16) != 4)
+        throw OptionError(site + " with bits=" + std::to_string(eff->bits.value_or(16)) +
+                          ": model-free writes NVFP4 only by passing a 4-bit NVFP4 source layer through, and this "
+                          "weight is " + (source_format(c.in.kind) ? source_format(c.in.kind) : "not quantized") +
+                          "; use NVFP4_E5M3, MXFP4 or INT instead");
+      if (c.pass.empty())
+        throw CheckpointError(site + ": its NVFP4 global scales are not single values, so the layer cannot pass "
+                              "through as NVFP4");
+      nv_pass = true;
+    }
+    if (quantize && !nv_pass) {
       const std::string site = site_of(reader, c.name);
       const std::string from = entry ? " (from layer_config['" + entry->key + "'])" : "";
       const EncodingTraits* enc = nullptr;
@@ -530,9 +575,9 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
         }
       }
     }
-    // An MX source whose target is the same MX encoding passes through byte for byte.
-    if (quantize && c.in.kind == InputKind::MxfpSource && item.enc->data_type == "mx_fp" &&
-        item.params.bits == c.in.source_bits) {
+    // An MX source whose target is the same MX encoding passes through byte for byte, as does an NVFP4 one.
+    if (nv_pass || (quantize && c.in.kind == InputKind::MxfpSource && item.enc->data_type == "mx_fp" &&
+                    item.params.bits == c.in.source_bits)) {
       for (const PassPart& p : c.pass) {
         WorkItem copy;
         copy.name = p.name;
@@ -547,6 +592,9 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
       }
       fate(c.source, Fate::Quantized, t.nbytes(), "");
       if (c.in.scale_reader == &reader) fate(c.in.scale->name, Fate::Quantized, c.in.scale->nbytes(), "");
+      for (const char* sfx : {".weight_global_scale", ".weight_scale_2", ".input_global_scale", ".input_scale"})
+        if (const TensorInfo* g = nv_pass ? reader.find(layer + sfx) : nullptr)
+          fate(g->name, Fate::Quantized, g->nbytes(), "");
       plan.quantized.push_back(layer);
       continue;
     }
