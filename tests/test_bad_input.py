@@ -401,6 +401,91 @@ def test_int_weight_ignored_passes_through(tmp_path):
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == np.int8
 
 
+def _with_nonfinite(q_dtype: str = "BF16") -> bytes:
+    """The tiny shard with 3 NaN and 2 Inf planted in q_proj.weight (stored as q_dtype)."""
+    header, data = tiny_tensors()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    b, e = header[name]["data_offsets"]
+    w = np.frombuffer(data[b:e], "<u2").copy()
+    w[[0, 5, 700, 4000, 8191]] = [0x7FC0, 0xFFC0, 0x7F81, 0x7F80, 0xFF80]  # bf16 NaN x3, +Inf, -Inf
+    if q_dtype == "F32":
+        raw = (w.astype("<u4") << 16).tobytes()
+        header = {k: dict(v) for k, v in header.items()}
+        for k, v in header.items():  # widen q_proj in place; the tensors after it move along
+            lo, hi = v["data_offsets"]
+            shift = len(raw) - (e - b) if lo >= e else 0
+            v["data_offsets"] = [lo + shift, hi + shift]
+        header[name] = {"dtype": "F32", "shape": header[name]["shape"], "data_offsets": [b, b + len(raw)]}
+        return st_bytes(header, data[:b] + raw + data[e:])
+    return st_bytes(header, data[:b] + w.tobytes() + data[e:])
+
+
+@pytest.mark.parametrize("q_dtype", ["BF16", "F32"])
+@pytest.mark.parametrize("scheme", ["W4A16", "W8A16", "MXFP4", "NVFP4_E5M3"])
+def test_nonfinite_weight_is_refused(tmp_path, scheme, q_dtype):
+    """Deviation (docs/compatibility.md): upstream quantizes a weight holding NaN/Inf into NaN scales
+    without a word; fastround refuses it, naming the shard, the tensor and how many such values it holds."""
+    src = make_tiny(tmp_path / "src", _with_nonfinite(q_dtype))
+    out = tmp_path / "out"
+    err = expect_failure(
+        lambda: run_api(src, out, scheme=scheme),
+        src,
+        out,
+        fastround.CheckpointError,
+        ["model.safetensors", "model.layers.0.self_attn.q_proj.weight", "5 NaN/Inf value(s) of 8192"],
+    )
+    assert "ignore the layer" in str(err)
+
+
+def test_nonfinite_weight_kept_when_ignored(tmp_path):
+    src = make_tiny(tmp_path / "src", _with_nonfinite())
+    out = tmp_path / "out"
+    run_api(src, out, ignore_layers="q_proj")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        kept = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    assert int((~kept.float().isfinite()).sum()) == 5
+
+
+def _fp8_source(root: Path, scale: np.ndarray) -> Path:
+    """One FP8 layer [64, 128] with a [1, 1] block scale_inv of the given array's dtype and values."""
+    rng = np.random.default_rng(1)
+    w = rng.integers(0, 0x78, (64, 128), dtype=np.uint8)  # finite E4M3 codes
+    dt = {np.dtype("<f4"): "F32", np.dtype("<i4"): "I32"}[scale.dtype]
+    header = {
+        "model.layers.0.mlp.up_proj.weight": {"dtype": "F8_E4M3", "shape": [64, 128], "data_offsets": [0, w.nbytes]},
+        "model.layers.0.mlp.up_proj.weight_scale_inv": {
+            "dtype": dt, "shape": [1, 1], "data_offsets": [w.nbytes, w.nbytes + scale.nbytes]},
+    }  # fmt: skip
+    make_tiny(root, st_bytes(header, w.tobytes() + scale.tobytes()))
+    cfg = dict(TINY_CONFIG, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
+    (root / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def test_fp8_int32_scale_inv_is_refused(tmp_path):
+    """The fuzzing finding of issue 8: an int32 weight_scale_inv used to throw inside the parallel dequant loop
+    (std::terminate, SIGABRT, .fastround-partial left behind). It is refused while planning."""
+    src = _fp8_source(tmp_path / "src", np.array([[3]], "<i4"))
+    out = tmp_path / "out"
+    err = expect_failure(
+        lambda: run_api(src, out), src, out, fastround.CheckpointError,
+        ["model.safetensors", "model.layers.0.mlp.up_proj.weight", "weight_scale_inv has dtype I32"],
+    )  # fmt: skip
+    assert isinstance(err, ValueError)
+
+
+def test_fp8_nan_scale_is_refused(tmp_path):
+    """A NaN scale_inv dequantizes the weight to NaN: the same refusal, naming the FP8 weight."""
+    src = _fp8_source(tmp_path / "src", np.array([[np.nan]], "<f4"))
+    out = tmp_path / "out"
+    expect_failure(
+        lambda: run_api(src, out), src, out, fastround.CheckpointError,
+        ["model.layers.0.mlp.up_proj.weight", "dequantizes to 8192 NaN/Inf value(s) of 8192"],
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "scheme", ["W3A16", "FPW8A16", "GGUF:Q4_K_M", "NVFP4", "INT8_W8A8", "FP8_STATIC", "MXFP4_RCEIL", "NOPE"]
 )

@@ -448,3 +448,41 @@ def test_bad_arguments_raise(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         _C.quantize_int_gptq(w, args["dtype"], args["rows"], args["cols"], args["bits"], args["group_size"],
                              args["sym"], args["zero_offset"])
+
+
+# ----------------------------------------------------------------------------------------------
+# count_nonfinite: the NaN/Inf check model-free runs on every weight before quantizing it
+
+_NP_DTYPE = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}
+
+
+def _decoded(bits: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "F32":
+        return bits.view(np.float32)
+    if dtype == "F16":
+        return bits.view(np.float16)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [0, 1, 7, 65536, 3 * 65536 + 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_count_nonfinite_fast_matches_ref(dtype, n, threads, restore_threads):
+    """Random bit patterns (every exponent, so NaN, Inf, subnormals and signs) plus planted specials."""
+    _C.set_num_threads(threads)
+    rng = np.random.default_rng(zlib.crc32(f"{dtype}{n}".encode()))
+    kind = _NP_DTYPE[dtype]
+    bits = rng.integers(0, np.iinfo(kind).max, n, dtype=kind, endpoint=True)
+    if n >= 7:  # +Inf, -Inf, a quiet and a signalling NaN, and the largest finite value, at chunk edges
+        specials = {"F32": [0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0x7F7FFFFF],
+                    "F16": [0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x7BFF],
+                    "BF16": [0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0x7F7F]}[dtype]  # fmt: skip
+        bits[[0, n - 1, n // 2, min(n - 1, 65535), min(n - 1, 65536)]] = specials
+    want = int(np.count_nonzero(~np.isfinite(_decoded(bits, dtype))))
+    assert _C.count_nonfinite(bits, dtype, reference=True) == want
+    assert _C.count_nonfinite(bits, dtype) == want
+
+
+def test_count_nonfinite_rejects_other_dtypes():
+    with pytest.raises(ValueError, match="I32"):
+        _C.count_nonfinite(np.zeros(4, np.int32), "I32")

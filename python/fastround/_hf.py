@@ -193,8 +193,11 @@ def detect_unpackable_modules(model_dir: str, trust_remote_code: bool = True, us
         try:
             with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
                 cfg = json.load(f)
-            if not cfg.get("auto_map") and cfg.get("model_type") in KNOWN_UNPACKABLE:
-                return list(KNOWN_UNPACKABLE[cfg["model_type"]])
+            if not isinstance(cfg, dict):
+                return []  # the core refuses a config.json that is not a JSON object, naming the file
+            model_type = cfg.get("model_type")
+            if not cfg.get("auto_map") and isinstance(model_type, str) and model_type in KNOWN_UNPACKABLE:
+                return list(KNOWN_UNPACKABLE[model_type])
         except (OSError, ValueError):
             pass
     try:

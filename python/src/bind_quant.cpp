@@ -2,9 +2,13 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <new>
+
 #include "bindings.h"
 #include "fastround/common/dtype.h"
 #include "fastround/common/error.h"
+#include "fastround/common/nonfinite.h"
 #include "fastround/common/parallel.h"
 #include "fastround/quant/fp_rtn.h"
 #include "fastround/quant/int_rtn.h"
@@ -144,10 +148,40 @@ py::array_t<uint16_t> dequant_fp8_np(py::array_t<uint8_t, py::array::c_style> w,
   v.block_cols = block_cols;
   v.e8m0 = e8m0;
   if (w.size() != rows * cols) throw fr::OptionError("[dequant_fp8] weight does not match [rows, cols]");
+  check_bytes(sinfo, v.numel * fr::dtype_bits(v.dtype) / 8, "dequant_fp8");
   py::array_t<uint16_t> out({rows, cols});
   auto fn = reference ? fr::dequant_fp8_scaled_ref : fr::dequant_fp8_scaled;
   fn(w.data(), rows, cols, v, "weight", out.mutable_data());
   return out;
+}
+
+int64_t count_nonfinite_np(py::buffer data, const std::string& dtype, bool reference) {
+  const fr::DType dt = parse_src_dtype(dtype);
+  py::buffer_info info = data.request();
+  const int64_t n = info.size * info.itemsize / (fr::dtype_bits(dt) / 8);
+  py::gil_scoped_release release;
+  return (reference ? fr::count_nonfinite_ref : fr::count_nonfinite)(dt, info.ptr, n);
+}
+
+// Test hook for parallel_for: iterations from `throw_from` on throw `error`; what reaches Python is the
+// first one, as the binding maps it, and the process survives.
+int64_t parallel_for_probe(int64_t n, int64_t throw_from, const std::string& error) {
+  std::atomic<int64_t> ran{0};
+  py::gil_scoped_release release;
+  fr::parallel_for(n, [&](int64_t i) {
+    if (i >= throw_from) {
+      const std::string msg = "[parallel_for_probe] iteration " + std::to_string(i);
+      if (error == "CheckpointError") throw fr::CheckpointError(msg);
+      if (error == "MissingPathError") throw fr::MissingPathError(msg);
+      if (error == "OptionError") throw fr::OptionError(msg);
+      if (error == "IoError") throw fr::IoError(msg);
+      if (error == "Cancelled") throw fr::Cancelled(msg);
+      if (error == "bad_alloc") throw std::bad_alloc();
+      throw std::runtime_error(msg);
+    }
+    ran.fetch_add(1, std::memory_order_relaxed);
+  });
+  return ran.load();
 }
 
 }  // namespace
@@ -180,6 +214,11 @@ as uint16 fp16 bits). reference=True runs the scalar reference instead of the fu
         py::arg("scale_dtype"), py::arg("scale_shape"), py::arg("block_rows") = 0, py::arg("block_cols") = 0,
         py::arg("e8m0") = false, py::arg("reference") = false,
         "Dequantize an FP8 E4M3 weight with its weight_scale_inv to bf16 bits [rows, cols].");
+  m.def("count_nonfinite", &count_nonfinite_np, py::arg("data"), py::arg("dtype"), py::arg("reference") = false,
+        "Number of NaN/Inf elements in a raw buffer of F32, F16 or BF16 elements.");
+  m.def("_parallel_for_probe", &parallel_for_probe, py::arg("n"), py::arg("throw_from"), py::arg("error"),
+        "Test hook: parallel_for over n iterations that throw `error` from index throw_from on; returns the "
+        "number of iterations that ran.");
   m.def("set_num_threads", &fr::set_num_threads, py::arg("n"), "Threads used by the C++ kernels.");
   m.def("max_threads", &fr::max_threads);
 }

@@ -3,7 +3,7 @@
 #include <torch/extension.h>
 
 #include "bindings.h"
-#include "fastround/common/error.h"
+#include "errors.h"
 #include "fastround/quant/int_rtn.h"
 
 namespace fr = fastround;
@@ -45,13 +45,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int_gptq_tensor
 
 PYBIND11_MODULE(_torch, m) {
   m.doc() = "fastround LibTorch adapters";
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const fr::OptionError& e) {
-      py::set_error(PyExc_ValueError, e.what());
-    }
-  });
+  fastround_py::register_error_translator(py::module_::import("fastround._C").attr("CheckpointError"));
   m.def("quantize_int_gptq_tensor", &quantize_int_gptq_tensor, py::arg("weight"), py::arg("bits"),
         py::arg("group_size"), py::arg("sym"), py::arg("zero_offset") = 1,
         "RTN-quantize a torch weight [out, in] and pack it as auto_gptq: (qweight, qzeros, scales fp16).");

@@ -12,6 +12,13 @@
 
 namespace fastround {
 
+// Kernel entry guard: load_as_float's dtypes, checked before a kernel's parallel loop starts.
+inline void require_float_source(DType src, const char* site) {
+  if (!dtype_is_float_weight(src))
+    throw OptionError(std::string("[") + site + "] unsupported source dtype " + std::string(dtype_name(src)) +
+                      "; expected F32, F16 or BF16");
+}
+
 // out[i] = float(w[offset + i]) for i < n; w holds F32, F16 or BF16 elements.
 inline void load_as_float(DType src, const void* w, int64_t offset, int64_t n, float* __restrict out) {
   switch (src) {
@@ -31,6 +38,15 @@ inline void load_as_float(DType src, const void* w, int64_t offset, int64_t n, f
       break;
     }
     default: throw OptionError("[convert] unsupported source dtype " + std::string(dtype_name(src)));
+  }
+}
+
+// The dtypes element_as_float reads; the planner checks scales against it before any kernel runs.
+inline bool element_readable_as_float(DType dt) {
+  switch (dt) {
+    case DType::F32: case DType::F64: case DType::BF16: case DType::F16: case DType::F8_E4M3:
+    case DType::U8: case DType::I8: case DType::I16: case DType::I32: return true;
+    default: return false;
   }
 }
 

@@ -122,6 +122,9 @@ std::vector<std::string> parse_ignore_layers(std::string_view csv) {
 
 namespace {
 
+// More dense layers than any model has: a larger first_k_dense_replace adds patterns that match nothing.
+constexpr int64_t kMaxDenseLayers = 1 << 16;
+
 // One row per model family, in upstream's registration order; the first matching row owns the model.
 struct IgnoreRule {
   enum class On { Architecture, ModelType } on;
@@ -152,7 +155,8 @@ std::vector<std::string> predefined_ignore_layers(const ojson& config) {
   if (config.contains("architectures") && config["architectures"].is_array())
     for (const auto& a : config["architectures"])
       if (a.is_string()) archs += (archs.empty() ? "" : ",") + a.get<std::string>();
-  const std::string model_type = config.value("model_type", std::string());
+  const std::string model_type =
+      config.contains("model_type") && config["model_type"].is_string() ? config["model_type"].get<std::string>() : "";
   for (const auto& rule : ignore_rules()) {
     const bool hit = rule.on == IgnoreRule::On::Architecture ? archs.find(rule.match) != std::string::npos
                                                              : model_type == rule.match;
@@ -161,7 +165,7 @@ std::vector<std::string> predefined_ignore_layers(const ojson& config) {
     if (rule.dense_mlps) {
       int k = 1;
       if (config.contains("first_k_dense_replace") && config["first_k_dense_replace"].is_number_integer())
-        k = config["first_k_dense_replace"].get<int>();
+        k = static_cast<int>(std::clamp<int64_t>(config["first_k_dense_replace"].get<int64_t>(), 0, kMaxDenseLayers));
       for (int i = 0; i < k; ++i) out.push_back("layers." + std::to_string(i) + ".mlp");
     }
     for (const char* l : rule.layers) out.emplace_back(l);

@@ -382,15 +382,21 @@ void read_source_config(const ojson& config, RunContext& ctx) {
   }
   const ojson* found = find_quantization_config(config);
   const ojson q = found ? *found : ojson::object();
-  if (q.contains("weight_block_size") && q["weight_block_size"].is_array() && q["weight_block_size"].size() == 2)
-    ctx.fp8_block = {q["weight_block_size"][0].get<int64_t>(), q["weight_block_size"][1].get<int64_t>()};
+  if (q.contains("weight_block_size") && q["weight_block_size"].is_array() && q["weight_block_size"].size() == 2) {
+    const auto br = int_like(q["weight_block_size"][0]), bc = int_like(q["weight_block_size"][1]);
+    // Bounded so that block arithmetic on any weight shape stays far from overflow. An invalid block
+    // matters only to FP8 weights, which then fail naming it (dequant's check_fp8_scale).
+    const bool valid = br && bc && *br > 0 && *bc > 0 && *br <= (1 << 30) && *bc <= (1 << 30);
+    ctx.fp8_block = valid ? std::pair<int64_t, int64_t>(*br, *bc) : std::pair<int64_t, int64_t>(-1, -1);
+  }
+  auto str = [&](const char* key) { return q.contains(key) && q[key].is_string() ? q[key].get<std::string>() : std::string(); };
   auto lower = [&](const char* key) {
-    std::string v = q.contains(key) && q[key].is_string() ? q[key].get<std::string>() : std::string();
+    std::string v = str(key);
     std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
     return v;
   };
-  ctx.scale_e8m0 = q.value("scale_fmt", std::string()) == "ue8m0";
-  ctx.deepseek_v32_scales = ctx.model_type == "deepseek_v32" && q.value("quant_method", std::string()) == "fp8" &&
+  ctx.scale_e8m0 = str("scale_fmt") == "ue8m0";
+  ctx.deepseek_v32_scales = ctx.model_type == "deepseek_v32" && str("quant_method") == "fp8" &&
                             lower("fmt") == "e4m3" && lower("scale_fmt") == "ue8m0";
   ctx.deepseek_mx_source = ctx.model_type == "deepseek_v4" || ctx.deepseek_v32_scales;
   ctx.int4_source = ctx.model_type == "kimi_k25";
@@ -671,6 +677,9 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
   if (job.threads > 0) set_num_threads(job.threads);
 
   const ojson config = read_json_file(src / "config.json");
+  if (!config.is_object())
+    throw CheckpointError("[model_free] '" + (src / "config.json").string() + "' holds " +
+                          std::string(config.type_name()) + ", not a JSON object");
   RunContext ctx{job, scheme.fields, nullptr, LayerConfig::parse(job.layer_config, scheme.name)};
   ctx.log = log;
   check_model_free_format(fmt, scheme.fields, ctx.layer_config, job.format);
@@ -854,8 +863,20 @@ ModelFreeResult run_model_free(const ModelFreeJob& job, const ModelFreeCallbacks
 
   ModelFreeResult result;
   result.output_dir = out;
+  std::vector<std::thread> pool;
+  // A std::thread still joinable when unwinding calls std::terminate: stop and join the workers first.
+  struct JoinOnUnwind {
+    std::vector<std::thread>& pool;
+    std::atomic<bool>& cancel;
+    ~JoinOnUnwind() {
+      for (auto& t : pool)
+        if (t.joinable()) {
+          cancel = true;
+          t.join();
+        }
+    }
+  } join_on_unwind{pool, cancel};
   try {
-    std::vector<std::thread> pool;
     if (inline_run) {
       worker();
     } else {

@@ -7,6 +7,7 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/common/error.h"
+#include "fastround/common/nonfinite.h"
 #include "fastround/source/dequant.h"
 
 namespace fastround {
@@ -80,6 +81,9 @@ bool split_fused(const SafetensorsReader& reader, const TensorInfo& t, std::vect
     }
   }
   const int64_t E = t.shape[0], rows = t.shape[1], cols = t.shape[2];
+  if (E == 0 || rows == 0 || cols == 0)
+    throw CheckpointError("[model_free] " + reader.path().string() + ": fused expert tensor '" + t.name +
+                          "' has shape " + shape_str(t.shape) + " with no elements");
   const uint64_t esize = static_cast<uint64_t>(dtype_bits(t.dtype) / 8);
   const uint64_t expert_bytes = static_cast<uint64_t>(rows * cols) * esize;
   struct Part {
@@ -135,10 +139,31 @@ const char* source_format(InputKind k) {
 bool is_byte_dtype(DType d) { return d == DType::U8 || d == DType::I8; }
 bool is_float_dtype(DType d) { return d == DType::F16 || d == DType::BF16 || d == DType::F32 || d == DType::F64; }
 
+// Scales are read with element_as_float; any other dtype is refused while planning, naming the tensor.
+void check_readable_scale(const SafetensorsReader& r, const TensorInfo& t) {
+  if (!element_readable_as_float(t.dtype))
+    throw CheckpointError(site_of(r, t.name) + " has dtype " + std::string(dtype_name(t.dtype)) +
+                          ", which is not a number a scale can hold");
+}
+
 float scalar_of(const SafetensorsReader& r, const TensorInfo& t) {
   if (t.numel() != 1)
     throw CheckpointError(site_of(r, t.name) + " has shape " + shape_str(t.shape) + "; a global scale has one element");
+  check_readable_scale(r, t);
   return element_as_float(t.dtype, r.data(t), 0);
+}
+
+// How dequant_fp8_scaled reads an FP8 weight's scale_inv under the source config.
+Fp8ScaleView fp8_scale_view(const RunContext& ctx, const SafetensorsReader& sr, const TensorInfo& s) {
+  Fp8ScaleView view;
+  view.dtype = s.dtype;
+  view.data = sr.data(s);
+  view.numel = s.numel();
+  view.rows = s.shape.size() == 2 ? s.shape[0] : 0;
+  view.cols = s.shape.size() == 2 ? s.shape[1] : 0;
+  if (ctx.fp8_block) std::tie(view.block_rows, view.block_cols) = *ctx.fp8_block;
+  view.e8m0 = ctx.scale_e8m0;
+  return view;
 }
 
 // An MX source (weight or weight_packed with an E8M0 weight_scale [rows, cols/32]) read through `scale`;
@@ -146,9 +171,17 @@ float scalar_of(const SafetensorsReader& r, const TensorInfo& t) {
 void as_mx_source(const SafetensorsReader& reader, Candidate& c, const std::string& layer, int bits,
                   const SafetensorsReader& sr, const TensorInfo& scale, Folded& folded) {
   const TensorInfo& w = *c.in.tensor;
+  const int64_t rows = w.shape[0], cols = bits == 8 ? w.shape[1] : w.shape[1] * 2;
+  if (cols % 32 != 0)
+    throw CheckpointError(site_of(reader, w.name) + ": in_features " + std::to_string(cols) +
+                          " is not a multiple of the MX group of 32");
+  if (!c.in.owned_scale && scale.shape != std::vector<int64_t>{rows, cols / 32})
+    throw CheckpointError(site_of(sr, scale.name) + " has shape " + shape_str(scale.shape) + "; the MX scale of " +
+                          w.name + " " + shape_str(w.shape) + " is [" + std::to_string(rows) + ", " +
+                          std::to_string(cols / 32) + "]");
   c.in.kind = InputKind::MxfpSource;
   c.in.source_bits = bits;
-  c.in.cols = bits == 8 ? w.shape[1] : w.shape[1] * 2;
+  c.in.cols = cols;
   c.in.dtype = DType::BF16;
   c.in.scale_reader = &sr;
   c.in.scale = &scale;
@@ -182,9 +215,11 @@ void as_deepseek_mx(const SafetensorsReader& reader, Candidate& c, const std::st
                           "; a DeepSeek E8M0 scale is one byte per block (fp32 only beside FP8 weights)");
   }
   auto expanded = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(rows * (cols / 32)));
-  expand_e8m0_block_scale(bytes.data(), scale.shape[0], scale.shape[1], rows, cols, w.name, expanded->data());
-  as_mx_source(reader, c, layer, fp8 ? 8 : 4, sr, scale, folded);
+  expand_e8m0_block_scale(bytes.data(), scale.shape[0], scale.shape[1], rows, cols,
+                          site + " (scale '" + scale.name + "' in " + sr.path().filename().string() + ")",
+                          expanded->data());
   c.in.owned_scale = expanded;
+  as_mx_source(reader, c, layer, fp8 ? 8 : 4, sr, scale, folded);
   c.pass = {{layer + (fp8 ? ".weight" : ".weight_packed"), fp8 ? DType::F8_E4M3 : DType::U8,
              {rows, fp8 ? cols : cols / 2}, &w, nullptr},
             {layer + ".weight_scale", DType::U8, {rows, cols / 32}, nullptr, expanded}};
@@ -220,6 +255,7 @@ void as_int4(const RunContext& ctx, const SafetensorsReader& reader, Candidate& 
     if (zp->shape.size() != 2 || zp->shape[0] != rows || (!packed_like && zp->shape[1] != cols / *group))
       throw CheckpointError(site_of(reader, zp->name) + " has shape " + shape_str(zp->shape) +
                             "; an INT4 zero point is [rows, groups] or packed like the weight");
+    if (zp->dtype != DType::I64) check_readable_scale(reader, *zp);  // element_as_int16 reads I64 too
     folded[zp->name] = "INT4 zero point folded into the dequantized weight";
   }
   c.in.kind = InputKind::Int4Source;
@@ -244,6 +280,7 @@ void as_nvfp4(const SafetensorsReader& reader, Candidate& c, const std::string& 
   if (cols % 16 != 0 || scale.numel() != rows * (cols / 16))
     throw CheckpointError(site + ": NVFP4 weight " + shape_str(w.shape) + " needs a block scale of [" +
                           std::to_string(rows) + ", " + std::to_string(cols / 16) + "], found " + shape_str(scale.shape));
+  check_readable_scale(reader, scale);
   const TensorInfo* ws2 = reader.find(layer + ".weight_scale_2");
   const TensorInfo* wgs = reader.find(layer + ".weight_global_scale");
   // ModelOpt's weight_scale_2 multiplies; upstream turns it into the compressed-tensors divisor fp32(1 / s2)
@@ -314,6 +351,8 @@ bool as_modelopt_nvfp4(const RunContext& ctx, const SafetensorsReader& reader, c
     throw CheckpointError(site_of(reader, sname) + " has shape " + shape_str(scale->shape) +
                           "; expected [" + std::to_string(rows) + ", groups] for NVFP4 weight " + shape_str(x.shape));
   if (scale2->numel() < 1) throw CheckpointError(site_of(reader, s2name) + " is empty");
+  check_readable_scale(reader, *scale);
+  check_readable_scale(reader, *scale2);
   c.in.kind = InputKind::Nvfp4Source;
   c.in.cols = cols;
   c.in.dtype = DType::BF16;
@@ -396,6 +435,9 @@ void classify_quantized_sources(const RunContext& ctx, const SafetensorsReader& 
       continue;
     }
     if (is_weight && dt == DType::F8_E4M3 && inv) {
+      std::string site = site_of(reader, t->name);
+      if (inv_reader != &reader) site += " (weight_scale_inv in " + inv_reader->path().filename().string() + ")";
+      check_fp8_scale(t->shape[0], t->shape[1], fp8_scale_view(ctx, *inv_reader, *inv), site);
       c.in.kind = InputKind::Fp8Scaled;
       c.in.dtype = DType::BF16;
       c.in.scale_reader = inv_reader;
@@ -529,7 +571,7 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
       nv_pass = true;
     }
     if (quantize && !nv_pass) {
-      const std::string site = site_of(reader, c.name);
+      const std::string site = site_of(reader, c.name) + (c.from_fused ? " (an expert of '" + c.source + "')" : "");
       const std::string from = entry ? " (from layer_config['" + entry->key + "'])" : "";
       const EncodingTraits* enc = nullptr;
       try {
@@ -542,11 +584,13 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
                           "; model-free quantizes F32, F16 and BF16 weights and the quantized sources it can read "
                           "(FP8 with weight_scale_inv, MXFP, NVFP4 with its scales, kimi_k25 INT4, DeepSeek E8M0); "
                           "ignore the layer to keep it as is");
+      const int64_t rows = c.in.rows, cols = c.in.cols;
+      if (rows <= 0 || cols <= 0)
+        throw CheckpointError(site + " has shape " + shape_str(t.shape) + ": an empty weight cannot be quantized");
       item.params = encoding_params(*enc, *eff, ctx.opt_rtn);
       const int64_t g = item.params.group_size;
       if (g == 0 || g < -1)
         throw OptionError(site + ": group_size must be -1 or positive, got " + std::to_string(g) + from);
-      const int64_t cols = c.in.cols;
       if (!enc->full_groups(cols, item.params) && !(enc->pads_partial_groups && ctx.job.pad_partial_groups)) {
         if (enc->pads_partial_groups) {
           // A padded qweight loads in neither upstream's loader nor vLLM; keep the weight (docs/compatibility.md).
@@ -638,15 +682,7 @@ const void* materialize(const RunContext& ctx, const WeightInput& in, std::vecto
   buf.resize(static_cast<size_t>(in.rows * in.cols));
   const TensorInfo& s = *in.scale;
   if (in.kind == InputKind::Fp8Scaled) {
-    Fp8ScaleView view;
-    view.dtype = s.dtype;
-    view.data = in.scale_reader->data(s);
-    view.numel = s.numel();
-    view.rows = s.shape.size() == 2 ? s.shape[0] : 0;
-    view.cols = s.shape.size() == 2 ? s.shape[1] : 0;
-    if (ctx.fp8_block) std::tie(view.block_rows, view.block_cols) = *ctx.fp8_block;
-    view.e8m0 = ctx.scale_e8m0;
-    dequant_fp8_scaled(raw, in.rows, in.cols, view, in.tensor->name, buf.data());
+    dequant_fp8_scaled(raw, in.rows, in.cols, fp8_scale_view(ctx, *in.scale_reader, s), in.tensor->name, buf.data());
   } else if (in.kind == InputKind::MxfpSource) {
     const uint8_t* scale = in.owned_scale ? in.owned_scale->data() : in.scale_reader->data(s);
     dequant_mxfp_source(in.source_bits, raw, scale, in.rows, in.cols, buf.data());
@@ -681,6 +717,14 @@ const void* materialize(const RunContext& ctx, const WeightInput& in, std::vecto
     dequant_int4_source(v, buf.data());
   }
   return buf.data();
+}
+
+// Upstream quantizes such a weight into NaN scales without a word (docs/compatibility.md).
+std::string nonfinite_message(const WeightInput& in, const std::string& layer, int64_t bad) {
+  const std::string what = in.kind == InputKind::Raw ? "holds" : "dequantizes to";
+  return "[model_free] " + in.reader->path().string() + ": tensor '" + in.tensor->name + "' (layer '" + layer + "') " +
+         what + " " + std::to_string(bad) + " NaN/Inf value(s) of " + std::to_string(in.rows * in.cols) +
+         "; refusing to quantize it (ignore the layer to keep it as is)";
 }
 
 }  // namespace
@@ -720,6 +764,8 @@ void run_shard(const RunContext& ctx, const ShardPlan& plan, const fs::path& sta
       }
     } else {
       const WeightView w{in.dtype, materialize(ctx, in, deq), in.rows, in.cols};
+      if (const int64_t bad = count_nonfinite(in.dtype, w.data, in.rows * in.cols))
+        throw CheckpointError(nonfinite_message(in, item.name, bad));
       outs.resize(item.outputs.size());
       std::vector<void*> ptrs(item.outputs.size());
       for (size_t k = 0; k < outs.size(); ++k) {

@@ -355,6 +355,7 @@ void quantize_mxfp_ref(DType src, const void* w, const MxfpLayout& L, bool opt_r
 }
 
 void quantize_mxfp(DType src, const void* w, const MxfpLayout& L, bool opt_rtn, uint8_t* weight, uint8_t* scale) {
+  require_float_source(src, "quantize_mxfp");
   if (L.bits == 4)
     quantize_mxfp_rows<4>(src, w, L, opt_rtn, weight, scale);
   else
@@ -393,6 +394,7 @@ void quantize_nvfp4_e5m3_ref(DType src, const void* w, int64_t rows, int64_t col
 
 void quantize_nvfp4_e5m3(DType src, const void* w, int64_t rows, int64_t cols, bool opt_rtn, uint8_t* packed,
                          uint8_t* scale) {
+  require_float_source(src, "quantize_nvfp4_e5m3");
   check_nvfp4_shape(cols);
   parallel_for(rows, [&](int64_t r) {
     std::vector<float> x(static_cast<size_t>(cols));
@@ -409,6 +411,7 @@ void quantize_nvfp4_e5m3(DType src, const void* w, int64_t rows, int64_t cols, b
 }
 
 void fake_quantize_nvfp4_e5m3(DType src, const void* w, int64_t rows, int64_t cols, bool opt_rtn, void* out) {
+  require_float_source(src, "fake_quantize_nvfp4_e5m3");
   check_nvfp4_shape(cols);
   parallel_for(rows, [&](int64_t r) {
     std::vector<float> x(static_cast<size_t>(cols)), q(static_cast<size_t>(cols));

@@ -12,12 +12,12 @@ namespace fastround {
 
 namespace {
 
+bool byte_e8m0(const Fp8ScaleView& s) { return s.dtype == DType::F8_E8M0 || (s.dtype == DType::U8 && s.e8m0); }
+
+// Runs inside the parallel loop: the dtype was checked by index_for before it started.
 float scale_at(const Fp8ScaleView& s, int64_t i) {
-  const bool byte_e8m0 = s.dtype == DType::F8_E8M0 || (s.dtype == DType::U8 && s.e8m0);
-  if (byte_e8m0) return e8m0_to_float(static_cast<const uint8_t*>(s.data)[i]);
-  if (s.dtype == DType::F32 || s.dtype == DType::BF16 || s.dtype == DType::F16) return element_as_float(s.dtype, s.data, i);
-  throw CheckpointError("[dequant_fp8] scale dtype " + std::string(dtype_name(s.dtype)) +
-                        " is not a float scale (or a ue8m0 byte scale)");
+  if (byte_e8m0(s)) return e8m0_to_float(static_cast<const uint8_t*>(s.data)[i]);
+  return element_as_float(s.dtype, s.data, i);
 }
 
 // Upstream multiplies a bf16 weight by a bf16 scale in bf16: both operands rounded, product rounded.
@@ -39,11 +39,22 @@ struct ScaleIndex {
   }
 };
 
-ScaleIndex index_for(int64_t rows, int64_t cols, const Fp8ScaleView& s, const std::string& tensor) {
+// Checks the scale's dtype and that it covers the weight; `site` names the weight (and its file).
+ScaleIndex index_for(int64_t rows, int64_t cols, const Fp8ScaleView& s, const std::string& site) {
   ScaleIndex ix;
-  const std::string site = "[dequant_fp8] tensor '" + tensor + "'";
+  const bool float_scale = s.dtype == DType::F32 || s.dtype == DType::BF16 || s.dtype == DType::F16;
+  if (!float_scale && !byte_e8m0(s))
+    throw CheckpointError(site + ": weight_scale_inv has dtype " + std::string(dtype_name(s.dtype)) +
+                          "; an FP8 scale is F32, BF16 or F16 (or F8_E8M0, or U8 with scale_fmt ue8m0)");
+  if (s.block_rows < 0 || s.block_cols < 0)
+    throw CheckpointError(site + ": the config's quantization_config.weight_block_size is not two positive integers");
   if (s.block_rows > 0 && s.block_cols > 0) {
     const int64_t need_r = (rows + s.block_rows - 1) / s.block_rows, need_c = (cols + s.block_cols - 1) / s.block_cols;
+    if (s.rows == 0)
+      throw CheckpointError(site + ": weight_scale_inv with " + std::to_string(s.numel) +
+                            " elements is not a 2-D grid of " + std::to_string(s.block_rows) + "x" +
+                            std::to_string(s.block_cols) + " blocks (weight_block_size); needs [" +
+                            std::to_string(need_r) + ", " + std::to_string(need_c) + "]");
     if (s.rows < need_r || s.cols < need_c)
       throw CheckpointError(site + " [" + std::to_string(rows) + ", " + std::to_string(cols) + "]: weight_scale_inv [" +
                             std::to_string(s.rows) + ", " + std::to_string(s.cols) + "] does not cover blocks of " +
@@ -75,11 +86,17 @@ ScaleIndex index_for(int64_t rows, int64_t cols, const Fp8ScaleView& s, const st
                         "weight_block_size");
 }
 
+std::string weight_site(const std::string& tensor) { return "[dequant_fp8] tensor '" + tensor + "'"; }
+
 }  // namespace
+
+void check_fp8_scale(int64_t rows, int64_t cols, const Fp8ScaleView& s, const std::string& site) {
+  index_for(rows, cols, s, site);
+}
 
 void dequant_fp8_scaled_ref(const uint8_t* w, int64_t rows, int64_t cols, const Fp8ScaleView& s,
                             const std::string& tensor, uint16_t* out) {
-  const ScaleIndex ix = index_for(rows, cols, s, tensor);
+  const ScaleIndex ix = index_for(rows, cols, s, weight_site(tensor));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) {
       const float scale = bf16_to_float(float_to_bf16(scale_at(s, ix.at(r, c))));
@@ -89,7 +106,7 @@ void dequant_fp8_scaled_ref(const uint8_t* w, int64_t rows, int64_t cols, const 
 
 void dequant_fp8_scaled(const uint8_t* w, int64_t rows, int64_t cols, const Fp8ScaleView& s, const std::string& tensor,
                         uint16_t* out) {
-  const ScaleIndex ix = index_for(rows, cols, s, tensor);
+  const ScaleIndex ix = index_for(rows, cols, s, weight_site(tensor));
   // Every FP8 byte decodes exactly; a 256-entry table replaces the bit twiddling.
   float lut[256];
   for (int b = 0; b < 256; ++b) lut[b] = fp8_e4m3_to_float(static_cast<uint8_t>(b));
@@ -110,6 +127,9 @@ void dequant_fp8_scaled(const uint8_t* w, int64_t rows, int64_t cols, const Fp8S
 }
 
 void dequant_mxfp_source(int bits, const uint8_t* w, const uint8_t* scale, int64_t rows, int64_t cols, uint16_t* out) {
+  if ((bits != 4 && bits != 8) || cols % 32 != 0)
+    throw OptionError("[dequant_mxfp] bits " + std::to_string(bits) + " and in_features " + std::to_string(cols) +
+                      ": MX sources are 4 or 8 bits with whole groups of 32");
   const int64_t groups = cols / 32;
   parallel_for(rows, [&](int64_t r) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -131,6 +151,9 @@ void dequant_mxfp_source(int bits, const uint8_t* w, const uint8_t* scale, int64
 
 void dequant_nvfp4_source(const uint8_t* packed, const float* scale, int64_t rows, int64_t cols, int64_t group,
                           bool has_global, float global_mult, uint16_t* out) {
+  if (group <= 0 || cols % group != 0 || cols % 2 != 0)
+    throw OptionError("[dequant_nvfp4] in_features " + std::to_string(cols) + " is not a multiple of the group " +
+                      std::to_string(group));
   const int64_t groups = cols / group;
   parallel_for(rows, [&](int64_t r) {
     const uint8_t* pr = packed + r * (cols / 2);
@@ -144,6 +167,9 @@ void dequant_nvfp4_source(const uint8_t* packed, const float* scale, int64_t row
 }
 
 void dequant_int4_source(const Int4SourceView& v, uint16_t* out) {
+  if (v.group <= 0 || v.cols % v.group != 0 || v.cols % (v.words32 ? 8 : 2) != 0)
+    throw OptionError("[dequant_int4] in_features " + std::to_string(v.cols) + " is not a multiple of the group " +
+                      std::to_string(v.group));
   const int64_t groups = v.cols / v.group;
   const int64_t row_bytes = v.cols / 2;  // two nibbles a byte, whether stored as bytes or int32 words
   parallel_for(v.rows, [&](int64_t r) {
@@ -158,7 +184,7 @@ void dequant_int4_source(const Int4SourceView& v, uint16_t* out) {
 }
 
 void expand_e8m0_block_scale(const uint8_t* scale, int64_t srows, int64_t scols, int64_t rows, int64_t cols,
-                             const std::string& tensor, uint8_t* out) {
+                             const std::string& site, uint8_t* out) {
   const int64_t trows = rows, tcols = cols / 32;
   int64_t rrep = 0, crep = 0;
   if (srows > 0 && scols > 0 && trows % srows == 0 && tcols % scols == 0) {
@@ -168,7 +194,7 @@ void expand_e8m0_block_scale(const uint8_t* scale, int64_t srows, int64_t scols,
     rrep = 128;
     crep = 4;  // 128-column blocks hold four 32-column groups
   } else {
-    throw CheckpointError("[dequant] E8M0 block scale of '" + tensor + "' has shape [" + std::to_string(srows) + ", " +
+    throw CheckpointError(site + ": E8M0 block scale has shape [" + std::to_string(srows) + ", " +
                           std::to_string(scols) + "], which expands to neither [" + std::to_string(trows) + ", " +
                           std::to_string(tcols) + "] nor from 128x128 blocks");
   }

@@ -10,7 +10,8 @@
 namespace fastround {
 
 // scale_inv of an FP8 weight: a block grid [rows, cols] with block_rows x block_cols elements per entry,
-// or (block 0) a scalar / per-row / per-column scale. e8m0 marks scale_fmt "ue8m0" byte scales.
+// or (block 0) a scalar / per-row / per-column scale; a negative block is the config's invalid one.
+// e8m0 marks scale_fmt "ue8m0" byte scales.
 struct Fp8ScaleView {
   DType dtype = DType::F32;
   const void* data = nullptr;
@@ -19,6 +20,10 @@ struct Fp8ScaleView {
   int64_t block_rows = 0, block_cols = 0;
   bool e8m0 = false;
 };
+
+// Throws CheckpointError starting with `site` unless the scale has a float (or ue8m0 byte) dtype and covers
+// a [rows, cols] weight: what dequant_fp8_scaled checks before its parallel loop, for the planner to ask first.
+void check_fp8_scale(int64_t rows, int64_t cols, const Fp8ScaleView& s, const std::string& site);
 
 // out [rows, cols] bf16 = bf16(bf16(w) * bf16(scale_inv)); throws CheckpointError naming `tensor` when the
 // scale does not cover the weight.
@@ -61,8 +66,8 @@ inline int int4_nibble(const void* row, bool words32, int64_t k) {
 
 // DeepSeek V4 / V3.2 E8M0 block scales as compressed-tensors MX scales [rows, cols/32]: repeated when the
 // target is a whole multiple of the scale, else a [ceil(rows/128), ceil(cols/128)] grid repeated 128x along
-// rows and 4x along columns, then cropped. Throws CheckpointError naming `tensor` for any other shape.
+// rows and 4x along columns, then cropped. Throws CheckpointError starting with `site` for any other shape.
 void expand_e8m0_block_scale(const uint8_t* scale, int64_t srows, int64_t scols, int64_t rows, int64_t cols,
-                             const std::string& tensor, uint8_t* out);
+                             const std::string& site, uint8_t* out);
 
 }  // namespace fastround
