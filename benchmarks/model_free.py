@@ -291,9 +291,9 @@ def kernel_bench(rows: int, cols: int) -> list[dict]:
     exe = Path(fastround.__file__).parent / "bin" / "fastround-bench-kernels"
     out = subprocess.run([str(exe), str(rows), str(cols)], capture_output=True, text=True, check=True).stdout
     res = [json.loads(l) for l in out.splitlines() if l.strip()]
-    print("| kernel | path | threads | GB/s of bf16 source |\n| --- | --- | ---: | ---: |")
+    print("| kernel | path | isa | threads | GB/s of bf16 source |\n| --- | --- | --- | ---: | ---: |")
     for r in res:
-        print(f"| {r['kernel']} | {r['path']} | {r['threads']} | {r['gb_per_s']:.3f} |")
+        print(f"| {r['kernel']} | {r['path']} | {r['isa']} | {r['threads']} | {r['gb_per_s']:.3f} |")
     return res
 
 

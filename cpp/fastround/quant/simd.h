@@ -1,0 +1,36 @@
+// Vector kernels, one table per instruction set, picked at run time through common/cpu.h. Each entry gives
+// bytes identical to the scalar code it replaces; a group the vector code cannot prove exact (non-finite
+// values, the rare inputs where a step needs libm) falls back to the scalar numerics of fp_numerics.h.
+#pragma once
+
+#include <cstdint>
+
+#include "fastround/common/cpu.h"
+#include "fastround/common/dtype.h"
+
+namespace fastround::simd {
+
+struct Kernels {
+  Isa isa;
+  // out[i] = float(w[offset + i]) for i < n; F32, F16 or BF16 (as convert.h's load_as_float).
+  void (*load_as_float)(DType src, const void* w, int64_t offset, int64_t n, float* out);
+  // min(0, x...) and max(0, x...), NaN ignored.
+  void (*min_max0)(const float* x, int64_t n, float* mn, float* mx);
+  // words[k] = auto_gptq word of codes clamp(rne(x / scale) + zero, 0, 2^bits - 1) of x[k*pf, (k+1)*pf);
+  // n a multiple of 8 and of pf = 32 / bits.
+  void (*int_encode_pack)(const float* x, int64_t n, int bits, float scale, float zero, uint32_t* words);
+  // One MX row: codes [cols] (one byte per element) and scale bytes [cols/32].
+  void (*mx_row)(int bits, const float* x, int64_t cols, DType src, bool opt_rtn, uint8_t* codes, uint8_t* scale);
+  // NVFP4_E5M3 scale (byte and decoded value) of one 16-group, searched when opt_rtn.
+  void (*nv_scale)(const float* x, bool opt_rtn, uint8_t* byte, float* d);
+};
+
+// nullptr for Isa::Scalar (or an ISA this build has no kernels for).
+const Kernels* kernels_for(Isa isa);
+// kernels_for(active_isa()); call outside parallel regions (reading FASTROUND_ISA may throw).
+const Kernels* active_kernels();
+
+extern const Kernels kAvx2;
+extern const Kernels kAvx512;
+
+}  // namespace fastround::simd
