@@ -1,4 +1,4 @@
-// fastround-bench-kernels [ROWS COLS]: GB/s of bf16 source through each quantize+pack kernel, the scalar
+// fastround-bench-kernels [ROWS COLS [KERNEL_SUBSTRING]]: GB/s of bf16 source through each quantize+pack kernel, the scalar
 // reference (one thread) beside the fast path on every instruction set this CPU runs (one thread each) and
 // on the best one at 1..N threads. Prints one JSON object per line.
 #include <chrono>
@@ -93,7 +93,9 @@ int main(int argc, char** argv) {
   std::vector<fr::Isa> isas;
   for (fr::Isa isa : {fr::Isa::Scalar, fr::Isa::Avx2, fr::Isa::Avx512})
     if (isa != best && fr::cpu_supports(isa)) isas.push_back(isa);
+  const std::string only = argc > 3 ? argv[3] : "";
   for (const auto& k : kernels) {
+    if (k.name.find(only) == std::string::npos) continue;
     fr::set_num_threads(1);
     report(k.name, "reference", fr::Isa::Scalar, 1, seconds_per_run([&] { k.run(true); }), bytes);
     for (fr::Isa isa : isas) {

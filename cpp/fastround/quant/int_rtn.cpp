@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -61,8 +62,8 @@ void pack_tile_qzeros(const IntGptqLayout& L, int64_t r0, int64_t r1, const int3
     }
 }
 
-// Vector path: each row's groups encode straight into packed words (words [tile rows, cols_p/PF]), which are
-// then stored transposed. Needs groups of whole vectors and whole words.
+// Vector path: each row's groups encode straight into packed words, laid out as qweight's columns so that
+// each word row of the tile is one copy. Needs groups of whole vectors and whole words.
 template <int BITS>
 void quantize_int_gptq_tiles_simd(const simd::Kernels& K, DType src, const void* w, const IntGptqLayout& L, bool sym,
                                   int zero_offset, int32_t* qweight, int32_t* qzeros, uint16_t* scales) {
@@ -76,25 +77,17 @@ void quantize_int_gptq_tiles_simd(const simd::Kernels& K, DType src, const void*
     const int64_t r1 = std::min(r0 + kTile, L.rows_p);
     const int64_t rv = std::max(r0, std::min(r1, L.rows));
     std::vector<float> row(static_cast<size_t>(L.cols_p), 0.0f);
-    std::vector<uint32_t> words(static_cast<size_t>((rv - r0) * kwords));  // [tile rows, cols_p/PF]
+    std::vector<uint32_t> words(static_cast<size_t>(kwords * kTile));  // [cols_p/PF, tile rows], as qweight
     std::vector<int32_t> zeros(static_cast<size_t>((r1 - r0) * L.groups), pad_zero);  // [tile rows, groups]
     for (int64_t r = r0; r < rv; ++r) {
       K.load_as_float(src, w, r * L.cols, L.cols, row.data());
       for (int64_t g = 0; g < L.groups; ++g) {
-        const float* x = row.data() + g * L.group;
-        float mn, mx;
-        K.min_max0(x, L.group, &mn, &mx);
-        const IntGroupQuant q = int_group_quant(mn, mx, BITS, sym);
-        scales[g * L.rows + r] = q.scale_fp16;
-        zeros[(r - r0) * L.groups + g] = q.zero;
-        K.int_encode_pack(x, L.group, BITS, q.scale, static_cast<float>(q.zero),
-                          words.data() + (r - r0) * kwords + g * L.group / PF);
+        K.int_group(row.data() + g * L.group, L.group, BITS, sym, scales + g * L.rows + r,
+                    zeros.data() + (r - r0) * L.groups + g, words.data() + (g * L.group / PF) * kTile + (r - r0), kTile);
       }
     }
-    for (int64_t k = 0; k < kwords; ++k) {
-      int32_t* dst = qweight + k * L.rows + r0;
-      for (int64_t t = 0; t < rv - r0; ++t) dst[t] = static_cast<int32_t>(words[t * kwords + k]);
-    }
+    for (int64_t k = 0; k < kwords; ++k)
+      std::memcpy(qweight + k * L.rows + r0, words.data() + k * kTile, static_cast<size_t>(rv - r0) * 4);
     pack_tile_qzeros<BITS>(L, r0, r1, zeros.data(), zero_offset, qzeros);
   });
 }

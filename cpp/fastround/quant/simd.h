@@ -7,6 +7,7 @@
 
 #include "fastround/common/cpu.h"
 #include "fastround/common/dtype.h"
+#include "fastround/quant/int_rtn.h"
 
 namespace fastround::simd {
 
@@ -14,11 +15,11 @@ struct Kernels {
   Isa isa;
   // out[i] = float(w[offset + i]) for i < n; F32, F16 or BF16 (as convert.h's load_as_float).
   void (*load_as_float)(DType src, const void* w, int64_t offset, int64_t n, float* out);
-  // min(0, x...) and max(0, x...), NaN ignored.
-  void (*min_max0)(const float* x, int64_t n, float* mn, float* mx);
-  // words[k] = auto_gptq word of codes clamp(rne(x / scale) + zero, 0, 2^bits - 1) of x[k*pf, (k+1)*pf);
-  // n a multiple of 8 and of pf = 32 / bits.
-  void (*int_encode_pack)(const float* x, int64_t n, int bits, float scale, float zero, uint32_t* words);
+  // One INT RTN group of n values: its fp16 scale bits and zero point (int_group_quant of min(0, x...) and
+  // max(0, x...)), and words[k * stride] = the auto_gptq word of codes clamp(rne(x / scale) + zero, 0, maxq)
+  // of x[k*pf, (k+1)*pf); n a multiple of 8 and of pf = 32 / bits.
+  void (*int_group)(const float* x, int64_t n, int bits, bool sym, uint16_t* scale_fp16, int32_t* zero,
+                    uint32_t* words, int64_t stride);
   // One MX row: codes [cols] (one byte per element) and scale bytes [cols/32].
   void (*mx_row)(int bits, const float* x, int64_t cols, DType src, bool opt_rtn, uint8_t* codes, uint8_t* scale);
   // NVFP4_E5M3 scale (byte and decoded value) of one 16-group, searched when opt_rtn.
