@@ -51,13 +51,6 @@ void nv_load_row(const simd::Kernels* K, DType src, const void* w, int64_t r, in
   (K != nullptr ? K->load_as_float : load_as_float)(src, w, r * cols, cols, x);
 }
 
-NvScale nv_group_scale(const simd::Kernels* K, const float* x, bool opt_rtn) {
-  if (K == nullptr) return nv_best_scale(x, opt_rtn);
-  NvScale s{};
-  K->nv_scale(x, opt_rtn, &s.byte, &s.d);
-  return s;
-}
-
 void check_nvfp4_shape(int64_t cols) {
   if (cols % 16 != 0)
     throw OptionError("[nvfp4_e5m3] in_features " + std::to_string(cols) + " is not a multiple of the group size 16");
@@ -186,7 +179,11 @@ void quantize_nvfp4_e5m3(DType src, const void* w, int64_t rows, int64_t cols, b
     nv_load_row(K, src, w, r, cols, x.data());
     uint8_t* out = packed + r * (cols / 2);
     for (int64_t g = 0; g < cols / 16; ++g) {
-      const NvScale s = nv_group_scale(K, &x[g * 16], opt_rtn);
+      if (K != nullptr) {
+        K->nv_group(&x[g * 16], opt_rtn, scale + r * (cols / 16) + g, out + g * 8);
+        continue;
+      }
+      const NvScale s = nv_best_scale(&x[g * 16], opt_rtn);
       scale[r * (cols / 16) + g] = s.byte;
       for (int i = 0; i < 16; i += 2)
         out[g * 8 + i / 2] =
@@ -202,7 +199,11 @@ void fake_quantize_nvfp4_e5m3(DType src, const void* w, int64_t rows, int64_t co
     std::vector<float> x(static_cast<size_t>(cols)), q(static_cast<size_t>(cols));
     nv_load_row(K, src, w, r, cols, x.data());
     for (int64_t g = 0; g < cols / 16; ++g) {
-      const NvScale s = nv_group_scale(K, &x[g * 16], opt_rtn);
+      if (K != nullptr) {
+        K->nv_fake_group(&x[g * 16], opt_rtn, &q[g * 16]);
+        continue;
+      }
+      const NvScale s = nv_best_scale(&x[g * 16], opt_rtn);
       for (int i = 0; i < 16; ++i) q[g * 16 + i] = nv_qdq(x[g * 16 + i], s.d);
     }
     store_from_float(src, q.data(), cols, out, r * cols);

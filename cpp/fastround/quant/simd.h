@@ -22,8 +22,10 @@ struct Kernels {
                     uint32_t* words, int64_t stride);
   // One MX row: codes [cols] (one byte per element) and scale bytes [cols/32].
   void (*mx_row)(int bits, const float* x, int64_t cols, DType src, bool opt_rtn, uint8_t* codes, uint8_t* scale);
-  // NVFP4_E5M3 scale (byte and decoded value) of one 16-group, searched when opt_rtn.
-  void (*nv_scale)(const float* x, bool opt_rtn, uint8_t* byte, float* d);
+  // One NVFP4_E5M3 16-group (scale searched when opt_rtn): its scale byte and 8 packed E2M1 bytes ...
+  void (*nv_group)(const float* x, bool opt_rtn, uint8_t* scale, uint8_t* packed);
+  // ... or its quantize-dequantized values q[16] (the fake format, before the cast to the source dtype).
+  void (*nv_fake_group)(const float* x, bool opt_rtn, float* q);
 };
 
 // nullptr for Isa::Scalar (or an ISA this build has no kernels for).
