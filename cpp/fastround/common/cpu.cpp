@@ -37,6 +37,9 @@ const char* isa_name(Isa isa) {
 }
 
 bool cpu_supports(Isa isa) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();  // idempotent; needed when called before libgcc's constructor ran
+#endif
   switch (isa) {
     case Isa::Scalar: return true;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
