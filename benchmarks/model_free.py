@@ -5,11 +5,13 @@ Builds a checkpoint with real layer shapes (Llama-3-8B-like dense or Qwen3-30B-A
   read      reading every shard to /dev/null (the read bound)
   fastround model-free through `python -m fastround`
   upstream  auto-round 0.16.1 model-free through its CLI, torch.compile off and on, at its default parallelism
+  fastround-1t  fastround on one thread (--single_thread schemes): the per-core end-to-end rate
 for each scheme, from a warm page cache and (where --cold) a cold one (posix_fadvise DONTNEED on the
 sources, or drop_caches as root). Peak RSS is the largest sum over the run's process tree, sampled every 20 ms.
 
     python3 benchmarks/model_free.py --model llama3-8b --layers 4 --vocab 32000 --cold
-    python3 benchmarks/model_free.py --kernels            # C++ micro-benchmark of each kernel
+    python3 benchmarks/model_free.py --kernels            # C++ micro-benchmark of each kernel, per ISA
+    python3 benchmarks/model_free.py --isa scalar ...     # force fastround's instruction set (FASTROUND_ISA)
     python3 benchmarks/model_free.py --scaling 1,4,16     # fastround W4A16 over checkpoint sizes (GB)
 
 Prints a markdown table and writes JSON (--json). Numbers are recorded in docs/performance.md.
@@ -177,6 +179,7 @@ class Run:
     source_gb: float
     ok: bool
     note: str = ""
+    isa: str = ""  # fastround's kernel instruction set ("" for the other tools)
     gb_per_s: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -240,7 +243,9 @@ def measure(tool: str, scheme: str, src: Path, work: Path, cache: str, threads: 
     shutil.rmtree(out, ignore_errors=True)
     if tool == "read":
         cmd = [sys.executable, "-c", READ_SCRIPT, *map(str, shard_files(src))]
-    elif tool == "fastround":
+    elif tool in ("fastround", "fastround-1t"):
+        if tool == "fastround-1t":
+            threads = 1
         cmd = [sys.executable, "-m", "fastround", str(src), "--model_free", *SCHEMES[scheme][0], "--output_dir",
                str(out), "--no_progress"]
         if threads:
@@ -252,27 +257,28 @@ def measure(tool: str, scheme: str, src: Path, work: Path, cache: str, threads: 
         cmd = [sys.executable, "-m", "auto_round", str(src), "--model_free", *SCHEMES[scheme][1], "--output_dir",
                str(out), compile_flag]
         env.update(SCHEMES[scheme][2])
-    if tool == "fastround":
+    if tool.startswith("fastround"):
         env.update(SCHEMES[scheme][2])
     if cache == "cold":
         drop_page_cache(src)
     secs, rss, rc, err = run_measured(cmd, env, timeout)
     shutil.rmtree(out, ignore_errors=True)
     note = "" if rc == 0 else err.strip().splitlines()[-1][:160] if err.strip() else f"exit {rc}"
-    return Run(tool, scheme if tool != "read" else "-", cache, secs, rss, src_gb, rc == 0, note)
+    return Run(tool, scheme if tool != "read" else "-", cache, secs, rss, src_gb, rc == 0, note,
+               isa_used() if tool.startswith("fastround") else "")
 
 
 def table(runs: list[Run]) -> str:
     by = {(r.tool, r.scheme, r.cache): r for r in runs}
-    lines = ["| scheme | tool | cache | wall s | source GB/s | peak RSS GB | vs upstream (x faster) | vs read bound |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| scheme | tool | isa | cache | wall s | source GB/s | peak RSS GB | vs upstream (x faster) | vs read bound |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs:
         up = by.get(("upstream", r.scheme, r.cache))
         rd = by.get(("read", "-", r.cache))
         vs_up = f"{up.seconds / r.seconds:.1f}" if up and up.ok and r.ok and r.tool != "read" else ""
         vs_rd = f"{r.seconds / rd.seconds:.2f}" if rd and rd.ok and r.ok else ""
         status = f"{r.seconds:.2f}" if r.ok else f"failed: {r.note}"
-        lines.append(f"| {r.scheme} | {r.tool} | {r.cache} | {status} | {r.gb_per_s:.3f} | {r.peak_rss_gb:.2f} | "
+        lines.append(f"| {r.scheme} | {r.tool} | {r.isa} | {r.cache} | {status} | {r.gb_per_s:.3f} | {r.peak_rss_gb:.2f} | "
                      f"{vs_up} | {vs_rd} |")
     return "\n".join(lines)
 
@@ -285,15 +291,22 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.platform()}"
 
 
+def isa_used() -> str:
+    """The instruction set fastround's kernels pick in a fresh process with this environment (FASTROUND_ISA)."""
+    r = subprocess.run([sys.executable, "-c", "import fastround._C as C; print(C.isa())"], capture_output=True,
+                       text=True)
+    return r.stdout.strip() if r.returncode == 0 else f"error: {r.stderr.strip().splitlines()[-1:]}"
+
+
 def kernel_bench(rows: int, cols: int) -> list[dict]:
     import fastround
 
     exe = Path(fastround.__file__).parent / "bin" / "fastround-bench-kernels"
     out = subprocess.run([str(exe), str(rows), str(cols)], capture_output=True, text=True, check=True).stdout
     res = [json.loads(l) for l in out.splitlines() if l.strip()]
-    print("| kernel | path | threads | GB/s of bf16 source |\n| --- | --- | ---: | ---: |")
+    print("| kernel | path | isa | threads | GB/s of bf16 source |\n| --- | --- | --- | ---: | ---: |")
     for r in res:
-        print(f"| {r['kernel']} | {r['path']} | {r['threads']} | {r['gb_per_s']:.3f} |")
+        print(f"| {r['kernel']} | {r['path']} | {r['isa']} | {r['threads']} | {r['gb_per_s']:.3f} |")
     return res
 
 
@@ -311,18 +324,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fastround-bench"))
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", default=None, help="write every measurement here")
+    ap.add_argument("--single_thread", default="W4A16,MXFP4",
+                    help="schemes also run as fastround --threads 1 (warm cache; '' for none)")
+    ap.add_argument("--isa", choices=["scalar", "avx2", "avx512"], default=None,
+                    help="fastround kernel instruction set (sets FASTROUND_ISA; default: the best this CPU has)")
     ap.add_argument("--kernels", action="store_true", help="run the C++ kernel micro-benchmark and exit")
     ap.add_argument("--kernel_shape", default="4096,4096")
     ap.add_argument("--scaling", default=None, help="comma-separated checkpoint sizes in GB for a fastround W4A16 run")
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.isa:
+        os.environ["FASTROUND_ISA"] = args.isa
     print(f"machine: {machine()}")
+    print(f"fastround instruction set: {isa_used()}")
     if args.kernels:
         rows, cols = map(int, args.kernel_shape.split(","))
         res = kernel_bench(rows, cols)
         if args.json:
-            Path(args.json).write_text(json.dumps({"machine": machine(), "kernels": res}, indent=2))
+            Path(args.json).write_text(json.dumps({"machine": machine(), "isa": isa_used(), "kernels": res}, indent=2))
         return 0
     runs: list[Run] = []
     caches = ["warm", "cold"] if args.cold else ["warm"]
@@ -360,10 +380,17 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(r)
                     print(f"{scheme} {tool} {cache}: {r.seconds:.2f} s, {r.gb_per_s:.3f} GB/s, "
                           f"{r.peak_rss_gb:.2f} GB RSS {'' if r.ok else r.note}", flush=True)
+            singles = [x for x in args.single_thread.split(",") if x] if "fastround" in tools else []
+            for scheme in singles if cache == "warm" else []:
+                warm_page_cache(src)
+                r = measure("fastround-1t", scheme, src, work, cache, 1, args.timeout, 1)
+                runs.append(r)
+                print(f"{scheme} fastround-1t {cache}: {r.seconds:.2f} s, {r.gb_per_s:.3f} GB/s on one thread "
+                      f"({r.isa}) {'' if r.ok else r.note}", flush=True)
         print()
         print(table(runs))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "argv": sys.argv[1:],
+        Path(args.json).write_text(json.dumps({"machine": machine(), "isa": isa_used(), "argv": sys.argv[1:],
                                                "runs": [asdict(r) for r in runs]}, indent=2))
     return 0 if all(r.ok for r in runs) else 1
 

@@ -15,13 +15,17 @@ from fastround import _C
 BIN = Path(fastround.__file__).parent / "bin"
 
 
+ISAS = [isa for isa in ("scalar", "avx2", "avx512") if _C.isa_supported(isa)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", ["1", "2"])
-def test_encoding_table_walk(threads):
-    """Every table row, source dtype and thread count: fast == reference bit for bit, pack(reference codes) ==
-    quantize, the dequantizer reads the bytes back (cpp/tests/test_encodings.cpp)."""
+def test_encoding_table_walk(threads, isa):
+    """Every table row, source dtype, thread count and instruction set this CPU has: fast == reference bit for
+    bit, pack(reference codes) == quantize, the dequantizer reads the bytes back (cpp/tests/test_encodings.cpp)."""
     exe = BIN / "fastround-test-encodings"
     assert exe.is_file(), f"{exe} was not built"
-    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, FASTROUND_ISA=isa)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     summary = re.search(r"^(\d+) passed, (\d+) failed$", run.stdout, re.M)
@@ -86,3 +90,23 @@ def test_tensor_layouts():
         ("weight", "F8_E4M3", [4, 64]),
         ("weight_scale", "U8", [4, 2]),
     ]
+
+
+def test_stub_lists_the_module():
+    """python/fastround/_C.pyi (what type checkers and IDEs read) names exactly what the module exports."""
+    import ast
+
+    stub = Path(fastround.__file__).with_name("_C.pyi")
+    assert stub.is_file(), "fastround/_C.pyi is not installed"
+    tree = ast.parse(stub.read_text())
+    declared = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            declared.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            declared.add(node.target.id)
+        elif isinstance(node, ast.Assign):
+            declared.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    exported = {n for n in dir(_C) if not n.startswith("_")}
+    assert exported - declared == set(), f"missing from _C.pyi: {sorted(exported - declared)}"
+    assert declared - exported - {"__all__"} == set(), f"stale in _C.pyi: {sorted(declared - exported)}"

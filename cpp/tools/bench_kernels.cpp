@@ -1,5 +1,6 @@
-// fastround-bench-kernels [ROWS COLS]: GB/s of bf16 source through each quantize+pack kernel, the scalar
-// reference (one thread) beside the fast path at 1..N threads. Prints one JSON object per line.
+// fastround-bench-kernels [ROWS COLS [KERNEL_SUBSTRING]]: GB/s of bf16 source through each quantize+pack kernel, the scalar
+// reference (one thread) beside the fast path on every instruction set this CPU runs (one thread each) and
+// on the best one at 1..N threads. Prints one JSON object per line.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -8,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "fastround/common/cpu.h"
 #include "fastround/common/fp_codes.h"
 #include "fastround/common/parallel.h"
 #include "fastround/quant/fp_rtn.h"
@@ -30,9 +32,11 @@ double seconds_per_run(const std::function<void()>& fn) {
   return elapsed / reps;
 }
 
-void report(const std::string& kernel, const std::string& path, int threads, double secs, double bytes) {
-  std::printf("{\"kernel\": \"%s\", \"path\": \"%s\", \"threads\": %d, \"seconds\": %.6f, \"gb_per_s\": %.3f}\n",
-              kernel.c_str(), path.c_str(), threads, secs, bytes / secs / 1e9);
+void report(const std::string& kernel, const std::string& path, fr::Isa isa, int threads, double secs, double bytes) {
+  std::printf(
+      "{\"kernel\": \"%s\", \"path\": \"%s\", \"isa\": \"%s\", \"threads\": %d, \"seconds\": %.6f, "
+      "\"gb_per_s\": %.3f}\n",
+      kernel.c_str(), path.c_str(), fr::isa_name(isa), threads, secs, bytes / secs / 1e9);
   std::fflush(stdout);
 }
 
@@ -85,12 +89,23 @@ int main(int argc, char** argv) {
                              fr::DType::BF16, w.data(), rows, cols, opt, out_a.data(), out_b.data());
                        }});
 
+  const fr::Isa best = fr::active_isa();
+  std::vector<fr::Isa> isas;
+  for (fr::Isa isa : {fr::Isa::Scalar, fr::Isa::Avx2, fr::Isa::Avx512})
+    if (isa != best && fr::cpu_supports(isa)) isas.push_back(isa);
+  const std::string only = argc > 3 ? argv[3] : "";
   for (const auto& k : kernels) {
+    if (k.name.find(only) == std::string::npos) continue;
     fr::set_num_threads(1);
-    report(k.name, "reference", 1, seconds_per_run([&] { k.run(true); }), bytes);
+    report(k.name, "reference", fr::Isa::Scalar, 1, seconds_per_run([&] { k.run(true); }), bytes);
+    for (fr::Isa isa : isas) {
+      fr::set_isa(isa);
+      report(k.name, "fast", isa, 1, seconds_per_run([&] { k.run(false); }), bytes);
+    }
+    fr::set_isa(best);
     for (int t : thread_counts) {
       fr::set_num_threads(t);
-      report(k.name, "fast", t, seconds_per_run([&] { k.run(false); }), bytes);
+      report(k.name, "fast", best, t, seconds_per_run([&] { k.run(false); }), bytes);
     }
   }
   return 0;

@@ -6,6 +6,7 @@
 #include <new>
 
 #include "bindings.h"
+#include "fastround/common/cpu.h"
 #include "fastround/common/dtype.h"
 #include "fastround/common/error.h"
 #include "fastround/common/nonfinite.h"
@@ -221,4 +222,13 @@ as uint16 fp16 bits). reference=True runs the scalar reference instead of the fu
         "number of iterations that ran.");
   m.def("set_num_threads", &fr::set_num_threads, py::arg("n"), "Threads used by the C++ kernels.");
   m.def("max_threads", &fr::max_threads);
+  m.def("isa", [] { return std::string(fr::isa_name(fr::active_isa())); },
+        "Instruction set the kernels use now (scalar, avx2 or avx512).");
+  m.def("set_isa", py::overload_cast<const std::string&>(&fr::set_isa), py::arg("name"),
+        "Use the kernels of this instruction set; ValueError if unknown or this CPU lacks it.");
+  m.def("isa_supported", [](const std::string& name) {
+    for (fr::Isa isa : {fr::Isa::Scalar, fr::Isa::Avx2, fr::Isa::Avx512})
+      if (name == fr::isa_name(isa)) return fr::cpu_supports(isa);
+    throw fr::OptionError("isa_supported: unknown instruction set '" + name + "' (expected scalar, avx2 or avx512)");
+  }, py::arg("name"), "Whether this CPU can run the kernels of that instruction set.");
 }

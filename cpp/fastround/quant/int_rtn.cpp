@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,7 @@
 #include "fastround/common/half.h"
 #include "fastround/common/parallel.h"
 #include "fastround/pack/pack_gptq.h"
+#include "fastround/quant/simd.h"
 
 namespace fastround {
 
@@ -43,14 +45,63 @@ void encode_group(const float* __restrict x, int64_t n, float scale, float zero,
   }
 }
 
+// Writes the qzeros words of one tile from its zero points [tile rows, groups].
+template <int BITS>
+void pack_tile_qzeros(const IntGptqLayout& L, int64_t r0, int64_t r1, const int32_t* zeros, int zero_offset,
+                      int32_t* qzeros) {
+  constexpr int PF = 32 / BITS;
+  const int64_t zwords = L.rows_p / PF;
+  for (int64_t g = 0; g < L.groups; ++g)
+    for (int64_t wd = 0; wd < (r1 - r0) / PF; ++wd) {
+      uint32_t word = 0;
+      for (int j = 0; j < PF; ++j) {
+        const int32_t lane = std::clamp(zeros[(wd * PF + j) * L.groups + g] - zero_offset, 0, (1 << BITS) - 1);
+        word |= static_cast<uint32_t>(lane) << (BITS * j);
+      }
+      qzeros[g * zwords + r0 / PF + wd] = static_cast<int32_t>(word);
+    }
+}
+
+// Vector path: each row's groups encode straight into packed words, laid out as qweight's columns so that
+// each word row of the tile is one copy. Needs groups of whole vectors and whole words.
+template <int BITS>
+void quantize_int_gptq_tiles_simd(const simd::Kernels& K, DType src, const void* w, const IntGptqLayout& L, bool sym,
+                                  int zero_offset, int32_t* qweight, int32_t* qzeros, uint16_t* scales) {
+  constexpr int PF = 32 / BITS;
+  constexpr int64_t kTile = 32;
+  const int64_t ntiles = (L.rows_p + kTile - 1) / kTile;
+  const int32_t pad_zero = int_group_quant(0.0f, 0.0f, BITS, sym).zero;
+  const int64_t kwords = L.cols_p / PF;
+  parallel_for(ntiles, [&](int64_t tile) {
+    const int64_t r0 = tile * kTile;
+    const int64_t r1 = std::min(r0 + kTile, L.rows_p);
+    const int64_t rv = std::max(r0, std::min(r1, L.rows));
+    std::vector<float> row(static_cast<size_t>(L.cols_p), 0.0f);
+    std::vector<uint32_t> words(static_cast<size_t>(kwords * kTile));  // [cols_p/PF, tile rows], as qweight
+    std::vector<int32_t> zeros(static_cast<size_t>((r1 - r0) * L.groups), pad_zero);  // [tile rows, groups]
+    for (int64_t r = r0; r < rv; ++r) {
+      K.load_as_float(src, w, r * L.cols, L.cols, row.data());
+      for (int64_t g = 0; g < L.groups; ++g) {
+        K.int_group(row.data() + g * L.group, L.group, BITS, sym, scales + g * L.rows + r,
+                    zeros.data() + (r - r0) * L.groups + g, words.data() + (g * L.group / PF) * kTile + (r - r0), kTile);
+      }
+    }
+    for (int64_t k = 0; k < kwords; ++k)
+      std::memcpy(qweight + k * L.rows + r0, words.data() + k * kTile, static_cast<size_t>(rv - r0) * 4);
+    pack_tile_qzeros<BITS>(L, r0, r1, zeros.data(), zero_offset, qzeros);
+  });
+}
+
 template <int BITS>
 void quantize_int_gptq_tiles(DType src, const void* w, const IntGptqLayout& L, bool sym, int zero_offset,
                              int32_t* qweight, int32_t* qzeros, uint16_t* scales) {
+  const simd::Kernels* K = simd::active_kernels();
+  if (K != nullptr && L.group % std::max(8, 32 / BITS) == 0)
+    return quantize_int_gptq_tiles_simd<BITS>(*K, src, w, L, sym, zero_offset, qweight, qzeros, scales);
   constexpr int PF = 32 / BITS;
   constexpr int64_t kTile = 32;  // a multiple of every pack factor, so tiles own whole qzeros words
   const int64_t ntiles = (L.rows_p + kTile - 1) / kTile;
   const int32_t pad_zero = int_group_quant(0.0f, 0.0f, BITS, sym).zero;
-  const int64_t zwords = L.rows_p / PF;
   parallel_for(ntiles, [&](int64_t tile) {
     const int64_t r0 = tile * kTile;
     const int64_t r1 = std::min(r0 + kTile, L.rows_p);
@@ -83,15 +134,7 @@ void quantize_int_gptq_tiles(DType src, const void* w, const IntGptqLayout& L, b
         dst[r0 + t] = static_cast<int32_t>(word);
       }
     }
-    for (int64_t g = 0; g < L.groups; ++g)
-      for (int64_t wd = 0; wd < (r1 - r0) / PF; ++wd) {
-        uint32_t word = 0;
-        for (int j = 0; j < PF; ++j) {
-          const int32_t lane = std::clamp(zeros[(wd * PF + j) * L.groups + g] - zero_offset, 0, (1 << BITS) - 1);
-          word |= static_cast<uint32_t>(lane) << (BITS * j);
-        }
-        qzeros[g * zwords + r0 / PF + wd] = static_cast<int32_t>(word);
-      }
+    pack_tile_qzeros<BITS>(L, r0, r1, zeros.data(), zero_offset, qzeros);
   });
 }
 
