@@ -723,7 +723,8 @@ def judge(case: dict[str, Any], res: dict[str, Any], before: dict[str, str]) -> 
 
 @pytest.fixture(scope="module")
 def fuzz_env(checkpoint, tmp_path_factory):
-    pytest.importorskip("fastround")
+    import fastround  # noqa: F401  (a broken build must fail here, not skip)
+
     # Every case fsyncs a few shards: on tmpfs that costs nothing, which halves the suite's time.
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
