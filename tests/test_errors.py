@@ -52,7 +52,6 @@ def test_error_inside_parallel_for_reaches_python(error, throw_from, threads, re
 
 def test_torch_adapter_keeps_core_mapping():
     """fastround._torch registers the same translator for itself; _C's errors keep their types."""
-    pytest.importorskip("torch")
     import torch
 
     import fastround._torch as _torch
