@@ -18,6 +18,7 @@
 #include "fastround/pipeline/resume.h"
 #include "fastround/quant/encoding.h"
 #include "fastround/quant/scheme.h"
+#include "fastround/source/classify.h"
 
 namespace fastround {
 
@@ -40,38 +41,9 @@ struct RunContext {
   bool fake_format = false;  // format "fake": NVFP4 writes dequantized weights
   bool llm_compressor = false;  // format "llm_compressor": compressed-tensors quantization_config
   bool opt_rtn = true;       // MXFP exponent search (upstream default unless disable_opt_rtn)
-  std::optional<std::pair<int64_t, int64_t>> fp8_block{};  // weight_block_size of an FP8 source config
-  bool scale_e8m0 = false;   // FP8 source with scale_fmt ue8m0
-  std::string model_type{};  // config.json's, lower case
-  bool deepseek_mx_source = false;   // deepseek_v4, or v32 with ue8m0 scales: weights + E8M0 block scales are MX
-  bool deepseek_v32_scales = false;  // v32 also names those scales weight_scale / weight_scale_inv
-  bool int4_source = false;          // kimi_k25: weight_packed + float weight_scale is INT4
-  std::optional<int64_t> int4_group{};  // its config's group size, when the shapes do not say
+  SourceFormat source{};     // what config.json says about already-quantized weights
   std::map<std::string, std::string> tensor_home{};  // tensor -> source shard, from the index
   SinkFactory make_sink = SafetensorsWriter::factory();  // where each output shard's tensors go
-};
-
-enum class InputKind { Raw, Fp8Scaled, MxfpSource, Nvfp4Source, Int4Source };
-
-// A 2-D [rows, cols] view of a weight as the kernels consume it.
-struct WeightInput {
-  InputKind kind = InputKind::Raw;
-  const SafetensorsReader* reader = nullptr;
-  const TensorInfo* tensor = nullptr;
-  uint64_t byte_offset = 0;  // start of this slice inside `tensor` (a fused-expert slice)
-  DType dtype = DType::BF16;  // of the values the kernel sees (BF16 for every dequantized source)
-  int64_t rows = 0, cols = 0;
-  // Fp8Scaled: scale_inv; MxfpSource: E8M0 scale [rows, cols/32] and `bits` of the source; Nvfp4Source: block
-  // scale [rows, cols/16]; Int4Source: scale [rows, cols/group].
-  const SafetensorsReader* scale_reader = nullptr;
-  const TensorInfo* scale = nullptr;
-  std::shared_ptr<const std::vector<uint8_t>> owned_scale;  // built by the planner; replaces `scale`'s bytes
-  int source_bits = 0;
-  bool has_global = false;  // Nvfp4Source: multiply by global_mult (1 / weight_global_scale)
-  float global_mult = 1.f;
-  int64_t group_size = 0;                 // Int4Source
-  const TensorInfo* zero_point = nullptr;  // Int4Source: [rows, groups], or packed like the weight
-  uint64_t nbytes() const;
 };
 
 // A copy (no encoding) or one layer encoded through its table row.
@@ -101,9 +73,6 @@ struct ShardPlan {
   std::map<std::string, TensorFate> fates;
   uint64_t source_bytes = 0;
 };
-
-// Resolves a tensor that lives in another shard (an FP8 scale donated across shards).
-using DonorLookup = std::function<std::pair<const SafetensorsReader*, const TensorInfo*>(const std::string& tensor)>;
 
 void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const DonorLookup& donors, ShardPlan& plan);
 
