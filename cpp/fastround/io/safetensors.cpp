@@ -229,6 +229,8 @@ size_t SafetensorsWriter::index_of(const std::string& name) const {
   throw OptionError("[safetensors] " + final_path_.string() + ": no output tensor '" + name + "'");
 }
 
+constexpr uint64_t kWritebackMin = 4ull << 20;  // smaller writes ride along with the next large one or fsync
+
 void SafetensorsWriter::write(size_t idx, const void* data, uint64_t len, uint64_t at) {
   if (at + len > tensors_[idx].nbytes())
     throw OptionError("[safetensors] " + final_path_.string() + ": write past the end of tensor '" +
@@ -245,6 +247,12 @@ void SafetensorsWriter::write(size_t idx, const void* data, uint64_t len, uint64
     done += static_cast<uint64_t>(n);
   }
   written_[idx] += len;
+#ifdef __linux__
+  // Start writing large ranges back now, so the disk works while the next tensors are quantized and
+  // commit()'s fsync finds little left to do. Best effort: fsync still decides durability.
+  if (len >= kWritebackMin)
+    ::sync_file_range(fd_, static_cast<off64_t>(offsets_[idx] + at), static_cast<off64_t>(len), SYNC_FILE_RANGE_WRITE);
+#endif
 }
 
 void SafetensorsWriter::commit() {
