@@ -4,6 +4,7 @@
 #include <cctype>
 
 #include "fastround/common/error.h"
+#include "fastround/common/strings.h"
 
 namespace fastround {
 
@@ -22,12 +23,6 @@ std::string regex_escape(std::string_view s) {
   }
   return out;
 }
-
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
-bool starts_with(std::string_view s, std::string_view prefix) { return s.substr(0, prefix.size()) == prefix; }
 
 bool ends_with_block_index(std::string_view s) {
   size_t i = s.size();

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "fastround/common/error.h"
+#include "fastround/common/strings.h"
 #include "fastround/common/parallel.h"
 #include "fastround/io/files.h"
 #include "fastround/io/safetensors.h"
@@ -35,10 +36,6 @@ namespace {
 constexpr const char* kStagingDir = ".fastround-partial";
 constexpr const char* kDownloadDir = "source-shards";  // inside the staging folder
 constexpr const char* kSummaryFile = "fastround_summary.json";
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 // ---- source discovery -------------------------------------------------------------------------
 

@@ -5,19 +5,12 @@
 #include <set>
 
 #include "fastround/common/error.h"
+#include "fastround/common/strings.h"
 #include "fastround/io/files.h"
 
 namespace fastround {
 
 namespace fs = std::filesystem;
-
-namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-}  // namespace
 
 void drop_quantization_configs(ojson& j) {
   if (j.is_object()) {
@@ -30,7 +23,7 @@ void drop_quantization_configs(ojson& j) {
 
 bool is_stale_metadata(const std::string& name) {
   std::string lower = name;
-  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  lower = to_lower(lower);
   return lower == "quantization_config.json" || lower == "quantize_config.json" || lower == "quant_config.json" ||
          lower == "readme.md";
 }

@@ -4,6 +4,8 @@
 #include <cctype>
 #include <set>
 
+#include "fastround/common/strings.h"
+
 namespace fastround {
 
 namespace {
@@ -44,7 +46,7 @@ SchemeFields config_default_scheme(const RunContext& ctx, const std::vector<std:
     key.group_size = eff->group_size ? eff->group_size : ctx.default_scheme.group_size;
     key.sym = eff->sym.value_or(true);
     std::string dt = eff->data_type.value_or("int");
-    std::transform(dt.begin(), dt.end(), dt.begin(), [](unsigned char c) { return std::tolower(c); });
+    dt = to_lower(dt);
     key.data_type = dt;
     auto it = std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == key; });
     if (it == counts.end())
@@ -197,7 +199,7 @@ ojson with_routed_experts(ojson targets, const std::vector<std::string>& layers)
     if (t == "RoutedExperts") return targets;
   for (const auto& name : layers) {
     std::string l = name;
-    std::transform(l.begin(), l.end(), l.begin(), [](unsigned char c) { return std::tolower(c); });
+    l = to_lower(l);
     if (l.find("block_sparse_moe") != std::string::npos || l.find(".moe.") != std::string::npos ||
         l.find(".feed_forward.") != std::string::npos) {
       targets.push_back("RoutedExperts");
@@ -289,7 +291,7 @@ ojson mxfp_ct_config(const RunContext& ctx, const std::vector<std::string>& quan
   const SchemeFields& d = ctx.default_scheme;
   const int bits = d.bits.value_or(4);
   std::string ddt = d.data_type.value_or("mx_fp");
-  std::transform(ddt.begin(), ddt.end(), ddt.begin(), [](unsigned char c) { return std::tolower(c); });
+  ddt = to_lower(ddt);
   const bool fp_default = bits >= 16;
   const std::set<std::string> qset(quantized.begin(), quantized.end());
   ojson ignore = ojson::array();
@@ -307,7 +309,7 @@ ojson mxfp_ct_config(const RunContext& ctx, const std::vector<std::string>& quan
     for (const auto& layer : quantized) {
       const auto eff = resolve_layer_scheme(d, ctx.layer_config.match(layer));
       std::string dt = eff ? eff->data_type.value_or(ddt) : ddt;
-      std::transform(dt.begin(), dt.end(), dt.begin(), [](unsigned char c) { return std::tolower(c); });
+      dt = to_lower(dt);
       add({eff ? eff->bits.value_or(bits) : bits, dt}, layer);
     }
   } else if (!fp_default) {

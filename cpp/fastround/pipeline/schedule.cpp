@@ -5,17 +5,10 @@
 #include <queue>
 
 #include "fastround/common/error.h"
+#include "fastround/common/strings.h"
 #include "fastround/common/parallel.h"
 
 namespace fastround {
-
-namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-}  // namespace
 
 // Shards that hold an FP8 scale for a weight elsewhere run first (donors before recipients, otherwise
 // source order), so a recipient finds its scale; returns recipient -> donors.

@@ -7,24 +7,12 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/common/error.h"
+#include "fastround/common/strings.h"
 #include "fastround/common/nonfinite.h"
 
 namespace fastround {
 
 namespace fs = std::filesystem;
-
-namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-std::string lower(std::string s) {
-  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-  return s;
-}
-
-}  // namespace
 
 void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const DonorLookup& donors, ShardPlan& plan) {
   const std::string& shard = plan.source_name;
@@ -131,7 +119,7 @@ void plan_shard(const RunContext& ctx, const SafetensorsReader& reader, const Do
     // Model-free has no NVFP4 ('nv_fp') kernel: upstream passes an NVFP4 source layer through and runs
     // anything else through its INT kernel under the nv_fp label.
     bool nv_pass = false;
-    if (quantize && lower(eff->data_type.value_or("")).find("nv_fp") != std::string::npos) {
+    if (quantize && to_lower(eff->data_type.value_or("")).find("nv_fp") != std::string::npos) {
       const std::string from = entry ? " (from layer_config['" + entry->key + "'])" : "";
       const std::string site = site_of(reader, c.name) + ": data_type '" + *eff->data_type + "'" + from;
       if (c.in.kind != InputKind::Nvfp4Source || eff->bits.value_or(16) != 4)

@@ -5,15 +5,12 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/common/error.h"
+#include "fastround/common/strings.h"
 #include "fastround/match/patterns.h"
 
 namespace fastround {
 
 namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 std::string last_part(const std::string& name) {
   const size_t dot = name.rfind('.');

@@ -6,6 +6,7 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/common/error.h"
+#include "fastround/common/strings.h"
 
 namespace fastround {
 
@@ -59,8 +60,7 @@ SourceFormat read_source_format(const ojson& config) {
   SourceFormat fmt;
   if (config.contains("model_type") && config["model_type"].is_string()) {
     fmt.model_type = config["model_type"].get<std::string>();
-    std::transform(fmt.model_type.begin(), fmt.model_type.end(), fmt.model_type.begin(),
-                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    fmt.model_type = to_lower(fmt.model_type);
   }
   const ojson* found = find_quantization_config(config);
   const ojson q = found ? *found : ojson::object();
@@ -74,7 +74,7 @@ SourceFormat read_source_format(const ojson& config) {
   auto str = [&](const char* key) { return q.contains(key) && q[key].is_string() ? q[key].get<std::string>() : std::string(); };
   auto lower = [&](const char* key) {
     std::string v = str(key);
-    std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    v = to_lower(v);
     return v;
   };
   fmt.scale_e8m0 = str("scale_fmt") == "ue8m0";
