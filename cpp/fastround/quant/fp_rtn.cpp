@@ -8,6 +8,7 @@
 #include "fastround/common/error.h"
 #include "fastround/common/fp_codes.h"
 #include "fastround/common/parallel.h"
+#include "fastround/pack/pack_fp.h"
 #include "fastround/quant/fp_numerics.h"
 #include "fastround/quant/simd.h"
 
@@ -21,10 +22,6 @@ namespace {
 template <int BITS>
 void mx_row(const float* x, int64_t cols, DType src, bool opt_rtn, uint8_t* codes, uint8_t* scale) {
   for (int64_t g = 0; g < cols / 32; ++g) mx_group<BITS>(x + g * 32, src, opt_rtn, codes + g * 32, scale + g);
-}
-
-void pack_nibbles(const uint8_t* codes, int64_t n, uint8_t* out) {
-  for (int64_t k = 0; k < n / 2; ++k) out[k] = static_cast<uint8_t>(codes[2 * k] | (codes[2 * k + 1] << 4));
 }
 
 template <int BITS>
@@ -41,7 +38,7 @@ void quantize_mxfp_rows(DType src, const void* w, const MxfpLayout& L, bool opt_
       load_as_float(src, w, r * L.cols, L.cols, x.data());
       mx_row<BITS>(x.data(), L.cols, src, opt_rtn, out, scale + r * (L.cols / 32));
     }
-    if (BITS == 4) pack_nibbles(codes.data(), L.cols, weight + r * (L.cols / 2));
+    if (BITS == 4) pack_e2m1_ref(codes.data(), L.cols, weight + r * (L.cols / 2));
   });
 }
 
@@ -128,7 +125,7 @@ void quantize_mxfp_ref(DType src, const void* w, const MxfpLayout& L, bool opt_r
   }
   for (int64_t g = 0; g < groups; ++g) scale[g] = static_cast<uint8_t>(e[g] + 127.0f);
   if (L.bits == 4)
-    pack_nibbles(codes.data(), n, weight);
+    pack_e2m1_ref(codes.data(), n, weight);
   else
     std::copy(codes.begin(), codes.end(), weight);
 }
@@ -168,7 +165,7 @@ void quantize_nvfp4_e5m3_ref(DType src, const void* w, int64_t rows, int64_t col
     scale[g] = s.byte;
     for (int i = 0; i < 16; ++i) codes[g * 16 + i] = nv_code(x[g * 16 + i], s.d);
   }
-  pack_nibbles(codes.data(), n, packed);
+  pack_e2m1_ref(codes.data(), n, packed);
 }
 
 void quantize_nvfp4_e5m3(DType src, const void* w, int64_t rows, int64_t cols, bool opt_rtn, uint8_t* packed,
