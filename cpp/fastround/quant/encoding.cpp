@@ -255,7 +255,8 @@ int64_t TensorSpec::nbytes() const {
 
 bool EncodingTraits::full_groups(int64_t cols, const EncodingParams& p) const {
   if (fixed_group) return cols % fixed_group == 0;
-  if (p.group_size == -1) return id != Encoding::IntGptq || cols % (32 / p.bits) == 0;
+  // Per channel: one group of all inputs, which a padding row (GPTQ) also rounds up to whole packed words.
+  if (p.group_size == -1) return !pads_partial_groups || cols % (32 / p.bits) == 0;
   return p.group_size > 0 && cols % p.group_size == 0;
 }
 
