@@ -1,0 +1,40 @@
+"""What the regular flow hands from quantization to export: each layer in the unpacked form every producer
+(RTN, OPT-RTN, SignRound) gives the packers, and the run facts the formats write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class QuantizedLayer:
+    """One quantized Linear / Conv1D, before packing (the C++ CodesBuffers of its encoding-table row)."""
+
+    name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
+    encoding: str  # encoding-table row: int_gptq, int_awq, mxfp4, mxfp8, nvfp4_e5m3
+    scheme: dict[str, Any]  # effective scheme fields (bits, group_size, sym, data_type, act_*)
+    codes: torch.Tensor  # [out, in] uint8: INT codes in [0, 2^bits); E2M1 nibbles; E4M3 bytes
+    scales: torch.Tensor  # INT [out, G] float16; MXFP [out, in/32] uint8 E8M0; NVFP4 [out, in/16] uint8 UE5M3
+    zeros: torch.Tensor | None  # INT [out, G] int32 zero points; None for FP encodings
+    bias: torch.Tensor | None
+    conv1d: bool = False  # the module is HF Conv1D (weight stored [in, out]); codes are still [out, in]
+
+
+@dataclass
+class ExportContext:
+    """Everything a format writer needs once quantize() has run."""
+
+    model: torch.nn.Module  # quantized layers hold their qdq weights (what format "fake" saves)
+    tokenizer: Any | None
+    layers: dict[str, QuantizedLayer]  # every quantized layer, by module path
+    # upstream's resolved layer_config: every layer name -> scheme fields + scale_dtype, fixed_by_user,
+    # in_blocks (unquantized layers carry bits 16); user pattern keys are kept as given
+    layer_config: dict[str, dict[str, Any]]
+    scheme: dict[str, Any]  # the global resolved scheme fields
+    block_names: list[list[str]]  # quantized blocks per block group, e.g. [["model.layers.0", ...]]
+    settings: dict[str, Any] = field(default_factory=dict)  # run arguments written into quantization_config
+    source_dir: str | None = None  # local folder of the source model (remote code, extra files), if any
+    user_layer_config: dict[str, Any] = field(default_factory=dict)  # layer_config keys as the user gave them
