@@ -162,6 +162,33 @@ def resolve_source(model: str, stream: bool = True) -> ModelSource:
     return ModelSource(meta, remote_shards=shards, revision=revision, streamer=streamer)
 
 
+def resolve_model_folder(model: str, platform: str = "hf") -> str:
+    """A local folder, or a hub id downloaded whole (the regular flow loads every weight anyway)."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        return path
+    if not is_hub_id(model):
+        raise FileNotFoundError(f"model '{model}' is neither a local folder nor a valid hub id")
+    if platform == "model_scope":
+        try:
+            from modelscope import snapshot_download as ms_download
+        except ImportError as e:
+            raise ImportError(f"platform='model_scope' needs the modelscope package to fetch '{model}'") from e
+        return ms_download(model)
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
+        raise FileNotFoundError(f"model '{model}' is not a local folder and huggingface_hub is missing: {e}") from e
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return snapshot_download(model, local_files_only=offline)
+    except Exception as e:  # offline, unknown repo, no network: say which model and why
+        raise FileNotFoundError(
+            f"model '{model}' is not a local folder and could not be fetched from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE is set and it is not in the cache)' if offline else ''}: {e}"
+        ) from e
+
+
 def _list_shards(model: str, meta: str, revision: str, offline: bool) -> list[str]:
     from fastround import _C
 

@@ -1,0 +1,159 @@
+"""Transformers glue for the regular flow: loading a model, and finding its blocks and quantizable layers from
+the module tree (never from a list of model names), as upstream auto-round does."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("fastround")
+
+# Module-list names that hold non-text towers; their blocks are skipped unless non-text quantization is asked.
+_VISION_KEYS = ("vision", "visual", "image", "img")
+_AUDIO_KEYS = ("audio", "speech", "wav", "waveform")
+
+
+def conv1d_type() -> type | None:
+    """transformers' GPT-2 style Conv1D (weight stored [in, out]), when transformers is importable."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency of the regular flow
+        return None
+    return Conv1D
+
+
+def quantizable_types() -> tuple[type, ...]:
+    conv = conv1d_type()
+    return (torch.nn.Linear,) + ((conv,) if conv is not None else ())
+
+
+def is_quantizable(module: torch.nn.Module) -> bool:
+    # Exact types, as upstream: a Linear subclass (e.g. an already-quantized wrapper) is not a target.
+    return type(module) in quantizable_types()
+
+
+def quantizable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in model.named_modules() if name and is_quantizable(m)}
+
+
+def weight_out_in(module: torch.nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or Conv1D."""
+    w = module.weight
+    if type(module) is conv1d_type():
+        return int(w.shape[1]), int(w.shape[0])
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def find_block_names(model: torch.nn.Module, quant_nontext_module: bool = False) -> list[list[str]]:
+    """Block groups: every ModuleList reached depth-first (the search does not enter it) is one group whose
+    children are the blocks, e.g. [["model.layers.0", "model.layers.1", ...]]."""
+    found: list[tuple[str, torch.nn.Module]] = []
+
+    def visit(prefix: str, module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            kind = type(child).__name__
+            if "NgramEmbedding" in kind:
+                continue
+            if "ModuleList" in kind:
+                found.append((full, child))
+            else:
+                visit(full, child)
+
+    visit("", model)
+    groups = []
+    for name, mlist in found:
+        low = name.lower()
+        if not quant_nontext_module and any(k in low for k in _VISION_KEYS + _AUDIO_KEYS):
+            continue
+        groups.append([f"{name}.{child}" for child, _ in mlist.named_children()])
+    return [g for g in groups if g]
+
+
+def lm_head_name(model: torch.nn.Module) -> str | None:
+    """The last leaf module outside every block (upstream's rule), usually "lm_head"."""
+    last = None
+    for name, m in model.named_modules():
+        if not any(True for _ in m.children()):
+            last = name
+    blocks = {b for group in find_block_names(model, True) for b in group}
+    if last is None or last in blocks:
+        return None
+    return last
+
+
+def block_of(layer: str, blocks: list[str]) -> str | None:
+    for b in blocks:
+        if layer == b or layer.startswith(b + "."):
+            return b
+    return None
+
+
+def is_moe_model(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        if getattr(text, key, None):
+            return True
+    return any(".experts." in name for name, _ in model.named_modules())
+
+
+def _model_dtype_arg(model_dtype: str | torch.dtype | None) -> Any:
+    if model_dtype is None:
+        return "auto"
+    if isinstance(model_dtype, torch.dtype):
+        return model_dtype
+    table = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    try:
+        return table[str(model_dtype).lower()]
+    except KeyError:
+        raise ValueError(f"model_dtype must be one of {sorted(table)}, got {model_dtype!r}") from None
+
+
+def load_model(
+    model: str,
+    tokenizer: Any = None,
+    *,
+    platform: str = "hf",
+    trust_remote_code: bool = True,
+    model_dtype: str | torch.dtype | None = None,
+) -> tuple[torch.nn.Module, Any, str]:
+    """A hub id or local folder -> (model on the CPU, tokenizer, local folder the weights came from)."""
+    from fastround._hf import resolve_model_folder
+
+    folder = resolve_model_folder(model, platform=platform)
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise ImportError("the regular AutoRound flow needs transformers: pip install 'fastround[hf]'") from exc
+    logger.info("loading %s", model)
+    net = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=_model_dtype_arg(model_dtype), trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
+    )
+    net.eval()
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as exc:
+            # Plain RTN needs no tokenizer; data-driven runs say so when they need one.
+            logger.warning("no tokenizer found in %s (%s)", folder, exc)
+            tokenizer = None
+    return net, tokenizer, os.fspath(folder)
+
+
+def amp_dtype(model: torch.nn.Module, amp: bool, device: torch.device) -> torch.dtype:
+    """Upstream's tuning dtype: fp32 without amp; else bf16 on CPU, and the model's own 16-bit dtype on GPUs."""
+    if not amp:
+        return torch.float32
+    current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if device.type == "cpu":
+        return torch.bfloat16
+    if current != torch.float32:
+        return current
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    return torch.bfloat16
