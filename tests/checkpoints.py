@@ -16,6 +16,8 @@ Kinds:
                    [E,H,I]) so upstream's fused-MoE splitting is exercised
   llama_tied       LlamaForCausalLM with tie_word_embeddings=True (no
                    lm_head.weight is written)
+  qwen2_aligned    Qwen2ForCausalLM with q/k/v biases and every Linear dim a multiple of 32
+                   (hidden 128, intermediate 96), for the regular flow's exports
   llama_aligned    LlamaForCausalLM with every Linear dim a multiple of 32
                    (but in_features 160/96 not of 128). The regular
                    (model-loading) flow silently keeps any Linear with a dim
@@ -42,6 +44,7 @@ KINDS: tuple[str, ...] = (
     "llama_aligned",
     "qwen3_moe_aligned",
     "qwen3_moe_aligned_fused",
+    "qwen2_aligned",
 )
 DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
@@ -249,14 +252,15 @@ def _make_llama_aligned() -> tuple[torch.nn.Module, int | None]:
     return LlamaForCausalLM(cfg), None
 
 
-def _make_qwen2() -> tuple[torch.nn.Module, int | None]:
+def _make_qwen2(aligned: bool = False) -> tuple[torch.nn.Module, int | None]:
+    """aligned: every Linear dim a multiple of 32, so the regular flow quantizes all of them (biases included)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     # hidden 200 (two groups at gs128, the second padded); kv out = 1*50; intermediate 90
     cfg = Qwen2Config(
         vocab_size=112,
-        hidden_size=200,
-        intermediate_size=90,
+        hidden_size=128 if aligned else 200,
+        intermediate_size=96 if aligned else 90,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=1,
@@ -294,6 +298,7 @@ _FACTORIES: dict[str, Callable[[], tuple[torch.nn.Module, int | None]]] = {
     "llama_tied": lambda: _make_llama(tied=True),
     "llama_aligned": _make_llama_aligned,
     "qwen2": _make_qwen2,
+    "qwen2_aligned": lambda: _make_qwen2(aligned=True),
     "qwen3_moe": _make_qwen3_moe,
     "qwen3_moe_fused": _make_qwen3_moe,
     "qwen3_moe_aligned": lambda: _make_qwen3_moe(aligned=True),

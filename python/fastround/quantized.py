@@ -38,3 +38,8 @@ class ExportContext:
     settings: dict[str, Any] = field(default_factory=dict)  # run arguments written into quantization_config
     source_dir: str | None = None  # local folder of the source model (remote code, extra files), if any
     user_layer_config: dict[str, Any] = field(default_factory=dict)  # layer_config keys as the user gave them
+    # user pattern keys (and ignore names that are no quantizable layer) -> their resolved scheme dict, as
+    # upstream's regex_config: written as regex entries of extra_config / gptq `dynamic` / awq's skip list
+    regex_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # every block group of the model, quantized or not (None: same as block_names); awq lists the others
+    all_block_names: list[list[str]] | None = None

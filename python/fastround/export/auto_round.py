@@ -1,0 +1,61 @@
+"""The auto_round format family (upstream export_to_autoround): packing_format auto_round:auto_gptq (GPTQ words,
+zero points minus one), auto_round:gptqmodel (plus g_idx, zero points as-is), auto_round (asym, zero points
+as-is), auto_round:auto_awq (AWQ GEMM words) and, for MXFP schemes, compressed-tensors-like tensors under
+packing_format auto_round:llm_compressor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fastround.export import ResolvedFormat
+from fastround.export.common import write_packed_checkpoint
+from fastround.export.config import (
+    block_prefix_list,
+    extra_config,
+    filter_quantization_config,
+    serialization_dict,
+    zero_shot,
+)
+from fastround.export.packing import LayerPacker
+from fastround.quantized import ExportContext
+
+
+def quantization_config(ctx: ExportContext, fmt: ResolvedFormat) -> dict[str, Any]:
+    """config.json's quantization_config (and quantization_config.json) for auto_round."""
+    config = serialization_dict(ctx)
+    config["block_name_to_quantize"] = config.pop("to_quant_block_names", None)
+    config["quant_method"] = "auto-round"
+    config["packing_format"] = fmt.packing_format
+    extra = extra_config(ctx, config, block_prefix_list(config["block_name_to_quantize"]))
+    config.pop("regex_config", None)
+    if extra:
+        config["extra_config"] = extra
+    return filter_quantization_config(config)
+
+
+def export_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    """bf16 with activation quantization; fp16 for AWQ words (vLLM's AWQ kernel is fp16-only); else the model's."""
+    if config.get("act_bits", 16) <= 8:
+        return torch.bfloat16
+    if "awq" in config.get("packing_format", "auto_round:auto_gptq"):
+        return torch.float16
+    return None
+
+
+def save(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, *, shard_writer: bool) -> None:
+    config = quantization_config(ctx, fmt)
+    packer = LayerPacker(ctx, fmt.int_layout, fmt.zero_offset, fmt.g_idx, conv1d_ok=fmt.int_layout != "awq",
+                         format_name=fmt.name)
+    with tqdm(total=len(ctx.layers), desc="packing", leave=True) as bar:
+        packer.progress = bar
+        write_packed_checkpoint(
+            ctx.model, ctx.tokenizer, ctx.source_dir, ctx.block_names, output_dir, packer, config,
+            export_dtype(config), shard_writer=shard_writer, leaf_first=zero_shot(ctx),
+        )
+
+
+__all__ = ["export_dtype", "quantization_config", "save"]

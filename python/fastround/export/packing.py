@@ -1,0 +1,115 @@
+"""Each quantized layer's tensors in a format's layout. The bits are packed by the C++ encoding table through
+fastround.ops.pack_codes; this module only picks the table row and the zero-point convention, and orders
+and names the tensors as upstream's QuantLinear classes register them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from tqdm import tqdm
+
+from fastround.export.common import Entry
+from fastround.quantized import ExportContext, QuantizedLayer
+
+logger = logging.getLogger("fastround")
+
+# Registration order of upstream's packed modules' buffers (decides state_dict order, hence shard splits).
+_GPTQ_V1_ORDER = ("qweight", "g_idx", "qzeros", "scales", "bias")  # qlinear_torch_zp.QuantLinear
+_GPTQ_V2_ORDER = ("qweight", "qzeros", "scales", "bias", "g_idx")  # qlinear_torch.QuantLinear
+_AWQ_ORDER = ("qweight", "qzeros", "scales", "bias")  # WQLinear_GEMM
+_MX_ORDER = ("weight", "weight_packed", "weight_scale", "bias")  # qlinear_fp.QuantLinear
+
+
+class LayerPacker:
+    """Packs ctx.layers on demand in one format's layout (a common.Packer)."""
+
+    def __init__(self, ctx: ExportContext, int_layout: str | None, zero_offset: int = 0, g_idx: bool = False,
+                 *, conv1d_ok: bool = True, format_name: str = "") -> None:
+        self.layers = ctx.layers
+        self.int_layout = int_layout
+        self.zero_offset = zero_offset
+        self.g_idx = g_idx
+        self.conv1d_ok = conv1d_ok
+        self.format_name = format_name
+        self.progress: tqdm | None = None
+        check_layers(ctx)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layers
+
+    def __call__(self, name: str) -> list[Entry]:
+        layer = self.layers[name]
+        out = self.pack(layer)
+        if self.progress is not None:
+            self.progress.update(1)
+        return out
+
+    def encoding(self, layer: QuantizedLayer) -> tuple[str, int, tuple[str, ...]]:
+        """(encoding-table row, zero offset, tensor order) for one layer."""
+        if layer.encoding.startswith("int"):
+            if self.int_layout is None:
+                raise ValueError(f"format {self.format_name} cannot store integer layer {layer.name}")
+            if self.int_layout == "awq":
+                return "int_awq", 0, _AWQ_ORDER
+            return "int_gptq", self.zero_offset, _GPTQ_V1_ORDER if self.zero_offset else _GPTQ_V2_ORDER
+        if layer.encoding in ("mxfp4", "mxfp8"):
+            return layer.encoding, 0, _MX_ORDER
+        raise ValueError(f"format {self.format_name} cannot store layer {layer.name} (encoding {layer.encoding})")
+
+    def pack(self, layer: QuantizedLayer) -> list[Entry]:
+        from fastround import ops
+
+        row, zero_offset, order = self.encoding(layer)
+        bits = int(layer.scheme["bits"])
+        group_size = int(layer.scheme["group_size"])
+        sym = layer.scheme.get("sym") is not False
+        out_features, in_features = layer.codes.shape  # codes [out, in]
+        if layer.conv1d and not self.conv1d_ok:
+            raise ValueError(f"format {self.format_name} cannot store HF Conv1D layer {layer.name}")
+        if row == "int_awq":
+            gs = in_features if group_size <= 0 else group_size
+            if in_features % gs or out_features % 8:
+                raise ValueError(
+                    f"format {self.format_name}: layer {layer.name} [{out_features}, {in_features}] does not fit "
+                    f"the AWQ GEMM layout (in_features must be a multiple of group_size {gs}, out_features of 8)")
+        tensors = dict(ops.pack_codes(layer.codes, layer.scales, layer.zeros, row, bits, group_size, sym,
+                                      zero_offset, False))
+        if self.g_idx and row == "int_gptq":
+            gs = in_features if group_size <= 0 else group_size
+            tensors["g_idx"] = torch.arange(in_features, dtype=torch.int32) // gs  # [in]: group of each input
+        if layer.bias is not None:
+            tensors["bias"] = layer.bias.detach().to("cpu", torch.float16)
+        unknown = set(tensors) - set(order)
+        if unknown:
+            raise RuntimeError(f"pack_codes returned unexpected tensors {sorted(unknown)} for row {row}")
+        return [(f"{layer.name}.{suffix}", tensors[suffix]) for suffix in order if suffix in tensors]
+
+
+def check_layers(ctx: ExportContext) -> None:
+    """Every layer the config quantizes must have its codes, and no codes may belong to an unknown layer."""
+    from fastround.export.config import is_quantized
+
+    missing = [n for n, c in ctx.layer_config.items() if is_quantized(c) and n not in ctx.layers
+               and _is_module(ctx.model, n)]
+    if missing:
+        raise ValueError(f"layer_config quantizes {missing[:5]} but the export context holds no codes for them")
+    for name in ctx.layers:
+        if not _is_module(ctx.model, name):
+            raise ValueError(f"quantized layer {name} is not a module of the model")
+
+
+def _is_module(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def packing_progress(names: Iterable[str]) -> tqdm:
+    return tqdm(total=len(list(names)), desc="packing", leave=True)
+
+
+__all__ = ["LayerPacker", "check_layers", "packing_progress"]
