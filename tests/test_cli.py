@@ -305,21 +305,63 @@ def test_auto_routing_asym(src, case_outputs, outdir):
     assert snapshot(out) == snapshot(asym_out)
 
 
-def test_disable_model_free_is_a_clear_error(src, outdir):
-    out = outdir("disabled")
-    r = run_cli(str(src), "--iters", "0", "--disable_opt_rtn", "--disable_model_free", "--output_dir", str(out),
-                "--no_progress")
-    err = assert_clean_error(r, ["regular"])
+def test_regular_rtn_equals_python_api(src, outdir):
+    """--disable_model_free runs the regular flow; its folder (<out>/<model>-w4g32) equals the API's."""
+    out = outdir("regular")
+    r = run_cli(str(src), "--iters", "0", "--disable_opt_rtn", "--disable_model_free", "--group_size", "32",
+                "--format", "auto_round,auto_gptq", "--output_dir", str(out), "--no_progress", "--device", "cpu")
+    assert_ok(r)
     assert "Auto-routing" not in r.stderr
-    assert not out.exists()
-    assert "model_free" in err
+    from fastround import AutoRound
+
+    api = outdir("regular-api")
+    AutoRound(str(src), iters=0, disable_opt_rtn=True, disable_model_free=True, group_size=32,
+              device_map="cpu").quantize_and_save(str(api), format="auto_round,auto_gptq")
+    name = f"{src.name}-w4g32"
+    assert sorted(p.name for p in (out / name).iterdir()) == ["auto-gptq", "auto-round-auto-gptq"]
+    assert snapshot(out / name) == snapshot(api / name)
 
 
-def test_default_iters_without_model_free_is_a_clear_error(src, outdir):
+def test_default_iters_names_signround(src, outdir):
     out = outdir("no-route")
-    r = run_cli(str(src), "--output_dir", str(out), "--no_progress")
-    assert_clean_error(r, ["model_free"])
+    r = run_cli(str(src), "--output_dir", str(out), "--no_progress", "--device", "cpu")
+    assert_clean_error(r, ["SignRound"])
     assert not out.exists()
+
+
+def test_list_format_prints_formats_and_schemes():
+    r = run_cli("list", "format")
+    assert_ok(r)
+    lines = dict(line.split(": ", 1) for line in r.stdout.strip().splitlines())
+    assert "W4A16" in lines["auto_awq"] and "W2A16" not in lines["auto_awq"]
+    assert "MXFP4" in lines["auto_round"] and "MXFP4" not in lines["auto_gptq"]
+
+
+def test_rtn_recipe_entry_point(src, outdir):
+    """fastround-rtn: iters 0, plain RTN, one sample; the same bytes as the flags spelled out."""
+    exe = shutil.which("fastround-rtn", path=sysconfig.get_path("scripts")) or shutil.which("fastround-rtn")
+    assert exe, "the fastround-rtn console script is not installed"
+    out = outdir("recipe")
+    r = subprocess.run([exe, str(src), "--disable_model_free", "--output_dir", str(out), "--no_progress",
+                        "--device", "cpu", "--group_size", "32"], capture_output=True, text=True, env=_env(),
+                       timeout=180)
+    assert_ok(r)
+    flags = outdir("recipe-flags")
+    r2 = run_cli(str(src), "--iters", "0", "--disable_opt_rtn", "--disable_model_free", "--nsamples", "1",
+                 "--group_size", "32", "--output_dir", str(flags), "--no_progress", "--device", "cpu")
+    assert_ok(r2)
+    assert snapshot(out) == snapshot(flags)
+
+
+def test_eval_perplexity_command(src, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 40}" for i in range(400)))
+    r = run_cli("eval", str(src), "--ppl", str(text), "--seqlen", "32")
+    assert_ok(r)
+    from fastround.eval import perplexity
+
+    expected = perplexity(str(src), text.read_text(), seqlen=32)
+    assert f"perplexity {expected:.4f}" in r.stdout
 
 
 def test_missing_model_argument():

@@ -225,7 +225,7 @@ def _run_with_progress(job_json: str, show: bool, src: ModelSource | None = None
 
 
 class AutoRound:
-    """Upstream's entry point. Model-free when asked for or auto-routed; the regular flow is not built yet."""
+    """Upstream's entry point: model-free when asked for or auto-routed, else the regular flow (RTN / OPT-RTN)."""
 
     def __new__(
         cls,
@@ -263,7 +263,7 @@ class AutoRound:
         act_dynamic: bool | None = None,
         threads: int | None = None,
         **kwargs: Any,
-    ) -> ModelFreeCompressor:
+    ) -> Any:
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         overrides = {
@@ -317,4 +317,27 @@ class AutoRound:
                 stream=kwargs.pop("stream", True),
                 _resolved_by_entry=True,
             )
-        raise NotImplementedError(REGULAR_FLOW_MISSING)
+        from fastround.compressor import Compressor
+
+        return Compressor(
+            model,
+            tokenizer,
+            platform=platform,
+            scheme=scheme,
+            overrides=overrides,
+            layer_config=layer_config,
+            dataset=dataset,
+            iters=iters,
+            seqlen=seqlen,
+            nsamples=nsamples,
+            batch_size=batch_size,
+            low_gpu_mem_usage=low_gpu_mem_usage,
+            device_map=kwargs.pop("device", None) or device_map,
+            seed=seed,
+            ignore_layers=ignore_layers,
+            quant_lm_head=quant_lm_head,
+            quant_nontext_module=quant_nontext_module,
+            disable_opt_rtn=False if kwargs.pop("enable_opt_rtn", None) else disable_opt_rtn,
+            threads=threads,
+            **kwargs,
+        )

@@ -102,6 +102,18 @@ def parse_layer_config(text: str | None) -> dict | None:
     return value
 
 
+DEFAULT_TASKS = (
+    "lambada_openai,hellaswag,winogrande,piqa,mmlu,wikitext,truthfulqa_mc1,openbookqa,boolq,arc_easy,arc_challenge"
+)
+
+# Upstream's CLI recipes: each value fills a flag only when the user left it unset.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"batch_size": 8, "iters": 200, "seqlen": 2048, "nsamples": 128},
+    "rtn": {"batch_size": 8, "iters": 0, "seqlen": 2048, "nsamples": 1, "disable_opt_rtn": True},
+    "opt_rtn": {"batch_size": 8, "iters": 0, "seqlen": 2048, "nsamples": 128, "disable_opt_rtn": False},
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastround", description="Quantize an LLM checkpoint (AutoRound-compatible).")
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="hub id or local checkpoint folder")
@@ -121,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto_round")
     p.add_argument("--output_dir", default="./tmp_autoround")
     p.add_argument("--iters", "--iter", type=int, default=None)
+    p.add_argument("--dataset", default=None, help="calibration data, e.g. ./calib.json,NeelNanda/pile-10k:num=64")
+    p.add_argument("--nsamples", type=int, default=None)
+    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--batch_size", "--bs", "--train_bs", dest="batch_size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--low_gpu_mem_usage", action="store_true")
+    p.add_argument("--disable_amp", action="store_true")
+    p.add_argument("--model_dtype", default=None)
+    p.add_argument("--to_quant_block_names", default=None)
+    p.add_argument("--tasks", nargs="?", const=DEFAULT_TASKS, default=None,
+                   help="evaluate the last exported format with lm-eval afterwards (comma list)")
+    p.add_argument("--eval_bs", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None)
     opt = p.add_mutually_exclusive_group()
     opt.add_argument("--disable_opt_rtn", action="store_true", default=None)
     opt.add_argument("--enable_opt_rtn", action="store_true")
@@ -144,32 +169,104 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.INFO
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     lib = logging.getLogger("fastround")  # the library's fallback handler would print every line twice
     for h in list(lib.handlers):
         if getattr(h, "_fastround_default", False):
             lib.removeHandler(h)
     lib.setLevel(level)
+
+
+def list_command(argv: list[str]) -> int:
+    what = argv[0] if argv else "format"
+    if what not in ("format", "formats"):
+        print(f"fastround list: unknown item {what!r} (try: fastround list format)", file=sys.stderr)
+        return 2
+    from fastround import export
+
+    for name, schemes in export.list_formats().items():
+        print(f"{name}: {', '.join(schemes)}")
+    return 0
+
+
+def eval_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fastround eval", description="Perplexity and lm-eval tasks of a model.")
+    p.add_argument("model", help="hub id, local folder or quantized checkpoint")
+    p.add_argument("--ppl", metavar="TEXT_FILE", default=None, help="perplexity on this text file")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--tasks", default=None)
+    p.add_argument("--eval_bs", "--batch_size", dest="eval_bs", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    if not args.ppl and not args.tasks:
+        p.error("give --ppl TEXT_FILE and/or --tasks")
+    from fastround import eval as fr_eval
+
+    try:
+        if args.ppl:
+            with open(args.ppl, encoding="utf-8") as f:
+                text = f.read()
+            ppl = fr_eval.perplexity(args.model, text, seqlen=args.seqlen, device=args.device)
+            print(f"perplexity {ppl:.4f} (seqlen {args.seqlen}, {args.ppl})")
+        if args.tasks:
+            results = fr_eval.run_lm_eval(args.model, args.tasks, batch_size=args.eval_bs, limit=args.limit)
+            print(json.dumps(results, indent=2, default=str))
+    except (ValueError, OSError, ImportError) as e:
+        print(f"fastround eval: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if recipe is None and argv and argv[0] in ("list", "eval", "quantize", "help"):
+        cmd, argv = argv[0], argv[1:]
+        if cmd == "list":
+            return list_command(argv)
+        if cmd == "eval":
+            _setup_logging(False)
+            return eval_command(argv)
+        if cmd == "help":
+            build_parser().print_help()
+            return 0
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    for key, value in RECIPES.get(recipe or "default", {}).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     model = args.model or args.model_pos
     if not model:
         print("fastround: error: a model (positional or --model) is required", file=sys.stderr)
         return 2
     from fastround.autoround import AutoRound
 
+    extra: dict[str, Any] = {}
+    if args.dataset is not None:
+        extra["dataset"] = args.dataset
+    if args.model_dtype is not None:
+        extra["model_dtype"] = args.model_dtype
+    if args.to_quant_block_names is not None:
+        extra["to_quant_block_names"] = args.to_quant_block_names
     try:
         compressor = AutoRound(
             model,
             scheme=args.scheme,
             layer_config=parse_layer_config(args.layer_config),
             iters=200 if args.iters is None else args.iters,
+            nsamples=128 if args.nsamples is None else args.nsamples,
+            seqlen=2048 if args.seqlen is None else args.seqlen,
+            batch_size=8 if args.batch_size is None else args.batch_size,
+            seed=args.seed,
+            low_gpu_mem_usage=args.low_gpu_mem_usage,
+            amp=not args.disable_amp,
             device_map=args.device_map,
             ignore_layers=args.ignore_layers,
             quant_lm_head=args.quant_lm_head,
             quant_nontext_module=args.quant_nontext_module,
-            disable_opt_rtn=True if args.disable_opt_rtn else (False if args.enable_opt_rtn else None),
+            disable_opt_rtn=False if args.enable_opt_rtn else args.disable_opt_rtn,
             model_free=args.model_free,
             disable_model_free=args.disable_model_free,
             bits=args.bits,
@@ -185,15 +282,30 @@ def main(argv: list[str] | None = None) -> int:
             pad_partial_groups=args.pad_partial_groups,
             shard_parallelism=args.shard_parallelism,
             stream=not args.no_stream,
+            **extra,
         )
-        compressor.quantize_and_save(args.output_dir, format=args.format)
-    except (ValueError, TypeError, OSError, NotImplementedError) as e:
+        _, folders = compressor.quantize_and_save(args.output_dir, format=args.format)
+        if args.tasks:
+            from fastround import eval as fr_eval
+
+            last = folders[-1] if isinstance(folders, list) else folders
+            results = fr_eval.run_lm_eval(last, args.tasks, batch_size=args.eval_bs, limit=args.limit)
+            print(json.dumps(results, indent=2, default=str))
+    except (ValueError, TypeError, OSError, NotImplementedError, ImportError) as e:
         print(f"fastround: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fastround: interrupted; no complete output was written (rerun the same command to resume)", file=sys.stderr)
         return 130
     return 0
+
+
+def main_rtn() -> int:
+    return main(recipe="rtn")
+
+
+def main_opt_rtn() -> int:
+    return main(recipe="opt_rtn")
 
 
 if __name__ == "__main__":

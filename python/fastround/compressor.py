@@ -1,0 +1,293 @@
+"""The regular AutoRound flow on a model in memory: resolve per-layer schemes, capture the first block's inputs
+from calibration data when the algorithm needs them, then quantize block by block through the C++ kernels.
+RTN and OPT-RTN run here; SignRound (iters > 0) plugs into the same block loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from fastround import _C
+from fastround.layer_plan import LayerPlan, is_quantized, plan_layers
+from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model
+from fastround.quantized import ExportContext, QuantizedLayer
+from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
+
+logger = logging.getLogger("fastround")
+
+SIGNROUND_MISSING = (
+    "SignRound tuning (iters > 0) is not implemented in this fastround version yet; "
+    "use iters=0 for RTN / OPT-RTN"
+)
+_DEFAULT_DATASET = "NeelNanda/pile-10k"
+
+
+def resolve_scheme(scheme: SchemeLike, overrides: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The global scheme with every field set (act_* resolved as upstream's entry does), and its preset name."""
+    import json
+
+    job = {"source_dir": "", "output_dir": "", "scheme": scheme_to_job(scheme), "overrides": overrides,
+           "fill_act_defaults": True}
+    try:
+        fields = json.loads(_C.resolve_job_scheme(json.dumps(job)))
+    except ValueError as exc:
+        raise ValueError(f"scheme {scheme!r}: {exc}") from exc
+    full = asdict(QuantizationScheme())
+    full.update({k: None for k in full})
+    full.update(fields)
+    name = scheme.upper() if isinstance(scheme, str) and not overrides else ""
+    return full, name
+
+
+def _device_of(device_map: Any) -> torch.device:
+    if device_map is None or device_map == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        return torch.device(f"cuda:{device_map}" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    text = str(device_map).split(",")[0].strip()
+    if text.isdigit():
+        return torch.device(f"cuda:{text}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"device_map {device_map!r} names no device") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map {device_map!r}: CUDA is not available on this machine")
+    return dev
+
+
+def encoding_name(cfg: dict[str, Any], fmt: str) -> str:
+    enc = _C.encoding_for(int(cfg["bits"]), str(cfg["data_type"]), fmt)
+    if enc is None:
+        raise ValueError(f"bits={cfg['bits']} data_type={cfg['data_type']} has no encoding")
+    return enc.name
+
+
+class Compressor:
+    """Upstream's CompressionOrchestrator for RTN / OPT-RTN; created by `AutoRound(...)`."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        platform: str = "hf",
+        scheme: SchemeLike = "W4A16",
+        overrides: dict[str, Any] | None = None,
+        layer_config: dict | None = None,
+        dataset: Any = _DEFAULT_DATASET,
+        iters: int = 200,
+        seqlen: int = 2048,
+        nsamples: int = 128,
+        batch_size: int = 8,
+        low_gpu_mem_usage: bool = False,
+        device_map: Any = 0,
+        seed: int = 42,
+        ignore_layers: str = "",
+        quant_lm_head: bool = False,
+        to_quant_block_names: Any = None,
+        quant_nontext_module: bool = False,
+        disable_opt_rtn: bool | None = None,
+        amp: bool = True,
+        model_dtype: Any = None,
+        trust_remote_code: bool = True,
+        format: str | None = None,
+        threads: int | None = None,
+        **unused: Any,
+    ) -> None:
+        if iters is None:
+            iters = 200
+        if iters < 0:
+            logger.warning("iters must be >= 0; reset to 200")
+            iters = 200
+        if iters > 0:
+            raise NotImplementedError(SIGNROUND_MISSING)
+        for key in ("lr", "minmax_lr", "momentum", "nblocks", "enable_minmax_tuning", "enable_quanted_input"):
+            if unused.pop(key, None) is not None:
+                logger.error("%s only applies to SignRound (iters > 0); ignored", key)
+        if unused:
+            logger.info("ignoring arguments not used by RTN: %s", ", ".join(sorted(unused)))
+        self.scheme_arg = scheme
+        self.scheme, self.scheme_name = resolve_scheme(scheme, dict(overrides or {}))
+        self.user_layer_config = dict(layer_config or {})
+        self.dataset = dataset if dataset is not None else _DEFAULT_DATASET
+        self.iters = iters
+        self.seqlen, self.nsamples, self.batch_size = int(seqlen), int(nsamples), int(batch_size)
+        self.low_gpu_mem_usage = bool(low_gpu_mem_usage)
+        self.device = _device_of(device_map)
+        self.seed = int(seed)
+        self.ignore_layers = ignore_layers or ""
+        self.quant_lm_head = bool(quant_lm_head)
+        self.to_quant_block_names = to_quant_block_names
+        self.quant_nontext_module = bool(quant_nontext_module)
+        self.amp = bool(amp)
+        self.format = format
+        self.threads = threads
+        self.tokenizer = tokenizer
+        self.source_dir: str | None = None
+        if isinstance(model, (str, os.PathLike)):
+            self.model_name = os.fspath(model)
+            self.model, self.tokenizer, self.source_dir = load_model(
+                self.model_name, tokenizer, platform=platform, trust_remote_code=trust_remote_code,
+                model_dtype=model_dtype,
+            )
+        elif isinstance(model, torch.nn.Module):
+            self.model = model
+            self.model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+            path = getattr(getattr(model, "config", None), "_name_or_path", "")
+            self.source_dir = path if path and os.path.isdir(path) else None
+        else:
+            raise TypeError(f"model must be a hub id, a local folder or a torch.nn.Module, got {type(model).__name__}")
+        self.disable_opt_rtn, self.use_imatrix = self._opt_rtn_choice(disable_opt_rtn)
+        self.explicit_opt_rtn = disable_opt_rtn is False
+        self.plan: LayerPlan | None = None
+        self.layers: dict[str, QuantizedLayer] = {}
+        self.quantized = False
+        self.layer_config: dict[str, dict[str, Any]] = {}
+        self.model_free = False
+
+    # -- routing ---------------------------------------------------------------------------------------------
+    def _opt_rtn_choice(self, disable_opt_rtn: bool | None) -> tuple[bool, bool]:
+        """(plain RTN?, collect an imatrix from calibration data?) as upstream 0.16.1 decides for iters=0."""
+        s = self.scheme
+        bits, act_bits, dt = int(s["bits"]), int(s.get("act_bits") or 16), str(s["data_type"])
+        if disable_opt_rtn is None and dt == "int" and bits >= 8 and act_bits >= 8:
+            logger.warning("disable_opt_rtn is turned on for W8A16/W8A8 quantization to improve efficiency")
+            disable_opt_rtn = True
+        if disable_opt_rtn:
+            return True, False
+        weight_scheme = isinstance(self.scheme_arg, str) and self.scheme_arg.upper().startswith("W")
+        imatrix = s.get("sym") is not False and (
+            (dt == "int" and bits < 8) or (dt in ("mx_fp", "mx_int") and bits <= 8) or (dt == "nv_fp" and bits == 4)
+            or weight_scheme
+        )
+        # Without an imatrix upstream runs zero-shot RTN for these schemes (no data, no search).
+        return (not imatrix), imatrix
+
+    # -- quantize ----------------------------------------------------------------------------------------------
+    def quantize(self) -> tuple[torch.nn.Module, dict[str, dict[str, Any]]]:
+        random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        if self.threads:
+            _C.set_num_threads(int(self.threads))
+        model = self.model
+        dtype = amp_dtype(model, self.amp, self.device)
+        if next(model.parameters()).dtype != dtype:
+            model.to(dtype)
+        fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
+        self.plan = plan_layers(
+            model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,
+            quant_lm_head=self.quant_lm_head, to_quant_block_names=self.to_quant_block_names,
+            quant_nontext_module=self.quant_nontext_module, w8_asym_allowed="llm_compressor" in fmt,
+        )
+        self.layer_config = self.plan.layer_config
+        targets = [n for n in self.plan.quantized()]
+        for name in targets:
+            encoding_name(self.layer_config[name], fmt)  # fail early on a scheme no encoding holds
+        from fastround import blockloop
+
+        blockloop.run(self, model, fmt)
+        self.quantized = True
+        return model, self.layer_config
+
+    # -- export ------------------------------------------------------------------------------------------------
+    def export_context(self) -> ExportContext:
+        from fastround.modeling import find_block_names
+
+        assert self.plan is not None
+        settings = {
+            "iters": self.iters, "nsamples": self.nsamples, "seqlen": self.seqlen, "batch_size": self.batch_size,
+            "dataset": self.dataset if isinstance(self.dataset, str) else None, "amp": self.amp,
+            "low_gpu_mem_usage": self.low_gpu_mem_usage, "disable_opt_rtn": self.disable_opt_rtn,
+            "enable_quanted_input": False,
+        }
+        return ExportContext(
+            model=self.model, tokenizer=self.tokenizer, layers=self.layers, layer_config=self.layer_config,
+            scheme=self.scheme, block_names=self.plan.block_names, settings=settings, source_dir=self.source_dir,
+            user_layer_config=self.user_layer_config, regex_config=self.plan.regex_config,
+            all_block_names=find_block_names(self.model, True),
+        )
+
+    def save_quantized(
+        self, output_dir: str | None = None, format: str | None = None, inplace: bool = True,
+        return_folders: bool = False, **kwargs: Any,
+    ) -> Any:
+        """Write the quantized model (upstream's save_quantized files) in each format of a comma list."""
+        if not self.quantized:
+            logger.warning("call quantize() before save_quantized(); nothing was saved")
+            return None
+        from fastround import export
+
+        if output_dir is None:
+            return (self.model, None) if return_folders else self.model
+        folders = export.save_all(self.export_context(), output_dir, format or self.format or "auto_round",
+                                  shard_writer=bool(kwargs.get("_shard_writer", False)))
+        folder: Any = folders[0] if len(folders) == 1 else folders
+        return (self.model, folder) if return_folders else self.model
+
+    def quantize_and_save(
+        self, output_dir: str = "tmp_autoround", format: str | None = None, inplace: bool = True, **kwargs: Any
+    ) -> tuple[torch.nn.Module, Any]:
+        """quantize() then save into `<output_dir>/<model>-w4g128` (per-format subfolders for several)."""
+        from fastround import export
+
+        format = format or self.format or "auto_round"
+        formats = export.parse_formats(format, self.scheme.get("bits"))
+        for fmt in formats:
+            export.check_format(fmt, self.scheme, self.scheme_name)
+        export.check_output_dir(output_dir, self.source_dir)
+        self.quantize()
+        folder = os.path.join(output_dir, export.output_folder_name(self.model_name, self.scheme, formats))
+        ctx = self.export_context()
+        resolved = export.resolve_formats(",".join(formats), ctx.scheme, ctx.layer_config, ctx.regex_config)
+        streamed = export.uses_shard_writer(resolved, ctx, inplace=inplace, need_calib=self.use_imatrix)
+        return self.save_quantized(folder, ",".join(formats), return_folders=True, _shard_writer=streamed)
+
+
+def record_layer(
+    comp: Compressor, name: str, module: torch.nn.Module, cfg: dict[str, Any], fmt: str,
+    imatrix: torch.Tensor | None, opt_rtn: bool,
+) -> None:
+    """Quantize one layer through the C++ kernels, keep its codes for export, and leave the qdq weight."""
+    from fastround import ops
+
+    conv = type(module) is conv1d_type()
+    w = module.weight.data
+    w2 = (w.t() if conv else w).detach().to("cpu").contiguous()  # [out, in]
+    enc = encoding_name(cfg, fmt)
+    gs = int(cfg["group_size"])
+    codes, scales, zeros = ops.encode_weight(w2, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), opt_rtn, imatrix)
+    # The source weight lets the dequantizer keep upstream's -0.0 where a sym value rounds to zero.
+    qdq = ops.dequantize_codes(codes, scales, zeros, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), w2.dtype, w2)
+    module.weight.data = (qdq.t() if conv else qdq).to(w.device).contiguous()
+    bias = module.bias.data.detach().to("cpu") if getattr(module, "bias", None) is not None else None
+    comp.layers[name] = QuantizedLayer(
+        name=name, encoding=enc, scheme={k: cfg.get(k) for k in ("bits", "group_size", "sym", "data_type",
+                                                                 "act_bits", "act_group_size", "act_sym",
+                                                                 "act_data_type", "act_dynamic")},
+        codes=codes, scales=scales, zeros=zeros, bias=bias,
+        conv1d=conv,
+    )
+
+
+def is_expert_layer(name: str) -> bool:
+    return "expert" in name and "shared_expert" not in name
+
+
+def layer_opt_rtn(comp: Compressor, name: str, moe: bool) -> bool:
+    """Whether the layer searches its scale: off for plain RTN, and for MoE experts unless asked explicitly."""
+    if comp.disable_opt_rtn:
+        return False
+    if moe and is_expert_layer(name) and not comp.explicit_opt_rtn:
+        return False
+    return True
+
+
+__all__ = ["Compressor", "SIGNROUND_MISSING", "is_quantized", "is_moe_model", "record_layer", "layer_opt_rtn"]

@@ -1,0 +1,104 @@
+"""The regular flow (a model loaded in memory, iters=0) against auto-round 0.16.1 run the same way: RTN in
+auto_round / auto_gptq / auto_awq on tiny models, every tensor and config compared; the output-folder
+naming; and the errors a user can hit."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import oracle
+
+COMMON = {"iters": 0, "disable_opt_rtn": True, "disable_model_free": True, "device_map": "cpu"}
+
+
+def _upstream(src: Path, out: Path, fmt: str, **kwargs: Any) -> Path:
+    """Upstream's quantize_and_save into `out`; returns the folder it names itself."""
+    from auto_round import AutoRound
+
+    ar = AutoRound(str(src), enable_torch_compile=False, **COMMON, **kwargs)
+    _, folder = ar.quantize_and_save(str(out), format=fmt)
+    return Path(folder if isinstance(folder, str) else folder[0])
+
+
+def _ours(src: Path, out: Path, fmt: str, **kwargs: Any) -> Path:
+    from fastround import AutoRound
+
+    ar = AutoRound(str(src), **COMMON, **kwargs)
+    _, folder = ar.quantize_and_save(str(out), format=fmt)
+    return Path(folder if isinstance(folder, str) else folder[0])
+
+
+def _assert_same(ours: Path, theirs: Path) -> None:
+    diff = oracle.compare_checkpoints(ours, theirs, ignore=(".cache", "fastround_summary.json"))
+    assert list(diff) == [], "\n".join(diff)
+
+
+RTN_CASES = [
+    # kind, format, scheme kwargs, layer_config, ignore_layers
+    ("llama_aligned", "auto_round", {"scheme": "W4A16"}, None, ""),
+    ("llama_aligned", "auto_round", {"scheme": "W2A16G64"}, {"k_proj": {"bits": 8}}, "layers.1"),
+    ("llama_aligned", "auto_round", {"scheme": "W8A16", "group_size": 32}, None, ""),
+    ("llama_aligned", "auto_round", {"scheme": "W4A16", "sym": False}, None, ""),
+    ("llama_aligned", "auto_round", {"scheme": "W2A16", "sym": False, "group_size": 32}, None, ""),
+    ("qwen2", "auto_round", {"scheme": "W4A16", "group_size": 32}, {"q_proj": "W8A16"}, ""),
+    ("qwen3_moe_aligned", "auto_round", {"scheme": "W4A16", "group_size": 64}, None, ""),
+    ("llama_aligned", "auto_gptq", {"scheme": "W4A16"}, {"o_proj": {"bits": 8}}, "mlp.up_proj"),
+    ("qwen2", "auto_gptq", {"scheme": "W2A16G32"}, None, ""),
+    ("llama_aligned", "auto_awq", {"scheme": "W4A16", "sym": False, "group_size": 64}, None, ""),
+    ("qwen2", "auto_awq", {"scheme": "W4A16"}, None, "v_proj"),
+]
+
+
+@pytest.mark.parametrize("kind,fmt,scheme,layer_config,ignore", RTN_CASES)
+def test_rtn_matches_upstream(checkpoint, tmp_path, kind, fmt, scheme, layer_config, ignore) -> None:
+    src = checkpoint(kind)
+    kw = dict(scheme, layer_config=layer_config, ignore_layers=ignore)
+    theirs = _upstream(src, tmp_path / "up", fmt, **kw)
+    ours = _ours(src, tmp_path / "fr", fmt, **kw)
+    assert ours.relative_to(tmp_path / "fr") == theirs.relative_to(tmp_path / "up")
+    _assert_same(ours, theirs)
+
+
+def test_quantize_returns_qdq_model_and_layer_config(checkpoint) -> None:
+    """quantize() -> (model with qdq weights, layer_config), the weights equal upstream's qdq weights."""
+    from auto_round import AutoRound as UpstreamAutoRound
+
+    from fastround import AutoRound
+
+    src = str(checkpoint("llama_aligned"))
+    up = UpstreamAutoRound(src, enable_torch_compile=False, scheme="W4A16", **COMMON)
+    up_model, up_cfg = up.quantize()
+    model, cfg = AutoRound(src, scheme="W4A16", **COMMON).quantize()
+    assert set(cfg) == set(up_cfg)
+    ours = dict(model.named_parameters())
+    for name, p in up_model.named_parameters():
+        assert torch.equal(ours[name].data, p.data), name
+
+
+def test_output_inside_source_is_refused(checkpoint, tmp_path) -> None:
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(checkpoint("llama_aligned"), src)
+    before = sorted(os.listdir(src))
+    from fastround import AutoRound
+
+    with pytest.raises(ValueError, match="inside"):
+        AutoRound(str(src), scheme="W4A16", **COMMON).quantize_and_save(str(src / "out"))
+    assert sorted(os.listdir(src)) == before
+
+
+def test_awq_with_two_bits_is_refused(checkpoint, tmp_path) -> None:
+    from fastround import AutoRound
+
+    with pytest.raises(ValueError, match="auto_awq"):
+        AutoRound(str(checkpoint("llama_aligned")), scheme="W2A16", **COMMON).quantize_and_save(
+            str(tmp_path / "o"), format="auto_awq"
+        )
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("config.json"))
