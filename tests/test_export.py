@@ -182,6 +182,17 @@ def test_quantize_and_save_layout(llama: Path, tmp_path: Path, fmt: str, scheme:
     assert_same(tmp_path / "ours", theirs)
 
 
+@pytest.mark.parametrize("kind", ["llama_tied", "llama"])
+def test_quantize_and_save_skipped_layers(checkpoint: Any, tmp_path: Path, kind: str) -> None:
+    """Unaligned dims: upstream keeps those layers in 16 bits (extra_config says so); a tied lm_head is not
+    written twice."""
+    src = checkpoint(kind)
+    theirs = oracle.run_upstream_regular(src, tmp_path / "theirs", format="auto_round", scheme="W4A16")
+    ctx = context_from_upstream(upstream_quantized(src, scheme="W4A16"), src)
+    export.save(ctx, tmp_path / "ours", "auto_round", shard_writer=True)
+    assert_same(tmp_path / "ours", theirs)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # save_quantized: transformers' save_pretrained layout
 # ------------------------------------------------------------------------------------------------------------
@@ -196,6 +207,7 @@ def test_quantize_and_save_layout(llama: Path, tmp_path: Path, fmt: str, scheme:
         {"scheme": "W8A16"},
         {"scheme": "W4A16", "group_size": 32},
         {"scheme": "W4A16", "group_size": -1},
+        {"scheme": "BF16"},
     ],
 )
 def test_auto_round(llama: Path, tmp_path: Path, scheme: dict[str, Any]) -> None:

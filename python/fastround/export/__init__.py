@@ -22,9 +22,9 @@ SUPPORTED_FORMATS = (
     "auto_round:llm_compressor", "auto_gptq", "auto_awq", "llm_compressor", "fake",
 )
 # What `fastround list format` prints: the preset schemes each format takes in fastround (fake: all).
-_INT_WOQ = ["W4A16", "W2A16", "W8A16", "W2A16G64", "W2A16G32", "W4A16_MIXED", "BF16"]
+_INT_WOQ = ["W4A16", "W2A16", "W8A16", "W2A16G64", "W2A16G32", "W4A16_MIXED"]
 FORMAT_SCHEMES: dict[str, list[str]] = {
-    "auto_round": _INT_WOQ + ["MXFP4", "MXFP8"],
+    "auto_round": _INT_WOQ + ["MXFP4", "MXFP8", "BF16"],
     "auto_round:auto_gptq": list(_INT_WOQ),
     "auto_round:gptqmodel": list(_INT_WOQ),
     "auto_round:auto_awq": ["W4A16"],
@@ -143,6 +143,9 @@ def resolve_format(
         raise ValueError(f"format {name} is written by fastround for MXFP schemes only, got data_type={dt}; "
                          "use auto_round or auto_gptq for integer schemes")
     if name == "auto_round":
+        if bits >= 16:  # nothing quantized by default (BF16); per-layer overrides still pack as GPTQ words
+            return ResolvedFormat(name, "auto_round", "auto_round", "auto_round:auto_gptq" if sym else "auto_round",
+                                  "gptq", 1 if sym else 0)
         if sym and _is_int(dt):
             _check_int_bits(name, scheme, bits, _INT_BITS)
             return ResolvedFormat(name, "auto_round", "auto_round:auto_gptq", "auto_round:auto_gptq", "gptq", 1)
