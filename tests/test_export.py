@@ -239,8 +239,10 @@ def test_mxfp_mixed_llm_compressor(llama: Path, tmp_path: Path) -> None:
     save_quantized_pair(llama, tmp_path, "llm_compressor", layer_config=lc, scheme="MXFP4")
 
 
-def test_fake(llama: Path, tmp_path: Path) -> None:
-    save_quantized_pair(llama, tmp_path, "fake", scheme="W4A16")
+@pytest.mark.parametrize("scheme", ["W4A16", "MXFP4"])
+def test_fake(llama: Path, tmp_path: Path, scheme: str) -> None:
+    """qdq weights via save_pretrained; with activation quantization (MXFP4 is W4A4) an auto_round:fake config."""
+    save_quantized_pair(llama, tmp_path, "fake", scheme=scheme)
 
 
 # mixed bits: a pattern, an exact layer, a 16-bit layer and a quantized lm_head
