@@ -23,7 +23,7 @@ import torch
 
 import oracle
 from fastround import export
-from fastround.export.config import SCHEME_KEYS, is_quantized
+from fastround.export.config import SCHEME_KEYS
 from fastround.quantized import ExportContext, QuantizedLayer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,17 +60,43 @@ def layer_codes(module: torch.nn.Module, cfg: dict[str, Any]) -> tuple[torch.Ten
     return codes, scale.to(torch.float16), zeros
 
 
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def mx_layer_codes(module: torch.nn.Module, cfg: dict[str, Any]) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(encoding, codes [out, in] uint8, E8M0 scales [out, in/32] uint8) as upstream's MX packer derives them:
+    W / 2^exponent per group of 32, then the nearest E2M1 value with the sign in bit 3 (MXFP4) or the E4M3
+    byte (MXFP8)."""
+    w = module.weight.data  # [out, in]
+    exponent = module.scale  # [out, in/32]
+    scaled = (w.reshape(-1, 32) / (2 ** exponent.reshape(-1, 1))).reshape(w.shape)
+    scales = (exponent + 127).clamp(0, 255).to(torch.uint8)
+    if int(cfg["bits"]) == 8:
+        return "mxfp8", scaled.to(torch.float8_e4m3fn).view(torch.uint8), scales
+    nearest = torch.argmin((scaled.abs().unsqueeze(-1) - _E2M1.to(scaled.dtype)).abs(), dim=-1)
+    return "mxfp4", (nearest + (torch.signbit(scaled).to(torch.long) << 3)).to(torch.uint8), scales
+
+
 def context_from_upstream(ar: Any, src: Path, user_layer_config: dict | None = None) -> ExportContext:
     model = ar.model
+    # upstream wraps activation-quantized layers for its qdq forward and unwraps them when saving
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "WrapperWALayer":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.orig_layer)
     layer_config = copy.deepcopy(ar.layer_config)
     layers: dict[str, QuantizedLayer] = {}
     for name, cfg in layer_config.items():
-        if not is_quantized(cfg):
+        if int(cfg["bits"]) > 8:  # weights kept (activation-only quantization has nothing to pack)
             continue
         module = model.get_submodule(name)
-        codes, scales, zeros = layer_codes(module, cfg)
+        zeros: torch.Tensor | None = None
+        if str(cfg["data_type"]).startswith("mx_fp"):
+            enc, codes, scales = mx_layer_codes(module, cfg)
+        else:
+            enc, (codes, scales, zeros) = "int_gptq", layer_codes(module, cfg)
         layers[name] = QuantizedLayer(
-            name=name, encoding="int_gptq", scheme={k: cfg.get(k) for k in SCHEME_KEYS}, codes=codes, scales=scales,
+            name=name, encoding=enc, scheme={k: cfg.get(k) for k in SCHEME_KEYS}, codes=codes, scales=scales,
             zeros=zeros, bias=None if module.bias is None else module.bias.data.clone(),
         )
     scheme = {k: getattr(ar, k, None) for k in SCHEME_KEYS}
@@ -142,6 +168,8 @@ def qwen2(checkpoint: Any) -> Path:
         ("auto_round:auto_awq", {"scheme": "W4A16", "group_size": 32}),
         ("auto_gptq", {"scheme": "W4A16"}),
         ("auto_awq", {"scheme": "W4A16", "group_size": 32}),
+        ("auto_round", {"scheme": "MXFP4"}),
+        ("llm_compressor", {"scheme": "MXFP8"}),
     ],
 )
 def test_quantize_and_save_layout(llama: Path, tmp_path: Path, fmt: str, scheme: dict[str, Any]) -> None:
@@ -151,6 +179,17 @@ def test_quantize_and_save_layout(llama: Path, tmp_path: Path, fmt: str, scheme:
     formats = export.resolve_formats(fmt, ctx.scheme, ctx.layer_config, ctx.regex_config)
     assert export.uses_shard_writer(formats, ctx)
     export.save(ctx, tmp_path / "ours", formats[0], shard_writer=True)
+    assert_same(tmp_path / "ours", theirs)
+
+
+@pytest.mark.parametrize("kind", ["llama_tied", "llama"])
+def test_quantize_and_save_skipped_layers(checkpoint: Any, tmp_path: Path, kind: str) -> None:
+    """Unaligned dims: upstream keeps those layers in 16 bits (extra_config says so); a tied lm_head is not
+    written twice."""
+    src = checkpoint(kind)
+    theirs = oracle.run_upstream_regular(src, tmp_path / "theirs", format="auto_round", scheme="W4A16")
+    ctx = context_from_upstream(upstream_quantized(src, scheme="W4A16"), src)
+    export.save(ctx, tmp_path / "ours", "auto_round", shard_writer=True)
     assert_same(tmp_path / "ours", theirs)
 
 
@@ -168,6 +207,7 @@ def test_quantize_and_save_layout(llama: Path, tmp_path: Path, fmt: str, scheme:
         {"scheme": "W8A16"},
         {"scheme": "W4A16", "group_size": 32},
         {"scheme": "W4A16", "group_size": -1},
+        {"scheme": "BF16"},
     ],
 )
 def test_auto_round(llama: Path, tmp_path: Path, scheme: dict[str, Any]) -> None:
@@ -188,8 +228,21 @@ def test_auto_awq_with_biases(qwen2: Path, tmp_path: Path) -> None:
     save_quantized_pair(qwen2, tmp_path, "auto_awq", scheme="W4A16", group_size=32, sym=False)
 
 
-def test_fake(llama: Path, tmp_path: Path) -> None:
-    save_quantized_pair(llama, tmp_path, "fake", scheme="W4A16")
+@pytest.mark.parametrize("fmt", ["auto_round", "llm_compressor"])
+@pytest.mark.parametrize("scheme", ["MXFP4", "MXFP8"])
+def test_mxfp(qwen2: Path, tmp_path: Path, fmt: str, scheme: str) -> None:
+    save_quantized_pair(qwen2, tmp_path, fmt, scheme=scheme)
+
+
+def test_mxfp_mixed_llm_compressor(llama: Path, tmp_path: Path) -> None:
+    lc = {"k_proj": {"bits": 8, "data_type": "mx_fp", "act_bits": 8}, "model.layers.0.mlp.down_proj": {"bits": 16}}
+    save_quantized_pair(llama, tmp_path, "llm_compressor", layer_config=lc, scheme="MXFP4")
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "MXFP4"])
+def test_fake(llama: Path, tmp_path: Path, scheme: str) -> None:
+    """qdq weights via save_pretrained; with activation quantization (MXFP4 is W4A4) an auto_round:fake config."""
+    save_quantized_pair(llama, tmp_path, "fake", scheme=scheme)
 
 
 # mixed bits: a pattern, an exact layer, a 16-bit layer and a quantized lm_head

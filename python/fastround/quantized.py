@@ -37,7 +37,12 @@ class ExportContext:
     layer_config: dict[str, dict[str, Any]]
     scheme: dict[str, Any]  # the global resolved scheme fields
     block_names: list[list[str]]  # quantized blocks per block group, e.g. [["model.layers.0", ...]]
-    settings: dict[str, Any] = field(default_factory=dict)  # run arguments written into quantization_config
+    # run arguments written into quantization_config; the writers read iters (0: RTN, which serialises
+    # upstream's RTN defaults), amp, low_gpu_mem_usage, enable_quanted_input, scale_dtype, to_quant_block_names,
+    # static_kv_dtype / static_attention_dtype (+ _granularity), the SignRound ones (lr, minmax_lr, nsamples,
+    # seqlen, batch_size, gradient_accumulate_steps, enable_minmax_tuning, enable_norm_bias_tuning) and
+    # disable_opt_rtn (no calibration data: upstream's zero-shot block loop, which orders shard writes)
+    settings: dict[str, Any] = field(default_factory=dict)
     source_dir: str | None = None  # local folder of the source model (remote code, extra files), if any
     user_layer_config: dict[str, Any] = field(default_factory=dict)  # layer_config keys as the user gave them
     # user pattern keys (and ignore names that are no quantizable layer) -> their resolved scheme dict, as

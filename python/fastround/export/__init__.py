@@ -22,9 +22,9 @@ SUPPORTED_FORMATS = (
     "auto_round:llm_compressor", "auto_gptq", "auto_awq", "llm_compressor", "fake",
 )
 # What `fastround list format` prints: the preset schemes each format takes in fastround (fake: all).
-_INT_WOQ = ["W4A16", "W2A16", "W8A16", "W2A16G64", "W2A16G32", "W4A16_MIXED", "BF16"]
+_INT_WOQ = ["W4A16", "W2A16", "W8A16", "W2A16G64", "W2A16G32", "W4A16_MIXED"]
 FORMAT_SCHEMES: dict[str, list[str]] = {
-    "auto_round": _INT_WOQ + ["MXFP4", "MXFP8"],
+    "auto_round": _INT_WOQ + ["MXFP4", "MXFP8", "BF16"],
     "auto_round:auto_gptq": list(_INT_WOQ),
     "auto_round:gptqmodel": list(_INT_WOQ),
     "auto_round:auto_awq": ["W4A16"],
@@ -116,32 +116,41 @@ def resolve_format(
         str(scheme.get("act_data_type") or "").startswith("fp") and scheme.get("act_bits") == 8)
     if fp8:
         raise ValueError(f"format {name}: FP8 schemes are not supported by fastround's regular flow yet; use fake")
-    if _unsupported_act(scheme):
+    configs = list((layer_config or {}).values()) + list((regex_config or {}).values())
+    mx = dt.startswith("mx_fp")
+    if mx and name in ("auto_round", "llm_compressor", "auto_round:llm_compressor"):
+        # MX formats carry the activation scheme in their config; upstream never resets them to fake
+        if bits not in (4, 8):
+            raise ValueError(f"format {name}: fastround writes MXFP4 / MXFP8 only, got {bits}-bit {dt}")
+        if name == "auto_round":
+            return ResolvedFormat(name, "auto_round", f"auto_round:{dt}", "auto_round:llm_compressor")
+        backend = "llm_compressor:mx_fp" if name == "llm_compressor" else "auto_round:llm_compressor:mx_fp"
+        return ResolvedFormat(name, "llm_compressor", backend)
+    if _unsupported_act(scheme) and _is_int(dt):
+        if name == "auto_round" and not sym and bits != 4:
+            raise ValueError("AutoRound format does not support exporting for the current quantization "
+                             "configuration, please change to `fake` format for research purpose")
         logger.warning("%s format does not support the current activation quantization configuration, "
                        "reset to fake format and save.", name)
         return ResolvedFormat("fake", "fake", "fake")
-    configs = list((layer_config or {}).values()) + list((regex_config or {}).values())
-    w8_asym = _is_int(dt) and bits == 8 and not sym
-    if w8_asym and "llm_compressor" not in name and os.environ.get("AR_ALLOW_W8_ASYM", "0").lower() not in ("1", "true", "yes"):
+    w8_asym_allowed = os.environ.get("AR_ALLOW_W8_ASYM", "0").lower() in ("1", "true", "yes")
+    if _is_int(dt) and bits == 8 and not sym and "llm_compressor" not in name and not w8_asym_allowed:
         raise ValueError(
             f"8-bit asymmetric weight quantization is not supported for format '{name}': vLLM serves W8 "
             "GPTQ-format weights symmetric-only and Marlin supports zero points at 4 bits only. Use a symmetric "
             "8-bit scheme, an asymmetric width of 7 bits or fewer, or set AR_ALLOW_W8_ASYM=1 to skip this check.")
-    mx = dt.startswith("mx_fp")
     if name in ("llm_compressor", "auto_round:llm_compressor"):
-        if not mx:
-            raise ValueError(f"format {name} is written by fastround for MXFP schemes only, got data_type={dt}; "
-                             "use auto_round or auto_gptq for integer schemes")
-        backend = "llm_compressor:mx_fp" if name == "llm_compressor" else "auto_round:llm_compressor:mx_fp"
-        return ResolvedFormat(name, "llm_compressor", backend)
+        raise ValueError(f"format {name} is written by fastround for MXFP schemes only, got data_type={dt}; "
+                         "use auto_round or auto_gptq for integer schemes")
     if name == "auto_round":
+        if bits >= 16:  # nothing quantized by default (BF16); per-layer overrides still pack as GPTQ words
+            return ResolvedFormat(name, "auto_round", "auto_round", "auto_round:auto_gptq" if sym else "auto_round",
+                                  "gptq", 1 if sym else 0)
         if sym and _is_int(dt):
             _check_int_bits(name, scheme, bits, _INT_BITS)
             return ResolvedFormat(name, "auto_round", "auto_round:auto_gptq", "auto_round:auto_gptq", "gptq", 1)
         if bits == 4 and not sym and _is_int(dt) and _awq_allowed(scheme, configs):
             return ResolvedFormat(name, "auto_round", "auto_round:auto_awq", "auto_round:auto_awq", "awq")
-        if mx:
-            return ResolvedFormat(name, "auto_round", f"auto_round:{dt}", "auto_round:llm_compressor")
         if dt.startswith(("nv_fp", "nvfp4", "mx_int")):
             raise ValueError(f"format {name}: data_type={dt} is not supported by fastround's regular flow yet")
         _check_int_bits(name, scheme, bits, _INT_BITS)

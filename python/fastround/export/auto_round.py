@@ -38,7 +38,10 @@ def quantization_config(ctx: ExportContext, fmt: ResolvedFormat) -> dict[str, An
 
 
 def export_dtype(config: dict[str, Any]) -> torch.dtype | None:
-    """bf16 with activation quantization; fp16 for AWQ words (vLLM's AWQ kernel is fp16-only); else the model's."""
+    """bf16 with activation quantization; fp16 for AWQ words (vLLM's AWQ kernel is fp16-only); else the model's.
+    Upstream's MXFP writer keeps the model's dtype whatever the activations."""
+    if config.get("packing_format") == "auto_round:llm_compressor":
+        return None
     if config.get("act_bits", 16) <= 8:
         return torch.bfloat16
     if "awq" in config.get("packing_format", "auto_round:auto_gptq"):

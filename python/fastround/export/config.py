@@ -62,9 +62,8 @@ def standard_regex(pattern: str) -> str:
 
 
 def _scale_dtype_str(value: Any) -> str:
-    if value is None:
-        return str(torch.float16)
-    return str(value) if isinstance(value, torch.dtype) else str(value)
+    """upstream writes str(torch dtype), e.g. "torch.float16"."""
+    return str(torch.float16 if value is None else value)
 
 
 def serialization_dict(ctx: ExportContext) -> dict[str, Any]:

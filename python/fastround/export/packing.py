@@ -88,10 +88,9 @@ class LayerPacker:
 
 
 def check_layers(ctx: ExportContext) -> None:
-    """Every layer the config quantizes must have its codes, and no codes may belong to an unknown layer."""
-    from fastround.export.config import is_quantized
-
-    missing = [n for n, c in ctx.layer_config.items() if is_quantized(c) and n not in ctx.layers
+    """Every layer whose weights the config quantizes must have its codes, and no codes may belong to an unknown
+    layer. (A layer quantizing activations only keeps its weights.)"""
+    missing = [n for n, c in ctx.layer_config.items() if int(c.get("bits", 16)) <= 8 and n not in ctx.layers
                and _is_module(ctx.model, n)]
     if missing:
         raise ValueError(f"layer_config quantizes {missing[:5]} but the export context holds no codes for them")
