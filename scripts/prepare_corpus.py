@@ -36,6 +36,7 @@ logger = logging.getLogger("fastround.corpus")
 
 PACKAGE = "linux-doc-6.1"
 VERSION = "6.1.192-3"
+VERSION_SHA256 = "f18dfe28dcab7bdbf9185be16b9521f5841277a6a96c374a6683a648d5d5fa4f"  # the .deb the model saw
 SOURCES_PREFIX = "./usr/share/doc/linux-doc-6.1/html/_sources/"
 # Pages whose hash falls in the first VALIDATION_BUCKETS of 1000 buckets are held out (about 2 %
 # of the pages, a few hundred KB of text: enough windows of 512 tokens for a stable perplexity).
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         if not deb.is_file():
             raise FileNotFoundError(f"--deb {deb}: no such file")
         sha256 = hashlib.sha256(deb.read_bytes()).hexdigest()
+        if sha256 != VERSION_SHA256:
+            logger.warning("%s is not the %s %s .deb the shipped model was trained on (sha256 %s)", deb, PACKAGE, VERSION, sha256)
         pages = extract_pages(deb)
 
     train = [p for p in pages if not is_validation(p.path)]
