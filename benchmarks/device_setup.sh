@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares an offline GPU host (the `device` machines: torch/transformers/pybind11/scikit-build-core present,
-# no registry) for benchmarks/model_free.py: wheels carried in .whl/ (auto-round 0.16.1 and what it imports that
-# the host lacks: pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions, datasets, dill,
+# no registry) for benchmarks/model_free.py and regular_flow.py: wheels carried in .whl/ (auto-round 0.16.1 and
+# what it imports that the host lacks: pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions, datasets, dill,
 # multiprocess; `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`), nlohmann/json headers carried in .deps/nlohmann-json (Debian's nlohmann-json3-dev, unpacked), then builds
 # fastround against the host's torch. Idempotent: a second call only re-exports PYTHONPATH.
 #   source benchmarks/device_setup.sh

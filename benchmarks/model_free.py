@@ -23,17 +23,16 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
+from _common import (READ_SCRIPT, SHAPES, add_checkpoint_args, build_checkpoint, last_line, layer_tensors, machine,
+                     run_measured, shard_files, warm_page_cache, write_json)
 
 SCHEMES = {  # name -> (fastround CLI args, upstream CLI args, extra env)
     "W4A16": (["--scheme", "W4A16"], ["--scheme", "W4A16"], {}),
@@ -42,95 +41,7 @@ SCHEMES = {  # name -> (fastround CLI args, upstream CLI args, extra env)
     "MXFP4": (["--scheme", "MXFP4"], ["--scheme", "MXFP4"], {}),
 }
 
-# (hidden, intermediate, heads, kv_heads, head_dim, experts, moe_intermediate, model_type)
-SHAPES = {
-    "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv=8, head_dim=128, experts=0, moe_inter=0,
-                      model_type="llama", arch="LlamaForCausalLM", vocab=128256, layers=32),
-    "qwen3-30b-a3b": dict(hidden=2048, inter=6144, heads=32, kv=4, head_dim=128, experts=128, moe_inter=768,
-                          model_type="qwen3_moe", arch="Qwen3MoeForCausalLM", vocab=151936, layers=48),
-}
-
-
-# ---- synthetic checkpoints --------------------------------------------------------------------------------
-
-
-def layer_tensors(s: dict, i: int) -> list[tuple[str, list[int]]]:
-    h, p = s["hidden"], f"model.layers.{i}."
-    q, kv = s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]
-    out = [
-        (p + "input_layernorm.weight", [h]),
-        (p + "post_attention_layernorm.weight", [h]),
-        (p + "self_attn.q_proj.weight", [q, h]),
-        (p + "self_attn.k_proj.weight", [kv, h]),
-        (p + "self_attn.v_proj.weight", [kv, h]),
-        (p + "self_attn.o_proj.weight", [h, q]),
-    ]
-    if s["experts"]:
-        out += [(p + "self_attn.q_norm.weight", [s["head_dim"]]), (p + "self_attn.k_norm.weight", [s["head_dim"]])]
-        out.append((p + "mlp.gate.weight", [s["experts"], h]))
-        for e in range(s["experts"]):
-            for proj, shape in (("gate_proj", [s["moe_inter"], h]), ("up_proj", [s["moe_inter"], h]),
-                                ("down_proj", [h, s["moe_inter"]])):
-                out.append((f"{p}mlp.experts.{e}.{proj}.weight", shape))
-    else:
-        i_ = s["inter"]
-        out += [(p + "mlp.gate_proj.weight", [i_, h]), (p + "mlp.up_proj.weight", [i_, h]),
-                (p + "mlp.down_proj.weight", [h, i_])]
-    return out
-
-
-def build_checkpoint(root: Path, model: str, layers: int, vocab: int, shard_gb: float) -> Path:
-    """bf16 weights ~ N(0, 0.02), norms 1; shards cut at shard_gb like save_pretrained. Reused if present."""
-    import torch
-    from safetensors.torch import save_file
-
-    s = dict(SHAPES[model], layers=layers, vocab=vocab)
-    d = root / f"{model}-L{layers}-V{vocab}"
-    if (d / "config.json").exists():
-        return d
-    tmp = d.with_suffix(".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    names = [("model.embed_tokens.weight", [vocab, s["hidden"]])]
-    for i in range(layers):
-        names += layer_tensors(s, i)
-    names += [("model.norm.weight", [s["hidden"]]), ("lm_head.weight", [vocab, s["hidden"]])]
-    gen = torch.Generator().manual_seed(0)
-    shards: list[dict] = [{}]
-    size = 0
-    limit = int(shard_gb * 1e9)
-    for name, shape in names:
-        n = 2 * int(torch.Size(shape).numel())
-        if size and size + n > limit:
-            shards.append({})
-            size = 0
-        t = torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else (
-            torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
-        shards[-1][name] = t
-        size += n
-    weight_map = {}
-    for k, tensors in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in tensors})
-        tensors.clear()
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    cfg = {
-        "architectures": [s["arch"]], "model_type": s["model_type"], "hidden_size": s["hidden"],
-        "intermediate_size": s["inter"], "num_hidden_layers": layers, "num_attention_heads": s["heads"],
-        "num_key_value_heads": s["kv"], "head_dim": s["head_dim"], "vocab_size": vocab, "torch_dtype": "bfloat16",
-        "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "tie_word_embeddings": False,
-    }
-    if s["experts"]:
-        cfg.update(num_experts=s["experts"], num_experts_per_tok=8, moe_intermediate_size=s["moe_inter"],
-                   decoder_sparse_step=1, norm_topk_prob=True)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    tmp.rename(d)
-    return d
-
-
-def shard_files(d: Path) -> list[Path]:
-    return sorted(d.glob("*.safetensors"))
+# ---- page cache ---------------------------------------------------------------------------------------------
 
 
 def drop_page_cache(d: Path) -> None:
@@ -148,10 +59,6 @@ def drop_page_cache(d: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def warm_page_cache(d: Path) -> None:
-    subprocess.run([sys.executable, "-c", READ_SCRIPT, *map(str, shard_files(d))], check=True)
 
 
 def cache_is_cold(d: Path) -> bool:
@@ -186,55 +93,6 @@ class Run:
         self.gb_per_s = self.source_gb / self.seconds if self.ok and self.seconds > 0 else 0.0
 
 
-def run_measured(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[float, float, int, str]:
-    """(wall seconds, peak RSS of the process tree in GB, return code, stderr tail)."""
-    peak = [0]
-    stop = threading.Event()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def sample() -> None:
-        try:
-            root = psutil.Process(proc.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not stop.is_set():
-            total = 0
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.NoSuchProcess:
-                        pass
-            except psutil.NoSuchProcess:
-                break
-            peak[0] = max(peak[0], total)
-            stop.wait(0.02)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        err = (err or "") + "\ntimeout"
-    secs = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    return secs, peak[0] / 1e9, proc.returncode, (err or "")[-2000:]
-
-
-READ_SCRIPT = """
-import sys
-buf = bytearray(1 << 24)
-for path in sys.argv[1:]:
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-"""
-
-
 def measure(tool: str, scheme: str, src: Path, work: Path, cache: str, threads: int | None, timeout: float,
             parallelism: int | None = None) -> Run:
     src_gb = sum(f.stat().st_size for f in shard_files(src)) / 1e9
@@ -261,10 +119,10 @@ def measure(tool: str, scheme: str, src: Path, work: Path, cache: str, threads: 
         env.update(SCHEMES[scheme][2])
     if cache == "cold":
         drop_page_cache(src)
-    secs, rss, rc, err = run_measured(cmd, env, timeout)
+    m = run_measured(cmd, env, timeout)
     shutil.rmtree(out, ignore_errors=True)
-    note = "" if rc == 0 else err.strip().splitlines()[-1][:160] if err.strip() else f"exit {rc}"
-    return Run(tool, scheme if tool != "read" else "-", cache, secs, rss, src_gb, rc == 0, note,
+    note = "" if m.returncode == 0 else last_line(m.stderr_tail) or f"exit {m.returncode}"
+    return Run(tool, scheme if tool != "read" else "-", cache, m.seconds, m.peak_rss_gb, src_gb, m.returncode == 0, note,
                isa_used() if tool.startswith("fastround") else "")
 
 
@@ -281,14 +139,6 @@ def table(runs: list[Run]) -> str:
         lines.append(f"| {r.scheme} | {r.tool} | {r.isa} | {r.cache} | {status} | {r.gb_per_s:.3f} | {r.peak_rss_gb:.2f} | "
                      f"{vs_up} | {vs_rd} |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    return f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.platform()}"
 
 
 def isa_used() -> str:
@@ -312,10 +162,7 @@ def kernel_bench(rows: int, cols: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers (the real models have 32 / 48)")
-    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary rows of embed_tokens and lm_head")
-    ap.add_argument("--shard_gb", type=float, default=1.0)
+    add_checkpoint_args(ap, "--model", layers=2, shard_gb=1.0)
     ap.add_argument("--schemes", default="W4A16,W2A16G64,W8A16-asym,MXFP4")
     ap.add_argument("--tools", default="read,fastround,upstream,upstream-compile")
     ap.add_argument("--cold", action="store_true", help="also measure from a cold page cache")
@@ -342,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, cols = map(int, args.kernel_shape.split(","))
         res = kernel_bench(rows, cols)
         if args.json:
-            Path(args.json).write_text(json.dumps({"machine": machine(), "isa": isa_used(), "kernels": res}, indent=2))
+            write_json(args.json, {"machine": machine(), "isa": isa_used(), "kernels": res})
         return 0
     runs: list[Run] = []
     caches = ["warm", "cold"] if args.cold else ["warm"]
@@ -390,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table(runs))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "isa": isa_used(), "argv": sys.argv[1:],
-                                               "runs": [asdict(r) for r in runs]}, indent=2))
+        write_json(args.json, {"machine": machine(), "isa": isa_used(), "argv": sys.argv[1:],
+                               "runs": [asdict(r) for r in runs]})
     return 0 if all(r.ok for r in runs) else 1
 
 

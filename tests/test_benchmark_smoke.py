@@ -1,13 +1,16 @@
-"""Keeps benchmarks/model_free.py from rotting: a tiny run of each mode (no timing is asserted)."""
+"""Keeps benchmarks/model_free.py and regular_flow.py from rotting: a tiny run of each mode (no timing is
+asserted)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "model_free.py"
+REGULAR = SCRIPT.with_name("regular_flow.py")
 
 
 def run(tmp_path: Path, *args: str) -> dict:
@@ -40,3 +43,33 @@ def test_kernel_micro_benchmark(tmp_path):
         # the fast path on every instruction set this CPU runs, scalar included
         assert {k["isa"] for k in res["kernels"] if k["kernel"] == kernel and k["path"] == "fast"} >= {"scalar",
                                                                                                      res["isa"]}
+
+
+def test_regular_flow_upstream(tmp_path):
+    # $OUT is where the device run hands results back; the JSON names it, never the machine's path
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(REGULAR), "--shape", "tiny", "--layers", "2", "--vocab", "1024",
+                        "--only", "upstream", "--devices", "cpu", "--no_prime", "--workdir", str(out / "work"),
+                        "--json", str(out / "regular.json")], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (out / "regular.json").read_text()
+    assert str(out) not in text and "$OUT/regular.json" in text
+    res = json.loads(text)
+    (run,) = res["runs"]
+    assert (run["tool"], run["scheme"], run["device"], run["ok"]) == ("upstream", "W4A16", "cpu", True)
+    # the regular flow ran (not upstream's model-free auto-routing) and packed every Linear of both blocks
+    assert run["compressor"].endswith("CompressionOrchestrator")
+    assert run["qweights"] == 2 * 7 and run["output_gb"] > 0
+    assert run["versions"]["version"] == "0.16.1"
+    # hidden 512, intermediate 1536, 8 heads of 64, 2 kv heads: one block's parameters in float32
+    block = 2 * 512 * 512 + 2 * 128 * 512 + 3 * 1536 * 512 + 2 * 512
+    assert run["block_fp32_gb"] == res["checkpoint"]["block_fp32_gb"] == 4 * block / 1e9
+    model = 2 * (2 * block + 2 * 1024 * 512 + 512)  # blocks, embedding, head, final norm in bf16
+    assert model < run["model_gb"] * 1e9 < model + 65536  # plus the safetensors headers
+    assert 0 < run["runtime_rss_gb"] < run["peak_rss_gb"]
+    assert run["rss_over_model_blocks"] == (run["peak_rss_gb"] - run["model_gb"]) / run["block_fp32_gb"]
+    assert run["init_s"] > 0 and run["quantize_s"] > 0 and run["seconds"] > run["init_s"] + run["quantize_s"]
+    assert run["gpu_peak_alloc_gb"] is None
+    assert "| cpu | W4A16 | upstream | " in r.stdout
