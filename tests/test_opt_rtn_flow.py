@@ -52,14 +52,14 @@ def _f16_ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     "kind,scheme",
     [("llama_aligned", {"scheme": "W4A16"}), ("llama_aligned", {"scheme": "W2A16G64"}),
-     ("qwen2", {"scheme": "W4A16", "group_size": 32}), ("qwen3_moe_aligned", {"scheme": "W4A16", "group_size": 64})],
+     ("llama_aligned", {"scheme": "W8A16", "disable_opt_rtn": False}), ("qwen3_moe_aligned", {"scheme": "W4A16", "group_size": 64})],
 )
 def test_opt_rtn_codes_match_upstream(checkpoint, tmp_path, kind, scheme) -> None:
     src = checkpoint(kind)
     theirs = oracle.read_checkpoint(_run("upstream", src, tmp_path / "up", **scheme))
     ours = oracle.read_checkpoint(_run("fastround", src, tmp_path / "fr", **scheme))
     assert set(ours) == set(theirs)
-    bits = 2 if "W2" in scheme["scheme"] else 4
+    bits = {"W2": 2, "W8": 8}.get(scheme["scheme"][:2], 4)
     total = same = 0
     for name, rec in theirs.items():
         if name.endswith(".qweight"):

@@ -135,6 +135,7 @@ def load_model(
         folder, dtype=_model_dtype_arg(model_dtype), trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
     )
     net.eval()
+    _flag_sampling(net)
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -143,6 +144,18 @@ def load_model(
             logger.warning("no tokenizer found in %s (%s)", folder, exc)
             tokenizer = None
     return net, tokenizer, os.fspath(folder)
+
+
+def _flag_sampling(model: torch.nn.Module) -> None:
+    """Upstream's loader sets do_sample when any sampling knob is not neutral. An unset knob (None) counts as
+    not neutral, so with transformers 5 defaults every loaded model gets do_sample: true; reproduced for the
+    same generation_config.json."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    for knob, neutral in (("top_p", 1.0), ("top_k", 0), ("temperature", 1.0)):
+        if hasattr(gen, knob) and getattr(gen, knob) != neutral:
+            gen.do_sample = True
 
 
 def amp_dtype(model: torch.nn.Module, amp: bool, device: torch.device) -> torch.dtype:
