@@ -13,7 +13,9 @@
 #include "fastround/common/convert.h"
 #include "fastround/common/parallel.h"
 #include "fastround/pack/pack_awq.h"
+#include "fastround/quant/codes.h"
 #include "fastround/quant/encoding.h"
+#include "fastround/quant/int_opt_rtn.h"
 
 namespace fr = fastround;
 
@@ -155,6 +157,115 @@ void walk_row(const fr::EncodingTraits& e, int max_threads) {
     }
 }
 
+// The regular flow's producer and dequantizer (`encode`, `dequantize_codes`): INT RTN and OPT-RTN fast == their
+// scalar references for every dtype, thread count and imatrix shape; on F32 weights INT RTN gives model-free's
+// codes; FP rows give encode_ref's codes; dequantize_codes of fp16-scaled codes == dequantize_ref of their packing.
+std::vector<float> make_imatrix(int64_t cols, int kind, int64_t group, uint64_t seed) {
+  std::vector<float> m(static_cast<size_t>(cols));
+  uint64_t s = seed * 2862933555777941757ull + 3037000493ull;
+  for (auto& v : m) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    v = static_cast<float>(static_cast<double>(s >> 11) / 9007199254740992.0) * 4.0f;
+  }
+  if (kind >= 2)  // scattered exact zeros (a few per group: the mean fill)
+    for (int64_t c = 0; c < cols; c += 7) m[static_cast<size_t>(c)] = 0.0f;
+  if (kind >= 3)  // one whole group of zeros (weights from the weight row)
+    std::fill_n(m.begin(), std::min(cols, group > 0 ? group : cols), 0.0f);
+  return m;
+}
+
+void walk_regular(const fr::EncodingTraits& e, int max_threads) {
+  uint64_t seed = 1000;
+  for (const Case& c0 : cases_for(e))
+    for (fr::DType dt : {fr::DType::F32, fr::DType::F16, fr::DType::BF16}) {
+      const std::vector<float> wf = make_weight(c0.rows, c0.cols, seed++);
+      const std::vector<uint8_t> wb = as_dtype(wf, dt);
+      const fr::WeightView w{dt, wb.data(), c0.rows, c0.cols};
+      const bool is_int = e.fixed_group == 0;
+      // INT: RTN, and for sym OPT-RTN without an imatrix and with imatrices of three shapes.
+      std::vector<std::pair<bool, int>> variants = {{false, 0}};
+      if (is_int && c0.p.sym)
+        for (int kind : {0, 1, 2, 3}) variants.push_back({true, kind});
+      if (!is_int) variants = {{c0.p.opt_rtn, 0}};
+      for (const auto& [opt, kind] : variants) {
+        Case c = c0;
+        c.p.opt_rtn = opt;
+        const std::vector<float> imatrix = make_imatrix(c.cols, kind, c.p.group_size, seed);
+        c.p.imatrix = (is_int && opt && kind > 0) ? imatrix.data() : nullptr;
+        const fr::IntGrouping g = fr::int_grouping(c.rows, c.cols, c.p.group_size, "weight");
+        fr::CodesBuffers ref;
+        std::string at = label(e, c, dt, 0) + " imatrix=" + std::to_string(kind);
+        if (is_int) {
+          ref.codes.resize(static_cast<size_t>(c.rows * c.cols));
+          ref.zeros.assign(static_cast<size_t>(g.rows * g.groups), 1 << (c.p.bits - 1));
+          if (opt) {
+            ref.scale_dtype = dt;
+            ref.scales.resize(static_cast<size_t>(g.rows * g.groups * fr::dtype_bits(dt) / 8));
+            fr::int_opt_rtn_ref(dt, wb.data(), g, c.p.bits, c.p.imatrix, ref.codes.data(), ref.scales.data());
+          } else {
+            ref.scales.resize(static_cast<size_t>(g.rows * g.groups * 2));
+            fr::int_rtn_codes_ref(dt, wb.data(), g, c.p.bits, c.p.sym, ref.codes.data(),
+                                  reinterpret_cast<uint16_t*>(ref.scales.data()), ref.zeros.data());
+          }
+        } else {
+          e.encode_ref(w, c.p, ref);
+        }
+        for (int threads : {1, max_threads}) {
+          fr::set_num_threads(threads);
+          const std::string here = at + " threads=" + std::to_string(threads);
+          fr::CodesBuffers fast;
+          e.encode(w, c.p, fast);
+          check(fast.codes == ref.codes && fast.scales == ref.scales && fast.zeros == ref.zeros &&
+                    fast.scale_dtype == ref.scale_dtype,
+                "encode != reference: " + here);
+        }
+        if (is_int && !opt && dt == fr::DType::F32) {  // model-free casts to fp32: same codes as its encode_ref
+          fr::CodesBuffers mf;
+          e.encode_ref(w, c.p, mf);
+          check(mf.codes == ref.codes && mf.scales == ref.scales && mf.zeros == ref.zeros,
+                "F32 RTN encode != model-free encode_ref: " + at);
+        }
+        if (!(is_int && opt)) {  // fp16 / byte scales: the packed layout's dequantizer reads the same values
+          const auto specs = e.layout(c.rows, c.cols, c.p, dt);
+          Outputs packed(specs);
+          e.pack_ref(ref.view(c.rows, c.cols), c.p, packed.ptrs.data());
+          std::vector<float> deq(wf.size());
+          std::vector<const void*> ins(packed.ptrs.begin(), packed.ptrs.end());
+          e.dequantize_ref(ins.data(), c.rows, c.cols, c.p, deq.data());
+          std::vector<uint8_t> out(wb.size());
+          e.dequantize_codes(ref.view(c.rows, c.cols), c.p, nullptr, dt, out.data());
+          check(as_dtype(deq, dt) == out, "dequantize_codes != dequantize_ref(pack_ref): " + at);
+        } else {  // OPT-RTN: the qdq is dt(q * scale); it stays close to the weight
+          std::vector<float> back(wf.size()), src(wf.size());
+          e.dequantize_codes(ref.view(c.rows, c.cols), c.p, &w, fr::DType::F32, back.data());
+          fr::load_as_float(dt, wb.data(), 0, static_cast<int64_t>(wf.size()), src.data());
+          double num = 0, den = 0;
+          for (size_t i = 0; i < src.size(); ++i) {
+            num += (static_cast<double>(back[i]) - src[i]) * (static_cast<double>(back[i]) - src[i]);
+            den += static_cast<double>(src[i]) * src[i];
+          }
+          const double bound = c.p.bits == 2 ? 0.75 : c.p.bits == 4 ? 0.3 : 0.08;
+          check(std::sqrt(num / den) < bound, "OPT-RTN qdq too far from the weight: " + at);
+        }
+      }
+    }
+}
+
+// torch's fp32 row sum: exact inputs whose every association gives the same result, plus the one order that
+// keeps a cancellation: 2^24 + 1 + ... collapses unless lanes meet first.
+void torch_sum_checks() {
+  std::vector<float> x(37);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i);
+  check(fr::torch_sum_f32(x.data(), 37) == 666.0f, "torch_sum_f32 of 0..36");
+  // lanes: element i joins lane i % 8; 16777216 + 1 + 1 summed in one lane loses both ones, across lanes it keeps them
+  std::vector<float> y(16, 0.0f);
+  y[0] = 16777216.0f;
+  y[1] = 1.0f;
+  y[9] = 1.0f;
+  // lane 1 holds 1 + 1 = 2 before meeting lane 0's 2^24: the total is exact
+  check(fr::torch_sum_f32(y.data(), 16) == 16777218.0f, "torch_sum_f32 lane order");
+}
+
 // The worked examples of shared/reference/signround.md §6.2 and §6.3: codes [0, 11, 7, 14, 3, 15, 8, 1] along
 // in_features pack to GPTQ word 0x18F3E7B0; along out_features, to AWQ word 0x1FEB8370.
 void worked_examples() {
@@ -188,10 +299,12 @@ void worked_examples() {
 
 int main() {
   worked_examples();
+  torch_sum_checks();
   const int max_threads = std::max(2, fr::max_threads());
   for (const fr::EncodingTraits& e : fr::encodings()) {
     const int before = passed + failed;
     walk_row(e, max_threads);
+    walk_regular(e, max_threads);
     std::printf("%-12s %d checks\n", std::string(e.name).c_str(), passed + failed - before);
   }
   std::printf("%d passed, %d failed\n", passed, failed);

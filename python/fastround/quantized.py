@@ -17,7 +17,9 @@ class QuantizedLayer:
     encoding: str  # encoding-table row: int_gptq, int_awq, mxfp4, mxfp8, nvfp4_e5m3
     scheme: dict[str, Any]  # effective scheme fields (bits, group_size, sym, data_type, act_*)
     codes: torch.Tensor  # [out, in] uint8: INT codes in [0, 2^bits); E2M1 nibbles; E4M3 bytes
-    scales: torch.Tensor  # INT [out, G] float16; MXFP [out, in/32] uint8 E8M0; NVFP4 [out, in/16] uint8 UE5M3
+    # INT [out, G] float16 (OPT-RTN: the weight's dtype, cast to fp16 when packed); MXFP [out, in/32] uint8 E8M0;
+    # NVFP4 [out, in/16] uint8 UE5M3
+    scales: torch.Tensor
     zeros: torch.Tensor | None  # INT [out, G] int32 zero points; None for FP encodings
     bias: torch.Tensor | None
     conv1d: bool = False  # the module is HF Conv1D (weight stored [in, out]); codes are still [out, in]

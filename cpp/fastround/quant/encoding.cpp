@@ -3,12 +3,15 @@
 #include <algorithm>
 #include <cstring>
 
+#include "fastround/common/convert.h"
 #include "fastround/common/error.h"
 #include "fastround/common/half.h"
 #include "fastround/pack/pack_awq.h"
 #include "fastround/pack/pack_fp.h"
 #include "fastround/pack/pack_gptq.h"
+#include "fastround/quant/codes.h"
 #include "fastround/quant/fp_rtn.h"
+#include "fastround/quant/int_opt_rtn.h"
 #include "fastround/quant/int_rtn.h"
 
 namespace fastround {
@@ -48,17 +51,53 @@ void encode_int_rtn_ref(const WeightView& w, const EncodingParams& p, CodesBuffe
   }
 }
 
-IntCodesView int_codes_view(const CodesView& c, const EncodingParams& p, int64_t group) {
+// Packed INT scales are fp16: OPT-RTN's weight-dtype scales round to it here, as upstream's packer (.half()) does.
+const uint16_t* fp16_scales(const CodesView& c, int64_t n, std::vector<uint16_t>& tmp) {
+  if (c.scale_dtype == DType::F16) return static_cast<const uint16_t*>(c.scales);
+  if (c.scale_dtype != DType::BF16 && c.scale_dtype != DType::F32)
+    throw OptionError("[int] scales: dtype must be F16, BF16 or F32, got " + std::string(dtype_name(c.scale_dtype)));
+  tmp.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) tmp[i] = float_to_fp16(element_as_float(c.scale_dtype, c.scales, i));
+  return tmp.data();
+}
+
+IntCodesView int_codes_view(const CodesView& c, const EncodingParams& p, int64_t group, std::vector<uint16_t>& tmp) {
   IntCodesView v;
   v.rows = c.rows;
   v.cols = c.cols;
   v.bits = p.bits;
   v.group = group;
   v.codes = c.codes;
-  v.scales = static_cast<const uint16_t*>(c.scales);
+  v.scales = fp16_scales(c, c.rows * v.groups(), tmp);
   v.zeros = c.zeros;
   v.pad_zero = int_group_quant(0.0f, 0.0f, p.bits, p.sym).zero;
   return v;
+}
+
+// The regular flow's producer: RTN in the weight's own dtype, or OPT-RTN (sym) with scales in that dtype.
+void int_encode(const WeightView& w, const EncodingParams& p, CodesBuffers& out) {
+  const IntGrouping g = int_grouping(w.rows, w.cols, p.group_size, "weight");
+  const size_t ng = static_cast<size_t>(g.rows * g.groups);
+  out.codes.resize(static_cast<size_t>(w.rows * w.cols));
+  out.zeros.resize(ng);
+  if (p.opt_rtn && p.sym) {
+    out.scale_dtype = w.dtype;
+    out.scales.resize(ng * static_cast<size_t>(dtype_bits(w.dtype) / 8));
+    int_opt_rtn(w.dtype, w.data, g, p.bits, p.imatrix, out.codes.data(), out.scales.data());
+    std::fill(out.zeros.begin(), out.zeros.end(), int32_t{1} << (p.bits - 1));
+  } else {
+    out.scale_dtype = DType::F16;
+    out.scales.resize(ng * 2);
+    int_rtn_codes(w.dtype, w.data, g, p.bits, p.sym, out.codes.data(), reinterpret_cast<uint16_t*>(out.scales.data()),
+                  out.zeros.data());
+  }
+}
+
+void int_dequantize_codes(const CodesView& c, const EncodingParams& p, const WeightView* source, DType out, void* dst) {
+  if (source != nullptr && (source->rows != c.rows || source->cols != c.cols))
+    throw OptionError("[int] weight: shape does not match the codes");
+  dequantize_int_codes(c.codes, c.scale_dtype, c.scales, c.zeros, int_grouping(c.rows, c.cols, p.group_size, "codes"),
+                       out, dst, p.sym, source ? source->dtype : DType::F32, source ? source->data : nullptr);
 }
 
 // ---- INT, GPTQ layout ----
@@ -66,13 +105,30 @@ IntCodesView int_codes_view(const CodesView& c, const EncodingParams& p, int64_t
 constexpr int kGptqZeroOffsetSym = 1;   // sym GPTQ stores zp-1; consumers add 1 back
 constexpr int kGptqZeroOffsetAsym = 0;  // asym "auto_round" packing stores zp as is
 
-int gptq_offset(const EncodingParams& p) { return p.sym ? kGptqZeroOffsetSym : kGptqZeroOffsetAsym; }
+int gptq_offset(const EncodingParams& p) {
+  if (p.zero_offset >= 0) return p.zero_offset;  // auto_gptq stores zp-1 for asym too
+  return p.sym ? kGptqZeroOffsetSym : kGptqZeroOffsetAsym;
+}
 
 IntGptqLayout gptq_layout(int64_t rows, int64_t cols, const EncodingParams& p) {
   return int_gptq_layout(rows, cols, int_params(p, gptq_offset(p)), "weight");
 }
 
+// Upstream's regular flow packs with auto_round_extension's QuantLinear, which pads nothing: qweight
+// [cols*bits/32, rows] (its reshape needs cols % 32 == 0), qzeros [groups, (rows/32)*bits] (out_features past the
+// last whole 32 get no zero-point lanes), scales [groups, rows]. Each is a prefix of the padded layout.
+std::vector<TensorSpec> int_gptq_regular_specs(int64_t rows, int64_t cols, const EncodingParams& p) {
+  const IntGptqLayout L = gptq_layout(rows, cols, p);
+  if (cols % 32 != 0)
+    throw OptionError("[int_gptq] weight: in_features " + std::to_string(cols) +
+                      " is not a multiple of 32, which unpadded (regular-flow) GPTQ packing needs");
+  return {{"qweight", DType::I32, {cols / L.pack_factor, L.rows}},  // [in/pf, out]
+          {"qzeros", DType::I32, {L.groups, rows / 32 * p.bits}},    // [groups, (out/32)*bits]
+          {"scales", DType::F16, {L.groups, L.rows}}};               // [groups, out]
+}
+
 std::vector<TensorSpec> int_gptq_specs(int64_t rows, int64_t cols, const EncodingParams& p, DType) {
+  if (!p.pad_partial_groups) return int_gptq_regular_specs(rows, cols, p);
   const IntGptqLayout L = gptq_layout(rows, cols, p);
   return {{"qweight", DType::I32, {L.cols_p / L.pack_factor, L.rows}},  // [in_p/pf, out]
           {"qzeros", DType::I32, {L.groups, L.rows_p / L.pack_factor}},  // [groups, out_p/pf]
@@ -91,9 +147,22 @@ void int_gptq_quantize_ref(const WeightView& w, const EncodingParams& p, void* c
 
 template <bool Ref>
 void int_gptq_pack(const CodesView& c, const EncodingParams& p, void* const* outs) {
-  const IntCodesView v = int_codes_view(c, p, gptq_layout(c.rows, c.cols, p).group);
-  (Ref ? pack_gptq_ref : pack_gptq)(v, gptq_offset(p), out_as<int32_t>(outs, 0), out_as<int32_t>(outs, 1),
-                                    out_as<uint16_t>(outs, 2));
+  const IntGptqLayout L = gptq_layout(c.rows, c.cols, p);
+  std::vector<uint16_t> tmp;
+  const IntCodesView v = int_codes_view(c, p, L.group, tmp);
+  const auto pack = Ref ? pack_gptq_ref : pack_gptq;
+  if (p.pad_partial_groups) {
+    pack(v, gptq_offset(p), out_as<int32_t>(outs, 0), out_as<int32_t>(outs, 1), out_as<uint16_t>(outs, 2));
+    return;
+  }
+  // Pack padded, keep the regular layout's prefixes: qweight's first cols/pf word rows, each qzeros row's first words.
+  const std::vector<TensorSpec> specs = int_gptq_regular_specs(c.rows, c.cols, p);
+  std::vector<int32_t> qweight(static_cast<size_t>(L.qweight_elems())), qzeros(static_cast<size_t>(L.qzeros_elems()));
+  pack(v, gptq_offset(p), qweight.data(), qzeros.data(), out_as<uint16_t>(outs, 2));
+  std::copy_n(qweight.data(), specs[0].shape[0] * specs[0].shape[1], out_as<int32_t>(outs, 0));
+  const int64_t zwords = specs[1].shape[1], zwords_p = L.rows_p / L.pack_factor;
+  for (int64_t g = 0; g < L.groups; ++g)
+    std::copy_n(qzeros.data() + g * zwords_p, zwords, out_as<int32_t>(outs, 1) + g * zwords);
 }
 
 void int_gptq_dequantize_ref(const void* const* ins, int64_t rows, int64_t cols, const EncodingParams& p, float* out) {
@@ -121,7 +190,8 @@ std::vector<TensorSpec> int_awq_specs(int64_t rows, int64_t cols, const Encoding
 
 template <bool Ref>
 void int_awq_pack(const CodesView& c, const EncodingParams& p, void* const* outs) {
-  const IntCodesView v = int_codes_view(c, p, awq_group(c.cols, p));
+  std::vector<uint16_t> tmp;
+  const IntCodesView v = int_codes_view(c, p, awq_group(c.cols, p), tmp);
   (Ref ? pack_awq_ref : pack_awq)(v, out_as<int32_t>(outs, 0), out_as<int32_t>(outs, 1), out_as<uint16_t>(outs, 2));
 }
 
@@ -176,6 +246,7 @@ void fp_codes_of(const uint8_t* weight, const uint8_t* scale, int64_t n, int64_t
     std::copy_n(weight, n, out.codes.data());
   out.scales.assign(scale, scale + scale_n);
   out.zeros.clear();
+  out.scale_dtype = DType::U8;
 }
 
 template <int BITS>
@@ -184,6 +255,27 @@ void mxfp_encode_ref(const WeightView& w, const EncodingParams& p, CodesBuffers&
   std::vector<uint8_t> weight(static_cast<size_t>(L.weight_bytes())), scale(static_cast<size_t>(L.scale_bytes()));
   quantize_mxfp_ref(w.dtype, w.data, L, p.opt_rtn, weight.data(), scale.data());
   fp_codes_of(weight.data(), scale.data(), w.rows * w.cols, L.scale_bytes(), BITS == 4, out);
+}
+
+// The FP rows' search has no imatrix weighting here (upstream's regular flow weights MXFP / NVFP4 searches by it).
+void reject_imatrix(const EncodingParams& p, const char* row) {
+  if (p.opt_rtn && p.imatrix != nullptr)
+    throw OptionError(std::string("[") + row + "] imatrix: an imatrix-weighted scale search is implemented for INT sym "
+                      "only; pass imatrix=None or opt_rtn=False");
+}
+
+template <int BITS>
+void mxfp_encode(const WeightView& w, const EncodingParams& p, CodesBuffers& out) {
+  reject_imatrix(p, BITS == 4 ? "mxfp4" : "mxfp8");
+  const MxfpLayout L = mxfp_layout(w.rows, w.cols, BITS, "weight");
+  std::vector<uint8_t> weight(static_cast<size_t>(L.weight_bytes())), scale(static_cast<size_t>(L.scale_bytes()));
+  quantize_mxfp(w.dtype, w.data, L, p.opt_rtn, weight.data(), scale.data());
+  fp_codes_of(weight.data(), scale.data(), w.rows * w.cols, L.scale_bytes(), BITS == 4, out);
+}
+
+template <int BITS>
+void mxfp_dequantize_codes(const CodesView& c, const EncodingParams&, const WeightView*, DType out, void* dst) {
+  dequantize_mxfp_codes(c.codes, static_cast<const uint8_t*>(c.scales), c.rows, c.cols, BITS, out, dst);
 }
 
 template <bool Ref>
@@ -228,6 +320,18 @@ void nvfp4_encode_ref(const WeightView& w, const EncodingParams& p, CodesBuffers
   fp_codes_of(packed.data(), scale.data(), w.rows * w.cols, w.rows * w.cols / 16, true, out);
 }
 
+void nvfp4_encode(const WeightView& w, const EncodingParams& p, CodesBuffers& out) {
+  reject_imatrix(p, "nvfp4_e5m3");
+  nvfp4_specs(w.rows, w.cols, p, w.dtype);  // shape check before any work
+  std::vector<uint8_t> packed(static_cast<size_t>(w.rows * w.cols / 2)), scale(static_cast<size_t>(w.rows * w.cols / 16));
+  quantize_nvfp4_e5m3(w.dtype, w.data, w.rows, w.cols, p.opt_rtn, packed.data(), scale.data());
+  fp_codes_of(packed.data(), scale.data(), w.rows * w.cols, w.rows * w.cols / 16, true, out);
+}
+
+void nvfp4_dequantize_codes(const CodesView& c, const EncodingParams&, const WeightView*, DType out, void* dst) {
+  dequantize_nvfp4_codes(c.codes, static_cast<const uint8_t*>(c.scales), c.rows, c.cols, out, dst);
+}
+
 template <bool Ref>
 void nvfp4_pack(const CodesView& c, const EncodingParams&, void* const* outs) {
   fp_pack<Ref>(c, 16, true, outs);
@@ -269,24 +373,26 @@ const std::vector<EncodingTraits>& encodings() {
   static const std::vector<EncodingTraits> table = {
       {Encoding::IntGptq, "int_gptq", "int", int_gptq_bits, 0, true, "auto_round:auto_gptq", "auto_round",
        kGptqZeroOffsetSym, kGptqZeroOffsetAsym, {"auto_round", "auto_round:auto_gptq"}, {"auto_round"},
-       int_gptq_specs, int_gptq_quantize, int_gptq_quantize_ref, encode_int_rtn_ref, int_gptq_pack<false>,
-       int_gptq_pack<true>, int_gptq_dequantize_ref, nullptr},
+       int_gptq_specs, int_gptq_quantize, int_gptq_quantize_ref, encode_int_rtn_ref, int_encode, int_gptq_pack<false>,
+       int_gptq_pack<true>, int_gptq_dequantize_ref, nullptr, int_dequantize_codes},
       {Encoding::IntAwq, "int_awq", "int", bits4, 0, false, "auto_round:auto_awq", "auto_round:auto_awq", 0, 0, {}, {},
-       int_awq_specs, int_awq_quantize<false>, int_awq_quantize<true>, encode_int_rtn_ref, int_awq_pack<false>,
-       int_awq_pack<true>, int_awq_dequantize_ref, nullptr},
+       int_awq_specs, int_awq_quantize<false>, int_awq_quantize<true>, encode_int_rtn_ref, int_encode,
+       int_awq_pack<false>, int_awq_pack<true>, int_awq_dequantize_ref, nullptr, int_dequantize_codes},
       {Encoding::Mxfp4, "mxfp4", "mx_fp", bits4, 32, false, "auto_round:llm_compressor", "auto_round:llm_compressor", 0,
        0, {"auto_round", "auto_round:auto_gptq", "llm_compressor", "auto_round:llm_compressor"},
        {"auto_round", "llm_compressor"}, mxfp_specs<4>, mxfp_quantize<4, false>, mxfp_quantize<4, true>,
-       mxfp_encode_ref<4>, mxfp_pack<4, false>, mxfp_pack<4, true>, mxfp_dequantize_ref<4>, nullptr},
+       mxfp_encode_ref<4>, mxfp_encode<4>, mxfp_pack<4, false>, mxfp_pack<4, true>, mxfp_dequantize_ref<4>, nullptr,
+       mxfp_dequantize_codes<4>},
       {Encoding::Mxfp8, "mxfp8", "mx_fp", bits8, 32, false, "auto_round:llm_compressor", "auto_round:llm_compressor", 0,
        0, {"auto_round", "auto_round:auto_gptq", "llm_compressor", "auto_round:llm_compressor"},
        {"auto_round", "llm_compressor"}, mxfp_specs<8>, mxfp_quantize<8, false>, mxfp_quantize<8, true>,
-       mxfp_encode_ref<8>, mxfp_pack<8, false>, mxfp_pack<8, true>, mxfp_dequantize_ref<8>, nullptr},
+       mxfp_encode_ref<8>, mxfp_encode<8>, mxfp_pack<8, false>, mxfp_pack<8, true>, mxfp_dequantize_ref<8>, nullptr,
+       mxfp_dequantize_codes<8>},
       {Encoding::Nvfp4E5M3, "nvfp4_e5m3", "nvfp4_v2", bits4, 16, false, "auto_round:llm_compressor_nvfp4_e5m3",
        "auto_round:llm_compressor_nvfp4_e5m3", 0, 0,
        {"auto_round", "auto_round:auto_gptq", "fake", "llm_compressor", "auto_round:llm_compressor"}, {"auto_round"},
-       nvfp4_specs, nvfp4_quantize<false>, nvfp4_quantize<true>, nvfp4_encode_ref, nvfp4_pack<false>,
-       nvfp4_pack<true>, nvfp4_dequantize_ref, nvfp4_fake},
+       nvfp4_specs, nvfp4_quantize<false>, nvfp4_quantize<true>, nvfp4_encode_ref, nvfp4_encode, nvfp4_pack<false>,
+       nvfp4_pack<true>, nvfp4_dequantize_ref, nvfp4_fake, nvfp4_dequantize_codes},
   };
   return table;
 }

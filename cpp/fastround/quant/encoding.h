@@ -28,7 +28,11 @@ struct EncodingParams {
   int bits = 4;
   int64_t group_size = 128;  // INT: > 0, or -1 for one group per output row; FP rows use their own group
   bool sym = true;
-  bool opt_rtn = true;       // MXFP / NVFP4: search the scale (upstream's default unless disable_opt_rtn)
+  bool opt_rtn = true;       // MXFP / NVFP4: search the scale (upstream's default unless disable_opt_rtn);
+                             // INT sym, `encode` only: OPT-RTN (model-free INT is always plain RTN)
+  const float* imatrix = nullptr;  // [cols] OPT-RTN loss weights (the regular flow's imatrix); null: all 1
+  bool pad_partial_groups = true;  // INT GPTQ: false gives the regular flow's unpadded shapes (int_gptq_specs)
+  int zero_offset = -1;            // INT GPTQ: qzeros hold clamp(zp - zero_offset); -1: the row's (sym 1, asym 0)
 };
 
 // One output tensor of an encoded layer, named <layer>.<suffix>.
@@ -43,16 +47,22 @@ struct TensorSpec {
 //   INT:   codes [rows, cols] in [0, 2^bits); scales fp16 bits [rows, groups]; zeros int32 [rows, groups]
 //   MXFP:  codes [rows, cols] E2M1 nibbles (bits 4) or E4M3 bytes (bits 8); scales E8M0 [rows, cols/32]
 //   NVFP4: codes [rows, cols] E2M1 nibbles; scales UE5M3 [rows, cols/16]; zeros unused
+// INT groups follow upstream's grouping (codes.h IntGrouping): in_features below group_size is one group. After
+// OPT-RTN the INT scales are in the weight's dtype (scale_dtype): upstream keeps them unrounded until packing.
 struct CodesView {
   int64_t rows = 0, cols = 0;
   const uint8_t* codes = nullptr;
   const void* scales = nullptr;
   const int32_t* zeros = nullptr;
+  DType scale_dtype = DType::F16;  // INT: F16, BF16 or F32; FP rows: U8
 };
 struct CodesBuffers {
   std::vector<uint8_t> codes, scales;
   std::vector<int32_t> zeros;
-  CodesView view(int64_t rows, int64_t cols) const { return {rows, cols, codes.data(), scales.data(), zeros.data()}; }
+  DType scale_dtype = DType::F16;
+  CodesView view(int64_t rows, int64_t cols) const {
+    return {rows, cols, codes.data(), scales.data(), zeros.data(), scale_dtype};
+  }
 };
 
 // Kernels share these signatures; `outs` / `ins` follow the order of the row's `layout`.
@@ -62,6 +72,10 @@ using EncodeFn = void (*)(const WeightView& w, const EncodingParams& p, CodesBuf
 using PackFn = void (*)(const CodesView& c, const EncodingParams& p, void* const* outs);
 using DequantizeFn = void (*)(const void* const* ins, int64_t rows, int64_t cols, const EncodingParams& p, float* out);
 using FakeQuantizeFn = void (*)(const WeightView& w, const EncodingParams& p, void* out);  // qdq, source dtype
+// codes -> the quantize-dequantized weight [rows, cols] in `out` (F32, F16, BF16), as the regular flow leaves it.
+// `source`: the weight the codes came from, or null; INT sym zeros take its sign as upstream's qdq does.
+using DequantizeCodesFn = void (*)(const CodesView& c, const EncodingParams& p, const WeightView* source, DType out,
+                                   void* dst);
 
 struct EncodingTraits {
   Encoding id;
@@ -77,10 +91,14 @@ struct EncodingTraits {
   std::vector<std::string_view> routed_formats;      // formats whose RTN requests upstream routes to model-free
   LayoutFn layout;              // output tensors; throws OptionError when the shape cannot be encoded
   QuantizeFn quantize, quantize_ref;  // weight -> packed outputs (fused fast path; scalar reference)
-  EncodeFn encode_ref;          // weight -> unpacked codes, the reference producer
+  EncodeFn encode_ref;          // weight -> unpacked codes, the reference producer: pack_ref of them == quantize_ref
+  // weight -> unpacked codes as upstream's regular flow computes them (fast, parallel): INT in the weight's own
+  // dtype (codes.h), with OPT-RTN for sym when p.opt_rtn (int_opt_rtn.h); FP rows as quantize.
+  EncodeFn encode;
   PackFn pack, pack_ref;        // codes from any producer -> packed outputs
   DequantizeFn dequantize_ref;  // packed outputs -> float [rows, cols]
   FakeQuantizeFn fake_quantize; // format "fake": qdq weight in the source dtype; null where none exists
+  DequantizeCodesFn dequantize_codes;
 
   int zero_offset(bool sym) const { return sym ? zero_offset_sym : zero_offset_asym; }
   std::string_view packing_format(bool sym) const { return sym ? packing_format_sym : packing_format_asym; }
