@@ -271,6 +271,9 @@ def test_several_formats(llama: Path, tmp_path: Path) -> None:
     fmt = "auto_round,auto_gptq,fake"
     ar = upstream_quantized(llama, scheme="W4A16")
     ctx = context_from_upstream(ar, llama)
+    formats = export.resolve_formats(fmt, ctx.scheme, ctx.layer_config, ctx.regex_config)
+    assert not export.uses_shard_writer(formats, ctx)  # upstream packs at the end and uses save_pretrained
+    assert not export.uses_shard_writer(export.resolve_formats("fake", ctx.scheme), ctx)
     folders = export.save_all(ctx, tmp_path / "ours", fmt)
     ar.save_quantized(str(tmp_path / "theirs"), format=fmt, inplace=False)
     names = sorted(p.name for p in (tmp_path / "theirs").iterdir())
