@@ -271,6 +271,9 @@ def test_several_formats(llama: Path, tmp_path: Path) -> None:
     fmt = "auto_round,auto_gptq,fake"
     ar = upstream_quantized(llama, scheme="W4A16")
     ctx = context_from_upstream(ar, llama)
+    formats = export.resolve_formats(fmt, ctx.scheme, ctx.layer_config, ctx.regex_config)
+    assert not export.uses_shard_writer(formats, ctx)  # upstream packs at the end and uses save_pretrained
+    assert not export.uses_shard_writer(export.resolve_formats("fake", ctx.scheme), ctx)
     folders = export.save_all(ctx, tmp_path / "ours", fmt)
     ar.save_quantized(str(tmp_path / "theirs"), format=fmt, inplace=False)
     names = sorted(p.name for p in (tmp_path / "theirs").iterdir())
@@ -278,6 +281,38 @@ def test_several_formats(llama: Path, tmp_path: Path) -> None:
     assert sorted(Path(f).name for f in folders) == names
     for name in names:
         assert_same(tmp_path / "ours" / name, tmp_path / "theirs" / name)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "scheme", "encoding"),
+    [
+        ("auto_round", {"scheme": "W4A16"}, "int_gptq"),
+        ("auto_round", {"scheme": "W2A16", "sym": False}, "int_gptq"),
+        ("auto_awq", {"scheme": "W4A16", "group_size": 32}, "int_awq"),
+        ("auto_round", {"scheme": "MXFP4"}, "mxfp4"),
+    ],
+)
+def test_kernel_codes_end_to_end(qwen2: Path, tmp_path: Path, fmt: str, scheme: dict[str, Any], encoding: str) -> None:
+    """Codes from the C++ encoder (fastround.ops.encode_weight) on the unquantized weights, written by our
+    writer, equal upstream's quantize + save_quantized: the whole RTN-to-file path without upstream's numbers."""
+    from auto_round import AutoRound
+
+    from fastround import ops
+
+    ar = AutoRound(model=str(qwen2), **{**_RUN, **scheme})
+    source_model = copy.deepcopy(ar.model)  # loaded weights, before upstream quantizes them in place
+    ar.quantize()
+    ctx = context_from_upstream(ar, qwen2)
+    for name, layer in ctx.layers.items():
+        weight = source_model.get_submodule(name).weight.data  # [out, in]
+        bits, gs, sym = int(layer.scheme["bits"]), int(layer.scheme["group_size"]), bool(layer.scheme["sym"])
+        enc = ops.encode_weight(weight, encoding, bits, gs, sym)
+        layer.codes, layer.scales, layer.zeros = enc.codes, enc.scales, enc.zeros
+        layer.encoding = encoding
+    ctx.model = source_model
+    export.save(ctx, tmp_path / "ours", fmt)
+    ar.save_quantized(str(tmp_path / "theirs"), format=fmt)
+    assert_same(tmp_path / "ours", tmp_path / "theirs")
 
 
 # ------------------------------------------------------------------------------------------------------------
