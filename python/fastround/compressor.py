@@ -150,6 +150,8 @@ class Compressor:
         self.plan: LayerPlan | None = None
         self.layers: dict[str, QuantizedLayer] = {}
         self.quantized = False
+        self._immediate_format: str | None = None  # set by quantize_and_save for one packed format
+        self._packer: Any = None  # that format's LayerPacker while quantizing
         self.layer_config: dict[str, dict[str, Any]] = {}
         self.model_free = False
 
@@ -191,11 +193,29 @@ class Compressor:
         targets = [n for n in self.plan.quantized()]
         for name in targets:
             encoding_name(self.layer_config[name], fmt)  # fail early on a scheme no encoding holds
+        self._packer = self._immediate_packer()
         from fastround import blockloop
 
-        blockloop.run(self, model, fmt)
+        try:
+            blockloop.run(self, model, fmt)
+        finally:
+            self._packer = None
         self.quantized = True
         return model, self.layer_config
+
+    def _immediate_packer(self) -> Any:
+        """Upstream's immediate packing: with one packed format, each layer is packed as soon as it is quantized
+        and its float weight released, so RTN holds the model plus about one block, not a second copy."""
+        if self._immediate_format is None:
+            return None
+        from fastround import export
+        from fastround.export.packing import format_packer
+
+        ctx = self.export_context()
+        fmt = export.resolve_format(self._immediate_format, ctx.scheme, ctx.layer_config, ctx.regex_config)
+        if fmt.family == "fake":
+            return None
+        return format_packer(ctx, fmt, check=False)
 
     # -- export ------------------------------------------------------------------------------------------------
     def export_context(self) -> ExportContext:
@@ -243,7 +263,11 @@ class Compressor:
         for fmt in formats:
             export.check_format(fmt, self.scheme, self.scheme_name)
         export.check_output_dir(output_dir, self.source_dir)
-        self.quantize()
+        self._immediate_format = formats[0] if len(formats) == 1 and inplace else None
+        try:
+            self.quantize()
+        finally:
+            self._immediate_format = None
         folder = os.path.join(output_dir, export.output_folder_name(self.model_name, self.scheme, formats))
         ctx = self.export_context()
         resolved = export.resolve_formats(",".join(formats), ctx.scheme, ctx.layer_config, ctx.regex_config)
@@ -264,18 +288,23 @@ def record_layer(
     enc = encoding_name(cfg, fmt)
     gs = int(cfg["group_size"])
     codes, scales, zeros = ops.encode_weight(w2, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), opt_rtn, imatrix)
-    # The source weight lets the dequantizer keep upstream's -0.0 where a sym value rounds to zero.
-    qdq = ops.dequantize_codes(codes, scales, zeros, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), w2.dtype, w2)
-    module.weight.data = (qdq.t() if conv else qdq).to(w.device).contiguous()
     bias = module.bias.data.detach().to("cpu") if getattr(module, "bias", None) is not None else None
-    comp.layers[name] = QuantizedLayer(
+    layer = QuantizedLayer(
         name=name, encoding=enc, scheme={k: cfg.get(k) for k in ("bits", "group_size", "sym", "data_type",
                                                                  "act_bits", "act_group_size", "act_sym",
                                                                  "act_data_type", "act_dynamic")},
-        codes=codes, scales=scales, zeros=zeros, bias=bias,
-        conv1d=conv,
+        codes=codes, scales=scales, zeros=zeros, bias=bias, conv1d=conv,
     )
-
+    comp.layers[name] = layer
+    if comp._packer is not None:
+        # Packed now; the float weight and the codes go (the module is replaced by its packed form on export).
+        layer.packed = comp._packer.pack(layer)
+        layer.codes = torch.empty(codes.shape, dtype=torch.uint8, device="meta")
+        module.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
+        return
+    # The source weight lets the dequantizer keep upstream's -0.0 where a sym value rounds to zero.
+    qdq = ops.dequantize_codes(codes, scales, zeros, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), w2.dtype, w2)
+    module.weight.data = (qdq.t() if conv else qdq).to(w.device).contiguous()
 
 def is_expert_layer(name: str) -> bool:
     return "expert" in name and "shared_expert" not in name

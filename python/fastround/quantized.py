@@ -23,6 +23,9 @@ class QuantizedLayer:
     zeros: torch.Tensor | None  # INT [out, G] int32 zero points; None for FP encodings
     bias: torch.Tensor | None
     conv1d: bool = False  # the module is HF Conv1D (weight stored [in, out]); codes are still [out, in]
+    # Immediate packing (one format, quantize_and_save): the format's tensors, made right after the layer was
+    # quantized; `codes` is then a meta tensor that only keeps the shape.
+    packed: list[tuple[str, torch.Tensor]] | None = None
 
 
 @dataclass

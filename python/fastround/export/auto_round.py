@@ -20,7 +20,7 @@ from fastround.export.config import (
     serialization_dict,
     zero_shot,
 )
-from fastround.export.packing import LayerPacker
+from fastround.export.packing import format_packer
 from fastround.quantized import ExportContext
 
 
@@ -51,8 +51,7 @@ def export_dtype(config: dict[str, Any]) -> torch.dtype | None:
 
 def save(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, *, shard_writer: bool) -> None:
     config = quantization_config(ctx, fmt)
-    packer = LayerPacker(ctx, fmt.int_layout, fmt.zero_offset, fmt.g_idx, conv1d_ok=fmt.int_layout != "awq",
-                         format_name=fmt.name)
+    packer = format_packer(ctx, fmt)
     with tqdm(total=len(ctx.layers), desc="packing", leave=True) as bar:
         packer.progress = bar
         write_packed_checkpoint(

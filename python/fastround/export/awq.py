@@ -14,7 +14,7 @@ from fastround.export import ResolvedFormat
 from fastround.export.common import write_packed_checkpoint
 from fastround.export.config import block_names_to_str, filter_quantization_config, is_quantized, serialization_dict
 from fastround.export.config import zero_shot
-from fastround.export.packing import LayerPacker
+from fastround.export.packing import format_packer
 from fastround.quantized import ExportContext
 
 
@@ -64,7 +64,7 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
 
 def save(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, *, shard_writer: bool) -> None:
     config = quantization_config(ctx)
-    packer = LayerPacker(ctx, "awq", conv1d_ok=False, format_name=fmt.name)
+    packer = format_packer(ctx, fmt)
     with tqdm(total=len(ctx.layers), desc="packing", leave=True) as bar:
         packer.progress = bar
         write_packed_checkpoint(

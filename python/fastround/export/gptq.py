@@ -21,7 +21,7 @@ from fastround.export.config import (
     starts_with_block,
     zero_shot,
 )
-from fastround.export.packing import LayerPacker
+from fastround.export.packing import format_packer
 from fastround.quantized import ExportContext
 
 GPTQ_KEYS = ("bits", "group_size", "sym")
@@ -101,7 +101,7 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
 
 def save(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, *, shard_writer: bool) -> None:
     config = quantization_config(ctx)
-    packer = LayerPacker(ctx, "gptq", 1, True, format_name=fmt.name)
+    packer = format_packer(ctx, fmt)
     with tqdm(total=len(ctx.layers), desc="packing", leave=True) as bar:
         packer.progress = bar
         write_packed_checkpoint(

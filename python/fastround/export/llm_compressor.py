@@ -12,7 +12,7 @@ from tqdm import tqdm
 from fastround.export import ResolvedFormat
 from fastround.export.common import lm_head_name, write_packed_checkpoint
 from fastround.export.config import standard_regex, zero_shot
-from fastround.export.packing import LayerPacker
+from fastround.export.packing import format_packer
 from fastround.quantized import ExportContext
 
 _GROUP_FORMAT = {4: "mxfp4-pack-quantized", 8: "mxfp8-quantized"}
@@ -89,7 +89,7 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
 
 def save(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, *, shard_writer: bool) -> None:
     config = quantization_config(ctx)
-    packer = LayerPacker(ctx, None, format_name=fmt.name)
+    packer = format_packer(ctx, fmt)
     with tqdm(total=len(ctx.layers), desc="packing", leave=True) as bar:
         packer.progress = bar
         write_packed_checkpoint(

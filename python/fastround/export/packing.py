@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from fastround.export.common import Entry
 from fastround.quantized import ExportContext, QuantizedLayer
+
+if TYPE_CHECKING:
+    from fastround.export import ResolvedFormat
 
 logger = logging.getLogger("fastround")
 
@@ -26,7 +30,7 @@ class LayerPacker:
     """Packs ctx.layers on demand in one format's layout (a common.Packer)."""
 
     def __init__(self, ctx: ExportContext, int_layout: str | None, zero_offset: int = 0, g_idx: bool = False,
-                 *, conv1d_ok: bool = True, format_name: str = "") -> None:
+                 *, conv1d_ok: bool = True, format_name: str = "", check: bool = True) -> None:
         self.layers = ctx.layers
         self.int_layout = int_layout
         self.zero_offset = zero_offset
@@ -34,14 +38,15 @@ class LayerPacker:
         self.conv1d_ok = conv1d_ok
         self.format_name = format_name
         self.progress: tqdm | None = None
-        check_layers(ctx)
+        if check:  # off while the flow packs layer by layer (immediate packing), before every layer exists
+            check_layers(ctx)
 
     def __contains__(self, name: object) -> bool:
         return name in self.layers
 
     def __call__(self, name: str) -> list[Entry]:
         layer = self.layers[name]
-        out = self.pack(layer)
+        out = layer.packed if layer.packed is not None else self.pack(layer)
         if self.progress is not None:
             self.progress.update(1)
         return out
@@ -87,6 +92,18 @@ class LayerPacker:
         return [(f"{layer.name}.{suffix}", tensors[suffix]) for suffix in order if suffix in tensors]
 
 
+def format_packer(ctx: ExportContext, fmt: ResolvedFormat, *, check: bool = True) -> LayerPacker:
+    """The packer of one resolved format: the only place that maps a format family to its layer layout."""
+    if fmt.family == "auto_gptq":
+        return LayerPacker(ctx, "gptq", 1, True, format_name=fmt.name, check=check)
+    if fmt.family == "auto_awq":
+        return LayerPacker(ctx, "awq", conv1d_ok=False, format_name=fmt.name, check=check)
+    if fmt.family == "llm_compressor":
+        return LayerPacker(ctx, None, format_name=fmt.name, check=check)
+    return LayerPacker(ctx, fmt.int_layout, fmt.zero_offset, fmt.g_idx, conv1d_ok=fmt.int_layout != "awq",
+                       format_name=fmt.name, check=check)
+
+
 def check_layers(ctx: ExportContext) -> None:
     """Every layer whose weights the config quantizes must have its codes, and no codes may belong to an unknown
     layer. (A layer quantizing activations only keeps its weights.)"""
@@ -111,4 +128,4 @@ def packing_progress(names: Iterable[str]) -> tqdm:
     return tqdm(total=len(list(names)), desc="packing", leave=True)
 
 
-__all__ = ["LayerPacker", "check_layers", "packing_progress"]
+__all__ = ["LayerPacker", "check_layers", "format_packer", "packing_progress"]
