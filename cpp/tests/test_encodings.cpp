@@ -94,6 +94,7 @@ std::vector<Case> cases_for(const fr::EncodingTraits& e) {
         add(40, 96, bits, 32, sym, opt);
         add(72, 128, bits, -1, sym, opt);
         if (e.pads_partial_groups) add(33, 200, bits, 64, sym, opt);  // in and out both padded
+        if (!e.fixed_group) add(8, 2104, bits, -1, sym, opt);  // one long group: torch's cascaded sum order
       }
   return out;
 }

@@ -133,11 +133,7 @@ inline float candidate_iscale(DType dt, float r, int nmax, const Grid& grid, int
 // Squared (weighted) error of each element for one candidate, as upstream's loss tensor holds it.
 void loss_elements(DType dt, const float* x, const float* w, int64_t n, float iscale, float scale, float nmax,
                    float* sq) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float L = clamp_nan(std::nearbyint(round_to_dtype(dt, iscale * x[i])), -nmax, nmax - 1.0f);
-    const float e = round_to_dtype(dt, round_to_dtype(dt, scale * L) - x[i]);
-    sq[i] = w != nullptr ? (e * e) * w[i] : e * e;
-  }
+  for (int64_t i = 0; i < n; ++i) sq[i] = opt_rtn_loss_element(dt, x[i], w ? w + i : nullptr, iscale, scale, nmax);
 }
 
 int64_t first_abs_max(const float* x, int64_t n) {
@@ -279,10 +275,8 @@ float search_fast(const simd::Kernels* K, DType dt, const float* x, const float*
   if (!proven) return search_ref(dt, x, w, n, bits, sq);
   sq.resize(static_cast<size_t>(n));
   auto loss_of = [&](float iscale, float s) {
-    if (K != nullptr)
-      K->int_search_sq(x, w, n, dt, iscale, s, static_cast<float>(nmax), sq.data());
-    else
-      loss_elements(dt, x, w, n, iscale, s, static_cast<float>(nmax), sq.data());
+    if (K != nullptr) return K->int_search_loss(x, w, n, dt, iscale, s, static_cast<float>(nmax), sq.data());
+    loss_elements(dt, x, w, n, iscale, s, static_cast<float>(nmax), sq.data());
     return torch_sum_f32(sq.data(), n);
   };
   float scale = reciprocal(dt, iscales[0]);
@@ -304,7 +298,18 @@ float search_fast(const simd::Kernels* K, DType dt, const float* x, const float*
 float torch_sum_f32(const float* x, int64_t n) {
   if (n < kLanes) return row_sum<1>(x, n).v[0];
   const int64_t vs = n / kLanes;
-  return finish_inner_sum(row_sum<kLanes>(x, vs), x + vs * kLanes, n - vs * kLanes);
+  if (vs / 4 >= 16) return finish_inner_sum(row_sum<kLanes>(x, vs), x + vs * kLanes, n - vs * kLanes);
+  // Below one 16-row chunk (groups up to 511 values) the cascade levels stay +0 and adding them changes no sum
+  // (partial sums start at +0, so none is -0): the same order without the zero adds.
+  float p[4][kLanes] = {};
+  for (int64_t i = 0; i < vs / 4; ++i)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < kLanes; ++l) p[k][l] += x[(i * 4 + k) * kLanes + l];
+  for (int64_t i = vs / 4 * 4; i < vs; ++i)
+    for (int l = 0; l < kLanes; ++l) p[0][l] += x[i * kLanes + l];
+  Lanes<kLanes> acc;
+  for (int l = 0; l < kLanes; ++l) acc.v[l] = ((p[0][l] + p[1][l]) + p[2][l]) + p[3][l];
+  return finish_inner_sum(acc, x + vs * kLanes, n - vs * kLanes);
 }
 
 void int_opt_rtn_ref(DType src, const void* w, const IntGrouping& g, int bits, const float* imatrix, uint8_t* codes,

@@ -8,8 +8,11 @@
 // signround.md §3.3.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
+#include "fastround/common/convert.h"
 #include "fastround/common/dtype.h"
 #include "fastround/quant/codes.h"
 
@@ -26,6 +29,15 @@ void int_opt_rtn_ref(DType src, const void* w, const IntGrouping& g, int bits, c
 // output identical to int_opt_rtn_ref (groups the vector path cannot prove exact take the reference).
 void int_opt_rtn(DType src, const void* w, const IntGrouping& g, int bits, const float* imatrix, uint8_t* codes,
                  void* scales);
+
+// One element of upstream's loss tensor for a candidate: L = clamp(round(dt(iscale * x)), -nmax, nmax - 1) (NaN
+// passes, as torch.clamp), e = dt(dt(scale * L) - x), then e * e in fp32, times the weight unless w is null.
+inline float opt_rtn_loss_element(DType dt, float x, const float* w, float iscale, float scale, float nmax) {
+  float L = std::nearbyint(round_to_dtype(dt, iscale * x));
+  if (!std::isnan(L)) L = std::min(std::max(L, -nmax), nmax - 1.0f);
+  const float e = round_to_dtype(dt, round_to_dtype(dt, scale * L) - x);
+  return w != nullptr ? (e * e) * *w : e * e;
+}
 
 // torch CPU's float32 sum of n contiguous values (ATen SumKernel's cascade over 8-lane vectors, the scalar tail,
 // then the lanes in order), as torch.sum(x, dim=-1) gives for each row of a contiguous tensor.

@@ -26,11 +26,10 @@ struct Kernels {
   void (*nv_group)(const float* x, bool opt_rtn, uint8_t* scale, uint8_t* packed);
   // ... or its quantize-dequantized values q[16] (the fake format, before the cast to the source dtype).
   void (*nv_fake_group)(const float* x, bool opt_rtn, float* q);
-  // OPT-RTN loss elements of one candidate (int_opt_rtn.cpp's loss_elements) for finite iscale, nonzero finite
-  // scale and finite x / w: L = clamp(rne(dt(iscale * x)), -nmax, nmax - 1), e = dt(dt(scale * L) - x),
-  // sq = e * e (* w unless w is null).
-  void (*int_search_sq)(const float* x, const float* w, int64_t n, DType dt, float iscale, float scale, float nmax,
-                        float* sq);
+  // OPT-RTN loss of one candidate (int_opt_rtn.cpp's loss_elements summed by torch_sum_f32) for a finite iscale,
+  // a nonzero finite scale and finite x / w (w null: weight 1); scratch holds n floats.
+  float (*int_search_loss)(const float* x, const float* w, int64_t n, DType dt, float iscale, float scale, float nmax,
+                           float* scratch);
 };
 
 // nullptr for Isa::Scalar (or an ISA this build has no kernels for).

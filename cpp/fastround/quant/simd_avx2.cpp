@@ -10,6 +10,7 @@
 #include "fastround/common/convert.h"
 #include "fastround/common/half.h"
 #include "fastround/quant/fp_numerics.h"
+#include "fastround/quant/int_opt_rtn.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
