@@ -130,3 +130,29 @@ def test_awq_layout_mismatch_fails_before_any_output(checkpoint, tmp_path) -> No
             str(tmp_path / "o"), format="auto_round"
         )
     assert not any((tmp_path / "o").rglob("*.safetensors"))
+
+
+def test_model_in_memory_equals_model_from_folder(checkpoint, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastround import AutoRound
+
+    src = checkpoint("llama_aligned")
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    _, mem = AutoRound(model, tokenizer, scheme="W2A16G64", **COMMON).quantize_and_save(str(tmp_path / "mem"))
+    disk = _ours(src, tmp_path / "disk", "auto_round", scheme="W2A16G64")
+    assert Path(mem).name == disk.name
+    assert oracle.read_checkpoint(mem) == oracle.read_checkpoint(disk)
+
+
+def test_text_data_without_tokenizer_is_a_clear_error(checkpoint, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fastround import AutoRound
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint("llama_aligned")), dtype=torch.bfloat16)
+    ar = AutoRound(model, None, scheme="W4A16", iters=0, dataset=["w1 w2 w3"], device_map="cpu")
+    with pytest.raises(ValueError, match="tokenizer"):
+        ar.quantize_and_save(str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
