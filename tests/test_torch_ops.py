@@ -285,7 +285,8 @@ def test_fake_kernels_match_real_outputs():
         (lambda w: ops.encode_weight(w, "mxfp4", 4, 128, True), r"group_size: mxfp4 groups are 32"),
         (lambda w: ops.encode_weight(w, "int_gptq", 4, 0, True), r"group_size: must be -1 or positive"),
         (lambda w: ops.encode_weight(w, "int_gptq", 4, 128, True, True, torch.ones(7)), r"imatrix: expected"),
-        (lambda w: ops.encode_weight(w, "mxfp4", 4, 32, True, True, torch.ones(256)), r"imatrix: an imatrix-weighted"),
+        (lambda w: ops.encode_weight(w, "nvfp4_e5m3", 4, 16, True, True, torch.ones(256)),
+         r"imatrix: an imatrix-weighted"),
         (lambda w: ops.encode_weight(w * float("nan"), "int_gptq", 4, 128, True), r"weight: 8192 NaN/Inf"),
     ],
 )

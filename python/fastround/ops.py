@@ -41,7 +41,8 @@ def encode_weight(
     INT: RTN with the rounding of torch ops in the weight's dtype; with opt_rtn and sym, OPT-RTN (the
     imatrix-weighted scale search; imatrix [in] float32, None for uniform weights). Asym ignores opt_rtn and
     plain RTN ignores the imatrix, as upstream. MXFP / NVFP4: the model-free kernels (opt_rtn: their scale
-    search, without imatrix). G = 1 when group_size is -1 or above in_features, else ceil(in / group_size).
+    search); MXFP with opt_rtn and an imatrix weighs that search by it, as upstream's quant_mx_opt_rtn (NVFP4
+    refuses an imatrix). G = 1 when group_size is -1 or above in_features, else ceil(in / group_size).
     """
     codes, scales, zeros = _ops.encode_weight(weight, encoding, bits, group_size, sym, opt_rtn, imatrix)
     return Encoded(codes, scales, zeros if zeros.numel() else None)

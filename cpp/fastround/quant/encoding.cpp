@@ -10,6 +10,7 @@
 #include "fastround/pack/pack_fp.h"
 #include "fastround/pack/pack_gptq.h"
 #include "fastround/quant/codes.h"
+#include "fastround/quant/fp_opt_rtn.h"
 #include "fastround/quant/fp_rtn.h"
 #include "fastround/quant/int_opt_rtn.h"
 #include "fastround/quant/int_rtn.h"
@@ -249,25 +250,38 @@ void fp_codes_of(const uint8_t* weight, const uint8_t* scale, int64_t n, int64_t
   out.scale_dtype = DType::U8;
 }
 
+// The regular flow's imatrix-weighted search (fp_opt_rtn.h) writes codes and scales unpacked; true if it ran.
+template <bool Ref>
+bool mxfp_encode_imatrix(const WeightView& w, const EncodingParams& p, const MxfpLayout& L, CodesBuffers& out) {
+  if (!p.opt_rtn || p.imatrix == nullptr) return false;
+  out.codes.resize(static_cast<size_t>(w.rows * w.cols));
+  out.scales.resize(static_cast<size_t>(L.scale_bytes()));
+  out.zeros.clear();
+  out.scale_dtype = DType::U8;
+  (Ref ? mx_opt_rtn_ref : mx_opt_rtn)(w.dtype, w.data, L, p.imatrix, out.codes.data(), out.scales.data());
+  return true;
+}
+
 template <int BITS>
 void mxfp_encode_ref(const WeightView& w, const EncodingParams& p, CodesBuffers& out) {
   const MxfpLayout L = mxfp_layout(w.rows, w.cols, BITS, "weight");
+  if (mxfp_encode_imatrix<true>(w, p, L, out)) return;
   std::vector<uint8_t> weight(static_cast<size_t>(L.weight_bytes())), scale(static_cast<size_t>(L.scale_bytes()));
   quantize_mxfp_ref(w.dtype, w.data, L, p.opt_rtn, weight.data(), scale.data());
   fp_codes_of(weight.data(), scale.data(), w.rows * w.cols, L.scale_bytes(), BITS == 4, out);
 }
 
-// The FP rows' search has no imatrix weighting here (upstream's regular flow weights MXFP / NVFP4 searches by it).
+// NVFP4_E5M3's search has no imatrix weighting here.
 void reject_imatrix(const EncodingParams& p, const char* row) {
   if (p.opt_rtn && p.imatrix != nullptr)
     throw OptionError(std::string("[") + row + "] imatrix: an imatrix-weighted scale search is implemented for INT sym "
-                      "only; pass imatrix=None or opt_rtn=False");
+                      "and MXFP only; pass imatrix=None or opt_rtn=False");
 }
 
 template <int BITS>
 void mxfp_encode(const WeightView& w, const EncodingParams& p, CodesBuffers& out) {
-  reject_imatrix(p, BITS == 4 ? "mxfp4" : "mxfp8");
   const MxfpLayout L = mxfp_layout(w.rows, w.cols, BITS, "weight");
+  if (mxfp_encode_imatrix<false>(w, p, L, out)) return;
   std::vector<uint8_t> weight(static_cast<size_t>(L.weight_bytes())), scale(static_cast<size_t>(L.scale_bytes()));
   quantize_mxfp(w.dtype, w.data, L, p.opt_rtn, weight.data(), scale.data());
   fp_codes_of(weight.data(), scale.data(), w.rows * w.cols, L.scale_bytes(), BITS == 4, out);

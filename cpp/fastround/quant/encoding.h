@@ -93,7 +93,8 @@ struct EncodingTraits {
   QuantizeFn quantize, quantize_ref;  // weight -> packed outputs (fused fast path; scalar reference)
   EncodeFn encode_ref;          // weight -> unpacked codes, the reference producer: pack_ref of them == quantize_ref
   // weight -> unpacked codes as upstream's regular flow computes them (fast, parallel): INT in the weight's own
-  // dtype (codes.h), with OPT-RTN for sym when p.opt_rtn (int_opt_rtn.h); FP rows as quantize.
+  // dtype (codes.h), with OPT-RTN for sym when p.opt_rtn (int_opt_rtn.h); FP rows as quantize, except MXFP OPT-RTN
+  // with an imatrix (fp_opt_rtn.h).
   EncodeFn encode;
   PackFn pack, pack_ref;        // codes from any producer -> packed outputs
   DequantizeFn dequantize_ref;  // packed outputs -> float [rows, cols]

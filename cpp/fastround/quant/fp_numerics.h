@@ -100,9 +100,10 @@ inline float mx_shared_exponent(float m) {
   return clampf(e - MxTraits<BITS>::kEmax, -127.0f, 127.0f);
 }
 
-// Quantize-dequantize one 32-group with shared exponent e; returns the squared-error loss.
+// Quantize-dequantize one 32-group with shared exponent e; returns the squared-error loss, each square times
+// qw[i] when loss weights are given (the regular flow's imatrix; the square rounds first, as upstream's mul_).
 template <int BITS>
-inline float mx_qdq_group(const float* x, float e, float* q) {
+inline float mx_qdq_group(const float* x, float e, float* q, const float* qw = nullptr) {
   const float sc = pow2f(e), inv_sc = pow2f(-e);  // x * 2^-e == x / 2^e bit for bit
   float sq[32];
   for (int i = 0; i < 32; ++i) {
@@ -110,6 +111,7 @@ inline float mx_qdq_group(const float* x, float e, float* q) {
     q[i] = mx_round_element<BITS>(t) * sc;
     const float d = q[i] - x[i];
     sq[i] = d * d;
+    if (qw != nullptr) sq[i] *= qw[i];
   }
   return torch_sum_lanes8<32>(sq);
 }
@@ -144,20 +146,22 @@ inline uint8_t e4m3_code(float s) {
   return float_to_fp8_e4m3(s);
 }
 
-// One 32-group of a row: shared exponent (searched when opt_rtn), scale byte and one code byte per element.
+// One 32-group of a row: shared exponent (searched when opt_rtn, its loss weighted by qw[32] when given), scale
+// byte and one code byte per element.
 template <int BITS>
-inline void mx_group(const float* xg, DType src, bool opt_rtn, uint8_t* codes, uint8_t* scale) {
+inline void mx_group(const float* xg, DType src, bool opt_rtn, uint8_t* codes, uint8_t* scale,
+                     const float* qw = nullptr) {
   float q[32], cand[32];
   float m = 0.0f;
   for (int i = 0; i < 32; ++i) m = std::max(m, std::fabs(xg[i]));
   float e = mx_shared_exponent<BITS>(m);
-  float loss = mx_qdq_group<BITS>(xg, e, q);
+  float loss = mx_qdq_group<BITS>(xg, e, q, qw);
   if (opt_rtn) {
     const float e0 = e;
     for (float mult : {0.5f, 2.0f}) {
       const float ce = mx_shared_exponent<BITS>(m * mult);
       if (ce == e0) continue;  // same exponent, same loss: never strictly lower
-      const float closs = mx_qdq_group<BITS>(xg, ce, cand);
+      const float closs = mx_qdq_group<BITS>(xg, ce, cand, qw);
       if (closs < loss) {
         loss = closs;
         e = ce;

@@ -88,9 +88,14 @@ MxfpLayout mxfp_layout(int64_t rows, int64_t cols, int bits, const char* site) {
   return MxfpLayout{rows, cols, bits};
 }
 
+void quantize_mxfp_ref(DType src, const void* w, const MxfpLayout& L, bool opt_rtn, uint8_t* weight, uint8_t* scale) {
+  quantize_mxfp_weighted_ref(src, w, L, opt_rtn, nullptr, weight, scale);
+}
+
 // Reference: whole-tensor passes in upstream's order (group maxima, each candidate over all groups, the
 // selection, then encoding and packing), one element at a time.
-void quantize_mxfp_ref(DType src, const void* w, const MxfpLayout& L, bool opt_rtn, uint8_t* weight, uint8_t* scale) {
+void quantize_mxfp_weighted_ref(DType src, const void* w, const MxfpLayout& L, bool opt_rtn, const float* qw,
+                                uint8_t* weight, uint8_t* scale) {
   const int64_t n = L.rows * L.cols, groups = n / 32;
   std::vector<float> x(static_cast<size_t>(n));
   load_as_float(src, w, 0, n, x.data());
@@ -103,7 +108,9 @@ void quantize_mxfp_ref(DType src, const void* w, const MxfpLayout& L, bool opt_r
     loss.resize(groups);
     for (int64_t g = 0; g < groups; ++g) {
       e[g] = L.bits == 4 ? mx_shared_exponent<4>(m[g] * mult) : mx_shared_exponent<8>(m[g] * mult);
-      loss[g] = L.bits == 4 ? mx_qdq_group<4>(&x[g * 32], e[g], &q[g * 32]) : mx_qdq_group<8>(&x[g * 32], e[g], &q[g * 32]);
+      const float* wg = qw != nullptr ? qw + g * 32 : nullptr;
+      loss[g] = L.bits == 4 ? mx_qdq_group<4>(&x[g * 32], e[g], &q[g * 32], wg)
+                            : mx_qdq_group<8>(&x[g * 32], e[g], &q[g * 32], wg);
     }
   };
   std::vector<float> e, q, loss, ce, cq, closs;

@@ -23,6 +23,9 @@ MxfpLayout mxfp_layout(int64_t rows, int64_t cols, int bits, const char* site = 
 
 // opt_rtn: per group, try shared exponents e, e-1, e+1 and keep the lowest squared error (upstream default).
 void quantize_mxfp_ref(DType src, const void* w, const MxfpLayout& L, bool opt_rtn, uint8_t* weight, uint8_t* scale);
+// The same with that squared error weighted by qw [rows, cols] (the regular flow's imatrix, fp_opt_rtn.h).
+void quantize_mxfp_weighted_ref(DType src, const void* w, const MxfpLayout& L, bool opt_rtn, const float* qw,
+                                uint8_t* weight, uint8_t* scale);
 void quantize_mxfp(DType src, const void* w, const MxfpLayout& L, bool opt_rtn, uint8_t* weight, uint8_t* scale);
 void dequantize_mxfp_ref(const uint8_t* weight, const uint8_t* scale, const MxfpLayout& L, float* out);
 
