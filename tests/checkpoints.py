@@ -270,9 +270,38 @@ def _make_qwen2(aligned: bool = False) -> tuple[torch.nn.Module, int | None]:
     return Qwen2ForCausalLM(cfg), None
 
 
+def _original_moe_block() -> None:
+    """Upstream's regular flow replaces transformers' Qwen3MoeSparseMoeBlock and its checkpoint-conversion
+    mapping process-wide (its unfused modeling); undo that so every build gets transformers' own layout."""
+    for holder, attr, original in _ORIGINALS:
+        if original is _MISSING:
+            if hasattr(holder, attr):
+                delattr(holder, attr)
+        elif getattr(holder, attr) is not original:
+            setattr(holder, attr, original)
+
+
+def _remember_originals() -> list:
+    try:
+        import transformers.modeling_utils as mu
+        import transformers.models.qwen3_moe.modeling_qwen3_moe as mod
+        from transformers import conversion_mapping as cm
+    except ImportError:  # pragma: no cover - transformers is a test dependency
+        return []
+    return [(mod, "Qwen3MoeSparseMoeBlock", mod.Qwen3MoeSparseMoeBlock),
+            (cm, "get_checkpoint_conversion_mapping", getattr(cm, "get_checkpoint_conversion_mapping", _MISSING)),
+            (mu, "get_checkpoint_conversion_mapping", getattr(mu, "get_checkpoint_conversion_mapping", _MISSING))]
+
+
+_MISSING = object()
+_ORIGINALS = _remember_originals()
+
+
 def _make_qwen3_moe(aligned: bool = False) -> tuple[torch.nn.Module, int | None]:
     """aligned: every in_features a multiple of 32, so MXFP/NVFP4 quantize the experts too."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    _original_moe_block()
 
     moe_intermediate = 32 if aligned else 40
     cfg = Qwen3MoeConfig(

@@ -156,3 +156,23 @@ def test_text_data_without_tokenizer_is_a_clear_error(checkpoint, tmp_path) -> N
     with pytest.raises(ValueError, match="tokenizer"):
         ar.quantize_and_save(str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_fused_moe_experts_are_split_like_upstream(checkpoint, tmp_path) -> None:
+    """transformers 5 holds Qwen3-MoE experts as fused 3-D parameters; fastround splits them into per-expert
+    Linear layers by structure (upstream swaps in its own modeling class). Every tensor equals upstream's;
+    the routers stay transformers' TopKRouter (not a Linear), so only their 16-bit extra_config entries differ."""
+    import checkpoints
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as mod
+
+    src = checkpoint("qwen3_moe_aligned")
+    theirs = _upstream(src, tmp_path / "up", "auto_round", scheme="W4A16", group_size=64)
+    checkpoints._original_moe_block()  # upstream patched transformers process-wide; fastround must not rely on it
+    assert mod.Qwen3MoeSparseMoeBlock.__module__ == mod.__name__
+    ours = _ours(src, tmp_path / "fr", "auto_round", scheme="W4A16", group_size=64)
+    assert oracle.read_checkpoint(ours) == oracle.read_checkpoint(theirs)
+    a = json.loads((ours / "config.json").read_text())["quantization_config"]
+    b = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    routers = {k for k in b.get("extra_config", {}) if k.endswith("mlp.gate")}
+    assert routers and set(b["extra_config"]) - set(a.get("extra_config", {})) == routers
+    assert {k: v for k, v in a.items() if k != "extra_config"} == {k: v for k, v in b.items() if k != "extra_config"}

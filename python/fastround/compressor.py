@@ -14,7 +14,7 @@ import torch
 
 from fastround import _C
 from fastround.layer_plan import LayerPlan, is_quantized, plan_layers
-from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model
+from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model, split_fused_experts
 from fastround.quantized import ExportContext, QuantizedLayer
 from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
 
@@ -183,6 +183,7 @@ class Compressor:
         dtype = amp_dtype(model, self.amp, self.device)
         if next(model.parameters()).dtype != dtype:
             model.to(dtype)
+        split_fused_experts(model)
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
         self.plan = plan_layers(
             model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,

@@ -47,6 +47,70 @@ def weight_out_in(module: torch.nn.Module) -> tuple[int, int]:
     return int(w.shape[0]), int(w.shape[1])
 
 
+class _Expert(torch.nn.Module):
+    """One expert of a fused experts module as three Linear layers (the per-expert checkpoint names)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: Any) -> None:
+        super().__init__()
+        self.gate_proj = _linear(gate)
+        self.up_proj = _linear(up)
+        self.down_proj = _linear(down)
+        self.act_fn = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+    layer.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+    return layer
+
+
+class SplitExperts(torch.nn.ModuleList):
+    """transformers 5 keeps MoE experts fused as 3-D parameters (gate_up_proj [E, 2I, H], down_proj [E, H, I]);
+    quantization needs one Linear per expert projection, as upstream's unfused modeling and the per-expert
+    checkpoint names have. Same routing contract as the fused module: (tokens, top-k index, top-k weights)."""
+
+    def __init__(self, fused: torch.nn.Module) -> None:
+        gate_up, down = fused.gate_up_proj.data, fused.down_proj.data
+        inter = gate_up.shape[1] // 2
+        super().__init__(
+            _Expert(gate_up[e, :inter], gate_up[e, inter:], down[e], fused.act_fn) for e in range(gate_up.shape[0])
+        )
+        self.num_experts = len(self)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            hit = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            pos, tokens = torch.where(hit[e])
+            if tokens.numel() == 0:
+                continue
+            y = self[e](hidden_states[tokens]) * top_k_weights[tokens, pos, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+
+def split_fused_experts(model: torch.nn.Module) -> int:
+    """Replace every fused experts module (3-D gate_up_proj / down_proj parameters) by SplitExperts; returns
+    how many were split. Recognised by structure, not by model name."""
+    targets = []
+    for name, m in model.named_modules():
+        gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+        if (isinstance(gu, torch.nn.Parameter) and isinstance(dn, torch.nn.Parameter) and gu.dim() == 3
+                and dn.dim() == 3 and hasattr(m, "act_fn") and gu.shape[0] == dn.shape[0]):
+            targets.append(name)
+    for name in targets:
+        parent, _, attr = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        setattr(holder, attr, SplitExperts(holder.get_submodule(attr)))
+    if targets:
+        logger.info("split %d fused MoE expert module(s) into per-expert Linear layers", len(targets))
+    return len(targets)
+
+
 def find_block_names(model: torch.nn.Module, quant_nontext_module: bool = False) -> list[list[str]]:
     """Block groups: every ModuleList reached depth-first (the search does not enter it) is one group whose
     children are the blocks, e.g. [["model.layers.0", "model.layers.1", ...]]."""
