@@ -140,3 +140,62 @@ def test_encode_text_matches_one_call(tmp_path: Path) -> None:
     ids = trainer.encode_text(tokenizer, text)
     assert ids.dtype.name == "uint16"
     assert torch.equal(torch.from_numpy(ids.astype("int64")), tokenizer(text, return_tensors="pt").input_ids[0])
+
+
+def _head_windows(tokenizer, windows: int, seqlen: int) -> str:
+    """The held-out text cut to its first `windows` windows of `seqlen` tokens (byte-level BPE: lossless)."""
+    text = (MODEL / "validation.txt").read_text(encoding="utf-8")
+    return tokenizer.decode(tokenizer(text).input_ids[: windows * seqlen])
+
+
+def _rtn(scheme: str):
+    from transformers import AutoModelForCausalLM
+
+    from fastround import AutoRound
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype="auto")
+    ar = AutoRound(model, scheme=scheme, iters=0, disable_opt_rtn=True, disable_model_free=True, device_map="cpu")
+    quantized, _ = ar.quantize()
+    return quantized
+
+
+def test_w4a16_rtn_costs_little_perplexity() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastround.eval import perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    head = _head_windows(tokenizer, 20, 512)
+    bf16_model = AutoModelForCausalLM.from_pretrained(MODEL, dtype="auto")
+    bf16 = perplexity(bf16_model, head, seqlen=512, tokenizer=tokenizer)
+    w4_model = _rtn("W4A16")
+    # Every quantized Linear holds 4-bit group-128 qdq weights: at most 16 distinct values per group.
+    q_proj = w4_model.model.layers[0].self_attn.q_proj.weight.detach().float()  # [256, 256]
+    assert not torch.equal(q_proj, bf16_model.model.layers[0].self_attn.q_proj.weight.detach().float())
+    assert max(len(torch.unique(g)) for g in q_proj.reshape(-1, 128)) <= 16
+    w4 = perplexity(w4_model, head, seqlen=512, tokenizer=tokenizer)
+    w2 = perplexity(_rtn("W2A16G64"), head, seqlen=512, tokenizer=tokenizer)
+    assert w4 != bf16
+    assert abs(w4 - bf16) < 0.05 * bf16, (bf16, w4)
+    assert w2 > 1.1 * w4, (w4, w2)
+
+
+def test_calibration_file_is_training_text_upstream_reads() -> None:
+    from auto_round.calib_dataset import get_dataloader
+    from transformers import AutoTokenizer
+
+    from fastround.calib import get_calibration_batches
+
+    path = MODEL / "calibration.jsonl"
+    assert path.stat().st_size < 500 * 1024
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(texts) == 128
+    held_out = (MODEL / "validation.txt").read_text(encoding="utf-8")
+    assert not any(t[:200] in held_out for t in texts)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    ours, batch_size = get_calibration_batches(str(path), tokenizer, seqlen=512, nsamples=128)
+    theirs = list(get_dataloader(tokenizer, 512, str(path), seed=42, bs=8, nsamples=128))
+    assert batch_size == 8
+    ours_ids = torch.cat([b["input_ids"] for b in ours])
+    assert ours_ids.shape == (128, 512)
+    assert torch.equal(ours_ids, torch.cat([b["input_ids"] for b in theirs]))
