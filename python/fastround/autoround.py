@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from dataclasses import fields
-from typing import Any, Callable
+from typing import Any
 
 from fastround import _C
 from fastround._hf import ModelSource, detect_unpackable_modules, resolve_source

@@ -9,18 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from fastround.export import ResolvedFormat
-from fastround.export.common import write_packed_checkpoint
 from fastround.export.config import (
     block_prefix_list,
     extra_config,
     filter_quantization_config,
     serialization_dict,
-    zero_shot,
 )
-from fastround.export.packing import format_packer
+from fastround.export.packing import save_packed
 from fastround.quantized import ExportContext
 
 
@@ -51,13 +48,7 @@ def export_dtype(config: dict[str, Any]) -> torch.dtype | None:
 
 def save(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, *, shard_writer: bool) -> None:
     config = quantization_config(ctx, fmt)
-    packer = format_packer(ctx, fmt)
-    with tqdm(total=len(ctx.layers), desc="packing", leave=True) as bar:
-        packer.progress = bar
-        write_packed_checkpoint(
-            ctx.model, ctx.tokenizer, ctx.source_dir, ctx.block_names, output_dir, packer, config,
-            export_dtype(config), shard_writer=shard_writer, leaf_first=zero_shot(ctx),
-        )
+    save_packed(ctx, output_dir, fmt, config, export_dtype(config), shard_writer=shard_writer)
 
 
 __all__ = ["export_dtype", "quantization_config", "save"]

@@ -8,13 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from fastround.export import ResolvedFormat
-from fastround.export.common import write_packed_checkpoint
 from fastround.export.config import block_names_to_str, filter_quantization_config, is_quantized, serialization_dict
-from fastround.export.config import zero_shot
-from fastround.export.packing import format_packer
+from fastround.export.packing import save_packed
 from fastround.quantized import ExportContext
 
 
@@ -64,13 +61,7 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
 
 def save(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, *, shard_writer: bool) -> None:
     config = quantization_config(ctx)
-    packer = format_packer(ctx, fmt)
-    with tqdm(total=len(ctx.layers), desc="packing", leave=True) as bar:
-        packer.progress = bar
-        write_packed_checkpoint(
-            ctx.model, ctx.tokenizer, ctx.source_dir, ctx.block_names, output_dir, packer, config, torch.float16,
-            shard_writer=shard_writer, leaf_first=zero_shot(ctx),
-        )
+    save_packed(ctx, output_dir, fmt, config, torch.float16, shard_writer=shard_writer)
 
 
 __all__ = ["modules_to_not_convert", "quantization_config", "save"]

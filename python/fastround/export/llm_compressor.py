@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
 
 from fastround.export import ResolvedFormat
-from fastround.export.common import lm_head_name, write_packed_checkpoint
-from fastround.export.config import standard_regex, zero_shot
-from fastround.export.packing import format_packer
+from fastround.export.common import lm_head_name
+from fastround.export.config import standard_regex
+from fastround.export.packing import save_packed
 from fastround.quantized import ExportContext
 
 _GROUP_FORMAT = {4: "mxfp4-pack-quantized", 8: "mxfp8-quantized"}
@@ -89,13 +88,7 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
 
 def save(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, *, shard_writer: bool) -> None:
     config = quantization_config(ctx)
-    packer = format_packer(ctx, fmt)
-    with tqdm(total=len(ctx.layers), desc="packing", leave=True) as bar:
-        packer.progress = bar
-        write_packed_checkpoint(
-            ctx.model, ctx.tokenizer, ctx.source_dir, ctx.block_names, output_dir, packer, config, None,
-            shard_writer=shard_writer, leaf_first=zero_shot(ctx),
-        )
+    save_packed(ctx, output_dir, fmt, config, None, shard_writer=shard_writer)
 
 
 __all__ = ["ignore_list", "quantization_config", "save"]

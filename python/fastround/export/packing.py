@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -104,6 +105,21 @@ def format_packer(ctx: ExportContext, fmt: ResolvedFormat, *, check: bool = True
                        format_name=fmt.name, check=check)
 
 
+def save_packed(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, config: dict[str, Any],
+                dtype: torch.dtype | None, *, shard_writer: bool) -> None:
+    """Every packed format's save: its packer over the layers (with a progress bar), then the checkpoint files."""
+    from fastround.export.common import write_packed_checkpoint
+    from fastround.export.config import zero_shot
+
+    packer = format_packer(ctx, fmt)
+    with tqdm(total=len(ctx.layers), desc="packing", leave=True) as bar:
+        packer.progress = bar
+        write_packed_checkpoint(
+            ctx.model, ctx.tokenizer, ctx.source_dir, ctx.block_names, output_dir, packer, config, dtype,
+            shard_writer=shard_writer, leaf_first=zero_shot(ctx),
+        )
+
+
 def check_layers(ctx: ExportContext) -> None:
     """Every layer whose weights the config quantizes must have its codes, and no codes may belong to an unknown
     layer. (A layer quantizing activations only keeps its weights.)"""
@@ -128,4 +144,4 @@ def packing_progress(names: Iterable[str]) -> tqdm:
     return tqdm(total=len(list(names)), desc="packing", leave=True)
 
 
-__all__ = ["LayerPacker", "check_layers", "format_packer", "packing_progress"]
+__all__ = ["LayerPacker", "check_layers", "format_packer", "packing_progress", "save_packed"]
