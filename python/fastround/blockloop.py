@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastround.layer_plan import is_quantized as _quantized
 from fastround.modeling import is_moe_model
 
 if TYPE_CHECKING:
@@ -40,12 +41,6 @@ def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:
 def _targets(comp: Compressor, block: str) -> list[str]:
     cfg = comp.layer_config
     return [n for n in cfg if cfg[n].get("in_blocks") and n.startswith(block + ".") and _quantized(cfg[n])]
-
-
-def _quantized(cfg: dict[str, Any]) -> bool:
-    from fastround.layer_plan import is_quantized
-
-    return is_quantized(cfg)
 
 
 class _Imatrix:

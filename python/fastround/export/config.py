@@ -10,6 +10,7 @@ import torch
 
 from fastround import _C
 from fastround.quantized import ExportContext
+from fastround.layer_plan import is_quantized  # one owner of upstream's check_to_quantized
 
 SCHEME_KEYS = (
     "bits", "group_size", "sym", "data_type", "act_bits", "act_group_size", "act_sym", "act_data_type",
@@ -35,13 +36,6 @@ _FILTER_DEFAULTS: dict[str, Any] = {
     "enable_norm_bias_tuning": False, "enable_quanted_input": True, "gradient_accumulate_steps": 1, "iters": 200,
     "low_gpu_mem_usage": False, "nsamples": 128, "scale_dtype": "torch.float16", "seqlen": 2048,
 }
-
-
-def is_quantized(cfg: dict[str, Any]) -> bool:
-    """upstream check_to_quantized: weight or activation bits <= 8."""
-    bits = cfg.get("bits")
-    act = cfg.get("act_bits")
-    return int(bits if bits is not None else 16) <= 8 or int(act if act is not None else 16) <= 8
 
 
 def common_prefix(names: list[str]) -> str:
