@@ -31,13 +31,30 @@ def _fastround(src: Path, out: Path, **kwargs: Any) -> Path:
     return out
 
 
-def _load(out: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from transformers import AutoModelForCausalLM
+def _load(out: Path, via_auto_round: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """via_auto_round: route a gptq / awq quant_method through auto-round's loader (AutoRoundConfig), as
+    upstream documents for its auto_gptq / auto_awq outputs; without it transformers wants optimum."""
+    from transformers import AutoModelForCausalLM, AutoRoundConfig
 
+    extra: dict[str, Any] = {"quantization_config": AutoRoundConfig()} if via_auto_round else {}
     model, info = AutoModelForCausalLM.from_pretrained(
-        str(out), device_map="cpu", dtype=torch.float32, output_loading_info=True
+        str(out), device_map="cpu", dtype=torch.float32, output_loading_info=True, **extra
     )
     return model.eval(), info
+
+
+def _loaded_weight(mod: torch.nn.Module) -> torch.Tensor:
+    """The weight [out, in] a loaded auto-round QuantLinear computes with, as float32.
+
+    QuantLinear has no dequant method: its forward on eye(in) in float32 gives the fp16 weight exactly
+    (each output is one product with 1.0). The bias is left out for the call, since out + bias rounds."""
+    bias = mod.bias
+    mod.bias = None
+    try:
+        with torch.no_grad():
+            return mod(torch.eye(mod.infeatures, dtype=torch.float32)).T.float()
+    finally:
+        mod.bias = bias
 
 
 def _arr(rec: oracle.TensorRecord, np_dtype: Any) -> np.ndarray:
@@ -58,8 +75,7 @@ def _check_quantized_modules(model: torch.nn.Module, out: Path, bits: int, group
         if not hasattr(mod, "qweight"):
             continue
         assert mod.bias is None
-        with torch.no_grad():
-            loaded = mod(torch.eye(mod.infeatures, dtype=torch.float32)).T.float()  # [out, in]
+        loaded = _loaded_weight(mod)  # [out, in]
         deq = _C.dequantize_int_gptq(
             _arr(tensors[f"{name}.qweight"], np.int32),
             _arr(tensors[f"{name}.qzeros"], np.int32),
