@@ -4,10 +4,6 @@ upstream's MXFP packer, bit for bit; the C++ reference walk; and whole MXFP4 / M
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +11,10 @@ import torch.nn as nn
 from auto_round.data_type.mxfp import quant_mx_opt_rtn
 from auto_round.export.export_to_autoround.qlinear_fp import QuantLinear as MxQuantLinear
 
-import fastround  # a broken build must fail here, not skip
 from fastround import ops
 
 import oracle
+from cpp_runner import run_cpp_test
 from test_opt_rtn_flow import _run
 from test_torch_ops import assert_bits_equal
 
@@ -108,13 +104,7 @@ def test_the_imatrix_moves_exponents(encoding, bits, kind):
 def test_cpp_reference_walk():
     """Row-parallel kernel == whole-tensor reference for every dtype, imatrix shape and thread count
     (cpp/tests/test_fp_opt_rtn.cpp)."""
-    exe = Path(fastround.__file__).parent / "bin" / "fastround-test-fp-opt-rtn"
-    assert exe.is_file(), f"{exe} was not built"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, OMP_NUM_THREADS="2"))
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    summary = re.search(r"^(\d+) passed, (\d+) failed$", run.stdout, re.M)
-    assert summary and int(summary.group(2)) == 0 and int(summary.group(1)) > 300, run.stdout[-2000:]
+    run_cpp_test("fastround-test-fp-opt-rtn", 300)
 
 
 @pytest.mark.parametrize("scheme", ["MXFP4", "MXFP8"])

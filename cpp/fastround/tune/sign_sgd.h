@@ -1,0 +1,22 @@
+// SignRound's optimizer step (signround.md §2.7): p <- p - lr * sign(d), d the gradient or, with momentum, the
+// buffer mu * buf + g (the first step copies g), as torch's SGD with weight decay and dampening 0. Range factors
+// are clamped to [0, 1] after the step: upstream clamps them at the next forward, before any use, so the values
+// the forward and the best-parameter snapshot see are the same.
+#pragma once
+
+#include <cstdint>
+
+namespace fastround::tune {
+
+struct SignSgdParams {
+  float lr = 0;
+  float momentum = 0;   // 0: plain sign-SGD, no buffer
+  bool first = true;    // momentum: the buffer starts as a copy of the gradient
+  bool clamp01 = false; // range factors
+};
+
+// p [n] fp32 updated in place from g [n]; buf [n] is the momentum buffer (required when momentum != 0).
+void sign_sgd_step_ref(float* p, const float* g, float* buf, int64_t n, const SignSgdParams& params);
+void sign_sgd_step(float* p, const float* g, float* buf, int64_t n, const SignSgdParams& params);
+
+}  // namespace fastround::tune
