@@ -74,6 +74,17 @@ def test_forward_equals_upstream(dtype, bits, gs, sym):
     assert torch.equal(redone.float().abs(), theirs.float().abs())  # the codes stand for the qdq (up to -0)
 
 
+def test_rounded_zeros_are_positive_as_round_ste():
+    """upstream's round_ste gives +0 where round gives -0 (-0.3 -> +0), so a zero code's qdq has the scale's sign."""
+    w = torch.tensor([[0.5, -0.03, 0.01, -1.0], [1.0, -0.03, 0.02, -0.5]])
+    v = torch.zeros(2, 4)
+    wmin, wmax = tune_ops.group_extremes(w, -1)
+    ours = tune_ops.int_qdq(w, v, None, None, wmin, wmax, tune_ops.IntQdqSpec(4, -1, True, torch.float16, 1e-5))
+    theirs, _, _ = _upstream(w, v, torch.ones(2), torch.ones(2), 4, -1, True)
+    assert _bits_equal(ours, theirs)
+    assert not bool(torch.signbit(ours[0, 1])) and bool(torch.signbit(ours[1, 1]))
+
+
 @pytest.mark.parametrize("scale_dtype,thresh", [(torch.float32, 1e-8), (torch.bfloat16, 1e-5)])
 def test_forward_other_scale_dtypes(scale_dtype, thresh):
     for dtype in (torch.bfloat16, torch.float32):
@@ -140,6 +151,7 @@ def test_sign_sgd_step_equals_torch_sgd():
         p = torch.randn(1000, generator=g)
         grads = [torch.randn(1000, generator=g) for _ in range(3)]
         grads[0][::7] = 0
+        grads[1][::11] = float("nan")  # an overflowed scale gradient: torch.sign(nan) is 0 on the CPU
         ref = p.clone()
         buf_ref = None
         ours = p.clone()

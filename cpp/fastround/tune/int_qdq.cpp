@@ -62,6 +62,9 @@ GroupScale group_scale(const IntQdqParams& p, float wmin, float wmax, float smin
 
 float factor(const float* f, int64_t i) { return f ? f[i] : 1.0f; }
 
+// Upstream's round_ste, (round(y) - y) + y: round(y) exactly, except that a zero is always +0 (round(-0.3) is -0).
+inline float round_ste(float y) { return std::nearbyint(y) + 0.0f; }
+
 // Writes the factor gradients of one group from the gradient reaching its (pre-floor) scale, in fp32.
 void factor_grads(const IntQdqParams& p, const GroupScale& gsc, float wmin, float wmax, float g_scale, float g_wlo,
                   float* gmin, float* gmax) {
@@ -166,7 +169,7 @@ void int_qdq_forward_ref(const IntQdqView& v, const IntQdqParams& p, void* qdq, 
         const float t = element_as_float(v.dtype, v.weight, r * v.cols + c);
         float x = t / gs.s;
         if (wdiv) x = round_to_dtype(v.dtype, x);
-        const float rq = std::nearbyint(x + v.v[gi * v.group + j]);
+        const float rq = round_ste(x + v.v[gi * v.group + j]);
         float out;
         if (p.sym) {
           const float q = std::min(std::max(rq, lo), hi);
@@ -194,7 +197,7 @@ void int_qdq_backward_ref(const IntQdqView& v, const IntQdqParams& p, const void
       const int64_t gi = r * v.groups + g;
       const float wmin = v.wmin[gi], wmax = v.wmax[gi];
       const GroupScale gs = group_scale(p, wmin, wmax, factor(v.min_scale, gi), factor(v.max_scale, gi));
-      float sum_mul = 0, sum_div = 0, sum_zp = 0;
+      float sum_mul = 0, sum_div = 0, sum_zp_in = 0, sum_zp_out = 0;
       for (int64_t j = 0; j < v.group; ++j) {
         const int64_t c = g * v.group + j;
         float* gv = grad_v + gi * v.group + j;
@@ -206,17 +209,19 @@ void int_qdq_backward_ref(const IntQdqView& v, const IntQdqParams& p, const void
         const float go = element_as_float(v.dtype, grad, r * v.cols + c);
         float x = t / gs.s;
         if (wdiv) x = round_to_dtype(v.dtype, x);
-        const float rq = std::nearbyint(x + v.v[gi * v.group + j]);
+        const float rq = round_ste(x + v.v[gi * v.group + j]);
         const float u = p.sym ? rq : rq + gs.zp;
         const bool inside = u >= lo && u <= hi;
         const float q = std::min(std::max(u, lo), hi);
         const float gq = go * gs.s;
         const float gu = inside ? gq : 0.0f;
         *gv = gu;
-        // d(s * q)/ds and d(t / s)/ds, each rounded to the scale's dtype per element as torch's autograd does
-        sum_mul += round_to_dtype(p.scale_dtype, go * (p.sym ? q : q - gs.zp));
-        sum_div += round_to_dtype(p.scale_dtype, -gu * ((t / gs.s) / gs.s));
-        if (!p.sym) sum_zp += gq * ((inside ? 1.0f : 0.0f) - 1.0f);
+        // d(s * q)/ds and d(t / s)/ds in fp32: autograd sums each over the group before casting it to the scale's
+        // dtype; the zero point (fp32) gets +gu through q = r + zp and -gq through q - zp, summed apart
+        sum_mul += go * (p.sym ? q : q - gs.zp);
+        sum_div += -gu * ((t / gs.s) / gs.s);
+        sum_zp_in += gu;
+        sum_zp_out += -gq;
       }
       if (!grad_min && !grad_max) continue;
       float g_scale = round_to_dtype(p.scale_dtype, round_to_dtype(p.scale_dtype, sum_mul) +
@@ -224,6 +229,7 @@ void int_qdq_backward_ref(const IntQdqView& v, const IntQdqParams& p, const void
       float g_wlo = 0;
       if (!p.sym) {
         // zp = round(-wlo / s): gradient to wlo and, rounded to the scale dtype, to s
+        const float sum_zp = sum_zp_in + sum_zp_out;
         g_wlo = -(sum_zp / gs.s);
         g_scale = round_to_dtype(p.scale_dtype,
                                  g_scale + round_to_dtype(p.scale_dtype, -sum_zp * ((-gs.wlo / gs.s) / gs.s)));
@@ -260,7 +266,7 @@ void int_qdq_forward(const IntQdqView& v, const IntQdqParams& p, void* qdq, floa
         for (int64_t j = 0; j < n; ++j) {
           float x = t[j] / s;
           if (wdiv) x = round_to_dtype(v.dtype, x);
-          const float q = std::min(std::max(std::nearbyint(x + vv[j]), lo), hi);
+          const float q = std::min(std::max(round_ste(x + vv[j]), lo), hi);
           o[j] = s * q;
           if (codes) codes[r * v.cols + c0 + j] = static_cast<uint8_t>(q - lo);
         }
@@ -268,7 +274,7 @@ void int_qdq_forward(const IntQdqView& v, const IntQdqParams& p, void* qdq, floa
         for (int64_t j = 0; j < n; ++j) {
           float x = t[j] / s;
           if (wdiv) x = round_to_dtype(v.dtype, x);
-          const float q = std::min(std::max(std::nearbyint(x + vv[j]) + zp, lo), hi);
+          const float q = std::min(std::max(round_ste(x + vv[j]) + zp, lo), hi);
           o[j] = s * (q - zp);
           if (codes) codes[r * v.cols + c0 + j] = static_cast<uint8_t>(q);
         }
@@ -299,25 +305,27 @@ void int_qdq_backward(const IntQdqView& v, const IntQdqParams& p, const void* gr
       const float* vv = v.v + gi * v.group;
       float* gv = grad_v + gi * v.group;
       const float s = gs.s, zp = p.sym ? 0.0f : gs.zp;
-      float sum_mul = 0, sum_div = 0, sum_zp = 0;
+      float sum_mul = 0, sum_div = 0, sum_zp_in = 0, sum_zp_out = 0;
       for (int64_t j = 0; j < n; ++j) {
         float x = t[j] / s;
         if (wdiv) x = round_to_dtype(v.dtype, x);
-        const float u = std::nearbyint(x + vv[j]) + zp;
+        const float u = round_ste(x + vv[j]) + zp;
         const bool inside = u >= lo && u <= hi;
         const float q = std::min(std::max(u, lo), hi);
         const float gq = go[j] * s;
         const float gu = inside ? gq : 0.0f;
         gv[j] = gu;
-        sum_mul += round_to_dtype(sd, go[j] * (q - zp));
-        sum_div += round_to_dtype(sd, -gu * ((t[j] / s) / s));
-        sum_zp += gq * ((inside ? 1.0f : 0.0f) - 1.0f);
+        sum_mul += go[j] * (q - zp);
+        sum_div += -gu * ((t[j] / s) / s);
+        sum_zp_in += gu;
+        sum_zp_out += -gq;
       }
       std::fill(gv + n, gv + v.group, 0.0f);
       if (!grad_min && !grad_max) continue;
       float g_scale = round_to_dtype(sd, round_to_dtype(sd, sum_mul) + round_to_dtype(sd, sum_div));
       float g_wlo = 0;
       if (!p.sym) {
+        const float sum_zp = sum_zp_in + sum_zp_out;
         g_wlo = -(sum_zp / s);
         g_scale = round_to_dtype(sd, g_scale + round_to_dtype(sd, -sum_zp * ((-gs.wlo / s) / s)));
       }

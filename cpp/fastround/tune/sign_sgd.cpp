@@ -9,7 +9,8 @@ namespace fastround::tune {
 
 namespace {
 
-inline float sign_of(float d) { return d > 0 ? 1.0f : (d < 0 ? -1.0f : (d == d ? 0.0f : d)); }
+// torch.sign on the CPU: (0 < d) - (d < 0), so a NaN gradient (an overflowed scale gradient) moves nothing.
+inline float sign_of(float d) { return d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f); }
 
 inline float step_one(float p, float g, float* buf, const SignSgdParams& s) {
   float d = g;

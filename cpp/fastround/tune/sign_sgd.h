@@ -2,6 +2,7 @@
 // buffer mu * buf + g (the first step copies g), as torch's SGD with weight decay and dampening 0. Range factors
 // are clamped to [0, 1] after the step: upstream clamps them at the next forward, before any use, so the values
 // the forward and the best-parameter snapshot see are the same.
+// sign(NaN) is 0 as in torch.sign on the CPU: a NaN gradient leaves its parameter where it is.
 #pragma once
 
 #include <cstdint>
