@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Held-out perplexity of RTN and OPT-RTN on fastround-llama-tiny, with fastround or upstream auto-round.
+"""Held-out perplexity of RTN, OPT-RTN and SignRound on fastround-llama-tiny, with fastround or upstream auto-round.
 
 For each scheme and method the tool quantizes the model in memory (iters=0; RTN with disable_opt_rtn=True,
 OPT-RTN with disable_opt_rtn=False; disable_model_free=True so that both stay in the regular flow), calibrating
@@ -11,6 +11,7 @@ checked for its quantization config instead; with "fake" the two perplexities mu
 
     python scripts/accuracy_table.py run --tool fastround
     python scripts/accuracy_table.py run --tool upstream --schemes W4A16
+    python scripts/accuracy_table.py run --tool fastround --methods light,default,best --device cuda:0
     # rebuild the calibration file from the training text (scripts/prepare_corpus.py --out /tmp/corpus)
     python scripts/accuracy_table.py calibration --corpus /tmp/corpus
 """
@@ -33,7 +34,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "fastround-llama-tiny"
 SCHEMES = ("W4A16", "W2A16G64", "W8A16")
-METHODS = (("RTN", True), ("OPT-RTN", False))  # (label, disable_opt_rtn)
+# label -> AutoRound arguments: RTN / OPT-RTN (iters=0) and SignRound with upstream's CLI recipes (light: 50 iters,
+# lr 5e-3; default: 200; best: 1000). nsamples / seqlen / batch_size come from the command line for every row.
+METHODS: dict[str, dict[str, Any]] = {
+    "RTN": {"iters": 0, "disable_opt_rtn": True},
+    "OPT-RTN": {"iters": 0, "disable_opt_rtn": False},
+    "light": {"iters": 50, "lr": 5e-3},
+    "default": {"iters": 200},
+    "best": {"iters": 1000},
+}
 # The in-memory model and its fake checkpoint hold the same bf16 weights; only summation order may differ.
 AGREE_REL = 1e-4
 
@@ -103,17 +112,21 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"tool": args.tool, "format": args.format, "calibration": str(args.calibration),
                                "bf16": score(args.model), "rows": []}
     logger.info("bf16: held-out perplexity %.4f", results["bf16"])
+    extra = {"enable_torch_compile": False} if args.tool == "upstream" else {}
     for scheme in [s for s in args.schemes.split(",") if s]:
-        for label, disable_opt_rtn in [m for m in METHODS if m[0] in args.methods.split(",")]:
+        for label in [m for m in args.methods.split(",") if m]:
+            if label not in METHODS:
+                raise SystemExit(f"unknown method {label!r}; choose from {', '.join(METHODS)}")
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
             start = time.perf_counter()
             ar = AutoRound(
-                model, tokenizer=tokenizer, scheme=scheme, iters=0, disable_opt_rtn=disable_opt_rtn,
-                disable_model_free=True, dataset=str(args.calibration), nsamples=args.nsamples, seqlen=args.seqlen,
-                batch_size=args.batch_size, device_map="cpu",
+                model, tokenizer=tokenizer, scheme=scheme, disable_model_free=True, dataset=str(args.calibration),
+                nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device_map=args.device,
+                **METHODS[label], **extra,
             )
             qmodel, _ = ar.quantize()
             seconds = time.perf_counter() - start
+            qmodel.to("cpu")
             in_memory = score(qmodel)
             with tempfile.TemporaryDirectory(prefix=f"acc-{args.tool}-{scheme}-{label}-", dir=args.tmp) as tmp:
                 ar.save_quantized(tmp, format=args.format)
@@ -151,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--tool", choices=("fastround", "upstream"), required=True)
     run.add_argument("--calibration", type=Path, default=MODEL / "calibration.jsonl")
     run.add_argument("--schemes", default=",".join(SCHEMES))
-    run.add_argument("--methods", default=",".join(m for m, _ in METHODS))
+    run.add_argument("--methods", default="RTN,OPT-RTN")
+    run.add_argument("--device", default="cpu", help="device_map for quantizing (scoring runs on the CPU)")
     run.add_argument("--format", choices=("fake", "auto_round"), default="fake")
     run.add_argument("--batch_size", type=int, default=8)
     run.add_argument("--ppl_seqlen", type=int, default=512)

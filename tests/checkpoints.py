@@ -42,6 +42,7 @@ KINDS: tuple[str, ...] = (
     "qwen3_moe_fused",
     "llama_tied",
     "llama_aligned",
+    "llama_aligned4",
     "qwen3_moe_aligned",
     "qwen3_moe_aligned_fused",
     "qwen2_aligned",
@@ -236,14 +237,14 @@ def _make_llama(tied: bool) -> tuple[torch.nn.Module, int | None]:
     return LlamaForCausalLM(cfg), None
 
 
-def _make_llama_aligned() -> tuple[torch.nn.Module, int | None]:
+def _make_llama_aligned(layers: int = 2) -> tuple[torch.nn.Module, int | None]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=96,
         hidden_size=160,
         intermediate_size=96,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=5,
         num_key_value_heads=1,
         max_position_embeddings=64,
@@ -326,6 +327,7 @@ _FACTORIES: dict[str, Callable[[], tuple[torch.nn.Module, int | None]]] = {
     "llama": lambda: _make_llama(tied=False),
     "llama_tied": lambda: _make_llama(tied=True),
     "llama_aligned": _make_llama_aligned,
+    "llama_aligned4": lambda: _make_llama_aligned(layers=4),  # SignRound resume: killed between blocks
     "qwen2": _make_qwen2,
     "qwen2_aligned": lambda: _make_qwen2(aligned=True),
     "qwen3_moe": _make_qwen3_moe,

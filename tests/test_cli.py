@@ -329,10 +329,12 @@ def test_regular_rtn_equals_python_api(src, outdir):
         assert a == b
 
 
-def test_default_iters_names_signround(src, outdir):
-    out = outdir("no-route")
+def test_default_recipe_tunes_and_needs_its_dataset(src, outdir):
+    """The default recipe is SignRound on NeelNanda/pile-10k: offline that is one clear error naming the dataset,
+    and nothing is written."""
+    out = outdir("no-data")
     r = run_cli(str(src), "--output_dir", str(out), "--no_progress", "--device", "cpu")
-    assert_clean_error(r, ["SignRound"])
+    assert_clean_error(r, ["NeelNanda/pile-10k"])
     assert not out.exists()
 
 

@@ -225,7 +225,8 @@ def _run_with_progress(job_json: str, show: bool, src: ModelSource | None = None
 
 
 class AutoRound:
-    """Upstream's entry point: model-free when asked for or auto-routed, else the regular flow (RTN / OPT-RTN)."""
+    """Upstream's entry point: model-free when asked for or auto-routed, else the regular flow (RTN / OPT-RTN /
+    SignRound)."""
 
     def __new__(
         cls,
@@ -319,6 +320,9 @@ class AutoRound:
             )
         from fastround.compressor import Compressor
 
+        if iters:  # SignRound's own arguments; RTN would only log them as unused
+            kwargs.setdefault("gradient_accumulate_steps", gradient_accumulate_steps)
+            kwargs.setdefault("enable_torch_compile", enable_torch_compile)
         return Compressor(
             model,
             tokenizer,

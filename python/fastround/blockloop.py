@@ -5,12 +5,13 @@ quantize them through the C++ kernels. Only one block is on the device at a time
 from __future__ import annotations
 
 import logging
+import random
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fastround.layer_plan import is_quantized as _quantized
-from fastround.modeling import is_moe_model
+from fastround.modeling import conv1d_type, is_moe_model
 
 if TYPE_CHECKING:
     from fastround.compressor import Compressor
@@ -75,9 +76,11 @@ class _Imatrix:
         return (self.sums[name] / self.count[name]).to("cpu").contiguous()
 
 
-def _capture(comp: Compressor, model: torch.nn.Module, first_block: str, outside: list[str]) -> tuple[list, _Imatrix]:
-    """Run the calibration batches through the model until the first block; keep its inputs per batch."""
-    from fastround.calib import clamp_seqlen, get_calibration_batches
+def _capture(comp: Compressor, model: torch.nn.Module, first_block: str, outside: list[str],
+             ids: list[torch.Tensor] | None = None) -> tuple[list, _Imatrix]:
+    """Run the calibration batches through the model until the first block; keep its inputs per batch (and, in
+    `ids`, each batch's token ids with upstream's loss-excluded positions set to -100)."""
+    from fastround.calib import clamp_seqlen, get_calibration_batches, loss_input_ids
 
     if comp.tokenizer is None and _needs_tokenizer(comp.dataset):
         raise ValueError("calibration data given as text needs a tokenizer: pass tokenizer= to AutoRound")
@@ -113,10 +116,13 @@ def _capture(comp: Compressor, model: torch.nn.Module, first_block: str, outside
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibrating", leave=False):
+                before = len(stored)
                 try:
                     model(**_to(batch, comp.device), use_cache=False)
                 except _StopForward:
                     pass
+                if ids is not None and len(stored) > before:
+                    ids.append(loss_input_ids(batch["input_ids"], comp.tokenizer))
                 seen += int(batch["input_ids"].shape[0])
                 if seen >= comp.nsamples:
                     break
@@ -221,3 +227,84 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     for n in outside:
         im = outside_imatrix.mean(n) if outside_imatrix is not None else None
         record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe) and data_driven)
+
+
+def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
+    """SignRound: per block (nblocks at a time), the FP block's outputs are the target, the block trains on the
+    quantized chain's inputs (the FP ones for the first), then its quantized outputs feed the next block."""
+    from tqdm.auto import tqdm
+
+    from fastround import signround
+    from fastround.compressor import record_codes, record_layer
+
+    settings = comp.signround
+    plan = comp.plan
+    assert plan is not None and settings is not None
+    cfg = comp.layer_config
+    for name in plan.quantized():
+        if str(cfg[name].get("data_type", "int")) != "int":
+            raise NotImplementedError(
+                f"layer {name}: SignRound tuning of data_type={cfg[name]['data_type']} is not implemented in "
+                "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
+    outside = [n for n in cfg if not cfg[n].get("in_blocks") and _quantized(cfg[n])]
+    groups = [g for g in plan.block_names if g]
+    model.requires_grad_(False)
+    dtype = next(model.parameters()).dtype
+    cache = torch.device("cpu") if comp.low_gpu_mem_usage else comp.device
+    bar = tqdm(total=sum(len(g) for g in groups), desc="tuning blocks")
+    resume = None
+    if comp.resume_dir is not None:
+        from fastround.tune_resume import TuneResume, run_fingerprint
+
+        resume = TuneResume.open(comp.resume_dir, run_fingerprint(comp))
+        comp.tune_state = resume
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if settings.deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        for group in groups:
+            ids: list[torch.Tensor] = []
+            stored, _ = _capture(comp, model, group[0], [], ids)
+            samples = signround.split_samples(stored, ids or None, comp.nsamples)
+            del stored
+            fp_in: list[torch.Tensor] = [h.to(cache) for h in samples.hidden]
+            q_in: list[torch.Tensor] | None = None
+            for start in range(0, len(group), settings.nblocks):
+                block_names = group[start:start + settings.nblocks]
+                mods = [_module(model, b) for b in block_names]
+                homes = [next(m.parameters()).device for m in mods]
+                for m in mods:
+                    m.to(comp.device)
+                unit = mods[0] if len(mods) == 1 else signround.Blocks(mods)
+                bar.set_postfix_str(",".join(block_names), refresh=False)
+                targets = signround.block_outputs(comp, unit, samples, fp_in, cache, dtype)
+                train_in = q_in if (q_in is not None and settings.enable_quanted_input) else fp_in
+                names = [n for b in block_names for n in _targets(comp, b)]
+                results: dict[str, tuple[torch.Tensor, ...]] = {}
+                key = ",".join(block_names)
+                if resume is not None and resume.done(key):
+                    results, rng = resume.load(key)  # tuned before an interruption: replay, do not tune
+                    random.setstate(rng)
+                elif names:
+                    results = signround.tune_block(comp, model, unit, key, names, samples, train_in, targets,
+                                                   settings, dtype)
+                    if resume is not None:
+                        resume.commit(key, results, random.getstate())
+                for n, (qdq, _, _, _) in results.items():
+                    mod = _module(model, n)
+                    conv = type(mod) is conv1d_type()
+                    mod.weight.data = (qdq.t() if conv else qdq).to(mod.weight.device, mod.weight.dtype).contiguous()
+                if settings.enable_quanted_input:
+                    q_in = signround.block_outputs(comp, unit, samples, train_in, cache, dtype)
+                for n, (_, codes, scales, zeros) in results.items():
+                    record_codes(comp, n, _module(model, n), cfg[n], fmt, codes, scales, zeros)
+                fp_in = targets
+                for m, home in zip(mods, homes):
+                    m.to(home)
+                bar.update(len(mods))
+    finally:
+        bar.close()
+        torch.use_deterministic_algorithms(was_deterministic)
+    # Upstream tunes quantized layers outside the blocks (lm_head) on cached inputs; fastround gives them RTN.
+    for n in outside:
+        record_layer(comp, n, _module(model, n), cfg[n], fmt, None, False)

@@ -109,6 +109,8 @@ DEFAULT_TASKS = (
 # Upstream's CLI recipes: each value fills a flag only when the user left it unset.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {"batch_size": 8, "iters": 200, "seqlen": 2048, "nsamples": 128},
+    "best": {"batch_size": 8, "iters": 1000, "seqlen": 2048, "nsamples": 512},
+    "light": {"batch_size": 8, "iters": 50, "seqlen": 2048, "nsamples": 128, "lr": 5e-3},
     "rtn": {"batch_size": 8, "iters": 0, "seqlen": 2048, "nsamples": 1, "disable_opt_rtn": True},
     "opt_rtn": {"batch_size": 8, "iters": 0, "seqlen": 2048, "nsamples": 128, "disable_opt_rtn": False},
 }
@@ -138,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--batch_size", "--bs", "--train_bs", dest="batch_size", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
+    # SignRound (iters > 0); None keeps upstream's default
+    p.add_argument("--lr", type=float, default=None, help="rounding lr (default 1/iters)")
+    p.add_argument("--minmax_lr", type=float, default=None, help="range-factor lr (default: lr)")
+    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--nblocks", type=int, default=None)
+    p.add_argument("--gradient_accumulate_steps", type=int, default=None)
+    p.add_argument("--dynamic_max_gap", type=int, default=None)
+    p.add_argument("--scale_dtype", default=None, help="float16 (default), bfloat16 or float32")
+    p.add_argument("--disable_minmax_tuning", action="store_true")
+    p.add_argument("--disable_quanted_input", action="store_true")
+    p.add_argument("--not_use_best_mse", action="store_true")
+    p.add_argument("--enable_deterministic_algorithms", action="store_true")
+    p.add_argument("--enable_alg_ext", action="store_true")
+    p.add_argument("--enable_norm_bias_tuning", action="store_true")
+    p.add_argument("--enable_adam", action="store_true")
     p.add_argument("--low_gpu_mem_usage", action="store_true")
     p.add_argument("--disable_amp", action="store_true")
     p.add_argument("--model_dtype", default=None)
@@ -250,6 +267,18 @@ def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
         extra["model_dtype"] = args.model_dtype
     if args.to_quant_block_names is not None:
         extra["to_quant_block_names"] = args.to_quant_block_names
+    for key in ("lr", "minmax_lr", "momentum", "nblocks", "gradient_accumulate_steps", "dynamic_max_gap",
+                "scale_dtype"):
+        if getattr(args, key) is not None:
+            extra[key] = getattr(args, key)
+    for flag, key in (("disable_minmax_tuning", "enable_minmax_tuning"),
+                      ("disable_quanted_input", "enable_quanted_input")):
+        if getattr(args, flag):
+            extra[key] = False
+    for key in ("not_use_best_mse", "enable_deterministic_algorithms", "enable_alg_ext", "enable_norm_bias_tuning",
+                "enable_adam"):
+        if getattr(args, key):
+            extra[key] = True
     try:
         compressor = AutoRound(
             model,
@@ -306,6 +335,14 @@ def main_rtn() -> int:
 
 def main_opt_rtn() -> int:
     return main(recipe="opt_rtn")
+
+
+def main_best() -> int:
+    return main(recipe="best")
+
+
+def main_light() -> int:
+    return main(recipe="light")
 
 
 if __name__ == "__main__":

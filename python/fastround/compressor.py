@@ -1,6 +1,6 @@
 """The regular AutoRound flow on a model in memory: resolve per-layer schemes, capture the first block's inputs
 from calibration data when the algorithm needs them, then quantize block by block through the C++ kernels.
-RTN and OPT-RTN run here; SignRound (iters > 0) plugs into the same block loop."""
+RTN and OPT-RTN run here; SignRound (iters > 0) tunes each block in the same loop (signround.py)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,6 @@ from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
 
 logger = logging.getLogger("fastround")
 
-SIGNROUND_MISSING = (
-    "SignRound tuning (iters > 0) is not implemented in this fastround version yet; "
-    "use iters=0 for RTN / OPT-RTN"
-)
 _DEFAULT_DATASET = "NeelNanda/pile-10k"
 
 
@@ -71,7 +67,7 @@ def encoding_name(cfg: dict[str, Any], fmt: str) -> str:
 
 
 class Compressor:
-    """Upstream's CompressionOrchestrator for RTN / OPT-RTN; created by `AutoRound(...)`."""
+    """Upstream's CompressionOrchestrator for RTN / OPT-RTN / SignRound; created by `AutoRound(...)`."""
 
     def __init__(
         self,
@@ -107,15 +103,23 @@ class Compressor:
         if iters < 0:
             logger.warning("iters must be >= 0; reset to 200")
             iters = 200
+        self.signround = None
         if iters > 0:
-            raise NotImplementedError(SIGNROUND_MISSING)
-        for key in ("lr", "minmax_lr", "momentum", "nblocks", "enable_minmax_tuning", "enable_quanted_input"):
-            if unused.pop(key, None) is not None:
-                logger.error("%s only applies to SignRound (iters > 0); ignored", key)
+            from fastround.signround import SignRoundSettings
+
+            self.signround = SignRoundSettings.from_kwargs(iters, unused)
+        else:
+            for key in ("lr", "minmax_lr", "momentum", "nblocks", "enable_minmax_tuning", "enable_quanted_input"):
+                if unused.pop(key, None) is not None:
+                    logger.error("%s only applies to SignRound (iters > 0); ignored", key)
         if unused:
-            logger.info("ignoring arguments not used by RTN: %s", ", ".join(sorted(unused)))
+            logger.info("ignoring arguments not used by this algorithm: %s", ", ".join(sorted(unused)))
         self.scheme_arg = scheme
         self.scheme, self.scheme_name = resolve_scheme(scheme, dict(overrides or {}))
+        if self.signround is not None and str(self.scheme["data_type"]) != "int":
+            raise NotImplementedError(
+                f"SignRound tuning (iters > 0) of data_type={self.scheme['data_type']} is not implemented in "
+                "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
         self.user_layer_config = dict(layer_config or {})
         self.dataset = dataset if dataset is not None else _DEFAULT_DATASET
         self.iters = iters
@@ -146,6 +150,8 @@ class Compressor:
         else:
             raise TypeError(f"model must be a hub id, a local folder or a torch.nn.Module, got {type(model).__name__}")
         self.disable_opt_rtn, self.use_imatrix = self._opt_rtn_choice(disable_opt_rtn)
+        if self.signround is not None:
+            self.use_imatrix = True  # SignRound always calibrates (no imatrix: the data feeds the tuning)
         self.explicit_opt_rtn = disable_opt_rtn is False
         self.plan: LayerPlan | None = None
         self.layers: dict[str, QuantizedLayer] = {}
@@ -154,6 +160,8 @@ class Compressor:
         self._packer: Any = None  # that format's LayerPacker while quantizing
         self.layer_config: dict[str, dict[str, Any]] = {}
         self.model_free = False
+        self.resume_dir: str | None = None  # SignRound commits tuned blocks here (quantize_and_save's output_dir)
+        self.tune_state: Any = None
 
     # -- routing ---------------------------------------------------------------------------------------------
     def _opt_rtn_choice(self, disable_opt_rtn: bool | None) -> tuple[bool, bool]:
@@ -198,7 +206,10 @@ class Compressor:
         from fastround import blockloop
 
         try:
-            blockloop.run(self, model, fmt)
+            if self.signround is not None:
+                blockloop.run_tuned(self, model, fmt)
+            else:
+                blockloop.run(self, model, fmt)
         finally:
             self._packer = None
         self.quantized = True
@@ -229,6 +240,9 @@ class Compressor:
             "low_gpu_mem_usage": self.low_gpu_mem_usage, "disable_opt_rtn": self.disable_opt_rtn,
             "enable_quanted_input": False,
         }
+        if self.signround is not None:
+            settings.update(self.signround.record(int(self.scheme["bits"])))
+            settings["scale_dtype"] = self.signround.scale_dtype
         return ExportContext(
             model=self.model, tokenizer=self.tokenizer, layers=self.layers, layer_config=self.layer_config,
             scheme=self.scheme, block_names=self.plan.block_names, settings=settings, source_dir=self.source_dir,
@@ -265,15 +279,21 @@ class Compressor:
             export.check_format(fmt, self.scheme, self.scheme_name)
         export.check_output_dir(output_dir, self.source_dir)
         self._immediate_format = formats[0] if len(formats) == 1 and inplace else None
+        self.resume_dir = output_dir if self.signround is not None else None
         try:
             self.quantize()
         finally:
             self._immediate_format = None
+            self.resume_dir = None
         folder = os.path.join(output_dir, export.output_folder_name(self.model_name, self.scheme, formats))
         ctx = self.export_context()
         resolved = export.resolve_formats(",".join(formats), ctx.scheme, ctx.layer_config, ctx.regex_config)
         streamed = export.uses_shard_writer(resolved, ctx, inplace=inplace, need_calib=self.use_imatrix)
-        return self.save_quantized(folder, ",".join(formats), return_folders=True, _shard_writer=streamed)
+        saved = self.save_quantized(folder, ",".join(formats), return_folders=True, _shard_writer=streamed)
+        if self.tune_state is not None:
+            self.tune_state.finish()  # the output is complete: the tuned blocks need not be kept
+            self.tune_state = None
+        return saved
 
 
 def record_layer(
@@ -289,23 +309,35 @@ def record_layer(
     enc = encoding_name(cfg, fmt)
     gs = int(cfg["group_size"])
     codes, scales, zeros = ops.encode_weight(w2, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), opt_rtn, imatrix)
+    if comp._packer is None:
+        # The source weight lets the dequantizer keep upstream's -0.0 where a sym value rounds to zero.
+        qdq = ops.dequantize_codes(codes, scales, zeros, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), w2.dtype, w2)
+        module.weight.data = (qdq.t() if conv else qdq).to(w.device).contiguous()
+    record_codes(comp, name, module, cfg, fmt, codes, scales, zeros)
+
+
+def record_codes(
+    comp: Compressor, name: str, module: torch.nn.Module, cfg: dict[str, Any], fmt: str,
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+) -> None:
+    """Keep a quantized layer's codes for export (RTN's or SignRound's; the module already holds its qdq weight),
+    or pack them now and free the float weight when one packed format is being written."""
+    conv = type(module) is conv1d_type()
     bias = module.bias.data.detach().to("cpu") if getattr(module, "bias", None) is not None else None
     layer = QuantizedLayer(
-        name=name, encoding=enc, scheme={k: cfg.get(k) for k in ("bits", "group_size", "sym", "data_type",
-                                                                 "act_bits", "act_group_size", "act_sym",
-                                                                 "act_data_type", "act_dynamic")},
-        codes=codes, scales=scales, zeros=zeros, bias=bias, conv1d=conv,
+        name=name, encoding=encoding_name(cfg, fmt),
+        scheme={k: cfg.get(k) for k in ("bits", "group_size", "sym", "data_type", "act_bits", "act_group_size",
+                                        "act_sym", "act_data_type", "act_dynamic")},
+        codes=codes.to("cpu"), scales=scales.to("cpu"), zeros=None if zeros is None else zeros.to("cpu"),
+        bias=bias, conv1d=conv,
     )
     comp.layers[name] = layer
     if comp._packer is not None:
         # Packed now; the float weight and the codes go (the module is replaced by its packed form on export).
         layer.packed = comp._packer.pack(layer)
         layer.codes = torch.empty(codes.shape, dtype=torch.uint8, device="meta")
-        module.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
-        return
-    # The source weight lets the dequantizer keep upstream's -0.0 where a sym value rounds to zero.
-    qdq = ops.dequantize_codes(codes, scales, zeros, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), w2.dtype, w2)
-    module.weight.data = (qdq.t() if conv else qdq).to(w.device).contiguous()
+        module.weight = torch.nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
+
 
 def is_expert_layer(name: str) -> bool:
     return "expert" in name and "shared_expert" not in name
@@ -320,4 +352,4 @@ def layer_opt_rtn(comp: Compressor, name: str, moe: bool) -> bool:
     return True
 
 
-__all__ = ["Compressor", "SIGNROUND_MISSING", "is_quantized", "is_moe_model", "record_layer", "layer_opt_rtn"]
+__all__ = ["Compressor", "is_quantized", "is_moe_model", "record_layer", "record_codes", "layer_opt_rtn"]

@@ -31,6 +31,7 @@ _SIGNROUND_ONLY = frozenset({
     "batch_size", "enable_minmax_tuning", "enable_norm_bias_tuning", "gradient_accumulate_steps", "iters", "lr",
     "minmax_lr", "nsamples", "seqlen",
 })
+_CALIBRATION_KEYS = frozenset({"nsamples", "batch_size"})
 _FILTER_DEFAULTS: dict[str, Any] = {
     "amp": True, "batch_size": 8, "dataset": "NeelNanda/pile-10k", "enable_minmax_tuning": True,
     "enable_norm_bias_tuning": False, "enable_quanted_input": True, "gradient_accumulate_steps": 1, "iters": 200,
@@ -72,12 +73,14 @@ def serialization_dict(ctx: ExportContext) -> dict[str, Any]:
             out[key] = s.get(key, False if rtn else default)
         elif rtn and key in _SIGNROUND_ONLY:
             out[key] = default
+        elif key in _CALIBRATION_KEYS:
+            out[key] = None  # 0.16.1's SignRound keeps these in its calibration context: they serialise as None
         else:
             out[key] = s.get(key, default)
     out["quant_block_list"] = [list(g) for g in ctx.block_names]
     out["regex_config"] = {name: dict(cfg) for name, cfg in ctx.regex_config.items()}
     out["scale_dtype"] = _scale_dtype_str(s.get("scale_dtype"))
-    out["seqlen"] = None if rtn else s.get("seqlen")
+    out["seqlen"] = None
     for key, default in (("static_attention_dtype", None), ("static_kv_dtype", None),
                          ("static_attention_granularity", "tensor"), ("static_kv_granularity", "tensor")):
         out[key] = s.get(key, default)
