@@ -177,6 +177,7 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     from tqdm.auto import tqdm
 
     from fastround.compressor import layer_opt_rtn, record_layer
+    from fastround.mapped import PageReleaser
 
     plan = comp.plan
     assert plan is not None
@@ -212,12 +213,15 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                     imatrix.detach()
                     block.to(home)
                     stored = outputs  # the FP chain feeds the next block (no quantized-input chain for RTN)
+                release = PageReleaser()  # the mappings as they are now; one read for the block's layers
                 for n in names:
                     record_layer(comp, n, _module(model, n), cfg[n], fmt, imatrix.mean(n),
-                                 layer_opt_rtn(comp, n, moe) and data_driven)
+                                 layer_opt_rtn(comp, n, moe) and data_driven, release)
                 bar.update(1)
     finally:
         bar.close()
+    release = PageReleaser()
     for n in outside:
         im = outside_imatrix.mean(n) if outside_imatrix is not None else None
-        record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe) and data_driven)
+        record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe) and data_driven,
+                     release)

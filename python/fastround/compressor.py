@@ -14,6 +14,7 @@ import torch
 
 from fastround import _C
 from fastround.layer_plan import LayerPlan, is_quantized, plan_layers
+from fastround.mapped import PageReleaser, span
 from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model, split_fused_experts
 from fastround.quantized import ExportContext, QuantizedLayer
 from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
@@ -278,9 +279,10 @@ class Compressor:
 
 def record_layer(
     comp: Compressor, name: str, module: torch.nn.Module, cfg: dict[str, Any], fmt: str,
-    imatrix: torch.Tensor | None, opt_rtn: bool,
+    imatrix: torch.Tensor | None, opt_rtn: bool, release: PageReleaser | None = None,
 ) -> None:
-    """Quantize one layer through the C++ kernels, keep its codes for export, and leave the qdq weight."""
+    """Quantize one layer through the C++ kernels, keep its codes for export, and leave the qdq weight (or its
+    packed form). With `release`, the source weight's pages go back once it is replaced (see fastround.mapped)."""
     from fastround import ops
 
     conv = type(module) is conv1d_type()
@@ -302,10 +304,13 @@ def record_layer(
         layer.packed = comp._packer.pack(layer)
         layer.codes = torch.empty(codes.shape, dtype=torch.uint8, device="meta")
         module.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
-        return
-    # The source weight lets the dequantizer keep upstream's -0.0 where a sym value rounds to zero.
-    qdq = ops.dequantize_codes(codes, scales, zeros, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), w2.dtype, w2)
-    module.weight.data = (qdq.t() if conv else qdq).to(w.device).contiguous()
+    else:
+        # The source weight lets the dequantizer keep upstream's -0.0 where a sym value rounds to zero.
+        qdq = ops.dequantize_codes(codes, scales, zeros, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), w2.dtype, w2)
+        module.weight.data = (qdq.t() if conv else qdq).to(w.device).contiguous()
+    source = span(w)
+    if release is not None and source is not None:
+        release([source])  # while `w` still holds the mapping: the range cannot have been reused
 
 def is_expert_layer(name: str) -> bool:
     return "expert" in name and "shared_expert" not in name
