@@ -63,7 +63,9 @@ class _Expert(torch.nn.Module):
 
 def _linear(weight: torch.Tensor) -> torch.nn.Linear:
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
-    layer.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+    # A view of the fused tensor, not a copy: a clone of every expert would hold the experts twice until the
+    # fused tensors go, and the view's storage goes once the last expert of the module is quantized.
+    layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
     return layer
 
 
