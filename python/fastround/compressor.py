@@ -182,9 +182,9 @@ class Compressor:
             _C.set_num_threads(int(self.threads))
         model = self.model
         dtype = amp_dtype(model, self.amp, self.device)
-        if next(model.parameters()).dtype != dtype:
-            model.to(dtype)
-        split_fused_experts(model)
+        # Cast by the block loop, a block at a time (the same tensors in the same dtype as one model.to(dtype)).
+        cast_to = dtype if next(model.parameters()).dtype != dtype else None
+        split_fused_experts(model)  # expert views of the fused tensors: split before the cast or after, alike
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
         self.plan = plan_layers(
             model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,
@@ -199,7 +199,7 @@ class Compressor:
         from fastround import blockloop
 
         try:
-            blockloop.run(self, model, fmt)
+            blockloop.run(self, model, fmt, cast_to)
         finally:
             self._packer = None
         self.quantized = True

@@ -92,6 +92,15 @@ class PageReleaser:
         i = bisect.bisect_right(self._starts, start) - 1
         return i >= 0 and end <= self._ends[i]
 
+    def mapped(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors that lie in a file mapping (holding these costs no memory of the process's own)."""
+        picked = []
+        for t in tensors:
+            s = span(t)
+            if s is not None and self._load() and self._in_file_mapping(*s):
+                picked.append(t)
+        return picked
+
     def __call__(self, spans: Iterable[Span]) -> int:
         if not sys.platform.startswith("linux"):
             return 0
