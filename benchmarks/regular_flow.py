@@ -8,9 +8,10 @@ from a warm page cache,
         .quantize_and_save(out, format="auto_round")
 
 with `fastround.AutoRound` and with `auto_round.AutoRound` (enable_torch_compile=False). Measured: wall time of
-the subprocess, its own split into construction and quantize+save, peak RSS of the process tree (sampled every
-20 ms), peak GPU memory (torch.cuda.max_memory_allocated in the child) and the RSS right after the imports (the
-runtime's share). For the memory target "RTN of a model loaded from disk holds at most the model plus about two
+the subprocess, its own split into imports, transformers' model-stack import (upstream imports it with itself,
+fastround on its first load: imported apart for both so that "init" is each tool's own construction work),
+construction and quantize+save, peak RSS of the process tree (sampled every 20 ms), peak GPU memory
+(torch.cuda.max_memory_allocated in the child) and the RSS right after the imports (the runtime's share). For the memory target "RTN of a model loaded from disk holds at most the model plus about two
 blocks in float" it reports the model's bf16 size, one decoder block's fp32 size and (peak RSS - model) in blocks,
 also net of the runtime's share.
 
@@ -76,7 +77,16 @@ def child(spec: dict[str, Any]) -> None:
         torch.zeros(1, device=device)
         torch.cuda.reset_peak_memory_stats(device)
     me = psutil.Process()
-    _emit(runtime_rss_gb=me.memory_info().rss / 1e9, import_s=time.time() - me.create_time(),
+    import_s = time.time() - me.create_time()
+    # transformers' model stack (modeling_utils, generation, the architecture's class): upstream imports it with
+    # itself, fastround with its first model load. Imported here for both, apart, so that init_s is each tool's
+    # own construction work and runtime_rss_gb holds the same modules for both.
+    t_hf = time.perf_counter()
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(spec["model"]))]
+    _emit(runtime_rss_gb=me.memory_info().rss / 1e9, import_s=import_s, hf_import_s=time.perf_counter() - t_hf,
           version=lib.__version__, torch=torch.__version__, transformers=transformers.__version__,
           threads=torch.get_num_threads(), gpu=torch.cuda.get_device_name(device) if cuda else "")
     t0 = time.perf_counter()
@@ -145,8 +155,10 @@ class Run:
     peak_rss_gb: float
     model_gb: float  # the checkpoint's bf16 bytes
     block_fp32_gb: float  # one decoder block's parameters in float32
-    runtime_rss_gb: float | None = None  # the child's RSS after its imports (torch, the tool, a CUDA context)
+    runtime_rss_gb: float | None = None  # the child's RSS after its imports (torch, the tool, transformers'
+    # model stack, a CUDA context)
     import_s: float | None = None  # process start to the tool imported (and CUDA up)
+    hf_import_s: float | None = None  # then transformers' model stack (fastround would import it in init)
     init_s: float | None = None  # AutoRound(...) construction
     quantize_s: float | None = None  # quantize_and_save
     gpu_peak_alloc_gb: float | None = None
@@ -179,8 +191,8 @@ def measure(tool: str, scheme: str, device: str, src: Path, work: Path, model_gb
     shutil.rmtree(out, ignore_errors=True)
     ok = m.returncode == 0 and "quantize_s" in got
     note = "" if ok else last_line(m.stderr_tail) or f"exit {m.returncode}"
-    fields_ = {k: got.get(k) for k in ("runtime_rss_gb", "import_s", "init_s", "quantize_s", "gpu_peak_alloc_gb",
-                                        "gpu_peak_reserved_gb")}
+    fields_ = {k: got.get(k) for k in ("runtime_rss_gb", "import_s", "hf_import_s", "init_s", "quantize_s",
+                                        "gpu_peak_alloc_gb", "gpu_peak_reserved_gb")}
     return Run(tool, scheme, device, ok, note, m.seconds, m.peak_rss_gb, model_gb, block_gb, **fields_,
                compressor=got.get("compressor", ""), cuda_initialized=got.get("cuda_initialized"),
                qweights=sum(n.endswith(".qweight") for n in names), output_gb=out_gb,
@@ -193,9 +205,9 @@ def _f(v: float | None, fmt: str = ".2f") -> str:
 
 def table(runs: list[Run]) -> str:
     by = {(r.tool, r.scheme, r.device): r for r in runs}
-    lines = ["| device | scheme | tool | wall s | import s | init s | quantize+save s | peak RSS GB | "
+    lines = ["| device | scheme | tool | wall s | import s | hf import s | init s | quantize+save s | peak RSS GB | "
              "(RSS-model)/block | net of runtime | GPU peak GB | qweights | vs upstream: wall | init+quantize |",
-             "| --- | --- | --- |" + " ---: |" * 11]
+             "| --- | --- | --- |" + " ---: |" * 12]
     for r in runs:
         up = by.get(("upstream", r.scheme, r.device))
         vs = vs_work = ""
@@ -203,7 +215,8 @@ def table(runs: list[Run]) -> str:
             vs = f"{up.seconds / r.seconds:.1f}x"
             vs_work = f"{(up.init_s + up.quantize_s) / (r.init_s + r.quantize_s):.1f}x"
         wall = f"{r.seconds:.2f}" if r.ok else f"failed: {r.note}"
-        lines.append(f"| {r.device} | {r.scheme} | {r.tool} | {wall} | {_f(r.import_s)} | {_f(r.init_s)} | "
+        lines.append(f"| {r.device} | {r.scheme} | {r.tool} | {wall} | {_f(r.import_s)} | {_f(r.hf_import_s)} | "
+                     f"{_f(r.init_s)} | "
                      f"{_f(r.quantize_s)} | {r.peak_rss_gb:.2f} | {_f(r.rss_over_model_blocks)} | "
                      f"{_f(r.rss_over_model_blocks_net)} | {_f(r.gpu_peak_alloc_gb)} | {r.qweights} | {vs} | "
                      f"{vs_work} |")

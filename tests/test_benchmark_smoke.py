@@ -70,6 +70,7 @@ def test_regular_flow_upstream(tmp_path):
     assert model < run["model_gb"] * 1e9 < model + 65536  # plus the safetensors headers
     assert 0 < run["runtime_rss_gb"] < run["peak_rss_gb"]
     assert run["rss_over_model_blocks"] == (run["peak_rss_gb"] - run["model_gb"]) / run["block_fp32_gb"]
-    assert run["init_s"] > 0 and run["quantize_s"] > 0 and run["seconds"] > run["init_s"] + run["quantize_s"]
+    assert run["init_s"] > 0 and run["quantize_s"] > 0 and run["hf_import_s"] >= 0
+    assert run["seconds"] > run["import_s"] + run["hf_import_s"] + run["init_s"] + run["quantize_s"]
     assert run["gpu_peak_alloc_gb"] is None
     assert "| cpu | W4A16 | upstream | " in r.stdout

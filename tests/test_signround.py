@@ -96,6 +96,19 @@ def test_same_seed_same_bytes(checkpoint, tmp_path) -> None:
     assert a != c  # the seed orders the batches: a real input to the result
 
 
+@pytest.mark.parametrize("kwargs", [{"iters": 12}, {"iters": 5, "not_use_best_mse": True, "lr": 0.05}])
+def test_device_side_bookkeeping_equals_host(checkpoint, tmp_path, monkeypatch, kwargs) -> None:
+    """The accelerator path keeps losses, the best-iteration choice and the snapshot on the device (no sync per
+    step); run on the CPU it must pick the same iterations and write the same bytes as the host path."""
+    from fastround import signround
+
+    src = checkpoint("llama_aligned")
+    host = oracle.read_checkpoint(_run("fastround", src, tmp_path / "host", **kwargs))
+    monkeypatch.setattr(signround, "DEVICE_BOOKKEEPING", True)
+    device = oracle.read_checkpoint(_run("fastround", src, tmp_path / "device", **kwargs))
+    assert host == device
+
+
 _RESUME_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})

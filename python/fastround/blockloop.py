@@ -178,11 +178,14 @@ def _block_forward(block: torch.nn.Module, hidden: torch.Tensor, extra: dict[str
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def run(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
-    """Quantize every planned layer: zero-shot block by block, or with an imatrix from calibration data."""
+def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype | None = None) -> None:
+    """Quantize every planned layer: zero-shot block by block, or with an imatrix from calibration data. With
+    `cast_to`, the model is cast to that dtype on the way: each block just before its turn."""
     from tqdm.auto import tqdm
 
     from fastround.compressor import layer_opt_rtn, record_layer
+    from fastround.mapped import PageReleaser
+    from fastround.modeling import cast_module, cast_outside_blocks
 
     plan = comp.plan
     assert plan is not None
@@ -191,6 +194,11 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     outside = [n for n in cfg if not cfg[n].get("in_blocks") and _quantized(cfg[n])]
     groups = [g for g in plan.block_names if g]
     data_driven = comp.use_imatrix
+    if cast_to is not None and data_driven and outside:
+        cast_module(model, cast_to)  # the calibration pass runs every block to reach the layers after them
+        cast_to = None
+    elif cast_to is not None:
+        cast_outside_blocks(model, {b for g in groups for b in g}, cast_to)
     stored: list = []
     outside_imatrix = None
     if data_driven:
@@ -202,6 +210,8 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
         for gi, group in enumerate(groups):
             for block_name in group:
                 bar.set_postfix_str(block_name, refresh=False)
+                if cast_to is not None:
+                    cast_module(_module(model, block_name), cast_to)
                 names = _targets(comp, block_name)
                 imatrix = _Imatrix()
                 if data_driven and gi == 0:
@@ -218,15 +228,18 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                     imatrix.detach()
                     block.to(home)
                     stored = outputs  # the FP chain feeds the next block (no quantized-input chain for RTN)
+                release = PageReleaser()  # the mappings as they are now; one read for the block's layers
                 for n in names:
                     record_layer(comp, n, _module(model, n), cfg[n], fmt, imatrix.mean(n),
-                                 layer_opt_rtn(comp, n, moe) and data_driven)
+                                 layer_opt_rtn(comp, n, moe) and data_driven, release)
                 bar.update(1)
     finally:
         bar.close()
+    release = PageReleaser()
     for n in outside:
         im = outside_imatrix.mean(n) if outside_imatrix is not None else None
-        record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe) and data_driven)
+        record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe) and data_driven,
+                     release)
 
 
 def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:

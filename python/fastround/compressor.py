@@ -14,6 +14,7 @@ import torch
 
 from fastround import _C
 from fastround.layer_plan import LayerPlan, is_quantized, plan_layers
+from fastround.mapped import PageReleaser, span
 from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model, split_fused_experts
 from fastround.quantized import ExportContext, QuantizedLayer
 from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
@@ -189,9 +190,9 @@ class Compressor:
             _C.set_num_threads(int(self.threads))
         model = self.model
         dtype = amp_dtype(model, self.amp, self.device)
-        if next(model.parameters()).dtype != dtype:
-            model.to(dtype)
-        split_fused_experts(model)
+        # Cast by the block loop, a block at a time (the same tensors in the same dtype as one model.to(dtype)).
+        cast_to = dtype if next(model.parameters()).dtype != dtype else None
+        split_fused_experts(model)  # expert views of the fused tensors: split before the cast or after, alike
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
         self.plan = plan_layers(
             model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,
@@ -207,9 +208,11 @@ class Compressor:
 
         try:
             if self.signround is not None:
+                if cast_to is not None:
+                    model.to(cast_to)  # tuning forwards whole blocks and the chain: cast once, as upstream
                 blockloop.run_tuned(self, model, fmt)
             else:
-                blockloop.run(self, model, fmt)
+                blockloop.run(self, model, fmt, cast_to)
         finally:
             self._packer = None
         self.quantized = True
@@ -298,9 +301,10 @@ class Compressor:
 
 def record_layer(
     comp: Compressor, name: str, module: torch.nn.Module, cfg: dict[str, Any], fmt: str,
-    imatrix: torch.Tensor | None, opt_rtn: bool,
+    imatrix: torch.Tensor | None, opt_rtn: bool, release: PageReleaser | None = None,
 ) -> None:
-    """Quantize one layer through the C++ kernels, keep its codes for export, and leave the qdq weight."""
+    """Quantize one layer through the C++ kernels, keep its codes for export, and leave the qdq weight (or its
+    packed form). With `release`, the source weight's pages go back once it is replaced (see fastround.mapped)."""
     from fastround import ops
 
     conv = type(module) is conv1d_type()
@@ -314,6 +318,9 @@ def record_layer(
         qdq = ops.dequantize_codes(codes, scales, zeros, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), w2.dtype, w2)
         module.weight.data = (qdq.t() if conv else qdq).to(w.device).contiguous()
     record_codes(comp, name, module, cfg, fmt, codes, scales, zeros)
+    source = span(w)
+    if release is not None and source is not None:
+        release([source])  # while `w` still holds the mapping: the range cannot have been reused
 
 
 def record_codes(

@@ -63,7 +63,9 @@ class _Expert(torch.nn.Module):
 
 def _linear(weight: torch.Tensor) -> torch.nn.Linear:
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
-    layer.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+    # A view of the fused tensor, not a copy: a clone of every expert would hold the experts twice until the
+    # fused tensors go, and the view's storage goes once the last expert of the module is quantized.
+    layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
     return layer
 
 
@@ -220,6 +222,42 @@ def _flag_sampling(model: torch.nn.Module) -> None:
     for knob, neutral in (("top_p", 1.0), ("top_k", 0), ("temperature", 1.0)):
         if hasattr(gen, knob) and getattr(gen, knob) != neutral:
             gen.do_sample = True
+
+
+def _float_tensors(module: torch.nn.Module, recurse: bool) -> list[torch.Tensor]:
+    return [t for t in (*module.parameters(recurse=recurse), *module.buffers(recurse=recurse))
+            if t.is_floating_point() or t.is_complex()]
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype, recurse: bool = True) -> None:
+    """`module.to(dtype)` (floating and complex tensors; with recurse=False the module's own only), then the
+    pages of the checkpoint mapping the originals were read from go back (see fastround.mapped)."""
+    from fastround.mapped import PageReleaser, span
+
+    release = PageReleaser()
+    sources = release.mapped(t.detach() for t in _float_tensors(module, recurse))
+    if recurse:
+        module.to(dtype)
+    else:
+        module._apply(lambda t: t.to(dtype) if t.is_floating_point() or t.is_complex() else t, recurse=False)
+    release([s for s in map(span, sources) if s is not None])
+
+
+def cast_outside_blocks(model: torch.nn.Module, blocks: set[str], dtype: torch.dtype) -> None:
+    """`model.to(dtype)` for everything but the named blocks, which the block loop casts one at a time: an fp32
+    checkpoint quantized in bf16 (or the reverse) never holds a second copy of the whole model."""
+
+    def visit(prefix: str, module: torch.nn.Module) -> None:
+        if prefix in blocks:
+            return
+        if not any(b.startswith(prefix + ".") for b in blocks) and prefix:
+            cast_module(module, dtype)
+            return
+        cast_module(module, dtype, recurse=False)  # an ancestor of blocks (the model, its ModuleList)
+        for name, child in module.named_children():
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
 
 
 def amp_dtype(model: torch.nn.Module, amp: bool, device: torch.device) -> torch.dtype:

@@ -25,6 +25,8 @@ logger = logging.getLogger("fastround")
 
 # Block kwargs that hold one value for the whole calibration set (upstream's shared keys): never split per sample.
 _SHARED_KEYS = {"position_ids", "cache_position", "position_embeddings", "cu_seqlens"}
+# None: device-side best-loss bookkeeping on accelerators only; tests set True to run that path on the CPU.
+DEVICE_BOOKKEEPING: bool | None = None
 _NOT_BUILT = ("enable_adam", "enable_norm_bias_tuning", "enable_alg_ext", "enable_lfq")
 
 
@@ -325,12 +327,21 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
             return {name: {k: p.detach().to(cache, copy=True) for k, p in tl.params().items()}
                     for name, tl in wrapped.items()}
 
+        # On an accelerator the losses (fp64 sums, as upstream's Python floats), the best-loss comparison and the
+        # snapshot stay on the device, so an iteration needs no host sync; early stopping needs the host.
+        on_device = (dev.type != "cpu" if DEVICE_BOOKKEEPING is None else DEVICE_BOOKKEEPING) and not (
+            settings.dynamic_max_gap > 0 and not settings.not_use_best_mse)
+        if on_device:
+            f64 = {"dtype": torch.float64, "device": dev}
+            best_t, best_iter_t = torch.full((), math.inf, **f64), torch.zeros((), dtype=torch.long, device=dev)
+            init_t, last_t = torch.zeros((), **f64), torch.zeros((), **f64)
+            snap = {name: {k: p.detach().clone() for k, p in tl.params().items()} for name, tl in wrapped.items()}
         for it in range(settings.iters):
             idx = sampler.next()
             num_elm = 1
             if masks is not None:
                 num_elm = max(1, int(sum(int(masks[i].sum()) for i in idx)))
-            total = 0.0
+            total: Any = torch.zeros((), **f64) if on_device else 0.0
             for start in range(0, len(idx), bs):
                 chunk = idx[start:start + bs]
                 x, kw = samples.batch(chunk, dev, train_in)
@@ -341,20 +352,35 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
                     m = torch.cat([masks[i] for i in chunk], dim=0).to(dev).unsqueeze(-1)
                     out, target = out * m, target * m
                 loss = torch.nn.functional.mse_loss(out.float(), target.float(), reduction=reduction)
-                total += float(loss.detach()) / num_elm
+                if on_device:
+                    total = total + loss.detach().double() / num_elm
+                else:
+                    total += float(loss.detach()) / num_elm
                 (loss * 1000).backward()
-            logger.debug("%s iter %d loss: %.3e", label, it, total)
-            if it == 0:
-                init_loss = total
-            last_loss = total
-            if total < best_loss:
-                best_loss = total
-                if not settings.not_use_best_mse:
+            if on_device:
+                if it == 0:
+                    init_t = total
+                last_t = total
+                keep = (total < best_t) if not settings.not_use_best_mse else torch.tensor(
+                    it == settings.iters - 1, device=dev)
+                best_t = torch.where(total < best_t, total, best_t)
+                best_iter_t = torch.where(keep, it, best_iter_t)
+                for name, tl in wrapped.items():
+                    for k, p in tl.params().items():
+                        torch.where(keep, p.detach(), snap[name][k], out=snap[name][k])
+            else:
+                logger.debug("%s iter %d loss: %.3e", label, it, total)
+                if it == 0:
+                    init_loss = total
+                last_loss = total
+                if total < best_loss:
+                    best_loss = total
+                    if not settings.not_use_best_mse:
+                        best, best_iter = snapshot(), it
+                if settings.not_use_best_mse and it == settings.iters - 1:
                     best, best_iter = snapshot(), it
-            if settings.not_use_best_mse and it == settings.iters - 1:
-                best, best_iter = snapshot(), it
-            if not settings.not_use_best_mse and 0 < settings.dynamic_max_gap <= it - best_iter:
-                break
+                if not settings.not_use_best_mse and 0 < settings.dynamic_max_gap <= it - best_iter:
+                    break
             for (lr, minmax), ps in groups.items():
                 with_grad = [p for p in ps if p.grad is not None]
                 tune_ops.sign_sgd_step_(with_grad, [p.grad for p in with_grad],
@@ -362,6 +388,10 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
                                         settings.momentum, it == 0, minmax)
                 for p in with_grad:
                     p.grad = None
+        if on_device and settings.iters > 0:
+            best = snap  # the parameters of the best iteration (the last one with not_use_best_mse)
+            init_loss, last_loss, best_loss = float(init_t), float(last_t), float(best_t)
+            best_iter = int(best_iter_t)
         results = {}
         with torch.no_grad():
             for name, tl in wrapped.items():

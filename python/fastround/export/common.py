@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
+from fastround.mapped import release_file_pages
+
 logger = logging.getLogger("fastround")
 
 SHARD_WRITER_MAX_BYTES = 5 * 1024**3  # ShardWriter parses "5GB" with 1024-based units
@@ -235,6 +237,7 @@ class ShardWriterLayout:
             tensors[name] = tensor if tensor.is_contiguous() else tensor.contiguous()
         tmp = f"model-shard-{len(self.shards) + 1:05d}.safetensors"
         save_file(tensors, str(self.directory / tmp))
+        release_file_pages(tensors.values())  # source tensors read from the mapped checkpoint: written, let go
         self.shards.append((tmp, list(tensors)))
         self.saved.update(tensors)
         self.pending = {}
@@ -300,6 +303,7 @@ def save_pretrained_weights(model: torch.nn.Module, directory: Path, state: dict
     model.save_pretrained(
         str(directory), max_shard_size=SAVE_PRETRAINED_MAX_SHARD, safe_serialization=True, state_dict=state
     )
+    release_file_pages(state.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
