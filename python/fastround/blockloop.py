@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastround.layer_plan import is_quantized as _quantized
+from fastround.layer_plan import quantizes_weight
 from fastround.modeling import is_moe_model
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 def _targets(comp: Compressor, block: str) -> list[str]:
     cfg = comp.layer_config
-    return [n for n in cfg if cfg[n].get("in_blocks") and n.startswith(block + ".") and _quantized(cfg[n])]
+    return [n for n in cfg if cfg[n].get("in_blocks") and n.startswith(block + ".") and quantizes_weight(cfg[n])]
 
 
 class _Imatrix:
@@ -182,7 +182,7 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     assert plan is not None
     moe = is_moe_model(model)
     cfg = comp.layer_config
-    outside = [n for n in cfg if not cfg[n].get("in_blocks") and _quantized(cfg[n])]
+    outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
     groups = [g for g in plan.block_names if g]
     data_driven = comp.use_imatrix
     stored: list = []
@@ -213,11 +213,10 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                     block.to(home)
                     stored = outputs  # the FP chain feeds the next block (no quantized-input chain for RTN)
                 for n in names:
-                    record_layer(comp, n, _module(model, n), cfg[n], fmt, imatrix.mean(n),
-                                 layer_opt_rtn(comp, n, moe) and data_driven)
+                    record_layer(comp, n, _module(model, n), cfg[n], fmt, imatrix.mean(n), layer_opt_rtn(comp, n, moe))
                 bar.update(1)
     finally:
         bar.close()
     for n in outside:
         im = outside_imatrix.mean(n) if outside_imatrix is not None else None
-        record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe) and data_driven)
+        record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe))
