@@ -78,8 +78,9 @@ def mx_layer_codes(module: torch.nn.Module, cfg: dict[str, Any]) -> tuple[str, t
 
 
 def context_from_upstream(ar: Any, src: Path, user_layer_config: dict | None = None) -> ExportContext:
-    model = ar.model
-    # upstream wraps activation-quantized layers for its qdq forward and unwraps them when saving
+    # upstream wraps activation-quantized layers for its qdq forward; its packers unwrap them when saving, its fake
+    # writer saves them wrapped. Our writers get a plain copy, upstream's keeps its own model as quantize() left it.
+    model = copy.deepcopy(ar.model)
     for name, module in list(model.named_modules()):
         if type(module).__name__ == "WrapperWALayer":
             parent, _, child = name.rpartition(".")

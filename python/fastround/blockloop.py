@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastround.layer_plan import is_quantized as _quantized
+from fastround.layer_plan import quantizes_weight
 from fastround.modeling import conv1d_type, is_moe_model
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 def _targets(comp: Compressor, block: str) -> list[str]:
     cfg = comp.layer_config
-    return [n for n in cfg if cfg[n].get("in_blocks") and n.startswith(block + ".") and _quantized(cfg[n])]
+    return [n for n in cfg if cfg[n].get("in_blocks") and n.startswith(block + ".") and quantizes_weight(cfg[n])]
 
 
 class _Imatrix:
@@ -191,7 +191,7 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
     assert plan is not None
     moe = is_moe_model(model)
     cfg = comp.layer_config
-    outside = [n for n in cfg if not cfg[n].get("in_blocks") and _quantized(cfg[n])]
+    outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
     groups = [g for g in plan.block_names if g]
     data_driven = comp.use_imatrix
     if cast_to is not None and data_driven and outside:
@@ -230,16 +230,15 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
                     stored = outputs  # the FP chain feeds the next block (no quantized-input chain for RTN)
                 release = PageReleaser()  # the mappings as they are now; one read for the block's layers
                 for n in names:
-                    record_layer(comp, n, _module(model, n), cfg[n], fmt, imatrix.mean(n),
-                                 layer_opt_rtn(comp, n, moe) and data_driven, release)
+                    record_layer(comp, n, _module(model, n), cfg[n], fmt, imatrix.mean(n), layer_opt_rtn(comp, n, moe),
+                                 release)
                 bar.update(1)
     finally:
         bar.close()
     release = PageReleaser()
     for n in outside:
         im = outside_imatrix.mean(n) if outside_imatrix is not None else None
-        record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe) and data_driven,
-                     release)
+        record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe), release)
 
 
 def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
@@ -259,7 +258,7 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
             raise NotImplementedError(
                 f"layer {name}: SignRound tuning of data_type={cfg[name]['data_type']} is not implemented in "
                 "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
-    outside = [n for n in cfg if not cfg[n].get("in_blocks") and _quantized(cfg[n])]
+    outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
     groups = [g for g in plan.block_names if g]
     model.requires_grad_(False)
     dtype = next(model.parameters()).dtype

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fastround import _C
-from fastround.layer_plan import LayerPlan, is_quantized, plan_layers
+from fastround.layer_plan import LayerPlan, is_quantized, plan_layers, quantizes_weight
 from fastround.mapped import PageReleaser, span
 from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model, split_fused_experts
 from fastround.quantized import ExportContext, QuantizedLayer
@@ -22,6 +22,9 @@ from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
 logger = logging.getLogger("fastround")
 
 _DEFAULT_DATASET = "NeelNanda/pile-10k"
+# Encodings whose data type upstream's regular flow quantizes without any search (it registers no opt_rtn_nvfp4_v2
+# function); their model-free kernels search only in model-free.
+_NO_REGULAR_OPT_RTN = frozenset({"nvfp4_e5m3"})
 
 
 def resolve_scheme(scheme: SchemeLike, overrides: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -166,7 +169,9 @@ class Compressor:
 
     # -- routing ---------------------------------------------------------------------------------------------
     def _opt_rtn_choice(self, disable_opt_rtn: bool | None) -> tuple[bool, bool]:
-        """(plain RTN?, collect an imatrix from calibration data?) as upstream 0.16.1 decides for iters=0."""
+        """(plain RTN?, collect an imatrix from calibration data?) as upstream 0.16.1 decides for iters=0. Without
+        an imatrix the run is zero-shot, but unless plain RTN was asked for, each layer whose data type has an
+        OPT-RTN search still runs it (unweighted), as upstream's optimized quantizer does on the zero-shot path."""
         s = self.scheme
         bits, act_bits, dt = int(s["bits"]), int(s.get("act_bits") or 16), str(s["data_type"])
         if disable_opt_rtn is None and dt == "int" and bits >= 8 and act_bits >= 8:
@@ -179,8 +184,7 @@ class Compressor:
             (dt == "int" and bits < 8) or (dt in ("mx_fp", "mx_int") and bits <= 8) or (dt == "nv_fp" and bits == 4)
             or weight_scheme
         )
-        # Without an imatrix upstream runs zero-shot RTN for these schemes (no data, no search).
-        return (not imatrix), imatrix
+        return False, imatrix
 
     # -- quantize ----------------------------------------------------------------------------------------------
     def quantize(self) -> tuple[torch.nn.Module, dict[str, dict[str, Any]]]:
@@ -200,9 +204,9 @@ class Compressor:
             quant_nontext_module=self.quant_nontext_module, w8_asym_allowed="llm_compressor" in fmt,
         )
         self.layer_config = self.plan.layer_config
-        targets = [n for n in self.plan.quantized()]
-        for name in targets:
-            encoding_name(self.layer_config[name], fmt)  # fail early on a scheme no encoding holds
+        for name in self.plan.quantized():
+            if quantizes_weight(self.layer_config[name]):
+                encoding_name(self.layer_config[name], fmt)  # fail early on a scheme no encoding holds
         self._packer = self._immediate_packer()
         from fastround import blockloop
 
@@ -241,6 +245,7 @@ class Compressor:
             "iters": self.iters, "nsamples": self.nsamples, "seqlen": self.seqlen, "batch_size": self.batch_size,
             "dataset": self.dataset if isinstance(self.dataset, str) else None, "amp": self.amp,
             "low_gpu_mem_usage": self.low_gpu_mem_usage, "disable_opt_rtn": self.disable_opt_rtn,
+            "zero_shot": not self.use_imatrix,
             "enable_quanted_input": False,
         }
         if self.signround is not None:
@@ -312,6 +317,7 @@ def record_layer(
     w2 = (w.t() if conv else w).detach().to("cpu").contiguous()  # [out, in]
     enc = encoding_name(cfg, fmt)
     gs = int(cfg["group_size"])
+    opt_rtn = opt_rtn and enc not in _NO_REGULAR_OPT_RTN
     codes, scales, zeros = ops.encode_weight(w2, enc, int(cfg["bits"]), gs, bool(cfg["sym"]), opt_rtn, imatrix)
     if comp._packer is None:
         # The source weight lets the dequantizer keep upstream's -0.0 where a sym value rounds to zero.

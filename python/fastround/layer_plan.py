@@ -32,6 +32,13 @@ def is_quantized(cfg: dict[str, Any]) -> bool:
     return int(bits if bits is not None else 16) <= 8 or int(act if act is not None else 16) <= 8
 
 
+def quantizes_weight(cfg: dict[str, Any]) -> bool:
+    """Whether the layer's weight is encoded (bits <= 8). A layer that quantizes only its activations keeps its
+    weight as it is, as upstream's qdq does for bits >= 16."""
+    bits = cfg.get("bits")
+    return int(bits if bits is not None else 16) <= 8
+
+
 def infer_bits(data_type: str | None) -> int | None:
     """Digits right after the dtype family: mx_fp8 -> 8, int4 -> 4."""
     if data_type is None:

@@ -58,6 +58,7 @@ def pack_codes(
     sym: bool,
     zero_offset: int,
     pad_partial_groups: bool,
+    from_qdq: bool = False,
 ) -> list[tuple[str, torch.Tensor]]:
     """The encoding's checkpoint tensors as (suffix, tensor), in its layout order.
 
@@ -65,10 +66,13 @@ def pack_codes(
     pad_partial_groups=False gives upstream's regular-flow shapes (qweight [in*bits/32, out], in a multiple of 32;
     qzeros [G, (out//32)*bits]), True model-free's (in padded to whole groups, out to whole words).
     int_awq: AWQ GEMM layout. mxfp4 / nvfp4_e5m3: weight_packed, weight_scale; mxfp8: weight, weight_scale.
+    from_qdq: pack as upstream's regular flow, which re-derives the codes from the qdq weight (nvfp4_e5m3: zeros
+    lose their sign and a zero-scale group packs as 0; no effect on the other encodings).
     """
     names = _torch.packed_tensors(encoding, codes.shape[0], codes.shape[1], bits, group_size, sym, zero_offset,
                                   pad_partial_groups)
-    tensors = _ops.pack_codes(codes, scales, zeros, encoding, bits, group_size, sym, zero_offset, pad_partial_groups)
+    tensors = _ops.pack_codes(codes, scales, zeros, encoding, bits, group_size, sym, zero_offset, pad_partial_groups,
+                              from_qdq)
     return [(name, t) for (name, _, _), t in zip(names, tensors, strict=True)]
 
 
@@ -116,7 +120,8 @@ def _encode_weight_fake(weight, encoding, bits, group_size, sym, opt_rtn, imatri
 
 
 @torch.library.register_fake("fastround::pack_codes")
-def _pack_codes_fake(codes, scales, zeros, encoding, bits, group_size, sym, zero_offset, pad_partial_groups):
+def _pack_codes_fake(codes, scales, zeros, encoding, bits, group_size, sym, zero_offset, pad_partial_groups,
+                     from_qdq=False):
     specs = _torch.packed_tensors(encoding, codes.shape[0], codes.shape[1], bits, group_size, sym, zero_offset,
                                   pad_partial_groups)
     return [codes.new_empty(shape, dtype=_DTYPES[dt]) for _, dt, shape in specs]

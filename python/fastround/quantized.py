@@ -44,7 +44,8 @@ class ExportContext:
     # upstream's RTN defaults), amp, low_gpu_mem_usage, enable_quanted_input, scale_dtype, to_quant_block_names,
     # static_kv_dtype / static_attention_dtype (+ _granularity), the SignRound ones (lr, minmax_lr, nsamples,
     # seqlen, batch_size, gradient_accumulate_steps, enable_minmax_tuning, enable_norm_bias_tuning) and
-    # disable_opt_rtn (no calibration data: upstream's zero-shot block loop, which orders shard writes)
+    # zero_shot (no calibration data: upstream's zero-shot block loop, which orders shard writes; absent, it
+    # follows disable_opt_rtn)
     settings: dict[str, Any] = field(default_factory=dict)
     source_dir: str | None = None  # local folder of the source model (remote code, extra files), if any
     user_layer_config: dict[str, Any] = field(default_factory=dict)  # layer_config keys as the user gave them

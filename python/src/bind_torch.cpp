@@ -183,7 +183,7 @@ CheckedCodes checked_codes(const char* op, const fr::EncodingTraits& e, const fr
 }
 
 fr::EncodingParams pack_params(const char* op, const fr::EncodingTraits& e, int64_t bits, int64_t group_size, bool sym,
-                               int64_t zero_offset, bool pad_partial_groups) {
+                               int64_t zero_offset, bool pad_partial_groups, bool from_qdq = false) {
   fr::EncodingParams p = params_for(op, e, bits, group_size, sym);
   const bool gptq = e.id == fr::Encoding::IntGptq;
   if (gptq ? (zero_offset != 0 && zero_offset != 1) : zero_offset != 0)
@@ -191,16 +191,18 @@ fr::EncodingParams pack_params(const char* op, const fr::EncodingTraits& e, int6
                           ", got " + std::to_string(zero_offset));
   p.zero_offset = static_cast<int>(zero_offset);
   p.pad_partial_groups = pad_partial_groups;
+  p.from_qdq = from_qdq;
   return p;
 }
 
 std::vector<at::Tensor> pack_codes(const at::Tensor& codes, const at::Tensor& scales,
                                    const std::optional<at::Tensor>& zeros, c10::string_view encoding, int64_t bits,
-                                   int64_t group_size, bool sym, int64_t zero_offset, bool pad_partial_groups) {
+                                   int64_t group_size, bool sym, int64_t zero_offset, bool pad_partial_groups,
+                                   bool from_qdq) {
   return guarded([&]() -> std::vector<at::Tensor> {
     constexpr const char* op = "pack_codes";
     const fr::EncodingTraits& e = row_named(op, encoding);
-    const fr::EncodingParams p = pack_params(op, e, bits, group_size, sym, zero_offset, pad_partial_groups);
+    const fr::EncodingParams p = pack_params(op, e, bits, group_size, sym, zero_offset, pad_partial_groups, from_qdq);
     const CheckedCodes c = checked_codes(op, e, p, codes, scales, zeros);
     std::vector<at::Tensor> outs;
     std::vector<void*> ptrs;
@@ -259,7 +261,7 @@ TORCH_LIBRARY(fastround, m) {
   m.def("encode_weight(Tensor weight, str encoding, int bits, int group_size, bool sym, bool opt_rtn, "
         "Tensor? imatrix=None) -> (Tensor, Tensor, Tensor)");
   m.def("pack_codes(Tensor codes, Tensor scales, Tensor? zeros, str encoding, int bits, int group_size, bool sym, "
-        "int zero_offset, bool pad_partial_groups) -> Tensor[]");
+        "int zero_offset, bool pad_partial_groups, bool from_qdq=False) -> Tensor[]");
   m.def("dequantize_codes(Tensor codes, Tensor scales, Tensor? zeros, str encoding, int bits, int group_size, "
         "bool sym, ScalarType dtype, Tensor? weight=None) -> Tensor");
 }

@@ -346,9 +346,27 @@ void nvfp4_dequantize_codes(const CodesView& c, const EncodingParams&, const Wei
   dequantize_nvfp4_codes(c.codes, static_cast<const uint8_t*>(c.scales), c.rows, c.cols, out, dst);
 }
 
+// The codes the regular flow's packer reads back from the qdq weight: a value of zero (-0, or any value of a
+// group whose scale byte is 0) becomes code 0. Model-free packs the quotient directly and keeps them.
+std::vector<uint8_t> nvfp4_codes_from_qdq(const CodesView& c) {
+  const int64_t n = c.rows * c.cols;
+  const auto* scale = static_cast<const uint8_t*>(c.scales);
+  std::vector<uint8_t> codes(c.codes, c.codes + n);
+  for (int64_t i = 0; i < n; ++i)
+    if (codes[i] == 0x8u || scale[i / 16] == 0) codes[i] = 0;
+  return codes;
+}
+
 template <bool Ref>
-void nvfp4_pack(const CodesView& c, const EncodingParams&, void* const* outs) {
-  fp_pack<Ref>(c, 16, true, outs);
+void nvfp4_pack(const CodesView& c, const EncodingParams& p, void* const* outs) {
+  if (!p.from_qdq) {
+    fp_pack<Ref>(c, 16, true, outs);
+    return;
+  }
+  const std::vector<uint8_t> codes = nvfp4_codes_from_qdq(c);
+  CodesView v = c;
+  v.codes = codes.data();
+  fp_pack<Ref>(v, 16, true, outs);
 }
 
 void nvfp4_dequantize_ref(const void* const* ins, int64_t rows, int64_t cols, const EncodingParams&, float* out) {

@@ -33,6 +33,9 @@ struct EncodingParams {
   const float* imatrix = nullptr;  // [cols] OPT-RTN loss weights (the regular flow's imatrix); null: all 1
   bool pad_partial_groups = true;  // INT GPTQ: false gives the regular flow's unpadded shapes (int_gptq_specs)
   int zero_offset = -1;            // INT GPTQ: qzeros hold clamp(zp - zero_offset); -1: the row's (sym 1, asym 0)
+  // Pack as upstream's regular flow, whose packer re-derives each code from the qdq weight (value / scale):
+  // NVFP4 zeros lose their sign (torch.sign(-0) is 0) and a zero-scale group packs as 0 (0/0). Other rows: no-op.
+  bool from_qdq = false;
 };
 
 // One output tensor of an encoded layer, named <layer>.<suffix>.

@@ -24,16 +24,18 @@ SUPPORTED_FORMATS = (
 # What `fastround list format` prints: the preset schemes each format takes in fastround (fake: all).
 _INT_WOQ = ["W4A16", "W2A16", "W8A16", "W2A16G64", "W2A16G32", "W4A16_MIXED"]
 FORMAT_SCHEMES: dict[str, list[str]] = {
-    "auto_round": _INT_WOQ + ["MXFP4", "MXFP8", "BF16"],
+    "auto_round": _INT_WOQ + ["MXFP4", "MXFP8", "NVFP4_E5M3", "BF16"],
     "auto_round:auto_gptq": list(_INT_WOQ),
     "auto_round:gptqmodel": list(_INT_WOQ),
     "auto_round:auto_awq": ["W4A16"],
-    "auto_round:llm_compressor": ["MXFP4", "MXFP8"],
+    "auto_round:llm_compressor": ["MXFP4", "MXFP8", "NVFP4_E5M3"],
     "auto_gptq": list(_INT_WOQ),
     "auto_awq": ["W4A16"],
-    "llm_compressor": ["MXFP4", "MXFP8"],
+    "llm_compressor": ["MXFP4", "MXFP8", "NVFP4_E5M3"],
     "fake": ["All schemes"],
 }
+NVFP4_E5M3_DATA_TYPE = "nvfp4_v2"  # upstream's data_type of the NVFP4_E5M3 preset
+NVFP4_E5M3_PACKING = "auto_round:llm_compressor_nvfp4_e5m3"
 _INT_BITS = (2, 4, 8)  # what the C++ int_gptq row packs (upstream also takes 3)
 
 
@@ -117,6 +119,8 @@ def resolve_format(
     if fp8:
         raise ValueError(f"format {name}: FP8 schemes are not supported by fastround's regular flow yet; use fake")
     configs = list((layer_config or {}).values()) + list((regex_config or {}).values())
+    if dt == NVFP4_E5M3_DATA_TYPE:
+        return _resolve_nvfp4_e5m3(name)
     mx = dt.startswith("mx_fp")
     if mx and name in ("auto_round", "llm_compressor", "auto_round:llm_compressor"):
         # MX formats carry the activation scheme in their config; upstream never resets them to fake
@@ -176,6 +180,18 @@ def resolve_format(
     if name == "auto_awq":
         return ResolvedFormat(name, "auto_awq", "auto_awq", "", "awq")
     return ResolvedFormat(name, "auto_round", name, name, "awq")
+
+
+def _resolve_nvfp4_e5m3(name: str) -> ResolvedFormat:
+    """NVFP4_E5M3 (E2M1 codes, UE5M3 group scales, no global scale) has one tensor layout: auto_round writes it
+    under packing_format auto_round:llm_compressor_nvfp4_e5m3, both llm_compressor names under a
+    compressed-tensors config. Integer layouts cannot hold it (upstream refuses them too)."""
+    if name == "auto_round":
+        return ResolvedFormat(name, "auto_round", "auto_round:nvfp4_v2", NVFP4_E5M3_PACKING)
+    if name in ("llm_compressor", "auto_round:llm_compressor"):
+        return ResolvedFormat(name, "llm_compressor", "llm_compressor:nvfp4_v2")
+    raise ValueError(f"format {name} cannot store NVFP4_E5M3 (data_type={NVFP4_E5M3_DATA_TYPE}): it holds integer "
+                     "weights only; use auto_round, llm_compressor or fake")
 
 
 def resolve_formats(
@@ -320,6 +336,8 @@ def save_all(ctx: ExportContext, output_dir: str | os.PathLike[str], format: str
 
 __all__ = [
     "FORMAT_SCHEMES",
+    "NVFP4_E5M3_DATA_TYPE",
+    "NVFP4_E5M3_PACKING",
     "ResolvedFormat",
     "SUPPORTED_FORMATS",
     "check_format",

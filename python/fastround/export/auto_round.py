@@ -1,7 +1,7 @@
 """The auto_round format family (upstream export_to_autoround): packing_format auto_round:auto_gptq (GPTQ words,
 zero points minus one), auto_round:gptqmodel (plus g_idx, zero points as-is), auto_round (asym, zero points
 as-is), auto_round:auto_awq (AWQ GEMM words) and, for MXFP schemes, compressed-tensors-like tensors under
-packing_format auto_round:llm_compressor."""
+packing_format auto_round:llm_compressor (NVFP4_E5M3: auto_round:llm_compressor_nvfp4_e5m3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fastround.export import ResolvedFormat
+from fastround.export import NVFP4_E5M3_PACKING, ResolvedFormat
 from fastround.export.config import (
     block_prefix_list,
     extra_config,
@@ -36,8 +36,8 @@ def quantization_config(ctx: ExportContext, fmt: ResolvedFormat) -> dict[str, An
 
 def export_dtype(config: dict[str, Any]) -> torch.dtype | None:
     """bf16 with activation quantization; fp16 for AWQ words (vLLM's AWQ kernel is fp16-only); else the model's.
-    Upstream's MXFP writer keeps the model's dtype whatever the activations."""
-    if config.get("packing_format") == "auto_round:llm_compressor":
+    Upstream's MXFP / NVFP4_E5M3 writer keeps the model's dtype whatever the activations."""
+    if config.get("packing_format") in ("auto_round:llm_compressor", NVFP4_E5M3_PACKING):
         return None
     if config.get("act_bits", 16) <= 8:
         return torch.bfloat16

@@ -1,6 +1,7 @@
-"""Format llm_compressor for MXFP schemes (upstream export_to_llmcompressor/export_to_fp): the same packed
-tensors as auto_round's MXFP layout, described by a compressed-tensors quantization_config (the config
-compressed-tensors' MXFP4 / MXFP8 presets serialise to, one config group per scheme when bits are mixed)."""
+"""Format llm_compressor for MXFP and NVFP4_E5M3 schemes (upstream export_to_llmcompressor/export_to_fp): the same
+packed tensors as auto_round's layout, described by a compressed-tensors quantization_config (the config
+compressed-tensors' MXFP4 / MXFP8 presets serialise to, one config group per scheme when bits are mixed;
+upstream's own fixed dict for NVFP4_E5M3)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-from fastround.export import ResolvedFormat
+from fastround.export import NVFP4_E5M3_DATA_TYPE, ResolvedFormat
 from fastround.export.common import lm_head_name
 from fastround.export.config import standard_regex
 from fastround.export.packing import save_packed
@@ -51,6 +52,24 @@ def _mx_bits(bits: int, data_type: str, where: str) -> int:
     return bits
 
 
+def _nvfp4_e5m3_args(dynamic: bool | str) -> dict[str, Any]:
+    """The quantization args upstream writes for NVFP4_E5M3 (its own fixed dict, not a compressed-tensors
+    preset): float E2M1, symmetric, groups of 16, tensor_group strategy, no global scale."""
+    return {"actorder": None, "block_structure": None, "dynamic": dynamic, "group_size": 16, "num_bits": 4,
+            "observer": "minmax", "observer_kwargs": {}, "strategy": "tensor_group", "symmetric": True,
+            "type": "float"}
+
+
+def _nvfp4_e5m3_config(ignore: list[str]) -> dict[str, Any]:
+    group = {"input_activations": _nvfp4_e5m3_args("local"), "output_activations": None, "targets": ["Linear"],
+             "weights": _nvfp4_e5m3_args(False)}
+    # Upstream falls back to ["lm_head"] when nothing is ignored.
+    return {"config_groups": {"group_0": group}, "format": "nvfp4-e5m3-pack-quantized",
+            "global_compression_ratio": None, "ignore": list(dict.fromkeys(ignore or ["lm_head"])),
+            "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+            "provider": "auto-round"}
+
+
 def quantization_config(ctx: ExportContext) -> dict[str, Any]:
     s = ctx.scheme
     if ctx.settings.get("static_kv_dtype") or ctx.settings.get("static_attention_dtype"):
@@ -67,6 +86,13 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
         layer_act = cfg.get("act_bits")
         key = (layer_bits, str(cfg.get("data_type", data_type)), int(layer_act if layer_act is not None else act_bits))
         groups.setdefault(key, []).append(name)
+    if data_type == NVFP4_E5M3_DATA_TYPE:
+        other = [names[0] for (layer_bits, layer_dt, _), names in groups.items()
+                 if (layer_bits, layer_dt) != (bits, data_type)]
+        if other:
+            raise ValueError(f"format llm_compressor: layer {other[0]} has a scheme other than NVFP4_E5M3; fastround "
+                             "writes NVFP4_E5M3 in this format only with every quantized layer in NVFP4_E5M3")
+        return _nvfp4_e5m3_config(ignore)
     for (layer_bits, layer_dt, _), names in groups.items():
         _mx_bits(layer_bits, layer_dt, f"layer {names[0]}")
     if len(groups) > 1:

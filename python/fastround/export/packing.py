@@ -31,9 +31,10 @@ class LayerPacker:
     """Packs ctx.layers on demand in one format's layout (a common.Packer)."""
 
     def __init__(self, ctx: ExportContext, int_layout: str | None, zero_offset: int = 0, g_idx: bool = False,
-                 *, conv1d_ok: bool = True, format_name: str = "", check: bool = True) -> None:
+                 *, conv1d_ok: bool = True, format_name: str = "", check: bool = True, nvfp4_ok: bool = False) -> None:
         self.layers = ctx.layers
         self.int_layout = int_layout
+        self.nvfp4_ok = nvfp4_ok  # the format was resolved for an NVFP4_E5M3 run (its config describes such layers)
         self.zero_offset = zero_offset
         self.g_idx = g_idx
         self.conv1d_ok = conv1d_ok
@@ -60,8 +61,11 @@ class LayerPacker:
             if self.int_layout == "awq":
                 return "int_awq", 0, _AWQ_ORDER
             return "int_gptq", self.zero_offset, _GPTQ_V1_ORDER if self.zero_offset else _GPTQ_V2_ORDER
-        if layer.encoding in ("mxfp4", "mxfp8"):
+        if layer.encoding in ("mxfp4", "mxfp8") or (layer.encoding == "nvfp4_e5m3" and self.nvfp4_ok):
             return layer.encoding, 0, _MX_ORDER
+        if layer.encoding == "nvfp4_e5m3":
+            raise ValueError(f"format {self.format_name} cannot store NVFP4_E5M3 layer {layer.name} in a run whose "
+                             "scheme is not NVFP4_E5M3; use fake")
         raise ValueError(f"format {self.format_name} cannot store layer {layer.name} (encoding {layer.encoding})")
 
     def pack(self, layer: QuantizedLayer) -> list[Entry]:
@@ -81,7 +85,7 @@ class LayerPacker:
                     f"format {self.format_name}: layer {layer.name} [{out_features}, {in_features}] does not fit "
                     f"the AWQ GEMM layout (in_features must be a multiple of group_size {gs}, out_features of 8)")
         tensors = dict(ops.pack_codes(layer.codes, layer.scales, layer.zeros, row, bits, group_size, sym,
-                                      zero_offset, False))
+                                      zero_offset, False, from_qdq=True))
         if self.g_idx and row == "int_gptq":
             gs = in_features if group_size <= 0 else group_size
             tensors["g_idx"] = torch.arange(in_features, dtype=torch.int32) // gs  # [in]: group of each input
@@ -99,10 +103,11 @@ def format_packer(ctx: ExportContext, fmt: ResolvedFormat, *, check: bool = True
         return LayerPacker(ctx, "gptq", 1, True, format_name=fmt.name, check=check)
     if fmt.family == "auto_awq":
         return LayerPacker(ctx, "awq", conv1d_ok=False, format_name=fmt.name, check=check)
+    nvfp4_ok = fmt.backend.endswith(":nvfp4_v2")
     if fmt.family == "llm_compressor":
-        return LayerPacker(ctx, None, format_name=fmt.name, check=check)
+        return LayerPacker(ctx, None, format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok)
     return LayerPacker(ctx, fmt.int_layout, fmt.zero_offset, fmt.g_idx, conv1d_ok=fmt.int_layout != "awq",
-                       format_name=fmt.name, check=check)
+                       format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok)
 
 
 def save_packed(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, config: dict[str, Any],
