@@ -169,7 +169,7 @@ void int_qdq_forward_ref(const IntQdqView& v, const IntQdqParams& p, void* qdq, 
         const float rq = std::nearbyint(x + v.v[gi * v.group + j]);
         float out;
         if (p.sym) {
-          const float q = std::min(std::max(rq, lo), hi);
+          const float q = std::min(std::max(rq + 0.0f, lo), hi);  // +0.0f: a zero code is +0 (see below)
           out = gs.s * q;
           if (codes) codes[r * v.cols + c] = static_cast<uint8_t>(q - lo);
         } else {
@@ -255,12 +255,13 @@ void int_qdq_forward(const IntQdqView& v, const IntQdqParams& p, void* qdq, floa
       const float* vv = v.v + gi * v.group;
       float* o = out.data() + c0;
       const float s = gs.s, zp = p.sym ? 0.0f : gs.zp;
-      // Sym keeps torch's signed zero (round(-0.3) * s), so it never adds or subtracts a zero point.
+      // Upstream rounds with round_ste, (round(x) - x) + x, whose zeros are always +0 (x + -x): adding +0.0f
+      // turns nearbyint's -0 (of -0.3, say) into +0, so a zero code dequantizes to s * +0, signed like the scale.
       if (p.sym) {
         for (int64_t j = 0; j < n; ++j) {
           float x = t[j] / s;
           if (wdiv) x = round_to_dtype(v.dtype, x);
-          const float q = std::min(std::max(std::nearbyint(x + vv[j]), lo), hi);
+          const float q = std::min(std::max(std::nearbyint(x + vv[j]) + 0.0f, lo), hi);
           o[j] = s * q;
           if (codes) codes[r * v.cols + c0 + j] = static_cast<uint8_t>(q - lo);
         }
