@@ -87,16 +87,6 @@ void factor_grads(const IntQdqParams& p, const GroupScale& gsc, float wmin, floa
   if (gmax) *gmax = g_max;
 }
 
-void check_view(const IntQdqView& v, const IntQdqParams& p, const char* site) {
-  require_float_source(v.dtype, site);
-  check_scale_dtype(p.scale_dtype, site);
-  if (!v.weight || !v.v || !v.wmin || !v.wmax)
-    throw OptionError(std::string("[") + site + "] weight, v, wmin and wmax are required");
-  if (v.group <= 0 || v.groups <= 0 || v.group * v.groups < v.cols)
-    throw OptionError(std::string("[") + site + "] group layout does not cover the columns");
-  if (p.bits < 2 || p.bits > 8) throw OptionError(std::string("[") + site + "] bits must be 2..8");
-}
-
 // Whether x = t / s rounds to the weight dtype, and the clamp range of the (zero-point shifted) codes.
 struct CodeRange {
   bool wdiv;
@@ -110,6 +100,16 @@ CodeRange code_range(const IntQdqView& v, const IntQdqParams& p) {
 }
 
 }  // namespace
+
+void int_qdq_check(const IntQdqView& v, const IntQdqParams& p, const char* site) {
+  require_float_source(v.dtype, site);
+  check_scale_dtype(p.scale_dtype, site);
+  if (!v.weight || !v.v || !v.wmin || !v.wmax)
+    throw OptionError(std::string("[") + site + "] weight, v, wmin and wmax are required");
+  if (v.group <= 0 || v.groups <= 0 || v.group * v.groups < v.cols)
+    throw OptionError(std::string("[") + site + "] group layout does not cover the columns");
+  if (p.bits < 2 || p.bits > 8) throw OptionError(std::string("[") + site + "] bits must be 2..8");
+}
 
 void int_qdq_layout(IntQdqView& view, const IntQdqParams& params, const char* site) {
   if (view.rows <= 0 || view.cols <= 0)
@@ -150,7 +150,7 @@ void int_group_extremes(DType dtype, const void* weight, int64_t rows, int64_t c
 
 void int_qdq_forward_ref(const IntQdqView& v, const IntQdqParams& p, void* qdq, float* scale, uint8_t* codes,
                          int32_t* zeros) {
-  check_view(v, p, "int_qdq_forward_ref");
+  int_qdq_check(v, p, "int_qdq_forward_ref");
   const CodeRange cr = code_range(v, p);
   const bool wdiv = cr.wdiv;
   const float lo = cr.lo, hi = cr.hi;
@@ -185,7 +185,7 @@ void int_qdq_forward_ref(const IntQdqView& v, const IntQdqParams& p, void* qdq, 
 
 void int_qdq_backward_ref(const IntQdqView& v, const IntQdqParams& p, const void* grad, float* grad_v, float* grad_min,
                           float* grad_max) {
-  check_view(v, p, "int_qdq_backward_ref");
+  int_qdq_check(v, p, "int_qdq_backward_ref");
   const CodeRange cr = code_range(v, p);
   const bool wdiv = cr.wdiv;
   const float lo = cr.lo, hi = cr.hi;
@@ -238,7 +238,7 @@ void int_qdq_backward_ref(const IntQdqView& v, const IntQdqParams& p, const void
 
 void int_qdq_forward(const IntQdqView& v, const IntQdqParams& p, void* qdq, float* scale, uint8_t* codes,
                      int32_t* zeros) {
-  check_view(v, p, "int_qdq_forward");
+  int_qdq_check(v, p, "int_qdq_forward");
   const CodeRange cr = code_range(v, p);
   const bool wdiv = cr.wdiv;
   const float lo = cr.lo, hi = cr.hi;
@@ -281,7 +281,7 @@ void int_qdq_forward(const IntQdqView& v, const IntQdqParams& p, void* qdq, floa
 
 void int_qdq_backward(const IntQdqView& v, const IntQdqParams& p, const void* grad, float* grad_v, float* grad_min,
                       float* grad_max) {
-  check_view(v, p, "int_qdq_backward");
+  int_qdq_check(v, p, "int_qdq_backward");
   const CodeRange cr = code_range(v, p);
   const bool wdiv = cr.wdiv;
   const float lo = cr.lo, hi = cr.hi;
