@@ -190,8 +190,10 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncwarp();
       const int64_t m = max(int64_t{0}, min(static_cast<int64_t>(len), n - k0));
-      if (lane < 3)
-        for (int k = 0; k < m; ++k) acc = __fadd_rn(acc, st[lane][k]);
+      if (lane < 3) {
+#pragma unroll 8
+        for (int k = 0; k < m; ++k) acc = __fadd_rn(acc, st[lane][k]);  // loads run ahead, the adds stay in order
+      }
       __syncwarp();
     }
     const float sum_mul = __shfl_sync(kFullMask, acc, 0);
