@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__: list[str] = ["packed_tensors", "quantize_int_gptq_tensor"]
+__all__: list[str] = ["packed_tensors", "quantize_int_gptq_tensor", "with_cuda"]
 
 def packed_tensors(
     encoding: str,
@@ -25,3 +25,6 @@ def quantize_int_gptq_tensor(
     weight: torch.Tensor, bits: int, group_size: int, sym: bool, zero_offset: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTN-quantize a torch weight [out, in] and pack it as auto_gptq: (qweight, qzeros, scales fp16)."""
+
+def with_cuda() -> bool:
+    """Whether the tuning ops have CUDA implementations (built against a CUDA torch with nvcc)."""

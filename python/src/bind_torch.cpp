@@ -281,4 +281,11 @@ PYBIND11_MODULE(_torch, m) {
   m.def("packed_tensors", &packed_tensors, py::arg("encoding"), py::arg("rows"), py::arg("cols"), py::arg("bits"),
         py::arg("group_size"), py::arg("sym"), py::arg("zero_offset"), py::arg("pad_partial_groups"),
         "(suffix, dtype, shape) of each tensor pack_codes returns for a [rows, cols] weight, in order.");
+#ifdef FASTROUND_WITH_CUDA
+  constexpr bool with_cuda = true;
+#else
+  constexpr bool with_cuda = false;
+#endif
+  m.def("with_cuda", []() { return with_cuda; },
+        "Whether the tuning ops have CUDA implementations (built against a CUDA torch with nvcc).");
 }

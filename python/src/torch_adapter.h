@@ -64,12 +64,19 @@ inline std::string shape_str(at::IntArrayRef s) {
   return out + "]";
 }
 
-inline void require_cpu_2d(const char* op, const char* name, const at::Tensor& t) {
-  if (!t.defined() || t.dim() != 2 || !t.device().is_cpu())
-    throw fr::OptionError(arg(op, name) + "expected a 2-D CPU tensor, got " +
+// "CPU" or the CUDA device ("cuda:0"), as error messages name where a tensor was expected.
+inline std::string device_label(const at::Device& d) { return d.is_cpu() ? std::string("CPU") : d.str(); }
+
+// A non-empty 2-D tensor on `device` (the CPU adapters pass the CPU, the CUDA adapters the weight's device).
+inline void require_2d_on(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
+  if (!t.defined() || t.dim() != 2 || t.device() != device)
+    throw fr::OptionError(arg(op, name) + "expected a 2-D " + device_label(device) + " tensor, got " +
                           (t.defined() ? shape_str(t.sizes()) + " on " + t.device().str() : std::string("None")));
   if (t.size(0) == 0 || t.size(1) == 0) throw fr::OptionError(arg(op, name) + "is empty " + shape_str(t.sizes()));
 }
 
+inline void require_cpu_2d(const char* op, const char* name, const at::Tensor& t) {
+  require_2d_on(op, name, t, at::Device(at::kCPU));
+}
 
 }  // namespace fastround_torch

@@ -52,7 +52,7 @@ inline float e8m0_to_float(uint8_t b) {
   return bits_float(static_cast<uint32_t>(b) << 23);
 }
 
-inline uint16_t float_to_bf16(float f) {
+FASTROUND_HD inline uint16_t float_to_bf16(float f) {
   uint32_t u = float_bits(f);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
   u += 0x7FFFu + ((u >> 16) & 1u);

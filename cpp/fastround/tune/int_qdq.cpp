@@ -90,16 +90,6 @@ void factor_grads(const IntQdqParams& p, const GroupScale& gsc, float wmin, floa
   if (gmax) *gmax = g_max;
 }
 
-void check_view(const IntQdqView& v, const IntQdqParams& p, const char* site) {
-  require_float_source(v.dtype, site);
-  check_scale_dtype(p.scale_dtype, site);
-  if (!v.weight || !v.v || !v.wmin || !v.wmax)
-    throw OptionError(std::string("[") + site + "] weight, v, wmin and wmax are required");
-  if (v.group <= 0 || v.groups <= 0 || v.group * v.groups < v.cols)
-    throw OptionError(std::string("[") + site + "] group layout does not cover the columns");
-  if (p.bits < 2 || p.bits > 8) throw OptionError(std::string("[") + site + "] bits must be 2..8");
-}
-
 // Whether x = t / s rounds to the weight dtype, and the clamp range of the (zero-point shifted) codes.
 struct CodeRange {
   bool wdiv;
@@ -113,6 +103,16 @@ CodeRange code_range(const IntQdqView& v, const IntQdqParams& p) {
 }
 
 }  // namespace
+
+void int_qdq_check(const IntQdqView& v, const IntQdqParams& p, const char* site) {
+  require_float_source(v.dtype, site);
+  check_scale_dtype(p.scale_dtype, site);
+  if (!v.weight || !v.v || !v.wmin || !v.wmax)
+    throw OptionError(std::string("[") + site + "] weight, v, wmin and wmax are required");
+  if (v.group <= 0 || v.groups <= 0 || v.group * v.groups < v.cols)
+    throw OptionError(std::string("[") + site + "] group layout does not cover the columns");
+  if (p.bits < 2 || p.bits > 8) throw OptionError(std::string("[") + site + "] bits must be 2..8");
+}
 
 void int_qdq_layout(IntQdqView& view, const IntQdqParams& params, const char* site) {
   if (view.rows <= 0 || view.cols <= 0)
@@ -153,7 +153,7 @@ void int_group_extremes(DType dtype, const void* weight, int64_t rows, int64_t c
 
 void int_qdq_forward_ref(const IntQdqView& v, const IntQdqParams& p, void* qdq, float* scale, uint8_t* codes,
                          int32_t* zeros) {
-  check_view(v, p, "int_qdq_forward_ref");
+  int_qdq_check(v, p, "int_qdq_forward_ref");
   const CodeRange cr = code_range(v, p);
   const bool wdiv = cr.wdiv;
   const float lo = cr.lo, hi = cr.hi;
@@ -188,7 +188,7 @@ void int_qdq_forward_ref(const IntQdqView& v, const IntQdqParams& p, void* qdq, 
 
 void int_qdq_backward_ref(const IntQdqView& v, const IntQdqParams& p, const void* grad, float* grad_v, float* grad_min,
                           float* grad_max) {
-  check_view(v, p, "int_qdq_backward_ref");
+  int_qdq_check(v, p, "int_qdq_backward_ref");
   const CodeRange cr = code_range(v, p);
   const bool wdiv = cr.wdiv;
   const float lo = cr.lo, hi = cr.hi;
@@ -244,7 +244,7 @@ void int_qdq_backward_ref(const IntQdqView& v, const IntQdqParams& p, const void
 
 void int_qdq_forward(const IntQdqView& v, const IntQdqParams& p, void* qdq, float* scale, uint8_t* codes,
                      int32_t* zeros) {
-  check_view(v, p, "int_qdq_forward");
+  int_qdq_check(v, p, "int_qdq_forward");
   const CodeRange cr = code_range(v, p);
   const bool wdiv = cr.wdiv;
   const float lo = cr.lo, hi = cr.hi;
@@ -261,7 +261,8 @@ void int_qdq_forward(const IntQdqView& v, const IntQdqParams& p, void* qdq, floa
       const float* vv = v.v + gi * v.group;
       float* o = out.data() + c0;
       const float s = gs.s, zp = p.sym ? 0.0f : gs.zp;
-      // Sym keeps torch's signed zero (round(-0.3) * s), so it never adds or subtracts a zero point.
+      // Upstream rounds with round_ste, (round(x) - x) + x, whose zeros are always +0 (x + -x): adding +0.0f
+      // turns nearbyint's -0 (of -0.3, say) into +0, so a zero code dequantizes to s * +0, signed like the scale.
       if (p.sym) {
         for (int64_t j = 0; j < n; ++j) {
           float x = t[j] / s;
@@ -286,7 +287,7 @@ void int_qdq_forward(const IntQdqView& v, const IntQdqParams& p, void* qdq, floa
 
 void int_qdq_backward(const IntQdqView& v, const IntQdqParams& p, const void* grad, float* grad_v, float* grad_min,
                       float* grad_max) {
-  check_view(v, p, "int_qdq_backward");
+  int_qdq_check(v, p, "int_qdq_backward");
   const CodeRange cr = code_range(v, p);
   const bool wdiv = cr.wdiv;
   const float lo = cr.lo, hi = cr.hi;

@@ -34,6 +34,10 @@ struct IntQdqView {
 // Fills the view's group/groups from rows, cols and params.group_size; throws OptionError naming `site`.
 void int_qdq_layout(IntQdqView& view, const IntQdqParams& params, const char* site);
 
+// What every kernel entry (CPU and CUDA) checks first: weight dtype, scale dtype, bits, the required pointers and
+// a layout that covers the columns; throws OptionError naming `site`.
+void int_qdq_check(const IntQdqView& view, const IntQdqParams& params, const char* site);
+
 // wmin/wmax [rows*groups] of a weight [rows, cols] (exact in fp32), as upstream freezes them when it wraps.
 void int_group_extremes(DType dtype, const void* weight, int64_t rows, int64_t cols, int64_t group, int64_t groups,
                         float* wmin, float* wmax);

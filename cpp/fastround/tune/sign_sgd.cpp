@@ -23,21 +23,22 @@ inline float step_one(float p, float g, float* buf, const SignSgdParams& s) {
   return out;
 }
 
-void check(const float* p, const float* g, const float* buf, int64_t n, const SignSgdParams& s, const char* site) {
+}  // namespace
+
+void sign_sgd_check(const float* p, const float* g, const float* buf, int64_t n, const SignSgdParams& s,
+                    const char* site) {
   if (n > 0 && (!p || !g)) throw OptionError(std::string("[") + site + "] parameter and gradient are required");
   if (s.momentum != 0 && n > 0 && !buf)
     throw OptionError(std::string("[") + site + "] momentum needs a buffer");
 }
 
-}  // namespace
-
 void sign_sgd_step_ref(float* p, const float* g, float* buf, int64_t n, const SignSgdParams& s) {
-  check(p, g, buf, n, s, "sign_sgd_step_ref");
+  sign_sgd_check(p, g, buf, n, s, "sign_sgd_step_ref");
   for (int64_t i = 0; i < n; ++i) p[i] = step_one(p[i], g[i], buf ? buf + i : nullptr, s);
 }
 
 void sign_sgd_step(float* p, const float* g, float* buf, int64_t n, const SignSgdParams& s) {
-  check(p, g, buf, n, s, "sign_sgd_step");
+  sign_sgd_check(p, g, buf, n, s, "sign_sgd_step");
   constexpr int64_t kChunk = 1 << 16;  // small tensors stay on one thread
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   parallel_for(chunks, [&](int64_t c) {

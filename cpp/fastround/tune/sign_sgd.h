@@ -16,6 +16,18 @@ struct SignSgdParams {
   bool clamp01 = false; // range factors
 };
 
+// One parameter tensor of a step (a list of them is what the CUDA step takes in one launch).
+struct SignSgdTensor {
+  float* p = nullptr;
+  const float* g = nullptr;
+  float* buf = nullptr;  // null without momentum
+  int64_t n = 0;
+};
+
+// Parameter and gradient present when n > 0, a buffer when momentum != 0; throws OptionError naming `site`.
+void sign_sgd_check(const float* p, const float* g, const float* buf, int64_t n, const SignSgdParams& params,
+                    const char* site);
+
 // p [n] fp32 updated in place from g [n]; buf [n] is the momentum buffer (required when momentum != 0).
 void sign_sgd_step_ref(float* p, const float* g, float* buf, int64_t n, const SignSgdParams& params);
 void sign_sgd_step(float* p, const float* g, float* buf, int64_t n, const SignSgdParams& params);

@@ -1,0 +1,206 @@
+"""GPU checks of the CUDA tuning kernels: every torch.ops.fastround tuning op on CUDA tensors
+(python/src/bind_tune_cuda.cpp over cpp/fastround/tune/int_qdq_cuda.cu) must equal the same op on CPU tensors
+(the C++ kernels that tests/test_tune_ops.py pins on upstream) bit for bit: the qdq weight, scales, codes and
+zero points, the backward's V and range-factor gradients, autograd through tune_ops.int_qdq, the group extremes
+and the sign-SGD step, for bf16 / fp16 / fp32 weights, fp16 / bf16 / fp32 scales, sym and asym, 2, 4 and 8 bits,
+groups of 32, 128 and whole rows, with a padded last group.
+
+They need a CUDA device and a fastround built against a CUDA torch, so they live outside tests/ (CI has no GPU,
+and the project never skips a test to look green). Run them explicitly on the GPU host:
+    bash benchmarks/gpu_build.sh          # builds fastround with CUDA into /tmp, then runs this folder
+On a machine without CUDA, or with a CPU-only build, every test fails at the `cuda` fixture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastround import _torch, tune_ops
+
+_ops = torch.ops.fastround
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+@pytest.fixture(scope="module")
+def cuda() -> torch.device:
+    assert torch.cuda.is_available(), "these checks need a CUDA device: run them on the GPU host"
+    assert _torch.with_cuda(), "fastround was built without CUDA: build it with benchmarks/gpu_build.sh"
+    return torch.device("cuda")
+
+
+def _same(cpu: torch.Tensor | None, dev: torch.Tensor | None) -> bool:
+    """Bit-for-bit equality of a CPU result and a device result (NaN and signed zeros included)."""
+    if cpu is None or dev is None:
+        return cpu is None and dev is None
+    dev = dev.cpu()
+    if cpu.dtype != dev.dtype or cpu.shape != dev.shape:
+        return False
+    if cpu.dtype in _INT_VIEW:
+        return torch.equal(cpu.view(_INT_VIEW[cpu.dtype]), dev.view(_INT_VIEW[dev.dtype]))
+    return torch.equal(cpu, dev)
+
+
+def _case(dtype: torch.dtype, gs: int, seed: int, rows: int, cols: int, factors: bool = True):
+    """weight [rows, cols] with an all-zero row (the scale floor) and a row of tied extremes; v [rows*G, group];
+    factors [rows, G] in [0.4, 1] with some at 1 (or None); a gradient like the weight."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[0] = 0
+    w[1] = torch.where(torch.arange(cols) % 2 == 0, 0.1, -0.1)
+    w[2, ::3] *= 40  # a few outliers: clamped codes, scales far from the rest
+    w = w.to(dtype)
+    group, groups = tune_ops.group_layout(cols, gs)
+    v = torch.rand(rows * groups, group, generator=g) - 0.5
+    v[::7] = 0.0  # plain RTN rows: x + v lands on x itself
+    mn = mx = None
+    if factors:
+        mn = 0.4 + 0.6 * torch.rand(rows, groups, generator=g)
+        mx = 0.4 + 0.6 * torch.rand(rows, groups, generator=g)
+        mn[::5] = 1.0
+        mx[::3] = mn[::3]
+    grad = (torch.randn(rows, cols, generator=g) * 1e-2).to(dtype)
+    return w, v, mn, mx, grad
+
+
+def _to(dev: torch.device, *ts):
+    return tuple(None if t is None else t.to(dev) for t in ts)
+
+
+def _check_all(dev, dtype, bits, gs, sym, scale_dtype=torch.float16, rows=64, cols=328, factors=True, seed=0):
+    thresh = 1e-8 if scale_dtype == torch.float32 else 1e-5
+    w, v, mn, mx, grad = _case(dtype, gs, seed, rows, cols, factors)
+    args = (bits, gs, sym, scale_dtype, thresh)
+    wmin, wmax = _ops.int_group_extremes(w, gs)
+    d_w, d_v, d_mn, d_mx, d_grad = _to(dev, w, v, mn, mx, grad)
+    d_wmin, d_wmax = _ops.int_group_extremes(d_w, gs)
+    assert _same(wmin, d_wmin) and _same(wmax, d_wmax), "group extremes"
+
+    qdq, scale = _ops.int_qdq(w, v, mn, mx, wmin, wmax, *args)
+    d_qdq, d_scale = _ops.int_qdq(d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args)
+    assert _same(qdq, d_qdq), "qdq"
+    assert _same(scale, d_scale), "scale"
+
+    cpu_codes = _ops.int_qdq_codes(w, v, mn, mx, wmin, wmax, *args)
+    dev_codes = _ops.int_qdq_codes(d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args)
+    for name, a, b in zip(("qdq", "codes", "scales", "zeros"), cpu_codes, dev_codes):
+        assert _same(a, b), f"int_qdq_codes {name}"
+
+    for factor_grads in (True, False):
+        gv, gmin, gmax = _ops.int_qdq_backward(grad, w, v, mn, mx, wmin, wmax, *args, factor_grads)
+        d_gv, d_gmin, d_gmax = _ops.int_qdq_backward(d_grad, d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args,
+                                                     factor_grads)
+        assert _same(gv, d_gv), f"grad_v (factor_grads={factor_grads})"
+        if factor_grads:
+            assert _same(gmin, d_gmin) and _same(gmax, d_gmax), "grad_min / grad_max"
+            assert bool((gmax != 0).any()), "the case gives the factors a gradient"
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("gs", [32, 128, -1])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ops_equal_cpu(cuda, dtype, bits, gs, sym):
+    """cols 328: a last group of 8 (gs 32) or 72 (gs 128); whole rows of 328 span two backward chunks."""
+    _check_all(cuda, dtype, bits, gs, sym, seed=bits * 100 + gs)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scale_dtypes_equal_cpu(cuda, dtype, scale_dtype):
+    """Every weight x scale dtype pair, incl. the ones where torch divides in the 16-bit weight dtype."""
+    for sym in (True, False):
+        _check_all(cuda, dtype, 4, 32, sym, scale_dtype=scale_dtype, seed=7)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_fixed_factors_equal_cpu(cuda, sym):
+    """min_scale / max_scale None (factors fixed at 1)."""
+    _check_all(cuda, torch.bfloat16, 4, 128, sym, factors=False, seed=3)
+
+
+@pytest.mark.parametrize("gs,cols", [(128, 4096 + 72), (-1, 1000)])
+def test_large_layer_equals_cpu(cuda, gs, cols):
+    """Many blocks and grid-stride loops; a 1000-wide row group spans four backward chunks."""
+    _check_all(cuda, torch.bfloat16, 4, gs, True, rows=1024, cols=cols, seed=11)
+    _check_all(cuda, torch.float16, 4, gs, False, rows=512, cols=cols, seed=12)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_autograd_equals_cpu(cuda, sym):
+    """tune_ops.int_qdq's autograd (the backward op behind it) gives the same V and factor gradients."""
+    w, v, mn, mx, grad = _case(torch.bfloat16, 32, 5, 48, 200)
+    spec = tune_ops.IntQdqSpec(4, 32, sym, torch.float16, 1e-5)
+    grads = []
+    for dev in (torch.device("cpu"), cuda):
+        d_w, d_grad = _to(dev, w, grad)
+        params = [t.to(dev).requires_grad_() for t in (v, mn, mx)]
+        wmin, wmax = tune_ops.group_extremes(d_w, 32)
+        out = tune_ops.int_qdq(d_w, params[0], params[1], params[2], wmin, wmax, spec)
+        out.backward(d_grad)
+        grads.append([p.grad for p in params])
+    for a, b in zip(*grads):
+        assert _same(a, b)
+
+
+@pytest.mark.parametrize("clamp01", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sign_sgd_equals_cpu(cuda, momentum, clamp01):
+    """Three steps over 70 tensors (more than one launch's batch), some empty, some gradients zero."""
+    g = torch.Generator().manual_seed(int(momentum * 10) + clamp01)
+    sizes = [int(n) for n in torch.randint(0, 5000, (70,), generator=g)] + [300_001, 1]
+    params = [(0.5 + 0.6 * (torch.rand(n, generator=g) - 0.5)) if clamp01 else torch.randn(n, generator=g)
+              for n in sizes]
+    steps = []
+    for _ in range(3):
+        gr = [torch.randn(n, generator=g) for n in sizes]
+        for t in gr[::4]:
+            t[::3] = 0.0
+        steps.append(gr)
+    state = []  # [params + bufs] on the CPU, then on the device
+    for dev in (torch.device("cpu"), cuda):
+        ps = [p.clone().to(dev) for p in params]
+        bufs = [torch.zeros_like(p) for p in ps] if momentum else []
+        for i, gr in enumerate(steps):
+            tune_ops.sign_sgd_step_(ps, [t.to(dev) for t in gr], bufs, 0.01 * (1 - i / 3), momentum, i == 0, clamp01)
+        state.append(ps + bufs)
+    assert all(_same(a, b) for a, b in zip(*state))
+    assert not _same(params[-2], state[0][len(params) - 2]), "the steps moved the parameters"
+
+
+def test_runs_on_the_current_stream(cuda):
+    """Ops called under a side stream enqueue there: synchronizing that stream alone makes the result ready."""
+    w, v, mn, mx, _ = _case(torch.bfloat16, 128, 9, 2048, 4096)
+    wmin, wmax = _ops.int_group_extremes(w, 128)
+    qdq, _ = _ops.int_qdq(w, v, mn, mx, wmin, wmax, 4, 128, True, torch.float16, 1e-5)
+    d_w, d_v, d_mn, d_mx = _to(cuda, w, v, mn, mx)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        d_wmin, d_wmax = _ops.int_group_extremes(d_w, 128)
+        d_qdq, _ = _ops.int_qdq(d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, 4, 128, True, torch.float16, 1e-5)
+        host = torch.empty(d_qdq.shape, dtype=d_qdq.dtype, pin_memory=True)
+        host.copy_(d_qdq, non_blocking=True)
+    side.synchronize()
+    assert _same(qdq, host)
+
+
+def test_bad_arguments_name_the_argument(cuda):
+    w, v, mn, mx, grad = _case(torch.bfloat16, 32, 2, 8, 64)
+    d_w, d_v, d_mn, d_mx, d_grad = _to(cuda, w, v, mn, mx, grad)
+    d_wmin, d_wmax = _ops.int_group_extremes(d_w, 32)
+    spec = tune_ops.IntQdqSpec(4, 32, True, torch.float16, 1e-5)
+    with pytest.raises(ValueError, match=r"int_qdq\] v: expected float32 cuda"):
+        tune_ops.int_qdq(d_w, v, d_mn, d_mx, d_wmin, d_wmax, spec)  # v left on the CPU
+    with pytest.raises(ValueError, match=r"int_qdq\] weight: expected a CUDA tensor"):
+        tune_ops.int_qdq(w, d_v, d_mn, d_mx, d_wmin, d_wmax, spec)
+    with pytest.raises(ValueError, match=r"int_qdq\] v"):
+        tune_ops.int_qdq(d_w, d_v[:-1], d_mn, d_mx, d_wmin, d_wmax, spec)
+    with pytest.raises(ValueError, match="min_scale"):
+        tune_ops.int_qdq(d_w, d_v, d_mn[:, :1], d_mx, d_wmin, d_wmax, spec)
+    with pytest.raises(ValueError, match=r"int_qdq_backward\] grad"):
+        _ops.int_qdq_backward(d_grad.float(), d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, 4, 32, True, torch.float16,
+                              1e-5, True)
+    with pytest.raises(ValueError, match="group_size"):
+        tune_ops.group_extremes(d_w, 0)
+    with pytest.raises(ValueError, match=r"sign_sgd_step_\] params"):
+        tune_ops.sign_sgd_step_([d_v], [v], [], 0.01)
