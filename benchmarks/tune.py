@@ -9,7 +9,7 @@ fresh subprocess,
 Measured per run: the time of each tuned block (from the first block's start to each block's end, hooked on the
 block loop's progress), quantize() wall time, peak GPU memory (max_memory_allocated) and peak RSS. The per-block
 figure is the median over the model's blocks. For the FLOP bound it reports 6 * params(block) * tokens * iters
-(forward + backward of the block's matmuls, attention excluded) at --tflops.
+(forward + backward of the block's matmuls, attention excluded; tokens = one batch) at --tflops.
 
     python3 benchmarks/tune.py --device cuda:0 --layers 2 --schemes W4A16,W2A16G64 --json tune-h200.json
     python3 benchmarks/tune.py --shape qwen3-30b-a3b --layers 1 --device cuda:0 --json tune-moe-h200.json
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     src = build_checkpoint(work, args.shape, args.layers, args.vocab, args.shard_gb)
     write_tokenizer(src)  # upstream loads one; the calibration rows are token ids
     params = block_params(args.shape)
-    tokens = args.nsamples * args.seqlen
+    tokens = min(args.batch_size, args.nsamples) * args.seqlen  # one iteration's batch
     flop_bound_s = 6 * params * tokens * args.iters / (args.tflops * 1e12)
     runs = []
     for scheme in args.schemes.split(","):

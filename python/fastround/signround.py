@@ -317,8 +317,10 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
         gbs = min(n, bs * settings.gradient_accumulate_steps)
         reduction = "mean" if settings.gradient_accumulate_steps == 1 else "sum"
         sampler = IndexSampler(n, gbs)
-        masks = samples.masks
         dev = comp.device
+        # On the device once: a pageable host-to-device copy per step would wait for the queued work.
+        masks = [m.to(dev) for m in samples.masks] if samples.masks is not None else None
+        valid = [int(m.sum()) for m in samples.masks] if samples.masks is not None else []  # tokens the loss counts
         best_loss, best_iter, init_loss, last_loss = math.inf, 0, None, math.inf
         best: dict[str, dict[str, torch.Tensor]] | None = None
         cache = torch.device("cpu") if comp.low_gpu_mem_usage else dev
@@ -336,11 +338,12 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
             best_t, best_iter_t = torch.full((), math.inf, **f64), torch.zeros((), dtype=torch.long, device=dev)
             init_t, last_t = torch.zeros((), **f64), torch.zeros((), **f64)
             snap = {name: {k: p.detach().clone() for k, p in tl.params().items()} for name, tl in wrapped.items()}
+            last_flags = {flag: torch.tensor(flag, device=dev) for flag in (False, True)}
         for it in range(settings.iters):
             idx = sampler.next()
             num_elm = 1
             if masks is not None:
-                num_elm = max(1, int(sum(int(masks[i].sum()) for i in idx)))
+                num_elm = max(1, sum(valid[i] for i in idx))
             total: Any = torch.zeros((), **f64) if on_device else 0.0
             for start in range(0, len(idx), bs):
                 chunk = idx[start:start + bs]
@@ -349,7 +352,7 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
                 with _autocast(comp, dev, dtype):
                     out = _forward(block, x, kw)
                 if masks is not None:
-                    m = torch.cat([masks[i] for i in chunk], dim=0).to(dev).unsqueeze(-1)
+                    m = torch.cat([masks[i] for i in chunk], dim=0).unsqueeze(-1)
                     out, target = out * m, target * m
                 loss = torch.nn.functional.mse_loss(out.float(), target.float(), reduction=reduction)
                 if on_device:
@@ -361,8 +364,7 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
                 if it == 0:
                     init_t = total
                 last_t = total
-                keep = (total < best_t) if not settings.not_use_best_mse else torch.tensor(
-                    it == settings.iters - 1, device=dev)
+                keep = (total < best_t) if not settings.not_use_best_mse else last_flags[it == settings.iters - 1]
                 best_t = torch.where(total < best_t, total, best_t)
                 best_iter_t = torch.where(keep, it, best_iter_t)
                 for name, tl in wrapped.items():
