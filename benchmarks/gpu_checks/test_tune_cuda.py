@@ -133,7 +133,9 @@ def test_autograd_equals_cpu(cuda, sym):
     grads = []
     for dev in (torch.device("cpu"), cuda):
         d_w, d_grad = _to(dev, w, grad)
-        params = [t.to(dev).requires_grad_() for t in (v, mn, mx)]
+        # detach().clone(): on the CPU .to() returns the tensor itself, whose requires_grad would make the CUDA
+        # copies non-leaf tensors without .grad
+        params = [t.detach().clone().to(dev).requires_grad_() for t in (v, mn, mx)]
         wmin, wmax = tune_ops.group_extremes(d_w, 32)
         out = tune_ops.int_qdq(d_w, params[0], params[1], params[2], wmin, wmax, spec)
         out.backward(d_grad)
