@@ -171,7 +171,8 @@ def _move_back(moved: list) -> None:
             setattr_tensor(mod, pname, t.to(dev))
 
 
-def _block_forward(block: torch.nn.Module, hidden: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+def block_forward(block: torch.nn.Module, hidden: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+    """A block's output for captured inputs: extra positional args (`__argN`) back in place, output[0]."""
     args = [hidden] + [extra[k] for k in sorted(k for k in extra if k.startswith("__arg"))]
     kwargs = {k: v for k, v in extra.items() if not k.startswith("__arg")}
     out = block(*args, **kwargs)
@@ -223,7 +224,7 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
                     outputs = []
                     with torch.no_grad():
                         for hidden, extra in stored:
-                            out = _block_forward(block, hidden.to(comp.device), _to(extra, comp.device))
+                            out = block_forward(block, hidden.to(comp.device), _to(extra, comp.device))
                             outputs.append((out.detach().to(cache_dev), extra))
                     imatrix.detach()
                     block.to(home)

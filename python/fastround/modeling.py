@@ -167,17 +167,27 @@ def is_moe_model(model: torch.nn.Module) -> bool:
     return any(".experts." in name for name, _ in model.named_modules())
 
 
+_FLOAT_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def float_dtype(value: str | torch.dtype, option: str) -> torch.dtype:
+    """A float16 / bfloat16 / float32 dtype from a torch dtype or a name ("bf16", "torch.float16", ...); a
+    ValueError naming `option` otherwise."""
+    if isinstance(value, torch.dtype) and value in _FLOAT_DTYPES.values():
+        return value
+    key = str(value).replace("torch.", "").lower()
+    if key not in _FLOAT_DTYPES:
+        raise ValueError(f"{option} must be one of {sorted(_FLOAT_DTYPES)}, got {value!r}")
+    return _FLOAT_DTYPES[key]
+
+
 def _model_dtype_arg(model_dtype: str | torch.dtype | None) -> Any:
     if model_dtype is None:
         return "auto"
     if isinstance(model_dtype, torch.dtype):
         return model_dtype
-    table = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    try:
-        return table[str(model_dtype).lower()]
-    except KeyError:
-        raise ValueError(f"model_dtype must be one of {sorted(table)}, got {model_dtype!r}") from None
+    return float_dtype(model_dtype, "model_dtype")
 
 
 def load_model(

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastround import tune_ops
-from fastround.modeling import conv1d_type
+from fastround.blockloop import block_forward as _forward
+from fastround.modeling import conv1d_type, float_dtype
 
 if TYPE_CHECKING:
     from fastround.compressor import Compressor
@@ -77,7 +78,7 @@ class SignRoundSettings:
                 setattr(s, key, bool(value))
         sd = kwargs.pop("scale_dtype", None)
         if sd is not None:
-            s.scale_dtype = _scale_dtype(sd)
+            s.scale_dtype = float_dtype(sd, "scale_dtype")
         if s.nblocks < 1:
             raise ValueError(f"nblocks must be >= 1, got {s.nblocks}")
         if s.gradient_accumulate_steps < 1:
@@ -102,17 +103,6 @@ class SignRoundSettings:
         return {"lr": self.lr_for(global_bits), "minmax_lr": self.minmax_lr_for(global_bits),
                 "enable_minmax_tuning": self.enable_minmax_tuning, "enable_quanted_input": self.enable_quanted_input,
                 "gradient_accumulate_steps": self.gradient_accumulate_steps, "enable_norm_bias_tuning": False}
-
-
-def _scale_dtype(value: Any) -> torch.dtype:
-    names = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    if isinstance(value, torch.dtype) and value in names.values():
-        return value
-    key = str(value).replace("torch.", "").lower()
-    if key not in names:
-        raise ValueError(f"scale_dtype must be float16, bfloat16 or float32, got {value!r}")
-    return names[key]
 
 
 class TunedLinear(torch.nn.Module):
@@ -246,13 +236,6 @@ class Blocks(torch.nn.Module):
             out = b(hidden, **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
         return hidden
-
-
-def _forward(block: torch.nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    args = [x] + [kwargs[k] for k in sorted(k for k in kwargs if k.startswith("__arg"))]
-    kw = {k: v for k, v in kwargs.items() if not k.startswith("__arg")}
-    out = block(*args, **kw)
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _autocast(comp: Compressor, device: torch.device, dtype: torch.dtype) -> Any:
