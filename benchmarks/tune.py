@@ -35,7 +35,7 @@ from _common import (add_checkpoint_args, block_params, build_checkpoint, machin
 from regular_flow import write_tokenizer
 
 MARKER = "TUNE_RESULT "
-TOOLS = ("fastround", "upstream", "upstream-compile")
+TOOLS = ("fastround", "upstream", "upstream-compile")  # also "fastround-compile"
 
 
 def _emit(**values: Any) -> None:
@@ -51,11 +51,11 @@ def child(spec: dict[str, Any]) -> None:
         torch.zeros(1, device=device)
         torch.cuda.reset_peak_memory_stats(device)
     tool = spec["tool"]
-    if tool == "fastround":
+    if tool.startswith("fastround"):
         import fastround as lib
         from fastround import AutoRound
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"enable_torch_compile": tool == "fastround-compile"}
     else:
         import auto_round as lib
         from auto_round import AutoRound

@@ -281,6 +281,7 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
             samples = signround.split_samples(stored, ids or None, comp.nsamples)
             del stored
             fp_in: list[torch.Tensor] = [h.to(cache) for h in samples.hidden]
+            samples.hidden = []  # the chain lists own the hidden states now; this one would pin block 0's inputs
             q_in: list[torch.Tensor] | None = None
             for start in range(0, len(group), settings.nblocks):
                 block_names = group[start:start + settings.nblocks]
@@ -292,6 +293,8 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                 bar.set_postfix_str(",".join(block_names), refresh=False)
                 targets = signround.block_outputs(comp, unit, samples, fp_in, cache, dtype)
                 train_in = q_in if (q_in is not None and settings.enable_quanted_input) else fp_in
+                if train_in is not fp_in:
+                    fp_in = []  # only the targets needed them: free them before tuning, as upstream does
                 names = [n for b in block_names for n in _targets(comp, b)]
                 results: dict[str, tuple[torch.Tensor, ...]] = {}
                 key = ",".join(block_names)
@@ -308,7 +311,8 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                     conv = type(mod) is conv1d_type()
                     mod.weight.data = (qdq.t() if conv else qdq).to(mod.weight.device, mod.weight.dtype).contiguous()
                 if settings.enable_quanted_input:
-                    q_in = signround.block_outputs(comp, unit, samples, train_in, cache, dtype)
+                    # train_in is not needed after this block (fp_in becomes the targets): overwrite it.
+                    q_in = signround.block_outputs(comp, unit, samples, train_in, cache, dtype, in_place=True)
                 for n, (_, codes, scales, zeros) in results.items():
                     record_codes(comp, n, _module(model, n), cfg[n], fmt, codes, scales, zeros)
                 fp_in = targets

@@ -47,6 +47,7 @@ class SignRoundSettings:
     gradient_accumulate_steps: int = 1
     scale_dtype: torch.dtype = torch.float16
     deterministic: bool = False  # enable_deterministic_algorithms: torch raises on nondeterministic ops
+    compile: bool = False  # enable_torch_compile: the block's forward and loss go through torch.compile
 
     @classmethod
     def from_kwargs(cls, iters: int, kwargs: dict[str, Any]) -> SignRoundSettings:
@@ -59,7 +60,7 @@ class SignRoundSettings:
             raise NotImplementedError("a custom lr_scheduler is not supported; the default linear decay is used")
         if kwargs.pop("optimizer", None) is not None:
             logger.warning("optimizer= is ignored: SignRound uses sign-SGD, as upstream")
-        kwargs.pop("enable_torch_compile", None)  # accepted: the C++ ops need no compilation
+        s.compile = bool(kwargs.pop("enable_torch_compile", False))
         s.deterministic = bool(kwargs.pop("enable_deterministic_algorithms", False))
         for key in ("lr", "minmax_lr"):
             value = kwargs.pop(key, None)
@@ -187,15 +188,15 @@ class IndexSampler:
 class Samples:
     """The calibration set at one block's input, one entry per sample."""
 
-    hidden: list[torch.Tensor]  # each [1, L, H]
+    hidden: list[torch.Tensor]  # each [1, L, H]: the first block's inputs, until the block loop takes them
     per_sample: list[dict[str, torch.Tensor]]  # kwargs with a batch dimension, split per sample
     shared: dict[str, Any]  # kwargs that hold for every sample (position ids / embeddings, flags)
     masks: list[torch.Tensor] | None  # each [1, L] 0/1: positions the loss counts (upstream's -100 ids excluded)
 
-    def batch(self, idx: list[int], device: torch.device, hidden: list[torch.Tensor] | None = None
+    def batch(self, idx: list[int], device: torch.device, hidden: list[torch.Tensor]
               ) -> tuple[torch.Tensor, dict[str, Any]]:
-        src = self.hidden if hidden is None else hidden
-        x = torch.cat([src[i] for i in idx], dim=0).to(device)
+        """Samples `idx` of `hidden` (a block's inputs along the chain) with their kwargs, on `device`."""
+        x = torch.cat([hidden[i] for i in idx], dim=0).to(device)
         kwargs = dict(self.shared)
         for key in self.per_sample[0] if self.per_sample else ():
             kwargs[key] = torch.cat([self.per_sample[i][key] for i in idx], dim=0).to(device)
@@ -238,24 +239,59 @@ class Blocks(torch.nn.Module):
         return hidden
 
 
+def _amp(comp: Compressor, dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of tuning forwards, None for none (amp off, or an fp32 model)."""
+    return dtype if comp.amp and dtype != torch.float32 else None
+
+
 def _autocast(comp: Compressor, device: torch.device, dtype: torch.dtype) -> Any:
-    if not comp.amp or dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    amp = _amp(comp, dtype)
+    return torch.autocast(device_type=device.type, dtype=amp) if amp is not None else nullcontext()
 
 
 def block_outputs(comp: Compressor, block: torch.nn.Module, samples: Samples, hidden: list[torch.Tensor],
-                  cache: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The block's output for every sample, batch_size at a time, no gradient."""
-    outs: list[torch.Tensor] = []
+                  cache: torch.device, dtype: torch.dtype, in_place: bool = False) -> list[torch.Tensor]:
+    """The block's output for every sample, batch_size at a time, no gradient. `in_place`: each output replaces
+    its input in `hidden` (returned), so the chain never holds a block's inputs and outputs whole at once."""
+    outs: list[torch.Tensor] = hidden if in_place else []
     bs = comp.batch_size
     with torch.no_grad(), _autocast(comp, comp.device, dtype):
         for start in range(0, len(hidden), bs):
             idx = list(range(start, min(start + bs, len(hidden))))
             x, kw = samples.batch(idx, comp.device, hidden)
             y = _forward(block, x, kw).to(cache)
-            outs.extend(y[j:j + 1] for j in range(y.shape[0]))
+            if in_place:
+                outs[start:start + len(idx)] = [y[j:j + 1] for j in range(y.shape[0])]
+            else:
+                outs.extend(y[j:j + 1] for j in range(y.shape[0]))
     return outs
+
+
+def block_loss(block: torch.nn.Module, x: torch.Tensor, kw: dict[str, Any], target: torch.Tensor,
+               mask: torch.Tensor | None, reduction: str, amp: torch.dtype | None) -> torch.Tensor:
+    """Upstream's loss (§2.6): MSE in fp32 of the block's output against the FP target, masked positions zeroed
+    in both; `amp` the autocast dtype (None: none)."""
+    ctx = torch.autocast(device_type=x.device.type, dtype=amp) if amp is not None else nullcontext()
+    with ctx:
+        out = _forward(block, x, kw)
+    if mask is not None:
+        m = mask.unsqueeze(-1)
+        out, target = out * m, target * m
+    return torch.nn.functional.mse_loss(out.float(), target.float(), reduction=reduction)
+
+
+_compiled_loss: Any = None
+
+
+def _loss_fn(settings: SignRoundSettings) -> Any:
+    """block_loss, compiled once per process when enable_torch_compile (the elementwise work of the block and the
+    loss fuse; the C++ qdq op enters the graph through its fake kernel and autograd registration)."""
+    global _compiled_loss
+    if not settings.compile:
+        return block_loss
+    if _compiled_loss is None:
+        _compiled_loss = torch.compile(block_loss, dynamic=False)
+    return _compiled_loss
 
 
 def _parent(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
@@ -301,6 +337,8 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
         reduction = "mean" if settings.gradient_accumulate_steps == 1 else "sum"
         sampler = IndexSampler(n, gbs)
         dev = comp.device
+        loss_fn = _loss_fn(settings)
+        amp = _amp(comp, dtype)
         # On the device once: a pageable host-to-device copy per step would wait for the queued work.
         masks = [m.to(dev) for m in samples.masks] if samples.masks is not None else None
         valid = [int(m.sum()) for m in samples.masks] if samples.masks is not None else []  # tokens the loss counts
@@ -332,12 +370,8 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
                 chunk = idx[start:start + bs]
                 x, kw = samples.batch(chunk, dev, train_in)
                 target = torch.cat([targets[i] for i in chunk], dim=0).to(dev)
-                with _autocast(comp, dev, dtype):
-                    out = _forward(block, x, kw)
-                if masks is not None:
-                    m = torch.cat([masks[i] for i in chunk], dim=0).unsqueeze(-1)
-                    out, target = out * m, target * m
-                loss = torch.nn.functional.mse_loss(out.float(), target.float(), reduction=reduction)
+                m = torch.cat([masks[i] for i in chunk], dim=0) if masks is not None else None
+                loss = loss_fn(block, x, kw, target, m, reduction, amp)
                 if on_device:
                     total = total + loss.detach().double() / num_elm
                 else:
