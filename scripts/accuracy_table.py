@@ -107,7 +107,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
 
     def score(model_or_folder: Any) -> float:
         tok = tokenizer if isinstance(model_or_folder, torch.nn.Module) else None
-        return perplexity(model_or_folder, held_out, seqlen=args.ppl_seqlen, tokenizer=tok, device="cpu")
+        return perplexity(model_or_folder, held_out, seqlen=args.ppl_seqlen, tokenizer=tok, device=args.score_device)
 
     results: dict[str, Any] = {"tool": args.tool, "format": args.format, "calibration": str(args.calibration),
                                "bf16": score(args.model), "rows": []}
@@ -126,7 +126,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
             )
             qmodel, _ = ar.quantize()
             seconds = time.perf_counter() - start
-            qmodel.to("cpu")
+            qmodel.to(args.score_device)
             in_memory = score(qmodel)
             with tempfile.TemporaryDirectory(prefix=f"acc-{args.tool}-{scheme}-{label}-", dir=args.tmp) as tmp:
                 ar.save_quantized(tmp, format=args.format)
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--calibration", type=Path, default=MODEL / "calibration.jsonl")
     run.add_argument("--schemes", default=",".join(SCHEMES))
     run.add_argument("--methods", default="RTN,OPT-RTN")
-    run.add_argument("--device", default="cpu", help="device_map for quantizing (scoring runs on the CPU)")
+    run.add_argument("--device", default="cpu", help="device_map for quantizing")
+    run.add_argument("--score_device", default="cpu", help="device the perplexity is computed on")
     run.add_argument("--format", choices=("fake", "auto_round"), default="fake")
     run.add_argument("--batch_size", type=int, default=8)
     run.add_argument("--ppl_seqlen", type=int, default=512)
