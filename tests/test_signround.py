@@ -97,6 +97,21 @@ def test_same_seed_same_bytes(checkpoint, tmp_path) -> None:
     assert a != c  # the seed orders the batches: a real input to the result
 
 
+def test_compiled_block_loss_equals_eager(checkpoint, tmp_path, monkeypatch) -> None:
+    """enable_torch_compile traces the block, the C++ qdq op and the loss through Dynamo and AOTAutograd; with the
+    aot_eager backend the graph runs the same kernels, so the checkpoint must not change by a bit."""
+    from fastround import signround
+
+    src = checkpoint("llama_aligned")
+    eager = oracle.read_checkpoint(_run("fastround", src, tmp_path / "eager", iters=4))
+    monkeypatch.setattr(signround, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(signround, "_compiled_loss", None)
+    compiled = oracle.read_checkpoint(_run("fastround", src, tmp_path / "compiled", iters=4,
+                                           enable_torch_compile=True))
+    assert signround._compiled_loss is not None  # the compiled path ran
+    assert compiled == eager
+
+
 @pytest.mark.parametrize("kwargs", [{"iters": 12}, {"iters": 5, "not_use_best_mse": True, "lr": 0.05}])
 def test_device_side_bookkeeping_equals_host(checkpoint, tmp_path, monkeypatch, kwargs) -> None:
     """The accelerator path keeps losses, the best-iteration choice and the snapshot on the device (no sync per

@@ -281,6 +281,7 @@ def block_loss(block: torch.nn.Module, x: torch.Tensor, kw: dict[str, Any], targ
 
 
 _compiled_loss: Any = None
+COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager": the same graph, no code generation
 
 
 def _loss_fn(settings: SignRoundSettings) -> Any:
@@ -290,7 +291,7 @@ def _loss_fn(settings: SignRoundSettings) -> Any:
     if not settings.compile:
         return block_loss
     if _compiled_loss is None:
-        _compiled_loss = torch.compile(block_loss, dynamic=False)
+        _compiled_loss = torch.compile(block_loss, dynamic=False, backend=COMPILE_BACKEND)
     return _compiled_loss
 
 
