@@ -56,7 +56,7 @@ def _config(folder: Path) -> dict[str, Any] | None:
         ("llama_aligned", "fake", {"scheme": "W8A16", "iters": 3, "not_use_best_mse": True,
                                    "gradient_accumulate_steps": 2, "batch_size": 2}),
         ("llama_aligned", "auto_round", {"scheme": "W2A16G64", "iters": 4, "lr": 0.02, "momentum": 0.5}),
-        ("qwen3_moe", "auto_round", {"scheme": "W4A16", "iters": 3}),
+        ("qwen3_moe_aligned", "auto_round", {"scheme": "W4A16", "iters": 3}),
     ],
 )
 def test_checkpoint_equals_upstream(checkpoint, tmp_path, kind, fmt, kwargs) -> None:
