@@ -46,6 +46,16 @@ def _config(folder: Path) -> dict[str, Any] | None:
     return json.loads((folder / "config.json").read_text()).get("quantization_config")  # fake writes none
 
 
+def assert_same_checkpoint(theirs: Path, ours: Path) -> dict[str, oracle.TensorRecord]:
+    """Every tensor and the quantization_config byte for byte; returns our tensors."""
+    a, b = oracle.read_checkpoint(theirs), oracle.read_checkpoint(ours)
+    assert sorted(a) == sorted(b)
+    differing = [k for k in a if a[k] != b[k]]
+    assert not differing, differing[:5]
+    assert _config(ours) == _config(theirs)
+    return b
+
+
 @pytest.mark.parametrize(
     "kind,fmt,kwargs",
     [
@@ -62,11 +72,7 @@ def test_checkpoint_equals_upstream(checkpoint, tmp_path, kind, fmt, kwargs) -> 
     src = checkpoint(kind)
     theirs = _run("upstream", src, tmp_path / "up", fmt, **kwargs)
     ours = _run("fastround", src, tmp_path / "fr", fmt, **kwargs)
-    a, b = oracle.read_checkpoint(theirs), oracle.read_checkpoint(ours)
-    assert sorted(a) == sorted(b)
-    differing = [k for k in a if a[k] != b[k]]
-    assert not differing, differing[:5]
-    assert _config(ours) == _config(theirs)
+    assert_same_checkpoint(theirs, ours)
 
 
 def test_tuning_lowers_every_block_loss(checkpoint, tmp_path, caplog) -> None:
@@ -96,7 +102,8 @@ def test_same_seed_same_bytes(checkpoint, tmp_path) -> None:
     assert a != c  # the seed orders the batches: a real input to the result
 
 
-@pytest.mark.parametrize("kwargs", [{"iters": 12}, {"iters": 5, "not_use_best_mse": True, "lr": 0.05}])
+@pytest.mark.parametrize("kwargs", [{"iters": 12}, {"iters": 5, "not_use_best_mse": True, "lr": 0.05},
+                                    {"iters": 6, "lr": 0.003, "enable_adam": True, "quant_lm_head": True}])
 def test_device_side_bookkeeping_equals_host(checkpoint, tmp_path, monkeypatch, kwargs) -> None:
     """The accelerator path keeps losses, the best-iteration choice and the snapshot on the device (no sync per
     step); run on the CPU it must pick the same iterations and write the same bytes as the host path."""
@@ -179,8 +186,8 @@ def test_unbuilt_variants_and_bad_values_are_clear(checkpoint) -> None:
     from fastround import AutoRound
 
     src = str(checkpoint("llama_aligned"))
-    with pytest.raises(NotImplementedError, match="enable_adam"):
-        AutoRound(src, iters=2, enable_adam=True, **COMMON)
+    with pytest.raises(NotImplementedError, match="enable_alg_ext"):
+        AutoRound(src, iters=2, enable_alg_ext=True, **COMMON)
     with pytest.raises(ValueError, match="lr"):
         AutoRound(src, iters=2, lr=-1, **COMMON)
     with pytest.raises(ValueError, match="scale_dtype"):
