@@ -46,28 +46,80 @@ def _config(folder: Path) -> dict[str, Any] | None:
     return json.loads((folder / "config.json").read_text()).get("quantization_config")  # fake writes none
 
 
-@pytest.mark.parametrize(
-    "kind,fmt,kwargs",
-    [
-        ("llama_aligned", "auto_round", {"scheme": "W4A16", "iters": 6}),
-        ("llama_aligned", "auto_gptq", {"scheme": "W4A16", "iters": 4, "sym": False, "group_size": 32}),
-        ("llama_aligned", "auto_round", {"scheme": "W4A16", "iters": 4, "enable_minmax_tuning": False,
-                                         "enable_quanted_input": False, "nblocks": 2}),
-        ("llama_aligned", "fake", {"scheme": "W8A16", "iters": 3, "not_use_best_mse": True,
-                                   "gradient_accumulate_steps": 2, "batch_size": 2}),
-        ("llama_aligned", "auto_round", {"scheme": "W2A16G64", "iters": 4, "lr": 0.02, "momentum": 0.5}),
-        ("qwen3_moe_aligned", "auto_round", {"scheme": "W4A16", "iters": 3}),
-    ],
-)
-def test_checkpoint_equals_upstream(checkpoint, tmp_path, kind, fmt, kwargs) -> None:
-    src = checkpoint(kind)
-    theirs = _run("upstream", src, tmp_path / "up", fmt, **kwargs)
-    ours = _run("fastround", src, tmp_path / "fr", fmt, **kwargs)
+def assert_same_checkpoint(theirs: Path, ours: Path) -> dict[str, oracle.TensorRecord]:
+    """Every tensor and the quantization_config byte for byte; returns our tensors."""
     a, b = oracle.read_checkpoint(theirs), oracle.read_checkpoint(ours)
     assert sorted(a) == sorted(b)
     differing = [k for k in a if a[k] != b[k]]
     assert not differing, differing[:5]
     assert _config(ours) == _config(theirs)
+    return b
+
+
+# Each configuration's tuning must move (a best iteration after 0 in every block, checked below): at iteration 0
+# the parameters are RTN's, so a run whose best iteration is 0 would compare RTN with RTN.
+@pytest.mark.parametrize(
+    "kind,fmt,kwargs",
+    [
+        ("llama_aligned", "auto_round", {"scheme": "W4A16", "iters": 12}),
+        ("llama_aligned", "auto_round", {"scheme": "W4A16", "iters": 10, "lr": 0.02, "enable_minmax_tuning": False,
+                                         "enable_quanted_input": False}),
+        ("llama_aligned", "fake", {"scheme": "W8A16", "iters": 3, "not_use_best_mse": True,
+                                   "gradient_accumulate_steps": 2, "batch_size": 2}),
+        ("llama_aligned", "auto_round", {"scheme": "W2A16G64", "iters": 4, "lr": 0.02, "momentum": 0.5}),
+        ("qwen3_moe_aligned", "auto_round", {"scheme": "W4A16", "iters": 8, "lr": 0.02}),
+    ],
+)
+def test_checkpoint_equals_upstream(checkpoint, tmp_path, caplog, kind, fmt, kwargs) -> None:
+    src = checkpoint(kind)
+    theirs = _run("upstream", src, tmp_path / "up", fmt, **kwargs)
+    with caplog.at_level(logging.INFO, logger="fastround"):
+        ours = _run("fastround", src, tmp_path / "fr", fmt, **kwargs)
+    best_iters = [int(i) for i in re.findall(r"loss iter 0: [0-9.e+-]+ -> iter (\d+):", caplog.text)]
+    assert best_iters and min(best_iters) > 0, best_iters
+    assert_same_checkpoint(theirs, ours)
+
+
+def test_asym_checkpoint_close_to_upstream(checkpoint, tmp_path) -> None:
+    """Asym tuning: the range factors' gradient has fp32 terms (the zero point's path) that torch sums per group in
+    its vectorised order, so a factor gradient within a few ulps of 0 can take the other sign and move that factor
+    the other way (docs/compatibility.md). Measured on this configuration: block 0 byte-identical, 34 of 110 592
+    codes and 20 of 3 456 scales differ in block 1. The bound keeps that order of magnitude."""
+    import numpy as np
+
+    src = checkpoint("llama_aligned")
+    kwargs = {"scheme": "W4A16", "iters": 10, "sym": False, "group_size": 32, "lr": 0.02}
+    a = oracle.read_checkpoint(_run("upstream", src, tmp_path / "up", "auto_gptq", **kwargs))
+    b = oracle.read_checkpoint(_run("fastround", src, tmp_path / "fr", "auto_gptq", **kwargs))
+    assert sorted(a) == sorted(b)
+    assert all(a[k] == b[k] for k in a if ".layers.0." in k or ".layers." not in k)
+    codes = same_codes = scales = same_scales = 0
+    for k in a:
+        if k.endswith("qweight"):  # int32 words of eight 4-bit codes
+            x, y = (np.frombuffer(r[2], dtype=np.uint32) for r in (a[k], b[k]))
+            for shift in range(0, 32, 4):
+                codes += x.size
+                same_codes += int(((x >> shift) & 15 == (y >> shift) & 15).sum())
+        elif k.endswith("scales"):
+            x, y = (np.frombuffer(r[2], dtype=np.uint16) for r in (a[k], b[k]))
+            scales += x.size
+            same_scales += int((x == y).sum())
+    assert codes - same_codes <= codes * 1e-3, (codes - same_codes, codes)
+    assert scales - same_scales <= scales * 0.02, (scales - same_scales, scales)
+
+
+def test_nblocks_tunes_blocks_jointly(checkpoint, tmp_path, caplog) -> None:
+    """Upstream 0.16.1 drops nblocks passed to AutoRound (its compressor reads a default of 1); fastround honours
+    it (docs/compatibility.md): two blocks tuned as one unit give one log line and other weights than one at a
+    time."""
+    src = checkpoint("llama_aligned")
+    args = {"scheme": "W4A16", "iters": 10, "lr": 0.02, "enable_quanted_input": False}
+    with caplog.at_level(logging.INFO, logger="fastround"):
+        joint = oracle.read_checkpoint(_run("fastround", src, tmp_path / "joint", nblocks=2, **args))
+    assert re.search(r"model\.layers\.0,model\.layers\.1: tuned 14 layers", caplog.text)
+    single = oracle.read_checkpoint(_run("fastround", src, tmp_path / "single", **args))
+    assert sorted(joint) == sorted(single)
+    assert any(joint[k] != single[k] for k in joint if k.endswith("qweight"))
 
 
 def test_tuning_lowers_every_block_loss(checkpoint, tmp_path, caplog) -> None:
@@ -112,7 +164,8 @@ def test_compiled_block_loss_equals_eager(checkpoint, tmp_path, monkeypatch) -> 
     assert compiled == eager
 
 
-@pytest.mark.parametrize("kwargs", [{"iters": 12}, {"iters": 5, "not_use_best_mse": True, "lr": 0.05}])
+@pytest.mark.parametrize("kwargs", [{"iters": 12}, {"iters": 5, "not_use_best_mse": True, "lr": 0.05},
+                                    {"iters": 6, "lr": 0.003, "enable_adam": True, "quant_lm_head": True}])
 def test_device_side_bookkeeping_equals_host(checkpoint, tmp_path, monkeypatch, kwargs) -> None:
     """The accelerator path keeps losses, the best-iteration choice and the snapshot on the device (no sync per
     step); run on the CPU it must pick the same iterations and write the same bytes as the host path."""
@@ -195,8 +248,8 @@ def test_unbuilt_variants_and_bad_values_are_clear(checkpoint) -> None:
     from fastround import AutoRound
 
     src = str(checkpoint("llama_aligned"))
-    with pytest.raises(NotImplementedError, match="enable_adam"):
-        AutoRound(src, iters=2, enable_adam=True, **COMMON)
+    with pytest.raises(NotImplementedError, match="enable_alg_ext"):
+        AutoRound(src, iters=2, enable_alg_ext=True, **COMMON)
     with pytest.raises(ValueError, match="lr"):
         AutoRound(src, iters=2, lr=-1, **COMMON)
     with pytest.raises(ValueError, match="scale_dtype"):

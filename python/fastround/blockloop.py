@@ -76,10 +76,13 @@ class _Imatrix:
         return (self.sums[name] / self.count[name]).to("cpu").contiguous()
 
 
-def _capture(comp: Compressor, model: torch.nn.Module, first_block: str, outside: list[str],
-             ids: list[torch.Tensor] | None = None) -> tuple[list, _Imatrix]:
+def _capture(comp: Compressor, model: torch.nn.Module, first_block: str | None, outside: list[str],
+             ids: list[torch.Tensor] | None = None, layer_inputs: dict[str, list[torch.Tensor]] | None = None
+             ) -> tuple[list, _Imatrix]:
     """Run the calibration batches through the model until the first block; keep its inputs per batch (and, in
-    `ids`, each batch's token ids with upstream's loss-excluded positions set to -100)."""
+    `ids`, each batch's token ids with upstream's loss-excluded positions set to -100). With `outside` layers
+    the whole model runs: their imatrix is collected or, given `layer_inputs`, their inputs are kept there per
+    sample (SignRound tunes them on those). No `first_block`: only the outside layers are captured."""
     from fastround.calib import clamp_seqlen, get_calibration_batches, loss_input_ids
 
     if comp.tokenizer is None and _needs_tokenizer(comp.dataset):
@@ -91,7 +94,7 @@ def _capture(comp: Compressor, model: torch.nn.Module, first_block: str, outside
     )
     comp.batch_size = bs
     cache_dev = torch.device("cpu") if comp.low_gpu_mem_usage else comp.device
-    block = _module(model, first_block)
+    block = _module(model, first_block) if first_block is not None else None
     stored: list[tuple[torch.Tensor, dict[str, Any]]] = []
     imatrix = _Imatrix()
 
@@ -104,11 +107,22 @@ def _capture(comp: Compressor, model: torch.nn.Module, first_block: str, outside
         if not outside:
             raise _StopForward
 
-    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    def keep_input(name: str) -> Any:
+        def hook(mod: torch.nn.Module, args: tuple, output: Any) -> None:
+            assert layer_inputs is not None
+            layer_inputs.setdefault(name, []).extend(args[0].detach().to(cache_dev).split(1, dim=0))
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(pre_hook, with_kwargs=True)] if block is not None else []
     for name in outside:
-        imatrix.attach(name, _module(model, name))
-    # Everything but the blocks goes to the device for this pass; blocks move one at a time later.
-    blocks = {b for g in comp.plan.block_names for b in g}  # type: ignore[union-attr]
+        if layer_inputs is None:
+            imatrix.attach(name, _module(model, name))
+        else:
+            handles.append(_module(model, name).register_forward_hook(keep_input(name)))
+    # Everything but the blocks goes to the device for this pass; blocks move one at a time later (all of it when
+    # the outside layers' inputs are kept: the pass runs the tuned blocks too).
+    blocks = {b for g in comp.plan.block_names for b in g} if layer_inputs is None else set()  # type: ignore
     moved = _move_non_blocks(model, blocks, comp.device)
     from tqdm.auto import tqdm
 
@@ -127,10 +141,11 @@ def _capture(comp: Compressor, model: torch.nn.Module, first_block: str, outside
                 if seen >= comp.nsamples:
                     break
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         imatrix.detach()
         _move_back(moved)
-    if not stored:
+    if not stored and block is not None:
         raise ValueError(f"no calibration sample reached the first block (dataset {comp.dataset!r})")
     return stored, imatrix
 
@@ -244,11 +259,13 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
 
 def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     """SignRound: per block (nblocks at a time), the FP block's outputs are the target, the block trains on the
-    quantized chain's inputs (the FP ones for the first), then its quantized outputs feed the next block."""
+    quantized chain's inputs (the FP ones for the first), then its quantized outputs feed the next block. Quantized
+    layers outside the blocks (lm_head) are tuned last on their inputs from the calibration pass (FP model) and,
+    with enable_quanted_input, from a second pass over the quantized model, as upstream does."""
     from tqdm.auto import tqdm
 
     from fastround import signround
-    from fastround.compressor import record_codes, record_layer
+    from fastround.compressor import record_codes
 
     settings = comp.signround
     plan = comp.plan
@@ -260,6 +277,8 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                 f"layer {name}: SignRound tuning of data_type={cfg[name]['data_type']} is not implemented in "
                 "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
     outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
+    outside_in: dict[str, list[torch.Tensor]] = {}
+    outside_ids: list[torch.Tensor] = []
     groups = [g for g in plan.block_names if g]
     model.requires_grad_(False)
     dtype = next(model.parameters()).dtype
@@ -275,9 +294,13 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     if settings.deterministic:
         torch.use_deterministic_algorithms(True)
     try:
-        for group in groups:
+        for gi, group in enumerate(groups):
             ids: list[torch.Tensor] = []
-            stored, _ = _capture(comp, model, group[0], [], ids)
+            # The first pass also keeps the outside layers' FP inputs (it then runs the whole model).
+            keep = outside if gi == 0 else []
+            stored, _ = _capture(comp, model, group[0], keep, ids, outside_in if keep else None)
+            if keep:
+                outside_ids = list(ids)
             samples = signround.split_samples(stored, ids or None, comp.nsamples)
             del stored
             fp_in: list[torch.Tensor] = [h.to(cache) for h in samples.hidden]
@@ -297,19 +320,22 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                     fp_in = []  # only the targets needed them: free them before tuning, as upstream does
                 names = [n for b in block_names for n in _targets(comp, b)]
                 results: dict[str, tuple[torch.Tensor, ...]] = {}
+                tensors: dict[str, torch.Tensor] = {}  # tuned norm weights / biases (norm/bias tuning)
                 key = ",".join(block_names)
                 if resume is not None and resume.done(key):
-                    results, rng = resume.load(key)  # tuned before an interruption: replay, do not tune
+                    results, rng, tensors = resume.load(key)  # tuned before an interruption: replay, do not tune
                     random.setstate(rng)
                 elif names:
-                    results = signround.tune_block(comp, model, unit, key, names, samples, train_in, targets,
-                                                   settings, dtype)
+                    results, tensors = signround.tune_block(comp, model, unit, key, names, samples, train_in,
+                                                            targets, settings, dtype)
                     if resume is not None:
-                        resume.commit(key, results, random.getstate())
+                        resume.commit(key, results, random.getstate(), tensors)
                 for n, (qdq, _, _, _) in results.items():
-                    mod = _module(model, n)
-                    conv = type(mod) is conv1d_type()
-                    mod.weight.data = (qdq.t() if conv else qdq).to(mod.weight.device, mod.weight.dtype).contiguous()
+                    _set_weight(_module(model, n), qdq)
+                for path, value in tensors.items():
+                    mod_name, _, attr = path.rpartition(".")
+                    t = getattr(_module(model, mod_name), attr)
+                    t.data = value.to(t.device, t.dtype)
                 if settings.enable_quanted_input:
                     # train_in is not needed after this block (fp_in becomes the targets): overwrite it.
                     q_in = signround.block_outputs(comp, unit, samples, train_in, cache, dtype, in_place=True)
@@ -322,6 +348,39 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     finally:
         bar.close()
         torch.use_deterministic_algorithms(was_deterministic)
-    # Upstream tunes quantized layers outside the blocks (lm_head) on cached inputs; fastround gives them RTN.
+    if outside:
+        _tune_outside(comp, model, fmt, outside, outside_in, outside_ids, dtype)
+
+
+def _set_weight(mod: torch.nn.Module, qdq: torch.Tensor) -> None:
+    conv = type(mod) is conv1d_type()
+    mod.weight.data = (qdq.t() if conv else qdq).to(mod.weight.device, mod.weight.dtype).contiguous()
+
+
+def _tune_outside(comp: Compressor, model: torch.nn.Module, fmt: str, outside: list[str],
+                  fp_in: dict[str, list[torch.Tensor]], ids: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """The outside layers after the blocks, on their cached inputs (signround.md 2.11)."""
+    from fastround import signround
+    from fastround.compressor import record_codes, record_layer
+
+    settings = comp.signround
+    assert settings is not None
+    masks = [(t[j:j + 1] != -100).to(torch.long) for t in ids for j in range(t.shape[0])] if ids else None
+    q_in: dict[str, list[torch.Tensor]] | None = None
+    if settings.enable_quanted_input:
+        q_in = {}
+        _capture(comp, model, None, outside, None, q_in)  # the same batches through the quantized blocks
     for n in outside:
-        record_layer(comp, n, _module(model, n), cfg[n], fmt, None, False)
+        mod = _module(model, n)
+        if n not in fp_in:  # the calibration pass never reached it: plain RTN, as upstream without inputs
+            logger.info("%s: no cached inputs, quantized with RTN", n)
+            record_layer(comp, n, mod, comp.layer_config[n], fmt, None, False)
+            continue
+        home = mod.weight.device
+        mod.to(comp.device)
+        qdq, codes, scales, zeros = signround.tune_outside(
+            comp, n, mod, fp_in[n], q_in[n] if q_in is not None else None, masks, settings, dtype)
+        _set_weight(mod, qdq)
+        mod.to(home)
+        record_codes(comp, n, mod, comp.layer_config[n], fmt, codes, scales, zeros)
+        del fp_in[n]

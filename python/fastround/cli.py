@@ -153,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--not_use_best_mse", action="store_true")
     p.add_argument("--enable_deterministic_algorithms", action="store_true")
     p.add_argument("--enable_alg_ext", action="store_true")
-    p.add_argument("--enable_norm_bias_tuning", action="store_true")
-    p.add_argument("--enable_adam", action="store_true")
+    p.add_argument("--enable_norm_bias_tuning", action=argparse.BooleanOptionalAction, default=False,
+                   help="also tune norm weights and biases (experimental)")
+    p.add_argument("--enable_adam", action=argparse.BooleanOptionalAction, default=False,
+                   help="AdamRound: tune with AdamW instead of sign-SGD")
     p.add_argument("--low_gpu_mem_usage", action="store_true")
     p.add_argument("--disable_amp", action="store_true")
     p.add_argument("--model_dtype", default=None)

@@ -227,6 +227,8 @@ class Compressor:
         and its float weight released, so RTN holds the model plus about one block, not a second copy."""
         if self._immediate_format is None:
             return None
+        if self.signround is not None and self.plan is not None and self.plan.has_outside:
+            return None  # the lm_head's second calibration pass runs the tuned blocks' float weights
         from fastround import export
         from fastround.export.packing import format_packer
 

@@ -9,6 +9,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,10 @@ logger = logging.getLogger("fastround")
 _SHARED_KEYS = {"position_ids", "cache_position", "position_embeddings", "cu_seqlens"}
 # None: device-side best-loss bookkeeping on accelerators only; tests set True to run that path on the CPU.
 DEVICE_BOOKKEEPING: bool | None = None
-_NOT_BUILT = ("enable_adam", "enable_norm_bias_tuning", "enable_alg_ext", "enable_lfq")
+_NOT_BUILT = ("enable_alg_ext", "enable_lfq")
+# Norm classes upstream's norm/bias tuning wraps by name (others whose name has "RMSNorm" get the RMS form too).
+_KNOWN_RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Phi3RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm",
+                              "Qwen3_5MoeRMSNorm"})
 
 
 @dataclass
@@ -48,6 +52,9 @@ class SignRoundSettings:
     scale_dtype: torch.dtype = torch.float16
     deterministic: bool = False  # enable_deterministic_algorithms: torch raises on nondeterministic ops
     compile: bool = False  # enable_torch_compile: the block's forward and loss go through torch.compile
+    enable_adam: bool = False  # AdamRound: a torch optimizer (AdamW) instead of sign-SGD, no x1000 loss scaling
+    optimizer: str = "AdamW"  # the torch.optim class enable_adam uses
+    enable_norm_bias_tuning: bool = False  # also tune norm weights and quantized layers' biases (experimental)
 
     @classmethod
     def from_kwargs(cls, iters: int, kwargs: dict[str, Any]) -> SignRoundSettings:
@@ -58,8 +65,15 @@ class SignRoundSettings:
                 raise NotImplementedError(f"{key}=True is not implemented in fastround's SignRound yet")
         if kwargs.pop("lr_scheduler", None) is not None:
             raise NotImplementedError("a custom lr_scheduler is not supported; the default linear decay is used")
-        if kwargs.pop("optimizer", None) is not None:
-            logger.warning("optimizer= is ignored: SignRound uses sign-SGD, as upstream")
+        s.enable_adam = bool(kwargs.pop("enable_adam", False))
+        s.enable_norm_bias_tuning = bool(kwargs.pop("enable_norm_bias_tuning", False))
+        optimizer = kwargs.pop("optimizer", None)
+        if optimizer is not None and not s.enable_adam:
+            logger.warning("optimizer= is ignored: SignRound uses sign-SGD, as upstream (enable_adam=True takes one)")
+        elif optimizer is not None:
+            s.optimizer = _optimizer_name(optimizer)
+        if s.enable_norm_bias_tuning:
+            logger.warning("enable_norm_bias_tuning is experimental (upstream supports it for few models)")
         s.compile = bool(kwargs.pop("enable_torch_compile", False))
         s.deterministic = bool(kwargs.pop("enable_deterministic_algorithms", False))
         for key in ("lr", "minmax_lr"):
@@ -86,12 +100,15 @@ class SignRoundSettings:
             raise ValueError(f"gradient_accumulate_steps must be >= 1, got {s.gradient_accumulate_steps}")
         if not 0 <= s.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {s.momentum}")
+        if s.enable_adam and s.momentum:
+            logger.warning("momentum=%s is ignored with enable_adam (the optimizer keeps its own moments)", s.momentum)
         return s
 
-    def lr_for(self, bits: int) -> float:
+    def lr_for(self, bits: int | None) -> float:
+        """The rounding lr of a layer of `bits` (None: a norm, which has no bit width)."""
         if self.lr is not None:
             return self.lr
-        return (2.0 if bits <= 3 and self.iters >= 1000 else 1.0) / self.iters
+        return (2.0 if bits is not None and bits <= 3 and self.iters >= 1000 else 1.0) / self.iters
 
     def minmax_lr_for(self, bits: int) -> float:
         return self.minmax_lr if self.minmax_lr is not None else self.lr_for(bits)
@@ -103,14 +120,38 @@ class SignRoundSettings:
         """The values quantization_config records (upstream writes the global lr, not per-layer ones)."""
         return {"lr": self.lr_for(global_bits), "minmax_lr": self.minmax_lr_for(global_bits),
                 "enable_minmax_tuning": self.enable_minmax_tuning, "enable_quanted_input": self.enable_quanted_input,
-                "gradient_accumulate_steps": self.gradient_accumulate_steps, "enable_norm_bias_tuning": False}
+                "gradient_accumulate_steps": self.gradient_accumulate_steps,
+                "enable_norm_bias_tuning": self.enable_norm_bias_tuning}
+
+
+def _optimizer_name(optimizer: Any) -> str:
+    name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", repr(optimizer))
+    cls = getattr(torch.optim, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or (
+            not isinstance(optimizer, str) and optimizer is not cls):
+        raise ValueError(f"optimizer={optimizer!r} is not a torch.optim optimizer (e.g. 'AdamW')")
+    return name
+
+
+def rounding_free_qdq(t: torch.Tensor, v: torch.Tensor, thresh: float) -> torch.Tensor:
+    """Upstream's norm/bias qdq (quant_tensor_asym_wo_round at 4 bits, one group over the 1-D tensor `t`): the
+    zero point is not rounded and neither is t/scale + v, so the result is t moved by v*scale, clipped to the
+    4-bit range of [min(t, 0), max(t, 0)]. The operations and their dtypes follow upstream's for equal bits: the
+    range in t's dtype, the scale in fp16, the rest in fp32, the result back in t's dtype."""
+    levels = 15
+    lo, hi = t.min().clamp(max=0), t.max().clamp(min=0)
+    scale = ((hi - lo) / levels).to(torch.float16).clamp(min=thresh)
+    zero = -lo / scale
+    scale, zero = scale.reshape(1), zero.reshape(1)
+    q = (t / scale + v + zero).clamp(0, levels)
+    return (scale * (q - zero)).to(t.dtype)
 
 
 class TunedLinear(torch.nn.Module):
     """A Linear / Conv1D during tuning: its weight goes through the C++ qdq with this layer's V and factors."""
 
     def __init__(self, orig: torch.nn.Module, cfg: dict[str, Any], settings: SignRoundSettings,
-                 device: torch.device) -> None:
+                 device: torch.device, tune_bias: bool = False) -> None:
         super().__init__()
         self.orig = orig
         self.conv1d = type(orig) is conv1d_type()
@@ -130,6 +171,10 @@ class TunedLinear(torch.nn.Module):
             self.max_scale = torch.nn.Parameter(torch.ones(rows, groups, **f32))
         self.lr = settings.lr_for(bits)
         self.minmax_lr = settings.minmax_lr_for(bits)
+        self.bias_v: torch.nn.Parameter | None = None  # [out] offset of the rounding-free bias qdq
+        self.bias_thresh = settings.scale_thresh()
+        if tune_bias and getattr(orig, "bias", None) is not None:
+            self.bias_v = torch.nn.Parameter(torch.zeros(orig.bias.shape, **f32))
 
     def qdq_weight(self) -> torch.Tensor:
         return tune_ops.int_qdq(self.weight_q, self.v, self.min_scale, self.max_scale, self.wmin, self.wmax,
@@ -137,13 +182,29 @@ class TunedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Conv1D computes x @ W[in, out] + b: the same product as linear with the [out, in] qdq weight.
-        return torch.nn.functional.linear(x, self.qdq_weight(), self.orig.bias)
+        bias = self.orig.bias
+        if self.bias_v is not None:
+            bias = rounding_free_qdq(bias, self.bias_v, self.bias_thresh)
+        return torch.nn.functional.linear(x, self.qdq_weight(), bias)
 
     def params(self) -> dict[str, torch.Tensor]:
         out = {"v": self.v}
         if self.min_scale is not None and self.max_scale is not None:
             out["min_scale"], out["max_scale"] = self.min_scale, self.max_scale
+        if self.bias_v is not None:
+            out["bias_v"] = self.bias_v
         return out
+
+    def lr_of(self, key: str) -> tuple[float, bool]:
+        """(lr, is a range factor) of one of params()."""
+        return (self.minmax_lr, True) if key in ("min_scale", "max_scale") else (self.lr, False)
+
+    def tuned_tensors(self, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The layer's tuned bias (norm/bias tuning), by parameter name."""
+        if self.bias_v is None or not best or "bias_v" not in best:
+            return {}
+        v = best["bias_v"].to(self.bias_v.device)
+        return {"bias": rounding_free_qdq(self.orig.bias.detach(), v, self.bias_thresh).to("cpu")}
 
     def final(self, best: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         """(qdq, codes, scales, zeros) from the best parameters (or the current ones)."""
@@ -151,6 +212,57 @@ class TunedLinear(torch.nn.Module):
              self.params().items()}
         return tune_ops.int_qdq_codes(self.weight_q, p["v"], p.get("min_scale"), p.get("max_scale"), self.wmin,
                                       self.wmax, self.spec)
+
+
+class TunedNorm(torch.nn.Module):
+    """A LayerNorm / RMSNorm during norm/bias tuning: its weight goes through the rounding-free qdq with a trainable
+    offset, computed as upstream's wrappers do (RMS: in fp32, the weight applied in the input's dtype)."""
+
+    def __init__(self, orig: torch.nn.Module, settings: SignRoundSettings, device: torch.device) -> None:
+        super().__init__()
+        self.orig = orig
+        self.layer_norm = type(orig).__name__ == "LayerNorm"
+        self.v = torch.nn.Parameter(torch.zeros(orig.weight.shape, dtype=torch.float32, device=device))  # [H]
+        self.lr = settings.lr_for(None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = rounding_free_qdq(self.orig.weight, self.v, 1e-5)
+        if self.layer_norm:
+            return torch.nn.functional.layer_norm(x, self.orig.normalized_shape, w, self.orig.bias, self.orig.eps)
+        eps = getattr(self.orig, "variance_epsilon", None)
+        eps = self.orig.eps if eps is None else eps
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return w * h.to(x.dtype)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {"v": self.v}
+
+    def lr_of(self, key: str) -> tuple[float, bool]:
+        return self.lr, False
+
+    def tuned_tensors(self, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        if not best:
+            return {}
+        return {"weight": rounding_free_qdq(self.orig.weight.detach(), best["v"].to(self.v.device), 1e-5).to("cpu")}
+
+
+_warned_norms: set[str] = set()
+
+
+def _tunes_norm(module: torch.nn.Module) -> bool:
+    """Whether norm/bias tuning wraps this module (upstream's rule: by class name)."""
+    name = type(module).__name__
+    if "norm" not in name.lower() or isinstance(module, torch.nn.Linear) or type(module) is conv1d_type():
+        return False
+    known = name == "LayerNorm" or name in _KNOWN_RMS_NORMS
+    if not known and name not in _warned_norms:
+        _warned_norms.add(name)
+        if "RMSNorm" in name:
+            logger.warning("norm/bias tuning treats %s as LlamaRMSNorm, as upstream does; check its results", name)
+        else:
+            logger.warning("norm/bias tuning does not support %s; its weight is left as it is", name)
+    return (known or "RMSNorm" in name) and getattr(module, "weight", None) is not None
 
 
 def linear_lr(lr: float, iters: int) -> list[float]:
@@ -274,10 +386,7 @@ def block_loss(block: torch.nn.Module, x: torch.Tensor, kw: dict[str, Any], targ
     ctx = torch.autocast(device_type=x.device.type, dtype=amp) if amp is not None else nullcontext()
     with ctx:
         out = _forward(block, x, kw)
-    if mask is not None:
-        m = mask.unsqueeze(-1)
-        out, target = out * m, target * m
-    return torch.nn.functional.mse_loss(out.float(), target.float(), reduction=reduction)
+    return _masked_mse(out, target, mask.unsqueeze(-1) if mask is not None else None, reduction)
 
 
 _compiled_loss: Any = None
@@ -300,132 +409,263 @@ def _parent(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
 
-def _wrap(root: torch.nn.Module, names: list[str], comp: Compressor, settings: SignRoundSettings
-          ) -> dict[str, TunedLinear]:
-    wrapped: dict[str, TunedLinear] = {}
+Tuned = TunedLinear | TunedNorm
+
+
+def _wrap(root: torch.nn.Module, block: torch.nn.Module, names: list[str], comp: Compressor,
+          settings: SignRoundSettings) -> dict[str, Tuned]:
+    """Wraps the layers `names` (paths in `root`) and, with norm/bias tuning, the norms of `block` in place."""
+    wrapped: dict[str, Tuned] = {}
     for name in names:
         parent, attr = _parent(root, name)
-        tl = TunedLinear(getattr(parent, attr), comp.layer_config[name], settings, comp.device)
-        setattr(parent, attr, tl)
-        wrapped[name] = tl
+        wrapped[name] = TunedLinear(getattr(parent, attr), comp.layer_config[name], settings, comp.device,
+                                    tune_bias=settings.enable_norm_bias_tuning)
+    if settings.enable_norm_bias_tuning:
+        inside = {id(m) for m in block.modules()}
+        for name, mod in root.named_modules():
+            if id(mod) in inside and name not in wrapped and _tunes_norm(mod):
+                wrapped[name] = TunedNorm(mod, settings, comp.device)
+    for name, tm in wrapped.items():
+        parent, attr = _parent(root, name)
+        setattr(parent, attr, tm)
     return wrapped
 
 
-def _unwrap(root: torch.nn.Module, wrapped: dict[str, TunedLinear]) -> None:
-    for name, tl in wrapped.items():
+def _unwrap(root: torch.nn.Module, wrapped: dict[str, Tuned]) -> None:
+    for name, tm in wrapped.items():
         parent, attr = _parent(root, name)
-        setattr(parent, attr, tl.orig)
+        setattr(parent, attr, tm.orig)
+
+
+def _masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Upstream's loss: both sides masked (mask [B, L, 1] 0/1) in their own dtype, then MSE in fp32."""
+    if mask is not None:
+        out, target = out * mask, target * mask
+    return torch.nn.functional.mse_loss(out.float(), target.float(), reduction=reduction)
+
+
+class _SignSGD:
+    """SignRound's optimizer: the C++ sign-SGD step per lr group on 1000 x loss, lr decayed as torch's LinearLR."""
+
+    def __init__(self, groups: dict[tuple[float, bool], list[torch.Tensor]], settings: SignRoundSettings,
+                 momentum: float) -> None:
+        self.groups, self.momentum = groups, momentum
+        self.bufs = {id(p): torch.zeros_like(p) for ps in groups.values() for p in ps} if momentum else {}
+        self.schedules = {lr: linear_lr(lr, settings.iters) for lr, _ in groups}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * 1000).backward()  # fewer bf16 gradients underflow to 0 (no move under sign-SGD)
+
+    def step(self, it: int) -> None:
+        for (lr, minmax), ps in self.groups.items():
+            with_grad = [p for p in ps if p.grad is not None]
+            tune_ops.sign_sgd_step_(with_grad, [p.grad for p in with_grad],
+                                    [self.bufs[id(p)] for p in with_grad] if self.bufs else [], self.schedules[lr][it],
+                                    self.momentum, it == 0, minmax)
+            for p in with_grad:
+                p.grad = None
+
+
+class _TorchOptimizer:
+    """AdamRound (enable_adam): torch's optimizer (AdamW by default) as upstream builds it, one group per lr with a
+    tensor lr, weight_decay 0, torch's LinearLR to 0; the loss unscaled, or through a GradScaler (init 1024) with
+    AMP on an accelerator. Range factors are clamped to [0, 1] after each step, where upstream clamps them before
+    the next forward: the same values reach the qdq, the snapshot and the next step."""
+
+    def __init__(self, groups: dict[tuple[float, bool], list[torch.Tensor]], settings: SignRoundSettings,
+                 device: torch.device, amp: bool) -> None:
+        cls = getattr(torch.optim, settings.optimizer)
+        order = sorted(groups, key=lambda k: k[1])  # rounding groups first, as upstream lists them
+        self.opt = cls([{"params": groups[k], "lr": torch.tensor(k[0])} for k in order], weight_decay=0)
+        self.schedule = torch.optim.lr_scheduler.LinearLR(self.opt, start_factor=1.0, end_factor=0.0,
+                                                          total_iters=settings.iters)
+        self.factors = [p for (_, minmax), ps in groups.items() if minmax for p in ps]
+        self.scaler = (torch.amp.GradScaler(device.type, init_scale=1024, growth_interval=100000)
+                       if amp and device.type != "cpu" else None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, it: int) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+        else:
+            self.opt.step()
+        self.opt.zero_grad()
+        self.schedule.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        with torch.no_grad():
+            for p in self.factors:
+                p.clamp_(0.0, 1.0)
+
+
+def _optimize(comp: Compressor, settings: SignRoundSettings, label: str, tuned: dict[str, Tuned], n: int,
+              micro: int, global_batch: int, loss_of: Callable[[list[int]], torch.Tensor],
+              num_elm_of: Callable[[list[int]], int], momentum: float
+              ) -> tuple[dict[str, dict[str, torch.Tensor]] | None, str]:
+    """The tuning loop shared by blocks and layers outside them: each iteration draws `global_batch` sample
+    indices, accumulates gradients over micro-batches of `micro` (loss_of gives a micro-batch's loss), keeps the
+    parameters of the best iteration and steps. Returns that snapshot (name -> param -> tensor) and the loss line."""
+    groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
+    for tm in tuned.values():
+        for key, p in tm.params().items():
+            groups.setdefault(tm.lr_of(key), []).append(p)
+    dev = comp.device
+    opt: _SignSGD | _TorchOptimizer = (
+        _TorchOptimizer(groups, settings, dev, comp.amp) if settings.enable_adam
+        else _SignSGD(groups, settings, momentum))
+    sampler = IndexSampler(n, global_batch)
+    best_loss, best_iter, init_loss, last_loss = math.inf, 0, None, math.inf
+    best: dict[str, dict[str, torch.Tensor]] | None = None
+    cache = torch.device("cpu") if comp.low_gpu_mem_usage else dev
+
+    def snapshot() -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k: p.detach().to(cache, copy=True) for k, p in tm.params().items()}
+                for name, tm in tuned.items()}
+
+    # On an accelerator the losses (fp64 sums, as upstream's Python floats), the best-loss comparison and the
+    # snapshot stay on the device, so an iteration needs no host sync; early stopping needs the host.
+    on_device = (dev.type != "cpu" if DEVICE_BOOKKEEPING is None else DEVICE_BOOKKEEPING) and not (
+        settings.dynamic_max_gap > 0 and not settings.not_use_best_mse)
+    if on_device:
+        f64 = {"dtype": torch.float64, "device": dev}
+        best_t, best_iter_t = torch.full((), math.inf, **f64), torch.zeros((), dtype=torch.long, device=dev)
+        init_t, last_t = torch.zeros((), **f64), torch.zeros((), **f64)
+        snap = {name: {k: p.detach().clone() for k, p in tm.params().items()} for name, tm in tuned.items()}
+        last_flags = {flag: torch.tensor(flag, device=dev) for flag in (False, True)}
+    for it in range(settings.iters):
+        idx = sampler.next()
+        num_elm = num_elm_of(idx)
+        total: Any = torch.zeros((), **f64) if on_device else 0.0
+        for start in range(0, len(idx), micro):
+            loss = loss_of(idx[start:start + micro])
+            if on_device:
+                total = total + loss.detach().double() / num_elm
+            else:
+                total += float(loss.detach()) / num_elm
+            opt.backward(loss)
+        if on_device:
+            if it == 0:
+                init_t = total
+            last_t = total
+            keep = (total < best_t) if not settings.not_use_best_mse else last_flags[it == settings.iters - 1]
+            best_t = torch.where(total < best_t, total, best_t)
+            best_iter_t = torch.where(keep, it, best_iter_t)
+            for name, tm in tuned.items():
+                for k, p in tm.params().items():
+                    torch.where(keep, p.detach(), snap[name][k], out=snap[name][k])
+        else:
+            logger.debug("%s iter %d loss: %.3e", label, it, total)
+            if it == 0:
+                init_loss = total
+            last_loss = total
+            if total < best_loss:
+                best_loss = total
+                if not settings.not_use_best_mse:
+                    best, best_iter = snapshot(), it
+            if settings.not_use_best_mse and it == settings.iters - 1:
+                best, best_iter = snapshot(), it
+            if not settings.not_use_best_mse and 0 < settings.dynamic_max_gap <= it - best_iter:
+                break
+        opt.step(it)
+    if on_device and settings.iters > 0:
+        best = snap  # the parameters of the best iteration (the last one with not_use_best_mse)
+        init_loss, last_loss, best_loss = float(init_t), float(last_t), float(best_t)
+        best_iter = int(best_iter_t)
+    shown_loss = best_loss if not settings.not_use_best_mse else last_loss
+    if settings.not_use_best_mse:
+        best_iter = settings.iters  # upstream's log names the last parameters so
+    first = init_loss if init_loss is not None else float("nan")
+    line = f"loss iter 0: {first:.3e} -> iter {best_iter}: {shown_loss:.3e}"
+    return best, line
 
 
 def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, label: str, names: list[str],
                samples: Samples, train_in: list[torch.Tensor], targets: list[torch.Tensor],
-               settings: SignRoundSettings, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
+               settings: SignRoundSettings, dtype: torch.dtype
+               ) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict[str, torch.Tensor]]:
     """Tunes the layers `names` (module paths in `root`) of `block`; returns name -> (qdq, codes, scales, zeros)
-    of the best iteration. The block's own modules are restored afterwards."""
+    of the best iteration and, with norm/bias tuning, the tuned norm weights and biases by parameter path. The
+    block's own modules are restored afterwards."""
     t0 = time.perf_counter()
-    wrapped = _wrap(root, names, comp, settings)
+    wrapped = _wrap(root, block, names, comp, settings)
     try:
-        groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
-        for tl in wrapped.values():
-            for key, p in tl.params().items():
-                minmax = key != "v"
-                groups.setdefault((tl.minmax_lr if minmax else tl.lr, minmax), []).append(p)
-        bufs = {id(p): torch.zeros_like(p) for ps in groups.values() for p in ps} if settings.momentum else {}
-        schedules = {lr: linear_lr(lr, settings.iters) for lr, _ in groups}
         n = len(train_in)
         bs = min(comp.batch_size, n)
-        gbs = min(n, bs * settings.gradient_accumulate_steps)
-        reduction = "mean" if settings.gradient_accumulate_steps == 1 else "sum"
-        sampler = IndexSampler(n, gbs)
+        gas = settings.gradient_accumulate_steps
+        reduction = "mean" if gas == 1 else "sum"
         dev = comp.device
         loss_fn = _loss_fn(settings)
         amp = _amp(comp, dtype)
         # On the device once: a pageable host-to-device copy per step would wait for the queued work.
         masks = [m.to(dev) for m in samples.masks] if samples.masks is not None else None
         valid = [int(m.sum()) for m in samples.masks] if samples.masks is not None else []  # tokens the loss counts
-        best_loss, best_iter, init_loss, last_loss = math.inf, 0, None, math.inf
-        best: dict[str, dict[str, torch.Tensor]] | None = None
-        cache = torch.device("cpu") if comp.low_gpu_mem_usage else dev
 
-        def snapshot() -> dict[str, dict[str, torch.Tensor]]:
-            return {name: {k: p.detach().to(cache, copy=True) for k, p in tl.params().items()}
-                    for name, tl in wrapped.items()}
+        def loss_of(chunk: list[int]) -> torch.Tensor:
+            x, kw = samples.batch(chunk, dev, train_in)
+            target = torch.cat([targets[i] for i in chunk], dim=0).to(dev)
+            m = torch.cat([masks[i] for i in chunk], dim=0) if masks is not None else None
+            return loss_fn(block, x, kw, target, m, reduction, amp)
 
-        # On an accelerator the losses (fp64 sums, as upstream's Python floats), the best-loss comparison and the
-        # snapshot stay on the device, so an iteration needs no host sync; early stopping needs the host.
-        on_device = (dev.type != "cpu" if DEVICE_BOOKKEEPING is None else DEVICE_BOOKKEEPING) and not (
-            settings.dynamic_max_gap > 0 and not settings.not_use_best_mse)
-        if on_device:
-            f64 = {"dtype": torch.float64, "device": dev}
-            best_t, best_iter_t = torch.full((), math.inf, **f64), torch.zeros((), dtype=torch.long, device=dev)
-            init_t, last_t = torch.zeros((), **f64), torch.zeros((), **f64)
-            snap = {name: {k: p.detach().clone() for k, p in tl.params().items()} for name, tl in wrapped.items()}
-            last_flags = {flag: torch.tensor(flag, device=dev) for flag in (False, True)}
-        for it in range(settings.iters):
-            idx = sampler.next()
-            num_elm = 1
-            if masks is not None:
-                num_elm = max(1, sum(valid[i] for i in idx))
-            total: Any = torch.zeros((), **f64) if on_device else 0.0
-            for start in range(0, len(idx), bs):
-                chunk = idx[start:start + bs]
-                x, kw = samples.batch(chunk, dev, train_in)
-                target = torch.cat([targets[i] for i in chunk], dim=0).to(dev)
-                m = torch.cat([masks[i] for i in chunk], dim=0) if masks is not None else None
-                loss = loss_fn(block, x, kw, target, m, reduction, amp)
-                if on_device:
-                    total = total + loss.detach().double() / num_elm
-                else:
-                    total += float(loss.detach()) / num_elm
-                (loss * 1000).backward()
-            if on_device:
-                if it == 0:
-                    init_t = total
-                last_t = total
-                keep = (total < best_t) if not settings.not_use_best_mse else last_flags[it == settings.iters - 1]
-                best_t = torch.where(total < best_t, total, best_t)
-                best_iter_t = torch.where(keep, it, best_iter_t)
-                for name, tl in wrapped.items():
-                    for k, p in tl.params().items():
-                        torch.where(keep, p.detach(), snap[name][k], out=snap[name][k])
-            else:
-                logger.debug("%s iter %d loss: %.3e", label, it, total)
-                if it == 0:
-                    init_loss = total
-                last_loss = total
-                if total < best_loss:
-                    best_loss = total
-                    if not settings.not_use_best_mse:
-                        best, best_iter = snapshot(), it
-                if settings.not_use_best_mse and it == settings.iters - 1:
-                    best, best_iter = snapshot(), it
-                if not settings.not_use_best_mse and 0 < settings.dynamic_max_gap <= it - best_iter:
-                    break
-            for (lr, minmax), ps in groups.items():
-                with_grad = [p for p in ps if p.grad is not None]
-                tune_ops.sign_sgd_step_(with_grad, [p.grad for p in with_grad],
-                                        [bufs[id(p)] for p in with_grad] if bufs else [], schedules[lr][it],
-                                        settings.momentum, it == 0, minmax)
-                for p in with_grad:
-                    p.grad = None
-        if on_device and settings.iters > 0:
-            best = snap  # the parameters of the best iteration (the last one with not_use_best_mse)
-            init_loss, last_loss, best_loss = float(init_t), float(last_t), float(best_t)
-            best_iter = int(best_iter_t)
-        results = {}
+        def num_elm_of(idx: list[int]) -> int:
+            return max(1, sum(valid[i] for i in idx)) if masks is not None else 1
+
+        best, line = _optimize(comp, settings, label, wrapped, n, bs, min(n, bs * gas), loss_of, num_elm_of,
+                               settings.momentum)
+        results: dict[str, tuple[torch.Tensor, ...]] = {}
+        tensors: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, tl in wrapped.items():
-                results[name] = tl.final(best[name] if best is not None else None)
-        shown_loss = best_loss if not settings.not_use_best_mse else last_loss
-        if settings.not_use_best_mse:
-            best_iter = settings.iters  # upstream's log names the last parameters so
-        logger.info("%s: tuned %d layers, loss iter 0: %.3e -> iter %d: %.3e, %.1f s", label, len(wrapped),
-                    init_loss if init_loss is not None else float("nan"), best_iter, shown_loss,
-                    time.perf_counter() - t0)
-        return results
+            for name, tm in wrapped.items():
+                mine = best[name] if best is not None else None
+                if isinstance(tm, TunedLinear):
+                    results[name] = tm.final(mine)
+                tensors.update({f"{name}.{k}": t for k, t in tm.tuned_tensors(mine).items()})
+        logger.info("%s: tuned %d layers, %s, %.1f s", label, len(names), line, time.perf_counter() - t0)
+        return results, tensors
     finally:
         _unwrap(root, wrapped)
 
 
-__all__ = ["SignRoundSettings", "TunedLinear", "IndexSampler", "Samples", "Blocks", "split_samples", "tune_block",
-           "block_outputs"]
+def tune_outside(comp: Compressor, name: str, layer: torch.nn.Module, fp_in: list[torch.Tensor],
+                 q_in: list[torch.Tensor] | None, masks: list[torch.Tensor] | None, settings: SignRoundSettings,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Tunes a layer outside the blocks (lm_head) on its cached inputs, upstream's way (signround.md 2.11): the
+    target is the FP layer on the FP inputs, the trained layer sees the quantized model's inputs (`q_in`, when
+    enable_quanted_input) one sample per forward, with batch_size x gradient_accumulate_steps samples per step
+    (so a summed loss) and the token count of the first such batch as the loss normaliser. Upstream passes no
+    momentum here, and no norm/bias tuning. Returns (qdq, codes, scales, zeros) of the best iteration."""
+    t0 = time.perf_counter()
+    tl = TunedLinear(layer, comp.layer_config[name], settings, comp.device)
+    dev = comp.device
+    n = len(fp_in)
+    gas = comp.batch_size * settings.gradient_accumulate_steps
+    global_batch = min(n, gas)
+    reduction = "mean" if gas == 1 else "sum"
+    dev_masks = [m.to(dev) for m in masks] if masks is not None else None
+    train = q_in if q_in is not None else fp_in
+    num_elm = 1
+    if gas != 1:
+        first = range(global_batch)
+        num_elm = (sum(int(masks[i].sum()) for i in first) if masks is not None
+                   else sum(train[i].numel() for i in first))
+    num_elm = max(num_elm, 1)
+
+    def loss_of(chunk: list[int]) -> torch.Tensor:
+        x = torch.cat([train[i] for i in chunk], dim=0).to(dev)
+        with torch.no_grad():
+            target = layer(torch.cat([fp_in[i] for i in chunk], dim=0).to(dev))
+        with _autocast(comp, dev, dtype):
+            out = tl(x)
+        m = torch.cat([dev_masks[i] for i in chunk], dim=0).unsqueeze(-1) if dev_masks is not None else None
+        return _masked_mse(out, target, m, reduction)
+
+    best, line = _optimize(comp, settings, name, {name: tl}, n, 1, global_batch, loss_of, lambda idx: num_elm, 0.0)
+    with torch.no_grad():
+        result = tl.final(best[name] if best is not None else None)
+    logger.info("%s: tuned, %s, %.1f s", name, line, time.perf_counter() - t0)
+    return result
+
+
+__all__ = ["SignRoundSettings", "TunedLinear", "TunedNorm", "IndexSampler", "Samples", "Blocks", "split_samples",
+           "tune_block", "tune_outside", "block_outputs", "rounding_free_qdq"]

@@ -90,8 +90,9 @@ class TuneResume:
     def done(self, key: str) -> bool:
         return key in self.units
 
-    def load(self, key: str) -> tuple[dict[str, tuple[torch.Tensor, ...]], Any]:
-        """The unit's results (name -> qdq, codes, scales, zeros) and the RNG state after it."""
+    def load(self, key: str) -> tuple[dict[str, tuple[torch.Tensor, ...]], Any, dict[str, torch.Tensor]]:
+        """The unit's results (name -> qdq, codes, scales, zeros), the RNG state after it and its other tuned
+        tensors (norm weights, biases) by parameter path."""
         from safetensors.torch import load_file
 
         entry = self.units[key]
@@ -99,18 +100,22 @@ class TuneResume:
         results = {}
         for name in entry["layers"]:
             results[name] = tuple(tensors[f"{name}.{part}"] for part in ("qdq", "codes", "scales", "zeros"))
-        return results, _rng_from_json(entry["rng"])
+        params = {path: tensors[f"param:{path}"] for path in entry.get("params", [])}
+        return results, _rng_from_json(entry["rng"]), params
 
-    def commit(self, key: str, results: dict[str, tuple[torch.Tensor, ...]], rng: Any) -> None:
+    def commit(self, key: str, results: dict[str, tuple[torch.Tensor, ...]], rng: Any,
+               params: dict[str, torch.Tensor] | None = None) -> None:
         from safetensors.torch import save
 
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"{name}.{part}": t.detach().to("cpu").contiguous()
                    for name, parts in results.items()
                    for part, t in zip(("qdq", "codes", "scales", "zeros"), parts)}
+        params = params or {}
+        tensors.update({f"param:{path}": t.detach().to("cpu").contiguous() for path, t in params.items()})
         fname = f"unit-{len(self.units):05d}.safetensors"
         _fsync_write(self.folder / fname, save(tensors))
-        self.units[key] = {"file": fname, "layers": list(results), "rng": _rng_to_json(rng)}
+        self.units[key] = {"file": fname, "layers": list(results), "params": list(params), "rng": _rng_to_json(rng)}
         manifest = {"version": _VERSION, "fingerprint": self.fingerprint, "units": self.units}
         _fsync_write(self.folder / _MANIFEST, json.dumps(manifest, indent=1).encode())
 
