@@ -96,6 +96,14 @@ def _check_packed(folder: Path, fmt: str) -> None:
         raise RuntimeError(f"{folder}: format {fmt} wrote no safetensors")
 
 
+def _shown(path: Path) -> str:
+    """A path as results record it: relative to the repo when inside it (results are committed)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def run_table(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +117,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         tok = tokenizer if isinstance(model_or_folder, torch.nn.Module) else None
         return perplexity(model_or_folder, held_out, seqlen=args.ppl_seqlen, tokenizer=tok, device=args.score_device)
 
-    results: dict[str, Any] = {"tool": args.tool, "format": args.format, "calibration": str(args.calibration),
+    results: dict[str, Any] = {"tool": args.tool, "format": args.format, "calibration": _shown(args.calibration),
                                "bf16": score(args.model), "rows": []}
     logger.info("bf16: held-out perplexity %.4f", results["bf16"])
     extra = {"enable_torch_compile": False} if args.tool == "upstream" else {}

@@ -356,9 +356,12 @@ def _amp(comp: Compressor, dtype: torch.dtype) -> torch.dtype | None:
     return dtype if comp.amp and dtype != torch.float32 else None
 
 
+def _autocast_to(device_type: str, amp: torch.dtype | None) -> Any:
+    return torch.autocast(device_type=device_type, dtype=amp) if amp is not None else nullcontext()
+
+
 def _autocast(comp: Compressor, device: torch.device, dtype: torch.dtype) -> Any:
-    amp = _amp(comp, dtype)
-    return torch.autocast(device_type=device.type, dtype=amp) if amp is not None else nullcontext()
+    return _autocast_to(device.type, _amp(comp, dtype))
 
 
 def block_outputs(comp: Compressor, block: torch.nn.Module, samples: Samples, hidden: list[torch.Tensor],
@@ -383,8 +386,7 @@ def block_loss(block: torch.nn.Module, x: torch.Tensor, kw: dict[str, Any], targ
                mask: torch.Tensor | None, reduction: str, amp: torch.dtype | None) -> torch.Tensor:
     """Upstream's loss (§2.6): MSE in fp32 of the block's output against the FP target, masked positions zeroed
     in both; `amp` the autocast dtype (None: none)."""
-    ctx = torch.autocast(device_type=x.device.type, dtype=amp) if amp is not None else nullcontext()
-    with ctx:
+    with _autocast_to(x.device.type, amp):
         out = _forward(block, x, kw)
     return _masked_mse(out, target, mask.unsqueeze(-1) if mask is not None else None, reduction)
 
