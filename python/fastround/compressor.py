@@ -109,7 +109,7 @@ class Compressor:
             iters = 200
         self.signround = None
         if iters > 0:
-            from fastround.signround import SignRoundSettings
+            from fastround.tune_settings import SignRoundSettings
 
             self.signround = SignRoundSettings.from_kwargs(iters, unused)
         else:
