@@ -1,0 +1,70 @@
+"""SignRound's MXFP tuning op (C++ kernels in cpp/fastround/tune/fp_qdq, registered by fastround._torch as
+torch.ops.fastround.fp_qdq*): upstream's quant_mx with trainable rounding offsets V and a per-group range factor,
+its straight-through backward, and the codes export packs. This module gives the ops typed signatures, fake kernels
+(torch.compile / FakeTensor) and autograd; the same op quantizes a layer's input activations, whose gradient it
+passes back to the previous layers."""
+
+from __future__ import annotations
+
+import torch
+
+from fastround import _torch  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.fastround
+
+MX_GROUP = 32
+
+
+def mx_qdq(x: torch.Tensor, v: torch.Tensor | None, max_scale: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The MXFP quantize-dequantized `x` [..., in] in x's dtype (in a multiple of 32), differentiable in x, v
+    [rows*in/32, 32] and max_scale [rows, in/32] (None: 0 and 1), as upstream's quant_mx."""
+    shape = x.shape
+    qdq, _ = _ops.fp_qdq(x.reshape(-1, shape[-1]), v, max_scale, bits)
+    return qdq.reshape(shape)
+
+
+def mx_qdq_codes(weight: torch.Tensor, v: torch.Tensor | None, max_scale: torch.Tensor | None,
+                 bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qdq [out, in], codes [out, in] uint8 E2M1 nibbles / E4M3 bytes, scales [out, in/32] uint8 E8M0) of the final
+    parameters: what the MXFP packers take."""
+    return _ops.fp_qdq_codes(weight, v, max_scale, bits)
+
+
+@torch.library.register_fake("fastround::fp_qdq")
+def _fp_qdq_fake(x, v, max_scale, bits):
+    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[1] // MX_GROUP), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastround::fp_qdq_codes")
+def _fp_qdq_codes_fake(x, v, max_scale, bits):
+    rows, cols = x.shape
+    return (torch.empty_like(x), x.new_empty((rows, cols), dtype=torch.uint8),
+            x.new_empty((rows, cols // MX_GROUP), dtype=torch.uint8))
+
+
+@torch.library.register_fake("fastround::fp_qdq_backward")
+def _fp_qdq_backward_fake(grad, x, v, max_scale, bits, need_v, need_max, need_x):
+    ng = x.shape[0] * (x.shape[1] // MX_GROUP)
+    f32 = torch.float32
+    return (x.new_empty((ng, MX_GROUP) if need_v else (0,), dtype=f32),
+            x.new_empty((ng,) if need_max else (0,), dtype=f32),
+            torch.empty_like(x) if need_x else x.new_empty((0,)))
+
+
+def _setup_fp_qdq(ctx, inputs, output):
+    x, v, max_scale, bits = inputs
+    ctx.save_for_backward(x, v, max_scale)
+    ctx.bits = bits
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fp_qdq_backward(ctx, grad_qdq, grad_exponent):
+    x, v, max_scale = ctx.saved_tensors
+    need_x, need_v, need_max = (bool(ctx.needs_input_grad[i]) for i in range(3))
+    gv, gmax, gx = _ops.fp_qdq_backward(grad_qdq.contiguous(), x, v, max_scale, ctx.bits, need_v and v is not None,
+                                        need_max and max_scale is not None, need_x)
+    return (gx if need_x else None, gv if need_v and v is not None else None,
+            gmax.view_as(max_scale) if need_max and max_scale is not None else None, None)
+
+
+torch.library.register_autograd("fastround::fp_qdq", _fp_qdq_backward, setup_context=_setup_fp_qdq)

@@ -1,0 +1,45 @@
+"""SignRound (iters > 0) on MXFP4 / MXFP8 schemes against auto-round 0.16.1 (eager, CPU).
+
+Upstream tunes an MX layer's rounding offsets V and its max_scale factor through quant_mx, and with act_bits <= 8
+also quantize-dequantizes the layer's input while tuning and in the quantized chain after it. fastround's C++ op
+equals quant_mx's forward and its autograd gradients bit for bit (tests/test_tune_fp_ops.py), so whole checkpoints
+come out byte-identical: every tensor and the config. Each configuration's best iteration is after 0 in every block
+(iteration 0 is RTN: V = 0, factor 1), so the comparison covers moved parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from test_signround import _run, assert_same_checkpoint
+
+
+@pytest.mark.parametrize(
+    "fmt,kwargs",
+    [
+        ("auto_round", {"scheme": "MXFP4", "iters": 6, "lr": 0.02}),
+        ("llm_compressor", {"scheme": "MXFP8", "iters": 5, "lr": 0.05}),
+        ("auto_round", {"scheme": "MXFP4", "iters": 4, "lr": 0.05, "enable_minmax_tuning": False,
+                        "enable_quanted_input": False}),
+    ],
+)
+def test_mx_checkpoint_equals_upstream(checkpoint, tmp_path, caplog, fmt, kwargs) -> None:
+    src = checkpoint("llama_aligned")
+    theirs = _run("upstream", src, tmp_path / "up", fmt, **kwargs)
+    with caplog.at_level(logging.INFO, logger="fastround"):
+        ours = _run("fastround", src, tmp_path / "fr", fmt, **kwargs)
+    best_iters = [int(i) for i in re.findall(r"loss iter 0: [0-9.e+-]+ -> iter (\d+):", caplog.text)]
+    assert len(best_iters) == 2 and min(best_iters) > 0, best_iters
+    assert_same_checkpoint(theirs, ours)
+
+
+def test_unsupported_mx_variants_are_clear(checkpoint) -> None:
+    from fastround import AutoRound
+    from test_signround import COMMON
+
+    src = str(checkpoint("llama_aligned"))
+    with pytest.raises(NotImplementedError, match="act_data_type=mx_fp_rceil"):
+        AutoRound(src, scheme="MXFP4_RCEIL", iters=2, **COMMON).quantize()
