@@ -41,8 +41,9 @@ void qdq_case(fr::DType dt, int bits, bool with_v, bool with_factor, uint32_t se
   for (auto& x : xf) x = nd(gen);
   for (int64_t c = 0; c < 32; ++c) xf[c] = 0.0f;                         // an all-zero group
   for (int64_t c = 32; c < 64; ++c) xf[c] = (c % 3 ? 0.25f : -0.25f);    // tied maxima
-  for (int64_t c = 0; c < cols; ++c) xf[2 * cols + c] = 1e-30f * static_cast<float>(c + 1);  // tiny exponents
-  xf[3 * cols + 5] = 1e30f;                                              // an exponent far above the rest
+  const bool f16 = dt == fr::DType::F16;  // within fp16's range: its subnormals, its largest finite values
+  for (int64_t c = 0; c < cols; ++c) xf[2 * cols + c] = (f16 ? 1e-7f : 1e-30f) * static_cast<float>(c + 1);
+  xf[3 * cols + 5] = f16 ? 60000.0f : 1e30f;                             // an exponent far above the rest
   std::vector<uint8_t> x(xf.size() * static_cast<size_t>(fr::dtype_bits(dt) / 8));
   fr::store_from_float(dt, xf.data(), rows * cols, x.data(), 0);
   std::vector<float> vv(static_cast<size_t>(ng * 32)), f(static_cast<size_t>(ng));
