@@ -36,10 +36,14 @@ def test_mx_checkpoint_equals_upstream(checkpoint, tmp_path, caplog, fmt, kwargs
     assert_same_checkpoint(theirs, ours)
 
 
-def test_unsupported_mx_variants_are_clear(checkpoint) -> None:
+def test_unsupported_variants_are_clear(checkpoint) -> None:
+    """Static MX activations and the NVFP4 schemes are not tuned: refused by name before any work."""
     from fastround import AutoRound
+    from fastround.tune_layers import mx_act_bits
     from test_signround import COMMON
 
-    src = str(checkpoint("llama_aligned"))
-    with pytest.raises(NotImplementedError, match="act_data_type=mx_fp_rceil"):
-        AutoRound(src, scheme="MXFP4_RCEIL", iters=2, **COMMON).quantize()
+    with pytest.raises(NotImplementedError, match="act_dynamic=False"):
+        mx_act_bits({"act_bits": 4, "act_data_type": "mx_fp", "act_group_size": 32, "act_dynamic": False})
+    assert mx_act_bits({"act_bits": 16}) is None
+    with pytest.raises(NotImplementedError, match="nvfp4_v2"):
+        AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4_E5M3", iters=2, **COMMON)
