@@ -86,12 +86,12 @@ def test_eight_bit_asym_entry_is_refused(checkpoint) -> None:
         plan_layers(model, full, {"k_proj": {"bits": 8, "sym": False}})
 
 
-def test_signround_of_fp_schemes_is_refused_clearly(checkpoint) -> None:
-    """SignRound tunes INT schemes; MXFP / NVFP tuning is not built yet and says so at construction."""
+def test_signround_of_nvfp_schemes_is_refused_clearly(checkpoint) -> None:
+    """SignRound tunes INT and MXFP4 / MXFP8 schemes; NVFP tuning is not built yet and says so at construction."""
     from fastround import AutoRound
 
-    with pytest.raises(NotImplementedError, match="SignRound.*mx_fp"):
-        AutoRound(str(checkpoint("llama_aligned")), scheme="MXFP4", iters=200, device_map="cpu")
+    with pytest.raises(NotImplementedError, match="SignRound.*nvfp4_v2"):
+        AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4_E5M3", iters=200, device_map="cpu")
 
 
 def test_missing_model_is_a_clear_error(tmp_path, monkeypatch) -> None:
