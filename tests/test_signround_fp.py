@@ -24,6 +24,7 @@ from test_signround import _run, assert_same_checkpoint
         ("llm_compressor", {"scheme": "MXFP8", "iters": 5, "lr": 0.05}),
         ("auto_round", {"scheme": "MXFP4", "iters": 4, "lr": 0.05, "enable_minmax_tuning": False,
                         "enable_quanted_input": False}),
+        ("auto_round", {"scheme": "NVFP4_E5M3", "iters": 5, "lr": 0.02}),
     ],
 )
 def test_mx_checkpoint_equals_upstream(checkpoint, tmp_path, caplog, fmt, kwargs) -> None:
@@ -39,11 +40,11 @@ def test_mx_checkpoint_equals_upstream(checkpoint, tmp_path, caplog, fmt, kwargs
 def test_unsupported_variants_are_clear(checkpoint) -> None:
     """Static MX activations and the NVFP4 schemes are not tuned: refused by name before any work."""
     from fastround import AutoRound
-    from fastround.tune_layers import mx_act_bits
+    from fastround.tune_layers import fp_act_spec
     from test_signround import COMMON
 
     with pytest.raises(NotImplementedError, match="act_dynamic=False"):
-        mx_act_bits({"act_bits": 4, "act_data_type": "mx_fp", "act_group_size": 32, "act_dynamic": False})
-    assert mx_act_bits({"act_bits": 16}) is None
+        fp_act_spec({"act_bits": 4, "act_data_type": "mx_fp", "act_group_size": 32, "act_dynamic": False})
+    assert fp_act_spec({"act_bits": 16}) is None
     with pytest.raises(NotImplementedError, match="nvfp4_v2"):
         AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4_E5M3", iters=2, **COMMON)

@@ -1,4 +1,4 @@
-// SignRound's MXFP tuning kernels (fastround/tune/fp_qdq): for MXFP4 and MXFP8, every input dtype, with and
+// SignRound's MXFP / NVFP4_E5M3 tuning kernels (fastround/tune/fp_qdq): for MXFP4, MXFP8 and NVFP4_E5M3, every input dtype, with and
 // without V and range factors (some clamped to 0, which zeroes a group's range), inputs with all-zero groups,
 // exact ties of the group maximum, values far outside the element range and tiny ones near the private-exponent
 // floor, the row-parallel forward and backward equal their group-by-group references bit for bit at 1 and 3
@@ -13,6 +13,7 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/common/parallel.h"
+#include "fastround/quant/fp_rtn.h"
 #include "fastround/tune/fp_qdq.h"
 
 namespace fr = fastround;
@@ -32,8 +33,8 @@ bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
-void qdq_case(fr::DType dt, int bits, bool with_v, bool with_factor, uint32_t seed) {
-  const int64_t rows = 11, cols = 96, ng = rows * cols / 32;
+void qdq_case(fr::DType dt, int bits, bool nv, bool with_v, bool with_factor, uint32_t seed) {
+  const int64_t group = nv ? 16 : 32, rows = 11, cols = 96, ng = rows * cols / group;
   std::mt19937 gen(seed);
   std::normal_distribution<float> nd(0.0f, bits == 4 ? 0.05f : 3.0f);
   std::uniform_real_distribution<float> uv(-0.6f, 0.6f), uf(0.3f, 1.0f);
@@ -46,7 +47,7 @@ void qdq_case(fr::DType dt, int bits, bool with_v, bool with_factor, uint32_t se
   xf[3 * cols + 5] = f16 ? 60000.0f : 1e30f;                             // an exponent far above the rest
   std::vector<uint8_t> x(xf.size() * static_cast<size_t>(fr::dtype_bits(dt) / 8));
   fr::store_from_float(dt, xf.data(), rows * cols, x.data(), 0);
-  std::vector<float> vv(static_cast<size_t>(ng * 32)), f(static_cast<size_t>(ng));
+  std::vector<float> vv(static_cast<size_t>(ng * group)), f(static_cast<size_t>(ng));
   for (auto& a : vv) a = uv(gen);
   for (int64_t i = 0; i < ng; ++i) f[i] = i % 7 == 0 ? 1.0f : (i % 11 == 3 ? 0.0f : uf(gen));
   std::vector<float> gf(xf.size());
@@ -56,6 +57,7 @@ void qdq_case(fr::DType dt, int bits, bool with_v, bool with_factor, uint32_t se
 
   ft::FpQdqParams p;
   p.bits = bits;
+  p.nv_e5m3 = nv;
   ft::FpQdqView v;
   v.dtype = dt;
   v.x = x.data();
@@ -63,7 +65,8 @@ void qdq_case(fr::DType dt, int bits, bool with_v, bool with_factor, uint32_t se
   v.cols = cols;
   v.v = with_v ? vv.data() : nullptr;
   v.max_scale = with_factor ? f.data() : nullptr;
-  const std::string name = std::string(fr::dtype_name(dt)) + " mxfp" + std::to_string(bits) + (with_v ? " v" : "") +
+  const std::string name = std::string(fr::dtype_name(dt)) + (nv ? " nvfp4_e5m3" : " mxfp" + std::to_string(bits)) +
+                           (with_v ? " v" : "") +
                            (with_factor ? " factor" : "");
 
   std::vector<uint8_t> q_ref(x.size()), codes_ref(xf.size()), sc_ref(ng), gx_ref(x.size());
@@ -91,7 +94,7 @@ void qdq_case(fr::DType dt, int bits, bool with_v, bool with_factor, uint32_t se
   // The codes stand for the qdq: code value * 2^e equals the stored qdq (up to the sign of zero).
   bool decodes = true;
   for (int64_t i = 0; i < rows * cols; ++i) {
-    const float s = std::ldexp(1.0f, static_cast<int>(sc_ref[i / 32]) - 127);
+    const float s = nv ? fr::ue5m3_decode(sc_ref[i / group]) : std::ldexp(1.0f, static_cast<int>(sc_ref[i / 32]) - 127);
     const float val = bits == 4 ? fr::e2m1_to_float(codes_ref[i]) : fr::fp8_e4m3_to_float(codes_ref[i]);
     const float q = fr::element_as_float(dt, q_ref.data(), i);
     if (fr::round_to_dtype(dt, val * s) != q && !(q == 0.0f && val == 0.0f)) decodes = false;
@@ -130,9 +133,9 @@ void bad_input() {
 int main() {
   uint32_t seed = 1;
   for (fr::DType dt : {fr::DType::BF16, fr::DType::F16, fr::DType::F32})
-    for (int bits : {4, 8})
+    for (int kind : {4, 8, 16})  // MXFP4, MXFP8, NVFP4_E5M3
       for (bool with_v : {false, true})
-        for (bool with_factor : {false, true}) qdq_case(dt, bits, with_v, with_factor, seed++);
+        for (bool with_factor : {false, true}) qdq_case(dt, kind == 8 ? 8 : 4, kind == 16, with_v, with_factor, seed++);
   bad_input();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

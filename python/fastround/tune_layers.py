@@ -101,40 +101,51 @@ class TunedLinear(torch.nn.Module):
                                       self.wmax, self.spec)
 
 
-def mx_act_bits(cfg: dict[str, Any]) -> int | None:
-    """The MXFP bits a layer quantizes its input activations to while tuning and in the quantized chain (upstream's
-    wrapper for act_bits <= 8: dynamic per-32 MX qdq), None when its activations stay in full precision."""
+def _fp_kind(data_type: str, bits: int) -> str | None:
+    """The fp_qdq op's data_type of a scheme's (act_)data_type: "mx_fp" (MXFP4 / MXFP8), "nvfp4_v2" (NVFP4_E5M3)."""
+    if data_type in ("mx_fp", f"mx_fp{bits}") and bits in (4, 8):
+        return "mx_fp"
+    if data_type == "nvfp4_v2" and bits == 4:
+        return "nvfp4_v2"
+    return None
+
+
+def fp_act_spec(cfg: dict[str, Any]) -> tuple[int, str] | None:
+    """(bits, op data_type) a layer quantizes its input activations to while tuning and in the quantized chain
+    (upstream's wrapper for act_bits <= 8: dynamic qdq per group), None when they stay in full precision."""
     act_bits = int(cfg.get("act_bits") or 16)
     if act_bits > 8:
         return None
     act_dt = str(cfg.get("act_data_type") or "")
-    if act_dt not in ("mx_fp", f"mx_fp{act_bits}") or act_bits not in (4, 8) or cfg.get("act_dynamic") is False or \
-            int(cfg.get("act_group_size") or 0) != tune_fp_ops.MX_GROUP:
+    kind = _fp_kind(act_dt, act_bits)
+    if kind is None or cfg.get("act_dynamic") is False or \
+            int(cfg.get("act_group_size") or 0) != tune_fp_ops.GROUP[kind]:
         raise NotImplementedError(
             f"SignRound tuning with act_bits={act_bits} act_data_type={act_dt} "
             f"act_group_size={cfg.get('act_group_size')} act_dynamic={cfg.get('act_dynamic')} is not implemented in "
-            "fastround (dynamic MXFP activations with group size 32 are)")
-    return act_bits
+            "fastround (dynamic MXFP activations in groups of 32 and NVFP4_E5M3 ones in groups of 16 are)")
+    return act_bits, kind
 
 
 def quantize_inputs(module: torch.nn.Module, cfg: dict[str, Any]) -> None:
     """After tuning, a layer with quantized activations quantize-dequantizes its input in every later forward (the
     quantized chain, the outside layers' calibration pass), as upstream's WrapperWALayer does."""
-    bits = mx_act_bits(cfg) if str(cfg.get("data_type", "int")).startswith("mx_fp") else None
-    if bits is None or getattr(module, "_fastround_act_hook", None) is not None:
+    spec = fp_act_spec(cfg) if _fp_kind(str(cfg.get("data_type", "int")), int(cfg["bits"])) else None
+    if spec is None or getattr(module, "_fastround_act_hook", None) is not None:
         return
+    bits, kind = spec
 
     def hook(mod: torch.nn.Module, args: tuple) -> tuple:
         with torch.no_grad():
-            return (tune_fp_ops.mx_qdq(args[0], None, None, bits),) + tuple(args[1:])
+            return (tune_fp_ops.mx_qdq(args[0], None, None, bits, kind),) + tuple(args[1:])
 
     module._fastround_act_hook = module.register_forward_pre_hook(hook)
 
 
 class TunedFPLinear(torch.nn.Module):
-    """An MXFP Linear / Conv1D during tuning: its weight goes through the C++ MX qdq with this layer's V and range
-    factor (upstream's quant_mx tunes max_scale only: min_scale gets no gradient there), and with act_bits <= 8 its
-    input goes through the same qdq without parameters, whose gradient reaches the layers before it."""
+    """An MXFP / NVFP4_E5M3 Linear / Conv1D during tuning: its weight goes through the C++ qdq with this layer's V
+    and range factor (upstream's quant_mx / nvfp4_v2 use max_scale only: min_scale gets no gradient there), and with
+    act_bits <= 8 its input goes through the same qdq without parameters, whose gradient reaches the layers before."""
 
     def __init__(self, orig: torch.nn.Module, cfg: dict[str, Any], settings: SignRoundSettings,
                  device: torch.device) -> None:
@@ -144,11 +155,15 @@ class TunedFPLinear(torch.nn.Module):
         w = orig.weight.data
         self.weight_q = (w.t() if self.conv1d else w).to(device).contiguous()  # [out, in], never updated
         self.bits = int(cfg["bits"])
-        self.act_bits = mx_act_bits(cfg)
+        kind = _fp_kind(str(cfg["data_type"]), self.bits)
+        assert kind is not None
+        self.kind = kind
+        self.act = fp_act_spec(cfg)
         rows, cols = self.weight_q.shape
-        groups = cols // tune_fp_ops.MX_GROUP
+        group = tune_fp_ops.GROUP[kind]
+        groups = cols // group
         f32 = {"dtype": torch.float32, "device": device}
-        self.v = torch.nn.Parameter(torch.zeros(rows * groups, tune_fp_ops.MX_GROUP, **f32))  # [out*G, 32]
+        self.v = torch.nn.Parameter(torch.zeros(rows * groups, group, **f32))  # [out*G, group]
         self.max_scale: torch.nn.Parameter | None = None
         if settings.enable_minmax_tuning:
             self.max_scale = torch.nn.Parameter(torch.ones(rows, groups, **f32))  # [out, G], clamped to [0, 1]
@@ -156,9 +171,9 @@ class TunedFPLinear(torch.nn.Module):
         self.minmax_lr = settings.minmax_lr_for(self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = tune_fp_ops.mx_qdq(self.weight_q, self.v, self.max_scale, self.bits)
-        if self.act_bits is not None:
-            x = tune_fp_ops.mx_qdq(x, None, None, self.act_bits)
+        w = tune_fp_ops.mx_qdq(self.weight_q, self.v, self.max_scale, self.bits, self.kind)
+        if self.act is not None:
+            x = tune_fp_ops.mx_qdq(x, None, None, *self.act)
         return torch.nn.functional.linear(x, w, self.orig.bias)
 
     def params(self) -> dict[str, torch.Tensor]:
@@ -178,22 +193,22 @@ class TunedFPLinear(torch.nn.Module):
         points), so a committed block stores four tensors as INT ones do."""
         p = {k: (best[k] if best and k in best else t).detach().to(self.weight_q.device) for k, t in
              self.params().items()}
-        qdq, codes, scales = tune_fp_ops.mx_qdq_codes(self.weight_q, p["v"], p.get("max_scale"), self.bits)
+        qdq, codes, scales = tune_fp_ops.mx_qdq_codes(self.weight_q, p["v"], p.get("max_scale"), self.bits, self.kind)
         return qdq, codes, scales, torch.empty(0, dtype=torch.int32)
 
 
 def tunable_data_type(cfg: dict[str, Any]) -> bool:
-    """Whether SignRound tunes a layer of this scheme: INT, and MXFP4 / MXFP8."""
+    """Whether SignRound tunes a layer of this scheme: INT, MXFP4 / MXFP8 and NVFP4_E5M3."""
     dt = str(cfg.get("data_type", "int"))
-    return dt == "int" or (dt in ("mx_fp", f"mx_fp{cfg.get('bits')}") and int(cfg["bits"]) in (4, 8))
+    return dt == "int" or _fp_kind(dt, int(cfg["bits"])) is not None
 
 
 def tuned_layer(orig: torch.nn.Module, cfg: dict[str, Any], settings: SignRoundSettings, device: torch.device,
                 tune_bias: bool = False) -> TunedLinear | TunedFPLinear:
     """The tuning wrapper of a quantized layer, by its data type."""
-    if str(cfg.get("data_type", "int")).startswith("mx_fp"):
+    if _fp_kind(str(cfg.get("data_type", "int")), int(cfg["bits"])) is not None:
         if tune_bias:
-            raise NotImplementedError("enable_norm_bias_tuning with MXFP layers is not implemented in fastround")
+            raise NotImplementedError("enable_norm_bias_tuning with MXFP / NVFP layers is not implemented in fastround")
         return TunedFPLinear(orig, cfg, settings, device)
     return TunedLinear(orig, cfg, settings, device, tune_bias=tune_bias)
 

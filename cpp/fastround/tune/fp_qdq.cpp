@@ -144,17 +144,134 @@ inline uint8_t mx_code(int bits, float w, float s) {
   return bits == 4 ? fpq::e2m1_code(c) : fpq::e4m3_code(c);
 }
 
+// ---- NVFP4_E5M3 (upstream's nvfp4_v2 through ref_fp4_quant, global scale 1) ----
+
+struct NvGroup {
+  float amax = 0;  // max |x| (x's dtype holds it exactly)
+  int arg = 0;
+  float mv = 0;    // amax * factor
+  float sc0 = 0;   // 1 * (mv * (1/6)), before the clip
+  float d = 0;     // the UE5M3 scale as the qdq uses it ((cast - s) + s of the clipped value)
+  uint8_t byte = 0;
+};
+
+NvGroup nv_group_scale(const float* t, float factor) {
+  NvGroup g;
+  g.amax = std::fabs(t[0]);
+  for (int i = 1; i < kNvGroup; ++i) {
+    const float a = std::fabs(t[i]);
+    if (a > g.amax) {
+      g.amax = a;
+      g.arg = i;
+    }
+  }
+  g.mv = g.amax * factor;
+  g.sc0 = 1.0f * (g.mv * fpq::kOneSixth);
+  const float sc1 = clampf(g.sc0, 0.0f, fpq::kUe5m3Max);
+  g.byte = ue5m3_encode(sc1);
+  g.d = (ue5m3_decode(g.byte) - sc1) + sc1;  // cast_to_ue5m3_ste's value
+  return g;
+}
+
+// One element: x / d (0 when d is 0) + v, clamped to [-6, 6], cast_to_fp4 (its value is fp_numerics.h's).
+struct NvElem {
+  float sx, cx, r, f;  // x / d + v, clamped, cast_to_fp4 before its clamp and sign, the element value
+};
+
+inline NvElem nv_elem(float t, float v, float d) {
+  NvElem e;
+  e.sx = (d == 0.0f ? 0.0f : t / d) + v;
+  e.cx = clampf(e.sx, -6.0f, 6.0f);
+  e.f = fpq::cast_to_fp4(e.cx);
+  e.r = std::fabs(e.f);
+  return e;
+}
+
+NvGroup nv_group_forward(const float* t, const float* v, float factor, float* q) {
+  const NvGroup g = nv_group_scale(t, factor);
+  for (int i = 0; i < kNvGroup; ++i) q[i] = nv_elem(t[i], v ? v[i] : 0.0f, g.d).f * g.d;
+  return g;
+}
+
+// As group_backward; `dt` is x's dtype: upstream takes the group maximum before casting to fp32, so the
+// maximum's gradient is rounded to it and added to the rest of x's gradient in it.
+void nv_group_backward(const float* t, const float* v, float factor, DType dt, const float* go, float* gv,
+                       float* gmax, float* gx) {
+  const NvGroup g = nv_group_scale(t, factor);
+  const float d = g.d;
+  float gmul[kNvGroup], gdiv[kNvGroup], gt[kNvGroup];
+  for (int i = 0; i < kNvGroup; ++i) {
+    const NvElem e = nv_elem(t[i], v ? v[i] : 0.0f, d);
+    const float sgn = signf(e.cx);
+    const float a = std::fabs(e.cx);
+    const float g_f = go[i] * d;
+    const float g_r2 = g_f * sgn;
+    const float g_r = inside(e.r, 6.0f) ? g_r2 : 0.0f;  // the clamp after the bands
+    // Exactly one band's mask is 1: its step's gradient, through round_ste's identity (x2 / 2, / 2 x 2).
+    float g_a;
+    if (a < 2.0f) g_a = (g_r / 2.0f) * 2.0f;
+    else if (a < 4.0f) g_a = g_r;
+    else g_a = (g_r * 2.0f) / 2.0f;
+    const float g_cx = g_a * sgn + 0.0f;
+    const float g_sx = inside(e.sx, 6.0f) ? g_cx : 0.0f;
+    if (gv) gv[i] = g_sx;
+    const float g_div = d == 0.0f ? 0.0f : g_sx;
+    gt[i] = g_div / d;
+    gdiv[i] = -g_div * ((t[i] / d) / d);
+    gmul[i] = go[i] * e.f;
+  }
+  if (!gmax && !gx) return;
+  const float g_d = fpq::torch_sum_lanes8<16>(gmul) + fpq::torch_sum_lanes8<16>(gdiv);
+  const float g_sc0 = (g.sc0 >= 0.0f && g.sc0 <= fpq::kUe5m3Max) ? g_d * 1.0f : 0.0f;
+  const float g_mv = (g_sc0 * 1.0f) * fpq::kOneSixth;
+  if (gmax) *gmax = g_mv * g.amax;
+  if (gx) {
+    const float g_amax = round_to_dtype(dt, g_mv * factor);
+    for (int i = 0; i < kNvGroup; ++i)
+      gx[i] = round_to_dtype(dt, round_to_dtype(dt, gt[i]) + (i == g.arg ? g_amax : 0.0f) * signf(t[i]));
+  }
+}
+
+// The group functions of a format, behind one signature: qdq values and (exponent or scale, scale byte).
+float group_forward_any(const FpQdqParams& p, const float* t, const float* v, float factor, float* q,
+                        uint8_t* byte) {
+  if (p.nv_e5m3) {
+    const NvGroup g = nv_group_forward(t, v, factor, q);
+    *byte = g.byte;
+    return g.d;
+  }
+  const GroupExp g = group_forward(t, v, factor, mx_format(p.bits), q);
+  *byte = static_cast<uint8_t>(g.e + 127.0f);
+  return g.e;
+}
+
+void group_backward_any(const FpQdqParams& p, DType dt, const float* t, const float* v, float factor,
+                        const float* go, float* gv, float* gmax, float* gx) {
+  if (p.nv_e5m3)
+    nv_group_backward(t, v, factor, dt, go, gv, gmax, gx);
+  else
+    group_backward(t, v, factor, mx_format(p.bits), go, gv, gmax, gx);
+}
+
+// The code of a stored qdq value w over its group's scale (MX: e is the exponent; NV: the decoded scale), as the
+// packers re-derive it.
+inline uint8_t code_any(const FpQdqParams& p, float w, float e) {
+  if (p.nv_e5m3) return fpq::nv_code(w, e);
+  return mx_code(p.bits, w, pow2f(e));
+}
+
 float factor_of(const float* f, int64_t gi) { return f ? f[gi] : 1.0f; }
 
 }  // namespace
 
 void fp_qdq_check(const FpQdqView& v, const FpQdqParams& p, const char* site) {
   require_float_source(v.dtype, site);
-  if (p.bits != 4 && p.bits != 8)
-    throw OptionError(std::string("[") + site + "] MXFP bits must be 4 or 8, got " + std::to_string(p.bits));
-  if (v.rows < 0 || v.cols <= 0 || v.cols % kMxGroup != 0)
+  if (p.nv_e5m3 ? p.bits != 4 : (p.bits != 4 && p.bits != 8))
+    throw OptionError(std::string("[") + site + "] bits must be " + (p.nv_e5m3 ? "4 (NVFP4_E5M3)" : "4 or 8 (MXFP)") +
+                      ", got " + std::to_string(p.bits));
+  if (v.rows < 0 || v.cols <= 0 || v.cols % p.group() != 0)
     throw OptionError(std::string("[") + site + "] columns " + std::to_string(v.cols) +
-                      " are not a positive multiple of the MX group size 32");
+                      " are not a positive multiple of the group size " + std::to_string(p.group()));
   if (!v.x && v.rows > 0) throw OptionError(std::string("[") + site + "] the input tensor is required");
 }
 
@@ -163,17 +280,17 @@ void fp_qdq_check(const FpQdqView& v, const FpQdqParams& p, const char* site) {
 void fp_qdq_forward_ref(const FpQdqView& v, const FpQdqParams& p, void* qdq, float* exponent, uint8_t* codes,
                         uint8_t* scales) {
   fp_qdq_check(v, p, "fp_qdq_forward_ref");
-  const MxFormat F = mx_format(p.bits);
-  const int64_t ng = v.rows * (v.cols / kMxGroup);
+  const int64_t G = p.group(), ng = v.rows * (v.cols / G);
   for (int64_t gi = 0; gi < ng; ++gi) {
     float t[kMxGroup], q[kMxGroup];
-    for (int i = 0; i < kMxGroup; ++i) t[i] = element_as_float(v.dtype, v.x, gi * kMxGroup + i);
-    const GroupExp g = group_forward(t, v.v ? v.v + gi * kMxGroup : nullptr, factor_of(v.max_scale, gi), F, q);
-    exponent[gi] = g.e;
-    if (scales) scales[gi] = static_cast<uint8_t>(g.e + 127.0f);
-    for (int i = 0; i < kMxGroup; ++i) {
-      store_from_float(v.dtype, &q[i], 1, qdq, gi * kMxGroup + i);
-      if (codes) codes[gi * kMxGroup + i] = mx_code(p.bits, round_to_dtype(v.dtype, q[i]), g.s);
+    for (int64_t i = 0; i < G; ++i) t[i] = element_as_float(v.dtype, v.x, gi * G + i);
+    uint8_t byte = 0;
+    const float e = group_forward_any(p, t, v.v ? v.v + gi * G : nullptr, factor_of(v.max_scale, gi), q, &byte);
+    exponent[gi] = e;
+    if (scales) scales[gi] = byte;
+    for (int64_t i = 0; i < G; ++i) {
+      store_from_float(v.dtype, &q[i], 1, qdq, gi * G + i);
+      if (codes) codes[gi * G + i] = code_any(p, round_to_dtype(v.dtype, q[i]), e);
     }
   }
 }
@@ -181,19 +298,17 @@ void fp_qdq_forward_ref(const FpQdqView& v, const FpQdqParams& p, void* qdq, flo
 void fp_qdq_backward_ref(const FpQdqView& v, const FpQdqParams& p, const void* grad, float* grad_v, float* grad_max,
                          void* grad_x) {
   fp_qdq_check(v, p, "fp_qdq_backward_ref");
-  const MxFormat F = mx_format(p.bits);
-  const int64_t ng = v.rows * (v.cols / kMxGroup);
+  const int64_t G = p.group(), ng = v.rows * (v.cols / G);
   for (int64_t gi = 0; gi < ng; ++gi) {
     float t[kMxGroup], go[kMxGroup], gx[kMxGroup];
-    for (int i = 0; i < kMxGroup; ++i) {
-      t[i] = element_as_float(v.dtype, v.x, gi * kMxGroup + i);
-      go[i] = element_as_float(v.dtype, grad, gi * kMxGroup + i);
+    for (int64_t i = 0; i < G; ++i) {
+      t[i] = element_as_float(v.dtype, v.x, gi * G + i);
+      go[i] = element_as_float(v.dtype, grad, gi * G + i);
     }
-    group_backward(t, v.v ? v.v + gi * kMxGroup : nullptr, factor_of(v.max_scale, gi), F, go,
-                   grad_v ? grad_v + gi * kMxGroup : nullptr, grad_max ? grad_max + gi : nullptr,
-                   grad_x ? gx : nullptr);
+    group_backward_any(p, v.dtype, t, v.v ? v.v + gi * G : nullptr, factor_of(v.max_scale, gi), go,
+                       grad_v ? grad_v + gi * G : nullptr, grad_max ? grad_max + gi : nullptr, grad_x ? gx : nullptr);
     if (grad_x)
-      for (int i = 0; i < kMxGroup; ++i) store_from_float(v.dtype, &gx[i], 1, grad_x, gi * kMxGroup + i);
+      for (int64_t i = 0; i < G; ++i) store_from_float(v.dtype, &gx[i], 1, grad_x, gi * G + i);
   }
 }
 
@@ -202,23 +317,21 @@ void fp_qdq_backward_ref(const FpQdqView& v, const FpQdqParams& p, const void* g
 void fp_qdq_forward(const FpQdqView& v, const FpQdqParams& p, void* qdq, float* exponent, uint8_t* codes,
                     uint8_t* scales) {
   fp_qdq_check(v, p, "fp_qdq_forward");
-  const MxFormat F = mx_format(p.bits);
-  const int64_t gpr = v.cols / kMxGroup;
+  const int64_t G = p.group(), gpr = v.cols / G;
   parallel_for(v.rows, [&](int64_t r) {
     std::vector<float> row(static_cast<size_t>(v.cols)), out(static_cast<size_t>(v.cols));
     load_as_float(v.dtype, v.x, r * v.cols, v.cols, row.data());
     for (int64_t g = 0; g < gpr; ++g) {
       const int64_t gi = r * gpr + g;
-      const GroupExp ge = group_forward(row.data() + g * kMxGroup, v.v ? v.v + gi * kMxGroup : nullptr,
-                                        factor_of(v.max_scale, gi), F, out.data() + g * kMxGroup);
-      exponent[gi] = ge.e;
-      if (scales) scales[gi] = static_cast<uint8_t>(ge.e + 127.0f);
+      uint8_t byte = 0;
+      exponent[gi] = group_forward_any(p, row.data() + g * G, v.v ? v.v + gi * G : nullptr,
+                                       factor_of(v.max_scale, gi), out.data() + g * G, &byte);
+      if (scales) scales[gi] = byte;
     }
     store_from_float(v.dtype, out.data(), v.cols, qdq, r * v.cols);
     if (codes) {
       for (int64_t c = 0; c < v.cols; ++c)
-        codes[r * v.cols + c] =
-            mx_code(p.bits, round_to_dtype(v.dtype, out[c]), pow2f(exponent[r * gpr + c / kMxGroup]));
+        codes[r * v.cols + c] = code_any(p, round_to_dtype(v.dtype, out[c]), exponent[r * gpr + c / G]);
     }
   });
 }
@@ -226,8 +339,7 @@ void fp_qdq_forward(const FpQdqView& v, const FpQdqParams& p, void* qdq, float* 
 void fp_qdq_backward(const FpQdqView& v, const FpQdqParams& p, const void* grad, float* grad_v, float* grad_max,
                      void* grad_x) {
   fp_qdq_check(v, p, "fp_qdq_backward");
-  const MxFormat F = mx_format(p.bits);
-  const int64_t gpr = v.cols / kMxGroup;
+  const int64_t G = p.group(), gpr = v.cols / G;
   parallel_for(v.rows, [&](int64_t r) {
     std::vector<float> row(static_cast<size_t>(v.cols)), go(static_cast<size_t>(v.cols));
     std::vector<float> gx(grad_x ? static_cast<size_t>(v.cols) : 0);
@@ -235,9 +347,9 @@ void fp_qdq_backward(const FpQdqView& v, const FpQdqParams& p, const void* grad,
     load_as_float(v.dtype, grad, r * v.cols, v.cols, go.data());
     for (int64_t g = 0; g < gpr; ++g) {
       const int64_t gi = r * gpr + g;
-      group_backward(row.data() + g * kMxGroup, v.v ? v.v + gi * kMxGroup : nullptr, factor_of(v.max_scale, gi), F,
-                     go.data() + g * kMxGroup, grad_v ? grad_v + gi * kMxGroup : nullptr,
-                     grad_max ? grad_max + gi : nullptr, grad_x ? gx.data() + g * kMxGroup : nullptr);
+      group_backward_any(p, v.dtype, row.data() + g * G, v.v ? v.v + gi * G : nullptr, factor_of(v.max_scale, gi),
+                         go.data() + g * G, grad_v ? grad_v + gi * G : nullptr, grad_max ? grad_max + gi : nullptr,
+                         grad_x ? gx.data() + g * G : nullptr);
     }
     if (grad_x) store_from_float(v.dtype, gx.data(), v.cols, grad_x, r * v.cols);
   });

@@ -298,6 +298,7 @@ void fp_qdq_forward_cuda(const FpQdqView& view, const FpQdqParams& params, void*
                          uint8_t* codes, uint8_t* scales, void* stream) {
   constexpr const char* site = "fp_qdq_forward_cuda";
   fp_qdq_check(view, params, site);
+  if (params.nv_e5m3) throw OptionError(std::string("[") + site + "] NVFP4_E5M3 tuning has no CUDA kernel yet");
   const Args a = make_args(view, params);
   if (a.groups == 0) return;
   const auto st = static_cast<cudaStream_t>(stream);
@@ -311,6 +312,7 @@ void fp_qdq_backward_cuda(const FpQdqView& view, const FpQdqParams& params, cons
                           float* grad_max, void* grad_x, void* stream) {
   constexpr const char* site = "fp_qdq_backward_cuda";
   fp_qdq_check(view, params, site);
+  if (params.nv_e5m3) throw OptionError(std::string("[") + site + "] NVFP4_E5M3 tuning has no CUDA kernel yet");
   if (!grad) throw OptionError(std::string("[") + site + "] grad is required");
   const Args a = make_args(view, params);
   if (a.groups == 0) return;
