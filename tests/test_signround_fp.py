@@ -38,13 +38,15 @@ def test_mx_checkpoint_equals_upstream(checkpoint, tmp_path, caplog, fmt, kwargs
 
 
 def test_unsupported_variants_are_clear(checkpoint) -> None:
-    """Static MX activations and the NVFP4 schemes are not tuned: refused by name before any work."""
+    """Static activations (and any data type without a tuning qdq) are refused by name at construction."""
     from fastround import AutoRound
-    from fastround.tune_layers import fp_act_spec
+    from fastround.tune_layers import fp_act_spec, require_tunable
     from test_signround import COMMON
 
+    static = {"bits": 4, "group_size": 32, "data_type": "mx_fp", "act_bits": 4, "act_data_type": "mx_fp",
+              "act_group_size": 32, "act_dynamic": False}
     with pytest.raises(NotImplementedError, match="act_dynamic=False"):
-        fp_act_spec({"act_bits": 4, "act_data_type": "mx_fp", "act_group_size": 32, "act_dynamic": False})
+        AutoRound(str(checkpoint("llama_aligned")), scheme=static, iters=2, **COMMON)
     assert fp_act_spec({"act_bits": 16}) is None
-    with pytest.raises(NotImplementedError, match="nvfp4_v2"):
-        AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4_E5M3", iters=2, **COMMON)
+    with pytest.raises(NotImplementedError, match="layer x: .*data_type=nv_fp"):
+        require_tunable({"data_type": "nv_fp", "bits": 4}, "layer x")

@@ -271,13 +271,10 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     plan = comp.plan
     assert plan is not None and settings is not None
     cfg = comp.layer_config
-    from fastround.tune_layers import quantize_inputs, tunable_data_type
+    from fastround.tune_layers import quantize_inputs, require_tunable
 
     for name in plan.quantized():
-        if not tunable_data_type(cfg[name]):
-            raise NotImplementedError(
-                f"layer {name}: SignRound tuning of data_type={cfg[name]['data_type']} bits={cfg[name]['bits']} is "
-                "not implemented in fastround yet (INT, MXFP4 and MXFP8 are); use iters=0 for RTN / OPT-RTN")
+        require_tunable(cfg[name], f"layer {name}")
     outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
     outside_in: dict[str, list[torch.Tensor]] = {}
     outside_ids: list[torch.Tensor] = []

@@ -121,12 +121,9 @@ class Compressor:
         self.scheme_arg = scheme
         self.scheme, self.scheme_name = resolve_scheme(scheme, dict(overrides or {}))
         if self.signround is not None:
-            from fastround.tune_layers import tunable_data_type
+            from fastround.tune_layers import require_tunable
 
-            if not tunable_data_type(self.scheme):
-                raise NotImplementedError(
-                    f"SignRound tuning (iters > 0) of data_type={self.scheme['data_type']} bits={self.scheme['bits']} "
-                    "is not implemented in fastround yet (INT, MXFP4 and MXFP8 are); use iters=0 for RTN / OPT-RTN")
+            require_tunable(self.scheme, f"scheme {scheme!r}")
         self.user_layer_config = dict(layer_config or {})
         self.dataset = dataset if dataset is not None else _DEFAULT_DATASET
         self.iters = iters

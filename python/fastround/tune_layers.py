@@ -197,10 +197,20 @@ class TunedFPLinear(torch.nn.Module):
         return qdq, codes, scales, torch.empty(0, dtype=torch.int32)
 
 
-def tunable_data_type(cfg: dict[str, Any]) -> bool:
-    """Whether SignRound tunes a layer of this scheme: INT, MXFP4 / MXFP8 and NVFP4_E5M3."""
+def require_tunable(cfg: dict[str, Any], what: str) -> None:
+    """Refuses (NotImplementedError naming `what`) a scheme SignRound does not tune: INT, MXFP4 / MXFP8 and
+    NVFP4_E5M3 weights are tuned, with activations in full precision or dynamically quantized as upstream's
+    wrapper does for those data types."""
     dt = str(cfg.get("data_type", "int"))
-    return dt == "int" or _fp_kind(dt, int(cfg["bits"])) is not None
+    if dt != "int" and _fp_kind(dt, int(cfg["bits"])) is None:
+        raise NotImplementedError(
+            f"{what}: SignRound tuning (iters > 0) of data_type={dt} bits={cfg['bits']} is not implemented in "
+            "fastround yet (INT, MXFP4, MXFP8 and NVFP4_E5M3 are); use iters=0 for RTN / OPT-RTN")
+    if dt != "int":
+        try:
+            fp_act_spec(cfg)
+        except NotImplementedError as exc:
+            raise NotImplementedError(f"{what}: {exc}") from None
 
 
 def tuned_layer(orig: torch.nn.Module, cfg: dict[str, Any], settings: SignRoundSettings, device: torch.device,
