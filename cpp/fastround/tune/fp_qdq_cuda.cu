@@ -4,8 +4,8 @@
 // log2 only near a binade's top); min/max/clamp are the CPU's ternaries; fp16/bf16 rounding goes through
 // common/half.h. A group's two scale-gradient sums keep torch's 8-lane order, as the CPU kernel does.
 //
-// Work split: one thread per 32-element group (grid-stride), which runs the CPU's group code unchanged; a layer
-// has rows * cols / 32 groups, so a 4096 x 4096 weight is 512K threads.
+// Work split: one thread per group (32 elements MXFP, 16 NVFP4_E5M3; grid-stride), which runs the CPU's group code
+// unchanged; a 4096 x 4096 MXFP weight is 512K threads.
 #include "fastround/tune/fp_qdq_cuda.h"
 
 #include <cuda_runtime.h>
@@ -182,12 +182,109 @@ __device__ __forceinline__ uint8_t d_e4m3_code(float f) {
   return static_cast<uint8_t>(sign | (exp << 3) | ((u >> 20) & 0x7u));
 }
 
+// ---- NVFP4_E5M3 (fp_qdq.cpp's nv_* functions; fp_rtn.cpp's UE5M3 codec, fp_numerics.h's cast_to_fp4) ----
+
+constexpr int GN = static_cast<int>(kNvGroup);
+constexpr float kUe5m3Max = 114688.0f;
+constexpr float kOneSixth = static_cast<float>(1.0 / 6.0);
+
+__device__ __forceinline__ float d_rne_nonneg(float v) { return __fsub_rn(__fadd_rn(v, 8388608.0f), 8388608.0f); }
+
+__device__ __forceinline__ uint8_t d_ue5m3_encode(float v) {
+  v = d_clamp(v, 0.0f, kUe5m3Max);
+  if (v < 6.103515625e-05f) {
+    const float m = rintf(__fmul_rn(v, 131072.0f));
+    return static_cast<uint8_t>(m < 254.0f ? m : 254.0f);
+  }
+  int ex = 0;
+  const float mant = frexpf(v, &ex);
+  int m3 = static_cast<int>(rintf(__fmul_rn(__fsub_rn(mant, 0.5f), 16.0f)));
+  int e5 = ex + 14;
+  if (m3 == 8) {
+    m3 = 0;
+    ++e5;
+  }
+  const int code = (e5 << 3) | m3;
+  return static_cast<uint8_t>(code < 0 ? 0 : (code > 254 ? 254 : code));
+}
+
+__device__ __forceinline__ float d_ue5m3_decode(uint8_t b) {
+  if (b == 0) return 0.0f;
+  const int e = (b >> 3) & 31, m = b & 7;
+  if (e == 31 && m == 7) return bits_float(0x7FC00000u);
+  if (e == 0) return __fmul_rn(__fdiv_rn(static_cast<float>(m), 8.0f), 6.103515625e-05f);
+  return ldexpf(__fadd_rn(1.0f, __fdiv_rn(static_cast<float>(m), 8.0f)), e - 15);
+}
+
+__device__ __forceinline__ float d_cast_to_fp4(float y) {
+  const bool nan = y != y;
+  const float sgn = nan ? 0.0f : d_sign(y);
+  const float a = d_abs(y);
+  float r;
+  if (nan) r = a;
+  else if (a < 2.0f) r = __fdiv_rn(d_rne_nonneg(__fmul_rn(2.0f, a)), 2.0f);
+  else if (a < 4.0f) r = d_rne_nonneg(a);
+  else r = __fmul_rn(2.0f, d_rne_nonneg(__fdiv_rn(a < 16.0f ? a : 16.0f, 2.0f)));
+  r = (r != r) ? r : d_clamp(r, -6.0f, 6.0f);
+  return __fmul_rn(r, sgn);
+}
+
+__device__ __forceinline__ uint8_t d_nv_code(float x, float d) {
+  float s = __fdiv_rn(x, d);
+  if (!(s != s)) s = d_clamp(s, -6.0f, 6.0f);
+  return d_e2m1_code(d_cast_to_fp4(s));
+}
+
+// torch's fp32 sum of 16 contiguous values (fp_numerics.h torch_sum_lanes8<16>).
+__device__ __forceinline__ float sum_lanes8_16(const float* v) {
+  float acc = 0.0f;
+  for (int l = 0; l < 8; ++l) acc = __fadd_rn(acc, __fadd_rn(__fadd_rn(0.0f, v[l]), v[8 + l]));
+  return acc;
+}
+
+struct NvGroup {
+  float amax, mv, sc0, d;
+  int arg;
+  uint8_t byte;
+};
+
+__device__ __forceinline__ NvGroup nv_group_scale(const float* t, float factor) {
+  NvGroup g;
+  g.amax = d_abs(t[0]);
+  g.arg = 0;
+  for (int i = 1; i < GN; ++i) {
+    const float a = d_abs(t[i]);
+    if (a > g.amax) {
+      g.amax = a;
+      g.arg = i;
+    }
+  }
+  g.mv = __fmul_rn(g.amax, factor);
+  g.sc0 = __fmul_rn(1.0f, __fmul_rn(g.mv, kOneSixth));
+  const float sc1 = d_clamp(g.sc0, 0.0f, kUe5m3Max);
+  g.byte = d_ue5m3_encode(sc1);
+  g.d = __fadd_rn(__fsub_rn(d_ue5m3_decode(g.byte), sc1), sc1);
+  return g;
+}
+
+struct NvElem {
+  float sx, f;
+};
+
+__device__ __forceinline__ NvElem nv_elem(float t, float v, float d) {
+  NvElem e;
+  e.sx = __fadd_rn(d == 0.0f ? 0.0f : __fdiv_rn(t, d), v);
+  e.f = d_cast_to_fp4(d_clamp(e.sx, -6.0f, 6.0f));
+  return e;
+}
+
 struct Args {
   const void* x;
   const float* v;
   const float* max_scale;
   int64_t groups;
   int bits;
+  bool nv;  // NVFP4_E5M3: groups of 16
 };
 
 template <DType D>
@@ -197,6 +294,18 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < a.groups;
        gi += static_cast<int64_t>(gridDim.x) * kThreads) {
     float t[G];
+    if (a.nv) {
+      for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
+      const NvGroup g = nv_group_scale(t, a.max_scale ? a.max_scale[gi] : 1.0f);
+      exponent[gi] = g.d;
+      if (scales) scales[gi] = g.byte;
+      for (int i = 0; i < GN; ++i) {
+        const float q = __fmul_rn(nv_elem(t[i], a.v ? a.v[gi * GN + i] : 0.0f, g.d).f, g.d);
+        store_el<D>(qdq, gi * GN + i, q);
+        if (codes) codes[gi * GN + i] = d_nv_code(round_to<D>(q), g.d);
+      }
+      continue;
+    }
     for (int i = 0; i < G; ++i) t[i] = load_el<D>(a.x, gi * G + i);
     const GroupExp g = group_exp(t, a.max_scale ? a.max_scale[gi] : 1.0f, F);
     exponent[gi] = g.e;
@@ -220,8 +329,45 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < a.groups;
        gi += static_cast<int64_t>(gridDim.x) * kThreads) {
     float t[G], gmul[G], gdiv[G], gt[G];
-    for (int i = 0; i < G; ++i) t[i] = load_el<D>(a.x, gi * G + i);
     const float factor = a.max_scale ? a.max_scale[gi] : 1.0f;
+    if (a.nv) {
+      for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
+      const NvGroup g = nv_group_scale(t, factor);
+      const float d = g.d;
+      for (int i = 0; i < GN; ++i) {
+        const float go = load_el<D>(grad, gi * GN + i);
+        const NvElem e = nv_elem(t[i], a.v ? a.v[gi * GN + i] : 0.0f, d);
+        const float cx = d_clamp(e.sx, -6.0f, 6.0f);
+        const float sgn = d_sign(cx);
+        const float ab = d_abs(cx);
+        const float g_r2 = __fmul_rn(__fmul_rn(go, d), sgn);
+        const float g_r = inside(d_abs(e.f), 6.0f) ? g_r2 : 0.0f;
+        float g_a;
+        if (ab < 2.0f) g_a = __fmul_rn(__fdiv_rn(g_r, 2.0f), 2.0f);
+        else if (ab < 4.0f) g_a = g_r;
+        else g_a = __fdiv_rn(__fmul_rn(g_r, 2.0f), 2.0f);
+        const float g_cx = __fadd_rn(__fmul_rn(g_a, sgn), 0.0f);
+        const float g_sx = inside(e.sx, 6.0f) ? g_cx : 0.0f;
+        if (grad_v) grad_v[gi * GN + i] = g_sx;
+        const float g_div = d == 0.0f ? 0.0f : g_sx;
+        gt[i] = __fdiv_rn(g_div, d);
+        gdiv[i] = __fmul_rn(-g_div, __fdiv_rn(__fdiv_rn(t[i], d), d));
+        gmul[i] = __fmul_rn(go, e.f);
+      }
+      if (!grad_max && !grad_x) continue;
+      const float g_d = __fadd_rn(sum_lanes8_16(gmul), sum_lanes8_16(gdiv));
+      const float g_sc0 = (g.sc0 >= 0.0f && g.sc0 <= kUe5m3Max) ? __fmul_rn(g_d, 1.0f) : 0.0f;
+      const float g_mv = __fmul_rn(__fmul_rn(g_sc0, 1.0f), kOneSixth);
+      if (grad_max) grad_max[gi] = __fmul_rn(g_mv, g.amax);
+      if (grad_x) {
+        const float g_amax = round_to<D>(__fmul_rn(g_mv, factor));
+        for (int i = 0; i < GN; ++i)
+          store_el<D>(grad_x, gi * GN + i,
+                      __fadd_rn(round_to<D>(gt[i]), __fmul_rn(i == g.arg ? g_amax : 0.0f, d_sign(t[i]))));
+      }
+      continue;
+    }
+    for (int i = 0; i < G; ++i) t[i] = load_el<D>(a.x, gi * G + i);
     const GroupExp g = group_exp(t, factor, F);
     const float s = g.s;
     for (int i = 0; i < G; ++i) {
@@ -285,7 +431,7 @@ void check_launch(const char* site) {
 }
 
 Args make_args(const FpQdqView& v, const FpQdqParams& p) {
-  return {v.x, v.v, v.max_scale, v.rows * (v.cols / kMxGroup), p.bits};
+  return {v.x, v.v, v.max_scale, v.rows * (v.cols / p.group()), p.bits, p.nv_e5m3};
 }
 
 int grid_for(int64_t groups) {
@@ -298,7 +444,6 @@ void fp_qdq_forward_cuda(const FpQdqView& view, const FpQdqParams& params, void*
                          uint8_t* codes, uint8_t* scales, void* stream) {
   constexpr const char* site = "fp_qdq_forward_cuda";
   fp_qdq_check(view, params, site);
-  if (params.nv_e5m3) throw OptionError(std::string("[") + site + "] NVFP4_E5M3 tuning has no CUDA kernel yet");
   const Args a = make_args(view, params);
   if (a.groups == 0) return;
   const auto st = static_cast<cudaStream_t>(stream);
@@ -312,7 +457,6 @@ void fp_qdq_backward_cuda(const FpQdqView& view, const FpQdqParams& params, cons
                           float* grad_max, void* grad_x, void* stream) {
   constexpr const char* site = "fp_qdq_backward_cuda";
   fp_qdq_check(view, params, site);
-  if (params.nv_e5m3) throw OptionError(std::string("[") + site + "] NVFP4_E5M3 tuning has no CUDA kernel yet");
   if (!grad) throw OptionError(std::string("[") + site + "] grad is required");
   const Args a = make_args(view, params);
   if (a.groups == 0) return;

@@ -1,4 +1,4 @@
-// CUDA twins of fp_qdq.h: the MXFP tuning forward and backward (NVFP4_E5M3 is refused: CPU only for now) over device pointers, bit for bit equal to the CPU
+// CUDA twins of fp_qdq.h: the MXFP / NVFP4_E5M3 tuning forward and backward over device pointers, bit for bit equal to the CPU
 // kernels (the same fp32 operations in the same order, no FMA, the same code and dtype rounding). Plain C++
 // declarations, no CUDA or torch headers; the stream is a cudaStream_t passed as void* and every call only enqueues
 // work on it. Bad arguments throw OptionError naming `site`; a failed launch throws std::runtime_error.
