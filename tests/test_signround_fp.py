@@ -51,3 +51,33 @@ def test_unsupported_variants_are_clear(checkpoint) -> None:
     assert fp_act_spec({"act_bits": 16}) is None
     with pytest.raises(NotImplementedError, match="layer x: .*data_type=nv_fp"):
         require_tunable({"data_type": "nv_fp", "bits": 4}, "layer x")
+
+
+def test_mx_resume_replays_a_block_byte_identically(checkpoint, tmp_path, monkeypatch, caplog) -> None:
+    """A run stopped after block 0 (its committed tuning state kept, block 1's dropped) and started again replays
+    block 0 from the state, its layers quantizing their inputs in the chain as when tuned, and tunes block 1 to the
+    same bytes: the FP layers' records (no zero points) survive the commit."""
+    import json
+    import shutil
+
+    import oracle
+    from fastround.tune_resume import FOLDER, TuneResume
+
+    src = checkpoint("llama_aligned")
+    kwargs = {"scheme": "MXFP4", "iters": 4, "lr": 0.05}
+    with monkeypatch.context() as m:
+        m.setattr(TuneResume, "finish", lambda self: None)  # keep the state, as a run killed before saving would
+        first = _run("fastround", src, tmp_path / "out", **kwargs)
+    clean = oracle.read_checkpoint(first)
+    shutil.rmtree(first)
+    manifest_path = tmp_path / "out" / FOLDER / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert sorted(manifest["units"]) == ["model.layers.0", "model.layers.1"]
+    del manifest["units"]["model.layers.1"]
+    manifest_path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.INFO, logger="fastround"):
+        again = _run("fastround", src, tmp_path / "out", **kwargs)
+    assert "resuming SignRound: 1 block(s)" in caplog.text
+    assert re.search(r"model\.layers\.1: tuned 7 layers", caplog.text)
+    assert not re.search(r"model\.layers\.0: tuned", caplog.text)
+    assert oracle.read_checkpoint(again) == clean
