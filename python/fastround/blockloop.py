@@ -271,11 +271,10 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     plan = comp.plan
     assert plan is not None and settings is not None
     cfg = comp.layer_config
+    from fastround.tune_layers import quantize_inputs, require_tunable
+
     for name in plan.quantized():
-        if str(cfg[name].get("data_type", "int")) != "int":
-            raise NotImplementedError(
-                f"layer {name}: SignRound tuning of data_type={cfg[name]['data_type']} is not implemented in "
-                "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
+        require_tunable(cfg[name], f"layer {name}")
     outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
     outside_in: dict[str, list[torch.Tensor]] = {}
     outside_ids: list[torch.Tensor] = []
@@ -332,6 +331,7 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                         resume.commit(key, results, random.getstate(), tensors)
                 for n, (qdq, _, _, _) in results.items():
                     _set_weight(_module(model, n), qdq)
+                    quantize_inputs(_module(model, n), cfg[n])  # act_bits <= 8: the quantized chain sees qdq inputs
                 for path, value in tensors.items():
                     mod_name, _, attr = path.rpartition(".")
                     t = getattr(_module(model, mod_name), attr)

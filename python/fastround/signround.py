@@ -18,7 +18,7 @@ import torch
 
 from fastround import tune_ops
 from fastround.blockloop import block_forward as _forward
-from fastround.tune_layers import TunedLinear, TunedNorm, _tunes_norm
+from fastround.tune_layers import TunedFPLinear, TunedLinear, TunedNorm, _tunes_norm, tuned_layer
 from fastround.tune_settings import SignRoundSettings, linear_lr
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def _parent(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
 
-Tuned = TunedLinear | TunedNorm
+Tuned = TunedLinear | TunedFPLinear | TunedNorm
 
 
 def _wrap(root: torch.nn.Module, block: torch.nn.Module, names: list[str], comp: Compressor,
@@ -174,7 +174,7 @@ def _wrap(root: torch.nn.Module, block: torch.nn.Module, names: list[str], comp:
     wrapped: dict[str, Tuned] = {}
     for name in names:
         parent, attr = _parent(root, name)
-        wrapped[name] = TunedLinear(getattr(parent, attr), comp.layer_config[name], settings, comp.device,
+        wrapped[name] = tuned_layer(getattr(parent, attr), comp.layer_config[name], settings, comp.device,
                                     tune_bias=settings.enable_norm_bias_tuning)
     if settings.enable_norm_bias_tuning:
         inside = {id(m) for m in block.modules()}
@@ -374,7 +374,7 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
         with torch.no_grad():
             for name, tm in wrapped.items():
                 mine = best[name] if best is not None else None
-                if isinstance(tm, TunedLinear):
+                if isinstance(tm, (TunedLinear, TunedFPLinear)):
                     results[name] = tm.final(mine)
                 tensors.update({f"{name}.{k}": t for k, t in tm.tuned_tensors(mine).items()})
         logger.info("%s: tuned %d layers, %s, %.1f s", label, len(names), line, time.perf_counter() - t0)
@@ -392,7 +392,7 @@ def tune_outside(comp: Compressor, name: str, layer: torch.nn.Module, fp_in: lis
     (so a summed loss) and the token count of the first such batch as the loss normaliser. Upstream passes no
     momentum here, and no norm/bias tuning. Returns (qdq, codes, scales, zeros) of the best iteration."""
     t0 = time.perf_counter()
-    tl = TunedLinear(layer, comp.layer_config[name], settings, comp.device)
+    tl = tuned_layer(layer, comp.layer_config[name], settings, comp.device)
     dev = comp.device
     n = len(fp_in)
     gas = comp.batch_size * settings.gradient_accumulate_steps

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fastround import tune_ops
+from fastround import tune_fp_ops, tune_ops
 from fastround.modeling import conv1d_type
 from fastround.tune_settings import SignRoundSettings
 
@@ -99,6 +99,128 @@ class TunedLinear(torch.nn.Module):
              self.params().items()}
         return tune_ops.int_qdq_codes(self.weight_q, p["v"], p.get("min_scale"), p.get("max_scale"), self.wmin,
                                       self.wmax, self.spec)
+
+
+def _fp_kind(data_type: str, bits: int) -> str | None:
+    """The fp_qdq op's data_type of a scheme's (act_)data_type: "mx_fp" (MXFP4 / MXFP8), "nvfp4_v2" (NVFP4_E5M3)."""
+    if data_type in ("mx_fp", f"mx_fp{bits}") and bits in (4, 8):
+        return "mx_fp"
+    if data_type == "nvfp4_v2" and bits == 4:
+        return "nvfp4_v2"
+    return None
+
+
+def fp_act_spec(cfg: dict[str, Any]) -> tuple[int, str] | None:
+    """(bits, op data_type) a layer quantizes its input activations to while tuning and in the quantized chain
+    (upstream's wrapper for act_bits <= 8: dynamic qdq per group), None when they stay in full precision."""
+    act_bits = int(cfg.get("act_bits") or 16)
+    if act_bits > 8:
+        return None
+    act_dt = str(cfg.get("act_data_type") or "")
+    kind = _fp_kind(act_dt, act_bits)
+    if kind is None or cfg.get("act_dynamic") is False or \
+            int(cfg.get("act_group_size") or 0) != tune_fp_ops.GROUP[kind]:
+        raise NotImplementedError(
+            f"SignRound tuning with act_bits={act_bits} act_data_type={act_dt} "
+            f"act_group_size={cfg.get('act_group_size')} act_dynamic={cfg.get('act_dynamic')} is not implemented in "
+            "fastround (dynamic MXFP activations in groups of 32 and NVFP4_E5M3 ones in groups of 16 are)")
+    return act_bits, kind
+
+
+def quantize_inputs(module: torch.nn.Module, cfg: dict[str, Any]) -> None:
+    """After tuning, a layer with quantized activations quantize-dequantizes its input in every later forward (the
+    quantized chain, the outside layers' calibration pass), as upstream's WrapperWALayer does."""
+    spec = fp_act_spec(cfg) if _fp_kind(str(cfg.get("data_type", "int")), int(cfg["bits"])) else None
+    if spec is None or getattr(module, "_fastround_act_hook", None) is not None:
+        return
+    bits, kind = spec
+
+    def hook(mod: torch.nn.Module, args: tuple) -> tuple:
+        with torch.no_grad():
+            return (tune_fp_ops.mx_qdq(args[0], None, None, bits, kind),) + tuple(args[1:])
+
+    module._fastround_act_hook = module.register_forward_pre_hook(hook)
+
+
+class TunedFPLinear(torch.nn.Module):
+    """An MXFP / NVFP4_E5M3 Linear / Conv1D during tuning: its weight goes through the C++ qdq with this layer's V
+    and range factor (upstream's quant_mx / nvfp4_v2 use max_scale only: min_scale gets no gradient there), and with
+    act_bits <= 8 its input goes through the same qdq without parameters, whose gradient reaches the layers before."""
+
+    def __init__(self, orig: torch.nn.Module, cfg: dict[str, Any], settings: SignRoundSettings,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.orig = orig
+        self.conv1d = type(orig) is conv1d_type()
+        w = orig.weight.data
+        self.weight_q = (w.t() if self.conv1d else w).to(device).contiguous()  # [out, in], never updated
+        self.bits = int(cfg["bits"])
+        kind = _fp_kind(str(cfg["data_type"]), self.bits)
+        assert kind is not None
+        self.kind = kind
+        self.act = fp_act_spec(cfg)
+        rows, cols = self.weight_q.shape
+        group = tune_fp_ops.GROUP[kind]
+        groups = cols // group
+        f32 = {"dtype": torch.float32, "device": device}
+        self.v = torch.nn.Parameter(torch.zeros(rows * groups, group, **f32))  # [out*G, group]
+        self.max_scale: torch.nn.Parameter | None = None
+        if settings.enable_minmax_tuning:
+            self.max_scale = torch.nn.Parameter(torch.ones(rows, groups, **f32))  # [out, G], clamped to [0, 1]
+        self.lr = settings.lr_for(self.bits)
+        self.minmax_lr = settings.minmax_lr_for(self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = tune_fp_ops.mx_qdq(self.weight_q, self.v, self.max_scale, self.bits, self.kind)
+        if self.act is not None:
+            x = tune_fp_ops.mx_qdq(x, None, None, *self.act)
+        return torch.nn.functional.linear(x, w, self.orig.bias)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        out = {"v": self.v}
+        if self.max_scale is not None:
+            out["max_scale"] = self.max_scale
+        return out
+
+    def lr_of(self, key: str) -> tuple[float, bool]:
+        return (self.minmax_lr, True) if key == "max_scale" else (self.lr, False)
+
+    def tuned_tensors(self, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        return {}
+
+    def final(self, best: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        """(qdq, codes, scales, zeros) from the best parameters (or the current ones); zeros is empty (no zero
+        points), so a committed block stores four tensors as INT ones do."""
+        p = {k: (best[k] if best and k in best else t).detach().to(self.weight_q.device) for k, t in
+             self.params().items()}
+        qdq, codes, scales = tune_fp_ops.mx_qdq_codes(self.weight_q, p["v"], p.get("max_scale"), self.bits, self.kind)
+        return qdq, codes, scales, torch.empty(0, dtype=torch.int32)
+
+
+def require_tunable(cfg: dict[str, Any], what: str) -> None:
+    """Refuses (NotImplementedError naming `what`) a scheme SignRound does not tune: INT, MXFP4 / MXFP8 and
+    NVFP4_E5M3 weights are tuned, with activations in full precision or dynamically quantized as upstream's
+    wrapper does for those data types."""
+    dt = str(cfg.get("data_type", "int"))
+    if dt != "int" and _fp_kind(dt, int(cfg["bits"])) is None:
+        raise NotImplementedError(
+            f"{what}: SignRound tuning (iters > 0) of data_type={dt} bits={cfg['bits']} is not implemented in "
+            "fastround yet (INT, MXFP4, MXFP8 and NVFP4_E5M3 are); use iters=0 for RTN / OPT-RTN")
+    if dt != "int":
+        try:
+            fp_act_spec(cfg)
+        except NotImplementedError as exc:
+            raise NotImplementedError(f"{what}: {exc}") from None
+
+
+def tuned_layer(orig: torch.nn.Module, cfg: dict[str, Any], settings: SignRoundSettings, device: torch.device,
+                tune_bias: bool = False) -> TunedLinear | TunedFPLinear:
+    """The tuning wrapper of a quantized layer, by its data type."""
+    if _fp_kind(str(cfg.get("data_type", "int")), int(cfg["bits"])) is not None:
+        if tune_bias:
+            raise NotImplementedError("enable_norm_bias_tuning with MXFP / NVFP layers is not implemented in fastround")
+        return TunedFPLinear(orig, cfg, settings, device)
+    return TunedLinear(orig, cfg, settings, device, tune_bias=tune_bias)
 
 
 class TunedNorm(torch.nn.Module):

@@ -6,10 +6,12 @@
 
 #include <vector>
 
+#include "fastround/tune/fp_qdq.h"
 #include "fastround/tune/int_qdq.h"
 #include "fastround/tune/sign_sgd.h"
 #include "torch_adapter.h"
 #include "tune_adapter.h"
+#include "tune_fp_adapter.h"
 
 using namespace fastround_torch;
 
@@ -42,6 +44,18 @@ struct CpuKernels {
     GilFree nogil;
     for (const ft::SignSgdTensor& t : tensors) ft::sign_sgd_step(t.p, t.g, t.buf, t.n, params);
   }
+
+  static void fp_forward(const at::Device&, const ft::FpQdqView& view, const ft::FpQdqParams& params, void* qdq,
+                         float* exponent, uint8_t* codes, uint8_t* scales) {
+    GilFree nogil;
+    ft::fp_qdq_forward(view, params, qdq, exponent, codes, scales);
+  }
+
+  static void fp_backward(const at::Device&, const ft::FpQdqView& view, const ft::FpQdqParams& params,
+                          const void* grad, float* grad_v, float* grad_max, void* grad_x) {
+    GilFree nogil;
+    ft::fp_qdq_backward(view, params, grad, grad_v, grad_max, grad_x);
+  }
 };
 
 }  // namespace
@@ -58,6 +72,10 @@ TORCH_LIBRARY_FRAGMENT(fastround, m) {
   m.def("int_group_extremes(Tensor weight, int group_size) -> (Tensor, Tensor)");
   m.def("sign_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, float lr, float momentum, "
         "bool first, bool clamp01) -> ()");
+  define_fp_tune_ops(m);
 }
 
-TORCH_LIBRARY_IMPL(fastround, CPU, m) { register_tune_ops<CpuKernels>(m); }
+TORCH_LIBRARY_IMPL(fastround, CPU, m) {
+  register_tune_ops<CpuKernels>(m);
+  register_fp_tune_ops<CpuKernels>(m);
+}
