@@ -20,7 +20,8 @@ def test_notebook_executes(tmp_path: Path) -> None:
     work.mkdir()
     (tmp_path / "models").symlink_to(NOTEBOOK.parent.parent / "models", target_is_directory=True)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
-    outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in nb.cells if cell.cell_type == "code"]
+    outputs = ["".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("name") == "stdout")
+               for cell in nb.cells if cell.cell_type == "code"]
     table = next(o for o in outputs if "perplexity" in o and "vs bf16" in o)
     for method in ("bf16", "model-free RTN", "RTN", "SignRound light"):
         assert method in table, table
