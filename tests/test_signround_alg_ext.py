@@ -90,7 +90,11 @@ def test_qdq_with_init_scale_equals_upstream(dtype, bits, gs):
     assert _bits_equal(qdq, ours)
     assert torch.equal(scales, scale.reshape(scales.shape).to(torch.float16))
     assert bool((zeros == 2 ** (bits - 1)).all()) and int(codes.max()) < 2 ** bits
-    # The gradient: exact for V; for max_scale as torch autograd up to the fp16 rounding order of partial sums.
+    # The gradient: exact for V; for max_scale as torch autograd up to the fp16 rounding order of partial sums. An
+    # fp16 weight is left out, as in test_tune_ops.py: torch differentiates its fp16 division in fp16, which
+    # overflows to NaN on groups whose scale is tiny, where the C++ backward computes in fp32.
+    if dtype == torch.float16:
+        return
     gout = torch.randn(w.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     mine = [v.clone().requires_grad_(), mx.clone().requires_grad_()]
     out = tune_ops.int_qdq(w, mine[0], None, mine[1], wmin, wmax, spec, init32)
@@ -160,15 +164,16 @@ def test_outlier_loss_drops_the_largest_errors():
 # Upstream's SignRoundV2 runs both cases: W4A16 trains the init scale with the plain MSE loss, W2A16G64 with the
 # outlier-suppressed one. Each tuning must move (a best iteration after 0 in every block): at iteration 0 the
 # parameters give the searched init scale, not the tuned one.
-@pytest.mark.parametrize("kwargs", [
-    {"scheme": "W4A16", "iters": 10, "lr": 0.02},
-    {"scheme": "W2A16G64", "iters": 6, "lr": 0.02},
+@pytest.mark.parametrize("kwargs,loss", [
+    ({"scheme": "W4A16", "iters": 10, "lr": 0.02}, "MSE"),
+    ({"scheme": "W2A16G64", "iters": 6, "lr": 0.02}, "outlier-suppressed"),
 ])
-def test_checkpoint_equals_upstream(checkpoint, tmp_path, caplog, kwargs):
+def test_checkpoint_equals_upstream(checkpoint, tmp_path, caplog, kwargs, loss):
     src = checkpoint("llama_aligned")
     theirs = _run("upstream", src, tmp_path / "up", enable_alg_ext=True, **kwargs)
     with caplog.at_level(logging.INFO, logger="fastround"):
         ours = _run("fastround", src, tmp_path / "fr", enable_alg_ext=True, **kwargs)
+    assert f"SignRoundV2 (enable_alg_ext): imatrix-searched init scales, max_scale in [0, 2], {loss} loss" in caplog.text
     best_iters = [int(i) for i in re.findall(r"loss iter 0: [0-9.e+-]+ -> iter (\d+):", caplog.text)]
     assert len(best_iters) == 2 and min(best_iters) > 0, best_iters
     assert_same_checkpoint(theirs, ours)

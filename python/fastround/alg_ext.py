@@ -82,6 +82,8 @@ def check(comp: Compressor) -> None:
             raise NotImplementedError(
                 f"layer {name}: enable_alg_ext with an asym layer in a sym scheme is not supported (upstream "
                 "quantizes such a layer symmetrically but exports it as asym); drop sym=False for it or the extension")
+    logger.info("SignRoundV2 (enable_alg_ext): imatrix-searched init scales, max_scale in [0, %g], %s loss",
+                FACTOR_MAX, "outlier-suppressed" if outlier_loss_applies(comp) else "MSE")
     if int(s["bits"]) > 2:
         logger.warning("algorithm extension has only undergone limited validation on W2A16, INT4, MXFP4 and NVFP4 "
                        "(upstream's note); use with caution")
