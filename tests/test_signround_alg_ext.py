@@ -182,11 +182,11 @@ def test_checkpoint_equals_upstream(checkpoint, tmp_path, caplog, kwargs, loss):
 def test_asym_scheme_tunes_as_plain_signround(checkpoint, tmp_path, caplog):
     """Upstream swaps in the extension's wrapper for sym schemes only: an asym run is plain SignRound."""
     src = checkpoint("llama_aligned")
-    args = {"scheme": "W4A16", "sym": False, "iters": 3, "lr": 0.02, "nsamples": 4}
+    args = {"scheme": "W4A16", "sym": False, "group_size": 32, "iters": 3, "lr": 0.02, "nsamples": 4}
     with caplog.at_level(logging.WARNING, logger="fastround"):
-        ext = _run("fastround", src, tmp_path / "ext", enable_alg_ext=True, **args)
+        ext = _run("fastround", src, tmp_path / "ext", "auto_gptq", enable_alg_ext=True, **args)
     assert "plain SignRound" in caplog.text
-    plain = _run("fastround", src, tmp_path / "plain", **args)
+    plain = _run("fastround", src, tmp_path / "plain", "auto_gptq", **args)
     assert_same_checkpoint(plain, ext)
 
 
