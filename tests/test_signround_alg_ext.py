@@ -201,3 +201,20 @@ def test_asym_layer_in_sym_scheme_is_refused(checkpoint, tmp_path):
                    layer_config={"model.layers.0.self_attn.q_proj": {"sym": False}}, **COMMON)
     with pytest.raises(NotImplementedError, match=r"q_proj: enable_alg_ext with an asym layer"):
         ar.quantize_and_save(str(tmp_path / "out"))
+
+
+def test_adam_wins_and_other_schemes_are_refused(caplog):
+    """Upstream resolves enable_adam before enable_alg_ext; MXFP / NVFP and GGUF double quant are not built."""
+    from types import SimpleNamespace
+
+    from fastround import alg_ext
+    from fastround.tune_settings import SignRoundSettings
+
+    with caplog.at_level(logging.WARNING, logger="fastround"):
+        s = SignRoundSettings.from_kwargs(10, {"enable_adam": True, "enable_alg_ext": True})
+    assert s.enable_adam and not s.enable_alg_ext and "enable_alg_ext is ignored" in caplog.text
+    for scheme, match in (({"data_type": "mx_fp", "bits": 4, "sym": True}, "data_type=mx_fp"),
+                          ({"data_type": "nv_fp", "bits": 4, "sym": True}, "data_type=nv_fp"),
+                          ({"data_type": "int_sym_dq", "bits": 4, "sym": True, "super_group_size": 16}, "GGUF")):
+        with pytest.raises(NotImplementedError, match=match):
+            alg_ext.check(SimpleNamespace(scheme=scheme, layer_config={}))
