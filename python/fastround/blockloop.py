@@ -265,6 +265,7 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     from tqdm.auto import tqdm
 
     from fastround import signround
+    from fastround.alg_ext import check as alg_ext_check, collect_imatrix
     from fastround.compressor import record_codes
 
     settings = comp.signround
@@ -291,9 +292,7 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
         resume = TuneResume.open(comp.resume_dir, run_fingerprint(comp))
         comp.tune_state = resume
     if settings.enable_alg_ext:
-        from fastround import alg_ext
-
-        alg_ext.check(comp)
+        alg_ext_check(comp)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if settings.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -319,7 +318,7 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                 unit = mods[0] if len(mods) == 1 else signround.Blocks(mods)
                 bar.set_postfix_str(",".join(block_names), refresh=False)
                 names = [n for b in block_names for n in _targets(comp, b)]
-                with _alg_ext_imatrix(comp, model, names) as imatrix:  # SignRoundV2 only: the FP forward's imatrix
+                with collect_imatrix(comp, model, names) as imatrix:  # SignRoundV2 only: the FP forward's imatrix
                     targets = signround.block_outputs(comp, unit, samples, fp_in, cache, dtype)
                 train_in = q_in if (q_in is not None and settings.enable_quanted_input) else fp_in
                 if train_in is not fp_in:
@@ -355,12 +354,6 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
         torch.use_deterministic_algorithms(was_deterministic)
     if outside:
         _tune_outside(comp, model, fmt, outside, outside_in, outside_ids, dtype)
-
-
-def _alg_ext_imatrix(comp: Compressor, model: torch.nn.Module, names: list[str]) -> Any:
-    from fastround.alg_ext import collect_imatrix
-
-    return collect_imatrix(comp, model, names)
 
 
 def _set_weight(mod: torch.nn.Module, qdq: torch.Tensor) -> None:
