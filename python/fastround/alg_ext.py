@@ -33,14 +33,10 @@ logger = logging.getLogger("fastround")
 FACTOR_MAX = 2.0  # upstream's SignRoundOptimizedWrapperLinear.minmax_scale_bound upper end
 
 
-def _scheme(comp: Compressor) -> dict[str, Any]:
-    return comp.scheme
-
-
 def uses_init_scale(comp: Compressor) -> bool:
     """Whether the run takes the SignRoundV2 path: the global scheme is INT sym without double quant (upstream
     decides on the global scheme, not per layer)."""
-    s = _scheme(comp)
+    s = comp.scheme
     return (str(s.get("data_type", "int")).startswith("int") and s.get("sym") is not False
             and s.get("super_group_size") is None)
 
@@ -54,13 +50,13 @@ def _is_wint4aint4(s: dict[str, Any]) -> bool:
 
 def outlier_loss_applies(comp: Compressor) -> bool:
     """Upstream's switch to the outlier-suppressed loss: act_bits <= 4 or bits < 4 (of the global scheme)."""
-    s = _scheme(comp)
+    s = comp.scheme
     return int(s.get("act_bits") or 16) <= 4 or int(s["bits"]) < 4
 
 
 def check(comp: Compressor) -> None:
     """Refuses what fastround's SignRoundV2 does not do, before any block is tuned; logs upstream's notes."""
-    s = _scheme(comp)
+    s = comp.scheme
     dt = str(s.get("data_type", "int"))
     if dt.endswith("dq") or s.get("super_group_size") is not None:
         raise NotImplementedError(
@@ -99,7 +95,7 @@ def collect_imatrix(comp: Compressor, model: torch.nn.Module, names: list[str]
     if settings is None or not settings.enable_alg_ext or not uses_init_scale(comp):
         yield None
         return
-    if _is_wint4aint4(_scheme(comp)):
+    if _is_wint4aint4(comp.scheme):
         yield {}
         return
     from fastround.blockloop import _Imatrix
