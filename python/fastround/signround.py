@@ -169,11 +169,18 @@ Tuned = TunedLinear | TunedFPLinear | TunedNorm
 
 
 def _wrap(root: torch.nn.Module, block: torch.nn.Module, names: list[str], comp: Compressor,
-          settings: SignRoundSettings) -> dict[str, Tuned]:
-    """Wraps the layers `names` (paths in `root`) and, with norm/bias tuning, the norms of `block` in place."""
+          settings: SignRoundSettings, imatrix: dict[str, torch.Tensor] | None = None) -> dict[str, Tuned]:
+    """Wraps the layers `names` (paths in `root`) and, with norm/bias tuning, the norms of `block` in place.
+    `imatrix` (SignRoundV2, alg_ext.collect_imatrix): the layers start from its searched init scales."""
+    from fastround.alg_ext import AlgExtLinear
+
     wrapped: dict[str, Tuned] = {}
     for name in names:
         parent, attr = _parent(root, name)
+        if imatrix is not None:
+            wrapped[name] = AlgExtLinear(getattr(parent, attr), comp.layer_config[name], settings, comp.device,
+                                         imatrix.get(name), tune_bias=settings.enable_norm_bias_tuning)
+            continue
         wrapped[name] = tuned_layer(getattr(parent, attr), comp.layer_config[name], settings, comp.device,
                                     tune_bias=settings.enable_norm_bias_tuning)
     if settings.enable_norm_bias_tuning:
@@ -213,11 +220,12 @@ class _SignSGD:
         (loss * 1000).backward()  # fewer bf16 gradients underflow to 0 (no move under sign-SGD)
 
     def step(self, it: int) -> None:
+        # minmax: False for rounding offsets, else the factors' upper bound (True: 1; SignRoundV2's max_scale: 2)
         for (lr, minmax), ps in self.groups.items():
             with_grad = [p for p in ps if p.grad is not None]
             tune_ops.sign_sgd_step_(with_grad, [p.grad for p in with_grad],
                                     [self.bufs[id(p)] for p in with_grad] if self.bufs else [], self.schedules[lr][it],
-                                    self.momentum, it == 0, minmax)
+                                    self.momentum, it == 0, bool(minmax), float(minmax) if minmax else 1.0)
             for p in with_grad:
                 p.grad = None
 
@@ -339,13 +347,13 @@ def _optimize(comp: Compressor, settings: SignRoundSettings, label: str, tuned: 
 
 def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, label: str, names: list[str],
                samples: Samples, train_in: list[torch.Tensor], targets: list[torch.Tensor],
-               settings: SignRoundSettings, dtype: torch.dtype
+               settings: SignRoundSettings, dtype: torch.dtype, imatrix: dict[str, torch.Tensor] | None = None
                ) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict[str, torch.Tensor]]:
     """Tunes the layers `names` (module paths in `root`) of `block`; returns name -> (qdq, codes, scales, zeros)
     of the best iteration and, with norm/bias tuning, the tuned norm weights and biases by parameter path. The
-    block's own modules are restored afterwards."""
+    block's own modules are restored afterwards. `imatrix`: SignRoundV2 (alg_ext), the layers' FP-input imatrix."""
     t0 = time.perf_counter()
-    wrapped = _wrap(root, block, names, comp, settings)
+    wrapped = _wrap(root, block, names, comp, settings, imatrix)
     try:
         n = len(train_in)
         bs = min(comp.batch_size, n)
@@ -353,6 +361,10 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
         reduction = "mean" if gas == 1 else "sum"
         dev = comp.device
         loss_fn = _loss_fn(settings)
+        if imatrix is not None:
+            from fastround import alg_ext
+
+            loss_fn = alg_ext.loss_fn(comp, block_loss)
         amp = _amp(comp, dtype)
         # On the device once: a pageable host-to-device copy per step would wait for the queued work.
         masks = [m.to(dev) for m in samples.masks] if samples.masks is not None else None

@@ -82,8 +82,9 @@ class TunedLinear(torch.nn.Module):
             out["bias_v"] = self.bias_v
         return out
 
-    def lr_of(self, key: str) -> tuple[float, bool]:
-        """(lr, is a range factor) of one of params()."""
+    def lr_of(self, key: str) -> tuple[float, bool | float]:
+        """(lr, is a range factor) of one of params(); a subclass may give the factors' upper bound in place of True
+        (1), which the sign-SGD step clamps them to."""
         return (self.minmax_lr, True) if key in ("min_scale", "max_scale") else (self.lr, False)
 
     def tuned_tensors(self, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

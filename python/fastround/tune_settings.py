@@ -13,7 +13,7 @@ from fastround.modeling import float_dtype
 
 logger = logging.getLogger("fastround")
 
-_NOT_BUILT = ("enable_alg_ext", "enable_lfq")
+_NOT_BUILT = ("enable_lfq",)
 
 
 @dataclass
@@ -36,6 +36,7 @@ class SignRoundSettings:
     enable_adam: bool = False  # AdamRound: a torch optimizer (AdamW) instead of sign-SGD, no x1000 loss scaling
     optimizer: str = "AdamW"  # the torch.optim class enable_adam uses
     enable_norm_bias_tuning: bool = False  # also tune norm weights and quantized layers' biases (experimental)
+    enable_alg_ext: bool = False  # SignRoundV2 (alg_ext.py): imatrix-searched init scale, max_scale in [0, 2]
 
     @classmethod
     def from_kwargs(cls, iters: int, kwargs: dict[str, Any]) -> SignRoundSettings:
@@ -48,6 +49,11 @@ class SignRoundSettings:
             raise NotImplementedError("a custom lr_scheduler is not supported; the default linear decay is used")
         s.enable_adam = bool(kwargs.pop("enable_adam", False))
         s.enable_norm_bias_tuning = bool(kwargs.pop("enable_norm_bias_tuning", False))
+        s.enable_alg_ext = bool(kwargs.pop("enable_alg_ext", False))
+        if s.enable_alg_ext and s.enable_adam:
+            # upstream's config resolution picks AdamRound first and never looks at enable_alg_ext
+            logger.warning("enable_alg_ext is ignored with enable_adam (AdamRound takes precedence, as upstream)")
+            s.enable_alg_ext = False
         optimizer = kwargs.pop("optimizer", None)
         if optimizer is not None and not s.enable_adam:
             logger.warning("optimizer= is ignored: SignRound uses sign-SGD, as upstream (enable_adam=True takes one)")
