@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +69,23 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((t.shape[0], cols - t.shape[1]))], dim=1)
 
 
-class QuantLinear(nn.Module):
+class _PackedBuffers(nn.Module):
+    """Keeps the packed tensors' dtypes through model.to(dtype) / .half(): a cast would round fp16 scales to bf16
+    or turn FP8 codes into floats. Device moves apply as usual; the bias follows the model's dtype."""
+
+    _packed: tuple[str, ...] = ()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        before = {n: self._buffers[n] for n in self._packed if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class QuantLinear(_PackedBuffers):
     """A Linear whose weight is packed INT codes.
 
     layout "gptq": GPTQ words, zero points stored minus one (auto_gptq, auto_round:auto_gptq);
@@ -78,6 +95,8 @@ class QuantLinear(nn.Module):
     qzeros [groups, out_p/pf] int32, scales [groups, out] fp16, optional g_idx [in] int32;
     (AWQ): qweight [in, out/8] int32, qzeros [groups, out/8] int32, scales [groups, out] fp16. bias [out].
     """
+
+    _packed = ("qweight", "qzeros", "scales", "g_idx")
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool, layout: str,
                  bias: bool = False, g_idx: bool = False, shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]]
@@ -202,13 +221,15 @@ def _reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y.to(x.dtype)
 
 
-class FPQuantLinear(nn.Module):
+class FPQuantLinear(_PackedBuffers):
     """A Linear whose weight is MXFP4 / MXFP8 / NVFP4_E5M3 codes in the compressed-tensors layout.
 
     mxfp4 / nvfp4_e5m3: weight_packed [out, in/2] uint8 (two E2M1 codes a byte, element 2k low);
     mxfp8: weight [out, in] float8_e4m3fn; weight_scale [out, in/group] uint8 (E8M0; UE5M3 for nvfp4_e5m3).
     Weight-only: activations are not quantized, whatever the checkpoint's act_bits say.
     """
+
+    _packed = ("weight", "weight_packed", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, encoding: str, bias: bool = False,
                  device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float16):
