@@ -268,7 +268,7 @@ def test_dequantize_packed_names_a_bad_tensor() -> None:
     from fastround import ops
 
     with pytest.raises(ValueError, match=r"dequantize_packed\] qzeros: expected a CPU I32 tensor \[2, 8\]"):
-        ops.dequantize_packed([torch.zeros(24, 64, dtype=torch.int32), torch.zeros(3, 8, dtype=torch.int32),
+        ops.dequantize_packed([torch.zeros(32, 64, dtype=torch.int32), torch.zeros(3, 8, dtype=torch.int32),
                                torch.zeros(2, 64, dtype=torch.float16)], "int_gptq", 64, 192, 4, 128, True, 1)
 
 

@@ -97,7 +97,12 @@ def use(backend: str) -> dict[str, str]:
 def serving() -> dict[str, str]:
     """{quant_method: "fastround" | "upstream"} for auto-round, gptq and awq, as transformers routes them now."""
     if _backend is None:
-        return {}
+        try:
+            import transformers.quantizers.auto  # noqa: F401  (the post-import hook installs)
+        except ImportError:
+            return {}
+        if _backend is None:
+            install()
     from transformers.quantizers import auto
 
     from fastround.hf_quantizer import FastroundHfQuantizer
