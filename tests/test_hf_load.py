@@ -37,16 +37,17 @@ CASES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
                               {"scheme": "W2A16", "sym": False, "group_size": 32}),
     "fr_auto_round_w8": ("fastround", "llama_aligned", "auto_round", {"scheme": "W8A16", "group_size": -1}),
     "fr_auto_round_mixed": ("fastround", "llama_aligned", "auto_round", {"scheme": "W4A16", "layer_config": MIXED}),
-    "fr_gptqmodel": ("fastround", "llama_aligned", "auto_round:gptqmodel", {"scheme": "W4A16", "group_size": 64}),
-    "fr_auto_gptq_asym": ("fastround", "llama_aligned", "auto_gptq",
+    "fr_gptqmodel_asym": ("fastround", "llama_aligned", "auto_round:gptqmodel",
                           {"scheme": "W4A16", "sym": False, "group_size": 64}),
+    # auto_gptq asym is not here: GPTQ v1 stores zp - 1 clamped at 0, so a group whose zero point is 0 (all
+    # inputs >= 0) reads back as 1 and the checkpoint differs from the fake model (the format's loss, not the
+    # loader's); asym INT is covered by auto_round (W2), gptqmodel-style zero points and AWQ.
+    "fr_auto_gptq": ("fastround", "llama_aligned", "auto_gptq", {"scheme": "W4A16", "group_size": 64}),
     "fr_auto_awq": ("fastround", "llama_aligned", "auto_awq", {"scheme": "W4A16", "sym": False, "group_size": 32}),
     "fr_mxfp4": ("fastround", "llama_aligned", "auto_round", {"scheme": "MXFP4"}),
     "fr_mxfp8": ("fastround", "llama_aligned", "auto_round", {"scheme": "MXFP8"}),
     "fr_qwen2_bias": ("fastround", "qwen2_aligned", "auto_round", {"scheme": "W4A16", "group_size": 32}),
     "up_auto_round_w4": ("upstream", "llama_aligned", "auto_round", {"scheme": "W4A16"}),
-    "up_auto_round_awq": ("upstream", "llama_aligned", "auto_round",
-                          {"scheme": "W4A16", "sym": False, "group_size": 32}),
     "up_auto_round_mixed": ("upstream", "llama_aligned", "auto_round", {"scheme": "W4A16", "layer_config": MIXED}),
     "up_auto_gptq": ("upstream", "llama_aligned", "auto_gptq", {"scheme": "W4A16", "group_size": 64}),
     "up_auto_awq": ("upstream", "llama_aligned", "auto_awq", {"scheme": "W4A16", "sym": False, "group_size": 32}),
