@@ -159,7 +159,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ar = AutoRound(str(SMALL_MODEL), scheme="W4A16", **COMMON)
     _, small = ar.quantize_and_save(str(root / "small"), format="auto_round,fake")
     text_file = root / "heldout.txt"
-    text_file.write_text((SMALL_MODEL / "validation.txt").read_text(encoding="utf-8")[:12000], encoding="utf-8")
+    text_file.write_text((SMALL_MODEL / "validation.txt").read_text(encoding="utf-8")[:6000], encoding="utf-8")
     spec = {"cases": folders, "load_quantized_case": "fr_auto_round_mixed",
             "ppl": [str(small[0]), str(small[1]), str(text_file)]}
     result = _run_child(_BLOCK + _CHILD, spec)
