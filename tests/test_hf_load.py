@@ -332,3 +332,18 @@ def test_backend_env_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FASTROUND_HF_BACKEND", "everything")
     with pytest.raises(ValueError, match="backend must be one of auto, fastround, upstream"):
         hf.install()
+
+
+def test_dequantize_packed_fake_kernel_and_opcheck() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastround import ops
+
+    w = _weight(64, 192)
+    enc = ops.encode_weight(w, "int_gptq", 4, 64, True)
+    packed = [t for _, t in ops.pack_codes(enc.codes, enc.scales, enc.zeros, "int_gptq", 4, 64, True, 1, True)]
+    args = (packed, "int_gptq", 64, 192, 4, 64, True, 1)
+    torch.library.opcheck(torch.ops.fastround.dequantize_packed.default, args)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.fastround.dequantize_packed([mode.from_tensor(t) for t in packed], *args[1:])
+    assert (fake.shape, fake.dtype) == ((64, 192), torch.float32)
