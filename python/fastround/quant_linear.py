@@ -151,8 +151,10 @@ class QuantLinear(_PackedBuffers):
         """Whether g_idx (if any) says input i is in group i // group: the layout the packed kernels assume."""
         if self._trivial_g_idx is None:
             g = self.g_idx
-            if g is None or g.device.type == "meta":
-                self._trivial_g_idx = g is None
+            if g is None:
+                self._trivial_g_idx = True
+            elif g.device.type == "meta":  # not loaded yet: decide once the tensor is there
+                return False
             else:
                 expected = torch.arange(self.in_features, device=g.device, dtype=torch.int64) // self._group_len()
                 self._trivial_g_idx = bool(torch.equal(g.to(torch.int64), expected))
