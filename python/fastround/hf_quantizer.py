@@ -125,7 +125,8 @@ def _fp_encoding(fields: dict[str, Any], shapes: dict[str, tuple[Any, tuple[int,
     if "weight" in shapes and "weight_packed" not in shapes:
         return "mxfp8"
     scale_cols = shapes["weight_scale"][1][1]
-    if data_type.startswith("nv") or scale_cols * 16 == in_features and bits == 4 and not data_type.startswith("mx"):
+    # NVFP4_E5M3 (data_type nvfp4_v2) has groups of 16; MXFP4 of 32
+    if data_type.startswith("nv") or (bits == 4 and scale_cols * 16 == in_features and not data_type.startswith("mx")):
         return "nvfp4_e5m3"
     if scale_cols * 32 != in_features:
         raise ValueError(f"fastround: layer {name}: weight_scale {shapes['weight_scale'][1]} does not fit MXFP groups")
