@@ -392,3 +392,17 @@ def test_forward_dispatches_to_woq_linear(monkeypatch: pytest.MonkeyPatch) -> No
             assert not layer._woq_ok
     if real is None:
         assert calls == [(4, 32, "gptq"), (4, 32, "gptq"), (2, 32, "gptq_v2")]
+
+
+def test_dtype_cast_keeps_packed_tensors() -> None:
+    """model.to(bf16) would round fp16 scales and turn FP8 codes into floats; only the bias follows the cast."""
+    from fastround.quant_linear import FPQuantLinear
+
+    layer, ref = _gptq_layer(4, 32, True, "gptq")
+    layer.register_buffer("bias", torch.zeros(64, dtype=torch.float32))
+    layer.to(torch.bfloat16)
+    assert layer.scales.dtype == torch.float16 and layer.qweight.dtype == torch.int32
+    assert layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.dequantize(), ref)
+    fp8 = FPQuantLinear(64, 32, "mxfp8", bias=False).to(torch.float16)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.dtype == torch.uint8

@@ -130,9 +130,9 @@ class QuantLinear(_PackedBuffers):
         for name, (dtype, shape) in shapes.items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         if not bias:
-            self.bias = None
+            self.register_buffer("bias", None)
         if not g_idx:
-            self.g_idx = None
+            self.register_buffer("g_idx", None)
         self._trivial_g_idx: bool | None = None
         self._woq_ok = True
 
@@ -250,10 +250,7 @@ class FPQuantLinear(_PackedBuffers):
                                                               device=device))
         self.register_buffer("weight_scale", torch.zeros((out_features, in_features // group), dtype=torch.uint8,
                                                          device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros((out_features,), dtype=bias_dtype, device=device))
-        else:
-            self.bias = None
+        self.register_buffer("bias", torch.zeros((out_features,), dtype=bias_dtype, device=device) if bias else None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, encoding={self.encoding}"
