@@ -1,7 +1,8 @@
 """The regular flow's kernels on CPU torch tensors: encode a weight to unpacked codes, pack codes into a format's
-tensors, dequantize codes to the weight the model keeps. Each is a dispatcher op, torch.ops.fastround.<name>
-(registered by fastround._torch, which runs the C++ encoding table without the GIL); this module gives them
-typed signatures and the fake kernels that let torch.compile / FakeTensor trace them."""
+tensors, dequantize codes to the weight the model keeps, and read a checkpoint's packed tensors back to float
+(dequantize_packed, what fastround.quant_linear's reference path runs). Each is a dispatcher op,
+torch.ops.fastround.<name> (registered by fastround._torch, which runs the C++ encoding table without the GIL); this
+module gives them typed signatures and the fake kernels that let torch.compile / FakeTensor trace them."""
 
 from __future__ import annotations
 
