@@ -406,3 +406,10 @@ def test_dtype_cast_keeps_packed_tensors() -> None:
     assert torch.equal(layer.dequantize(), ref)
     fp8 = FPQuantLinear(64, 32, "mxfp8", bias=False).to(torch.float16)
     assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.dtype == torch.uint8
+
+
+def test_quant_linear_under_torch_compile() -> None:
+    """aot_eager traces the reference path with FakeTensors, through dequantize_packed's fake kernel."""
+    layer, ref = _gptq_layer(4, 32, True, "gptq")
+    x = torch.randn(2, 192)
+    torch.testing.assert_close(torch.compile(layer, backend="aot_eager")(x), x @ ref.t(), rtol=1e-5, atol=1e-5)
