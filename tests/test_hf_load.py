@@ -111,7 +111,8 @@ print("RESULT " + json.dumps(out))
 
 def _run_child(code: str, arg: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO / "python"), full_env.get("PYTHONPATH", "")])
+    # The child inherits this process's environment, so it imports the same fastround (installed, or a build tree
+    # named by PYTHONPATH); prepending the source tree would shadow an installed build with sources lacking _C.
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(arg)], capture_output=True, text=True,
                           env=full_env, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
