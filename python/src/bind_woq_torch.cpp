@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <vector>
@@ -18,6 +19,16 @@ namespace fi = fastround::infer;
 namespace {
 
 constexpr const char* kOp = "woq_linear";
+
+// Rows up to which the GEMV path runs: kWoqGemvMaxRows, or FASTROUND_WOQ_GEMV_ROWS (read at each call so the
+// benchmark can time both paths at one row count in one process; 0 forces dequantize + matmul).
+int64_t gemv_max_rows() {
+  const char* v = std::getenv("FASTROUND_WOQ_GEMV_ROWS");
+  if (!v || !*v) return fi::kWoqGemvMaxRows;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  return end && *end == '\0' && n >= 0 ? static_cast<int64_t>(n) : fi::kWoqGemvMaxRows;
+}
 
 void require_cpu(const char* name, const at::Tensor& t, int dim, std::optional<at::ScalarType> dtype) {
   if (!t.defined()) throw fr::OptionError(arg(kOp, name) + "is None");
@@ -69,7 +80,7 @@ at::Tensor woq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     const int64_t m = x2.size(0);
     if (m == 0) return at::empty(out_shape, x.options());
     const fr::Isa isa = fr::active_isa();
-    if (m <= fi::kWoqGemvMaxRows && fi::woq_gemv_fast(w, isa)) {
+    if (m <= gemv_max_rows() && fi::woq_gemv_fast(w, isa)) {
       at::Tensor y = at::empty({m, w.out}, x.options());
       fi::WoqGemvArgs a;
       a.dtype = xdt;
