@@ -32,6 +32,9 @@ struct Vec {
   static F field(I w, int shift, I mask) {
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, shift), mask));
   }
+  static constexpr bool kLut16 = false;  // vpermps indexes 8 entries
+  static F iota() { return _mm256_setzero_ps(); }
+  static F lut16(I, int, F t) { return t; }
   static I srlv(I w, I s) { return _mm256_srlv_epi32(w, s); }
   static I permute(I idx, I v) { return _mm256_permutevar8x32_epi32(v, idx); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }

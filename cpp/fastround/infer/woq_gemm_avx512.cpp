@@ -32,6 +32,11 @@ struct Vec {
   static F field(I w, int shift, I mask) {
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, static_cast<unsigned>(shift)), mask));
   }
+  static constexpr bool kLut16 = true;
+  static F iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static F lut16(I w, int shift, F table) {
+    return _mm512_permutexvar_ps(shift ? _mm512_srli_epi32(w, static_cast<unsigned>(shift)) : w, table);
+  }
   static I srlv(I w, I s) { return _mm512_srlv_epi32(w, s); }
   static I permute(I idx, I v) { return _mm512_permutexvar_epi32(idx, v); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
