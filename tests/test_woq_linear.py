@@ -141,7 +141,9 @@ def test_upstream_export_equals_dequantize_matmul(checkpoint: Any, tmp_path: Pat
 
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     bits, group_size = int(cfg["bits"]), int(cfg["group_size"])
-    source = load_file(str(next(Path(src).glob("*.safetensors"))))
+    source: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(src).glob("*.safetensors")):
+        source.update(load_file(str(f)))
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(out.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
