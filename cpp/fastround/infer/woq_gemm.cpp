@@ -99,7 +99,28 @@ void woq_gemv(const WoqWeightView& w, const WoqGemvArgs& a, Isa isa) {
   c.x = xf.data();
   c.xsum = xsum.data();
 
-  const int64_t blk = k ? k->block_outputs(w) : 0;
+  // bf16 decode rows on AVX512_BF16: pairs of codes against pairs of x (woq_simd.h, GemvBf16Ctx).
+  detail::GemvBf16Ctx bc;
+  std::vector<uint32_t> xpair;
+  const int pf = w.pack_factor();
+  const bool bf16_pairs = k == &detail::kWoqAvx512 && a.dtype == DType::BF16 && m <= 2 && w.layout != WoqLayout::Awq &&
+                          w.bits <= 4 && w.group % pf == 0 && detail::gptq_bf16_block_outputs() > 0;
+  if (bf16_pairs) {
+    const int hp = pf / 2;
+    bc.ld2 = c.ld / 2;
+    bc.m = m;
+    bc.xsum = c.xsum;
+    xpair.resize(static_cast<size_t>(m * bc.ld2));
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t kw = 0; kw < c.ld / pf; ++kw)
+        for (int j = 0; j < hp; ++j) {
+          const float* xr = c.x + r * c.ld + kw * pf;
+          xpair[r * bc.ld2 + kw * hp + j] = static_cast<uint32_t>(float_to_bf16(xr[j])) |
+                                             static_cast<uint32_t>(float_to_bf16(xr[j + hp])) << 16;
+        }
+    bc.xpair = xpair.data();
+  }
+  const int64_t blk = bf16_pairs ? detail::gptq_bf16_block_outputs() : k ? k->block_outputs(w) : 0;
   const int64_t nvec = blk ? out / blk : 0, tail0 = nvec * blk;
   const int64_t nblocks = nvec + (tail0 < out ? 1 : 0);
   // Few output blocks (k/v projections, many threads) also split the groups; the split follows the shape
@@ -116,7 +137,8 @@ void woq_gemv(const WoqWeightView& w, const WoqGemvArgs& a, Isa isa) {
     const int64_t b = t / splits, s = t % splits;
     const int64_t g0 = s * per_split, g1 = std::min(w.groups, g0 + per_split);
     float* y = part.data() + s * m * out;
-    if (b < nvec) k->gemv_block(w, c, b * blk, g0, g1, y);
+    if (b < nvec && bf16_pairs) detail::gptq_bf16_block(w, bc, b * blk, g0, g1, y);
+    else if (b < nvec) k->gemv_block(w, c, b * blk, g0, g1, y);
     else scalar_block(w, c, tail0, out, g0, g1, y);
   });
   std::vector<float> row(static_cast<size_t>(out));
@@ -133,11 +155,11 @@ void woq_gemv(const WoqWeightView& w, const WoqGemvArgs& a, Isa isa) {
 void woq_dequantize_ref(const WoqWeightView& w, DType dtype, void* dst) {
   if (dtype != DType::F32 && dtype != DType::BF16)
     throw OptionError("[woq_dequantize] dtype must be F32 or BF16, got " + std::string(dtype_name(dtype)));
-  for (int64_t k = 0; k < w.in; ++k)
-    for (int64_t o = 0; o < w.out; ++o) {
+  for (int64_t o = 0; o < w.out; ++o)
+    for (int64_t k = 0; k < w.in; ++k) {
       const float v = woq_weight(w, k, o);
-      if (dtype == DType::BF16) static_cast<uint16_t*>(dst)[k * w.out + o] = float_to_bf16(v);
-      else static_cast<float*>(dst)[k * w.out + o] = v;
+      if (dtype == DType::BF16) static_cast<uint16_t*>(dst)[o * w.in + k] = float_to_bf16(v);
+      else static_cast<float*>(dst)[o * w.in + k] = v;
     }
 }
 
@@ -148,11 +170,11 @@ void woq_dequantize(const WoqWeightView& w, DType dtype, void* dst, Isa isa) {
   const WoqKernels* k = kernels(isa);
   if (k && k->dequantize(w, dtype, dst)) return;
   // Layers the vector kernels do not serve: the reference's values, rows in parallel.
-  parallel_for(w.in, [&](int64_t kk) {
-    for (int64_t o = 0; o < w.out; ++o) {
-      const float v = woq_weight(w, kk, o);
-      if (dtype == DType::BF16) static_cast<uint16_t*>(dst)[kk * w.out + o] = float_to_bf16(v);
-      else static_cast<float*>(dst)[kk * w.out + o] = v;
+  parallel_for(w.out, [&](int64_t o) {
+    for (int64_t k = 0; k < w.in; ++k) {
+      const float v = woq_weight(w, k, o);
+      if (dtype == DType::BF16) static_cast<uint16_t*>(dst)[o * w.in + k] = float_to_bf16(v);
+      else static_cast<float*>(dst)[o * w.in + k] = v;
     }
   });
 }

@@ -2,7 +2,7 @@
 // Two fast paths beside the scalar reference:
 //   woq_gemv        few rows (decode): streams the packed words once per MR rows of x, unpacks them in vector
 //                   registers and accumulates sum(x*q) per group in fp32, then y += s * (that - z * sum(x)).
-//   woq_dequantize  many rows (prefill): the weight [in, out] in fp32 or bf16, for a matmul by the caller.
+//   woq_dequantize  many rows (prefill): the weight [out, in] in fp32 or bf16, for a matmul by the caller.
 // Results of the fast paths equal the reference to fp32 rounding (sums in another order), not bit for bit.
 #pragma once
 
@@ -33,7 +33,8 @@ void woq_linear_ref(const WoqWeightView& w, const WoqGemvArgs& a);
 void woq_gemv(const WoqWeightView& w, const WoqGemvArgs& a, Isa isa);
 inline void woq_gemv(const WoqWeightView& w, const WoqGemvArgs& a) { woq_gemv(w, a, active_isa()); }
 
-// dst [in, out] row-major = woq_weight(k, o) rounded to dtype (F32 or BF16, RNE): what the GEMM path multiplies.
+// dst [out, in] row-major (nn.Linear's layout) = woq_weight(k, o) rounded to dtype (F32 or BF16, RNE): what the
+// GEMM path multiplies.
 void woq_dequantize_ref(const WoqWeightView& w, DType dtype, void* dst);
 void woq_dequantize(const WoqWeightView& w, DType dtype, void* dst, Isa isa);
 inline void woq_dequantize(const WoqWeightView& w, DType dtype, void* dst) {

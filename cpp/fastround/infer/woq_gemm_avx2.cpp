@@ -22,6 +22,7 @@ struct Vec {
   using I = __m256i;
   static constexpr int L = 8;
   static constexpr int kGptqMr = 2;  // 16 registers: 8 accumulators, 4 words, the rest temporaries
+  static constexpr int kGptqWide = 4;  // output vectors per GEMV block (x one row at a time)
   static constexpr int kAwqMr = 1;
   static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static F loadf(const float* p) { return _mm256_loadu_ps(p); }

@@ -22,6 +22,7 @@ struct Vec {
   using I = __m512i;
   static constexpr int L = 16;
   static constexpr int kGptqMr = 4;  // 16 accumulators of 4 output vectors
+  static constexpr int kGptqWide = 16;  // output vectors per GEMV block (x one row at a time)
   static constexpr int kAwqMr = 2;   // 16 accumulators of 8 nibble slots
   static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
   static F loadf(const float* p) { return _mm512_loadu_ps(p); }
@@ -64,5 +65,88 @@ struct Vec {
 #define FR_WOQ_NS avx512
 #define FR_WOQ_TABLE kWoqAvx512
 #include "fastround/infer/woq_kernels.inc"
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+namespace fastround::infer::detail {
+
+namespace {
+
+// outputs [o0, o0 + NV*16) of one row of x: acc = sum x * (128 + q) per group, then y += s * (acc - (z + 128) * sum x).
+template <int BITS, int NV>
+void gptq_bf16_row(const WoqWeightView& w, const uint32_t* xp, const float* xsum, int64_t o0, int64_t g0, int64_t g1,
+                   float* y) {
+  constexpr int PF = 32 / BITS, HP = PF / 2;
+  constexpr uint32_t kMaxq = (1u << BITS) - 1u;
+  const __m512i pair_mask = _mm512_set1_epi32(static_cast<int>(kMaxq | (kMaxq << 16)));
+  const __m512i magic = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves: 128 + q, q < 128, is exact
+  const __m512i zmask = _mm512_set1_epi32(static_cast<int>(kMaxq));
+  const int64_t rows = w.qweight_rows(), gw = w.group / PF, zc = w.qzeros_cols();
+  alignas(64) int32_t zidx[16], zshift[16];
+  for (int i = 0; i < 16; ++i) {
+    zidx[i] = i / PF;
+    zshift[i] = (i % PF) * BITS;
+  }
+  const __m512i zidxv = _mm512_load_si512(zidx), zshiftv = _mm512_load_si512(zshift);
+  const __m512 zoff = _mm512_set1_ps(static_cast<float>(w.zero_offset() + 128));
+  const size_t sbytes = static_cast<size_t>(dtype_bits(w.scale_dtype) / 8);
+  for (int64_t g = g0; g < g1; ++g) {
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    const int64_t kw0 = g * gw, kw1 = std::min(kw0 + gw, rows);
+    const int32_t* qp = w.qweight + kw0 * w.out + o0;
+    for (int64_t kw = kw0; kw < kw1; ++kw, qp += w.out) {
+      for (int line = 0; line < NV * 64; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(qp + 16 * w.out) + line, _MM_HINT_T0);
+      __m512i xb[HP];
+      for (int j = 0; j < HP; ++j) xb[j] = _mm512_set1_epi32(static_cast<int>(xp[kw * HP + j]));
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const __m512i wv = _mm512_loadu_si512(qp + v * 16);
+#pragma GCC unroll 8
+        for (int j = 0; j < HP; ++j) {
+          const __m512i sh = j ? _mm512_srli_epi32(wv, static_cast<unsigned>(BITS * j)) : wv;
+          const __m512i q2 = _mm512_ternarylogic_epi32(sh, pair_mask, magic, 0xEA);  // (sh & mask) | magic
+          acc[v] = _mm512_dpbf16_ps(acc[v], reinterpret_cast<__m512bh>(q2), reinterpret_cast<__m512bh>(xb[j]));
+        }
+      }
+    }
+    const __m512 xs = _mm512_set1_ps(xsum[g]);
+    for (int v = 0; v < NV; ++v) {
+      const int64_t o = o0 + v * 16;
+      alignas(64) int32_t words[16] = {};
+      const int64_t nw = std::min<int64_t>(16 / PF + (16 % PF ? 1 : 0), zc - o / PF);
+      for (int64_t i = 0; i < nw; ++i) words[i] = w.qzeros[g * zc + o / PF + i];
+      const __m512i zw = _mm512_srlv_epi32(_mm512_permutexvar_epi32(zidxv, _mm512_load_si512(words)), zshiftv);
+      const __m512 z = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_and_si512(zw, zmask)), zoff);
+      const char* sp = static_cast<const char*>(w.scales) + static_cast<size_t>(g * w.out + o) * sbytes;
+      const __m512 s = Vec::load_scales(sp, w.scale_dtype);
+      const __m512 t = _mm512_sub_ps(acc[v], _mm512_mul_ps(z, xs));
+      _mm512_storeu_ps(y + o, _mm512_fmadd_ps(s, t, _mm512_loadu_ps(y + o)));
+    }
+  }
+}
+
+}  // namespace
+
+int64_t gptq_bf16_block_outputs() { return __builtin_cpu_supports("avx512bf16") ? 16 * 16 : 0; }
+
+void gptq_bf16_block(const WoqWeightView& w, const GemvBf16Ctx& c, int64_t o0, int64_t g0, int64_t g1, float* y) {
+  for (int64_t r = 0; r < c.m; ++r) {
+    const uint32_t* xp = c.xpair + r * c.ld2;
+    const float* xs = c.xsum + r * w.groups;
+    float* yr = y + r * w.out;
+    if (w.bits == 2) {
+      gptq_bf16_row<2, 8>(w, xp, xs, o0, g0, g1, yr);
+      gptq_bf16_row<2, 8>(w, xp, xs, o0 + 128, g0, g1, yr);
+    } else {
+      gptq_bf16_row<4, 16>(w, xp, xs, o0, g0, g1, yr);
+    }
+  }
+}
+
+}  // namespace fastround::infer::detail
 #pragma GCC pop_options
 #endif
