@@ -25,6 +25,9 @@ from _common import machine, write_json  # noqa: E402
 SHAPES = {"qkvo": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096), "kv": (4096, 1024)}  # (in, out)
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn: Callable[[int], Any], copies: int, iters: int, min_seconds: float) -> float:
     """Median seconds of fn(i % copies) over at least `iters` calls and `min_seconds`, after a warm-up pass."""
     for i in range(copies):
@@ -33,9 +36,9 @@ def timed(fn: Callable[[int], Any], copies: int, iters: int, min_seconds: float)
     start = time.perf_counter()
     i = 0
     while len(samples) < iters or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
+        t = CLOCK()
         fn(i % copies)
-        samples.append(time.perf_counter() - t)
+        samples.append(CLOCK() - t)
         i += 1
     return statistics.median(samples)
 
@@ -51,8 +54,12 @@ def main() -> None:
     ap.add_argument("--cold_mb", type=float, default=512.0, help="working set per method (MB)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--min_seconds", type=float, default=0.5)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time, for 1 thread on a shared machine (other loads do not count)")
     ap.add_argument("--json", type=str, default="")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import torch
     import torch.nn.functional as F
@@ -118,7 +125,7 @@ def main() -> None:
                     print("sweep", entry, flush=True)
 
     payload = {"benchmark": "woq_linear", "machine": machine(), "torch": torch.__version__, "group_size": gs,
-               "cold_mb": args.cold_mb, "results": results, "path_sweep": sweep}
+               "cold_mb": args.cold_mb, "clock": args.clock, "results": results, "path_sweep": sweep}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, payload)

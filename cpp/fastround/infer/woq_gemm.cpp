@@ -168,6 +168,7 @@ void woq_dequantize(const WoqWeightView& w, DType dtype, void* dst, Isa isa) {
     throw OptionError("[woq_dequantize] dtype must be F32 or BF16, got " + std::string(dtype_name(dtype)));
   require_isa(isa, "woq_dequantize");
   const WoqKernels* k = kernels(isa);
+  if (k == &detail::kWoqAvx512 && detail::gptq_dequantize_avx512(w, dtype, dst)) return;
   if (k && k->dequantize(w, dtype, dst)) return;
   // Layers the vector kernels do not serve: the reference's values, rows in parallel.
   parallel_for(w.out, [&](int64_t o) {

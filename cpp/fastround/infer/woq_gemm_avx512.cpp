@@ -68,6 +68,80 @@ struct Vec {
 #pragma GCC pop_options
 
 #pragma GCC push_options
+#pragma GCC target("avx2,f16c,fma,avx512f,avx512bw,avx512vl,avx512dq")
+
+namespace fastround::infer::detail {
+
+namespace {
+
+// GPTQ words straight into dst [out, in]: 16 inputs of one output are 16/PF words of one qweight column, gathered
+// into one vector by permutes of 16/PF loaded rows, so each output row is written 16 values at a time.
+template <int BITS>
+void gptq_dequant_outputs(const WoqWeightView& w, DType dt, void* dst, int64_t o0) {
+  constexpr int PF = 32 / BITS, NW = 16 / PF > 0 ? 16 / PF : 1;  // words per 16-input vector (2-bit: half a word)
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  alignas(64) int32_t shift[16];
+  for (int i = 0; i < 16; ++i) shift[i] = (i % PF) * BITS;
+  const __m512i shv = _mm512_load_si512(shift);
+  const int64_t kv = w.in / 16;  // whole vectors of inputs; a group holds whole vectors
+  float z[16], s[16];
+  for (int64_t v = 0; v < kv; ++v) {
+    const int64_t k0 = v * 16, g = k0 / w.group;
+    if (v == 0 || k0 % w.group == 0)
+      for (int i = 0; i < 16; ++i) {
+        z[i] = static_cast<float>(woq_zero(w, g, o0 + i));
+        s[i] = woq_scale(w, g, o0 + i);
+      }
+    const int32_t* qp = w.qweight + (k0 / PF) * w.out + o0;
+    __m512i rows[4];
+    for (int r = 0; r < NW; ++r) rows[r] = _mm512_loadu_si512(qp + r * w.out);
+    for (int i = 0; i < 16; ++i) {
+      __m512i words;
+      if constexpr (BITS == 2) {
+        // lanes 0-15: inputs k0 .. k0+15 are fields 0-15 of word (k0/16, o0+i)
+        words = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), rows[0]);
+      } else if constexpr (BITS == 4) {
+        const __m512i idx = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(i), _mm512_set1_epi32(16 + i));
+        words = _mm512_permutex2var_epi32(rows[0], idx, rows[1]);
+      } else {
+        const __m512i idx = _mm512_mask_blend_epi32(0xF0F0, _mm512_set1_epi32(i), _mm512_set1_epi32(16 + i));
+        words = _mm512_mask_blend_epi32(0xFF00, _mm512_permutex2var_epi32(rows[0], idx, rows[1]),
+                                        _mm512_permutex2var_epi32(rows[2], idx, rows[3]));
+      }
+      const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(words, shv), mask));
+      const __m512 val = _mm512_mul_ps(_mm512_sub_ps(q, _mm512_set1_ps(z[i])), _mm512_set1_ps(s[i]));
+      const int64_t at = (o0 + i) * w.in + k0;
+      if (dt == DType::BF16) Vec::store_bf16(static_cast<uint16_t*>(dst) + at, val);
+      else _mm512_storeu_ps(static_cast<float*>(dst) + at, val);
+    }
+  }
+}
+
+}  // namespace
+
+bool gptq_dequantize_avx512(const WoqWeightView& w, DType dt, void* dst) {
+  if (w.layout == WoqLayout::Awq || w.group % 16 != 0 || w.out % 16 != 0) return false;
+  parallel_for(w.out / 16, [&](int64_t b) {
+    switch (w.bits) {
+      case 2: gptq_dequant_outputs<2>(w, dt, dst, b * 16); break;
+      case 4: gptq_dequant_outputs<4>(w, dt, dst, b * 16); break;
+      default: gptq_dequant_outputs<8>(w, dt, dst, b * 16); break;
+    }
+    // Inputs past the last whole vector (in not a multiple of 16), element by element.
+    for (int64_t o = b * 16; o < b * 16 + 16; ++o)
+      for (int64_t k = w.in / 16 * 16; k < w.in; ++k) {
+        const float v = woq_weight(w, k, o);
+        if (dt == DType::BF16) static_cast<uint16_t*>(dst)[o * w.in + k] = float_to_bf16(v);
+        else static_cast<float*>(dst)[o * w.in + k] = v;
+      }
+  });
+  return true;
+}
+
+}  // namespace fastround::infer::detail
+#pragma GCC pop_options
+
+#pragma GCC push_options
 #pragma GCC target("avx2,f16c,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
 namespace fastround::infer::detail {

@@ -40,6 +40,10 @@ struct GemvBf16Ctx {
 int64_t gptq_bf16_block_outputs();
 void gptq_bf16_block(const WoqWeightView& w, const GemvBf16Ctx& c, int64_t o0, int64_t g0, int64_t g1, float* y);
 
+// GPTQ words to dst [out, in] 16 inputs of one output per store (AVX-512); false when the layer is not served
+// (AWQ, groups or out_features not multiples of 16): nothing written.
+bool gptq_dequantize_avx512(const WoqWeightView& w, DType dtype, void* dst);
+
 extern const WoqKernels kWoqAvx2;
 extern const WoqKernels kWoqAvx512;
 
