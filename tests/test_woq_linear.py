@@ -96,7 +96,7 @@ def test_fastround_packed_equals_dequantize_matmul(layout: str, bits: int, group
     w = unpack_reference(t["qweight"], t["qzeros"], t["scales"], bits, group_size, layout, in_f)
     assert torch.equal(w, layer["truth"]), "the torch unpacker disagrees with the codes the packer was given"
     g = torch.Generator().manual_seed(5)
-    for m in (1, 3, 9, 40):  # GEMV rows and the dequantize + matmul path
+    for m in (1, 3, 9, 40):  # GEMV rows (1 and 2 take the bf16 pair path) and the dequantize + matmul path
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = torch.randn(m, in_f, generator=g).to(dtype)
             bias = layer["bias"] if m % 2 else None
@@ -209,3 +209,25 @@ def test_bad_inputs_name_the_argument() -> None:
         with pytest.raises(ValueError, match=r"\[fastround\.woq_linear\].*" + message.replace("[", r"\[")
                            .replace("]", r"\]")):
             call()
+
+
+# ---- the benchmark script runs ----
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "woq_linear.py"
+    out = tmp_path / "woq.json"
+    run = subprocess.run([sys.executable, str(script), "--threads", "1", "--shapes", "kv", "--rows", "1,20",
+                          "--sweep_rows", "2", "--cold_mb", "1", "--iters", "1", "--min_seconds", "0",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [(r["shape"], r["rows"]) for r in res["results"]] == [("kv", 1), ("kv", 20)]
+    assert all(r["fastround_ms"] > 0 and r["bf16_ms"] > 0 for r in res["results"])
+    assert res["path_sweep"] and res["path_sweep"][0]["gemv_ms"] > 0

@@ -46,7 +46,7 @@ inline void woq_dequantize(const WoqWeightView& w, DType dtype, void* dst) {
 bool woq_gemv_fast(const WoqWeightView& w, Isa isa);
 
 // Rows of x up to which the GEMV path beats dequantize-and-matmul (benchmarks/woq_linear.py measures it).
-inline constexpr int64_t kWoqGemvMaxRows = 8;
+inline constexpr int64_t kWoqGemvMaxRows = 16;
 
 // The ISA the woq kernels run for `isa`: the vector kernels also need FMA, which cpu.h does not check.
 Isa woq_isa(Isa isa);
