@@ -130,3 +130,7 @@ def _pack_codes_fake(codes, scales, zeros, encoding, bits, group_size, sym, zero
 @torch.library.register_fake("fastround::dequantize_codes")
 def _dequantize_codes_fake(codes, scales, zeros, encoding, bits, group_size, sym, dtype, weight=None):
     return codes.new_empty(tuple(codes.shape), dtype=dtype)
+
+# torch.ops.fastround.woq_linear is registered by _torch with the ops above; its fake kernel lives in infer_ops, loaded
+# here so that every importer of the ops (QuantLinear among them) traces it under torch.compile.
+from fastround import infer_ops as _infer_ops  # noqa: E402,F401
