@@ -152,3 +152,7 @@ def _dequantize_codes_fake(codes, scales, zeros, encoding, bits, group_size, sym
 @torch.library.register_fake("fastround::dequantize_packed")
 def _dequantize_packed_fake(packed, encoding, rows, cols, bits, group_size, sym, zero_offset):
     return packed[0].new_empty((rows, cols), dtype=torch.float32)
+
+# torch.ops.fastround.woq_linear is registered by _torch with the ops above; its fake kernel lives in infer_ops, loaded
+# here so that every importer of the ops (QuantLinear among them) traces it under torch.compile.
+from fastround import infer_ops as _infer_ops  # noqa: E402,F401

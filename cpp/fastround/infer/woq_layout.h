@@ -1,0 +1,96 @@
+// Reading packed INT weights as the checkpoints store them, for inference: the GPTQ words of auto_gptq /
+// auto_round (zero points stored minus one, "gptq"), gptqmodel's v2 words (zero points as is, "gptq_v2") and the
+// AWQ GEMM words (auto_awq, auto_round:auto_awq). The bytes are those pack/pack_gptq.h and pack/pack_awq.h write.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "fastround/common/dtype.h"
+#include "fastround/common/half.h"
+#include "fastround/pack/pack_awq.h"
+
+namespace fastround::infer {
+
+enum class WoqLayout { Gptq = 0, GptqV2 = 1, Awq = 2 };
+
+// "gptq", "gptq_v2" or "awq"; anything else throws OptionError naming `site`.
+WoqLayout parse_woq_layout(const std::string& name, const char* site);
+const char* woq_layout_name(WoqLayout layout);
+
+// One packed linear layer. in/out are the layer's features; the GPTQ qweight may carry padded inputs (whole
+// words, whole groups) and the qzeros padded outputs (whole words), which the kernels never read as real data.
+//   gptq, gptq_v2: qweight [in_p/pf, out] int32, input k in lane k%pf of row k/pf (lane 0 = low bits)
+//                  qzeros  [groups, ceil(out/pf)] int32, output o in lane o%pf of word o/pf
+//   awq (4 bits):  qweight [in, out/8] int32, output 8w+p in nibble kAwqOrder[p] of word w
+//                  qzeros  [groups, out/8] int32, same interleave
+//   scales [groups, out] fp16, bf16 or fp32; input k belongs to group k / group.
+struct WoqWeightView {
+  WoqLayout layout = WoqLayout::Gptq;
+  int bits = 4;
+  int64_t in = 0, out = 0;
+  int64_t group = 0;   // inputs per group (per channel: in)
+  int64_t groups = 0;  // ceil(in / group)
+  const int32_t* qweight = nullptr;
+  const int32_t* qzeros = nullptr;
+  const void* scales = nullptr;
+  DType scale_dtype = DType::F16;
+
+  int pack_factor() const { return 32 / bits; }
+  int zero_offset() const { return layout == WoqLayout::Gptq ? 1 : 0; }
+  // Rows of qweight the kernels may read: GPTQ reads whole words of inputs (padded inputs hold codes times a
+  // zero activation), AWQ one row per input.
+  int64_t qweight_rows() const { return layout == WoqLayout::Awq ? in : (in + pack_factor() - 1) / pack_factor(); }
+  int64_t qweight_cols() const { return layout == WoqLayout::Awq ? out / pack_factor() : out; }
+  int64_t qzeros_cols() const { return (out + pack_factor() - 1) / pack_factor(); }
+};
+
+// The expected shapes of one layer's tensors, checked against what the caller has. Every mismatch throws
+// OptionError "[site] <tensor>: expected ..., got ...". qweight_rows may exceed the view's (padded inputs).
+struct WoqShapes {
+  int64_t qweight[2], qzeros[2], scales[2];
+};
+
+// Fills view.in/out/group/groups from the tensors' shapes and checks them: bits (2, 4, 8; AWQ 4 only), group_size
+// (-1 or a positive count; groups = ceil(in / group_size)), the three shapes and the scales' dtype.
+void woq_resolve(WoqWeightView& view, int64_t in, int64_t group_size, const int64_t qweight_shape[2],
+                 const int64_t qzeros_shape[2], const int64_t scales_shape[2], const char* site);
+
+// Unsigned code of input k, output o (GPTQ: k may be a padded input).
+inline uint32_t woq_code(const WoqWeightView& w, int64_t k, int64_t o) {
+  const uint32_t mask = (1u << w.bits) - 1u;
+  const int pf = w.pack_factor();
+  if (w.layout == WoqLayout::Awq) {
+    const uint32_t word = static_cast<uint32_t>(w.qweight[k * (w.out / pf) + o / pf]);
+    return (word >> (w.bits * kAwqOrder[o % pf])) & mask;
+  }
+  const uint32_t word = static_cast<uint32_t>(w.qweight[(k / pf) * w.out + o]);
+  return (word >> (w.bits * (k % pf))) & mask;
+}
+
+// Zero point of group g, output o, with the layout's offset added back.
+inline int32_t woq_zero(const WoqWeightView& w, int64_t g, int64_t o) {
+  const uint32_t mask = (1u << w.bits) - 1u;
+  const int pf = w.pack_factor();
+  const uint32_t word = static_cast<uint32_t>(w.qzeros[g * w.qzeros_cols() + o / pf]);
+  const int slot = w.layout == WoqLayout::Awq ? kAwqOrder[o % pf] : static_cast<int>(o % pf);
+  return static_cast<int32_t>((word >> (w.bits * slot)) & mask) + w.zero_offset();
+}
+
+inline float woq_scale(const WoqWeightView& w, int64_t g, int64_t o) {
+  const int64_t i = g * w.out + o;
+  switch (w.scale_dtype) {
+    case DType::F32: return static_cast<const float*>(w.scales)[i];
+    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(w.scales)[i]);
+    default: return fp16_to_float(static_cast<const uint16_t*>(w.scales)[i]);
+  }
+}
+
+// The dequantized weight of input k, output o: (code - zero) * scale in fp32, as the auto_gptq / AWQ kernels
+// and auto_round's QuantLinear reference define it.
+inline float woq_weight(const WoqWeightView& w, int64_t k, int64_t o) {
+  const int64_t g = k / w.group;
+  return (static_cast<float>(woq_code(w, k, o)) - static_cast<float>(woq_zero(w, g, o))) * woq_scale(w, g, o);
+}
+
+}  // namespace fastround::infer
