@@ -561,29 +561,57 @@ int64_t zwords_of(const WoqWeights& w) {
   return (w.out + pf - 1) / pf;
 }
 
-// SMs per device and resident blocks per SM per kernel, asked once: the op runs at every decode step.
+// SMs per device, and per kernel the resident blocks per SM and the largest cluster it can be launched with
+// (asked once: the op runs at every decode step).
 struct GpuShape {
   int sms;
   int per_sm;
+  int max_split;
 };
+
+struct KernelShape {
+  int per_sm = 1;
+  int max_split = 1;
+};
+
+KernelShape kernel_shape(const void* kernel) {
+  constexpr const char* site = "woq_gemv_cuda";
+  KernelShape k;
+  check_launch(site, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.per_sm, kernel, kThreads, 0));
+  for (int split = 2; split <= kMaxSplit; split *= 2) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(1, static_cast<unsigned>(split), 1);
+    cfg.blockDim = dim3(kThreads, 1, 1);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = static_cast<unsigned>(split);
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
+      (void)cudaGetLastError();  // a refused configuration is not sticky; do not report it at the next launch
+      break;
+    }
+    k.max_split = split;
+  }
+  return k;
+}
 
 GpuShape gpu_shape(const void* kernel) {
   static std::mutex mu;
-  static std::vector<int> sms;                          // by device index, 0: not asked yet
-  static std::unordered_map<const void*, int> per_sm;   // by kernel
+  static std::vector<int> sms;                                  // by device index, 0: not asked yet
+  static std::unordered_map<const void*, KernelShape> kernels;  // by kernel
   constexpr const char* site = "woq_gemv_cuda";
   int device = 0;
   check_launch(site, cudaGetDevice(&device));
   std::lock_guard<std::mutex> lock(mu);
   if (static_cast<size_t>(device) >= sms.size()) sms.resize(static_cast<size_t>(device) + 1, 0);
   if (sms[device] == 0) check_launch(site, cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device));
-  auto it = per_sm.find(kernel);
-  if (it == per_sm.end()) {
-    int n = 0;
-    check_launch(site, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
-    it = per_sm.emplace(kernel, n).first;
-  }
-  return {std::max(1, sms[device]), std::max(1, it->second)};
+  auto it = kernels.find(kernel);
+  if (it == kernels.end()) it = kernels.emplace(kernel, kernel_shape(kernel)).first;
+  return {std::max(1, sms[device]), std::max(1, it->second.per_sm), it->second.max_split};
 }
 
 // Blocks of a cluster along the inputs. A block's time is about its rows per thread (each waits on its own loads),
@@ -596,7 +624,7 @@ int choose_split(const void* kernel, int64_t tiles, int64_t rows, int ty) {
   const int64_t resident = static_cast<int64_t>(g.sms) * g.per_sm;
   int best = 1;
   double best_cost = 0.0;
-  for (int split = 1; split <= kMaxSplit; split *= 2) {
+  for (int split = 1; split <= g.max_split; split *= 2) {
     if (split > 1 && rows / split < int64_t{ty} * 4) break;
     const int64_t waves = (tiles * split + resident - 1) / resident;
     const double cost = static_cast<double>(waves) / split;
