@@ -199,8 +199,9 @@ __device__ __forceinline__ void thread_rows(const GemvArgs& a, int64_t& r0, int6
 // ---- GEMV, GPTQ layout ----
 // Thread tile: one 16-byte load = 4 consecutive output columns x PF inputs (one qweight row).
 
+// Batch 1 at 4 and 8 bits fits 80 registers without spilling: 3 blocks per SM instead of 2.
 template <int BITS, int MT, DType XT, DType ST>
-__global__ void __launch_bounds__(kThreads) gemv_gptq_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? 3 : 1) gemv_gptq_kernel(GemvArgs a) {
   constexpr int PF = 32 / BITS;        // inputs per word
   constexpr int LANES = 16 / BITS;     // codes per 16-bit half
   constexpr uint32_t kCodeMask = (1u << BITS) - 1u;
@@ -242,14 +243,19 @@ __global__ void __launch_bounds__(kThreads) gemv_gptq_kernel(GemvArgs a) {
     for (int c = 0; c < 4; ++c) zc[c] = static_cast<float>((zw >> (BITS * c)) & kCodeMask) + a.zero_add;
   };
 
-  const uint16_t* xb = static_cast<const uint16_t*>(a.x);
+  // Running pointers: qweight row r at this thread's columns, x[0, r*PF]; rows of x are `in` apart.
+  const int32_t* qp = a.qweight + r * a.out_features + n0;
+  const uint16_t* xr = static_cast<const uint16_t*>(a.x) + r * PF;
+  const int in32 = static_cast<int>(a.in);
   for (; r < r1; r += kBatch) {
     uint4 q[kBatch];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u)
-      q[u] = r + u < r1 ? load_stream(a.qweight + (r + u) * a.out_features + n0) : make_uint4(0, 0, 0, 0);
-#pragma unroll
     for (int u = 0; u < kBatch; ++u) {
+      q[u] = r + u < r1 ? load_stream(qp) : make_uint4(0, 0, 0, 0);
+      qp += a.out_features;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u, xr += PF) {
       const int64_t row = r + u;
       if (row >= r1) break;
       if (row >= g_end) {
@@ -282,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) gemv_gptq_kernel(GemvArgs a) {
       for (int m = 0; m < MT; ++m) {
         if (m >= a.m) break;
         // x[m, row*PF .. row*PF+PF): PF 16-bit values, 16-byte aligned for PF >= 8 (8-byte for PF 4).
-        const uint16_t* xp = xb + m * a.in + row * PF;
+        const uint16_t* xp = xr + m * in32;
         uint32_t xw[PF / 2];
         if constexpr (PF == 4) {
           const uint2 t = __ldg(reinterpret_cast<const uint2*>(xp));
@@ -392,20 +398,24 @@ __global__ void __launch_bounds__(kThreads) gemv_awq_kernel(GemvArgs a) {
     }
   };
 
-  const uint16_t* xb = static_cast<const uint16_t*>(a.x);
+  // Running pointers: qweight row r at this thread's words, x[0, r]; rows of x are `in` apart.
+  const int32_t* qp = a.qweight + r * ow + n0 / 8;
+  const uint16_t* xr = static_cast<const uint16_t*>(a.x) + r;
+  const int in32 = static_cast<int>(a.in);
   for (; r < r1; r += kBatch) {
     uint32_t q[kBatch][WORDS];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       if (r + u < r1) {
-        load_words<WORDS>(a.qweight + (r + u) * ow + n0 / 8, q[u]);
+        load_words<WORDS>(qp, q[u]);
       } else {
 #pragma unroll
         for (int w = 0; w < WORDS; ++w) q[u][w] = 0;
       }
+      qp += ow;
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < kBatch; ++u, ++xr) {
       const int64_t row = r + u;
       if (row >= r1) break;
       if (row >= g_end) {
@@ -428,7 +438,7 @@ __global__ void __launch_bounds__(kThreads) gemv_awq_kernel(GemvArgs a) {
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= a.m) break;
-        const float xv = half_to_f32<XT>(__ldg(xb + m * a.in + row));
+        const float xv = half_to_f32<XT>(__ldg(xr + m * in32));
         sx[m] += xv;
 #pragma unroll
         for (int i = 0; i < CPT; ++i) accg[m][i] = fmaf(v[i], xv, accg[m][i]);
@@ -684,6 +694,7 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
   if (x_dtype != DType::F16 && x_dtype != DType::BF16) return false;
   if (w.scale_dtype != DType::F16 && w.scale_dtype != DType::BF16) return false;
   if (w.in % 8 != 0 || !aligned(x, 16) || !aligned(w.qweight, 16)) return false;
+  if (w.in * kWoqGemvMaxRows >= (int64_t{1} << 31)) return false;  // 32-bit offsets into x
   if (w.layout == WoqLayout::Awq)
     return w.out % 32 == 0 && aligned(w.qzeros, 16) && aligned(w.scales, 16);
   const int64_t pf = 32 / w.bits;
