@@ -18,8 +18,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <stdexcept>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -45,8 +45,9 @@ constexpr float kMagicF = 8388608.0f;
 constexpr int kGptqTx = 8;
 constexpr int kGptqCols = 4 * kGptqTx;
 // AWQ GEMV: a thread loads WORDS words of a qweight row (8*WORDS output columns); 16/WORDS threads cover 64
-// contiguous bytes, a tile of 128 columns. WORDS shrinks as the batch grows: four fp32 values per column and row
-// live in registers (sums, group sums, scale, zero), and 128-bit loads for one row already need ~200 of them.
+// contiguous bytes, a tile of 128 columns. Every column a thread owns holds two fp32 sums per batch row plus its
+// scale and zero in registers, so WORDS is 2 (64-bit loads) up to batch 2 and 1 beyond: 128-bit loads (WORDS 4)
+// took 206 registers at batch 1, one block per SM.
 constexpr int kAwqCols = 128;
 
 template <DType D>
@@ -333,13 +334,8 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? 3 : 1) gemv_g
 
 template <int WORDS>
 __device__ __forceinline__ void load_words(const int32_t* p, uint32_t (&w)[WORDS]) {
-  if constexpr (WORDS == 4) {
-    const uint4 v = load_stream(p);
-    w[0] = v.x;
-    w[1] = v.y;
-    w[2] = v.z;
-    w[3] = v.w;
-  } else if constexpr (WORDS == 2) {
+  static_assert(WORDS == 1 || WORDS == 2, "see kAwqCols");
+  if constexpr (WORDS == 2) {
     asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "l"(p));
   } else {
     asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(w[0]) : "l"(p));
