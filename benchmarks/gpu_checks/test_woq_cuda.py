@@ -5,7 +5,8 @@ of the output dtype. Every layout (gptq: zeros stored minus one; gptq_v2: zeros 
 bits 2 / 4 / 8, groups of 32, 64, 128 and whole rows, batches 1, 2, 3, 8 (the GEMV), 33 and 512 (dequantize +
 matmul), bf16 and fp16 activations, fp16 / bf16 / fp32 scales, with and without bias, layer shapes that take the
 cluster split-K path and shapes that fall back to the dequantize path (unaligned activations, odd widths, groups
-smaller than a word). The test's packers are pinned to fastround's own (pack_codes) byte for byte.
+smaller than a word), partial last groups and padded qweight rows as the CPU op accepts them
+(infer/woq_layout.cpp). The test's packers are pinned to fastround's own (pack_codes) byte for byte.
 
 They need a CUDA device and a fastround built against a CUDA torch, so they live outside tests/ (CI has no GPU).
 Run them on the GPU host:
@@ -77,18 +78,23 @@ def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return slots[..., _AWQ_SLOT_OF_COLUMN].reshape(packed.shape[0], -1)
 
 
-def pack(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, layout: str):
+def pack(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, layout: str, pad_in: int = 0):
     """Codes q [in, out], zero points [groups, out] (what dequantization subtracts), scales [groups, out] ->
-    (qweight, qzeros, scales) in `layout`. gptq stores zero - 1, which must be in range."""
+    (qweight, qzeros, scales) in `layout`. gptq stores zero - 1, which must be in range. pad_in: gptq qweight
+    rows for that many extra inputs (code 0), as packers that pad inputs to whole groups write them."""
     if layout == "awq":
         return _pack_awq(q), _pack_awq(zeros), scales
     stored = zeros - 1 if layout == "gptq" else zeros
     assert int(stored.min()) >= 0 and int(stored.max()) < (1 << bits)
+    if pad_in:
+        q = torch.cat([q, torch.zeros(pad_in, q.shape[1], dtype=q.dtype)])
     return _pack_lanes(q, bits, 0), _pack_lanes(stored, bits, 1), scales
 
 
-def dequantize_reference(qweight, qzeros, scales, bits: int, group_size: int, layout: str) -> torch.Tensor:
-    """The fp32 weight [in, out] the packed tensors stand for, from their bits alone."""
+def dequantize_reference(qweight, qzeros, scales, bits: int, group_size: int, layout: str,
+                         in_f: int | None = None) -> torch.Tensor:
+    """The fp32 weight [in, out] the packed tensors stand for, from their bits alone. Input k is in group
+    k // group (the last group may be partial); gptq rows past `in_f` (padding) are dropped."""
     qweight, qzeros, scales = qweight.cpu(), qzeros.cpu(), scales.cpu()
     out = scales.shape[1]
     if layout == "awq":
@@ -96,14 +102,15 @@ def dequantize_reference(qweight, qzeros, scales, bits: int, group_size: int, la
     else:
         q = _unpack_lanes(qweight, bits, 0, qweight.shape[0] * 32 // bits)
         z = _unpack_lanes(qzeros, bits, 1, out) + (1 if layout == "gptq" else 0)
-    group = q.shape[0] if group_size == -1 else group_size
-    z = z.repeat_interleave(group, 0).float()
-    s = scales.float().repeat_interleave(group, 0)
-    return (q.float() - z) * s
+    in_f = q.shape[0] if in_f is None else in_f
+    q = q[:in_f]
+    group = in_f if group_size == -1 or group_size > in_f else group_size
+    g = torch.arange(in_f) // group
+    return (q.float() - z[g].float()) * scales.float()[g]
 
 
 def linear_reference(x, qweight, qzeros, scales, bias, bits, group_size, layout) -> torch.Tensor:
-    w = dequantize_reference(qweight, qzeros, scales, bits, group_size, layout)
+    w = dequantize_reference(qweight, qzeros, scales, bits, group_size, layout, x.shape[-1])
     y = x.cpu().float().reshape(-1, w.shape[0]) @ w
     if bias is not None:
         y = y + bias.cpu().float()
@@ -111,17 +118,17 @@ def linear_reference(x, qweight, qzeros, scales, bias, bits, group_size, layout)
 
 
 def make_layer(in_f: int, out_f: int, bits: int, group_size: int, layout: str, scale_dtype=torch.float16,
-               seed: int = 0):
+               seed: int = 0, pad_in: int = 0):
     """Random codes, zero points and scales, packed: (qweight, qzeros, scales) on the CPU."""
     g = torch.Generator().manual_seed(seed)
-    groups = 1 if group_size == -1 else in_f // group_size
+    groups = 1 if group_size == -1 else -(-in_f // group_size)
     q = torch.randint(0, 1 << bits, (in_f, out_f), generator=g)
     lo = 1 if layout == "gptq" else 0  # gptq stores zero - 1
     zeros = torch.randint(lo, (1 << bits) + lo, (groups, out_f), generator=g)
     zeros[0, : min(out_f, 4)] = lo  # the extreme zero points
     zeros[-1, -min(out_f, 4):] = (1 << bits) - 1 + lo
     scales = ((torch.rand(groups, out_f, generator=g) + 0.5) * (0.02 / (1 << bits))).to(scale_dtype)
-    return pack(q, zeros, scales, bits, layout)
+    return pack(q, zeros, scales, bits, layout, pad_in)
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -129,8 +136,8 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def run_case(dev, in_f, out_f, bits, group_size, layout, m, dtype, scale_dtype=torch.float16, bias=True, seed=0,
-             x_shape=None):
-    qweight, qzeros, scales = make_layer(in_f, out_f, bits, group_size, layout, scale_dtype, seed)
+             x_shape=None, pad_in=0):
+    qweight, qzeros, scales = make_layer(in_f, out_f, bits, group_size, layout, scale_dtype, seed, pad_in)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*(x_shape or (m, in_f)), generator=g).to(dtype)
     b = (torch.randn(out_f, generator=g) * 0.1).to(dtype) if bias else None
@@ -216,11 +223,22 @@ def test_no_bias_and_batch_dims(cuda):
         (512, 96, 4, 128, "awq"),       # out a multiple of 32, one partial 128-column tile
         (512, 40, 4, 64, "awq"),        # out not a multiple of 32: the dequantize path
         (196, 64, 8, 28, "gptq"),       # in not a multiple of 8: activation rows not 16-byte aligned
+        (196, 64, 4, 64, "gptq"),       # in not a multiple of a word's 8 inputs (padded lanes), partial last group
+        (200, 64, 4, 64, "gptq_v2"),    # partial last group of 8 inputs, the GEMV path
+        (200, 96, 4, 64, "awq"),        # partial last group, the GEMV path
+        (256, 64, 2, 300, "gptq"),      # a group larger than in: one group
     ],
 )
 @pytest.mark.parametrize("m", [1, 4, 40])
 def test_odd_shapes(cuda, in_f, out_f, bits, group_size, layout, m):
     run_case(cuda, in_f, out_f, bits, group_size, layout, m, torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout,bits", [("gptq", 4), ("gptq_v2", 2), ("gptq", 8)])
+@pytest.mark.parametrize("m", [1, 40])
+def test_padded_qweight_rows(cuda, layout, bits, m):
+    """qweight with rows for inputs padded to whole groups (model-free packing): the padding is never read."""
+    run_case(cuda, 200, 64, bits, 64, layout, m, torch.bfloat16, pad_in=56)
 
 
 def test_unaligned_activations(cuda):
@@ -266,6 +284,8 @@ def test_bad_arguments(cuda):
     with pytest.raises(ValueError, match="qzeros"):
         _op(x, qweight, qzeros[:, :-1], scales, None, 4, 128, "gptq")
     with pytest.raises(ValueError, match="group_size"):
+        _op(x, qweight, qzeros, scales, None, 4, 0, "gptq")
+    with pytest.raises(ValueError, match="qzeros"):  # 100 makes 3 groups of 256 inputs
         _op(x, qweight, qzeros, scales, None, 4, 100, "gptq")
     with pytest.raises(ValueError, match="awq"):
         _op(x, qweight, qzeros, scales, None, 8, 128, "awq")

@@ -15,7 +15,7 @@
 #include "torch_adapter.h"
 
 using namespace fastround_torch;
-namespace fi = fastround::infer;
+namespace fi = fastround::infer::gpu;
 
 namespace {
 
@@ -63,25 +63,24 @@ at::Tensor woq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const
       throw fr::OptionError(arg(kOp, "bits") + "layout awq packs 4 bits only, got " + std::to_string(bits));
     const int64_t pf = 32 / bits;
     w.in = x.size(-1);
-    // gptq: qweight [in/pf, out], qzeros [groups, ceil(out/pf)]; awq: qweight [in, out/8], qzeros [groups, out/8].
+    if (w.in <= 0) throw fr::OptionError(arg(kOp, "x") + "the last dimension (in_features) must be positive");
+    // The CPU op's rules (infer/woq_layout.cpp woq_resolve): gptq qweight [>= ceil(in/pf), out] (inputs padded to
+    // whole groups are tolerated), awq qweight [in, out/8]; groups = ceil(in / group), a partial last group;
+    // qzeros [groups, ceil(out/pf)].
     w.out = w.layout == fi::WoqLayout::Awq ? qweight.size(1) * 8 : qweight.size(1);
     if (group_size != -1 && group_size <= 0)
-      throw fr::OptionError(arg(kOp, "group_size") + "must be positive or -1, got " + std::to_string(group_size));
-    w.group = group_size == -1 ? w.in : group_size;
-    if (w.in % w.group != 0)
-      throw fr::OptionError(arg(kOp, "group_size") + std::to_string(group_size) + " does not divide in_features " +
-                            std::to_string(w.in));
-    const int64_t groups = w.in / w.group;
+      throw fr::OptionError(arg(kOp, "group_size") + "expected -1 (per channel) or a positive count, got " +
+                            std::to_string(group_size));
+    w.group = group_size == -1 || group_size > w.in ? w.in : group_size;
+    const int64_t groups = w.groups();
     if (w.layout == fi::WoqLayout::Awq) {
-      require_shape("qweight", qweight, w.in, w.out / 8, "[in_features, out_features/8]");
-      require_shape("qzeros", qzeros, groups, w.out / 8, "[groups, out_features/8]");
-    } else {
-      if (w.in % pf != 0)
-        throw fr::OptionError(arg(kOp, "x") + "in_features " + std::to_string(w.in) + " is not a multiple of " +
-                              std::to_string(pf) + ", which " + std::to_string(bits) + "-bit gptq packing needs");
-      require_shape("qweight", qweight, w.in / pf, w.out, "[in_features*bits/32, out_features]");
-      require_shape("qzeros", qzeros, groups, (w.out + pf - 1) / pf, "[groups, ceil(out_features*bits/32)]");
+      require_shape("qweight", qweight, w.in, qweight.size(1), "[in_features, out_features/8]");
+    } else if (qweight.size(0) < (w.in + pf - 1) / pf) {
+      throw fr::OptionError(arg(kOp, "qweight") + "expected at least " + std::to_string((w.in + pf - 1) / pf) +
+                            " rows (" + std::to_string(w.in) + " inputs / " + std::to_string(pf) +
+                            " per int32), got " + shape_str(qweight.sizes()));
     }
+    require_shape("qzeros", qzeros, groups, (w.out + pf - 1) / pf, "[groups, ceil(out_features*bits/32)]");
     require_shape("scales", scales, groups, w.out, "[groups, out_features]");
     at::Tensor b;
     if (bias.has_value() && bias->defined()) {

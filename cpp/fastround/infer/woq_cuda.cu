@@ -27,7 +27,7 @@
 
 #include "fastround/common/error.h"
 
-namespace fastround::infer {
+namespace fastround::infer::gpu {
 
 namespace {
 
@@ -464,7 +464,7 @@ struct DequantArgs {
   float zero_add;
 };
 
-// One thread per qweight word: (row, column n), writing its PF inputs at column n. Consecutive threads take
+// One thread per qweight word: (row, column n), writing its PF inputs (those below `in`) at column n. Consecutive threads take
 // consecutive columns, so reads and writes are coalesced.
 template <int BITS, DType ST, DType OT>
 __global__ void __launch_bounds__(kThreads) dequant_gptq_kernel(DequantArgs a) {
@@ -480,6 +480,7 @@ __global__ void __launch_bounds__(kThreads) dequant_gptq_kernel(DequantArgs a) {
 #pragma unroll
     for (int j = 0; j < PF; ++j) {
       const int64_t k = row * PF + j;
+      if (k >= a.in) break;
       if (k >= g_end) {
         ++g;
         g_end += a.group;
@@ -671,15 +672,9 @@ void woq_check(const WoqWeights& w, const char* site) {
     bad(site, "bits must be 2, 4 or 8, got " + std::to_string(w.bits));
   }
   if (w.in <= 0 || w.out <= 0) bad(site, "empty weight");
-  if (w.group <= 0 || w.in % w.group != 0)
-    bad(site, "group size " + std::to_string(w.group) + " does not divide in_features " + std::to_string(w.in));
-  const int64_t pf = 32 / w.bits;
-  if (w.layout == WoqLayout::Awq) {
-    if (w.out % 8 != 0) bad(site, "awq needs out_features a multiple of 8, got " + std::to_string(w.out));
-  } else if (w.in % pf != 0) {
-    bad(site, "gptq needs in_features a multiple of " + std::to_string(pf) + " at " + std::to_string(w.bits) +
-                  " bits, got " + std::to_string(w.in));
-  }
+  if (w.group <= 0) bad(site, "group size must be positive, got " + std::to_string(w.group));
+  if (w.layout == WoqLayout::Awq && w.out % 8 != 0)
+    bad(site, "awq needs out_features a multiple of 8, got " + std::to_string(w.out));
   if (w.scale_dtype != DType::F16 && w.scale_dtype != DType::BF16 && w.scale_dtype != DType::F32)
     bad(site, "scales dtype must be F16, BF16 or F32, got " + std::string(dtype_name(w.scale_dtype)));
   if (w.in > (int64_t{1} << 31) || w.out > (int64_t{1} << 31)) bad(site, "weight too large");
@@ -694,7 +689,7 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
   if (w.layout == WoqLayout::Awq)
     return w.out % 32 == 0 && aligned(w.qzeros, 16) && aligned(w.scales, 16);
   const int64_t pf = 32 / w.bits;
-  return w.out % 4 == 0 && w.group % pf == 0 && aligned(w.scales, 8) && aligned(w.qzeros, 4);
+  return w.out % 4 == 0 && w.in % pf == 0 && w.group % pf == 0 && aligned(w.scales, 8) && aligned(w.qzeros, 4);
 }
 
 void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, void* out,
@@ -770,7 +765,7 @@ void woq_dequantize_cuda(const WoqWeights& w, DType out_dtype, void* dst, void* 
         dequant_awq_kernel<SD, OT><<<grid, kThreads, 0, st>>>(a);
         return;
       }
-      a.rows = w.in * w.bits / 32;
+      a.rows = (w.in * w.bits + 31) / 32;  // the last word row may hold padded inputs, never written
       a.zwords = zwords_of(w);
       const dim3 grid(static_cast<unsigned>((w.out + kThreads - 1) / kThreads),
                       static_cast<unsigned>(std::min(a.rows, kMaxGridY)));
@@ -780,4 +775,4 @@ void woq_dequantize_cuda(const WoqWeights& w, DType out_dtype, void* dst, void* 
   check_launch(site);
 }
 
-}  // namespace fastround::infer
+}  // namespace fastround::infer::gpu
