@@ -136,11 +136,11 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def run_case(dev, in_f, out_f, bits, group_size, layout, m, dtype, scale_dtype=torch.float16, bias=True, seed=0,
-             x_shape=None, pad_in=0):
+             x_shape=None, pad_in=0, bias_dtype=None):
     qweight, qzeros, scales = make_layer(in_f, out_f, bits, group_size, layout, scale_dtype, seed, pad_in)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*(x_shape or (m, in_f)), generator=g).to(dtype)
-    b = (torch.randn(out_f, generator=g) * 0.1).to(dtype) if bias else None
+    b = (torch.randn(out_f, generator=g) * 0.1).to(bias_dtype or dtype) if bias else None
     ref = linear_reference(x, qweight, qzeros, scales, b, bits, group_size, layout)
     d = [t.to(dev) if t is not None else None for t in (x, qweight, qzeros, scales, b)]
     y = _op(*d, bits, group_size, layout)
@@ -204,6 +204,12 @@ def test_llama_shapes(cuda, layout, bits, m):
 @pytest.mark.parametrize("m", [1, 64])
 def test_scale_dtypes(cuda, scale_dtype, layout, m):
     run_case(cuda, 512, 256, 4, 64, layout, m, torch.bfloat16, scale_dtype=scale_dtype)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 40])
+def test_bias_dtypes(cuda, bias_dtype, m):
+    run_case(cuda, 512, 256, 4, 128, "gptq", m, torch.bfloat16, bias_dtype=bias_dtype)
 
 
 def test_no_bias_and_batch_dims(cuda):

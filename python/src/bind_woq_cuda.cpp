@@ -88,7 +88,7 @@ at::Tensor woq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const
         throw fr::OptionError(arg(kOp, "bias") + "expected a 1-D tensor of " + std::to_string(w.out) + " on " +
                               dev.str() + ", got " + shape_str(bias->sizes()) + " on " + bias->device().str());
       float_dtype(kOp, "bias", bias->scalar_type());
-      b = bias->to(x.scalar_type()).contiguous();
+      b = bias->contiguous();
     }
 
     c10::cuda::CUDAGuard guard(dev);
@@ -105,13 +105,18 @@ at::Tensor woq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     const int64_t m = x2.size(0);
     if (m == 0) return at::empty(out_shape, x.options());
     if (fi::woq_gemv_supported(w, x_dt, m, x2.data_ptr())) {
+      // The GEMV adds an fp32 bias as it is (as the CPU GEMV does), any other in x's dtype.
+      if (b.defined() && b.scalar_type() != at::kFloat && b.scalar_type() != x.scalar_type())
+        b = b.to(x.scalar_type());
       at::Tensor out = at::empty({m, w.out}, x.options());
-      fi::woq_gemv_cuda(w, x_dt, x2.data_ptr(), m, b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), stream);
+      fi::woq_gemv_cuda(w, x_dt, x2.data_ptr(), m, b.defined() ? b.data_ptr() : nullptr,
+                        b.defined() ? float_dtype(kOp, "bias", b.scalar_type()) : x_dt, out.data_ptr(), stream);
       return out.view(out_shape);
     }
+    // cuBLAS in x's dtype with fp32 accumulation, the bias in x's dtype (as F.linear on the dequantized weight).
     at::Tensor weight = at::empty({w.in, w.out}, x.options());  // dequantized [in, out]
     fi::woq_dequantize_cuda(w, x_dt, weight.data_ptr(), stream);
-    at::Tensor out = b.defined() ? at::addmm(b, x2, weight) : at::matmul(x2, weight);
+    at::Tensor out = b.defined() ? at::addmm(b.to(x.scalar_type()), x2, weight) : at::matmul(x2, weight);
     return out.view(out_shape);
   });
 }

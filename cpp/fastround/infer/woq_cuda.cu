@@ -118,13 +118,14 @@ struct GemvArgs {
   const int32_t* qzeros;
   const void* scales;
   const void* x;     // [m, in]
-  const void* bias;  // [out] in x's dtype, or null
+  const void* bias;  // [out] in x's dtype or fp32 (bias_f32), or null
   void* out;         // [m, out]
   int64_t in, out_features, group;
   int64_t rows;      // qweight rows: gptq in*bits/32, awq in
   int64_t zwords;    // qzeros row length in words
   int m;
   int split;         // blocks of a cluster sharing one column tile's inputs
+  bool bias_f32;
   float zero_add;    // added to stored zero points: 1 for GPTQ v1, else 0
 };
 
@@ -165,7 +166,7 @@ __device__ __forceinline__ void reduce_store(float (&acc)[MT][CPT], const GemvAr
     const int m = e / CT;
     const int64_t n = col0 + e % CT;
     if (m >= a.m || n >= a.out_features) return;
-    if (a.bias) s += load_f32<XT>(a.bias, n);
+    if (a.bias) s += a.bias_f32 ? static_cast<const float*>(a.bias)[n] : load_f32<XT>(a.bias, n);
     store_f32<XT>(a.out, m * a.out_features + n, s);
   };
   if (a.split == 1) {
@@ -692,11 +693,13 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
   return w.out % 4 == 0 && w.in % pf == 0 && w.group % pf == 0 && aligned(w.scales, 8) && aligned(w.qzeros, 4);
 }
 
-void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, void* out,
-                   void* stream) {
+void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
+                   void* out, void* stream) {
   constexpr const char* site = "woq_gemv_cuda";
   woq_check(w, site);
   if (!x || !out) bad(site, "x and out are required");
+  if (bias && bias_dtype != x_dtype && bias_dtype != DType::F32)
+    bad(site, "bias dtype must be x's or F32, got " + std::string(dtype_name(bias_dtype)));
   if (!woq_gemv_supported(w, x_dtype, m, x)) bad(site, "this problem needs the dequantize path");
   GemvArgs a{};
   a.qweight = w.qweight;
@@ -704,6 +707,7 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   a.scales = w.scales;
   a.x = x;
   a.bias = bias;
+  a.bias_f32 = bias_dtype == DType::F32;
   a.out = out;
   a.in = w.in;
   a.out_features = w.out;

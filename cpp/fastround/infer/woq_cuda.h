@@ -49,11 +49,12 @@ inline constexpr int64_t kWoqGemvMaxRows = 8;
 // dequantize path.
 bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const void* x);
 
-// out [m, out] = x [m, in] · dequant(W) + bias [out] (bias may be null), all in x_dtype, fp32 accumulation.
-// Reads the packed weight once; split-K across a thread-block cluster when the column tiles alone cannot fill
-// the GPU. Requires woq_gemv_supported.
-void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, void* out,
-                   void* stream);
+// out [m, out] = x [m, in] · dequant(W) + bias [out], x and out in x_dtype, fp32 accumulation; bias may be null,
+// else in x_dtype or F32 (bias_dtype), added in fp32 before the one rounding to x_dtype. Reads the packed weight
+// once; split-K across a thread-block cluster when the column tiles alone cannot fill the GPU. Requires
+// woq_gemv_supported.
+void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
+                   void* out, void* stream);
 
 // dst [in, out] (row-major, input-major as a matmul's right operand) = dequant(W) rounded to out_dtype
 // (F32, F16 or BF16). Any layout, bits, group and scale dtype woq_check accepts.
