@@ -86,12 +86,15 @@ def test_eight_bit_asym_entry_is_refused(checkpoint) -> None:
         plan_layers(model, full, {"k_proj": {"bits": 8, "sym": False}})
 
 
-def test_signround_of_fp_schemes_is_refused_clearly(checkpoint) -> None:
-    """SignRound tunes INT schemes; MXFP / NVFP tuning is not built yet and says so at construction."""
+def test_signround_of_static_activations_is_refused_clearly(checkpoint) -> None:
+    """SignRound tunes INT, MXFP4 / MXFP8 and NVFP4_E5M3 with dynamic activations; static activation tuning is not
+    built yet and says so at construction."""
     from fastround import AutoRound
 
-    with pytest.raises(NotImplementedError, match="SignRound.*mx_fp"):
-        AutoRound(str(checkpoint("llama_aligned")), scheme="MXFP4", iters=200, device_map="cpu")
+    scheme = {"bits": 4, "group_size": 32, "data_type": "mx_fp", "act_bits": 4, "act_data_type": "mx_fp",
+              "act_group_size": 32, "act_dynamic": False}
+    with pytest.raises(NotImplementedError, match="SignRound.*act_dynamic=False"):
+        AutoRound(str(checkpoint("llama_aligned")), scheme=scheme, iters=200, device_map="cpu")
 
 
 def test_missing_model_is_a_clear_error(tmp_path, monkeypatch) -> None:

@@ -248,8 +248,8 @@ def test_unbuilt_variants_and_bad_values_are_clear(checkpoint) -> None:
     from fastround import AutoRound
 
     src = str(checkpoint("llama_aligned"))
-    with pytest.raises(NotImplementedError, match="enable_alg_ext"):
-        AutoRound(src, iters=2, enable_alg_ext=True, **COMMON)
+    with pytest.raises(NotImplementedError, match="enable_lfq"):
+        AutoRound(src, iters=2, enable_lfq=True, **COMMON)
     with pytest.raises(ValueError, match="lr"):
         AutoRound(src, iters=2, lr=-1, **COMMON)
     with pytest.raises(ValueError, match="scale_dtype"):

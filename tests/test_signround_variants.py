@@ -119,7 +119,7 @@ def test_rounding_free_qdq_equals_upstream(dtype, thresh) -> None:
     """The norm/bias qdq and its gradient in v, bit for bit, including clipped elements and an all-positive
     tensor (its range starts at 0)."""
     from auto_round.data_type.int import quant_tensor_asym_wo_round
-    from fastround.signround import rounding_free_qdq
+    from fastround.tune_layers import rounding_free_qdq
 
     gen = torch.Generator().manual_seed(5)
     for t in (torch.randn(160, generator=gen), torch.rand(96, generator=gen) + 0.5):
@@ -140,7 +140,8 @@ def test_rounding_free_qdq_equals_upstream(dtype, thresh) -> None:
 def test_tuned_norm_equals_upstream_wrapper(kind) -> None:
     """TunedNorm's forward, gradient and exported weight against upstream's WrapperLlamaNorm / WrapperLayerNorm."""
     from auto_round.wrapper import WrapperLayerNorm, WrapperLlamaNorm
-    from fastround.signround import SignRoundSettings, TunedNorm
+    from fastround.tune_settings import SignRoundSettings
+    from fastround.tune_layers import TunedNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     gen = torch.Generator().manual_seed(9)

@@ -3,7 +3,9 @@
 (the C++ kernels that tests/test_tune_ops.py pins on upstream) bit for bit: the qdq weight, scales, codes and
 zero points, the backward's V and range-factor gradients, autograd through tune_ops.int_qdq, the group extremes
 and the sign-SGD step, for bf16 / fp16 / fp32 weights, fp16 / bf16 / fp32 scales, sym and asym, 2, 4 and 8 bits,
-groups of 32, 128 and whole rows, with a padded last group.
+groups of 32, 128 and whole rows, with a padded last group. SignRoundV2 (enable_alg_ext): the qdq with an init
+scale (max_scale in [0, 2], min_scale unused), its autograd, the sign-SGD step clamped to 2, and the init-scale
+search called with a CUDA weight (it runs on a host copy) return what the CPU returns.
 
 They need a CUDA device and a fastround built against a CUDA torch, so they live outside tests/ (CI has no GPU,
 and the project never skips a test to look green). Run them explicitly on the GPU host:
@@ -66,29 +68,38 @@ def _to(dev: torch.device, *ts):
     return tuple(None if t is None else t.to(dev) for t in ts)
 
 
-def _check_all(dev, dtype, bits, gs, sym, scale_dtype=torch.float16, rows=64, cols=328, factors=True, seed=0):
+def _check_all(dev, dtype, bits, gs, sym, scale_dtype=torch.float16, rows=64, cols=328, factors=True, seed=0,
+               init_scale=False):
+    """init_scale: SignRoundV2's form (sym), the scale init_scale * max_scale with max_scale in [0, 2]."""
     thresh = 1e-8 if scale_dtype == torch.float32 else 1e-5
     w, v, mn, mx, grad = _case(dtype, gs, seed, rows, cols, factors)
+    init = None
+    if init_scale:
+        init = tune_ops.int_init_scale(w, bits, gs, torch.rand(cols) * 10, thresh).float()
+        mn = None
+        if mx is not None:
+            mx = mx * 2.0 - 0.2
+            mx[::4] = 2.0
     args = (bits, gs, sym, scale_dtype, thresh)
     wmin, wmax = _ops.int_group_extremes(w, gs)
-    d_w, d_v, d_mn, d_mx, d_grad = _to(dev, w, v, mn, mx, grad)
+    d_w, d_v, d_mn, d_mx, d_grad, d_init = _to(dev, w, v, mn, mx, grad, init)
     d_wmin, d_wmax = _ops.int_group_extremes(d_w, gs)
     assert _same(wmin, d_wmin) and _same(wmax, d_wmax), "group extremes"
 
-    qdq, scale = _ops.int_qdq(w, v, mn, mx, wmin, wmax, *args)
-    d_qdq, d_scale = _ops.int_qdq(d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args)
+    qdq, scale = _ops.int_qdq(w, v, mn, mx, wmin, wmax, *args, init)
+    d_qdq, d_scale = _ops.int_qdq(d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args, d_init)
     assert _same(qdq, d_qdq), "qdq"
     assert _same(scale, d_scale), "scale"
 
-    cpu_codes = _ops.int_qdq_codes(w, v, mn, mx, wmin, wmax, *args)
-    dev_codes = _ops.int_qdq_codes(d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args)
+    cpu_codes = _ops.int_qdq_codes(w, v, mn, mx, wmin, wmax, *args, init)
+    dev_codes = _ops.int_qdq_codes(d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args, d_init)
     for name, a, b in zip(("qdq", "codes", "scales", "zeros"), cpu_codes, dev_codes):
         assert _same(a, b), f"int_qdq_codes {name}"
 
     for factor_grads in (True, False):
-        gv, gmin, gmax = _ops.int_qdq_backward(grad, w, v, mn, mx, wmin, wmax, *args, factor_grads)
+        gv, gmin, gmax = _ops.int_qdq_backward(grad, w, v, mn, mx, wmin, wmax, *args, factor_grads, init)
         d_gv, d_gmin, d_gmax = _ops.int_qdq_backward(d_grad, d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args,
-                                                     factor_grads)
+                                                     factor_grads, d_init)
         assert _same(gv, d_gv), f"grad_v (factor_grads={factor_grads})"
         if factor_grads:
             assert _same(gmin, d_gmin) and _same(gmax, d_gmax), "grad_min / grad_max"
@@ -125,6 +136,40 @@ def test_large_layer_equals_cpu(cuda, gs, cols):
     _check_all(cuda, torch.float16, 4, gs, False, rows=512, cols=cols, seed=12)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("gs", [32, 128, -1])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_init_scale_ops_equal_cpu(cuda, dtype, bits, gs, scale_dtype):
+    """SignRoundV2's qdq: the scale from the searched init scale times max_scale in [0, 2]."""
+    _check_all(cuda, dtype, bits, gs, True, scale_dtype=scale_dtype, seed=bits * 10 + gs, init_scale=True)
+    _check_all(cuda, dtype, bits, gs, True, scale_dtype=scale_dtype, seed=5, init_scale=True, factors=False)
+
+
+def test_init_scale_search_on_cuda_weight(cuda):
+    """tune_ops.int_init_scale of a CUDA weight: the CPU search's scales, returned on the weight's device."""
+    w, _, _, _, _ = _case(torch.bfloat16, 128, 4, 256, 1000)
+    im = torch.rand(1000) * 10
+    cpu = tune_ops.int_init_scale(w, 4, 128, im, 1e-5)
+    dev = tune_ops.int_init_scale(w.to(cuda), 4, 128, im.to(cuda), 1e-5)
+    assert dev.device.type == "cuda" and _same(cpu, dev)
+
+
+def test_init_scale_autograd_equals_cpu(cuda):
+    w, v, _, mx, grad = _case(torch.bfloat16, 32, 6, 48, 200)
+    init = tune_ops.int_init_scale(w, 2, 32, torch.rand(200) * 10, 1e-5).float()
+    spec = tune_ops.IntQdqSpec(2, 32, True, torch.float16, 1e-5)
+    grads = []
+    for dev in (torch.device("cpu"), cuda):
+        d_w, d_grad, d_init = _to(dev, w, grad, init)
+        params = [t.detach().clone().to(dev).requires_grad_() for t in (v, mx * 2.0)]
+        wmin, wmax = tune_ops.group_extremes(d_w, 32)
+        tune_ops.int_qdq(d_w, params[0], None, params[1], wmin, wmax, spec, d_init).backward(d_grad)
+        grads.append([p.grad for p in params])
+    for name, a, b in zip(("v", "max_scale"), *grads):
+        assert _same(a.cpu(), b), name
+
+
 @pytest.mark.parametrize("sym", [True, False])
 def test_autograd_equals_cpu(cuda, sym):
     """tune_ops.int_qdq's autograd (the backward op behind it) gives the same V and factor gradients."""
@@ -146,13 +191,14 @@ def test_autograd_equals_cpu(cuda, sym):
                              f"{float((a - b).abs().max())}, max {float(a.abs().max())}")
 
 
-@pytest.mark.parametrize("clamp01", [False, True])
+@pytest.mark.parametrize("clamp01,clamp_hi", [(False, 1.0), (True, 1.0), (True, 2.0)])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_sign_sgd_equals_cpu(cuda, momentum, clamp01):
-    """Three steps over 70 tensors (more than one launch's batch), some empty, some gradients zero."""
+def test_sign_sgd_equals_cpu(cuda, momentum, clamp01, clamp_hi):
+    """Three steps over 70 tensors (more than one launch's batch), some empty, some gradients zero; clamp_hi 2 is
+    SignRoundV2's max_scale bound."""
     g = torch.Generator().manual_seed(int(momentum * 10) + clamp01)
     sizes = [int(n) for n in torch.randint(0, 5000, (70,), generator=g)] + [300_001, 1]
-    params = [(0.5 + 0.6 * (torch.rand(n, generator=g) - 0.5)) if clamp01 else torch.randn(n, generator=g)
+    params = [clamp_hi * (0.5 + 0.6 * (torch.rand(n, generator=g) - 0.5)) if clamp01 else torch.randn(n, generator=g)
               for n in sizes]
     steps = []
     for _ in range(3):
@@ -165,7 +211,8 @@ def test_sign_sgd_equals_cpu(cuda, momentum, clamp01):
         ps = [p.clone().to(dev) for p in params]
         bufs = [torch.zeros_like(p) for p in ps] if momentum else []
         for i, gr in enumerate(steps):
-            tune_ops.sign_sgd_step_(ps, [t.to(dev) for t in gr], bufs, 0.01 * (1 - i / 3), momentum, i == 0, clamp01)
+            tune_ops.sign_sgd_step_(ps, [t.to(dev) for t in gr], bufs, 0.01 * (1 - i / 3), momentum, i == 0, clamp01,
+                                    clamp_hi)
         state.append(ps + bufs)
     assert all(_same(a, b) for a, b in zip(*state))
     assert not _same(params[-2], state[0][len(params) - 2]), "the steps moved the parameters"

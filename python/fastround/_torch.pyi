@@ -1,5 +1,5 @@
 # Type stub of the fastround._torch extension (checked against the built module by tests/test_torch_ops.py).
-# Its dispatcher ops are torch.ops.fastround.{encode_weight, pack_codes, dequantize_codes}; fastround.ops types them.
+# Its dispatcher ops are torch.ops.fastround.{encode_weight, pack_codes, dequantize_codes, dequantize_packed}; fastround.ops types them.
 """
 fastround LibTorch adapters (the regular flow's ops are torch.ops.fastround.*)
 """

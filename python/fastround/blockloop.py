@@ -265,17 +265,17 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     from tqdm.auto import tqdm
 
     from fastround import signround
+    from fastround.alg_ext import check as alg_ext_check, collect_imatrix
     from fastround.compressor import record_codes
 
     settings = comp.signround
     plan = comp.plan
     assert plan is not None and settings is not None
     cfg = comp.layer_config
+    from fastround.tune_layers import quantize_inputs, require_tunable
+
     for name in plan.quantized():
-        if str(cfg[name].get("data_type", "int")) != "int":
-            raise NotImplementedError(
-                f"layer {name}: SignRound tuning of data_type={cfg[name]['data_type']} is not implemented in "
-                "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
+        require_tunable(cfg[name], f"layer {name}")
     outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
     outside_in: dict[str, list[torch.Tensor]] = {}
     outside_ids: list[torch.Tensor] = []
@@ -290,6 +290,8 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
 
         resume = TuneResume.open(comp.resume_dir, run_fingerprint(comp))
         comp.tune_state = resume
+    if settings.enable_alg_ext:
+        alg_ext_check(comp)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if settings.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -314,11 +316,12 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                     m.to(comp.device)
                 unit = mods[0] if len(mods) == 1 else signround.Blocks(mods)
                 bar.set_postfix_str(",".join(block_names), refresh=False)
-                targets = signround.block_outputs(comp, unit, samples, fp_in, cache, dtype)
+                names = [n for b in block_names for n in _targets(comp, b)]
+                with collect_imatrix(comp, model, names) as imatrix:  # SignRoundV2 only: the FP forward's imatrix
+                    targets = signround.block_outputs(comp, unit, samples, fp_in, cache, dtype)
                 train_in = q_in if (q_in is not None and settings.enable_quanted_input) else fp_in
                 if train_in is not fp_in:
                     fp_in = []  # only the targets needed them: free them before tuning, as upstream does
-                names = [n for b in block_names for n in _targets(comp, b)]
                 results: dict[str, tuple[torch.Tensor, ...]] = {}
                 tensors: dict[str, torch.Tensor] = {}  # tuned norm weights / biases (norm/bias tuning)
                 key = ",".join(block_names)
@@ -327,11 +330,12 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                     random.setstate(rng)
                 elif names:
                     results, tensors = signround.tune_block(comp, model, unit, key, names, samples, train_in,
-                                                            targets, settings, dtype)
+                                                            targets, settings, dtype, imatrix)
                     if resume is not None:
                         resume.commit(key, results, random.getstate(), tensors)
                 for n, (qdq, _, _, _) in results.items():
                     _set_weight(_module(model, n), qdq)
+                    quantize_inputs(_module(model, n), cfg[n])  # act_bits <= 8: the quantized chain sees qdq inputs
                 for path, value in tensors.items():
                     mod_name, _, attr = path.rpartition(".")
                     t = getattr(_module(model, mod_name), attr)

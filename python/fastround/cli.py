@@ -219,12 +219,22 @@ def eval_command(argv: list[str]) -> int:
     p.add_argument("--eval_bs", "--batch_size", dest="eval_bs", type=int, default=None)
     p.add_argument("--limit", type=float, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--backend", choices=("auto", "fastround", "upstream"), default="fastround",
+                   help="who loads an auto-round / gptq / awq checkpoint: fastround's layers (default), "
+                        "upstream's packages, or auto (fastround where upstream's package is missing)")
     args = p.parse_args(argv)
     if not args.ppl and not args.tasks:
         p.error("give --ppl TEXT_FILE and/or --tasks")
     from fastround import eval as fr_eval
 
     try:
+        from fastround import hf
+
+        try:
+            serving = hf.use(args.backend)
+            logger.info("quantized checkpoints load through: %s", serving)
+        except ImportError:  # transformers missing: nothing quantized can load anyway
+            pass
         if args.ppl:
             with open(args.ppl, encoding="utf-8") as f:
                 text = f.read()

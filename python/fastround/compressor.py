@@ -109,7 +109,7 @@ class Compressor:
             iters = 200
         self.signround = None
         if iters > 0:
-            from fastround.signround import SignRoundSettings
+            from fastround.tune_settings import SignRoundSettings
 
             self.signround = SignRoundSettings.from_kwargs(iters, unused)
         else:
@@ -120,10 +120,10 @@ class Compressor:
             logger.info("ignoring arguments not used by this algorithm: %s", ", ".join(sorted(unused)))
         self.scheme_arg = scheme
         self.scheme, self.scheme_name = resolve_scheme(scheme, dict(overrides or {}))
-        if self.signround is not None and str(self.scheme["data_type"]) != "int":
-            raise NotImplementedError(
-                f"SignRound tuning (iters > 0) of data_type={self.scheme['data_type']} is not implemented in "
-                "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
+        if self.signround is not None:
+            from fastround.tune_layers import require_tunable
+
+            require_tunable(self.scheme, f"scheme {scheme!r}")
         self.user_layer_config = dict(layer_config or {})
         self.dataset = dataset if dataset is not None else _DEFAULT_DATASET
         self.iters = iters
@@ -343,7 +343,8 @@ def record_codes(
         name=name, encoding=encoding_name(cfg, fmt),
         scheme={k: cfg.get(k) for k in ("bits", "group_size", "sym", "data_type", "act_bits", "act_group_size",
                                         "act_sym", "act_data_type", "act_dynamic")},
-        codes=codes.to("cpu"), scales=scales.to("cpu"), zeros=None if zeros is None else zeros.to("cpu"),
+        codes=codes.to("cpu"), scales=scales.to("cpu"),
+        zeros=None if zeros is None or zeros.numel() == 0 else zeros.to("cpu"),  # FP encodings: no zero points
         bias=bias, conv1d=conv,
     )
     comp.layers[name] = layer

@@ -1,7 +1,8 @@
 """The regular flow's kernels on CPU torch tensors: encode a weight to unpacked codes, pack codes into a format's
-tensors, dequantize codes to the weight the model keeps. Each is a dispatcher op, torch.ops.fastround.<name>
-(registered by fastround._torch, which runs the C++ encoding table without the GIL); this module gives them
-typed signatures and the fake kernels that let torch.compile / FakeTensor trace them."""
+tensors, dequantize codes to the weight the model keeps, and read a checkpoint's packed tensors back to float
+(dequantize_packed, what fastround.quant_linear's reference path runs). Each is a dispatcher op,
+torch.ops.fastround.<name> (registered by fastround._torch, which runs the C++ encoding table without the GIL); this
+module gives them typed signatures and the fake kernels that let torch.compile / FakeTensor trace them."""
 
 from __future__ import annotations
 
@@ -96,6 +97,22 @@ def dequantize_codes(
     return _ops.dequantize_codes(codes, scales, zeros, encoding, bits, group_size, sym, dtype, weight)
 
 
+def dequantize_packed(
+    packed: list[torch.Tensor],
+    encoding: str,
+    rows: int,
+    cols: int,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    zero_offset: int,
+) -> torch.Tensor:
+    """A checkpoint's packed tensors (pack_codes' outputs with pad_partial_groups=True, in its layout order, on the
+    CPU) back to the float32 weight [rows, cols]: the encoding row's reference dequantizer. int_gptq: qzeros lanes
+    hold zp - zero_offset (1: GPTQ v1, 0: zero points as they are)."""
+    return _ops.dequantize_packed(packed, encoding, rows, cols, bits, group_size, sym, zero_offset)
+
+
 def _groups(encoding: str, cols: int, group_size: int) -> int:
     if encoding in _FIXED_GROUP:
         return cols // _FIXED_GROUP[encoding]
@@ -130,3 +147,8 @@ def _pack_codes_fake(codes, scales, zeros, encoding, bits, group_size, sym, zero
 @torch.library.register_fake("fastround::dequantize_codes")
 def _dequantize_codes_fake(codes, scales, zeros, encoding, bits, group_size, sym, dtype, weight=None):
     return codes.new_empty(tuple(codes.shape), dtype=dtype)
+
+
+@torch.library.register_fake("fastround::dequantize_packed")
+def _dequantize_packed_fake(packed, encoding, rows, cols, bits, group_size, sym, zero_offset):
+    return packed[0].new_empty((rows, cols), dtype=torch.float32)

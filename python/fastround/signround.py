@@ -18,7 +18,8 @@ import torch
 
 from fastround import tune_ops
 from fastround.blockloop import block_forward as _forward
-from fastround.modeling import conv1d_type, float_dtype
+from fastround.tune_layers import TunedFPLinear, TunedLinear, TunedNorm, _tunes_norm, tuned_layer
+from fastround.tune_settings import SignRoundSettings, linear_lr
 
 if TYPE_CHECKING:
     from fastround.compressor import Compressor
@@ -29,253 +30,6 @@ logger = logging.getLogger("fastround")
 _SHARED_KEYS = {"position_ids", "cache_position", "position_embeddings", "cu_seqlens"}
 # None: device-side best-loss bookkeeping on accelerators only; tests set True to run that path on the CPU.
 DEVICE_BOOKKEEPING: bool | None = None
-_NOT_BUILT = ("enable_alg_ext", "enable_lfq")
-# Norm classes upstream's norm/bias tuning wraps by name (others whose name has "RMSNorm" get the RMS form too).
-_KNOWN_RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Phi3RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm",
-                              "Qwen3_5MoeRMSNorm"})
-
-
-@dataclass
-class SignRoundSettings:
-    """The SignRound arguments of AutoRound(...), with upstream's defaults (signround.md §1.1, §2.14)."""
-
-    iters: int = 200
-    lr: float | None = None  # None: 1/iters (2/iters for layers of <= 3 bits when iters >= 1000), per layer
-    minmax_lr: float | None = None  # None: the layer's lr
-    momentum: float = 0.0
-    nblocks: int = 1
-    enable_minmax_tuning: bool = True
-    enable_quanted_input: bool = True
-    not_use_best_mse: bool = False
-    dynamic_max_gap: int = -1
-    gradient_accumulate_steps: int = 1
-    scale_dtype: torch.dtype = torch.float16
-    deterministic: bool = False  # enable_deterministic_algorithms: torch raises on nondeterministic ops
-    compile: bool = False  # enable_torch_compile: the block's forward and loss go through torch.compile
-    enable_adam: bool = False  # AdamRound: a torch optimizer (AdamW) instead of sign-SGD, no x1000 loss scaling
-    optimizer: str = "AdamW"  # the torch.optim class enable_adam uses
-    enable_norm_bias_tuning: bool = False  # also tune norm weights and quantized layers' biases (experimental)
-
-    @classmethod
-    def from_kwargs(cls, iters: int, kwargs: dict[str, Any]) -> SignRoundSettings:
-        """Takes the SignRound keys out of `kwargs`; refuses variants fastround does not build yet."""
-        s = cls(iters=iters)
-        for key in _NOT_BUILT:
-            if kwargs.pop(key, False):
-                raise NotImplementedError(f"{key}=True is not implemented in fastround's SignRound yet")
-        if kwargs.pop("lr_scheduler", None) is not None:
-            raise NotImplementedError("a custom lr_scheduler is not supported; the default linear decay is used")
-        s.enable_adam = bool(kwargs.pop("enable_adam", False))
-        s.enable_norm_bias_tuning = bool(kwargs.pop("enable_norm_bias_tuning", False))
-        optimizer = kwargs.pop("optimizer", None)
-        if optimizer is not None and not s.enable_adam:
-            logger.warning("optimizer= is ignored: SignRound uses sign-SGD, as upstream (enable_adam=True takes one)")
-        elif optimizer is not None:
-            s.optimizer = _optimizer_name(optimizer)
-        if s.enable_norm_bias_tuning:
-            logger.warning("enable_norm_bias_tuning is experimental (upstream supports it for few models)")
-        s.compile = bool(kwargs.pop("enable_torch_compile", False))
-        s.deterministic = bool(kwargs.pop("enable_deterministic_algorithms", False))
-        for key in ("lr", "minmax_lr"):
-            value = kwargs.pop(key, None)
-            if value is not None:
-                if not isinstance(value, (int, float)) or value <= 0:
-                    raise ValueError(f"{key} must be a positive number, got {value!r}")
-                setattr(s, key, float(value))
-        for key, kind in (("momentum", float), ("nblocks", int), ("dynamic_max_gap", int),
-                          ("gradient_accumulate_steps", int)):
-            value = kwargs.pop(key, None)
-            if value is not None:
-                setattr(s, key, kind(value))
-        for key in ("enable_minmax_tuning", "enable_quanted_input", "not_use_best_mse"):
-            value = kwargs.pop(key, None)
-            if value is not None:
-                setattr(s, key, bool(value))
-        sd = kwargs.pop("scale_dtype", None)
-        if sd is not None:
-            s.scale_dtype = float_dtype(sd, "scale_dtype")
-        if s.nblocks < 1:
-            raise ValueError(f"nblocks must be >= 1, got {s.nblocks}")
-        if s.gradient_accumulate_steps < 1:
-            raise ValueError(f"gradient_accumulate_steps must be >= 1, got {s.gradient_accumulate_steps}")
-        if not 0 <= s.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {s.momentum}")
-        if s.enable_adam and s.momentum:
-            logger.warning("momentum=%s is ignored with enable_adam (the optimizer keeps its own moments)", s.momentum)
-        return s
-
-    def lr_for(self, bits: int | None) -> float:
-        """The rounding lr of a layer of `bits` (None: a norm, which has no bit width)."""
-        if self.lr is not None:
-            return self.lr
-        return (2.0 if bits is not None and bits <= 3 and self.iters >= 1000 else 1.0) / self.iters
-
-    def minmax_lr_for(self, bits: int) -> float:
-        return self.minmax_lr if self.minmax_lr is not None else self.lr_for(bits)
-
-    def scale_thresh(self) -> float:
-        return 1e-8 if self.scale_dtype == torch.float32 else 1e-5
-
-    def record(self, global_bits: int) -> dict[str, Any]:
-        """The values quantization_config records (upstream writes the global lr, not per-layer ones)."""
-        return {"lr": self.lr_for(global_bits), "minmax_lr": self.minmax_lr_for(global_bits),
-                "enable_minmax_tuning": self.enable_minmax_tuning, "enable_quanted_input": self.enable_quanted_input,
-                "gradient_accumulate_steps": self.gradient_accumulate_steps,
-                "enable_norm_bias_tuning": self.enable_norm_bias_tuning}
-
-
-def _optimizer_name(optimizer: Any) -> str:
-    name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", repr(optimizer))
-    cls = getattr(torch.optim, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or (
-            not isinstance(optimizer, str) and optimizer is not cls):
-        raise ValueError(f"optimizer={optimizer!r} is not a torch.optim optimizer (e.g. 'AdamW')")
-    return name
-
-
-def rounding_free_qdq(t: torch.Tensor, v: torch.Tensor, thresh: float) -> torch.Tensor:
-    """Upstream's norm/bias qdq (quant_tensor_asym_wo_round at 4 bits, one group over the 1-D tensor `t`): the
-    zero point is not rounded and neither is t/scale + v, so the result is t moved by v*scale, clipped to the
-    4-bit range of [min(t, 0), max(t, 0)]. The operations and their dtypes follow upstream's for equal bits: the
-    range in t's dtype, the scale in fp16, the rest in fp32, the result back in t's dtype."""
-    levels = 15
-    lo, hi = t.min().clamp(max=0), t.max().clamp(min=0)
-    scale = ((hi - lo) / levels).to(torch.float16).clamp(min=thresh)
-    zero = -lo / scale
-    scale, zero = scale.reshape(1), zero.reshape(1)
-    q = (t / scale + v + zero).clamp(0, levels)
-    return (scale * (q - zero)).to(t.dtype)
-
-
-class TunedLinear(torch.nn.Module):
-    """A Linear / Conv1D during tuning: its weight goes through the C++ qdq with this layer's V and factors."""
-
-    def __init__(self, orig: torch.nn.Module, cfg: dict[str, Any], settings: SignRoundSettings,
-                 device: torch.device, tune_bias: bool = False) -> None:
-        super().__init__()
-        self.orig = orig
-        self.conv1d = type(orig) is conv1d_type()
-        w = orig.weight.data
-        self.weight_q = (w.t() if self.conv1d else w).to(device).contiguous()  # [out, in], never updated
-        bits, gs = int(cfg["bits"]), int(cfg["group_size"])
-        self.spec = tune_ops.IntQdqSpec(bits, gs, bool(cfg["sym"]), settings.scale_dtype, settings.scale_thresh())
-        group, groups = tune_ops.group_layout(self.weight_q.shape[1], gs)
-        rows = self.weight_q.shape[0]
-        self.wmin, self.wmax = tune_ops.group_extremes(self.weight_q, gs)
-        f32 = {"dtype": torch.float32, "device": device}
-        self.v = torch.nn.Parameter(torch.zeros(rows * groups, group, **f32))  # [out*G, group] rounding offsets
-        self.min_scale: torch.nn.Parameter | None = None
-        self.max_scale: torch.nn.Parameter | None = None
-        if settings.enable_minmax_tuning:
-            self.min_scale = torch.nn.Parameter(torch.ones(rows, groups, **f32))  # [out, G], clamped to [0, 1]
-            self.max_scale = torch.nn.Parameter(torch.ones(rows, groups, **f32))
-        self.lr = settings.lr_for(bits)
-        self.minmax_lr = settings.minmax_lr_for(bits)
-        self.bias_v: torch.nn.Parameter | None = None  # [out] offset of the rounding-free bias qdq
-        self.bias_thresh = settings.scale_thresh()
-        if tune_bias and getattr(orig, "bias", None) is not None:
-            self.bias_v = torch.nn.Parameter(torch.zeros(orig.bias.shape, **f32))
-
-    def qdq_weight(self) -> torch.Tensor:
-        return tune_ops.int_qdq(self.weight_q, self.v, self.min_scale, self.max_scale, self.wmin, self.wmax,
-                                self.spec)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Conv1D computes x @ W[in, out] + b: the same product as linear with the [out, in] qdq weight.
-        bias = self.orig.bias
-        if self.bias_v is not None:
-            bias = rounding_free_qdq(bias, self.bias_v, self.bias_thresh)
-        return torch.nn.functional.linear(x, self.qdq_weight(), bias)
-
-    def params(self) -> dict[str, torch.Tensor]:
-        out = {"v": self.v}
-        if self.min_scale is not None and self.max_scale is not None:
-            out["min_scale"], out["max_scale"] = self.min_scale, self.max_scale
-        if self.bias_v is not None:
-            out["bias_v"] = self.bias_v
-        return out
-
-    def lr_of(self, key: str) -> tuple[float, bool]:
-        """(lr, is a range factor) of one of params()."""
-        return (self.minmax_lr, True) if key in ("min_scale", "max_scale") else (self.lr, False)
-
-    def tuned_tensors(self, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """The layer's tuned bias (norm/bias tuning), by parameter name."""
-        if self.bias_v is None or not best or "bias_v" not in best:
-            return {}
-        v = best["bias_v"].to(self.bias_v.device)
-        return {"bias": rounding_free_qdq(self.orig.bias.detach(), v, self.bias_thresh).to("cpu")}
-
-    def final(self, best: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
-        """(qdq, codes, scales, zeros) from the best parameters (or the current ones)."""
-        p = {k: (best[k] if best and k in best else t).detach().to(self.weight_q.device) for k, t in
-             self.params().items()}
-        return tune_ops.int_qdq_codes(self.weight_q, p["v"], p.get("min_scale"), p.get("max_scale"), self.wmin,
-                                      self.wmax, self.spec)
-
-
-class TunedNorm(torch.nn.Module):
-    """A LayerNorm / RMSNorm during norm/bias tuning: its weight goes through the rounding-free qdq with a trainable
-    offset, computed as upstream's wrappers do (RMS: in fp32, the weight applied in the input's dtype)."""
-
-    def __init__(self, orig: torch.nn.Module, settings: SignRoundSettings, device: torch.device) -> None:
-        super().__init__()
-        self.orig = orig
-        self.layer_norm = type(orig).__name__ == "LayerNorm"
-        self.v = torch.nn.Parameter(torch.zeros(orig.weight.shape, dtype=torch.float32, device=device))  # [H]
-        self.lr = settings.lr_for(None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = rounding_free_qdq(self.orig.weight, self.v, 1e-5)
-        if self.layer_norm:
-            return torch.nn.functional.layer_norm(x, self.orig.normalized_shape, w, self.orig.bias, self.orig.eps)
-        eps = getattr(self.orig, "variance_epsilon", None)
-        eps = self.orig.eps if eps is None else eps
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return w * h.to(x.dtype)
-
-    def params(self) -> dict[str, torch.Tensor]:
-        return {"v": self.v}
-
-    def lr_of(self, key: str) -> tuple[float, bool]:
-        return self.lr, False
-
-    def tuned_tensors(self, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        if not best:
-            return {}
-        return {"weight": rounding_free_qdq(self.orig.weight.detach(), best["v"].to(self.v.device), 1e-5).to("cpu")}
-
-
-_warned_norms: set[str] = set()
-
-
-def _tunes_norm(module: torch.nn.Module) -> bool:
-    """Whether norm/bias tuning wraps this module (upstream's rule: by class name)."""
-    name = type(module).__name__
-    if "norm" not in name.lower() or isinstance(module, torch.nn.Linear) or type(module) is conv1d_type():
-        return False
-    known = name == "LayerNorm" or name in _KNOWN_RMS_NORMS
-    if not known and name not in _warned_norms:
-        _warned_norms.add(name)
-        if "RMSNorm" in name:
-            logger.warning("norm/bias tuning treats %s as LlamaRMSNorm, as upstream does; check its results", name)
-        else:
-            logger.warning("norm/bias tuning does not support %s; its weight is left as it is", name)
-    return (known or "RMSNorm" in name) and getattr(module, "weight", None) is not None
-
-
-def linear_lr(lr: float, iters: int) -> list[float]:
-    """The lr of each step under upstream's schedule: torch's LinearLR (1 -> 0 over iters) on an fp32 tensor lr,
-    which updates recursively, lr_t = fp32(lr_(t-1) * fp32(1 - 1 / (iters - t + 1))), not lr * (1 - t / iters)."""
-    import numpy as np
-
-    out, cur = [], np.float32(lr)
-    for t in range(iters):
-        if t > 0:
-            cur = np.float32(cur * np.float32(1.0 + (-1.0) / (iters * 1.0 + (t - 1) * (-1.0))))
-        out.append(float(cur))
-    return out
 
 
 class IndexSampler:
@@ -411,16 +165,23 @@ def _parent(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
 
-Tuned = TunedLinear | TunedNorm
+Tuned = TunedLinear | TunedFPLinear | TunedNorm
 
 
 def _wrap(root: torch.nn.Module, block: torch.nn.Module, names: list[str], comp: Compressor,
-          settings: SignRoundSettings) -> dict[str, Tuned]:
-    """Wraps the layers `names` (paths in `root`) and, with norm/bias tuning, the norms of `block` in place."""
+          settings: SignRoundSettings, imatrix: dict[str, torch.Tensor] | None = None) -> dict[str, Tuned]:
+    """Wraps the layers `names` (paths in `root`) and, with norm/bias tuning, the norms of `block` in place.
+    `imatrix` (SignRoundV2, alg_ext.collect_imatrix): the layers start from its searched init scales."""
+    from fastround.alg_ext import AlgExtLinear
+
     wrapped: dict[str, Tuned] = {}
     for name in names:
         parent, attr = _parent(root, name)
-        wrapped[name] = TunedLinear(getattr(parent, attr), comp.layer_config[name], settings, comp.device,
+        if imatrix is not None:
+            wrapped[name] = AlgExtLinear(getattr(parent, attr), comp.layer_config[name], settings, comp.device,
+                                         imatrix.get(name), tune_bias=settings.enable_norm_bias_tuning)
+            continue
+        wrapped[name] = tuned_layer(getattr(parent, attr), comp.layer_config[name], settings, comp.device,
                                     tune_bias=settings.enable_norm_bias_tuning)
     if settings.enable_norm_bias_tuning:
         inside = {id(m) for m in block.modules()}
@@ -459,11 +220,12 @@ class _SignSGD:
         (loss * 1000).backward()  # fewer bf16 gradients underflow to 0 (no move under sign-SGD)
 
     def step(self, it: int) -> None:
+        # minmax: False for rounding offsets, else the factors' upper bound (True: 1; SignRoundV2's max_scale: 2)
         for (lr, minmax), ps in self.groups.items():
             with_grad = [p for p in ps if p.grad is not None]
             tune_ops.sign_sgd_step_(with_grad, [p.grad for p in with_grad],
                                     [self.bufs[id(p)] for p in with_grad] if self.bufs else [], self.schedules[lr][it],
-                                    self.momentum, it == 0, minmax)
+                                    self.momentum, it == 0, bool(minmax), float(minmax) if minmax else 1.0)
             for p in with_grad:
                 p.grad = None
 
@@ -585,13 +347,13 @@ def _optimize(comp: Compressor, settings: SignRoundSettings, label: str, tuned: 
 
 def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, label: str, names: list[str],
                samples: Samples, train_in: list[torch.Tensor], targets: list[torch.Tensor],
-               settings: SignRoundSettings, dtype: torch.dtype
+               settings: SignRoundSettings, dtype: torch.dtype, imatrix: dict[str, torch.Tensor] | None = None
                ) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict[str, torch.Tensor]]:
     """Tunes the layers `names` (module paths in `root`) of `block`; returns name -> (qdq, codes, scales, zeros)
     of the best iteration and, with norm/bias tuning, the tuned norm weights and biases by parameter path. The
-    block's own modules are restored afterwards."""
+    block's own modules are restored afterwards. `imatrix`: SignRoundV2 (alg_ext), the layers' FP-input imatrix."""
     t0 = time.perf_counter()
-    wrapped = _wrap(root, block, names, comp, settings)
+    wrapped = _wrap(root, block, names, comp, settings, imatrix)
     try:
         n = len(train_in)
         bs = min(comp.batch_size, n)
@@ -599,6 +361,10 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
         reduction = "mean" if gas == 1 else "sum"
         dev = comp.device
         loss_fn = _loss_fn(settings)
+        if imatrix is not None:
+            from fastround import alg_ext
+
+            loss_fn = alg_ext.loss_fn(comp, block_loss)
         amp = _amp(comp, dtype)
         # On the device once: a pageable host-to-device copy per step would wait for the queued work.
         masks = [m.to(dev) for m in samples.masks] if samples.masks is not None else None
@@ -620,7 +386,7 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
         with torch.no_grad():
             for name, tm in wrapped.items():
                 mine = best[name] if best is not None else None
-                if isinstance(tm, TunedLinear):
+                if isinstance(tm, (TunedLinear, TunedFPLinear)):
                     results[name] = tm.final(mine)
                 tensors.update({f"{name}.{k}": t for k, t in tm.tuned_tensors(mine).items()})
         logger.info("%s: tuned %d layers, %s, %.1f s", label, len(names), line, time.perf_counter() - t0)
@@ -638,7 +404,7 @@ def tune_outside(comp: Compressor, name: str, layer: torch.nn.Module, fp_in: lis
     (so a summed loss) and the token count of the first such batch as the loss normaliser. Upstream passes no
     momentum here, and no norm/bias tuning. Returns (qdq, codes, scales, zeros) of the best iteration."""
     t0 = time.perf_counter()
-    tl = TunedLinear(layer, comp.layer_config[name], settings, comp.device)
+    tl = tuned_layer(layer, comp.layer_config[name], settings, comp.device)
     dev = comp.device
     n = len(fp_in)
     gas = comp.batch_size * settings.gradient_accumulate_steps
@@ -669,5 +435,4 @@ def tune_outside(comp: Compressor, name: str, layer: torch.nn.Module, fp_in: lis
     return result
 
 
-__all__ = ["SignRoundSettings", "TunedLinear", "TunedNorm", "IndexSampler", "Samples", "Blocks", "split_samples",
-           "tune_block", "tune_outside", "block_outputs", "rounding_free_qdq"]
+__all__ = ["IndexSampler", "Samples", "Blocks", "split_samples", "tune_block", "tune_outside", "block_outputs"]

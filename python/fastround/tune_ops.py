@@ -44,11 +44,14 @@ def int_qdq(
     wmin: torch.Tensor,
     wmax: torch.Tensor,
     spec: IntQdqSpec,
+    init_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The quantize-dequantized weight [out, in] in weight's dtype, differentiable in v [out*G, group] and the
-    factors [out, G] (None: fixed at 1), as upstream's quant_tensor_sym / quant_tensor_asym with tensor_min/max."""
+    factors [out, G] (None: fixed at 1), as upstream's quant_tensor_sym / quant_tensor_asym with tensor_min/max.
+    With init_scale [out, G] fp32 (SignRoundV2, sym): the scale is init_scale * max_scale, as quant_tensor_sym with
+    init_scale; min_scale and the extremes are then unused."""
     qdq, _ = _ops.int_qdq(weight, v, min_scale, max_scale, wmin, wmax, spec.bits, spec.group_size, spec.sym,
-                          spec.scale_dtype, spec.scale_thresh)
+                          spec.scale_dtype, spec.scale_thresh, init_scale)
     return qdq
 
 
@@ -60,11 +63,22 @@ def int_qdq_codes(
     wmin: torch.Tensor,
     wmax: torch.Tensor,
     spec: IntQdqSpec,
+    init_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qdq [out, in], codes [out, in] uint8, scales [out, G] in scale_dtype, zeros [out, G] int32) of the final
-    parameters: what export packs (codes q + 2^(b-1) for sym, q for asym)."""
+    parameters: what export packs (codes q + 2^(b-1) for sym, q for asym). init_scale as int_qdq."""
     return _ops.int_qdq_codes(weight, v, min_scale, max_scale, wmin, wmax, spec.bits, spec.group_size, spec.sym,
-                              spec.scale_dtype, spec.scale_thresh)
+                              spec.scale_dtype, spec.scale_thresh, init_scale)
+
+
+def int_init_scale(weight: torch.Tensor, bits: int, group_size: int, imatrix: torch.Tensor | None,
+                   scale_thresh: float) -> torch.Tensor:
+    """SignRoundV2's init scale [out, G] in weight's dtype: OPT-RTN's imatrix-weighted search of the sym scale
+    (imatrix [in] fp32 as collected, zeros kept; None: uniform) floored at +-scale_thresh, as upstream's
+    search_optimized_init_scale. The search runs on the CPU (once per layer); the result is on weight's device."""
+    im = imatrix.to("cpu", torch.float32).contiguous() if imatrix is not None else None
+    scales = _ops.int_init_scale(weight.detach().to("cpu"), bits, group_size, im, scale_thresh)
+    return scales.to(weight.device)
 
 
 def sign_sgd_step_(
@@ -75,20 +89,23 @@ def sign_sgd_step_(
     momentum: float = 0.0,
     first: bool = True,
     clamp01: bool = False,
+    clamp_hi: float = 1.0,
 ) -> None:
-    """p <- p - lr * sign(g) (or sign of the momentum buffer) in place; clamp01 for range factors."""
-    _ops.sign_sgd_step_(params, grads, bufs, lr, momentum, first, clamp01)
+    """p <- p - lr * sign(g) (or sign of the momentum buffer) in place; clamp01 for range factors, which are then
+    clamped to [0, clamp_hi] (2 for SignRoundV2's max_scale)."""
+    _ops.sign_sgd_step_(params, grads, bufs, lr, momentum, first, clamp01, clamp_hi)
 
 
 @torch.library.register_fake("fastround::int_qdq")
-def _int_qdq_fake(weight, v, min_scale, max_scale, wmin, wmax, bits, group_size, sym, scale_dtype, scale_thresh):
+def _int_qdq_fake(weight, v, min_scale, max_scale, wmin, wmax, bits, group_size, sym, scale_dtype, scale_thresh,
+                  init_scale=None):
     _, groups = group_layout(weight.shape[1], group_size)
     return torch.empty_like(weight), weight.new_empty((weight.shape[0], groups), dtype=torch.float32)
 
 
 @torch.library.register_fake("fastround::int_qdq_codes")
 def _int_qdq_codes_fake(weight, v, min_scale, max_scale, wmin, wmax, bits, group_size, sym, scale_dtype,
-                        scale_thresh):
+                        scale_thresh, init_scale=None):
     rows, cols = weight.shape
     _, groups = group_layout(cols, group_size)
     return (torch.empty_like(weight), weight.new_empty((rows, cols), dtype=torch.uint8),
@@ -97,7 +114,7 @@ def _int_qdq_codes_fake(weight, v, min_scale, max_scale, wmin, wmax, bits, group
 
 @torch.library.register_fake("fastround::int_qdq_backward")
 def _int_qdq_backward_fake(grad, weight, v, min_scale, max_scale, wmin, wmax, bits, group_size, sym, scale_dtype,
-                           scale_thresh, factor_grads):
+                           scale_thresh, factor_grads, init_scale=None):
     ng = wmin.numel()
     f = (lambda: v.new_empty((ng,))) if factor_grads else (lambda: v.new_empty((0,)))
     return torch.empty_like(v), f(), f()
@@ -111,25 +128,34 @@ def _int_group_extremes_fake(weight, group_size):
 
 
 @torch.library.register_fake("fastround::sign_sgd_step_")
-def _sign_sgd_step_fake(params, grads, bufs, lr, momentum, first, clamp01):
+def _sign_sgd_step_fake(params, grads, bufs, lr, momentum, first, clamp01, clamp_hi=1.0):
     return None
+
+
+@torch.library.register_fake("fastround::int_init_scale")
+def _int_init_scale_fake(weight, bits, group_size, imatrix, scale_thresh):
+    _, groups = group_layout(weight.shape[1], group_size)
+    return weight.new_empty((weight.shape[0], groups))
 
 
 def _setup_int_qdq(ctx, inputs, output):
     weight, v, min_scale, max_scale, wmin, wmax, *spec = inputs
-    ctx.save_for_backward(weight, v, min_scale, max_scale, wmin, wmax)
-    ctx.spec = spec
+    init_scale = spec[5] if len(spec) > 5 else None  # the optional trailing argument
+    ctx.save_for_backward(weight, v, min_scale, max_scale, wmin, wmax, init_scale)
+    ctx.spec = spec[:5]
     ctx.mark_non_differentiable(output[1])
 
 
 def _int_qdq_backward(ctx, grad_qdq, grad_scale):
-    weight, v, min_scale, max_scale, wmin, wmax = ctx.saved_tensors
+    weight, v, min_scale, max_scale, wmin, wmax, init_scale = ctx.saved_tensors
     need_factors = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
     gv, gmin, gmax = _ops.int_qdq_backward(grad_qdq.contiguous(), weight, v, min_scale, max_scale, wmin, wmax,
-                                           *ctx.spec, need_factors)
-    gmin_out = gmin.view_as(min_scale) if need_factors and min_scale is not None else None
+                                           *ctx.spec, need_factors, init_scale)
+    # With an init scale min_scale takes no part in the qdq: no gradient, as upstream's unused min_scale.
+    gmin_out = (gmin.view_as(min_scale) if need_factors and min_scale is not None and init_scale is None
+                else None)
     gmax_out = gmax.view_as(max_scale) if need_factors and max_scale is not None else None
-    return (None, gv, gmin_out, gmax_out, None, None, None, None, None, None, None)
+    return (None, gv, gmin_out, gmax_out, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fastround::int_qdq", _int_qdq_backward, setup_context=_setup_int_qdq)

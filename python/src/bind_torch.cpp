@@ -242,6 +242,41 @@ at::Tensor dequantize_codes(const at::Tensor& codes, const at::Tensor& scales, c
   });
 }
 
+// A checkpoint's packed tensors back to the float weight [rows, cols] (float32): the row's dequantize_ref, the
+// inverse of pack_codes with pad_partial_groups=true (callers pad the regular flow's unpadded GPTQ prefixes).
+// Loading reads checkpoints through it, so each tensor is checked against the layout before the kernel runs.
+at::Tensor dequantize_packed(const std::vector<at::Tensor>& packed, c10::string_view encoding, int64_t rows,
+                             int64_t cols, int64_t bits, int64_t group_size, bool sym, int64_t zero_offset) {
+  return guarded([&]() -> at::Tensor {
+    constexpr const char* op = "dequantize_packed";
+    const fr::EncodingTraits& e = row_named(op, encoding);
+    const fr::EncodingParams p = pack_params(op, e, bits, group_size, sym, zero_offset, true);
+    const std::vector<fr::TensorSpec> specs = e.layout(rows, cols, p, fr::DType::F16);
+    if (packed.size() != specs.size())
+      throw fr::OptionError(arg(op, "packed") + std::string(e.name) + " has " + std::to_string(specs.size()) +
+                            " tensors, got " + std::to_string(packed.size()));
+    std::vector<at::Tensor> ins;
+    std::vector<const void*> ptrs;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      const fr::TensorSpec& s = specs[i];
+      const at::Tensor& t = packed[i];
+      if (!t.defined() || !t.device().is_cpu() || t.scalar_type() != torch_dtype(s.dtype) ||
+          t.sizes() != at::IntArrayRef(s.shape))
+        throw fr::OptionError(arg(op, s.suffix.c_str()) + "expected a CPU " + std::string(fr::dtype_name(s.dtype)) +
+                              " tensor " + shape_str(s.shape) + ", got " +
+                              (t.defined() ? std::string(c10::toString(t.scalar_type())) + " " + shape_str(t.sizes()) +
+                                                 " on " + t.device().str()
+                                           : std::string("None")));
+      ins.push_back(t.contiguous());
+      ptrs.push_back(ins.back().data_ptr());
+    }
+    at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+    GilFree nogil;
+    e.dequantize_ref(ptrs.data(), rows, cols, p, out.data_ptr<float>());
+    return out;
+  });
+}
+
 // (suffix, dtype name, shape) of each tensor pack_codes returns, in order: its names and its fake kernel's shapes.
 std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>> packed_tensors(
     const std::string& encoding, int64_t rows, int64_t cols, int64_t bits, int64_t group_size, bool sym,
@@ -264,12 +299,15 @@ TORCH_LIBRARY(fastround, m) {
         "int zero_offset, bool pad_partial_groups, bool from_qdq=False) -> Tensor[]");
   m.def("dequantize_codes(Tensor codes, Tensor scales, Tensor? zeros, str encoding, int bits, int group_size, "
         "bool sym, ScalarType dtype, Tensor? weight=None) -> Tensor");
+  m.def("dequantize_packed(Tensor[] packed, str encoding, int rows, int cols, int bits, int group_size, bool sym, "
+        "int zero_offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastround, CPU, m) {
   m.impl("encode_weight", TORCH_FN(encode_weight));
   m.impl("pack_codes", TORCH_FN(pack_codes));
   m.impl("dequantize_codes", TORCH_FN(dequantize_codes));
+  m.impl("dequantize_packed", TORCH_FN(dequantize_packed));
 }
 
 PYBIND11_MODULE(_torch, m) {

@@ -10,9 +10,11 @@
 
 #include <vector>
 
+#include "fastround/tune/fp_qdq_cuda.h"
 #include "fastround/tune/int_qdq_cuda.h"
 #include "torch_adapter.h"
 #include "tune_adapter.h"
+#include "tune_fp_adapter.h"
 
 using namespace fastround_torch;
 
@@ -59,8 +61,23 @@ struct CudaKernels {
     OnDevice on(d);
     ft::sign_sgd_step_cuda(tensors.data(), static_cast<int64_t>(tensors.size()), params, on.stream);
   }
+
+  static void fp_forward(const at::Device& d, const ft::FpQdqView& view, const ft::FpQdqParams& params, void* qdq,
+                         float* exponent, uint8_t* codes, uint8_t* scales) {
+    OnDevice on(d);
+    ft::fp_qdq_forward_cuda(view, params, qdq, exponent, codes, scales, on.stream);
+  }
+
+  static void fp_backward(const at::Device& d, const ft::FpQdqView& view, const ft::FpQdqParams& params,
+                          const void* grad, float* grad_v, float* grad_max, void* grad_x) {
+    OnDevice on(d);
+    ft::fp_qdq_backward_cuda(view, params, grad, grad_v, grad_max, grad_x, on.stream);
+  }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastround, CUDA, m) { register_tune_ops<CudaKernels>(m); }
+TORCH_LIBRARY_IMPL(fastround, CUDA, m) {
+  register_tune_ops<CudaKernels>(m);
+  register_fp_tune_ops<CudaKernels>(m);
+}

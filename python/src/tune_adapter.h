@@ -24,7 +24,7 @@ namespace ft = fastround::tune;
 
 // The kernel view over (weight, v, factors, extremes), every tensor checked against the weight's grouping.
 struct QdqArgs {
-  at::Tensor weight, v, min_scale, max_scale, wmin, wmax;
+  at::Tensor weight, v, min_scale, max_scale, wmin, wmax, init_scale;
   ft::IntQdqView view;
   ft::IntQdqParams params;
 };
@@ -43,7 +43,7 @@ inline const float* factor_ptr(const char* op, const char* name, const std::opti
 inline QdqArgs qdq_args(const char* op, const at::Device& device, const at::Tensor& weight, const at::Tensor& v,
                         const std::optional<at::Tensor>& min_s, const std::optional<at::Tensor>& max_s,
                         const at::Tensor& wmin, const at::Tensor& wmax, int64_t bits, int64_t group_size, bool sym,
-                        at::ScalarType scale_dtype, double thresh) {
+                        at::ScalarType scale_dtype, double thresh, const std::optional<at::Tensor>& init_scale) {
   QdqArgs a;
   require_2d_on(op, "weight", weight, device);
   a.weight = weight.contiguous();
@@ -71,6 +71,8 @@ inline QdqArgs qdq_args(const char* op, const at::Device& device, const at::Tens
   a.view.wmin = factor_ptr(op, "wmin", wmin, ng, device, a.wmin);
   a.view.wmax = factor_ptr(op, "wmax", wmax, ng, device, a.wmax);
   if (!a.view.wmin || !a.view.wmax) throw fr::OptionError(arg(op, "wmin/wmax") + "required");
+  a.view.init_scale = factor_ptr(op, "init_scale", init_scale, ng, device, a.init_scale);
+  if (a.view.init_scale && !sym) throw fr::OptionError(arg(op, "init_scale") + "SignRoundV2's init scale needs sym");
   return a;
 }
 
@@ -92,7 +94,7 @@ struct SgdArgs {
 };
 
 inline SgdArgs sgd_args(const char* op, const at::Device& device, at::TensorList params, at::TensorList grads,
-                        at::TensorList bufs, double lr, double momentum, bool first, bool clamp01) {
+                        at::TensorList bufs, double lr, double momentum, bool first, bool clamp01, double clamp_hi) {
   if (grads.size() != params.size() || (momentum != 0 && bufs.size() != params.size()))
     throw fr::OptionError(arg(op, "grads/bufs") + "one per parameter");
   SgdArgs a;
@@ -100,6 +102,9 @@ inline SgdArgs sgd_args(const char* op, const at::Device& device, at::TensorList
   a.params.momentum = static_cast<float>(momentum);
   a.params.first = first;
   a.params.clamp01 = clamp01;
+  a.params.clamp_hi = static_cast<float>(clamp_hi);
+  if (clamp01 && !(clamp_hi > 0))
+    throw fr::OptionError(arg(op, "clamp_hi") + "must be positive, got " + std::to_string(clamp_hi));
   const std::string where = device_label(device);
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
@@ -131,12 +136,13 @@ std::tuple<at::Tensor, at::Tensor> int_qdq_op(const at::Tensor& weight, const at
                                               const std::optional<at::Tensor>& min_scale,
                                               const std::optional<at::Tensor>& max_scale, const at::Tensor& wmin,
                                               const at::Tensor& wmax, int64_t bits, int64_t group_size, bool sym,
-                                              at::ScalarType scale_dtype, double scale_thresh) {
+                                              at::ScalarType scale_dtype, double scale_thresh,
+                                              const std::optional<at::Tensor>& init_scale) {
   return guarded([&]() -> std::tuple<at::Tensor, at::Tensor> {
     constexpr const char* op = "int_qdq";
     const at::Device dev = Kernels::device(op, "weight", weight);
     const QdqArgs a = qdq_args(op, dev, weight, v, min_scale, max_scale, wmin, wmax, bits, group_size, sym,
-                               scale_dtype, scale_thresh);
+                               scale_dtype, scale_thresh, init_scale);
     at::Tensor qdq = at::empty_like(a.weight);
     at::Tensor scale = at::empty({a.view.rows, a.view.groups}, a.weight.options().dtype(at::kFloat));
     Kernels::forward(dev, a.view, a.params, qdq.data_ptr(), scale.data_ptr<float>(), nullptr, nullptr);
@@ -150,12 +156,13 @@ template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int_qdq_codes_op(
     const at::Tensor& weight, const at::Tensor& v, const std::optional<at::Tensor>& min_scale,
     const std::optional<at::Tensor>& max_scale, const at::Tensor& wmin, const at::Tensor& wmax, int64_t bits,
-    int64_t group_size, bool sym, at::ScalarType scale_dtype, double scale_thresh) {
+    int64_t group_size, bool sym, at::ScalarType scale_dtype, double scale_thresh,
+    const std::optional<at::Tensor>& init_scale) {
   return guarded([&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
     constexpr const char* op = "int_qdq_codes";
     const at::Device dev = Kernels::device(op, "weight", weight);
     const QdqArgs a = qdq_args(op, dev, weight, v, min_scale, max_scale, wmin, wmax, bits, group_size, sym,
-                               scale_dtype, scale_thresh);
+                               scale_dtype, scale_thresh, init_scale);
     const auto opts = a.weight.options();
     at::Tensor qdq = at::empty_like(a.weight);
     at::Tensor scale = at::empty({a.view.rows, a.view.groups}, opts.dtype(at::kFloat));
@@ -172,12 +179,13 @@ template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int_qdq_backward_op(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& v, const std::optional<at::Tensor>& min_scale,
     const std::optional<at::Tensor>& max_scale, const at::Tensor& wmin, const at::Tensor& wmax, int64_t bits,
-    int64_t group_size, bool sym, at::ScalarType scale_dtype, double scale_thresh, bool factor_grads) {
+    int64_t group_size, bool sym, at::ScalarType scale_dtype, double scale_thresh, bool factor_grads,
+    const std::optional<at::Tensor>& init_scale) {
   return guarded([&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
     constexpr const char* op = "int_qdq_backward";
     const at::Device dev = Kernels::device(op, "weight", weight);
     const QdqArgs a = qdq_args(op, dev, weight, v, min_scale, max_scale, wmin, wmax, bits, group_size, sym,
-                               scale_dtype, scale_thresh);
+                               scale_dtype, scale_thresh, init_scale);
     const at::Tensor g = qdq_grad(op, dev, grad, a);
     at::Tensor gv = at::empty_like(a.v);
     const int64_t ng = a.view.rows * a.view.groups;
@@ -217,11 +225,11 @@ std::tuple<at::Tensor, at::Tensor> int_group_extremes_op(const at::Tensor& weigh
 // One sign-SGD step over a parameter group, in place (params and momentum buffers).
 template <typename Kernels>
 void sign_sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr, double momentum,
-                      bool first, bool clamp01) {
+                      bool first, bool clamp01, double clamp_hi) {
   guarded([&]() {
     constexpr const char* op = "sign_sgd_step_";
     const at::Device dev = params.empty() ? at::Device(at::kCPU) : Kernels::device(op, "params", params[0]);
-    const SgdArgs a = sgd_args(op, dev, params, grads, bufs, lr, momentum, first, clamp01);
+    const SgdArgs a = sgd_args(op, dev, params, grads, bufs, lr, momentum, first, clamp01, clamp_hi);
     if (!a.tensors.empty()) Kernels::sign_sgd(dev, a.tensors, a.params);
   });
 }

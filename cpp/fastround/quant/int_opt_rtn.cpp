@@ -104,9 +104,9 @@ inline float reciprocal(DType dt, float x) {
   return std::fabs(x) >= eps ? round_to_dtype(dt, 1.0f / x) : 0.0f;
 }
 
-// The scale floor: where(scale < 0, clamp(scale, max=-1e-5), clamp(scale, min=1e-5)) in the dtype.
-inline float floor_scale(DType dt, float s) {
-  const float thr = round_to_dtype(dt, 1e-5f);
+// The scale floor: where(scale < 0, clamp(scale, max=-thresh), clamp(scale, min=thresh)) in the dtype.
+inline float floor_scale(DType dt, float s, float thresh) {
+  const float thr = round_to_dtype(dt, thresh);
   if (std::isnan(s)) return s;
   return s < 0.0f ? std::min(s, -thr) : std::max(s, thr);
 }
@@ -181,11 +181,11 @@ struct ImatrixRule {
   std::vector<uint8_t> from_weight;  // [groups]
 };
 
-ImatrixRule imatrix_rule(const float* imatrix, const IntGrouping& g) {
+ImatrixRule imatrix_rule(const float* imatrix, const IntGrouping& g, bool fix_zero) {
   ImatrixRule R;
   R.padded.assign(static_cast<size_t>(g.cols_p()), 1e-5f);
   std::copy_n(imatrix, g.cols, R.padded.begin());
-  R.any_zero = *std::min_element(R.padded.begin(), R.padded.end()) == 0.0f;
+  R.any_zero = fix_zero && *std::min_element(R.padded.begin(), R.padded.end()) == 0.0f;
   if (!R.any_zero) return R;
   const int64_t half = g.group_size >= 0 ? g.group_size / 2 : (g.group_size - 1) / 2;  // Python's //
   R.small_count.assign(static_cast<size_t>(g.groups), 0);
@@ -241,8 +241,10 @@ void write_codes(DType dt, const float* x, int64_t n, float scale, int bits, uin
   }
 }
 
-void check_args(DType src, const IntGrouping& g, int bits, const float* imatrix) {
+void check_args(DType src, const IntGrouping& g, int bits, const float* imatrix, const OptRtnOptions& opt) {
   require_float_source(src, "int_opt_rtn");
+  if (!(opt.scale_thresh > 0.0f) || !std::isfinite(opt.scale_thresh))
+    throw OptionError("[int_opt_rtn] scale_thresh must be a positive finite number");
   if (bits < 2 || bits > 8) throw OptionError("[int_opt_rtn] bits must be 2..8, got " + std::to_string(bits));
   if (g.rows <= 0 || g.cols <= 0 || g.group <= 0 || g.groups <= 0 || g.cols_p() < g.cols)
     throw OptionError("[int_opt_rtn] weight: invalid grouping");
@@ -313,9 +315,9 @@ float torch_sum_f32(const float* x, int64_t n) {
 }
 
 void int_opt_rtn_ref(DType src, const void* w, const IntGrouping& g, int bits, const float* imatrix, uint8_t* codes,
-                     void* scales) {
-  check_args(src, g, bits, imatrix);
-  const ImatrixRule R = imatrix != nullptr ? imatrix_rule(imatrix, g) : ImatrixRule{};
+                     void* scales, const OptRtnOptions& opt) {
+  check_args(src, g, bits, imatrix, opt);
+  const ImatrixRule R = imatrix != nullptr ? imatrix_rule(imatrix, g, opt.fix_zero_imatrix) : ImatrixRule{};
   std::vector<float> x(static_cast<size_t>(g.group)), wk(static_cast<size_t>(g.group)), sq, tmp;
   for (int64_t r = 0; r < g.rows; ++r)
     for (int64_t k = 0; k < g.groups; ++k) {
@@ -323,16 +325,17 @@ void int_opt_rtn_ref(DType src, const void* w, const IntGrouping& g, int bits, c
       std::fill(x.begin(), x.end(), 0.0f);
       load_as_float(src, w, r * g.cols + c0, n, x.data());
       if (imatrix != nullptr) group_weights(R, src, x.data(), k, g.group, bits, wk.data(), tmp);
-      const float s = floor_scale(src, search_ref(src, x.data(), imatrix ? wk.data() : nullptr, g.group, bits, sq));
+      const float s = floor_scale(src, search_ref(src, x.data(), imatrix ? wk.data() : nullptr, g.group, bits, sq),
+                                  opt.scale_thresh);
       store_scale(src, scales, r * g.groups + k, s);
-      write_codes(src, x.data(), n, s, bits, codes + r * g.cols + c0);
+      if (codes != nullptr) write_codes(src, x.data(), n, s, bits, codes + r * g.cols + c0);
     }
 }
 
 void int_opt_rtn(DType src, const void* w, const IntGrouping& g, int bits, const float* imatrix, uint8_t* codes,
-                 void* scales) {
-  check_args(src, g, bits, imatrix);
-  const ImatrixRule R = imatrix != nullptr ? imatrix_rule(imatrix, g) : ImatrixRule{};
+                 void* scales, const OptRtnOptions& opt) {
+  check_args(src, g, bits, imatrix, opt);
+  const ImatrixRule R = imatrix != nullptr ? imatrix_rule(imatrix, g, opt.fix_zero_imatrix) : ImatrixRule{};
   const simd::Kernels* K = simd::active_kernels();
   const Grid grid = search_grid(bits);
   parallel_for(g.rows, [&](int64_t r) {
@@ -344,10 +347,12 @@ void int_opt_rtn(DType src, const void* w, const IntGrouping& g, int bits, const
     for (int64_t k = 0; k < g.groups; ++k) {
       const float* x = row.data() + k * g.group;
       if (imatrix != nullptr) group_weights(R, src, x, k, g.group, bits, wk.data(), tmp);
-      const float s =
-          floor_scale(src, search_fast(K, src, x, imatrix ? wk.data() : nullptr, g.group, bits, grid, iscales, sq));
+      const float s = floor_scale(
+          src, search_fast(K, src, x, imatrix ? wk.data() : nullptr, g.group, bits, grid, iscales, sq),
+          opt.scale_thresh);
       store_scale(src, scales, r * g.groups + k, s);
-      write_codes(src, x, std::min(g.group, g.cols - k * g.group), s, bits, codes + r * g.cols + k * g.group);
+      if (codes != nullptr)
+        write_codes(src, x, std::min(g.group, g.cols - k * g.group), s, bits, codes + r * g.cols + k * g.group);
     }
   });
 }

@@ -18,17 +18,25 @@
 
 namespace fastround {
 
+// What differs between OPT-RTN and SignRoundV2's init-scale search (upstream's search_optimized_init_scale: the
+// same search_scales, fed the imatrix as collected and floored at the layer's q_scale_thresh).
+struct OptRtnOptions {
+  bool fix_zero_imatrix = true;  // OPT-RTN's _imatrix_handle_zero; SignRoundV2 uses the imatrix as given
+  float scale_thresh = 1e-5f;    // |scale| floor, itself rounded to the weight's dtype (1e-8 for fp32 scale_dtype)
+};
+
 // Codes [rows, cols] = clamp(round(w / scale), -Q, Q-1) + Q and scales [rows, groups] in `src` (F32 / F16 / BF16
 // elements): the searched scale with |scale| >= 1e-5 (in that dtype), not cast to fp16 (upstream keeps it
 // unrounded; its packer casts it). imatrix: [cols] fp32 loss weights, null for none (weight 1). Groups as
 // IntGrouping; the imatrix pads partial groups with 1e-5 and its zero entries are fixed up per group as upstream
-// does. The reference walks one group at a time.
+// does (unless opt.fix_zero_imatrix is false). codes may be null: scales only. The reference walks one group at
+// a time.
 void int_opt_rtn_ref(DType src, const void* w, const IntGrouping& g, int bits, const float* imatrix, uint8_t* codes,
-                     void* scales);
+                     void* scales, const OptRtnOptions& opt = {});
 // Rows in parallel, the loss elements in vector code, candidates that repeat the previous inverse scale skipped;
 // output identical to int_opt_rtn_ref (groups the vector path cannot prove exact take the reference).
 void int_opt_rtn(DType src, const void* w, const IntGrouping& g, int bits, const float* imatrix, uint8_t* codes,
-                 void* scales);
+                 void* scales, const OptRtnOptions& opt = {});
 
 // One element of upstream's loss tensor for a candidate: L = clamp(round(dt(iscale * x)), -nmax, nmax - 1) (NaN
 // passes, as torch.clamp), e = dt(dt(scale * L) - x), then e * e in fp32, times the weight unless w is null.

@@ -31,6 +31,21 @@ struct GroupScale {
   int branch = 0;     // sym: +1 when the positive extreme wins (scale < 0), -1 when the negative wins, 0 tie
 };
 
+// SignRoundV2's scale: (init_scale * max_scale) in fp32, cast to scale_dtype, then the signed floor.
+GroupScale init_group_scale(const IntQdqParams& p, float init, float smax) {
+  GroupScale g;
+  const float thr = round_to_dtype(p.scale_dtype, p.scale_thresh);
+  const float pre = round_to_dtype(p.scale_dtype, init * smax);
+  if (pre < 0) {
+    g.passes = pre <= -thr;
+    g.s = std::min(pre, -thr);
+  } else {
+    g.passes = pre >= thr;
+    g.s = std::max(pre, thr);
+  }
+  return g;
+}
+
 GroupScale group_scale(const IntQdqParams& p, float wmin, float wmax, float smin, float smax) {
   GroupScale g;
   const float thr = round_to_dtype(p.scale_dtype, p.scale_thresh);
@@ -62,14 +77,23 @@ GroupScale group_scale(const IntQdqParams& p, float wmin, float wmax, float smin
 
 float factor(const float* f, int64_t i) { return f ? f[i] : 1.0f; }
 
+// Group gi's scale from the view: the init-scale form when the view has one, else the extremes and factors.
+GroupScale scale_of(const IntQdqView& v, const IntQdqParams& p, int64_t gi) {
+  if (v.init_scale) return init_group_scale(p, v.init_scale[gi], factor(v.max_scale, gi));
+  return group_scale(p, v.wmin[gi], v.wmax[gi], factor(v.min_scale, gi), factor(v.max_scale, gi));
+}
+
 // Upstream's round_ste, (round(y) - y) + y: round(y) exactly, except that a zero is always +0 (round(-0.3) is -0).
 inline float round_ste(float y) { return std::nearbyint(y) + 0.0f; }
 
 // Writes the factor gradients of one group from the gradient reaching its (pre-floor) scale, in fp32.
 void factor_grads(const IntQdqParams& p, const GroupScale& gsc, float wmin, float wmax, float g_scale, float g_wlo,
-                  float* gmin, float* gmax) {
+                  float* gmin, float* gmax, const float* init = nullptr) {
   float g_min = 0, g_max = 0;
-  if (p.sym) {
+  if (init) {
+    // scale = init * max_scale in fp32 (the cast to scale_dtype passes the gradient back as fp32); no min path
+    g_max = gsc.passes ? g_scale * *init : 0.0f;
+  } else if (p.sym) {
     const float qmax = static_cast<float>(1 << (p.bits - 1));
     // m = sign * max(a_pos, a_neg) with sign -1 when a_pos wins or ties, +1 when a_neg wins.
     const float g_m = gsc.passes ? g_scale / qmax : 0.0f;
@@ -112,6 +136,8 @@ void int_qdq_check(const IntQdqView& v, const IntQdqParams& p, const char* site)
   if (v.group <= 0 || v.groups <= 0 || v.group * v.groups < v.cols)
     throw OptionError(std::string("[") + site + "] group layout does not cover the columns");
   if (p.bits < 2 || p.bits > 8) throw OptionError(std::string("[") + site + "] bits must be 2..8");
+  if (v.init_scale && !p.sym)
+    throw OptionError(std::string("[") + site + "] init_scale (SignRoundV2) needs a sym scheme");
 }
 
 void int_qdq_layout(IntQdqView& view, const IntQdqParams& params, const char* site) {
@@ -160,7 +186,7 @@ void int_qdq_forward_ref(const IntQdqView& v, const IntQdqParams& p, void* qdq, 
   for (int64_t r = 0; r < v.rows; ++r) {
     for (int64_t g = 0; g < v.groups; ++g) {
       const int64_t gi = r * v.groups + g;
-      const GroupScale gs = group_scale(p, v.wmin[gi], v.wmax[gi], factor(v.min_scale, gi), factor(v.max_scale, gi));
+      const GroupScale gs = scale_of(v, p, gi);
       scale[gi] = gs.s;
       if (zeros) zeros[gi] = p.sym ? (1 << (p.bits - 1)) : static_cast<int32_t>(gs.zp);
       for (int64_t j = 0; j < v.group; ++j) {
@@ -196,7 +222,7 @@ void int_qdq_backward_ref(const IntQdqView& v, const IntQdqParams& p, const void
     for (int64_t g = 0; g < v.groups; ++g) {
       const int64_t gi = r * v.groups + g;
       const float wmin = v.wmin[gi], wmax = v.wmax[gi];
-      const GroupScale gs = group_scale(p, wmin, wmax, factor(v.min_scale, gi), factor(v.max_scale, gi));
+      const GroupScale gs = scale_of(v, p, gi);
       float sum_mul = 0, sum_div = 0, sum_zp_in = 0, sum_zp_out = 0;
       for (int64_t j = 0; j < v.group; ++j) {
         const int64_t c = g * v.group + j;
@@ -235,7 +261,7 @@ void int_qdq_backward_ref(const IntQdqView& v, const IntQdqParams& p, const void
                                  g_scale + round_to_dtype(p.scale_dtype, -sum_zp * ((-gs.wlo / gs.s) / gs.s)));
       }
       factor_grads(p, gs, wmin, wmax, g_scale, g_wlo, grad_min ? grad_min + gi : nullptr,
-                   grad_max ? grad_max + gi : nullptr);
+                   grad_max ? grad_max + gi : nullptr, v.init_scale ? v.init_scale + gi : nullptr);
     }
   }
 }
@@ -253,7 +279,7 @@ void int_qdq_forward(const IntQdqView& v, const IntQdqParams& p, void* qdq, floa
     load_as_float(v.dtype, v.weight, r * v.cols, v.cols, row.data());
     for (int64_t g = 0; g < v.groups; ++g) {
       const int64_t gi = r * v.groups + g;
-      const GroupScale gs = group_scale(p, v.wmin[gi], v.wmax[gi], factor(v.min_scale, gi), factor(v.max_scale, gi));
+      const GroupScale gs = scale_of(v, p, gi);
       scale[gi] = gs.s;
       if (zeros) zeros[gi] = p.sym ? (1 << (p.bits - 1)) : static_cast<int32_t>(gs.zp);
       const int64_t c0 = g * v.group, n = std::min(v.cols, c0 + v.group) - c0;
@@ -299,7 +325,7 @@ void int_qdq_backward(const IntQdqView& v, const IntQdqParams& p, const void* gr
     for (int64_t g = 0; g < v.groups; ++g) {
       const int64_t gi = r * v.groups + g;
       const float wmin = v.wmin[gi], wmax = v.wmax[gi];
-      const GroupScale gs = group_scale(p, wmin, wmax, factor(v.min_scale, gi), factor(v.max_scale, gi));
+      const GroupScale gs = scale_of(v, p, gi);
       const int64_t c0 = g * v.group, n = std::min(v.cols, c0 + v.group) - c0;
       const float* t = row.data() + c0;
       const float* go = gout.data() + c0;
@@ -331,7 +357,7 @@ void int_qdq_backward(const IntQdqView& v, const IntQdqParams& p, const void* gr
         g_scale = round_to_dtype(sd, g_scale + round_to_dtype(sd, -sum_zp * ((-gs.wlo / s) / s)));
       }
       factor_grads(p, gs, wmin, wmax, g_scale, g_wlo, grad_min ? grad_min + gi : nullptr,
-                   grad_max ? grad_max + gi : nullptr);
+                   grad_max ? grad_max + gi : nullptr, v.init_scale ? v.init_scale + gi : nullptr);
     }
   });
 }

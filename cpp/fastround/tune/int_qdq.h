@@ -29,6 +29,10 @@ struct IntQdqView {
   const float* max_scale = nullptr;   // [rows*groups]; nullptr: 1
   const float* wmin = nullptr;        // [rows*groups] min(0, min of the group), frozen at wrap time
   const float* wmax = nullptr;        // [rows*groups] max(0, max of the group)
+  // SignRoundV2 (enable_alg_ext, sym only): [rows*groups] the searched init scale (its weight-dtype value as fp32);
+  // the scale is then init_scale * max_scale rounded to scale_dtype and floored, min_scale and the extremes unused
+  // (min_scale gets no gradient). nullptr: the scale comes from the extremes and both factors.
+  const float* init_scale = nullptr;
 };
 
 // Fills the view's group/groups from rows, cols and params.group_size; throws OptionError naming `site`.

@@ -66,6 +66,7 @@ struct QdqArgs {
   const float* max_scale;
   const float* wmin;
   const float* wmax;
+  const float* init_scale;  // SignRoundV2: scale = init_scale * max_scale (sym); null: from the extremes
   int64_t rows, cols, group, groups;
   float qmax;       // 2^(b-1) sym, 2^b - 1 asym
   float thr;        // scale_thresh rounded to the scale dtype
@@ -85,6 +86,17 @@ __device__ __forceinline__ GroupScale group_scale(const QdqArgs& a, int64_t gi) 
   const float smax = a.max_scale ? a.max_scale[gi] : 1.0f;
   const float wmin = a.wmin[gi], wmax = a.wmax[gi];
   GroupScale g{0.0f, 0.0f, 0.0f, true, 0};
+  if (a.init_scale) {  // int_qdq.cpp's init_group_scale (int_qdq_check allows it for sym only)
+    const float pre = round_to<SD>(__fmul_rn(a.init_scale[gi], smax));
+    if (pre < 0) {
+      g.passes = pre <= -a.thr;
+      g.s = std_min(pre, -a.thr);
+    } else {
+      g.passes = pre >= a.thr;
+      g.s = std_max(pre, a.thr);
+    }
+    return g;
+  }
   if constexpr (SYM) {
     const float a_neg = -__fmul_rn(wmin, smin);
     const float a_pos = __fmul_rn(wmax, smax);
@@ -212,7 +224,10 @@ __global__ void __launch_bounds__(kThreads)
     // int_qdq.cpp's factor_grads
     const float wmin = a.wmin[gi], wmax = a.wmax[gi];
     float g_min, g_max;
-    if constexpr (SYM) {
+    if (a.init_scale) {
+      g_min = 0.0f;
+      g_max = gs.passes ? __fmul_rn(g_scale, a.init_scale[gi]) : 0.0f;
+    } else if constexpr (SYM) {
       const float g_m = gs.passes ? __fdiv_rn(g_scale, a.qmax) : 0.0f;
       const float g_max_ext = __fmul_rn(gs.branch >= 0 ? -1.0f : 1.0f, g_m);
       float g_apos = 0.0f, g_aneg = 0.0f;
@@ -286,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) sign_sgd_kernel(SgdBatch b, SignSgdP
         buf[i] = d;
       }
       float out = __fadd_rn(p[i], __fmul_rn(-s.lr, sign_of(d)));
-      if (s.clamp01) out = std_min(std_max(out, 0.0f), 1.0f);
+      if (s.clamp01) out = std_min(std_max(out, 0.0f), s.clamp_hi);
       p[i] = out;
     }
   }
@@ -345,6 +360,7 @@ QdqArgs make_args(const IntQdqView& v, const IntQdqParams& p) {
   a.max_scale = v.max_scale;
   a.wmin = v.wmin;
   a.wmax = v.wmax;
+  a.init_scale = v.init_scale;
   a.rows = v.rows;
   a.cols = v.cols;
   a.group = v.group;

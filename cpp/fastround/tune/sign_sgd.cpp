@@ -19,7 +19,7 @@ inline float step_one(float p, float g, float* buf, const SignSgdParams& s) {
     d = *buf;
   }
   float out = p + (-s.lr) * sign_of(d);
-  if (s.clamp01) out = std::min(std::max(out, 0.0f), 1.0f);
+  if (s.clamp01) out = std::min(std::max(out, 0.0f), s.clamp_hi);
   return out;
 }
 

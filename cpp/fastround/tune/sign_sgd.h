@@ -1,7 +1,7 @@
 // SignRound's optimizer step (signround.md §2.7): p <- p - lr * sign(d), d the gradient or, with momentum, the
 // buffer mu * buf + g (the first step copies g), as torch's SGD with weight decay and dampening 0. Range factors
-// are clamped to [0, 1] after the step: upstream clamps them at the next forward, before any use, so the values
-// the forward and the best-parameter snapshot see are the same.
+// are clamped to [0, clamp_hi] after the step (1, or 2 for SignRoundV2's max_scale): upstream clamps them at the
+// next forward, before any use, so the values the forward and the best-parameter snapshot see are the same.
 // sign(NaN) is 0 as in torch.sign on the CPU: a NaN gradient leaves its parameter where it is.
 #pragma once
 
@@ -13,7 +13,8 @@ struct SignSgdParams {
   float lr = 0;
   float momentum = 0;   // 0: plain sign-SGD, no buffer
   bool first = true;    // momentum: the buffer starts as a copy of the gradient
-  bool clamp01 = false; // range factors
+  bool clamp01 = false; // range factors: clamped to [0, clamp_hi]
+  float clamp_hi = 1.0f; // the factors' upper bound (upstream's minmax_scale_bound)
 };
 
 // One parameter tensor of a step (a list of them is what the CUDA step takes in one launch).

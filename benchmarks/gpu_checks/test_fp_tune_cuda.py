@@ -1,0 +1,94 @@
+"""GPU checks of the CUDA MXFP / NVFP4_E5M3 tuning kernels: torch.ops.fastround.fp_qdq / fp_qdq_codes / fp_qdq_backward on CUDA
+tensors (python/src/bind_tune_cuda.cpp over cpp/fastround/tune/fp_qdq_cuda.cu) must equal the same ops on CPU
+tensors (the C++ kernels tests/test_tune_fp_ops.py pins on upstream's quant_mx / nvfp4_v2) bit for bit: the qdq, exponents
+or scales, codes and scale bytes, and the backward's V, range-factor and input gradients, with autograd through
+tune_fp_ops.mx_qdq, for bf16 / fp16 / fp32 inputs, MXFP4, MXFP8 and NVFP4_E5M3, with and without V and factors.
+
+They need a CUDA device and a fastround built against a CUDA torch, so they live outside tests/ (CI has no GPU).
+Run them explicitly on the GPU host:
+    bash benchmarks/gpu_build.sh          # builds fastround with CUDA into /tmp, then runs this folder
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastround import _torch, tune_fp_ops
+
+_ops = torch.ops.fastround
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+@pytest.fixture(scope="module")
+def cuda() -> torch.device:
+    assert torch.cuda.is_available(), "these checks need a CUDA device: run them on the GPU host"
+    assert _torch.with_cuda(), "fastround was built without CUDA: build it with benchmarks/gpu_build.sh"
+    return torch.device("cuda")
+
+
+def _same(cpu: torch.Tensor | None, dev: torch.Tensor | None) -> bool:
+    """Bit-for-bit equality of a CPU result and a device result (NaN and signed zeros included)."""
+    if cpu is None or dev is None:
+        return cpu is None and dev is None
+    dev = dev.cpu()
+    if cpu.dtype != dev.dtype or cpu.shape != dev.shape:
+        return False
+    if cpu.dtype in _INT_VIEW:
+        return torch.equal(cpu.view(_INT_VIEW[cpu.dtype]), dev.view(_INT_VIEW[dev.dtype]))
+    return torch.equal(cpu, dev)
+
+
+KINDS = [(4, "mx_fp"), (8, "mx_fp"), (4, "nvfp4_v2")]  # MXFP4, MXFP8, NVFP4_E5M3
+
+
+def _case(dtype: torch.dtype, bits: int, seed: int, rows: int = 96, cols: int = 320, group: int = 32):
+    """x [rows, cols] with an all-zero group, tied maxima, tiny and huge values; v [rows*cols/g, g] in
+    [-0.6, 0.6]; factors [rows, cols/g] in [0.4, 1], some 1 and one 0; a gradient like x."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * (0.05 if bits == 4 else 3.0)
+    x[0, :32] = 0
+    x[1, :32] = torch.where(torch.arange(32) % 3 == 0, -0.25, 0.25)
+    x[2] *= 1e-20
+    x[3, 7] = 1e20 if dtype != torch.float16 else 6e4
+    x = x.to(dtype)
+    v = (torch.rand(rows * cols // group, group, generator=g) - 0.5) * 1.2
+    mx = 0.4 + 0.6 * torch.rand(rows, cols // group, generator=g)
+    mx[::5] = 1.0
+    mx[4, 2] = 0.0
+    grad = torch.randn(rows, cols, generator=g).to(dtype)
+    return x, v, mx, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits,kind", KINDS)
+@pytest.mark.parametrize("with_v,with_factor", [(True, True), (False, False), (True, False)])
+def test_cuda_equals_cpu(cuda, dtype, bits, kind, with_v, with_factor):
+    x, v, mx, grad = _case(dtype, bits, seed=bits + 3 * with_v + 5 * with_factor, group=tune_fp_ops.GROUP[kind])
+    v = v if with_v else None
+    mx = mx if with_factor else None
+    d = [None if t is None else t.to(cuda) for t in (x, v, mx, grad)]
+    qdq, e = _ops.fp_qdq(x, v, mx, bits, kind)
+    d_qdq, d_e = _ops.fp_qdq(d[0], d[1], d[2], bits, kind)
+    assert _same(qdq, d_qdq) and _same(e, d_e), "forward"
+    for a, b in zip(_ops.fp_qdq_codes(x, v, mx, bits, kind), _ops.fp_qdq_codes(d[0], d[1], d[2], bits, kind)):
+        assert _same(a, b), "codes"
+    cpu_grads = _ops.fp_qdq_backward(grad, x, v, mx, bits, v is not None, mx is not None, True, kind)
+    dev_grads = _ops.fp_qdq_backward(d[3], d[0], d[1], d[2], bits, v is not None, mx is not None, True, kind)
+    for name, a, b in zip(("grad_v", "grad_max", "grad_x"), cpu_grads, dev_grads):
+        assert _same(a, b), name
+
+
+@pytest.mark.parametrize("bits,kind", KINDS)
+def test_cuda_autograd_equals_cpu(cuda, bits, kind):
+    """Through tune_fp_ops.mx_qdq on a 3-D activation and a weight with V and factor."""
+    x, v, mx, grad = _case(torch.bfloat16, bits, seed=11, group=tune_fp_ops.GROUP[kind])
+    results = []
+    for dev in (torch.device("cpu"), cuda):
+        xs = x.reshape(4, 24, -1).to(dev).requires_grad_()
+        vs, ms = v.to(dev).requires_grad_(), mx.to(dev).requires_grad_()
+        w = tune_fp_ops.mx_qdq(x.to(dev), vs, ms, bits, kind)
+        a = tune_fp_ops.mx_qdq(xs, None, None, bits, kind)
+        ((w.float() * grad.to(dev).float()).sum() + (a.float() ** 2).sum()).backward()
+        results.append((w, a, vs.grad, ms.grad, xs.grad))
+    for name, c, g in zip(("w", "act", "grad_v", "grad_max", "grad_x"), *results):
+        assert _same(c, g), name

@@ -1,0 +1,271 @@
+"""The layers a quantized checkpoint loads into: `QuantLinear` for packed INT weights (GPTQ words as auto_round,
+auto_gptq and gptqmodel write them, AWQ GEMM words) and `FPQuantLinear` for MXFP4 / MXFP8 / NVFP4_E5M3 in the
+compressed-tensors layout fastround writes.
+
+Each module's buffers are the checkpoint's tensors under the checkpoint's names, in the checkpoint's shapes and
+dtypes (model-free pads in_features to whole groups, the regular flow does not; both load). The forward:
+
+- INT: `torch.ops.fastround.woq_linear(x, qweight, qzeros, scales, bias, bits, group_size, layout)` when that op
+  exists (checked once, at import) and takes the layer; else the reference: unpack and dequantize to an fp32 weight
+  [out, in] (the C++ encoding table's `dequantize_ref` through `torch.ops.fastround.dequantize_packed`), then one fp32
+  matmul. `FASTROUND_WOQ_REFERENCE=1` forces the reference; a GPTQ act-order `g_idx` (inputs not in group order)
+  always takes it, the groups looked up per input.
+- FP: always the reference (dequantize, fp32 matmul). Activations stay in full precision: a checkpoint that
+  declares activation quantization (MXFP4 is W4A4 upstream) runs weight-only here.
+
+The C++ dequantizers read CPU tensors; a module on another device copies its packed words to the CPU for that step
+(a correctness path, not a fast one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastround import ops as fr_ops
+
+logger = logging.getLogger("fastround")
+
+_ops = torch.ops.fastround
+HAS_WOQ_LINEAR: bool = hasattr(_ops, "woq_linear")
+
+LAYOUTS = ("gptq", "gptq_v2", "awq")
+FP_ENCODINGS = {"mxfp4": 32, "mxfp8": 32, "nvfp4_e5m3": 16}  # encoding -> fixed group
+
+
+def reference_forced() -> bool:
+    """FASTROUND_WOQ_REFERENCE=1 keeps every layer on the dequantize-and-matmul reference."""
+    return os.environ.get("FASTROUND_WOQ_REFERENCE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _gptq_group(in_features: int, group_size: int, pack: int) -> tuple[int, int]:
+    """(group length, groups) of the GPTQ layout; per channel the group is in_features rounded up to whole words."""
+    if group_size == -1:
+        return _ceil_div(in_features, pack) * pack, 1
+    return group_size, _ceil_div(in_features, group_size)
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] > rows:
+        raise ValueError(f"packed tensor has {t.shape[0]} rows, more than the {rows} its layer's shape allows")
+    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+
+
+def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    if t.shape[1] == cols:
+        return t
+    if t.shape[1] > cols:
+        raise ValueError(f"packed tensor has {t.shape[1]} columns, more than the {cols} its layer's shape allows")
+    return torch.cat([t, t.new_zeros((t.shape[0], cols - t.shape[1]))], dim=1)
+
+
+class _PackedBuffers(nn.Module):
+    """Keeps the packed tensors' dtypes through model.to(dtype) / .half(): a cast would round fp16 scales to bf16
+    or turn FP8 codes into floats. Device moves apply as usual; the bias follows the model's dtype."""
+
+    _packed: tuple[str, ...] = ()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        before = {n: self._buffers[n] for n in self._packed if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class QuantLinear(_PackedBuffers):
+    """A Linear whose weight is packed INT codes.
+
+    layout "gptq": GPTQ words, zero points stored minus one (auto_gptq, auto_round:auto_gptq);
+           "gptq_v2": GPTQ words, zero points as they are (auto_round asym, auto_round:gptqmodel);
+           "awq": AWQ GEMM words (4-bit, auto_awq, auto_round:auto_awq).
+    Buffers (GPTQ): qweight [in_p/pf, out] int32 (pf = 32/bits, in_p = in or in padded to whole groups),
+    qzeros [groups, out_p/pf] int32, scales [groups, out] fp16, optional g_idx [in] int32;
+    (AWQ): qweight [in, out/8] int32, qzeros [groups, out/8] int32, scales [groups, out] fp16. bias [out].
+    """
+
+    _packed = ("qweight", "qzeros", "scales", "g_idx")
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool, layout: str,
+                 bias: bool = False, g_idx: bool = False, shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+                 | None = None, device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"QuantLinear: layout must be one of {LAYOUTS}, got {layout!r}")
+        if bits not in (2, 4, 8) or (layout == "awq" and bits != 4):
+            raise ValueError(f"QuantLinear: layout {layout} cannot hold {bits}-bit weights")
+        if group_size != -1 and group_size <= 0:
+            raise ValueError(f"QuantLinear: group_size must be -1 or positive, got {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym, self.layout = bits, group_size, sym, layout
+        pack = 32 // bits
+        if layout == "awq":
+            gs = in_features if group_size == -1 else group_size
+            groups = in_features // gs
+            default = {"qweight": (torch.int32, (in_features, out_features // 8)),
+                       "qzeros": (torch.int32, (groups, out_features // 8)),
+                       "scales": (torch.float16, (groups, out_features))}
+        else:
+            _, groups = _gptq_group(in_features, group_size, pack)
+            default = {"qweight": (torch.int32, (_ceil_div(in_features, pack), out_features)),
+                       "qzeros": (torch.int32, (groups, _ceil_div(out_features, pack))),
+                       "scales": (torch.float16, (groups, out_features))}
+            if g_idx:
+                default["g_idx"] = (torch.int32, (in_features,))
+        if bias:
+            default["bias"] = (bias_dtype, (out_features,))
+        shapes = {**default, **{k: v for k, v in (shapes or {}).items() if k in default}}
+        for name, (dtype, shape) in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        if not bias:
+            self.register_buffer("bias", None)
+        if not g_idx:
+            self.register_buffer("g_idx", None)
+        self._trivial_g_idx: bool | None = None
+        self._woq_ok = True
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, layout={self.layout}")
+
+    # ---- the reference path ----
+
+    def _group_len(self) -> int:
+        if self.layout == "awq":
+            return self.in_features if self.group_size == -1 else self.group_size
+        return _gptq_group(self.in_features, self.group_size, 32 // self.bits)[0]
+
+    def _g_idx_is_trivial(self) -> bool:
+        """Whether g_idx (if any) says input i is in group i // group: the layout the packed kernels assume."""
+        if self._trivial_g_idx is None:
+            g = self.g_idx
+            if g is None:
+                self._trivial_g_idx = True
+            elif g.device.type == "meta":  # not loaded yet: decide once the tensor is there
+                return False
+            else:
+                expected = torch.arange(self.in_features, device=g.device, dtype=torch.int64) // self._group_len()
+                self._trivial_g_idx = bool(torch.equal(g.to(torch.int64), expected))
+        return self._trivial_g_idx
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out, in] the packed tensors hold (the C++ reference dequantizer), on this module's
+        device."""
+        device = self.qweight.device
+        rows, cols = self.out_features, self.in_features
+        qweight, qzeros, scales = (t.detach().cpu() for t in (self.qweight, self.qzeros, self.scales))
+        scales = scales.to(torch.float16)
+        if self.layout == "awq":
+            w = fr_ops.dequantize_packed([qweight, qzeros, scales], "int_awq", rows, cols, 4, self.group_size,
+                                       self.sym, 0)
+            return w.to(device)
+        pack = 32 // self.bits
+        gs, groups = _gptq_group(cols, self.group_size, pack)
+        zero_offset = 1 if self.layout == "gptq" else 0
+        if not self._g_idx_is_trivial():
+            return self._dequantize_g_idx(qweight, qzeros, scales, zero_offset).to(device)
+        # The C++ row reads the padded (model-free) layout; the regular flow's tensors are its prefixes.
+        qweight = _pad_rows(qweight, groups * gs // pack)
+        qzeros = _pad_cols(qzeros, _ceil_div(rows, pack))
+        w = fr_ops.dequantize_packed([qweight.contiguous(), qzeros.contiguous(), scales.contiguous()], "int_gptq",
+                                   rows, cols, self.bits, self.group_size, self.sym, zero_offset)
+        return w.to(device)
+
+    def _dequantize_g_idx(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                          zero_offset: int) -> torch.Tensor:
+        """Act-order GPTQ: input i belongs to group g_idx[i], not i // group_size."""
+        codes = _unpack_words(qweight, self.in_features, self.bits)  # [out, in]
+        zeros = _unpack_words(qzeros.t(), self.out_features, self.bits) + zero_offset  # [groups, out]
+        g = self.g_idx.detach().cpu().to(torch.int64)  # [in]
+        return (codes - zeros.t()[:, g]) * scales.float().t()[:, g]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if HAS_WOQ_LINEAR and self._woq_ok and not reference_forced() and self._g_idx_is_trivial():
+            try:
+                return _ops.woq_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.bits,
+                                       self.group_size, self.layout)
+            except (ValueError, NotImplementedError) as exc:
+                # A shape, dtype or device the op refuses (ValueError / no kernel for the device): this layer
+                # takes the reference from now on.
+                self._woq_ok = False
+                logger.info("woq_linear refused %s (%s); it runs the reference dequantize-and-matmul", self, exc)
+        return _reference_linear(x, self.dequantize(), self.bias)
+
+
+def _unpack_words(words: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """GPTQ words [ceil(count/pf), m] int32 (word k, lane j: element k*pf + j) -> codes [m, count] float32, through
+    the C++ int_gptq dequantizer with unit scales and zero points 0 in one group per row."""
+    pack = 32 // bits
+    m = words.shape[1]
+    ones = torch.ones((1, m), dtype=torch.float16)
+    no_zeros = torch.zeros((1, _ceil_div(m, pack)), dtype=torch.int32)
+    return fr_ops.dequantize_packed([_pad_rows(words, _ceil_div(count, pack)).contiguous(), no_zeros, ones],
+                                  "int_gptq", m, count, bits, -1, True, 0)
+
+
+def _reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b in fp32, returned in x's dtype."""
+    y = torch.matmul(x.float(), weight.t())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+class FPQuantLinear(_PackedBuffers):
+    """A Linear whose weight is MXFP4 / MXFP8 / NVFP4_E5M3 codes in the compressed-tensors layout.
+
+    mxfp4 / nvfp4_e5m3: weight_packed [out, in/2] uint8 (two E2M1 codes a byte, element 2k low);
+    mxfp8: weight [out, in] float8_e4m3fn; weight_scale [out, in/group] uint8 (E8M0; UE5M3 for nvfp4_e5m3).
+    Weight-only: activations are not quantized, whatever the checkpoint's act_bits say.
+    """
+
+    _packed = ("weight", "weight_packed", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, encoding: str, bias: bool = False,
+                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        if encoding not in FP_ENCODINGS:
+            raise ValueError(f"FPQuantLinear: encoding must be one of {sorted(FP_ENCODINGS)}, got {encoding!r}")
+        group = FP_ENCODINGS[encoding]
+        if in_features % group:
+            raise ValueError(f"FPQuantLinear: in_features {in_features} is not a multiple of {encoding}'s group {group}")
+        self.in_features, self.out_features, self.encoding = in_features, out_features, encoding
+        if encoding == "mxfp8":
+            self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.float8_e4m3fn,
+                                                       device=device))
+        else:
+            self.register_buffer("weight_packed", torch.zeros((out_features, in_features // 2), dtype=torch.uint8,
+                                                              device=device))
+        self.register_buffer("weight_scale", torch.zeros((out_features, in_features // group), dtype=torch.uint8,
+                                                         device=device))
+        self.register_buffer("bias", torch.zeros((out_features,), dtype=bias_dtype, device=device) if bias else None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, encoding={self.encoding}"
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out, in] (the C++ reference dequantizer), on this module's device."""
+        codes = self.weight if self.encoding == "mxfp8" else self.weight_packed
+        device = codes.device
+        w = fr_ops.dequantize_packed([codes.detach().cpu().contiguous(), self.weight_scale.detach().cpu().contiguous()],
+                                   self.encoding, self.out_features, self.in_features,
+                                   8 if self.encoding == "mxfp8" else 4, FP_ENCODINGS[self.encoding], True, 0)
+        return w.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _reference_linear(x, self.dequantize(), self.bias)
+
+
+__all__ = ["FPQuantLinear", "HAS_WOQ_LINEAR", "LAYOUTS", "QuantLinear", "reference_forced"]

@@ -1,0 +1,76 @@
+"""SignRound's MXFP / NVFP4_E5M3 tuning op (C++ kernels in cpp/fastround/tune/fp_qdq, registered by fastround._torch
+as torch.ops.fastround.fp_qdq*): upstream's quant_mx (data_type "mx_fp") and nvfp4_v2 (NVFP4_E5M3, "nvfp4_v2")
+with trainable rounding offsets V and a per-group range factor,
+its straight-through backward, and the codes export packs. This module gives the ops typed signatures, fake kernels
+(torch.compile / FakeTensor) and autograd; the same op quantizes a layer's input activations, whose gradient it
+passes back to the previous layers."""
+
+from __future__ import annotations
+
+import torch
+
+from fastround import _torch  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.fastround
+
+MX_GROUP = 32
+GROUP = {"mx_fp": 32, "nvfp4_v2": 16}  # inputs per scale, by the op's data_type
+
+
+def mx_qdq(x: torch.Tensor, v: torch.Tensor | None, max_scale: torch.Tensor | None, bits: int,
+           data_type: str = "mx_fp") -> torch.Tensor:
+    """The quantize-dequantized `x` [..., in] in x's dtype (in a multiple of the group g: 32 MXFP, 16 NVFP4_E5M3),
+    differentiable in x, v [rows*in/g, g] and max_scale [rows, in/g] (None: 0 and 1), as upstream's quant_mx /
+    nvfp4_v2."""
+    shape = x.shape
+    qdq, _ = _ops.fp_qdq(x.reshape(-1, shape[-1]), v, max_scale, bits, data_type)
+    return qdq.reshape(shape)
+
+
+def mx_qdq_codes(weight: torch.Tensor, v: torch.Tensor | None, max_scale: torch.Tensor | None, bits: int,
+                 data_type: str = "mx_fp") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qdq [out, in], codes [out, in] uint8 E2M1 nibbles / E4M3 bytes, scales [out, in/g] uint8 E8M0 / UE5M3) of
+    the final parameters: what the MXFP / NVFP4_E5M3 packers take."""
+    return _ops.fp_qdq_codes(weight, v, max_scale, bits, data_type)
+
+
+@torch.library.register_fake("fastround::fp_qdq")
+def _fp_qdq_fake(x, v, max_scale, bits, data_type="mx_fp"):
+    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[1] // GROUP[data_type]), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastround::fp_qdq_codes")
+def _fp_qdq_codes_fake(x, v, max_scale, bits, data_type="mx_fp"):
+    rows, cols = x.shape
+    return (torch.empty_like(x), x.new_empty((rows, cols), dtype=torch.uint8),
+            x.new_empty((rows, cols // GROUP[data_type]), dtype=torch.uint8))
+
+
+@torch.library.register_fake("fastround::fp_qdq_backward")
+def _fp_qdq_backward_fake(grad, x, v, max_scale, bits, need_v, need_max, need_x, data_type="mx_fp"):
+    g = GROUP[data_type]
+    ng = x.shape[0] * (x.shape[1] // g)
+    f32 = torch.float32
+    return (x.new_empty((ng, g) if need_v else (0,), dtype=f32),
+            x.new_empty((ng,) if need_max else (0,), dtype=f32),
+            torch.empty_like(x) if need_x else x.new_empty((0,)))
+
+
+def _setup_fp_qdq(ctx, inputs, output):
+    x, v, max_scale, bits, *data_type = inputs
+    ctx.save_for_backward(x, v, max_scale)
+    ctx.bits = bits
+    ctx.data_type = data_type[0] if data_type else "mx_fp"
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fp_qdq_backward(ctx, grad_qdq, grad_exponent):
+    x, v, max_scale = ctx.saved_tensors
+    need_x, need_v, need_max = (bool(ctx.needs_input_grad[i]) for i in range(3))
+    gv, gmax, gx = _ops.fp_qdq_backward(grad_qdq.contiguous(), x, v, max_scale, ctx.bits, need_v and v is not None,
+                                        need_max and max_scale is not None, need_x, ctx.data_type)
+    return (gx if need_x else None, gv if need_v and v is not None else None,
+            gmax.view_as(max_scale) if need_max and max_scale is not None else None, None, None)
+
+
+torch.library.register_autograd("fastround::fp_qdq", _fp_qdq_backward, setup_context=_setup_fp_qdq)
