@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds fastround with its CUDA tuning kernels on the GPU host (the `device` machines: CUDA torch, nvcc, CMake,
 # pybind11 and scikit-build-core present, no registry) into /tmp, then runs benchmarks/gpu_checks: the CUDA ops
-# against the CPU ops bit for bit (pytest), then their speed (bench_tune_cuda.py). One command, from the repo root:
+# against the CPU ops bit for bit and woq_linear against its reference (pytest), then their speed
+# (bench_tune_cuda.py, woq_cuda_bench.py). One command, from the repo root:
 #   bash benchmarks/gpu_build.sh [pytest args...]
 # Needs .deps/nlohmann-json carried along (Debian's nlohmann-json3-dev unpacked, as for device_setup.sh) unless
 # the host has nlohmann/json's CMake package. The package goes to /tmp/fastround-cuda (PYTHONPATH), the CMake
 # build to /tmp/fastround-cuda-build (kept, so a second call rebuilds only what changed). Architectures: sm_90
-# unless FASTROUND_CUDA_ARCHS says otherwise (e.g. "90;100"). Results: $OUT/tune_cuda_bench.json when $OUT is set.
+# unless FASTROUND_CUDA_ARCHS says otherwise (e.g. "90;100"). Results: $OUT/tune_cuda_bench.json and
+# $OUT/woq_cuda_bench.json when $OUT is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,3 +36,8 @@ python3 -c "import torch; from fastround import _torch; assert _torch.with_cuda(
 print('fastround with CUDA kernels, device', torch.cuda.get_device_name())"
 python3 -m pytest -q -p no:cacheprovider benchmarks/gpu_checks "$@"
 python3 benchmarks/gpu_checks/bench_tune_cuda.py ${OUT:+--json "$OUT/tune_cuda_bench.json"}
+if [ -n "${OUT:-}" ]; then
+  python3 benchmarks/woq_cuda_bench.py > "$OUT/woq_cuda_bench.json"
+else
+  python3 benchmarks/woq_cuda_bench.py
+fi

@@ -1,0 +1,152 @@
+"""Speed of torch.ops.fastround.woq_linear on CUDA against the bf16 linear (torch.nn.functional.linear, cuBLAS) at
+Llama-3-8B layer shapes, batch 1 (the GEMV) and 512 (dequantize + matmul). JSON on stdout.
+
+Each layer is held in enough copies that one pass over them exceeds the L2 cache (50 MB on an H100/H200), as a
+decode step walks through distinct layers; otherwise a 4096 x 4096 W4 weight (8.4 MB) would be read from L2.
+Two timings per case, each the median of 10 runs after warm-ups:
+  graph_us  one pass over the copies captured in a CUDA graph and replayed: the GPU time of the kernels alone
+            (no launch overhead), what a decode loop run under CUDA graphs sees; the speed target is on this.
+  eager_us  the same pass launched from Python between two CUDA events: includes the dispatcher and launch
+            overhead wherever the GPU outruns the CPU.
+packed_gbps counts the bytes the op must read at the least (qweight + qzeros + scales) per graph_us.
+
+    python3 benchmarks/woq_cuda_bench.py [--layouts gptq:4,awq:4,gptq_v2:8] [--m 1,512] [--group 128]
+
+Needs a CUDA device and a fastround built with CUDA (benchmarks/gpu_build.sh builds one into /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out): q/o, gate/up, down of Llama-3-8B
+L2_BYTES = 50 * 2**20
+TARGET_SPEEDUP = 2.5  # W4G128 at batch 1 vs bf16 (issue 11)
+
+
+def _random_layer(in_f: int, out_f: int, bits: int, group: int, layout: str, dev: torch.device):
+    """Random packed tensors of the layout's shapes; random words are valid codes in every layout."""
+    pf = 32 // bits
+    groups = in_f // group
+    info = torch.iinfo(torch.int32)
+    if layout == "awq":
+        qweight = torch.randint(info.min, info.max, (in_f, out_f // 8), dtype=torch.int32, device=dev)
+        qzeros = torch.randint(info.min, info.max, (groups, out_f // 8), dtype=torch.int32, device=dev)
+    else:
+        qweight = torch.randint(info.min, info.max, (in_f // pf, out_f), dtype=torch.int32, device=dev)
+        qzeros = torch.randint(info.min, info.max, (groups, (out_f + pf - 1) // pf), dtype=torch.int32, device=dev)
+    scales = (torch.rand(groups, out_f, device=dev) * 1e-3 + 1e-4).to(torch.float16)
+    return qweight, qzeros, scales
+
+
+def _nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _median_ms(fn, runs: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _time_pass(calls) -> tuple[float, float]:
+    """(graph ms, eager ms) of running every call in `calls` once."""
+
+    def run_all():
+        for c in calls:
+            c()
+
+    eager = _median_ms(run_all)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run_all()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_all()
+    ms = _median_ms(graph.replay)
+    del graph
+    return ms, eager
+
+
+def bench(in_f: int, out_f: int, m: int, layout: str, bits: int, group: int, dev: torch.device) -> dict:
+    x = torch.randn(m, in_f, device=dev, dtype=torch.bfloat16)
+    layer = _random_layer(in_f, out_f, bits, group, layout, dev)
+    copies = max(2, -(-2 * L2_BYTES // _nbytes(*layer)))
+    layers = [layer] + [_random_layer(in_f, out_f, bits, group, layout, dev) for _ in range(copies - 1)]
+    op = torch.ops.fastround.woq_linear
+    woq_ms, woq_eager = _time_pass([lambda t=t: op(x, *t, None, bits, group, layout) for t in layers])
+
+    w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
+    dense_copies = max(2, -(-2 * L2_BYTES // _nbytes(w)))
+    ws = [w] + [torch.randn_like(w) * 0.02 for _ in range(dense_copies - 1)]
+    dense_ms, dense_eager = _time_pass([lambda t=t: torch.nn.functional.linear(x, t) for t in ws])
+    del ws, layers
+    torch.cuda.empty_cache()
+
+    woq_us = woq_ms * 1e3 / copies
+    dense_us = dense_ms * 1e3 / dense_copies
+    return {
+        "in": in_f,
+        "out": out_f,
+        "m": m,
+        "layout": layout,
+        "bits": bits,
+        "group_size": group,
+        "woq_graph_us": round(woq_us, 2),
+        "bf16_graph_us": round(dense_us, 2),
+        "speedup_graph": round(dense_us / woq_us, 3),
+        "woq_eager_us": round(woq_eager * 1e3 / copies, 2),
+        "bf16_eager_us": round(dense_eager * 1e3 / dense_copies, 2),
+        "speedup_eager": round((dense_eager / dense_copies) / (woq_eager / copies), 3),
+        "packed_gbps": round(_nbytes(*layer) / (woq_us * 1e-6) / 1e9, 1),
+        "bf16_gbps": round(_nbytes(w) / (dense_us * 1e-6) / 1e9, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layouts", default="gptq:4,awq:4,gptq_v2:8", help="layout:bits,...")
+    ap.add_argument("--m", default="1,512", help="batch sizes")
+    ap.add_argument("--group", type=int, default=128)
+    args = ap.parse_args(argv)
+    from fastround import _torch
+
+    assert torch.cuda.is_available() and _torch.with_cuda(), "needs a CUDA device and fastround built with CUDA"
+    dev = torch.device("cuda")
+    results = []
+    for spec in args.layouts.split(","):
+        layout, bits = spec.split(":")
+        for m in (int(v) for v in args.m.split(",")):
+            for in_f, out_f in SHAPES:
+                results.append(bench(in_f, out_f, m, layout, int(bits), args.group, dev))
+                print(json.dumps(results[-1]), file=sys.stderr)
+    w4 = [r for r in results if r["m"] == 1 and r["bits"] == 4 and r["group_size"] == 128 and r["layout"] == "gptq"]
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "target": f"W4G128 gptq at m=1 >= {TARGET_SPEEDUP}x the bf16 linear (graph timing)",
+        "target_met": bool(w4) and all(r["speedup_graph"] >= TARGET_SPEEDUP for r in w4),
+        "results": results,
+    }
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,782 @@
+// Weight-only-quantized linear on CUDA (woq_cuda.h): a GEMV for batches of 1..8 that reads the packed weight once,
+// and a dequantize kernel for larger batches, whose bf16/fp16 result a cuBLAS matmul then consumes.
+//
+// The GEMV is bound by memory bandwidth at batch 1 only if dequantizing costs a few instructions per weight. A
+// code q of b bits sitting at bit offset b*t (< 16) of a 16-bit half of a word becomes a float with one LOP3 and
+// one FADD: (word & mask_t) | 0x4B000000 is the fp32 2^23 + q*2^(b*t) exactly, minus 2^23 leaves q*2^(b*t). The
+// factor 2^(b*t) is folded into the activation (gptq: t follows the input k) or into the scale (awq: t follows the
+// output column), both exact powers of two. Per group, each thread accumulates sum(q*x) and sum(x) in fp32 and
+// applies the group's scale and zero once: s*(sum(q*x) - z*sum(x)). Inputs are split over the block's threads and,
+// when the column tiles alone leave SMs idle, over the blocks of a thread-block cluster (sm_90) whose partial sums
+// meet in distributed shared memory: one launch, no workspace, no atomics, the same sums in the same order on
+// every run.
+#include "fastround/infer/woq_cuda.h"
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <vector>
+
+#include "fastround/common/error.h"
+
+namespace fastround::infer::gpu {
+
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBatch = 8;     // word rows a thread has in flight before it uses any
+constexpr int kMaxSplit = 8;  // blocks per cluster along the inputs (the portable cluster size)
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr uint32_t kMagic = 0x4B000000u;  // fp32 2^23: its mantissa holds an integer < 2^23 exactly
+constexpr float kMagicF = 8388608.0f;
+
+// GPTQ GEMV: 8 threads cover 128 contiguous bytes of a qweight row (32 output columns, 4 per thread).
+constexpr int kGptqTx = 8;
+constexpr int kGptqCols = 4 * kGptqTx;
+// AWQ GEMV: a thread loads WORDS words of a qweight row (8*WORDS output columns); 16/WORDS threads cover 64
+// contiguous bytes, a tile of 128 columns. Every column a thread owns holds two fp32 sums per batch row plus its
+// scale and zero in registers, so WORDS is 2 (64-bit loads) up to batch 2 and 1 beyond: 128-bit loads (WORDS 4)
+// took 206 registers at batch 1, one block per SM.
+constexpr int kAwqCols = 128;
+
+template <DType D>
+struct DTag {
+  static constexpr DType value = D;
+};
+
+// ---- element conversions ----
+
+template <DType D>
+__device__ __forceinline__ float half_to_f32(uint32_t h16) {
+  if constexpr (D == DType::BF16) return __uint_as_float(h16 << 16);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(h16)));
+}
+
+template <DType D>
+__device__ __forceinline__ float load_f32(const void* p, int64_t i) {
+  if constexpr (D == DType::F32) return static_cast<const float*>(p)[i];
+  else return half_to_f32<D>(static_cast<const uint16_t*>(p)[i]);
+}
+
+template <DType D>
+__device__ __forceinline__ void store_f32(void* p, int64_t i, float v) {
+  if constexpr (D == DType::F32) static_cast<float*>(p)[i] = v;
+  else if constexpr (D == DType::BF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else static_cast<__half*>(p)[i] = __float2half_rn(v);
+}
+
+// The two 16-bit values of a word: element 2i in the low half (little endian), as floats.
+template <DType D>
+__device__ __forceinline__ float lo_f32(uint32_t w) {
+  if constexpr (D == DType::BF16) return __uint_as_float(w << 16);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xFFFFu)));
+}
+template <DType D>
+__device__ __forceinline__ float hi_f32(uint32_t w) {
+  if constexpr (D == DType::BF16) return __uint_as_float(w & 0xFFFF0000u);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+
+// The packed weight is read once: keep it out of L1 so activations and scales stay there.
+__device__ __forceinline__ uint4 load_stream(const int32_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// q * 2^(BITS*t) for the code at lane t of the low 16 bits of `half_word`.
+template <int BITS, int T>
+__device__ __forceinline__ float code_scaled(uint32_t half_word) {
+  constexpr uint32_t kMask = ((1u << BITS) - 1u) << (BITS * T);
+  static_assert(BITS * (T + 1) <= 16, "a lane must sit in the low 16 bits");
+  return __uint_as_float((half_word & kMask) | kMagic) - kMagicF;
+}
+
+// 2^-e, exact (e < 32).
+__host__ __device__ constexpr float inv_pow2(int e) { return 1.0f / static_cast<float>(1u << e); }
+
+// AWQ: output column (within a run of 8) of nibble slot s; the inverse of pack_awq.h's kAwqOrder.
+__host__ __device__ constexpr int awq_slot_column(int s) { return 2 * (s & 3) + (s >> 2); }
+
+// ---- the GEMV's shared tail: block and cluster reduction, bias, store ----
+
+struct GemvArgs {
+  const int32_t* qweight;
+  const int32_t* qzeros;
+  const void* scales;
+  const void* x;     // [m, in]
+  const void* bias;  // [out] in x's dtype or fp32 (bias_f32), or null
+  void* out;         // [m, out]
+  int64_t in, out_features, group;
+  int64_t rows;      // qweight rows: gptq in*bits/32, awq in
+  int64_t zwords;    // qzeros row length in words
+  int m;
+  int split;         // blocks of a cluster sharing one column tile's inputs
+  bool bias_f32;
+  float zero_add;    // added to stored zero points: 1 for GPTQ v1, else 0
+};
+
+// acc [MT][CPT] holds this thread's sums for columns tx*CPT .. tx*CPT+CPT-1 of the block's CT-column tile.
+// Lanes of a warp with the same tx meet through shuffles, warps through shared memory, and the blocks of a
+// cluster through distributed shared memory; each output is then written once, bias added, in x's dtype.
+template <int MT, int CPT, int TX, DType XT>
+__device__ __forceinline__ void reduce_store(float (&acc)[MT][CPT], const GemvArgs& a) {
+  constexpr int CT = CPT * TX;
+  constexpr int E = MT * CT;
+  __shared__ float part[kWarps][E];
+  __shared__ float red[E];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tx = threadIdx.x % TX;
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      float v = acc[m][c];
+#pragma unroll
+      for (int off = TX; off < 32; off <<= 1) v += __shfl_xor_sync(kFullMask, v, off);
+      acc[m][c] = v;
+    }
+  if (lane < TX) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) part[warp][m * CT + tx * CPT + c] = acc[m][c];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += kThreads) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += part[w][e];
+    red[e] = s;
+  }
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * CT;
+  auto store = [&](int e, float s) {
+    const int m = e / CT;
+    const int64_t n = col0 + e % CT;
+    if (m >= a.m || n >= a.out_features) return;
+    if (a.bias) s += a.bias_f32 ? static_cast<const float*>(a.bias)[n] : load_f32<XT>(a.bias, n);
+    store_f32<XT>(a.out, m * a.out_features + n, s);
+  };
+  if (a.split == 1) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += kThreads) store(e, red[e]);
+    return;
+  }
+  // Every block of the cluster sums a share of the tile from all blocks' `red`, in rank order.
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int rank = static_cast<int>(cluster.block_rank());
+  for (int e = rank * kThreads + threadIdx.x; e < E; e += a.split * kThreads) {
+    float s = 0.0f;
+    for (int r = 0; r < a.split; ++r) s += cluster.map_shared_rank(red, r)[e];
+    store(e, s);
+  }
+  cluster.sync();  // no block leaves while another still reads its shared memory
+}
+
+// The rows [r0, r1) of qweight this thread walks: blockIdx.y's share of the inputs, then this thread's slice.
+template <int TX>
+__device__ __forceinline__ void thread_rows(const GemvArgs& a, int64_t& r0, int64_t& r1) {
+  constexpr int TY = kThreads / TX;
+  const int64_t per_split = (a.rows + a.split - 1) / a.split;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * per_split, s1 = min(a.rows, s0 + per_split);
+  const int64_t per_thread = (max(s1 - s0, int64_t{0}) + TY - 1) / TY;
+  const int ty = threadIdx.x / TX;
+  r0 = s0 + ty * per_thread;
+  r1 = min(s1, r0 + per_thread);
+}
+
+// ---- GEMV, GPTQ layout ----
+// Thread tile: one 16-byte load = 4 consecutive output columns x PF inputs (one qweight row).
+
+// Batch 1 at 4 and 8 bits fits 80 registers without spilling: 3 blocks per SM instead of 2.
+template <int BITS, int MT, DType XT, DType ST>
+__global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? 3 : 1) gemv_gptq_kernel(GemvArgs a) {
+  constexpr int PF = 32 / BITS;        // inputs per word
+  constexpr int LANES = 16 / BITS;     // codes per 16-bit half
+  constexpr uint32_t kCodeMask = (1u << BITS) - 1u;
+  const int tx = threadIdx.x % kGptqTx;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kGptqCols + tx * 4;
+  const bool active = n0 < a.out_features;  // out % 4 == 0: a thread's 4 columns are all in or all out
+  int64_t r, r1;
+  thread_rows<kGptqTx>(a, r, r1);
+  if (!active) r1 = r;
+
+  float acc[MT][4] = {};
+  float accg[MT][4] = {};  // this group's sum(q * x) per row and column
+  float sx[MT] = {};       // this group's sum(x) per row
+  float sc[4] = {}, zc[4] = {};
+  const int64_t words_per_group = a.group / PF;
+  int64_t g_end = r;  // first row past the current group: the first row loads its group
+  auto flush = [&]() {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        acc[m][c] = fmaf(sc[c], fmaf(-zc[c], sx[m], accg[m][c]), acc[m][c]);
+        accg[m][c] = 0.0f;
+      }
+      sx[m] = 0.0f;
+    }
+  };
+  auto load_group = [&](int64_t row) {
+    const int64_t g = row / words_per_group;
+    g_end = (g + 1) * words_per_group;
+    const uint16_t* s = static_cast<const uint16_t*>(a.scales) + g * a.out_features + n0;
+    const uint2 sv = __ldg(reinterpret_cast<const uint2*>(s));
+    sc[0] = lo_f32<ST>(sv.x);
+    sc[1] = hi_f32<ST>(sv.x);
+    sc[2] = lo_f32<ST>(sv.y);
+    sc[3] = hi_f32<ST>(sv.y);
+    const uint32_t zw = static_cast<uint32_t>(__ldg(a.qzeros + g * a.zwords + n0 / PF)) >> (BITS * (n0 % PF));
+#pragma unroll
+    for (int c = 0; c < 4; ++c) zc[c] = static_cast<float>((zw >> (BITS * c)) & kCodeMask) + a.zero_add;
+  };
+
+  // Running pointers: qweight row r at this thread's columns, x[0, r*PF]; rows of x are `in` apart.
+  const int32_t* qp = a.qweight + r * a.out_features + n0;
+  const uint16_t* xr = static_cast<const uint16_t*>(a.x) + r * PF;
+  const int in32 = static_cast<int>(a.in);
+  for (; r < r1; r += kBatch) {
+    uint4 q[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      q[u] = r + u < r1 ? load_stream(qp) : make_uint4(0, 0, 0, 0);
+      qp += a.out_features;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u, xr += PF) {
+      const int64_t row = r + u;
+      if (row >= r1) break;
+      if (row >= g_end) {
+        flush();
+        load_group(row);
+      }
+      // The 4 columns' codes times 2^(BITS*t): v[c][j] for input row*PF + j.
+      const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+      float v[4][PF];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint32_t halves[2] = {words[c], words[c] >> 16};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          v[c][h * LANES + 0] = code_scaled<BITS, 0>(halves[h]);
+          if constexpr (LANES > 1) v[c][h * LANES + 1] = code_scaled<BITS, 1>(halves[h]);
+          if constexpr (LANES > 2) {
+            v[c][h * LANES + 2] = code_scaled<BITS, 2>(halves[h]);
+            v[c][h * LANES + 3] = code_scaled<BITS, 3>(halves[h]);
+          }
+          if constexpr (LANES > 4) {
+            v[c][h * LANES + 4] = code_scaled<BITS, 4>(halves[h]);
+            v[c][h * LANES + 5] = code_scaled<BITS, 5>(halves[h]);
+            v[c][h * LANES + 6] = code_scaled<BITS, 6>(halves[h]);
+            v[c][h * LANES + 7] = code_scaled<BITS, 7>(halves[h]);
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m >= a.m) break;
+        // x[m, row*PF .. row*PF+PF): PF 16-bit values, 16-byte aligned for PF >= 8 (8-byte for PF 4).
+        const uint16_t* xp = xr + m * in32;
+        uint32_t xw[PF / 2];
+        if constexpr (PF == 4) {
+          const uint2 t = __ldg(reinterpret_cast<const uint2*>(xp));
+          xw[0] = t.x;
+          xw[1] = t.y;
+        } else {
+#pragma unroll
+          for (int i = 0; i < PF / 8; ++i) {
+            const uint4 t = __ldg(reinterpret_cast<const uint4*>(xp) + i);
+            xw[4 * i + 0] = t.x;
+            xw[4 * i + 1] = t.y;
+            xw[4 * i + 2] = t.z;
+            xw[4 * i + 3] = t.w;
+          }
+        }
+        float xf[PF];
+#pragma unroll
+        for (int i = 0; i < PF / 2; ++i) {
+          xf[2 * i] = lo_f32<XT>(xw[i]);
+          xf[2 * i + 1] = hi_f32<XT>(xw[i]);
+        }
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < PF; ++j) s += xf[j];
+        sx[m] += s;
+        // Undo the lane factor 2^(BITS*t) on the activation, shared by the 4 columns.
+#pragma unroll
+        for (int j = 0; j < PF; ++j) xf[j] *= inv_pow2(BITS * (j % LANES));
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+          for (int j = 0; j < PF; ++j) accg[m][c] = fmaf(v[c][j], xf[j], accg[m][c]);
+      }
+    }
+  }
+  flush();
+  reduce_store<MT, 4, kGptqTx, XT>(acc, a);
+}
+
+// ---- GEMV, AWQ layout (4 bits) ----
+// Thread tile: one load = one input k x 8*WORDS consecutive output columns (WORDS words of 8 interleaved codes).
+
+template <int WORDS>
+__device__ __forceinline__ void load_words(const int32_t* p, uint32_t (&w)[WORDS]) {
+  static_assert(WORDS == 1 || WORDS == 2, "see kAwqCols");
+  if constexpr (WORDS == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "l"(p));
+  } else {
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(w[0]) : "l"(p));
+  }
+}
+
+template <int MT, int WORDS, DType XT, DType ST>
+__global__ void __launch_bounds__(kThreads) gemv_awq_kernel(GemvArgs a) {
+  constexpr int TX = 16 / WORDS;
+  constexpr int CPT = 8 * WORDS;  // columns per thread
+  static_assert(TX * CPT == kAwqCols, "a tile is 128 columns");
+  const int tx = threadIdx.x % TX;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kAwqCols + tx * CPT;
+  const bool active = n0 < a.out_features;  // out % 32 == 0: a thread's columns are all in or all out
+  const int64_t ow = a.out_features / 8;     // words per qweight / qzeros row
+  int64_t r, r1;
+  thread_rows<TX>(a, r, r1);
+  if (!active) r1 = r;
+
+  // Slot order: index 8*w + s is word w's nibble slot s.
+  float acc[MT][CPT] = {};
+  float accg[MT][CPT] = {};
+  float sx[MT] = {};
+  float sc[CPT] = {}, zc[CPT] = {};
+  int64_t g_end = r;
+  auto flush = [&]() {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int i = 0; i < CPT; ++i) {
+        // accg holds sum(q * 2^(4t) * x) with t = s % 4; sc carries 2^-(4t), zc the scale times the zero.
+        acc[m][i] = fmaf(sc[i], accg[m][i], fmaf(-zc[i], sx[m], acc[m][i]));
+        accg[m][i] = 0.0f;
+      }
+      sx[m] = 0.0f;
+    }
+  };
+  auto load_group = [&](int64_t row) {
+    const int64_t g = row / a.group;
+    g_end = (g + 1) * a.group;
+    const uint4* sp = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.scales) + g * a.out_features + n0);
+    uint32_t zw[WORDS];
+#pragma unroll
+    for (int w = 0; w < WORDS; ++w) zw[w] = static_cast<uint32_t>(__ldg(a.qzeros + g * ow + n0 / 8 + w));
+#pragma unroll
+    for (int w = 0; w < WORDS; ++w) {
+      const uint4 sv = __ldg(sp + w);  // scales of columns 8w .. 8w+7
+      const uint32_t s2[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        const int col = awq_slot_column(s);
+        const float scol = (col & 1) ? hi_f32<ST>(s2[col >> 1]) : lo_f32<ST>(s2[col >> 1]);
+        sc[8 * w + s] = scol * inv_pow2(4 * (s % 4));
+        zc[8 * w + s] = scol * static_cast<float>((zw[w] >> (4 * s)) & 0xFu);
+      }
+    }
+  };
+
+  // Running pointers: qweight row r at this thread's words, x[0, r]; rows of x are `in` apart.
+  const int32_t* qp = a.qweight + r * ow + n0 / 8;
+  const uint16_t* xr = static_cast<const uint16_t*>(a.x) + r;
+  const int in32 = static_cast<int>(a.in);
+  for (; r < r1; r += kBatch) {
+    uint32_t q[kBatch][WORDS];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (r + u < r1) {
+        load_words<WORDS>(qp, q[u]);
+      } else {
+#pragma unroll
+        for (int w = 0; w < WORDS; ++w) q[u][w] = 0;
+      }
+      qp += ow;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u, ++xr) {
+      const int64_t row = r + u;
+      if (row >= r1) break;
+      if (row >= g_end) {
+        flush();
+        load_group(row);
+      }
+      float v[CPT];
+#pragma unroll
+      for (int w = 0; w < WORDS; ++w) {
+        const uint32_t lo = q[u][w], hi = q[u][w] >> 16;
+        v[8 * w + 0] = code_scaled<4, 0>(lo);
+        v[8 * w + 1] = code_scaled<4, 1>(lo);
+        v[8 * w + 2] = code_scaled<4, 2>(lo);
+        v[8 * w + 3] = code_scaled<4, 3>(lo);
+        v[8 * w + 4] = code_scaled<4, 0>(hi);
+        v[8 * w + 5] = code_scaled<4, 1>(hi);
+        v[8 * w + 6] = code_scaled<4, 2>(hi);
+        v[8 * w + 7] = code_scaled<4, 3>(hi);
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m >= a.m) break;
+        const float xv = half_to_f32<XT>(__ldg(xr + m * in32));
+        sx[m] += xv;
+#pragma unroll
+        for (int i = 0; i < CPT; ++i) accg[m][i] = fmaf(v[i], xv, accg[m][i]);
+      }
+    }
+  }
+  flush();
+  // Slots back to column order for the store.
+  float out[MT][CPT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int w = 0; w < WORDS; ++w)
+#pragma unroll
+      for (int s = 0; s < 8; ++s) out[m][8 * w + awq_slot_column(s)] = acc[m][8 * w + s];
+  reduce_store<MT, CPT, TX, XT>(out, a);
+}
+
+// ---- dequantize: dst [in, out] ----
+
+struct DequantArgs {
+  const int32_t* qweight;
+  const int32_t* qzeros;
+  const void* scales;
+  void* dst;
+  int64_t in, out_features, group, rows, zwords;
+  float zero_add;
+};
+
+// One thread per qweight word: (row, column n), writing its PF inputs (those below `in`) at column n. Consecutive threads take
+// consecutive columns, so reads and writes are coalesced.
+template <int BITS, DType ST, DType OT>
+__global__ void __launch_bounds__(kThreads) dequant_gptq_kernel(DequantArgs a) {
+  constexpr int PF = 32 / BITS;
+  constexpr uint32_t kCodeMask = (1u << BITS) - 1u;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (n >= a.out_features) return;
+  for (int64_t row = blockIdx.y; row < a.rows; row += gridDim.y) {
+    const uint32_t w = static_cast<uint32_t>(a.qweight[row * a.out_features + n]);
+    // Consecutive inputs cross at most one group boundary at a time: one division per word.
+    int64_t g = (row * PF) / a.group - 1, g_end = (g + 1) * a.group;
+    float s = 0.0f, z = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PF; ++j) {
+      const int64_t k = row * PF + j;
+      if (k >= a.in) break;
+      if (k >= g_end) {
+        ++g;
+        g_end += a.group;
+        s = load_f32<ST>(a.scales, g * a.out_features + n);
+        const uint32_t zw = static_cast<uint32_t>(a.qzeros[g * a.zwords + n / PF]);
+        z = static_cast<float>((zw >> (BITS * (n % PF))) & kCodeMask) + a.zero_add;
+      }
+      const float q = static_cast<float>((w >> (BITS * j)) & kCodeMask);
+      store_f32<OT>(a.dst, k * a.out_features + n, (q - z) * s);
+    }
+  }
+}
+
+// One thread per qweight word: (input k, 8 columns 8w .. 8w+7).
+template <DType ST, DType OT>
+__global__ void __launch_bounds__(kThreads) dequant_awq_kernel(DequantArgs a) {
+  const int64_t ow = a.out_features / 8;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (w >= ow) return;
+  for (int64_t k = blockIdx.y; k < a.in; k += gridDim.y) {
+    const int64_t g = k / a.group;
+    const uint32_t word = static_cast<uint32_t>(a.qweight[k * ow + w]);
+    const uint32_t zw = static_cast<uint32_t>(a.qzeros[g * ow + w]);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const int64_t n = 8 * w + awq_slot_column(s);
+      const float q = static_cast<float>((word >> (4 * s)) & 0xFu);
+      const float z = static_cast<float>((zw >> (4 * s)) & 0xFu);
+      store_f32<OT>(a.dst, k * a.out_features + n, (q - z) * load_f32<ST>(a.scales, g * a.out_features + n));
+    }
+  }
+}
+
+// ---- host side ----
+
+void check_launch(const char* site, cudaError_t e = cudaSuccess) {
+  if (e == cudaSuccess) e = cudaGetLastError();
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("[") + site + "] CUDA launch failed: " + cudaGetErrorString(e));
+}
+
+[[noreturn]] void bad(const char* site, const std::string& what) {
+  throw OptionError(std::string("[") + site + "] " + what);
+}
+
+template <typename F>
+void with_half_dtype(DType d, const char* site, const char* name, F&& f) {
+  switch (d) {
+    case DType::F16: f(DTag<DType::F16>{}); return;
+    case DType::BF16: f(DTag<DType::BF16>{}); return;
+    default: bad(site, std::string(name) + " dtype must be F16 or BF16, got " + std::string(dtype_name(d)));
+  }
+}
+
+template <typename F>
+void with_float_dtype(DType d, const char* site, const char* name, F&& f) {
+  if (d == DType::F32) {
+    f(DTag<DType::F32>{});
+    return;
+  }
+  with_half_dtype(d, site, name, f);
+}
+
+template <typename F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 2: f(std::integral_constant<int, 2>{}); return;
+    case 4: f(std::integral_constant<int, 4>{}); return;
+    default: f(std::integral_constant<int, 8>{}); return;  // woq_check admits 2, 4 and 8 only
+  }
+}
+
+template <typename F>
+void with_rows(int64_t m, F&& f) {
+  if (m <= 1) f(std::integral_constant<int, 1>{});
+  else if (m <= 2) f(std::integral_constant<int, 2>{});
+  else if (m <= 4) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 8>{});
+}
+
+bool aligned(const void* p, uintptr_t n) { return (reinterpret_cast<uintptr_t>(p) % n) == 0; }
+
+int64_t zwords_of(const WoqWeights& w) {
+  const int64_t pf = 32 / w.bits;
+  return (w.out + pf - 1) / pf;
+}
+
+// SMs per device, and per kernel the resident blocks per SM and the largest cluster it can be launched with
+// (asked once: the op runs at every decode step).
+struct GpuShape {
+  int sms;
+  int per_sm;
+  int max_split;
+};
+
+struct KernelShape {
+  int per_sm = 1;
+  int max_split = 1;
+};
+
+KernelShape kernel_shape(const void* kernel) {
+  constexpr const char* site = "woq_gemv_cuda";
+  KernelShape k;
+  check_launch(site, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.per_sm, kernel, kThreads, 0));
+  for (int split = 2; split <= kMaxSplit; split *= 2) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(1, static_cast<unsigned>(split), 1);
+    cfg.blockDim = dim3(kThreads, 1, 1);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = static_cast<unsigned>(split);
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
+      (void)cudaGetLastError();  // a refused configuration is not sticky; do not report it at the next launch
+      break;
+    }
+    k.max_split = split;
+  }
+  return k;
+}
+
+GpuShape gpu_shape(const void* kernel) {
+  static std::mutex mu;
+  static std::vector<int> sms;                                  // by device index, 0: not asked yet
+  static std::unordered_map<const void*, KernelShape> kernels;  // by kernel
+  constexpr const char* site = "woq_gemv_cuda";
+  int device = 0;
+  check_launch(site, cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<size_t>(device) >= sms.size()) sms.resize(static_cast<size_t>(device) + 1, 0);
+  if (sms[device] == 0) check_launch(site, cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device));
+  auto it = kernels.find(kernel);
+  if (it == kernels.end()) it = kernels.emplace(kernel, kernel_shape(kernel)).first;
+  return {std::max(1, sms[device]), std::max(1, it->second.per_sm), it->second.max_split};
+}
+
+// Blocks of a cluster along the inputs. A block's time is about its rows per thread (each waits on its own loads),
+// so the kernel takes about waves x rows / split, waves = ceil(tiles * split / resident blocks): the split that
+// minimizes it, the smallest on ties, keeping at least 4 rows per thread. Llama-3-8B shapes at batch 1 on an
+// H200 (132 SMs, 3 blocks each): 4096 x 4096 -> 2, 4096 x 14336 -> 4 (448 tiles alone would leave a second wave
+// almost empty), 14336 x 4096 -> 8.
+int choose_split(const void* kernel, int64_t tiles, int64_t rows, int ty) {
+  const GpuShape g = gpu_shape(kernel);
+  const int64_t resident = static_cast<int64_t>(g.sms) * g.per_sm;
+  int best = 1;
+  double best_cost = 0.0;
+  for (int split = 1; split <= g.max_split; split *= 2) {
+    if (split > 1 && rows / split < int64_t{ty} * 4) break;
+    const int64_t waves = (tiles * split + resident - 1) / resident;
+    const double cost = static_cast<double>(waves) / split;
+    if (split == 1 || cost < best_cost * (1.0 - 1e-9)) {
+      best = split;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+template <typename Kernel>
+void launch_gemv(Kernel kernel, GemvArgs a, int64_t tiles, int ty, cudaStream_t stream) {
+  constexpr const char* site = "woq_gemv_cuda";
+  a.split = choose_split(reinterpret_cast<const void*>(kernel), tiles, a.rows, ty);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(a.split), 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(a.split);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = a.split > 1 ? 1 : 0;
+  check_launch(site, cudaLaunchKernelEx(&cfg, kernel, a));
+}
+
+}  // namespace
+
+void woq_check(const WoqWeights& w, const char* site) {
+  if (!w.qweight || !w.qzeros || !w.scales) bad(site, "qweight, qzeros and scales are required");
+  if (w.layout == WoqLayout::Awq) {
+    if (w.bits != 4) bad(site, "layout awq packs 4 bits only, got bits " + std::to_string(w.bits));
+  } else if (w.bits != 2 && w.bits != 4 && w.bits != 8) {
+    bad(site, "bits must be 2, 4 or 8, got " + std::to_string(w.bits));
+  }
+  if (w.in <= 0 || w.out <= 0) bad(site, "empty weight");
+  if (w.group <= 0) bad(site, "group size must be positive, got " + std::to_string(w.group));
+  if (w.layout == WoqLayout::Awq && w.out % 8 != 0)
+    bad(site, "awq needs out_features a multiple of 8, got " + std::to_string(w.out));
+  if (w.scale_dtype != DType::F16 && w.scale_dtype != DType::BF16 && w.scale_dtype != DType::F32)
+    bad(site, "scales dtype must be F16, BF16 or F32, got " + std::string(dtype_name(w.scale_dtype)));
+  if (w.in > (int64_t{1} << 31) || w.out > (int64_t{1} << 31)) bad(site, "weight too large");
+}
+
+bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const void* x) {
+  if (m < 1 || m > kWoqGemvMaxRows) return false;
+  if (x_dtype != DType::F16 && x_dtype != DType::BF16) return false;
+  if (w.scale_dtype != DType::F16 && w.scale_dtype != DType::BF16) return false;
+  if (w.in % 8 != 0 || !aligned(x, 16) || !aligned(w.qweight, 16)) return false;
+  if (w.in * kWoqGemvMaxRows >= (int64_t{1} << 31)) return false;  // 32-bit offsets into x
+  if (w.layout == WoqLayout::Awq)
+    return w.out % 32 == 0 && aligned(w.qzeros, 16) && aligned(w.scales, 16);
+  const int64_t pf = 32 / w.bits;
+  return w.out % 4 == 0 && w.in % pf == 0 && w.group % pf == 0 && aligned(w.scales, 8) && aligned(w.qzeros, 4);
+}
+
+void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
+                   void* out, void* stream) {
+  constexpr const char* site = "woq_gemv_cuda";
+  woq_check(w, site);
+  if (!x || !out) bad(site, "x and out are required");
+  if (bias && bias_dtype != x_dtype && bias_dtype != DType::F32)
+    bad(site, "bias dtype must be x's or F32, got " + std::string(dtype_name(bias_dtype)));
+  if (!woq_gemv_supported(w, x_dtype, m, x)) bad(site, "this problem needs the dequantize path");
+  GemvArgs a{};
+  a.qweight = w.qweight;
+  a.qzeros = w.qzeros;
+  a.scales = w.scales;
+  a.x = x;
+  a.bias = bias;
+  a.bias_f32 = bias_dtype == DType::F32;
+  a.out = out;
+  a.in = w.in;
+  a.out_features = w.out;
+  a.group = w.group;
+  a.m = static_cast<int>(m);
+  a.split = 1;
+  a.zero_add = w.layout == WoqLayout::Gptq ? 1.0f : 0.0f;
+  const auto st = static_cast<cudaStream_t>(stream);
+  with_half_dtype(x_dtype, site, "x", [&](auto xt) {
+    with_half_dtype(w.scale_dtype, site, "scales", [&](auto sd) {
+      constexpr DType XT = decltype(xt)::value, SD = decltype(sd)::value;
+      if (w.layout == WoqLayout::Awq) {
+        a.rows = w.in;
+        a.zwords = w.out / 8;
+        const int64_t tiles = (w.out + kAwqCols - 1) / kAwqCols;
+        with_rows(m, [&](auto mt) {
+          constexpr int MT = decltype(mt)::value;
+          constexpr int WORDS = MT <= 2 ? 2 : 1;
+          launch_gemv(gemv_awq_kernel<MT, WORDS, XT, SD>, a, tiles, kThreads / (16 / WORDS), st);
+        });
+        return;
+      }
+      a.rows = w.in * w.bits / 32;
+      a.zwords = zwords_of(w);
+      const int64_t tiles = (w.out + kGptqCols - 1) / kGptqCols;
+      with_bits(w.bits, [&](auto bits) {
+        with_rows(m, [&](auto mt) {
+          launch_gemv(gemv_gptq_kernel<decltype(bits)::value, decltype(mt)::value, XT, SD>, a, tiles,
+                      kThreads / kGptqTx, st);
+        });
+      });
+    });
+  });
+}
+
+void woq_dequantize_cuda(const WoqWeights& w, DType out_dtype, void* dst, void* stream) {
+  constexpr const char* site = "woq_dequantize_cuda";
+  woq_check(w, site);
+  if (!dst) bad(site, "dst is required");
+  DequantArgs a{};
+  a.qweight = w.qweight;
+  a.qzeros = w.qzeros;
+  a.scales = w.scales;
+  a.dst = dst;
+  a.in = w.in;
+  a.out_features = w.out;
+  a.group = w.group;
+  a.zero_add = w.layout == WoqLayout::Gptq ? 1.0f : 0.0f;
+  const auto st = static_cast<cudaStream_t>(stream);
+  constexpr int64_t kMaxGridY = 65535;
+  with_float_dtype(w.scale_dtype, site, "scales", [&](auto sd) {
+    with_float_dtype(out_dtype, site, "dst", [&](auto ot) {
+      constexpr DType SD = decltype(sd)::value, OT = decltype(ot)::value;
+      if (w.layout == WoqLayout::Awq) {
+        a.rows = w.in;
+        a.zwords = w.out / 8;
+        const dim3 grid(static_cast<unsigned>((w.out / 8 + kThreads - 1) / kThreads),
+                        static_cast<unsigned>(std::min(w.in, kMaxGridY)));
+        dequant_awq_kernel<SD, OT><<<grid, kThreads, 0, st>>>(a);
+        return;
+      }
+      a.rows = (w.in * w.bits + 31) / 32;  // the last word row may hold padded inputs, never written
+      a.zwords = zwords_of(w);
+      const dim3 grid(static_cast<unsigned>((w.out + kThreads - 1) / kThreads),
+                      static_cast<unsigned>(std::min(a.rows, kMaxGridY)));
+      with_bits(w.bits, [&](auto bits) { dequant_gptq_kernel<decltype(bits)::value, SD, OT><<<grid, kThreads, 0, st>>>(a); });
+    });
+  });
+  check_launch(site);
+}
+
+}  // namespace fastround::infer::gpu

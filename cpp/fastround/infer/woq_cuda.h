@@ -1,0 +1,63 @@
+// Weight-only-quantized linear layers on CUDA: y = x · dequant(W) (+ bias) straight from the packed GPTQ / AWQ
+// tensors that checkpoints store. Plain C++ declarations over device pointers, no CUDA or torch headers: dtypes are
+// fastround::DType codes, the stream is a cudaStream_t passed as void*, every call only enqueues work on it.
+// Bad arguments throw OptionError naming the site; a failed launch throws std::runtime_error.
+//
+// The tensors and their checks are those of the CPU op (infer/woq_layout.h), which owns the schema; this header
+// stays apart from it (namespace gpu) so that the CUDA library needs none of the CPU kernels.
+// Dequantization, for input k, output n, group g = k / group:  w[k, n] = scale[g, n] * (q[k, n] - zero[g, n])
+//   gptq     qweight [>= ceil(in*bits/32), out] int32 (packers may pad inputs to whole groups), lane j of word
+//            (i, n) holds q[i*32/bits + j, n], lane 0 in the low bits; qzeros [groups, ceil(out*bits/32)] int32,
+//            lanes along out the same way, storing zero - 1
+//            (GPTQ v1: auto_gptq and auto_round's sym packing, pack_gptq with zero_offset 1)
+//   gptq_v2  as gptq, qzeros storing the zero itself (auto_round asym, gptqmodel v2)
+//   awq      4 bits only: qweight [in, out/8] int32, nibble slot kAwqOrder[p] of word (k, w) holds
+//            q[k, 8w + p] (pack_awq.h); qzeros [groups, out/8] the zero points as is, same interleave
+//   scales   [groups, out] fp16 / bf16 (fp32 too on the dequantize path)
+#pragma once
+
+#include <cstdint>
+
+#include "fastround/common/dtype.h"
+
+namespace fastround::infer::gpu {
+
+enum class WoqLayout : int { Gptq = 0, GptqV2 = 1, Awq = 2 };
+
+// The packed tensors of one layer, on the device.
+struct WoqWeights {
+  WoqLayout layout = WoqLayout::Gptq;
+  int bits = 4;                     // 2, 4 or 8 (awq: 4)
+  int64_t in = 0, out = 0;          // K, N
+  int64_t group = 0;                // inputs per group, the last group may be partial (per channel: in)
+  const int32_t* qweight = nullptr;
+  const int32_t* qzeros = nullptr;
+  const void* scales = nullptr;
+  DType scale_dtype = DType::F16;
+  int64_t groups() const { return group > 0 ? (in + group - 1) / group : 0; }
+};
+
+// Checks the sizes and bits of `w` (not the pointers' shapes, which the caller owns); throws OptionError.
+void woq_check(const WoqWeights& w, const char* site);
+
+// Largest batch the GEMV takes; larger ones go through woq_dequantize_cuda and a matmul.
+inline constexpr int64_t kWoqGemvMaxRows = 8;
+
+// Whether woq_gemv_cuda serves x [m, in] of dtype x_dtype at these addresses: m <= kWoqGemvMaxRows, x fp16 or
+// bf16, scales fp16 or bf16, 16-byte aligned rows, out a multiple of 4 (gptq) or 32 (awq), and a group
+// that is a multiple of one word's inputs (gptq, with in a multiple of it too). Everything else takes the
+// dequantize path.
+bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const void* x);
+
+// out [m, out] = x [m, in] · dequant(W) + bias [out], x and out in x_dtype, fp32 accumulation; bias may be null,
+// else in x_dtype or F32 (bias_dtype), added in fp32 before the one rounding to x_dtype. Reads the packed weight
+// once; split-K across a thread-block cluster when the column tiles alone cannot fill the GPU. Requires
+// woq_gemv_supported.
+void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
+                   void* out, void* stream);
+
+// dst [in, out] (row-major, input-major as a matmul's right operand) = dequant(W) rounded to out_dtype
+// (F32, F16 or BF16). Any layout, bits, group and scale dtype woq_check accepts.
+void woq_dequantize_cuda(const WoqWeights& w, DType out_dtype, void* dst, void* stream);
+
+}  // namespace fastround::infer::gpu

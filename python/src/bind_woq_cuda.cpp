@@ -1,0 +1,126 @@
+// fastround::woq_linear on CUDA tensors (the schema is declared with the CPU kernel in bind_woq_torch.cpp), over
+// cpp/fastround/infer/woq_cuda.cu. Batches of up to 8 rows run the GEMV, which reads the packed weight once; larger
+// ones dequantize into an x-dtype workspace [in, out] and multiply with cuBLAS (at::matmul / at::addmm), where the
+// weight read is amortized over the rows. Kernels are enqueued on the device's current torch stream and nothing
+// waits or allocates outside torch's caching allocator, so the op can be captured in a CUDA graph. Built only when
+// torch and the toolchain have CUDA (FASTROUND_WITH_CUDA).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "fastround/infer/woq_cuda.h"
+#include "torch_adapter.h"
+
+using namespace fastround_torch;
+namespace fi = fastround::infer::gpu;
+
+namespace {
+
+constexpr const char* kOp = "woq_linear";
+
+fi::WoqLayout layout_named(c10::string_view layout) {
+  if (layout == "gptq") return fi::WoqLayout::Gptq;
+  if (layout == "gptq_v2") return fi::WoqLayout::GptqV2;
+  if (layout == "awq") return fi::WoqLayout::Awq;
+  throw fr::OptionError(arg(kOp, "layout") + "must be 'gptq', 'gptq_v2' or 'awq', got '" + std::string(layout) +
+                        "'");
+}
+
+void require_int32_2d(const char* name, const at::Tensor& t, const at::Device& device) {
+  require_2d_on(kOp, name, t, device);
+  if (t.scalar_type() != at::kInt)
+    throw fr::OptionError(arg(kOp, name) + "dtype must be int32, got " + std::string(c10::toString(t.scalar_type())));
+}
+
+void require_shape(const char* name, const at::Tensor& t, int64_t rows, int64_t cols, const char* why) {
+  if (t.size(0) != rows || t.size(1) != cols)
+    throw fr::OptionError(arg(kOp, name) + "expected shape [" + std::to_string(rows) + ", " + std::to_string(cols) +
+                          "] (" + why + "), got " + shape_str(t.sizes()));
+}
+
+at::Tensor woq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                           const at::Tensor& scales, const std::optional<at::Tensor>& bias, int64_t bits,
+                           int64_t group_size, c10::string_view layout) {
+  return guarded([&]() -> at::Tensor {
+    fi::WoqWeights w;
+    w.layout = layout_named(layout);
+    w.bits = static_cast<int>(bits);
+    if (!x.defined() || !x.is_cuda() || x.dim() < 1)
+      throw fr::OptionError(arg(kOp, "x") + "expected a CUDA tensor [..., in_features], got " +
+                            (x.defined() ? shape_str(x.sizes()) + " on " + x.device().str() : std::string("None")));
+    const at::Device dev = x.device();
+    const fr::DType x_dt = float_dtype(kOp, "x", x.scalar_type());
+    require_int32_2d("qweight", qweight, dev);
+    require_int32_2d("qzeros", qzeros, dev);
+    require_2d_on(kOp, "scales", scales, dev);
+    w.scale_dtype = float_dtype(kOp, "scales", scales.scalar_type());
+    if (bits != 2 && bits != 4 && bits != 8)
+      throw fr::OptionError(arg(kOp, "bits") + "must be 2, 4 or 8, got " + std::to_string(bits));
+    if (w.layout == fi::WoqLayout::Awq && bits != 4)
+      throw fr::OptionError(arg(kOp, "bits") + "layout awq packs 4 bits only, got " + std::to_string(bits));
+    const int64_t pf = 32 / bits;
+    w.in = x.size(-1);
+    if (w.in <= 0) throw fr::OptionError(arg(kOp, "x") + "the last dimension (in_features) must be positive");
+    // The CPU op's rules (infer/woq_layout.cpp woq_resolve): gptq qweight [>= ceil(in/pf), out] (inputs padded to
+    // whole groups are tolerated), awq qweight [in, out/8]; groups = ceil(in / group), a partial last group;
+    // qzeros [groups, ceil(out/pf)].
+    w.out = w.layout == fi::WoqLayout::Awq ? qweight.size(1) * 8 : qweight.size(1);
+    if (group_size != -1 && group_size <= 0)
+      throw fr::OptionError(arg(kOp, "group_size") + "expected -1 (per channel) or a positive count, got " +
+                            std::to_string(group_size));
+    w.group = group_size == -1 || group_size > w.in ? w.in : group_size;
+    const int64_t groups = w.groups();
+    if (w.layout == fi::WoqLayout::Awq) {
+      require_shape("qweight", qweight, w.in, qweight.size(1), "[in_features, out_features/8]");
+    } else if (qweight.size(0) < (w.in + pf - 1) / pf) {
+      throw fr::OptionError(arg(kOp, "qweight") + "expected at least " + std::to_string((w.in + pf - 1) / pf) +
+                            " rows (" + std::to_string(w.in) + " inputs / " + std::to_string(pf) +
+                            " per int32), got " + shape_str(qweight.sizes()));
+    }
+    require_shape("qzeros", qzeros, groups, (w.out + pf - 1) / pf, "[groups, ceil(out_features*bits/32)]");
+    require_shape("scales", scales, groups, w.out, "[groups, out_features]");
+    at::Tensor b;
+    if (bias.has_value() && bias->defined()) {
+      if (bias->dim() != 1 || bias->size(0) != w.out || bias->device() != dev)
+        throw fr::OptionError(arg(kOp, "bias") + "expected a 1-D tensor of " + std::to_string(w.out) + " on " +
+                              dev.str() + ", got " + shape_str(bias->sizes()) + " on " + bias->device().str());
+      float_dtype(kOp, "bias", bias->scalar_type());
+      b = bias->contiguous();
+    }
+
+    c10::cuda::CUDAGuard guard(dev);
+    void* stream = static_cast<void*>(c10::cuda::getCurrentCUDAStream(dev.index()).stream());
+    const at::Tensor qw = qweight.contiguous(), qz = qzeros.contiguous(), sc = scales.contiguous();
+    w.qweight = qw.data_ptr<int32_t>();
+    w.qzeros = qz.data_ptr<int32_t>();
+    w.scales = sc.data_ptr();
+    fi::woq_check(w, "woq_linear");
+
+    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+    out_shape.back() = w.out;
+    const at::Tensor x2 = x.reshape({-1, w.in}).contiguous();  // [m, in]
+    const int64_t m = x2.size(0);
+    if (m == 0) return at::empty(out_shape, x.options());
+    if (fi::woq_gemv_supported(w, x_dt, m, x2.data_ptr())) {
+      // The GEMV adds an fp32 bias as it is (as the CPU GEMV does), any other in x's dtype.
+      if (b.defined() && b.scalar_type() != at::kFloat && b.scalar_type() != x.scalar_type())
+        b = b.to(x.scalar_type());
+      at::Tensor out = at::empty({m, w.out}, x.options());
+      fi::woq_gemv_cuda(w, x_dt, x2.data_ptr(), m, b.defined() ? b.data_ptr() : nullptr,
+                        b.defined() ? float_dtype(kOp, "bias", b.scalar_type()) : x_dt, out.data_ptr(), stream);
+      return out.view(out_shape);
+    }
+    // cuBLAS in x's dtype with fp32 accumulation, the bias in x's dtype (as F.linear on the dequantized weight).
+    at::Tensor weight = at::empty({w.in, w.out}, x.options());  // dequantized [in, out]
+    fi::woq_dequantize_cuda(w, x_dt, weight.data_ptr(), stream);
+    at::Tensor out = b.defined() ? at::addmm(b.to(x.scalar_type()), x2, weight) : at::matmul(x2, weight);
+    return out.view(out_shape);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastround, CUDA, m) { m.impl("woq_linear", TORCH_FN(woq_linear_cuda)); }
