@@ -17,6 +17,7 @@ from fastround.layer_plan import LayerPlan, is_quantized, plan_layers, quantizes
 from fastround.mapped import PageReleaser, span
 from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model, split_fused_experts
 from fastround.quantized import ExportContext, QuantizedLayer
+from fastround.rotation import ROTATION_FORMATS, LinearRotation, parse_rotation_config
 from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
 
 logger = logging.getLogger("fastround")
@@ -100,6 +101,7 @@ class Compressor:
         trust_remote_code: bool = True,
         format: str | None = None,
         threads: int | None = None,
+        rotation_config: Any = None,
         **unused: Any,
     ) -> None:
         if iters is None:
@@ -124,6 +126,10 @@ class Compressor:
             raise NotImplementedError(
                 f"SignRound tuning (iters > 0) of data_type={self.scheme['data_type']} is not implemented in "
                 "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
+        self.rotation = None  # fastround.rotation.LinearRotation of the per-linear transform backend
+        parsed_rotation = parse_rotation_config(rotation_config)
+        if parsed_rotation is not None:
+            self.rotation = LinearRotation(parsed_rotation, str(self.scheme["data_type"]))
         self.user_layer_config = dict(layer_config or {})
         self.dataset = dataset if dataset is not None else _DEFAULT_DATASET
         self.iters = iters
@@ -198,6 +204,7 @@ class Compressor:
         cast_to = dtype if next(model.parameters()).dtype != dtype else None
         split_fused_experts(model)  # expert views of the fused tensors: split before the cast or after, alike
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
+        self._check_rotation_format(fmt)
         self.plan = plan_layers(
             model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,
             quant_lm_head=self.quant_lm_head, to_quant_block_names=self.to_quant_block_names,
@@ -221,6 +228,17 @@ class Compressor:
             self._packer = None
         self.quantized = True
         return model, self.layer_config
+
+    def _check_rotation_format(self, fmt: str) -> None:
+        if self.rotation is not None and fmt.split(":")[0] not in ROTATION_FORMATS:
+            raise ValueError(f"format {fmt!r} cannot carry rotation_config (a rotated checkpoint needs its online "
+                             f"activation rotation at load time); use one of {list(ROTATION_FORMATS)}")
+
+    def rotate_layer(self, name: str, module: torch.nn.Module) -> None:
+        """The transform backend's weight rotation and online hook for one layer, just before it is calibrated or
+        quantized and after the block was cast to the run's dtype (upstream rotates at the first weight qdq)."""
+        if self.rotation is not None and self.rotation.is_target(name, module, self.layer_config.get(name)):
+            self.rotation.rotate_module(name, module)
 
     def _immediate_packer(self) -> Any:
         """Upstream's immediate packing: with one packed format, each layer is packed as soon as it is quantized
@@ -247,7 +265,8 @@ class Compressor:
             "iters": self.iters, "nsamples": self.nsamples, "seqlen": self.seqlen, "batch_size": self.batch_size,
             "dataset": self.dataset if isinstance(self.dataset, str) else None, "amp": self.amp,
             "low_gpu_mem_usage": self.low_gpu_mem_usage, "disable_opt_rtn": self.disable_opt_rtn,
-            "zero_shot": not self.use_imatrix,
+            # upstream runs a rotation through its data-driven loop (a rotation config always asks for data)
+            "zero_shot": not self.use_imatrix and self.rotation is None,
             "enable_quanted_input": False,
         }
         if self.signround is not None:
@@ -257,7 +276,7 @@ class Compressor:
             model=self.model, tokenizer=self.tokenizer, layers=self.layers, layer_config=self.layer_config,
             scheme=self.scheme, block_names=self.plan.block_names, settings=settings, source_dir=self.source_dir,
             user_layer_config=self.user_layer_config, regex_config=self.plan.regex_config,
-            all_block_names=find_block_names(self.model, True),
+            all_block_names=find_block_names(self.model, True), rotation=self.rotation,
         )
 
     def save_quantized(
@@ -287,6 +306,7 @@ class Compressor:
         formats = export.parse_formats(format, self.scheme.get("bits"))
         for fmt in formats:
             export.check_format(fmt, self.scheme, self.scheme_name)
+            self._check_rotation_format(fmt)
         export.check_output_dir(output_dir, self.source_dir)
         self._immediate_format = formats[0] if len(formats) == 1 and inplace else None
         self.resume_dir = output_dir if self.signround is not None else None
