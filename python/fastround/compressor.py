@@ -127,7 +127,7 @@ class Compressor:
                 f"SignRound tuning (iters > 0) of data_type={self.scheme['data_type']} is not implemented in "
                 "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
         self.rotation = None  # fastround.rotation.LinearRotation of the per-linear transform backend
-        parsed_rotation = parse_rotation_config(rotation_config)
+        parsed_rotation = parse_rotation_config(rotation_config, str(self.scheme["data_type"]))
         if parsed_rotation is not None:
             self.rotation = LinearRotation(parsed_rotation, str(self.scheme["data_type"]))
         self.user_layer_config = dict(layer_config or {})

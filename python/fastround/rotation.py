@@ -57,11 +57,13 @@ class RotationConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "random_seed"}
 
 
-def parse_rotation_config(value: Any) -> RotationConfig | None:
+def parse_rotation_config(value: Any, data_type: str = "mx_fp") -> RotationConfig | None:
     """upstream's normalize_rotation_config for the Hadamard algorithm: None / "" -> None; "default" ->
-    hadamard_type "hadamard"; another string s -> hadamard_type s; a dict (algorithm "hadamard" or absent); an
-    upstream RotationConfig (anything with model_dump). "quarot", "spinquant" and algorithm "spinquant" are the
-    SpinQuant path, not built here: a clear error."""
+    hadamard_type "hadamard"; another string s -> hadamard_type s, block_size from the data type (fill_block_size);
+    a dict (algorithm "hadamard" or absent) and an upstream RotationConfig (anything with model_dump) as given.
+    "quarot", "spinquant" and algorithm "spinquant" are the SpinQuant path, not built here: a clear error.
+    Upstream fills a string's block_size for mx_fp whatever the scheme (32, also for nv_fp); here the scheme's
+    data type decides (16 for nv_fp, docs/compatibility.md)."""
     if value is None or isinstance(value, RotationConfig):
         return value
     if isinstance(value, str):
@@ -71,7 +73,9 @@ def parse_rotation_config(value: Any) -> RotationConfig | None:
         if key.lower() in ("quarot", "spinquant"):
             raise NotImplementedError(f"rotation_config={value!r} (SpinQuant / QuaRot) is not implemented in "
                                       "fastround yet; use 'hadamard' or 'random_hadamard' with an MXFP/NVFP scheme")
-        return RotationConfig(hadamard_type="hadamard" if key == "default" else key)
+        cfg = RotationConfig(hadamard_type="hadamard" if key == "default" else key)
+        fill_block_size(cfg, data_type)
+        return cfg
     if hasattr(value, "model_dump") and not isinstance(value, dict):
         value = value.model_dump()
     if isinstance(value, dict):
@@ -130,6 +134,8 @@ def fill_block_size(cfg: RotationConfig, data_type: str) -> None:
         elif is_nv_fp(data_type):
             cfg.block_size = 16
             logger.warning("block_size is not set for data_type 'nv_fp'; defaulting to 16.")
+        else:
+            logger.warning("block_size is not set and cannot be inferred for data_type %r", data_type)
     elif is_mx_fp(data_type) and cfg.block_size != 32:
         logger.warning("data_type is 'mx_fp' but block_size=%d; recommended value is 32.", cfg.block_size)
     elif is_nv_fp(data_type) and cfg.block_size != 16:
@@ -150,9 +156,12 @@ class LinearRotation:
         if cfg.hadamard_type not in TRANSFORM_TYPES:
             raise ValueError(f"rotation_config: the transform backend supports hadamard_type 'hadamard' or "
                              f"'random_hadamard', got {cfg.hadamard_type!r}")
-        fill_block_size(cfg, data_type)
+        if cfg.block_size is None and is_nv_fp(data_type):
+            # upstream leaves a dict's unset block_size None and its transform then uses 32, for NVFP too; the
+            # intended NVFP block is 16, and it is written so that a loader reads the size used
+            fill_block_size(cfg, data_type)
         self.config = cfg
-        self.block_size = int(cfg.block_size)
+        self.block_size = int(cfg.block_size or 32)  # None: upstream's HadamardTransform default, 32
         self.random = cfg.hadamard_type == "random_hadamard"
         b = self.block_size
         if self.random:
