@@ -293,3 +293,34 @@ def test_cli_flags() -> None:
         "fuse_online_to_weight": False, "allow_online_rotation": True}
     assert rotation_config_from_args(p.parse_args(["m", "--rotation_type", "quarot_hadamard"])) == {
         "hadamard_type": "inplace_quarot_hadamard"}
+
+
+def test_opt_rtn_with_rotation_runs(checkpoint, tmp_path) -> None:
+    """MXFP4's default OPT-RTN (imatrix from calibration) with a rotation: an imatrix reaches the layers and the
+    run writes its rotation config (not byte-compared: upstream's imatrix is of unrotated inputs)."""
+    from fastround import AutoRound
+
+    src = checkpoint("llama_aligned")
+    kw = {k: v for k, v in COMMON.items() if k != "disable_opt_rtn"}
+    ar = AutoRound(str(src), scheme="MXFP4", rotation_config="random_hadamard", dataset=_texts(), **kw)
+    assert ar.use_imatrix
+    seen = {}
+    layer = "model.layers.0.mlp.down_proj"
+    from fastround import blockloop
+
+    orig_mean = blockloop._Imatrix.mean
+
+    def spy(self, name):
+        out = orig_mean(self, name)
+        if name == layer:
+            seen["imatrix"] = out
+        return out
+
+    blockloop._Imatrix.mean = spy
+    try:
+        _, folder = ar.quantize_and_save(str(tmp_path / "o"), format="auto_round")
+    finally:
+        blockloop._Imatrix.mean = orig_mean
+    assert seen["imatrix"] is not None
+    cfg = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
+    assert cfg["rotation_config"]["hadamard_type"] == "random_hadamard"

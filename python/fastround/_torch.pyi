@@ -1,5 +1,6 @@
 # Type stub of the fastround._torch extension (checked against the built module by tests/test_torch_ops.py).
 # Its dispatcher ops are torch.ops.fastround.{encode_weight, pack_codes, dequantize_codes}; fastround.ops types them.
+# torch.ops.fastround.hadamard_transform (the FWHT) is typed by fastround.transform_ops.hadamard_transform.
 """
 fastround LibTorch adapters (the regular flow's ops are torch.ops.fastround.*)
 """
