@@ -137,3 +137,23 @@ def random_hadamard_matrix(n: int, signs: torch.Tensor | None = None, dtype: tor
 def deterministic_hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Ĥ_n = H_n / sqrt(n) (Sylvester, symmetric, its own inverse): the per-linear `hadamard` block matrix."""
     return (sylvester(n, torch.float64) * (1.0 / math.sqrt(n))).to(dtype)
+
+
+def spinquant_divisor(n: int) -> int:
+    """SpinQuant's get_hadamard_K rule (§1.3 b): 1 for a power of two, else the first K of SPINQUANT_K_ORDER with
+    n % K == 0 and n / K a power of two, 0 if none."""
+    if is_pow2(n):
+        return 1
+    for k in SPINQUANT_K_ORDER:
+        if n % k == 0 and is_pow2(n // k):
+            return k
+    return 0
+
+
+def spinquant_matrix(k: int) -> torch.Tensor:
+    """SpinQuant's known K matrix (int8 ±1): the file's matrix of that order, which SpinQuant's table equals for
+    every K it lists except 20. Its 20 differs, and this returns the file's: the two choices give different (both
+    orthonormal) rotations only for n = 20 itself, since any larger 20·2^m matches 40 first."""
+    if k not in SPINQUANT_K_ORDER:
+        raise ValueError(f"[fastround.hadamard] {k} is not one of SpinQuant's K sizes {SPINQUANT_K_ORDER}")
+    return library_matrix(k)
