@@ -205,9 +205,18 @@ def test_parse_forms(value, expect) -> None:
     assert cfg.model_dump() == normalize_rotation_config(value).model_dump()
 
 
+def test_quarot_forms() -> None:
+    from fastround.quarot import QuaRotConfig
+
+    assert R.parse_rotation_config("quarot") == QuaRotConfig()
+    assert R.parse_rotation_config({"algorithm": "spinquant", "r4": True, "rotation_size": 32, "iters": 5}) == \
+        QuaRotConfig(r4=True, rotation_size=32)
+
+
 @pytest.mark.parametrize("value,error", [
-    ("quarot", NotImplementedError), ("spinquant", NotImplementedError),
-    ({"algorithm": "spinquant"}, NotImplementedError), ("nope", ValueError), ({"backend": "gpu"}, ValueError),
+    ("spinquant", NotImplementedError), ({"algorithm": "spinquant", "trainable_rotation": True}, NotImplementedError),
+    ({"algorithm": "spinquant", "random_r1": True}, NotImplementedError), ({"algorithm": "spinquant", "r9": 1}, ValueError),
+    ("nope", ValueError), ({"backend": "gpu"}, ValueError),
     ({"hadamard_type": "hadamard", "colour": 1}, ValueError), (3, TypeError),
 ])
 def test_parse_errors(value, error) -> None:

@@ -17,7 +17,7 @@ from fastround.layer_plan import LayerPlan, is_quantized, plan_layers, quantizes
 from fastround.mapped import PageReleaser, span
 from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model, split_fused_experts
 from fastround.quantized import ExportContext, QuantizedLayer
-from fastround.rotation import ROTATION_FORMATS, LinearRotation, parse_rotation_config
+from fastround.rotation import ROTATION_FORMATS, LinearRotation, RotationConfig, parse_rotation_config
 from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
 
 logger = logging.getLogger("fastround")
@@ -127,9 +127,13 @@ class Compressor:
                 f"SignRound tuning (iters > 0) of data_type={self.scheme['data_type']} is not implemented in "
                 "fastround yet (INT schemes are); use iters=0 for RTN / OPT-RTN")
         self.rotation = None  # fastround.rotation.LinearRotation of the per-linear transform backend
+        self.quarot = None  # fastround.quarot.QuaRotConfig (QuaRot's fixed rotations), applied in quantize()
+        self.quarot_plan = None
         parsed_rotation = parse_rotation_config(rotation_config, str(self.scheme["data_type"]))
-        if parsed_rotation is not None:
+        if isinstance(parsed_rotation, RotationConfig):
             self.rotation = LinearRotation(parsed_rotation, str(self.scheme["data_type"]))
+        elif parsed_rotation is not None:
+            self.quarot = parsed_rotation
         self.user_layer_config = dict(layer_config or {})
         self.dataset = dataset if dataset is not None else _DEFAULT_DATASET
         self.iters = iters
@@ -203,6 +207,16 @@ class Compressor:
         # Cast by the block loop, a block at a time (the same tensors in the same dtype as one model.to(dtype)).
         cast_to = dtype if next(model.parameters()).dtype != dtype else None
         split_fused_experts(model)  # expert views of the fused tensors: split before the cast or after, alike
+        if self.quarot is not None and self.quarot_plan is None:
+            from fastround.quarot import apply_quarot
+
+            # upstream's model-level pre-quantization stage: the whole model, in its loaded dtype, fp64 inside
+            self.quarot_plan = apply_quarot(model, self.quarot)
+            for name, tensor in self.quarot_plan.model_tensors().items():
+                if tensor.is_floating_point():
+                    model.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+                else:
+                    model.register_buffer(name, tensor)
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
         self._check_rotation_format(fmt)
         self.plan = plan_layers(
@@ -230,7 +244,7 @@ class Compressor:
         return model, self.layer_config
 
     def _check_rotation_format(self, fmt: str) -> None:
-        if self.rotation is not None and fmt.split(":")[0] not in ROTATION_FORMATS:
+        if (self.rotation is not None or self.quarot is not None) and fmt.split(":")[0] not in ROTATION_FORMATS:
             raise ValueError(f"format {fmt!r} cannot carry rotation_config (a rotated checkpoint needs its online "
                              f"activation rotation at load time); use one of {list(ROTATION_FORMATS)}")
 
@@ -277,6 +291,7 @@ class Compressor:
             scheme=self.scheme, block_names=self.plan.block_names, settings=settings, source_dir=self.source_dir,
             user_layer_config=self.user_layer_config, regex_config=self.plan.regex_config,
             all_block_names=find_block_names(self.model, True), rotation=self.rotation,
+            quarot=(self.quarot, self.quarot_plan) if self.quarot_plan is not None else None,
         )
 
     def save_quantized(

@@ -57,3 +57,5 @@ class ExportContext:
     # the per-linear Hadamard rotation of the run (fastround.rotation.LinearRotation), None without one: the
     # writers add its rotation_config and, for random_hadamard, each rotated layer's hadamard_matrix
     rotation: Any = None
+    # QuaRot's (QuaRotConfig, QuaRotPlan) when the model was rotated: spinquant_config and per-layer buffers
+    quarot: Any = None

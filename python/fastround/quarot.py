@@ -3,8 +3,9 @@ Llama-layout models (llama, qwen2, qwen3): R1 on the residual stream (online per
 fusion and untying), R2 per attention head on the V/O pair, R4 on down_proj's input with its online hook. Every
 weight rotation runs in fp64 through the FWHT kernel and is cast back; Python only walks the modules.
 
-Not built yet: R3 (the post-RoPE Q/K rotation), random and trainable matrices, the export of spinquant_config
-and its per-layer buffers, and the AutoRound(rotation_config="quarot") entry (it still refuses).
+AutoRound(..., rotation_config="quarot") applies it to the loaded model before quantization; the auto_round export
+writes spinquant_config, the model-level matrices and the per-layer type/size buffers as upstream. Not built yet:
+R3 (the post-RoPE Q/K rotation), random and trainable matrices.
 
 Conventions (row vectors, y = x·Wᵀ): for a deterministic R the matrices are normalised Sylvester (symmetric) or
 T = (H_K ⊗ H_2^m)/sqrt(n) with K from SpinQuant's first-match list for R4; the kernel's hadamard_transform(x, n, K)
@@ -97,8 +98,75 @@ def _fuse_norm(norm: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
     norm.weight.data = torch.ones_like(norm.weight.data)
 
 
-def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> list[Any]:
-    """Rotate a Llama-layout model in place so that it computes the same function; returns the hook handles.
+def parse_spinquant(value: Any) -> QuaRotConfig:
+    """"quarot" or a dict with algorithm "spinquant" (upstream's SpinQuantConfig fields): fixed Hadamard
+    rotations only; trainable (SpinQuant proper) and random matrices are refused clearly."""
+    if isinstance(value, str):
+        if value.strip().lower() == "spinquant":
+            raise NotImplementedError("rotation_config='spinquant' (trainable rotations) is not implemented in "
+                                      "fastround yet; 'quarot' is")
+        return QuaRotConfig()
+    fields = {k: v for k, v in value.items() if k != "algorithm"}
+    for key in ("trainable_rotation", "trainable_smooth", "random_r1", "random_r2", "random_r3", "random_r4"):
+        if fields.pop(key, False):
+            raise NotImplementedError(f"spinquant_config {key}=True is not implemented in fastround yet")
+    known = {"r1", "r2", "r3", "r4", "rotation_size", "online_r1_rotation", "fuse_rmsnorm", "untie_embeddings"}
+    ignored = {"iters", "lr", "smooth_lr", "batch_size", "loss_type", "kl_top_k", "dtype", "device"}
+    unknown = set(fields) - known - ignored
+    if unknown:
+        raise ValueError(f"rotation_config (spinquant): unknown field(s) {sorted(unknown)}")
+    return QuaRotConfig(**{k: v for k, v in fields.items() if k in known})
+
+
+@dataclass
+class QuaRotPlan:
+    """What apply_quarot did: the positions actually applied and their sizes (what the export records)."""
+
+    r1: bool
+    r2: bool
+    r4: bool
+    r1_size: int
+    r4_size: int
+    k4: int
+    arch: _Arch
+    online_r1: bool
+
+    def spinquant_config(self, cfg: QuaRotConfig) -> dict[str, Any]:
+        """upstream's serialised spinquant_config: the flags in effect after its size checks, and the model info."""
+        return {"r1": self.r1, "r2": self.r2, "r3": False, "r4": self.r4, "online_r1_rotation": cfg.online_r1_rotation,
+                "rotation_size": cfg.rotation_size, "random_r1": False, "random_r2": False, "random_r3": False,
+                "random_r4": False, "trainable_rotation": False, "head_dim": self.arch.head_dim,
+                "hidden_size": self.arch.hidden, "intermediate_size": self.arch.inter, "algorithm": "spinquant"}
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """The matrices upstream registers on the model (and so saves): R1 [r1, r1] fp32 when fused offline,
+        R2 [hd, hd] fp32, and for R4 the unnormalised K matrix (the full Sylvester matrix when K = 1) and K."""
+        out: dict[str, torch.Tensor] = {}
+        if self.r1 and not self.online_r1:
+            out["spinquant_R1"] = T.deterministic_hadamard_matrix(self.r1_size, torch.float32)
+        if self.r2:
+            out["spinquant_R2_head"] = T.deterministic_hadamard_matrix(self.arch.head_dim, torch.float32)
+        if self.r4:
+            hk = T.sylvester(self.r4_size) if self.k4 == 1 else T.spinquant_matrix(self.k4)
+            out["spinquant_R4_had_K"] = hk.to(torch.float32)
+            out["spinquant_R4_K"] = torch.tensor(self.k4)
+        return out
+
+    def layer_buffers(self, name: str) -> dict[str, torch.Tensor]:
+        """Per quantized layer: type (0: deterministic) and size of the online R1 (q/k/v/gate/up) or R4 (down)."""
+        short = name.rsplit(".", 1)[-1]
+        out: dict[str, torch.Tensor] = {}
+        if self.r1 and self.online_r1 and short in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            out["spinquant_r1_type"] = torch.tensor(0, dtype=torch.int32)
+            out["spinquant_r1_size"] = torch.tensor(self.r1_size, dtype=torch.int32)
+        if self.r4 and short == "down_proj":
+            out["spinquant_r4_type"] = torch.tensor(0, dtype=torch.int32)
+            out["spinquant_r4_size"] = torch.tensor(self.r4_size, dtype=torch.int32)
+        return out
+
+
+def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> QuaRotPlan:
+    """Rotate a Llama-layout model in place so that it computes the same function; the hooks stay registered.
     Positions whose sizes do not fit (§2.2: R1 needs a pow2 size dividing hidden, R2 a pow2 head_dim, R4 a
     SpinQuant K·2^m size dividing intermediate) are disabled with a warning, as upstream."""
     cfg = config or QuaRotConfig()
@@ -161,4 +229,4 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
                 _rotate_in(down, r4, hk4)
                 # upstream's R4 hook runs in fp32 whatever the activation dtype
                 handles.append(down.register_forward_pre_hook(_hook(r4, hk4, fp32=True), prepend=True))
-    return handles
+    return QuaRotPlan(do_r1, do_r2, do_r4, r1, r4, k4, a, cfg.online_r1_rotation)

@@ -57,22 +57,25 @@ class RotationConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "random_seed"}
 
 
-def parse_rotation_config(value: Any, data_type: str = "mx_fp") -> RotationConfig | None:
+def parse_rotation_config(value: Any, data_type: str = "mx_fp") -> Any:
     """upstream's normalize_rotation_config for the Hadamard algorithm: None / "" -> None; "default" ->
     hadamard_type "hadamard"; another string s -> hadamard_type s, block_size from the data type (fill_block_size);
     a dict (algorithm "hadamard" or absent) and an upstream RotationConfig (anything with model_dump) as given.
-    "quarot", "spinquant" and algorithm "spinquant" are the SpinQuant path, not built here: a clear error.
+    "quarot" and a dict with algorithm "spinquant" give a fastround.quarot.QuaRotConfig (fixed rotations).
     Upstream fills a string's block_size for mx_fp whatever the scheme (32, also for nv_fp); here the scheme's
     data type decides (16 for nv_fp, docs/compatibility.md)."""
-    if value is None or isinstance(value, RotationConfig):
+    from fastround.quarot import QuaRotConfig
+
+    if value is None or isinstance(value, (RotationConfig, QuaRotConfig)):
         return value
     if isinstance(value, str):
         key = value.strip()
         if not key:
             return None
         if key.lower() in ("quarot", "spinquant"):
-            raise NotImplementedError(f"rotation_config={value!r} (SpinQuant / QuaRot) is not implemented in "
-                                      "fastround yet; use 'hadamard' or 'random_hadamard' with an MXFP/NVFP scheme")
+            from fastround.quarot import parse_spinquant
+
+            return parse_spinquant(key)
         cfg = RotationConfig(hadamard_type="hadamard" if key == "default" else key)
         fill_block_size(cfg, data_type)
         return cfg
@@ -80,7 +83,9 @@ def parse_rotation_config(value: Any, data_type: str = "mx_fp") -> RotationConfi
         value = value.model_dump()
     if isinstance(value, dict):
         if value.get("algorithm", "hadamard") == "spinquant":
-            raise NotImplementedError("rotation_config with algorithm 'spinquant' is not implemented in fastround yet")
+            from fastround.quarot import parse_spinquant
+
+            return parse_spinquant(value)
         names = {f.name for f in fields(RotationConfig)}
         unknown = set(value) - names
         if unknown:

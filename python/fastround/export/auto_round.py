@@ -34,6 +34,8 @@ def quantization_config(ctx: ExportContext, fmt: ResolvedFormat) -> dict[str, An
     config = filter_quantization_config(config)
     if ctx.rotation is not None:
         config["rotation_config"] = ctx.rotation.config.model_dump()  # upstream adds it after the filter
+    if ctx.quarot is not None:
+        config["spinquant_config"] = ctx.quarot[1].spinquant_config(ctx.quarot[0])
     return config
 
 

@@ -41,6 +41,7 @@ class LayerPacker:
         self.format_name = format_name
         self.progress: tqdm | None = None
         self.rotation = ctx.rotation
+        self.quarot = ctx.quarot
         if check:  # off while the flow packs layer by layer (immediate packing), before every layer exists
             check_layers(ctx)
 
@@ -96,6 +97,8 @@ class LayerPacker:
         if unknown:
             raise RuntimeError(f"pack_codes returned unexpected tensors {sorted(unknown)} for row {row}")
         out = [(f"{layer.name}.{suffix}", tensors[suffix]) for suffix in order if suffix in tensors]
+        if self.quarot is not None:
+            out += [(f"{layer.name}.{k}", v) for k, v in self.quarot[1].layer_buffers(layer.name).items()]
         matrix = self.rotation.export_buffer(layer.name) if self.rotation is not None else None
         if matrix is not None:
             out.append((f"{layer.name}.hadamard_matrix", matrix))  # [b, b] fp32: the load-time hook's M
