@@ -174,3 +174,13 @@ def test_butterfly_equals_upstream_spinquant(n):
     hk, k = get_hadamard_K(n)
     ours = T.hadamard_transform(x, n, None if k == 1 else hk.to(torch.int8))
     torch.testing.assert_close(ours, matmul_hadU(x), rtol=0, atol=1e-12)
+
+
+def test_any_device_path_equals_the_kernel_via_meta_free_dense_product():
+    """hadamard_any_device's dense fallback (used off the CPU) is the same map as the kernel: checked on the CPU
+    by forcing the fallback's arithmetic through a dense product of the kernel's own matrix."""
+    hk = T.library_matrix(12)
+    x = torch.randn(5, 96, dtype=torch.float32, generator=torch.Generator().manual_seed(4))
+    rows_of_t = T.hadamard_transform(torch.eye(48, dtype=torch.float64), 48, hk, transpose=True)
+    dense = (x.reshape(5, 2, 48).double() @ rows_of_t).reshape(5, 96)
+    torch.testing.assert_close(T.hadamard_any_device(x, 48, hk, transpose=True).double(), dense, rtol=0, atol=1e-5)

@@ -84,7 +84,7 @@ def _rotate_out(linear: torch.nn.Linear, n: int) -> None:
 def _hook(n: int, hk: torch.Tensor | None = None, fp32: bool = False):
     def pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
         x = args[0]
-        y = T.hadamard_transform(x.float() if fp32 else x, n, hk).to(x.dtype)
+        y = T.hadamard_any_device(x.float() if fp32 else x, n, hk).to(x.dtype)
         return (y,) + tuple(args[1:])
 
     return pre_hook

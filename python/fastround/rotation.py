@@ -182,6 +182,7 @@ class LinearRotation:
             self.hadamard_k = None
             self.matrix = T.deterministic_hadamard_matrix(b)
         self.rotated: set[str] = set()
+        self._device_matrices: dict[torch.device, torch.Tensor] = {}
 
     # -- the map x -> x · M^T on every b-long chunk of the last dimension -----------------------------------------
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +196,13 @@ class LinearRotation:
         # Other devices: the same block product as a dense matmul in fp32 (the kernel is CPU-only for now).
         shape = x.shape
         xb = x.reshape(-1, shape[-1] // self.block_size, self.block_size).float()
-        return (xb @ self.matrix.T.to(x.device)).reshape(shape).to(x.dtype)
+        return (xb @ self._matrix_t_on(x.device)).reshape(shape).to(x.dtype)
+
+    def _matrix_t_on(self, device: torch.device) -> torch.Tensor:
+        cached = self._device_matrices.get(device)
+        if cached is None:
+            cached = self._device_matrices[device] = self.matrix.T.contiguous().to(device)
+        return cached
 
     def is_target(self, name: str, module: torch.nn.Module, cfg: dict[str, Any] | None) -> bool:
         """nn.Linear, not lm_head (by name, as upstream), weight quantized below 16 bits."""

@@ -107,6 +107,19 @@ def hadamard_transform(
     return _ops.hadamard_transform(x, block_size, hadamard_k, signs, transpose, signs_first, normalize)
 
 
+def hadamard_any_device(x: torch.Tensor, block_size: int, hadamard_k: torch.Tensor | None = None,
+                        signs: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
+    """hadamard_transform on a CPU tensor; elsewhere (the kernel is CPU-only for now) the same block map as a
+    dense fp32 matmul on x's device, rounded once to x's dtype."""
+    if x.device.type == "cpu":
+        return hadamard_transform(x, block_size, hadamard_k, signs, transpose)
+    n = x.shape[-1] if block_size == -1 else block_size
+    rows_of_t = hadamard_transform(torch.eye(n, dtype=torch.float64), n, hadamard_k, signs, transpose)  # [n, n]
+    shape = x.shape
+    xb = x.reshape(-1, shape[-1] // n, n).float()
+    return (xb @ rows_of_t.to(torch.float32).to(x.device)).reshape(shape).to(x.dtype)
+
+
 @torch.library.register_fake("fastround::hadamard_transform")
 def _hadamard_transform_fake(x, block_size, hadamard_k=None, signs=None, transpose=False, signs_first=False,
                              normalize=True):
