@@ -295,6 +295,7 @@ def test_cli_flags() -> None:
     p = build_parser()
     assert rotation_config_from_args(p.parse_args(["m"])) is None
     assert rotation_config_from_args(p.parse_args(["m", "--algorithm", "hadamard"])) == {"hadamard_type": "hadamard"}
+    assert rotation_config_from_args(p.parse_args(["m", "--algorithm", "quarot"])) == "quarot"
     args = p.parse_args(["m", "--rotation_type", "random_hadamard", "--rotation_backend", "transform",
                          "--rotation_block_size", "16", "--no-fuse_online_to_weight", "--allow_online_rotation"])
     assert rotation_config_from_args(args) == {

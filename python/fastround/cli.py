@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--disable_opt_rtn", action="store_true", default=None)
     opt.add_argument("--enable_opt_rtn", action="store_true")
     rot = p.add_argument_group("rotation (per-linear Hadamard transform for MXFP/NVFP schemes)")
-    rot.add_argument("--algorithm", default=None, help="'hadamard' enables rotation with its defaults")
+    rot.add_argument("--algorithm", default=None, help="'hadamard' (per-linear rotation) or 'quarot'")
     rot.add_argument("--rotation_type", "--rotation-hadamard-type", dest="rotation_type", default=None,
                      choices=["hadamard", "random_hadamard", "quarot_hadamard"])
     rot.add_argument("--rotation_backend", default=None, choices=["auto", "inplace", "transform"])
@@ -252,6 +252,8 @@ def rotation_config_from_args(args: argparse.Namespace) -> dict[str, Any] | None
     fields they name. quarot_hadamard is the inplace backend's preset (upstream's CLI passes the bare name, which
     its RotationConfig then rejects)."""
     names = [n.strip().lower() for n in (args.algorithm or "").split(",") if n.strip()]
+    if "quarot" in names:
+        return "quarot"
     if not args.rotation_type and "hadamard" not in names:
         return None
     rtype = args.rotation_type or "hadamard"
