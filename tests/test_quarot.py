@@ -103,9 +103,14 @@ def test_spinquant_k_rule_and_matrices_equal_upstream() -> None:
         assert torch.equal(T.spinquant_matrix(k), theirs) == (k != 20), k
 
 
-def test_quarot_rtn_matches_upstream(checkpoint, tmp_path) -> None:
-    """AutoRound(rotation_config="quarot") W4A16 RTN on the aligned Llama (hidden 160: R1 off as upstream decides,
-    R2 on head_dim 32): every tensor (spinquant_R2_head included) and config.json equal upstream's.
+@pytest.mark.parametrize("rotation_config,r1", [
+    ("quarot", False),
+    ({"algorithm": "spinquant", "online_r1_rotation": False, "rotation_size": 32}, True),
+])
+def test_quarot_rtn_matches_upstream(checkpoint, tmp_path, rotation_config, r1) -> None:
+    """W4A16 RTN on the aligned Llama: "quarot" (hidden 160: R1 off as upstream decides, R2 on head_dim 32), and
+    offline block R1 of 32 (untied, RMSNorm fused, embedding and lm_head rotated) with R2: every tensor
+    (spinquant_R1 / spinquant_R2_head included) and config.json equal upstream's.
     quantization_config.json also carries spinquant_config here; upstream adds it there only when some layer got
     rotation buffers (docs/compatibility.md)."""
     import json
@@ -118,16 +123,16 @@ def test_quarot_rtn_matches_upstream(checkpoint, tmp_path) -> None:
     from fastround import AutoRound
 
     src = checkpoint("llama_aligned")
-    kw = dict(COMMON, dataset=_texts(), src=str(src), scheme="W4A16", rotation_config="quarot")
+    kw = dict(COMMON, dataset=_texts(), src=str(src), scheme="W4A16", rotation_config=rotation_config)
     run = subprocess.run([sys.executable, "-c", _UPSTREAM_SCRIPT, json.dumps(kw), str(tmp_path / "up")],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = run.stdout.split("FOLDER=")[-1].strip()
-    ar = AutoRound(str(src), dataset=_texts(), **COMMON, scheme="W4A16", rotation_config="quarot")
+    ar = AutoRound(str(src), dataset=_texts(), **COMMON, scheme="W4A16", rotation_config=rotation_config)
     _, ours = ar.quantize_and_save(str(tmp_path / "fr"), format="auto_round")
     # the tokenizer files: upstream saves its tokenizer as its calibration left it (fastround's RTN reads no data)
     ignore = (".cache", "fastround_summary.json", "tokenizer.json", "tokenizer_config.json")
     diff = oracle.compare_checkpoints(ours, theirs, ignore=ignore)
     assert [d for d in diff if not d.startswith("quantization_config.json.spinquant_config: only in A")] == []
     q = json.loads((tmp_path / "fr" / Path(ours).name / "config.json").read_text())["quantization_config"]
-    assert q["spinquant_config"]["r1"] is False and q["spinquant_config"]["r2"] is True
+    assert q["spinquant_config"]["r1"] is r1 and q["spinquant_config"]["r2"] is True
