@@ -1,6 +1,7 @@
 # Type stub of the fastround._torch extension (checked against the built module by tests/test_torch_ops.py).
 # Its dispatcher ops are torch.ops.fastround.{encode_weight, pack_codes, dequantize_codes, dequantize_packed}, typed by
 # fastround.ops, the tuning ops (fastround.tune_ops) and woq_linear (packed INT inference, typed by fastround.infer_ops).
+# torch.ops.fastround.hadamard_transform (the FWHT) is typed by fastround.transform_ops.hadamard_transform.
 """
 fastround LibTorch adapters (the regular flow's ops are torch.ops.fastround.*)
 """

@@ -281,7 +281,8 @@ class AutoRound:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if fp_layers and not ignore_layers:
             ignore_layers = fp_layers
-        blocked = any(kwargs.get(k) is not None for k in ("static_kv_dtype", "static_attention_dtype"))
+        blocked = any(kwargs.get(k) is not None for k in ("static_kv_dtype", "static_attention_dtype",
+                                                          "rotation_config"))
         routed = (
             not blocked
             and not disable_model_free

@@ -229,6 +229,8 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
                 if cast_to is not None:
                     cast_module(_module(model, block_name), cast_to)
                 names = _targets(comp, block_name)
+                for n in names:
+                    comp.rotate_layer(n, _module(model, n))
                 imatrix = _Imatrix()
                 if data_driven and gi == 0:
                     block = _module(model, block_name)
@@ -253,6 +255,7 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
         bar.close()
     release = PageReleaser()
     for n in outside:
+        comp.rotate_layer(n, _module(model, n))
         im = outside_imatrix.mean(n) if outside_imatrix is not None else None
         record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe), release)
 

@@ -168,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_mutually_exclusive_group()
     opt.add_argument("--disable_opt_rtn", action="store_true", default=None)
     opt.add_argument("--enable_opt_rtn", action="store_true")
+    rot = p.add_argument_group("rotation (per-linear Hadamard transform for MXFP/NVFP schemes)")
+    rot.add_argument("--algorithm", default=None, help="'hadamard' (per-linear rotation) or 'quarot'")
+    rot.add_argument("--rotation_type", "--rotation-hadamard-type", dest="rotation_type", default=None,
+                     choices=["hadamard", "random_hadamard", "quarot_hadamard"])
+    rot.add_argument("--rotation_backend", default=None, choices=["auto", "inplace", "transform"])
+    rot.add_argument("--rotation_block_size", type=int, default=None)
+    rot.add_argument("--fuse_online_to_weight", action=argparse.BooleanOptionalAction, default=None)
+    rot.add_argument("--allow_online_rotation", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--model_free", action="store_true")
     p.add_argument("--disable_model_free", action="store_true")
     p.add_argument("--device_map", "--device", dest="device_map", default="0")
@@ -249,6 +257,25 @@ def eval_command(argv: list[str]) -> int:
     return 0
 
 
+def rotation_config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """upstream's CLI: --rotation_type (or --algorithm hadamard) turns rotation on; the other flags fill the
+    fields they name. quarot_hadamard is the inplace backend's preset (upstream's CLI passes the bare name, which
+    its RotationConfig then rejects)."""
+    names = [n.strip().lower() for n in (args.algorithm or "").split(",") if n.strip()]
+    if "quarot" in names:
+        return "quarot"
+    if not args.rotation_type and "hadamard" not in names:
+        return None
+    rtype = args.rotation_type or "hadamard"
+    cfg: dict[str, Any] = {"hadamard_type": "inplace_quarot_hadamard" if rtype == "quarot_hadamard" else rtype}
+    for key, value in (("backend", args.rotation_backend), ("block_size", args.rotation_block_size),
+                       ("fuse_online_to_weight", args.fuse_online_to_weight),
+                       ("allow_online_rotation", args.allow_online_rotation)):
+        if value is not None:
+            cfg[key] = value
+    return cfg
+
+
 def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if recipe is None and argv and argv[0] in ("list", "eval", "quantize", "help"):
@@ -291,6 +318,9 @@ def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
                 "enable_adam"):
         if getattr(args, key):
             extra[key] = True
+    rotation = rotation_config_from_args(args)
+    if rotation is not None:
+        extra["rotation_config"] = rotation
     try:
         compressor = AutoRound(
             model,

@@ -17,6 +17,7 @@ from fastround.layer_plan import LayerPlan, is_quantized, plan_layers, quantizes
 from fastround.mapped import PageReleaser, span
 from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model, split_fused_experts
 from fastround.quantized import ExportContext, QuantizedLayer
+from fastround.rotation import ROTATION_FORMATS, LinearRotation, RotationConfig, parse_rotation_config
 from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
 
 logger = logging.getLogger("fastround")
@@ -100,6 +101,7 @@ class Compressor:
         trust_remote_code: bool = True,
         format: str | None = None,
         threads: int | None = None,
+        rotation_config: Any = None,
         **unused: Any,
     ) -> None:
         if iters is None:
@@ -124,6 +126,19 @@ class Compressor:
             from fastround.tune_layers import require_tunable
 
             require_tunable(self.scheme, f"scheme {scheme!r}")
+        self.rotation = None  # fastround.rotation.LinearRotation of the per-linear transform backend
+        self.quarot = None  # fastround.quarot.QuaRotConfig (QuaRot's fixed rotations), applied in quantize()
+        self.quarot_plan = None
+        parsed_rotation = parse_rotation_config(rotation_config, str(self.scheme["data_type"]))
+        if isinstance(parsed_rotation, RotationConfig):
+            if self.signround is not None:
+                # the per-linear rotation is applied in the RTN block loop; the tuning loop does not rotate yet,
+                # and a checkpoint claiming a rotation its weights lack would load wrong
+                raise NotImplementedError("rotation_config with the per-linear transform backend is implemented for "
+                                          "RTN / OPT-RTN (iters=0) only; 'quarot' composes with SignRound")
+            self.rotation = LinearRotation(parsed_rotation, str(self.scheme["data_type"]))
+        elif parsed_rotation is not None:
+            self.quarot = parsed_rotation
         self.user_layer_config = dict(layer_config or {})
         self.dataset = dataset if dataset is not None else _DEFAULT_DATASET
         self.iters = iters
@@ -197,7 +212,18 @@ class Compressor:
         # Cast by the block loop, a block at a time (the same tensors in the same dtype as one model.to(dtype)).
         cast_to = dtype if next(model.parameters()).dtype != dtype else None
         split_fused_experts(model)  # expert views of the fused tensors: split before the cast or after, alike
+        if self.quarot is not None and self.quarot_plan is None:
+            from fastround.quarot import apply_quarot
+
+            # upstream's model-level pre-quantization stage: the whole model, in its loaded dtype, fp64 inside
+            self.quarot_plan = apply_quarot(model, self.quarot)
+            for name, tensor in self.quarot_plan.model_tensors().items():
+                if tensor.is_floating_point():
+                    model.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+                else:
+                    model.register_buffer(name, tensor)
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
+        self._check_rotation_format(fmt)
         self.plan = plan_layers(
             model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,
             quant_lm_head=self.quant_lm_head, to_quant_block_names=self.to_quant_block_names,
@@ -221,6 +247,17 @@ class Compressor:
             self._packer = None
         self.quantized = True
         return model, self.layer_config
+
+    def _check_rotation_format(self, fmt: str) -> None:
+        if (self.rotation is not None or self.quarot is not None) and fmt.split(":")[0] not in ROTATION_FORMATS:
+            raise ValueError(f"format {fmt!r} cannot carry rotation_config (a rotated checkpoint needs its online "
+                             f"activation rotation at load time); use one of {list(ROTATION_FORMATS)}")
+
+    def rotate_layer(self, name: str, module: torch.nn.Module) -> None:
+        """The transform backend's weight rotation and online hook for one layer, just before it is calibrated or
+        quantized and after the block was cast to the run's dtype (upstream rotates at the first weight qdq)."""
+        if self.rotation is not None and self.rotation.is_target(name, module, self.layer_config.get(name)):
+            self.rotation.rotate_module(name, module)
 
     def _immediate_packer(self) -> Any:
         """Upstream's immediate packing: with one packed format, each layer is packed as soon as it is quantized
@@ -247,7 +284,8 @@ class Compressor:
             "iters": self.iters, "nsamples": self.nsamples, "seqlen": self.seqlen, "batch_size": self.batch_size,
             "dataset": self.dataset if isinstance(self.dataset, str) else None, "amp": self.amp,
             "low_gpu_mem_usage": self.low_gpu_mem_usage, "disable_opt_rtn": self.disable_opt_rtn,
-            "zero_shot": not self.use_imatrix,
+            # upstream runs a rotation through its data-driven loop (a rotation config always asks for data)
+            "zero_shot": not self.use_imatrix and self.rotation is None,
             "enable_quanted_input": False,
         }
         if self.signround is not None:
@@ -257,7 +295,8 @@ class Compressor:
             model=self.model, tokenizer=self.tokenizer, layers=self.layers, layer_config=self.layer_config,
             scheme=self.scheme, block_names=self.plan.block_names, settings=settings, source_dir=self.source_dir,
             user_layer_config=self.user_layer_config, regex_config=self.plan.regex_config,
-            all_block_names=find_block_names(self.model, True),
+            all_block_names=find_block_names(self.model, True), rotation=self.rotation,
+            quarot=(self.quarot, self.quarot_plan) if self.quarot_plan is not None else None,
         )
 
     def save_quantized(
@@ -287,6 +326,7 @@ class Compressor:
         formats = export.parse_formats(format, self.scheme.get("bits"))
         for fmt in formats:
             export.check_format(fmt, self.scheme, self.scheme_name)
+            self._check_rotation_format(fmt)
         export.check_output_dir(output_dir, self.source_dir)
         self._immediate_format = formats[0] if len(formats) == 1 and inplace else None
         self.resume_dir = output_dir if self.signround is not None else None

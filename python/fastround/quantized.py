@@ -54,3 +54,8 @@ class ExportContext:
     regex_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     # every block group of the model, quantized or not (None: same as block_names); awq lists the others
     all_block_names: list[list[str]] | None = None
+    # the per-linear Hadamard rotation of the run (fastround.rotation.LinearRotation), None without one: the
+    # writers add its rotation_config and, for random_hadamard, each rotated layer's hadamard_matrix
+    rotation: Any = None
+    # QuaRot's (QuaRotConfig, QuaRotPlan) when the model was rotated: spinquant_config and per-layer buffers
+    quarot: Any = None

@@ -31,7 +31,12 @@ def quantization_config(ctx: ExportContext, fmt: ResolvedFormat) -> dict[str, An
     config.pop("regex_config", None)
     if extra:
         config["extra_config"] = extra
-    return filter_quantization_config(config)
+    config = filter_quantization_config(config)
+    if ctx.rotation is not None:
+        config["rotation_config"] = ctx.rotation.config.model_dump()  # upstream adds it after the filter
+    if ctx.quarot is not None:
+        config["spinquant_config"] = ctx.quarot[1].spinquant_config(ctx.quarot[0])
+    return config
 
 
 def export_dtype(config: dict[str, Any]) -> torch.dtype | None:

@@ -40,6 +40,8 @@ class LayerPacker:
         self.conv1d_ok = conv1d_ok
         self.format_name = format_name
         self.progress: tqdm | None = None
+        self.rotation = ctx.rotation
+        self.quarot = ctx.quarot
         if check:  # off while the flow packs layer by layer (immediate packing), before every layer exists
             check_layers(ctx)
 
@@ -94,7 +96,13 @@ class LayerPacker:
         unknown = set(tensors) - set(order)
         if unknown:
             raise RuntimeError(f"pack_codes returned unexpected tensors {sorted(unknown)} for row {row}")
-        return [(f"{layer.name}.{suffix}", tensors[suffix]) for suffix in order if suffix in tensors]
+        out = [(f"{layer.name}.{suffix}", tensors[suffix]) for suffix in order if suffix in tensors]
+        if self.quarot is not None:
+            out += [(f"{layer.name}.{k}", v) for k, v in self.quarot[1].layer_buffers(layer.name).items()]
+        matrix = self.rotation.export_buffer(layer.name) if self.rotation is not None else None
+        if matrix is not None:
+            out.append((f"{layer.name}.hadamard_matrix", matrix))  # [b, b] fp32: the load-time hook's M
+        return out
 
 
 def format_packer(ctx: ExportContext, fmt: ResolvedFormat, *, check: bool = True) -> LayerPacker:

@@ -1,0 +1,91 @@
+"""Full-dimension Hadamard transform speed: fastround's FWHT kernel (torch.ops.fastround.hadamard_transform) vs a
+dense matmul by the same normalised matrix and vs upstream auto-round 0.16.1's torch butterfly (matmul_hadU of the
+inplace backend, K from its safetensors library), on [rows, n] fp32 activations.
+
+Sizes: hidden 4096 / 5120 / 8192 and intermediate 12288 / 14336 (n = K·2^m uses the file's K: 5120 -> 160,
+12288 -> 192, 14336 -> 224), 2048 rows by default. Each measurement is the fastest of --repeat timed calls after one
+warm-up; the dense matmul's matrix is built once outside the timing (torch.mm, MKL, the same thread count).
+The kernel is checked against the dense product (max abs difference reported) before timing.
+
+    python3 benchmarks/hadamard.py --threads 16 --json benchmarks/results/hadamard-h200-cpu.json
+    python3 benchmarks/hadamard.py --threads 2 --rows 256 --sizes 4096,14336 --repeat 3     # 2-core dev machine
+
+Prints a markdown table and writes JSON (--json; paths under $OUT written as "$OUT/...").
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _common import machine, write_json
+
+
+def timed(fn, repeat: int) -> float:
+    """Fastest of `repeat` calls after one warm-up: on a shared machine the median mostly measures the neighbours."""
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="4096,5120,8192,12288,14336")
+    ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-upstream", action="store_true", help="skip auto-round's torch routine")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    from fastround import _C
+    from fastround import transform_ops as T
+
+    _C.set_num_threads(args.threads)
+    upstream = None
+    if not args.no_upstream:
+        try:
+            from auto_round.algorithms.transforms.hadamard.inplace.hooks import matmul_hadU as upstream
+        except ImportError:
+            upstream = None
+
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        k = 1 if T.is_pow2(n) else T.file_divisor(n)
+        hk = T.library_matrix(k) if k > 1 else None
+        x = torch.randn(args.rows, n, generator=torch.Generator().manual_seed(n))
+        dense = T.hadamard_transform(torch.eye(n), n, hk).T.contiguous()  # T [n, n]; out = x · T^T
+        dense_t = dense.T.contiguous()
+        got = T.hadamard_transform(x, n, hk)
+        err = (got.double() - x.double() @ dense_t.double()).abs().max().item()
+        t_fwht = timed(lambda: T.hadamard_transform(x, n, hk), args.repeat)
+        t_dense = timed(lambda: torch.mm(x, dense_t), args.repeat)
+        row = {"n": n, "k": k, "rows": args.rows, "fwht_s": t_fwht, "dense_matmul_s": t_dense,
+               "speedup_vs_dense": t_dense / t_fwht, "max_abs_err_vs_dense": err}
+        if upstream is not None:
+            t_up = timed(lambda: upstream(x), args.repeat)
+            row.update(upstream_s=t_up, speedup_vs_upstream=t_up / t_fwht)
+        rows.append(row)
+        print(f"n={n}: fwht {t_fwht*1e3:.2f} ms, dense {t_dense*1e3:.2f} ms, "
+              + (f"upstream {row['upstream_s']*1e3:.2f} ms" if upstream is not None else ""), flush=True)
+
+    print("\n| n | K | rows | FWHT ms | dense matmul ms | x dense | upstream ms | x upstream |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        up = f"{r['upstream_s']*1e3:.2f} | {r['speedup_vs_upstream']:.1f}" if "upstream_s" in r else "- | -"
+        print(f"| {r['n']} | {r['k']} | {r['rows']} | {r['fwht_s']*1e3:.2f} | {r['dense_matmul_s']*1e3:.2f} | "
+              f"{r['speedup_vs_dense']:.1f} | {up} |")
+    if args.json:
+        write_json(args.json, {"machine": machine(), "threads": args.threads, "dtype": "float32",
+                               "repeat": args.repeat, "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Hadamard rotation of the regular flow (transforms-and-formats.md §1.5): upstream's `rotation_config` argument,
+its resolution to a backend, and the per-linear "transform" backend for MXFP / NVFP schemes.
+
+Per-linear transform backend: every nn.Linear whose name does not contain "lm_head" and whose weight is quantized
+(bits < 16) gets, with b the block size (32 for mx_fp, 16 for nv_fp) and M the b x b block matrix,
+    W <- W · M^T  (each b-long chunk of every row)       weight, once, before its quantization, in fp32
+    x <- x · M^T  (each b-long chunk of the input)        a forward pre-hook (online activation rotation)
+so the layer computes the same function. M = Ĥ_b (Sylvester, symmetric) for `hadamard`; M = diag(d) · T_b^T for
+`random_hadamard`, T_b built on the K matrix of upstream's file and d drawn from a fresh torch.Generator() (the same
+for every layer, §1.4). Both maps are the one kernel call hadamard_transform(chunk, b, K, d, transpose=True): the row
+vector x · M^T is the column vector M·x = diag(d)·T^T·x.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("fastround")
+
+HADAMARD_TYPES = ("hadamard", "random_hadamard", "inplace_quarot_hadamard", "inplace_hadamard", "inplace_random")
+BACKENDS = ("auto", "inplace", "transform")
+TRANSFORM_TYPES = ("hadamard", "random_hadamard")
+# Formats whose writer carries rotation_config (and hadamard_matrix buffers): upstream's MX / NV QuantLinear export.
+ROTATION_FORMATS = ("auto_round",)
+
+
+@dataclass
+class RotationConfig:
+    """upstream's RotationConfig (hadamard/config.py), field for field and in its dump order."""
+
+    algorithm: str = "hadamard"
+    layerwise: bool = False
+    backend: str = "auto"
+    block_size: int | None = None
+    hadamard_type: str = "hadamard"
+    fuse_online_to_weight: bool | None = None
+    allow_online_rotation: bool = True
+    random_seed: bool = False  # excluded from the dump, unused (as upstream)
+
+    def __post_init__(self) -> None:
+        if self.algorithm != "hadamard":
+            raise ValueError(f"rotation_config: algorithm must be 'hadamard' here, got {self.algorithm!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"rotation_config: unsupported backend {self.backend!r}; expected one of {list(BACKENDS)}")
+        if self.hadamard_type not in HADAMARD_TYPES:
+            raise ValueError(f"rotation_config: unsupported hadamard_type {self.hadamard_type!r}; expected one of "
+                             f"{sorted(HADAMARD_TYPES)}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size <= 0):
+            raise ValueError(f"rotation_config: block_size must be a positive integer, got {self.block_size!r}")
+
+    def model_dump(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "random_seed"}
+
+
+def parse_rotation_config(value: Any, data_type: str = "mx_fp") -> Any:
+    """upstream's normalize_rotation_config for the Hadamard algorithm: None / "" -> None; "default" ->
+    hadamard_type "hadamard"; another string s -> hadamard_type s, block_size from the data type (fill_block_size);
+    a dict (algorithm "hadamard" or absent) and an upstream RotationConfig (anything with model_dump) as given.
+    "quarot" and a dict with algorithm "spinquant" give a fastround.quarot.QuaRotConfig (fixed rotations).
+    Upstream fills a string's block_size for mx_fp whatever the scheme (32, also for nv_fp); here the scheme's
+    data type decides (16 for nv_fp, docs/compatibility.md)."""
+    from fastround.quarot import QuaRotConfig
+
+    if value is None or isinstance(value, (RotationConfig, QuaRotConfig)):
+        return value
+    if isinstance(value, str):
+        key = value.strip()
+        if not key:
+            return None
+        if key.lower() in ("quarot", "spinquant"):
+            from fastround.quarot import parse_spinquant
+
+            return parse_spinquant(key)
+        cfg = RotationConfig(hadamard_type="hadamard" if key == "default" else key)
+        fill_block_size(cfg, data_type)
+        return cfg
+    if hasattr(value, "model_dump") and not isinstance(value, dict):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        if value.get("algorithm", "hadamard") == "spinquant":
+            from fastround.quarot import parse_spinquant
+
+            return parse_spinquant(value)
+        names = {f.name for f in fields(RotationConfig)}
+        unknown = set(value) - names
+        if unknown:
+            raise ValueError(f"rotation_config: unknown field(s) {sorted(unknown)}")
+        return RotationConfig(**value)
+    raise TypeError(f"rotation_config must be None, a string, a dict or a RotationConfig, got {type(value).__name__}")
+
+
+def is_mx_fp(data_type: str) -> bool:
+    return "mx_fp" in data_type
+
+
+def is_nv_fp(data_type: str) -> bool:
+    return "nv_fp" in data_type
+
+
+def resolve_backend(cfg: RotationConfig, data_type: str) -> str:
+    """upstream's resolve_hadamard_backend, without its QUIRK: only a literal "inplace_" prefix is stripped and
+    "inplace_random" means random_hadamard (upstream cuts 8 characters whatever they are: backend="inplace" with
+    "hadamard" became "" and "inplace_random" became "random", both invalid)."""
+    if cfg.backend == "inplace" or "inplace" in cfg.hadamard_type:
+        if cfg.hadamard_type.startswith("inplace_"):
+            cfg.hadamard_type = cfg.hadamard_type[len("inplace_"):]
+        if cfg.hadamard_type == "random":
+            cfg.hadamard_type = "random_hadamard"
+        return "inplace"
+    fp4 = is_mx_fp(data_type) or is_nv_fp(data_type)
+    if cfg.backend == "transform":
+        if cfg.fuse_online_to_weight:
+            raise ValueError("rotation_config: backend='transform' does not support fuse_online_to_weight=True; "
+                             "use backend='inplace' (or 'auto' with fuse_online_to_weight=True)")
+        if not fp4:
+            raise ValueError(f"rotation_config: backend='transform' only supports MXFP / NVFP schemes "
+                             f"(data_type={data_type!r}); use backend='inplace' or 'auto'")
+        if not cfg.allow_online_rotation:
+            raise ValueError("rotation_config: backend='transform' needs allow_online_rotation=True")
+        return "transform"
+    fuse = cfg.fuse_online_to_weight
+    if fuse is None and os.environ.get("AR_FUSE_ONLINE_ROTATION", "").lower() in ("1", "true", "yes", "on"):
+        fuse = True
+    if fuse:
+        return "inplace"
+    return "transform" if fp4 else "inplace"
+
+
+def fill_block_size(cfg: RotationConfig, data_type: str) -> None:
+    """upstream's normalize_rotation_config(data_type): block_size 32 for mx_fp and 16 for nv_fp when unset."""
+    if cfg.block_size is None:
+        if is_mx_fp(data_type):
+            cfg.block_size = 32
+        elif is_nv_fp(data_type):
+            cfg.block_size = 16
+            logger.warning("block_size is not set for data_type 'nv_fp'; defaulting to 16.")
+        else:
+            logger.warning("block_size is not set and cannot be inferred for data_type %r", data_type)
+    elif is_mx_fp(data_type) and cfg.block_size != 32:
+        logger.warning("data_type is 'mx_fp' but block_size=%d; recommended value is 32.", cfg.block_size)
+    elif is_nv_fp(data_type) and cfg.block_size != 16:
+        logger.warning("data_type is 'nv_fp' but block_size=%d; recommended value is 16.", cfg.block_size)
+
+
+class LinearRotation:
+    """The per-linear transform backend of one run: the block operator, the weight rotation and the hooks."""
+
+    def __init__(self, cfg: RotationConfig, data_type: str) -> None:
+        from fastround import transform_ops as T
+
+        backend = resolve_backend(cfg, data_type)
+        if backend != "transform":
+            raise NotImplementedError(
+                f"rotation_config resolves to the '{backend}' (QuaRot-style) backend for data_type={data_type!r}, "
+                "which fastround does not implement yet; use an MXFP/NVFP scheme (per-linear transform backend)")
+        if cfg.hadamard_type not in TRANSFORM_TYPES:
+            raise ValueError(f"rotation_config: the transform backend supports hadamard_type 'hadamard' or "
+                             f"'random_hadamard', got {cfg.hadamard_type!r}")
+        if cfg.block_size is None and is_nv_fp(data_type):
+            # upstream leaves a dict's unset block_size None and its transform then uses 32, for NVFP too; the
+            # intended NVFP block is 16, and it is written so that a loader reads the size used
+            fill_block_size(cfg, data_type)
+        self.config = cfg
+        self.block_size = int(cfg.block_size or 32)  # None: upstream's HadamardTransform default, 32
+        self.random = cfg.hadamard_type == "random_hadamard"
+        b = self.block_size
+        if self.random:
+            self.signs = T.random_signs(b).to(torch.int8)  # [b] ±1
+            k = T.file_divisor(b)
+            self.hadamard_k = T.library_matrix(k) if k > 1 else None  # [k, k] ±1
+            self.matrix = T.random_hadamard_matrix(b, self.signs.to(torch.int64))  # M [b, b] fp32
+        else:
+            if not T.is_pow2(b):
+                raise ValueError(f"rotation_config: block_size {b} must be a power of two for hadamard_type "
+                                 "'hadamard' (Sylvester); random_hadamard accepts K * 2^m sizes")
+            self.signs = None
+            self.hadamard_k = None
+            self.matrix = T.deterministic_hadamard_matrix(b)
+        self.rotated: set[str] = set()
+        self._device_matrices: dict[torch.device, torch.Tensor] = {}
+
+    # -- the map x -> x · M^T on every b-long chunk of the last dimension -----------------------------------------
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        from fastround import transform_ops as T
+
+        if x.shape[-1] % self.block_size:
+            raise ValueError(f"[fastround.rotation] last dimension {x.shape[-1]} is not a multiple of block_size "
+                             f"{self.block_size}")
+        if x.device.type == "cpu":
+            return T.hadamard_transform(x, self.block_size, self.hadamard_k, self.signs, transpose=self.random)
+        # Other devices: the same block product as a dense matmul in fp32 (the kernel is CPU-only for now).
+        shape = x.shape
+        xb = x.reshape(-1, shape[-1] // self.block_size, self.block_size).float()
+        return (xb @ self._matrix_t_on(x.device)).reshape(shape).to(x.dtype)
+
+    def _matrix_t_on(self, device: torch.device) -> torch.Tensor:
+        cached = self._device_matrices.get(device)
+        if cached is None:
+            cached = self._device_matrices[device] = self.matrix.T.contiguous().to(device)
+        return cached
+
+    def is_target(self, name: str, module: torch.nn.Module, cfg: dict[str, Any] | None) -> bool:
+        """nn.Linear, not lm_head (by name, as upstream), weight quantized below 16 bits."""
+        return (isinstance(module, torch.nn.Linear) and "lm_head" not in name and cfg is not None
+                and int(cfg.get("bits", 16)) < 16)
+
+    def rotate_module(self, name: str, module: torch.nn.Module) -> None:
+        """Rotate the weight (fp32, cast back to its dtype; a new tensor, so a memory-mapped source is never
+        written) and register the online pre-hook. Idempotent."""
+        if name in self.rotated:
+            return
+        w = module.weight.data
+        if w.shape[-1] % self.block_size:
+            raise ValueError(f"[fastround.rotation] {name}: in_features {w.shape[-1]} is not a multiple of the "
+                             f"rotation block_size {self.block_size}")
+        rotated = self.apply(w.to(torch.float32)).to(w.dtype)
+        module.weight.data = rotated
+        module.register_forward_pre_hook(self._hook, prepend=True)
+        self.rotated.add(name)
+
+    def _hook(self, module: torch.nn.Module, args: tuple) -> tuple:
+        return (self.apply(args[0]),) + tuple(args[1:])
+
+    def export_buffer(self, name: str) -> torch.Tensor | None:
+        """`hadamard_matrix` [b, b] fp32 (= M) for a rotated layer of a random rotation, else None."""
+        return self.matrix.clone() if self.random and name in self.rotated else None
+
+
+def register_online_hooks(model: torch.nn.Module, config: dict[str, Any], data_type: str = "mx_fp",
+                          buffers: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Load side (upstream's apply_rotation_hooks_from_config, input mode): a pre-hook x <- x · M^T on every
+    nn.Linear not named lm_head. `config` is quantization_config.rotation_config (block_size and hadamard_type are
+    read); for random_hadamard, M is each layer's `hadamard_matrix` (from `buffers` by layer name, or the
+    module's own buffer). Returns the hooked layer names."""
+    cfg = RotationConfig(block_size=config.get("block_size"), hadamard_type=config.get("hadamard_type", "hadamard"))
+    rot = LinearRotation(cfg, data_type)
+    hooked = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or "lm_head" in name:
+            continue
+        if rot.random:
+            m = (buffers or {}).get(name, getattr(module, "hadamard_matrix", None))
+            if m is None:
+                raise ValueError(f"[fastround.rotation] {name}: random_hadamard needs its hadamard_matrix buffer")
+            mt = m.to(torch.float32).T.contiguous()
+
+            def hook(mod, args, mt=mt):
+                x = args[0]
+                shape = x.shape
+                xb = x.reshape(-1, shape[-1] // mt.shape[0], mt.shape[0]).float()
+                return ((xb @ mt.to(x.device)).reshape(shape).to(x.dtype),) + tuple(args[1:])
+
+            module.register_forward_pre_hook(hook, prepend=True)
+        else:
+            module.register_forward_pre_hook(rot._hook, prepend=True)
+        hooked.append(name)
+    return hooked

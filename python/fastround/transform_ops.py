@@ -1,0 +1,172 @@
+"""Hadamard transforms (transforms-and-formats.md §1): the C++ fast Walsh-Hadamard kernel registered by
+fastround._torch as torch.ops.fastround.hadamard_transform, its fake kernel, the K matrices and their selection
+rules, upstream's random sign vector, and the dense matrices an export stores.
+
+Operator conventions, for a block v of n = K·2^m elements of the last dimension (a row vector x: the op returns the
+row vector of the product below):
+    T_n = (H_K ⊗ H_{2^m}) / sqrt(n)            transpose=True gives T_n^T
+    hadamard_transform(x, n)                 -> T_n · v      (upstream's matmul_hadU applied to x: x · T_n^T)
+    signs d, signs_first=False               -> diag(d) · T_n · v
+Sylvester H_{2^m} is symmetric, so only a non-Sylvester H_K makes transpose matter."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastround import _torch  # noqa: F401  (registers the op)
+
+_ops = torch.ops.fastround
+
+# Sloane's library as upstream ships it (auto_round/algorithms/transforms/hadamard/utils/hadamards.safetensors,
+# Apache-2.0; the same data compressed-tensors ships), byte for byte: int8 ±1 [k, k] for k in {1, 2, 4, 8} and every
+# multiple of 4 from 12 to 256. The Paley, Williamson, ... matrices in it cannot be regenerated bit-exactly.
+HADAMARDS_FILE = Path(__file__).parent / "data" / "hadamards.safetensors"
+
+# SpinQuant's known_hadamard sizes, in the order its get_hadamard_K searches them (first match wins, §1.3 b).
+SPINQUANT_K_ORDER = (172, 156, 140, 108, 60, 52, 40, 36, 28, 20, 12)
+
+# Seed of a fresh, unseeded torch.Generator(): the per-linear transform backend draws its random signs from one
+# (§1.4), so "random" Hadamard is the same matrix for every layer and every run.
+TORCH_DEFAULT_GENERATOR_SEED = 67280421310721
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@lru_cache(maxsize=1)
+def _library() -> dict[int, np.ndarray]:
+    """{k: int8 [k, k]} read straight from the safetensors layout (8-byte header length, JSON header, data)."""
+    raw = HADAMARDS_FILE.read_bytes()
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + hlen])
+    data = memoryview(raw)[8 + hlen:]
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] != "I8":
+            raise ValueError(f"{HADAMARDS_FILE}: {key} is {info['dtype']}, expected I8")
+        begin, end = info["data_offsets"]
+        out[int(key)] = np.frombuffer(data[begin:end], dtype=np.int8).reshape(info["shape"]).copy()
+    return out
+
+
+def library_sizes() -> tuple[int, ...]:
+    return tuple(sorted(_library()))
+
+
+def library_matrix(k: int) -> torch.Tensor:
+    """The file's int8 ±1 matrix of order k."""
+    lib = _library()
+    if k not in lib:
+        raise ValueError(f"[fastround.hadamard] no Hadamard matrix of order {k} in {HADAMARDS_FILE.name}")
+    return torch.from_numpy(lib[k].copy())
+
+
+def file_divisor(n: int) -> int:
+    """Upstream's _fetch_hadamard_divisor: the largest file order k with n % k == 0 and n / k a power of two."""
+    for k in sorted(_library(), reverse=True):
+        if n % k == 0 and is_pow2(n // k):
+            return k
+    raise ValueError(f"[fastround.hadamard] block_size: no Hadamard decomposition of {n} as K * 2^m with a known K")
+
+
+def sylvester(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Unnormalised Sylvester H_n, H[i][j] = (-1)^popcount(i & j); n a power of two."""
+    if not is_pow2(n):
+        raise ValueError(f"[fastround.hadamard] block_size: the Sylvester construction needs a power of two, got {n}")
+    idx = torch.arange(n)
+    bits = torch.bitwise_and(idx[:, None], idx[None, :])
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    return (1 - 2 * parity).to(dtype)
+
+
+def hadamard_transform(
+    x: torch.Tensor,
+    block_size: int,
+    hadamard_k: torch.Tensor | None = None,
+    signs: torch.Tensor | None = None,
+    transpose: bool = False,
+    signs_first: bool = False,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """x [..., cols] (fp32/fp64/fp16/bf16, CPU) -> a new tensor with each block_size-long block of the last
+    dimension (-1: the whole of it) replaced by diag(d)·T·v (module docstring); hadamard_k: ±1 [K, K] with
+    block_size = K·2^m; signs: ±1 [block_size]. Half types compute in fp32 and round once (RNE)."""
+    return _ops.hadamard_transform(x, block_size, hadamard_k, signs, transpose, signs_first, normalize)
+
+
+def hadamard_any_device(x: torch.Tensor, block_size: int, hadamard_k: torch.Tensor | None = None,
+                        signs: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
+    """hadamard_transform on a CPU tensor; elsewhere (the kernel is CPU-only for now) the same block map as a
+    dense fp32 matmul on x's device, rounded once to x's dtype."""
+    if x.device.type == "cpu":
+        return hadamard_transform(x, block_size, hadamard_k, signs, transpose)
+    n = x.shape[-1] if block_size == -1 else block_size
+    rows_of_t = hadamard_transform(torch.eye(n, dtype=torch.float64), n, hadamard_k, signs, transpose)  # [n, n]
+    shape = x.shape
+    xb = x.reshape(-1, shape[-1] // n, n).float()
+    return (xb @ rows_of_t.to(torch.float32).to(x.device)).reshape(shape).to(x.dtype)
+
+
+@torch.library.register_fake("fastround::hadamard_transform")
+def _hadamard_transform_fake(x, block_size, hadamard_k=None, signs=None, transpose=False, signs_first=False,
+                             normalize=True):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def random_signs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Upstream's sign vector d (int64 ±1 [n]): randint(0, 2) * 2 - 1 from `generator`, a fresh unseeded
+    torch.Generator() when None, as the per-linear transform backend builds it."""
+    gen = generator if generator is not None else torch.Generator()
+    return torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+
+
+def random_hadamard_matrix(n: int, signs: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """M = diag(d) · T_n^T (normalised) with K from the file even for powers of two (§1.4): what upstream's
+    random_hadamard_matrix(n) * 1/sqrt(n) builds and the per-linear export stores as `hadamard_matrix`."""
+    d = random_signs(n) if signs is None else signs
+    k = file_divisor(n)
+    hk = library_matrix(k) if k > 1 else None
+    eye = torch.eye(n, dtype=torch.float64)
+    # Row i of the identity through T gives T e_i, the i-th column of T: the rows of T^T. Entries are ±1/sqrt(n)
+    # exactly once rounded, as upstream's int64 matrix times the float scale.
+    t_t = hadamard_transform(eye, n, hk, normalize=False)
+    m = (t_t * d.to(torch.float64)[:, None]) * (1.0 / math.sqrt(n))
+    return m.to(dtype)
+
+
+def deterministic_hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Ĥ_n = H_n / sqrt(n) (Sylvester, symmetric, its own inverse): the per-linear `hadamard` block matrix."""
+    return (sylvester(n, torch.float64) * (1.0 / math.sqrt(n))).to(dtype)
+
+
+def spinquant_divisor(n: int) -> int:
+    """SpinQuant's get_hadamard_K rule (§1.3 b): 1 for a power of two, else the first K of SPINQUANT_K_ORDER with
+    n % K == 0 and n / K a power of two, 0 if none."""
+    if is_pow2(n):
+        return 1
+    for k in SPINQUANT_K_ORDER:
+        if n % k == 0 and is_pow2(n // k):
+            return k
+    return 0
+
+
+def spinquant_matrix(k: int) -> torch.Tensor:
+    """SpinQuant's known K matrix (int8 ±1): the file's matrix of that order, which SpinQuant's table equals for
+    every K it lists except 20. Its 20 differs, and this returns the file's: the two choices give different (both
+    orthonormal) rotations only for n = 20 itself, since any larger 20·2^m matches 40 first."""
+    if k not in SPINQUANT_K_ORDER:
+        raise ValueError(f"[fastround.hadamard] {k} is not one of SpinQuant's K sizes {SPINQUANT_K_ORDER}")
+    return library_matrix(k)
