@@ -22,6 +22,8 @@ def test_notebook_executes(tmp_path: Path) -> None:
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
     outputs = ["".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("name") == "stdout")
                for cell in nb.cells if cell.cell_type == "code"]
+    served = next(o for o in outputs if "served by" in o)
+    assert served.count("served by QuantLinear") == 3, served  # fastround's layer, not upstream's or a dense one
     table = next(o for o in outputs if "perplexity" in o and "vs bf16" in o)
     for method in ("bf16", "model-free RTN", "RTN", "SignRound light"):
         assert method in table, table
