@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on the GPU host (the `device` machine, released after seconds of idleness, so every call starts cold):
+# build with CUDA, run the GPU checks, then the GPU and 16-core figures of the inference and rotation issues, each
+# step under its own time limit so one slow step cannot eat the rest. Logs and JSON go to $OUT.
+#   bash benchmarks/device_round.sh [steps...]   (default: checks woq_cuda inference_cuda woq_cpu inference_cpu hadamard)
+# Needs .whl/ and .deps/ carried (see device_setup.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device-out}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=9.0 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(checks woq_cuda inference_cuda woq_cpu inference_cpu hadamard)
+
+defines=(-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90
+         -Ccmake.define.nlohmann_json_DIR="$PWD/.deps/nlohmann-json/usr/share/cmake/nlohmann_json")
+t0=$(date +%s)
+python3 -m pip install -q --no-build-isolation --no-deps --no-index --no-compile --target /tmp/fastround-cuda \
+  -Cbuild-dir=/tmp/fastround-cuda-build "${defines[@]}" . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+export PYTHONPATH=/tmp/fastround-cuda:/tmp/site
+echo "build $(( $(date +%s) - t0 )) s"
+python3 -c "import torch; from fastround import _torch; print('cuda kernels:', _torch.with_cuda(), torch.cuda.get_device_name())"
+
+run() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  local s=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: rc=$? $(( $(date +%s) - s )) s"; tail -4 "$OUT/$name.log"
+}
+for step in "${steps[@]}"; do
+  case $step in
+    checks) run gpu_checks 200 python3 -m pytest -q -p no:cacheprovider benchmarks/gpu_checks ;;
+    woq_cuda) run woq_cuda_bench 90 sh -c "python3 benchmarks/woq_cuda_bench.py > $OUT/woq_cuda_bench.json" ;;
+    inference_cuda) run inference_cuda 120 python3 benchmarks/inference.py --device cuda:0 --layers 32 \
+      --json "$OUT/inference-h200.json" ;;
+    woq_cpu) run woq_linear_cpu16 120 python3 benchmarks/woq_linear.py --threads 16 --iters 5 --min_seconds 0.2 \
+      --json "$OUT/woq_linear-h200host-16t.json" ;;
+    inference_cpu) run inference_cpu16 150 python3 benchmarks/inference.py --device cpu --threads 16 --layers 8 \
+      --new_tokens 16 --repeat 2 --json "$OUT/inference-cpu16.json" ;;
+    hadamard) run hadamard_cpu16 90 python3 benchmarks/hadamard.py --threads 16 --json "$OUT/hadamard-cpu16.json" ;;
+    hadamard_cuda) run hadamard_cuda 90 python3 benchmarks/hadamard.py --device cuda --json "$OUT/hadamard-h200.json" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
