@@ -27,15 +27,34 @@ def cuda() -> torch.device:
 
 
 def _same(cpu: torch.Tensor | None, dev: torch.Tensor | None) -> bool:
-    """Bit-for-bit equality of a CPU result and a device result (NaN and signed zeros included)."""
+    """Bit-for-bit equality of a CPU result and a device result, signed zeros included. NaNs must sit at the same
+    places but their bits may differ: x86 makes 0/0 the negative quiet NaN, CUDA the canonical positive one, and
+    no consumer reads a NaN's payload (sign-SGD skips NaN gradients)."""
     if cpu is None or dev is None:
         return cpu is None and dev is None
     dev = dev.cpu()
     if cpu.dtype != dev.dtype or cpu.shape != dev.shape:
         return False
     if cpu.dtype in _INT_VIEW:
-        return torch.equal(cpu.view(_INT_VIEW[cpu.dtype]), dev.view(_INT_VIEW[dev.dtype]))
+        nan = torch.isnan(cpu)
+        if not torch.equal(nan, torch.isnan(dev)):
+            return False
+        return torch.equal(cpu[~nan].view(_INT_VIEW[cpu.dtype]), dev[~nan].view(_INT_VIEW[dev.dtype]))
     return torch.equal(cpu, dev)
+
+
+def _describe(cpu: torch.Tensor | None, dev: torch.Tensor | None) -> str:
+    """Where two results differ, for the assertion message: count, first index, values, max |difference|."""
+    if cpu is None or dev is None:
+        return f"cpu {'None' if cpu is None else 'tensor'}, device {'None' if dev is None else 'tensor'}"
+    dev = dev.cpu()
+    a, b = cpu.double(), dev.double()
+    diff = ~((a == b) | (torch.isnan(a) & torch.isnan(b)))
+    if not diff.any():
+        return "equal values, different bits (signed zero)"
+    idx = diff.nonzero()[0].tolist()
+    return (f"{int(diff.sum())} of {diff.numel()} differ; first {idx}: cpu {a[tuple(idx)].item()!r} device "
+            f"{b[tuple(idx)].item()!r}; max |diff| {float((a - b)[diff].abs().nan_to_num(float('inf')).max())}")
 
 
 KINDS = [(4, "mx_fp"), (8, "mx_fp"), (4, "nvfp4_v2")]  # MXFP4, MXFP8, NVFP4_E5M3
@@ -75,7 +94,7 @@ def test_cuda_equals_cpu(cuda, dtype, bits, kind, with_v, with_factor):
     cpu_grads = _ops.fp_qdq_backward(grad, x, v, mx, bits, v is not None, mx is not None, True, kind)
     dev_grads = _ops.fp_qdq_backward(d[3], d[0], d[1], d[2], bits, v is not None, mx is not None, True, kind)
     for name, a, b in zip(("grad_v", "grad_max", "grad_x"), cpu_grads, dev_grads):
-        assert _same(a, b), name
+        assert _same(a, b), f"{name}: {_describe(a, b)}"
 
 
 @pytest.mark.parametrize("bits,kind", KINDS)
@@ -84,11 +103,13 @@ def test_cuda_autograd_equals_cpu(cuda, bits, kind):
     x, v, mx, grad = _case(torch.bfloat16, bits, seed=11, group=tune_fp_ops.GROUP[kind])
     results = []
     for dev in (torch.device("cpu"), cuda):
-        xs = x.reshape(4, 24, -1).to(dev).requires_grad_()
-        vs, ms = v.to(dev).requires_grad_(), mx.to(dev).requires_grad_()
+        # Fresh leaves per device: requires_grad_() on the CPU tensors themselves would make the CUDA copies
+        # non-leaf results of .to(), whose .grad stays None.
+        xs = x.reshape(4, 24, -1).detach().clone().to(dev).requires_grad_()
+        vs, ms = v.detach().clone().to(dev).requires_grad_(), mx.detach().clone().to(dev).requires_grad_()
         w = tune_fp_ops.mx_qdq(x.to(dev), vs, ms, bits, kind)
         a = tune_fp_ops.mx_qdq(xs, None, None, bits, kind)
         ((w.float() * grad.to(dev).float()).sum() + (a.float() ** 2).sum()).backward()
         results.append((w, a, vs.grad, ms.grad, xs.grad))
     for name, c, g in zip(("w", "act", "grad_v", "grad_max", "grad_x"), *results):
-        assert _same(c, g), name
+        assert _same(c, g), f"{name}: {_describe(c, g)}"
