@@ -20,10 +20,12 @@ _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float
 
 
 def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Bit equality (the sign of zeros and NaN payloads included), with the first differing value on failure."""
+    """Bit equality (the sign of zeros included), with the first differing value on failure. NaNs need only sit at
+    the same places: the GPU's arithmetic returns the canonical NaN where x86 propagates an operand's payload."""
     assert got.dtype == want.dtype and got.shape == want.shape
     g, w = got.cpu().contiguous(), want.contiguous()
-    diff = (g.view(_INT_VIEW[g.dtype]) != w.view(_INT_VIEW[w.dtype])).reshape(-1)
+    both_nan = g.isnan() & w.isnan()
+    diff = ((g.view(_INT_VIEW[g.dtype]) != w.view(_INT_VIEW[w.dtype])) & ~both_nan).reshape(-1)
     if bool(diff.any()):
         i = int(diff.nonzero()[0])
         raise AssertionError(f"{int(diff.sum())} of {diff.numel()} values differ; first at flat {i}: "

@@ -200,8 +200,52 @@ __device__ __forceinline__ void smem_pass(C* s, int valid, int h, int log_h) {
   }
 }
 
+// The K stage for len % 8 == 0, blocked in registers: one work item is KB consecutive outputs k0 .. k0+KB-1 times 8
+// consecutive r of one n-block, so each y[k'][r..r+8) read from shared memory feeds KB accumulators (the stage
+// is bound by those reads otherwise: K = 224 is 224 reads per output). Each accumulator still adds k' = 0, 1, ...
+// in order from 0; a - b is spelled a + (-b), the same IEEE operation, so lanes with different signs don't diverge.
+template <int KB, typename IO>
+__device__ __forceinline__ void kstage_blocked(const Params<typename IO::C>& p, const typename IO::C* s,
+                                               typename IO::T* y, int tile_blocks) {
+  using C = typename IO::C;
+  const int rgroups = p.len / 8, kchunks = p.k / KB;
+  const int items = tile_blocks * kchunks * rgroups;
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int rg = it % rgroups, rest = it / rgroups, kc = rest % kchunks, b = rest / kchunks;
+    const int r0 = rg * 8, k0 = kc * KB;
+    const C* src = s + b * p.n + r0;
+    C acc[KB][8];
+#pragma unroll
+    for (int q = 0; q < KB; ++q)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[q][j] = C(0);
+    // Entry (k0 + q, kp) of the applied matrix sits at row_base[q] + kp * col_step.
+    const int col_step = p.transpose ? p.k : 1;
+    const int row_step = p.transpose ? 1 : p.k;
+    const int8_t* hrow = p.hadk + k0 * row_step;
+    for (int kp = 0; kp < p.k; ++kp) {
+      C in[8];
+      sload8(src + kp * p.len, in);
+#pragma unroll
+      for (int q = 0; q < KB; ++q) {
+        const bool plus = __ldg(hrow + q * row_step + kp * col_step) > 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[q][j] = radd(acc[q][j], plus ? in[j] : -in[j]);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < KB; ++q) finish8<IO>(p, y, b * p.n + (k0 + q) * p.len + r0, 8, acc[q]);
+  }
+}
+
 // One tile (bpt consecutive n-blocks) per thread block.
 template <typename IO>
+__device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, const typename IO::C* s,
+                                             typename IO::T* y, int valid, int groups);
+
+// KB > 0: the K stage register-blocked by KB (kstage_blocked; K % KB == 0, len % 8 == 0), a separate instantiation so
+// the accumulators' registers don't lower the occupancy of the other shapes; KB = 0: K = 1 or len < 8.
+template <typename IO, int KB>
 __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename IO::C> p) {
   using C = typename IO::C;
   using T = typename IO::T;
@@ -269,6 +313,18 @@ __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename
   }
 
   // Phase 3: the K stage (out[k][r] = sum over k' ascending, from 0, of ±y[k'][r]), scale, trailing signs, store.
+  if constexpr (KB > 0) {
+    kstage_blocked<KB, IO>(p, s, y, tile_blocks);
+  } else {
+    phase3_plain<IO>(p, s, y, valid, groups);
+  }
+}
+
+// Phase 3 without register blocking: K = 1 (smem -> scale, signs, store) or len < 8 (each output's K sum alone).
+template <typename IO>
+__device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, const typename IO::C* s,
+                                             typename IO::T* y, int valid, int groups) {
+  using C = typename IO::C;
   for (int g = threadIdx.x; g < groups; g += blockDim.x) {
     const int e0 = g * 8;
     const int count = min(8, valid - e0);
@@ -278,23 +334,6 @@ __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename
         sload8(s + e0, v);
       } else {
         for (int j = 0; j < 8; ++j) v[j] = j < count ? s[e0 + j] : C(0);
-      }
-    } else if (p.len % 8 == 0) {
-      // The 8 outputs share their n-block and k, their r are consecutive.
-      const int blk = e0 / p.n * p.n, i0 = e0 - blk, kk = i0 / p.len, r0 = i0 - kk * p.len;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = C(0);
-      for (int kp = 0; kp < p.k; ++kp) {
-        const int8_t hv = __ldg(p.hadk + (p.transpose ? kp * p.k + kk : kk * p.k + kp));
-        C in[8];
-        sload8(s + blk + kp * p.len + r0, in);
-        if (hv > 0) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) v[j] = radd(v[j], in[j]);
-        } else {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) v[j] = rsub(v[j], in[j]);
-        }
       }
     } else {
       for (int j = 0; j < 8; ++j) {
@@ -380,15 +419,25 @@ void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& 
       throw OptionError(std::string("[") + site + "] block_size: " + std::to_string(spec.n) +
                         " is too large for the CUDA kernel (its tile needs " + std::to_string(smem) +
                         " bytes of shared memory, the device gives " + std::to_string(optin) + ")");
-    raise_smem_limit(fwht_kernel<IO>, site);
   }
   const int64_t grid = (p.blocks + bpt - 1) / bpt;
   if (grid > 0x7FFFFFFF) throw OptionError(std::string("[") + site + "] x: too many blocks for one launch");
   const int64_t groups = (tile + 7) / 8;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (groups + 31) / 32 * 32));
-  fwht_kernel<IO><<<static_cast<unsigned>(grid), threads, static_cast<size_t>(smem),
-                    static_cast<cudaStream_t>(stream)>>>(p);
-  check_launch(site, cudaGetLastError());
+  const bool blocked = spec.k > 1 && p.len % 8 == 0;
+  const int kb = !blocked ? 0 : spec.k % 8 == 0 ? 8 : spec.k % 4 == 0 ? 4 : spec.k % 2 == 0 ? 2 : 1;
+  auto run = [&](auto kernel) {
+    if (smem > 48 * 1024) raise_smem_limit(kernel, site);
+    kernel<<<static_cast<unsigned>(grid), threads, static_cast<size_t>(smem), static_cast<cudaStream_t>(stream)>>>(p);
+    check_launch(site, cudaGetLastError());
+  };
+  switch (kb) {
+    case 8: return run(fwht_kernel<IO, 8>);
+    case 4: return run(fwht_kernel<IO, 4>);
+    case 2: return run(fwht_kernel<IO, 2>);
+    case 1: return run(fwht_kernel<IO, 1>);
+    default: return run(fwht_kernel<IO, 0>);
+  }
 }
 
 }  // namespace
