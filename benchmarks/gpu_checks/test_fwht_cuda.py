@@ -188,3 +188,17 @@ def test_quarot_r4_hook_cuda_equals_cpu():
     (got,) = hook(None, (x.cuda(),))
     (want,) = hook(None, (x,))
     assert_same_bits(got, want)
+
+
+def test_gradient_on_cuda_equals_cpu():
+    n, k = 96, 12
+    hk, sg = T.library_matrix(k), T.random_signs(n, torch.Generator().manual_seed(2)).to(torch.int8)
+    x = rand(4, 2 * n, torch.float32, 11)
+    g = rand(4, 2 * n, torch.float32, 12)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        xd = x.to(dev).requires_grad_(True)
+        y = T.hadamard_transform(xd, n, hk.to(dev), sg.to(dev), transpose=True)
+        y.backward(g.to(dev))
+        grads.append(xd.grad)
+    assert_same_bits(grads[1], grads[0])

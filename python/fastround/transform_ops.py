@@ -107,8 +107,9 @@ def hadamard_transform(
     return _ops.hadamard_transform(x, block_size, hadamard_k, signs, transpose, signs_first, normalize)
 
 
+@lru_cache(maxsize=1)
 def has_cuda_kernel() -> bool:
-    """Whether this build registered the CUDA hadamard_transform (FASTROUND_WITH_CUDA)."""
+    """Whether this build registered the CUDA hadamard_transform (FASTROUND_WITH_CUDA); fixed once _torch loaded."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastround::hadamard_transform", "CUDA")
 
 
@@ -132,6 +133,24 @@ def hadamard_any_device(x: torch.Tensor, block_size: int, hadamard_k: torch.Tens
 def _hadamard_transform_fake(x, block_size, hadamard_k=None, signs=None, transpose=False, signs_first=False,
                              normalize=True):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_hadamard_transform(ctx, inputs, output):
+    _, block_size, hadamard_k, signs, transpose, signs_first, normalize = inputs
+    ctx.args = (block_size, hadamard_k, signs, transpose, signs_first, normalize)
+
+
+def _hadamard_transform_backward(ctx, grad):
+    """The map is linear, v -> S_a·T·S_b·v per block, so the input gradient is its adjoint S_b·T^T·S_a·g: the same
+    op with transpose and the sign side flipped (a hook on an activation that SignRound differentiates through)."""
+    block_size, hadamard_k, signs, transpose, signs_first, normalize = ctx.args
+    gx = _ops.hadamard_transform(grad.contiguous(), block_size, hadamard_k, signs, not transpose, not signs_first,
+                                 normalize)
+    return gx, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastround::hadamard_transform", _hadamard_transform_backward,
+                                setup_context=_setup_hadamard_transform)
 
 
 def random_signs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
