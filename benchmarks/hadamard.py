@@ -109,7 +109,7 @@ def main() -> None:
                                                                   else torch.int32)))
         else:
             got = want
-        err = (got.double().cpu() - x.double().cpu() @ dense_t.double().cpu()).abs().max().item()
+        err = (got.double() - x.double() @ dense_t.double()).abs().max().item()  # fp64 on x's device
         t_fwht = measure(lambda: T.hadamard_transform(x, n, hk))
         t_dense = measure(lambda: torch.mm(x, dense_t))
         row.update(fwht_s=t_fwht, dense_matmul_s=t_dense, speedup_vs_dense=t_dense / t_fwht,
