@@ -238,12 +238,11 @@ __device__ __forceinline__ void kstage_blocked(const Params<typename IO::C>& p, 
   }
 }
 
-// One tile (bpt consecutive n-blocks) per thread block.
 template <typename IO>
 __device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, const typename IO::C* s,
                                              typename IO::T* y, int valid, int groups);
 
-// KB > 0: the K stage register-blocked by KB (kstage_blocked; K % KB == 0, len % 8 == 0), a separate instantiation so
+// One tile (bpt consecutive n-blocks) per thread block. KB > 0: the K stage register-blocked by KB (kstage_blocked; K % KB == 0, len % 8 == 0), a separate instantiation so
 // the accumulators' registers don't lower the occupancy of the other shapes; KB = 0: K = 1 or len < 8.
 template <typename IO, int KB>
 __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename IO::C> p) {
