@@ -43,6 +43,10 @@ for step in "${steps[@]}"; do
       --new_tokens 16 --repeat 2 --json "$OUT/inference-cpu16.json" ;;
     hadamard) run hadamard_cpu16 90 python3 benchmarks/hadamard.py --threads 16 --json "$OUT/hadamard-cpu16.json" ;;
     hadamard_cuda) run hadamard_cuda 90 python3 benchmarks/hadamard.py --device cuda --json "$OUT/hadamard-h200.json" ;;
+    hadamard_cuda_bf16) run hadamard_cuda_bf16 90 python3 benchmarks/hadamard.py --device cuda --dtype bfloat16 \
+      --json "$OUT/hadamard-h200-bf16.json" ;;
+    fwht_checks) run fwht_checks 150 python3 -m pytest -q -p no:cacheprovider benchmarks/gpu_checks/test_fwht_cuda.py \
+      benchmarks/gpu_checks/test_rotation_cuda.py ;;
     tune_mx) run tune_mxfp4 240 python3 benchmarks/tune.py --device cuda:0 --layers 2 --schemes MXFP4 \
       --tools fastround,upstream --iters 50 --timeout 220 --json "$OUT/tune-mxfp4-h200.json" ;;
     *) echo "unknown step $step" ;;

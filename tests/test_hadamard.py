@@ -184,3 +184,20 @@ def test_any_device_path_equals_the_kernel_via_meta_free_dense_product():
     rows_of_t = T.hadamard_transform(torch.eye(48, dtype=torch.float64), 48, hk, transpose=True)
     dense = (x.reshape(5, 2, 48).double() @ rows_of_t).reshape(5, 96)
     torch.testing.assert_close(T.hadamard_any_device(x, 48, hk, transpose=True).double(), dense, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,transpose,signs_first", [(1, False, False), (12, True, False), (12, False, True)])
+def test_gradient_is_the_adjoint(k, transpose, signs_first):
+    # The op's autograd (the same op, transposed, signs on the other side) against torch's own gradient of the
+    # dense map x -> x · M^T, M the op applied to the identity.
+    n = 12 * 8 if k > 1 else 64
+    hk = T.library_matrix(k) if k > 1 else None
+    sg = T.random_signs(n, torch.Generator().manual_seed(3)).to(torch.int8)
+    x = torch.randn(5, 2 * n, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    w = torch.randn(5, 2 * n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    kw = dict(transpose=transpose, signs_first=signs_first)
+    (T.hadamard_transform(x, n, hk, sg, **kw) * w).sum().backward()
+    m = T.hadamard_transform(torch.eye(n, dtype=torch.float64), n, hk, sg, **kw)  # row i: the op on e_i
+    xd = x.detach().clone().requires_grad_(True)
+    ((xd.reshape(5, 2, n) @ m).reshape(5, 2 * n) * w).sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad, rtol=0, atol=1e-12)

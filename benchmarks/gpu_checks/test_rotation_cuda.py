@@ -1,5 +1,5 @@
-"""Rotation hooks on CUDA tensors (the FWHT kernel is CPU-only; off the CPU the hooks use the same block map as a
-dense fp32 matmul): per-linear hadamard / random_hadamard and QuaRot's R4 map equal the CPU kernel's result, and a
+"""Rotation hooks on CUDA tensors (the CUDA FWHT kernel when the build has it, else the same block map as a dense
+fp32 matmul; test_fwht_cuda.py checks the kernel's bits): per-linear hadamard / random_hadamard and QuaRot's R4 map equal the CPU kernel's result, and a
 rotated tiny Llama on the GPU keeps its logits. Run by the lead on the GPU host: pytest benchmarks/gpu_checks."""
 
 from __future__ import annotations

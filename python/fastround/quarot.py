@@ -82,9 +82,16 @@ def _rotate_out(linear: torch.nn.Linear, n: int) -> None:
 
 
 def _hook(n: int, hk: torch.Tensor | None = None, fp32: bool = False):
+    hk_on: dict[torch.device, torch.Tensor] = {}  # the K matrix copied once per device, not every call
+
     def pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
         x = args[0]
-        y = T.hadamard_any_device(x.float() if fp32 else x, n, hk).to(x.dtype)
+        k = hk
+        if hk is not None and x.device.type != "cpu":
+            k = hk_on.get(x.device)
+            if k is None:
+                k = hk_on[x.device] = hk.to(torch.int8).to(x.device)
+        y = T.hadamard_any_device(x.float() if fp32 else x, n, k).to(x.dtype)
         return (y,) + tuple(args[1:])
 
     return pre_hook

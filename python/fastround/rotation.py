@@ -183,6 +183,7 @@ class LinearRotation:
             self.matrix = T.deterministic_hadamard_matrix(b)
         self.rotated: set[str] = set()
         self._device_matrices: dict[torch.device, torch.Tensor] = {}
+        self._device_operands: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     # -- the map x -> x · M^T on every b-long chunk of the last dimension -----------------------------------------
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,10 +194,22 @@ class LinearRotation:
                              f"{self.block_size}")
         if x.device.type == "cpu":
             return T.hadamard_transform(x, self.block_size, self.hadamard_k, self.signs, transpose=self.random)
-        # Other devices: the same block product as a dense matmul in fp32 (the kernel is CPU-only for now).
+        if x.device.type == "cuda" and T.has_cuda_kernel():
+            hk, sg = self._operands_on(x.device)
+            return T.hadamard_transform(x, self.block_size, hk, sg, transpose=self.random)
+        # Other devices: the same block product as a dense matmul in fp32.
         shape = x.shape
         xb = x.reshape(-1, shape[-1] // self.block_size, self.block_size).float()
         return (xb @ self._matrix_t_on(x.device)).reshape(shape).to(x.dtype)
+
+    def _operands_on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """hadamard_k and signs as int8 on `device`, copied once: the CUDA op then neither copies nor waits per call
+        (and the hook can be captured in a CUDA graph)."""
+        cached = self._device_operands.get(device)
+        if cached is None:
+            cached = self._device_operands[device] = tuple(
+                None if t is None else t.to(torch.int8).to(device) for t in (self.hadamard_k, self.signs))
+        return cached
 
     def _matrix_t_on(self, device: torch.device) -> torch.Tensor:
         cached = self._device_matrices.get(device)

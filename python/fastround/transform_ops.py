@@ -101,20 +101,29 @@ def hadamard_transform(
     signs_first: bool = False,
     normalize: bool = True,
 ) -> torch.Tensor:
-    """x [..., cols] (fp32/fp64/fp16/bf16, CPU) -> a new tensor with each block_size-long block of the last
+    """x [..., cols] (fp32/fp64/fp16/bf16, CPU, or CUDA when built with it) -> a new tensor with each block_size-long block of the last
     dimension (-1: the whole of it) replaced by diag(d)·T·v (module docstring); hadamard_k: ±1 [K, K] with
     block_size = K·2^m; signs: ±1 [block_size]. Half types compute in fp32 and round once (RNE)."""
     return _ops.hadamard_transform(x, block_size, hadamard_k, signs, transpose, signs_first, normalize)
 
 
+@lru_cache(maxsize=1)
+def has_cuda_kernel() -> bool:
+    """Whether this build registered the CUDA hadamard_transform (FASTROUND_WITH_CUDA); fixed once _torch loaded."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastround::hadamard_transform", "CUDA")
+
+
 def hadamard_any_device(x: torch.Tensor, block_size: int, hadamard_k: torch.Tensor | None = None,
                         signs: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
-    """hadamard_transform on a CPU tensor; elsewhere (the kernel is CPU-only for now) the same block map as a
-    dense fp32 matmul on x's device, rounded once to x's dtype."""
-    if x.device.type == "cpu":
+    """hadamard_transform on a CPU tensor, and on a CUDA tensor when the build has the CUDA kernel (the same result
+    bit for bit; hadamard_k and signs are best passed already on x's device, a CPU copy is checked and copied every
+    call); elsewhere the same block map as a dense fp32 matmul on x's device, rounded once to x's dtype."""
+    if x.device.type == "cpu" or (x.device.type == "cuda" and has_cuda_kernel()):
         return hadamard_transform(x, block_size, hadamard_k, signs, transpose)
     n = x.shape[-1] if block_size == -1 else block_size
-    rows_of_t = hadamard_transform(torch.eye(n, dtype=torch.float64), n, hadamard_k, signs, transpose)  # [n, n]
+    rows_of_t = hadamard_transform(torch.eye(n, dtype=torch.float64), n,
+                                   None if hadamard_k is None else hadamard_k.cpu(),
+                                   None if signs is None else signs.cpu(), transpose)  # [n, n]
     shape = x.shape
     xb = x.reshape(-1, shape[-1] // n, n).float()
     return (xb @ rows_of_t.to(torch.float32).to(x.device)).reshape(shape).to(x.dtype)
@@ -124,6 +133,24 @@ def hadamard_any_device(x: torch.Tensor, block_size: int, hadamard_k: torch.Tens
 def _hadamard_transform_fake(x, block_size, hadamard_k=None, signs=None, transpose=False, signs_first=False,
                              normalize=True):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_hadamard_transform(ctx, inputs, output):
+    _, block_size, hadamard_k, signs, transpose, signs_first, normalize = inputs
+    ctx.args = (block_size, hadamard_k, signs, transpose, signs_first, normalize)
+
+
+def _hadamard_transform_backward(ctx, grad):
+    """The map is linear, v -> S_a·T·S_b·v per block, so the input gradient is its adjoint S_b·T^T·S_a·g: the same
+    op with transpose and the sign side flipped (a hook on an activation that SignRound differentiates through)."""
+    block_size, hadamard_k, signs, transpose, signs_first, normalize = ctx.args
+    gx = _ops.hadamard_transform(grad.contiguous(), block_size, hadamard_k, signs, not transpose, not signs_first,
+                                 normalize)
+    return gx, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastround::hadamard_transform", _hadamard_transform_backward,
+                                setup_context=_setup_hadamard_transform)
 
 
 def random_signs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""The CUDA hadamard_transform (cpp/fastround/transform/fwht_cuda.cu) against the CPU op: the same bits for every
+size (powers of two 1 .. 32768, K·2^m with short and long Sylvester parts), K matrix, dtype, block size, option and
+row count (partial tiles), inside a CUDA graph too; bad input raises a clear error; the online rotation hooks on
+CUDA equal their CPU result. Run by the lead on the GPU host: pytest benchmarks/gpu_checks/test_fwht_cuda.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastround import quarot as Q
+from fastround import rotation as R
+from fastround import transform_ops as T
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and T.has_cuda_kernel()),
+                                reason="needs a CUDA device and the CUDA build")
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+             torch.bfloat16: torch.int16}
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit equality (the sign of zeros included), with the first differing value on failure. NaNs need only sit at
+    the same places: the GPU's arithmetic returns the canonical NaN where x86 propagates an operand's payload."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    g, w = got.cpu().contiguous(), want.contiguous()
+    both_nan = g.isnan() & w.isnan()
+    diff = ((g.view(_INT_VIEW[g.dtype]) != w.view(_INT_VIEW[w.dtype])) & ~both_nan).reshape(-1)
+    if bool(diff.any()):
+        i = int(diff.nonzero()[0])
+        raise AssertionError(f"{int(diff.sum())} of {diff.numel()} values differ; first at flat {i}: "
+                             f"cuda {g.reshape(-1)[i].item()!r} cpu {w.reshape(-1)[i].item()!r}")
+
+
+def both(x: torch.Tensor, n: int, hk=None, signs=None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    want = T.hadamard_transform(x, n, hk, signs, **kw)
+    got = T.hadamard_transform(x.cuda(), n, None if hk is None else hk.cuda(),
+                               None if signs is None else signs.cuda(), **kw)
+    torch.cuda.synchronize()
+    return got, want
+
+
+def rand(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+POW2 = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+# (K, 2^m): len 1/2/4 (K stage alone), len 8..256 (registers and shuffles), len >= 512 (shared-memory passes), and
+# the model sizes 5120 / 12288 / 14336 with the safetensors rule's K and SpinQuant's.
+KSIZES = [(12, 1), (12, 2), (20, 4), (28, 8), (12, 32), (40, 64), (172, 16), (12, 256), (20, 512), (28, 512),
+          (160, 32), (192, 64), (224, 64), (12, 1024), (40, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", POW2)
+def test_pow2_full_dimension(n, dtype):
+    for rows in (1, 3, 33):
+        got, want = both(rand(rows, n, dtype, n + rows), -1)
+        assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,m", KSIZES)
+def test_k_times_pow2(k, m, dtype):
+    n = k * m
+    hk = T.library_matrix(k)
+    for rows, transpose in ((1, False), (5, True), (17, False)):
+        got, want = both(rand(rows, n, dtype, n + rows), n, hk, transpose=transpose)
+        assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [2, 16, 32, 64, 128, 256, 512, 1024])
+def test_block_diagonal(block, dtype):
+    for rows, cols in ((1, 4096), (7, 2 * block), (129, 1024 if block <= 1024 else block)):
+        got, want = both(rand(rows, cols, dtype, block + rows), block)
+        assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(32, 1), (4096, 1), (96, 12), (5120, 160), (14336, 28)])
+@pytest.mark.parametrize("signs_first", [False, True])
+def test_signs_transpose_unnormalized(n, k, signs_first, dtype):
+    hk = T.library_matrix(k) if k > 1 else None
+    sg = T.random_signs(n, torch.Generator().manual_seed(n)).to(torch.int8)
+    x = rand(9, 2 * n, dtype, n)
+    for transpose in (False, True):
+        for normalize in (True, False):
+            got, want = both(x, n, hk, sg, transpose=transpose, signs_first=signs_first, normalize=normalize)
+            assert_same_bits(got, want)
+
+
+def test_model_sizes_2048_rows():
+    for n, k in ((4096, 1), (5120, 160), (8192, 1), (12288, 192), (14336, 224)):
+        hk = T.library_matrix(k) if k > 1 else None
+        for dtype in (torch.bfloat16, torch.float32):
+            got, want = both(rand(2048, n, dtype, n), n, hk)
+            assert_same_bits(got, want)
+
+
+def test_zero_signs_and_special_values():
+    x = torch.tensor([[0.0, -0.0, 1.0, -1.0, float("inf"), 3.0, -0.0, 0.0]] * 4)
+    x[1, 4] = float("nan")
+    x[2] = -0.0
+    for dtype in DTYPES:
+        got, want = both(x.to(dtype), 8)
+        assert_same_bits(got, want)
+        got, want = both(x.to(dtype).reshape(1, 32)[:, :24].contiguous(), 24, T.library_matrix(12))
+        assert_same_bits(got, want)
+
+
+def test_leading_dims_and_non_contiguous():
+    x = rand(6 * 64, 256, torch.float32, 3).reshape(6, 64, 256)
+    got, want = both(x, 64)
+    assert_same_bits(got, want)
+    xt = rand(256, 64, torch.bfloat16, 4).t()  # [64, 256], strides (1, 64)
+    got = T.hadamard_transform(xt.cuda(), 256)
+    assert_same_bits(got, T.hadamard_transform(xt, 256))
+
+
+def test_unaligned_storage_takes_scalar_path():
+    base = rand(1, 4096 + 1, torch.bfloat16, 5).cuda()
+    x = base[0, 1:].reshape(8, 512)  # storage offset 1 element: 2 bytes, not 16-byte aligned
+    got = T.hadamard_transform(x, 512)
+    assert_same_bits(got, T.hadamard_transform(x.cpu(), 512))
+
+
+def test_cpu_operands_are_checked_and_copied():
+    x = rand(4, 96, torch.float32, 6)
+    hk = T.library_matrix(12).to(torch.float32)  # any dtype holding ±1
+    got = T.hadamard_transform(x.cuda(), 96, hk)
+    assert_same_bits(got, T.hadamard_transform(x, 96, hk))
+
+
+def test_cuda_graph_capture():
+    n, k = 14336, 28
+    hk = T.library_matrix(k).cuda()
+    sg = T.random_signs(n, torch.Generator().manual_seed(0)).to(torch.int8).cuda()
+    x = rand(64, n, torch.bfloat16, 7).cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        T.hadamard_transform(x, n, hk, sg, transpose=True)  # warm-up outside the graph (smem attribute set)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = T.hadamard_transform(x, n, hk, sg, transpose=True)
+        z = T.hadamard_transform(y, 32)
+    x.copy_(rand(64, n, torch.bfloat16, 8).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    want_y = T.hadamard_transform(x.cpu(), n, hk.cpu(), sg.cpu(), transpose=True)
+    assert_same_bits(y, want_y)
+    assert_same_bits(z, T.hadamard_transform(want_y, 32))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x: T.hadamard_transform(x.to(torch.int32), 32), "dtype"),
+    (lambda x: T.hadamard_transform(x, 48), "block_size"),
+    (lambda x: T.hadamard_transform(x, 0), "block_size"),
+    (lambda x: T.hadamard_transform(x[:, :96], 96, T.library_matrix(20).cuda()), "hadamard_k"),
+    (lambda x: T.hadamard_transform(x[:, :96], 96), None),  # 96 with K = 1: not a power of two
+    (lambda x: T.hadamard_transform(x[:, :96], 96, torch.ones(12, 11)), "hadamard_k"),
+    (lambda x: T.hadamard_transform(x, 32, None, torch.zeros(32)), "signs"),
+    (lambda x: T.hadamard_transform(x, 32, None, torch.ones(16)), "signs"),
+    (lambda x: T.hadamard_transform(torch.zeros(2, 1 << 17, device="cuda"), -1), "too large"),
+])
+def test_bad_input_errors(call, match):
+    x = torch.zeros(4, 1024, device="cuda")
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call(x)
+    torch.cuda.synchronize()  # no launch was left failing
+
+
+@pytest.mark.parametrize("hadamard_type", ["hadamard", "random_hadamard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_rotation_hook_cuda_equals_cpu(hadamard_type, dtype):
+    rot = R.LinearRotation(R.RotationConfig(hadamard_type=hadamard_type), "mx_fp")
+    x = rand(64, 4096, dtype, 9)
+    assert_same_bits(rot.apply(x.cuda()), rot.apply(x))
+
+
+def test_quarot_r4_hook_cuda_equals_cpu():
+    hk = T.spinquant_matrix(28)
+    hook = Q._hook(14336, hk, fp32=True)
+    x = rand(8, 14336, torch.bfloat16, 10)
+    (got,) = hook(None, (x.cuda(),))
+    (want,) = hook(None, (x,))
+    assert_same_bits(got, want)
+
+
+def test_gradient_on_cuda_equals_cpu():
+    n, k = 96, 12
+    hk, sg = T.library_matrix(k), T.random_signs(n, torch.Generator().manual_seed(2)).to(torch.int8)
+    x = rand(4, 2 * n, torch.float32, 11)
+    g = rand(4, 2 * n, torch.float32, 12)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        xd = x.to(dev).requires_grad_(True)
+        y = T.hadamard_transform(xd, n, hk.to(dev), sg.to(dev), transpose=True)
+        y.backward(g.to(dev))
+        grads.append(xd.grad)
+    assert_same_bits(grads[1], grads[0])

@@ -1,0 +1,476 @@
+#include "fastround/transform/fwht_cuda.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "fastround/common/error.h"
+#include "fastround/common/fp_codes.h"
+#include "fastround/common/half.h"
+
+namespace fastround::transform::gpu {
+
+namespace {
+
+constexpr int kMaxThreads = 256;
+constexpr int kTileTarget = 2048;  // elements per thread block when blocks are small: 256 threads x 8
+constexpr int kShuffleTop = 128;   // largest stride done by warp shuffles: 32 lanes x 8 elements = 256
+
+bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+// One correctly rounded operation each, never contracted into an FMA (fwht.h's bit-for-bit contract).
+__device__ __forceinline__ float radd(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float rsub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float rmul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double radd(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double rsub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double rmul(double a, double b) { return __dmul_rn(a, b); }
+
+// Storage types and their exact widening / RNE narrowing (the CPU's half.h / fp_codes.h functions, so ties and NaNs
+// round alike on both sides).
+struct F32 {
+  using T = float;
+  using C = float;
+  __device__ static float in(float v) { return v; }
+  __device__ static float out(float v) { return v; }
+};
+struct F64 {
+  using T = double;
+  using C = double;
+  __device__ static double in(double v) { return v; }
+  __device__ static double out(double v) { return v; }
+};
+struct F16 {
+  using T = uint16_t;
+  using C = float;
+  __device__ static float in(uint16_t v) { return fp16_to_float(v); }
+  __device__ static uint16_t out(float v) { return float_to_fp16(v); }
+};
+struct BF16 {
+  using T = uint16_t;
+  using C = float;
+  __device__ static float in(uint16_t v) { return bf16_to_float(v); }
+  __device__ static uint16_t out(float v) { return float_to_bf16(v); }
+};
+
+template <typename C>
+struct Params {
+  const void* x;
+  void* y;
+  int64_t blocks;  // n-blocks in the whole buffer
+  int n, len, k, bpt;
+  const int8_t* hadk;   // [k, k] device, or null
+  const int8_t* signs;  // [n] device, or null
+  bool transpose, signs_first, normalize, vec;
+  C c;
+};
+
+// 16-byte vector accesses of 8 consecutive values (the launcher checked the base pointers' alignment; element offsets
+// are multiples of 8): 8 halves in one uint4, 8 floats in two float4, 8 doubles in four double2.
+__device__ __forceinline__ void vload8(const uint16_t* p, uint16_t v[8]) {
+  const uint4 w = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[2 * j] = static_cast<uint16_t>(u[j] & 0xFFFFu), v[2 * j + 1] = static_cast<uint16_t>(u[j] >> 16);
+}
+__device__ __forceinline__ void vstore8(uint16_t* p, const uint16_t v[8]) {
+  uint32_t u[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) u[j] = static_cast<uint32_t>(v[2 * j]) | (static_cast<uint32_t>(v[2 * j + 1]) << 16);
+  *reinterpret_cast<uint4*>(p) = make_uint4(u[0], u[1], u[2], u[3]);
+}
+template <bool Global>
+__device__ __forceinline__ void vload8(const float* p, float v[8]) {
+#pragma unroll
+  for (int w = 0; w < 2; ++w) {
+    const float4 q = Global ? __ldg(reinterpret_cast<const float4*>(p) + w) : reinterpret_cast<const float4*>(p)[w];
+    v[4 * w] = q.x, v[4 * w + 1] = q.y, v[4 * w + 2] = q.z, v[4 * w + 3] = q.w;
+  }
+}
+__device__ __forceinline__ void vload8(const float* p, float v[8]) { vload8<true>(p, v); }
+__device__ __forceinline__ void vstore8(float* p, const float v[8]) {
+#pragma unroll
+  for (int w = 0; w < 2; ++w) reinterpret_cast<float4*>(p)[w] = make_float4(v[4 * w], v[4 * w + 1], v[4 * w + 2], v[4 * w + 3]);
+}
+template <bool Global>
+__device__ __forceinline__ void vload8(const double* p, double v[8]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const double2 q = Global ? __ldg(reinterpret_cast<const double2*>(p) + w) : reinterpret_cast<const double2*>(p)[w];
+    v[2 * w] = q.x, v[2 * w + 1] = q.y;
+  }
+}
+__device__ __forceinline__ void vload8(const double* p, double v[8]) { vload8<true>(p, v); }
+__device__ __forceinline__ void vstore8(double* p, const double v[8]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) reinterpret_cast<double2*>(p)[w] = make_double2(v[2 * w], v[2 * w + 1]);
+}
+
+// 8 consecutive storage values widened to the compute type; element by element up to `count` where the vector
+// access does not apply (unaligned buffers, the buffer's last partial group).
+template <typename IO>
+__device__ __forceinline__ void load8(const typename IO::T* p, bool vec, int count, typename IO::C v[8]) {
+  if (vec && count >= 8) {
+    typename IO::T raw[8];
+    vload8(p, raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = IO::in(raw[j]);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = j < count ? IO::in(p[j]) : typename IO::C(0);
+}
+
+template <typename IO>
+__device__ __forceinline__ void store8(typename IO::T* p, bool vec, int count, const typename IO::C v[8]) {
+  if (vec && count >= 8) {
+    typename IO::T raw[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) raw[j] = IO::out(v[j]);
+    vstore8(p, raw);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (j < count) p[j] = IO::out(v[j]);
+}
+
+// Shared-memory copies of 8 consecutive compute-type values (offsets are multiples of 8, so aligned).
+template <typename C>
+__device__ __forceinline__ void sload8(const C* s, C v[8]) { vload8<false>(s, v); }
+template <typename C>
+__device__ __forceinline__ void sstore8(C* s, const C v[8]) { vstore8(s, v); }
+
+// Butterfly stages with register strides 1, 2, ..., R/2 over v[0..R) (strides h·1, h·2, ... of the data), in
+// increasing order, stopping at `limit` (the Sylvester length in these units).
+template <int R, typename C>
+__device__ __forceinline__ void radix(C v[], int limit) {
+#pragma unroll
+  for (int w = 1; w < R; w *= 2) {
+    if (w >= limit) break;
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+      if ((j & w) == 0) {
+        const C a = v[j], b = v[j + w];
+        v[j] = radd(a, b);
+        v[j + w] = rsub(a, b);
+      }
+  }
+}
+
+template <typename C>
+__device__ __forceinline__ C apply_sign(C v, int8_t s) {
+  return s > 0 ? v : -v;
+}
+
+// Scale, trailing signs and store of 8 outputs starting at tile element e0.
+template <typename IO>
+__device__ __forceinline__ void finish8(const Params<typename IO::C>& p, typename IO::T* y, int e0, int count,
+                                        typename IO::C v[8]) {
+  if (p.normalize) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = rmul(v[j], p.c);
+  }
+  if (p.signs && !p.signs_first) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j < count) v[j] = apply_sign(v[j], __ldg(p.signs + (e0 + j) % p.n));
+  }
+  store8<IO>(y + e0, p.vec, count, v);
+}
+
+// radix-R pass over shared memory for data strides h, 2h, ... (h >= 256, a power of two): group q takes the R
+// elements base + j·h; consecutive threads take consecutive bases, so a warp reads 32 consecutive words.
+template <int R, typename C>
+__device__ __forceinline__ void smem_pass(C* s, int valid, int h, int log_h) {
+  const int groups = valid / R;
+  for (int q = threadIdx.x; q < groups; q += blockDim.x) {
+    const int low = q & (h - 1), high = q >> log_h;
+    C* base = s + high * R * h + low;
+    C v[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) v[j] = base[j * h];
+    radix<R>(v, R);
+#pragma unroll
+    for (int j = 0; j < R; ++j) base[j * h] = v[j];
+  }
+}
+
+// The K stage for len % 8 == 0, blocked in registers: one work item is KB consecutive outputs k0 .. k0+KB-1 times 8
+// consecutive r of one n-block, so each y[k'][r..r+8) read from shared memory feeds KB accumulators (the stage
+// is bound by those reads otherwise: K = 224 is 224 reads per output). Each accumulator still adds k' = 0, 1, ...
+// in order from 0; a - b is spelled a + (-b), the same IEEE operation, so lanes with different signs don't diverge.
+template <int KB, typename IO>
+__device__ __forceinline__ void kstage_blocked(const Params<typename IO::C>& p, const typename IO::C* s,
+                                               typename IO::T* y, int tile_blocks) {
+  using C = typename IO::C;
+  const int rgroups = p.len / 8, kchunks = p.k / KB;
+  const int items = tile_blocks * kchunks * rgroups;
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int rg = it % rgroups, rest = it / rgroups, kc = rest % kchunks, b = rest / kchunks;
+    const int r0 = rg * 8, k0 = kc * KB;
+    const C* src = s + b * p.n + r0;
+    C acc[KB][8];
+#pragma unroll
+    for (int q = 0; q < KB; ++q)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[q][j] = C(0);
+    // Entry (k0 + q, kp) of the applied matrix sits at row_base[q] + kp * col_step.
+    const int col_step = p.transpose ? p.k : 1;
+    const int row_step = p.transpose ? 1 : p.k;
+    const int8_t* hrow = p.hadk + k0 * row_step;
+    for (int kp = 0; kp < p.k; ++kp) {
+      C in[8];
+      sload8(src + kp * p.len, in);
+#pragma unroll
+      for (int q = 0; q < KB; ++q) {
+        const bool plus = __ldg(hrow + q * row_step + kp * col_step) > 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[q][j] = radd(acc[q][j], plus ? in[j] : -in[j]);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < KB; ++q) finish8<IO>(p, y, b * p.n + (k0 + q) * p.len + r0, 8, acc[q]);
+  }
+}
+
+template <typename IO>
+__device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, const typename IO::C* s,
+                                             typename IO::T* y, int valid, int groups);
+
+// One tile (bpt consecutive n-blocks) per thread block. KB > 0: the K stage register-blocked by KB (kstage_blocked; K % KB == 0, len % 8 == 0), a separate instantiation so
+// the accumulators' registers don't lower the occupancy of the other shapes; KB = 0: K = 1 or len < 8.
+template <typename IO, int KB>
+__global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename IO::C> p) {
+  using C = typename IO::C;
+  using T = typename IO::T;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  C* s = reinterpret_cast<C*>(smem_raw);
+
+  const int64_t first_block = static_cast<int64_t>(blockIdx.x) * p.bpt;
+  const int tile_blocks = static_cast<int>(p.blocks - first_block < p.bpt ? p.blocks - first_block : p.bpt);
+  const int valid = tile_blocks * p.n;  // elements of this tile
+  const int groups = (valid + 7) / 8;
+  const T* x = static_cast<const T*>(p.x) + first_block * p.n;
+  T* y = static_cast<T*>(p.y) + first_block * p.n;
+  const int lane = threadIdx.x & 31;
+  const bool through_smem = p.k > 1 || p.len > 2 * kShuffleTop;
+
+  // Phase 1: load, leading signs, strides 1..4 in registers, 8..128 across the warp. Every lane of a warp runs the
+  // same iterations (the bound is rounded up to the block size): the shuffles need all 32; lanes past the tile hold
+  // zeros that no valid element pairs with (a stride-h partner lies in the same len-long segment).
+  const int rounds = (groups + blockDim.x - 1) / blockDim.x;
+  for (int it = 0; it < rounds; ++it) {
+    const int g = it * blockDim.x + threadIdx.x;
+    const int e0 = g * 8;
+    const int count = g < groups ? min(8, valid - e0) : 0;
+    C v[8];
+    load8<IO>(x + e0, p.vec, count, v);
+    if (p.signs && p.signs_first) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (j < count) v[j] = apply_sign(v[j], __ldg(p.signs + (e0 + j) % p.n));
+    }
+    radix<8>(v, p.len);
+    for (int w = 1; 8 * w < p.len && w <= kShuffleTop / 8; w *= 2) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const C o = __shfl_xor_sync(0xffffffffu, v[j], w);
+        v[j] = (lane & w) ? rsub(o, v[j]) : radd(v[j], o);
+      }
+    }
+    if (count == 0) continue;
+    if (!through_smem) {
+      finish8<IO>(p, y, e0, count, v);
+    } else if (count == 8) {
+      sstore8(s + e0, v);
+    } else {
+      for (int j = 0; j < count; ++j) s[e0 + j] = v[j];
+    }
+  }
+  if (!through_smem) return;
+  __syncthreads();
+
+  // Phase 2: strides 256 .. len/2 through shared memory, up to three per pass.
+  for (int h = 2 * kShuffleTop, log_h = 8; h < p.len;) {
+    const int r = p.len / h;
+    if (r >= 8) {
+      smem_pass<8>(s, valid, h, log_h);
+      h *= 8, log_h += 3;
+    } else if (r == 4) {
+      smem_pass<4>(s, valid, h, log_h);
+      h *= 4, log_h += 2;
+    } else {
+      smem_pass<2>(s, valid, h, log_h);
+      h *= 2, log_h += 1;
+    }
+    __syncthreads();
+  }
+
+  // Phase 3: the K stage (out[k][r] = sum over k' ascending, from 0, of ±y[k'][r]), scale, trailing signs, store.
+  if constexpr (KB > 0) {
+    kstage_blocked<KB, IO>(p, s, y, tile_blocks);
+  } else {
+    phase3_plain<IO>(p, s, y, valid, groups);
+  }
+}
+
+// Phase 3 without register blocking: K = 1 (smem -> scale, signs, store) or len < 8 (each output's K sum alone).
+template <typename IO>
+__device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, const typename IO::C* s,
+                                             typename IO::T* y, int valid, int groups) {
+  using C = typename IO::C;
+  for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+    const int e0 = g * 8;
+    const int count = min(8, valid - e0);
+    C v[8];
+    if (p.k == 1) {
+      if (count == 8) {
+        sload8(s + e0, v);
+      } else {
+        for (int j = 0; j < 8; ++j) v[j] = j < count ? s[e0 + j] : C(0);
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        C acc = C(0);
+        if (j < count) {
+          const int e = e0 + j, blk = e / p.n * p.n, i = e - blk, kk = i / p.len, r = i - kk * p.len;
+          for (int kp = 0; kp < p.k; ++kp) {
+            const int8_t hv = __ldg(p.hadk + (p.transpose ? kp * p.k + kk : kk * p.k + kp));
+            const C in = s[blk + kp * p.len + r];
+            acc = hv > 0 ? radd(acc, in) : rsub(acc, in);
+          }
+        }
+        v[j] = acc;
+      }
+    }
+    finish8<IO>(p, y, e0, count, v);
+  }
+}
+
+void check_launch(const char* site, cudaError_t e) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("[") + site + "] CUDA launch failed: " + cudaGetErrorString(e));
+}
+
+int smem_optin(const char* site) {
+  int device = 0, bytes = 0;
+  check_launch(site, cudaGetDevice(&device));
+  check_launch(site, cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
+// Lets the kernel use the device's whole opt-in shared memory, once per device (an idempotent call, so racing threads
+// agree), not every call: after a warm-up, capturing the op in a CUDA graph makes no attribute call.
+constexpr int kMaxDevices = 64;
+template <typename Kernel>
+void raise_smem_limit(Kernel kernel, const char* site) {
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int device = 0;
+  check_launch(site, cudaGetDevice(&device));
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable && done[device].load()) return;
+  check_launch(site, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin(site)));
+  if (cacheable) done[device].store(true);
+}
+
+template <typename IO>
+void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec, void* stream,
+            const char* site) {
+  using C = typename IO::C;
+  Params<C> p{};
+  p.x = x;
+  p.y = y;
+  p.n = static_cast<int>(spec.n);
+  p.k = static_cast<int>(spec.k);
+  p.len = static_cast<int>(spec.n / spec.k);
+  p.blocks = rows * (cols / spec.n);
+  p.hadk = spec.k > 1 ? spec.hadk : nullptr;
+  p.signs = spec.signs;
+  p.transpose = spec.transpose;
+  p.signs_first = spec.signs_first;
+  p.normalize = spec.normalize;
+  p.c = spec.normalize ? static_cast<C>(1.0 / std::sqrt(static_cast<double>(spec.n))) : C(1);
+  p.vec = (reinterpret_cast<uintptr_t>(x) % 16 == 0) && (reinterpret_cast<uintptr_t>(y) % 16 == 0);
+
+  // Blocks per tile: about kTileTarget elements, and a whole number of 8-element groups per tile (so groups never
+  // straddle two thread blocks and vector accesses stay aligned).
+  int64_t bpt = std::max<int64_t>(1, kTileTarget / spec.n);
+  int64_t g8 = 8;
+  for (int64_t a = spec.n, b = 8; b != 0;) {  // gcd(n, 8)
+    const int64_t t = a % b;
+    a = b, b = t, g8 = a;
+  }
+  const int64_t step = 8 / g8;
+  bpt = (bpt + step - 1) / step * step;
+  bpt = std::min<int64_t>(bpt, std::max<int64_t>(step, p.blocks));
+  p.bpt = static_cast<int>(bpt);
+  const int64_t tile = bpt * spec.n;
+  const bool through_smem = spec.k > 1 || p.len > 2 * kShuffleTop;
+  const int64_t smem = through_smem ? tile * static_cast<int64_t>(sizeof(C)) : 0;
+  if (smem > 48 * 1024) {
+    const int optin = smem_optin(site);
+    if (smem > optin)
+      throw OptionError(std::string("[") + site + "] block_size: " + std::to_string(spec.n) +
+                        " is too large for the CUDA kernel (its tile needs " + std::to_string(smem) +
+                        " bytes of shared memory, the device gives " + std::to_string(optin) + ")");
+  }
+  const int64_t grid = (p.blocks + bpt - 1) / bpt;
+  if (grid > 0x7FFFFFFF) throw OptionError(std::string("[") + site + "] x: too many blocks for one launch");
+  const int64_t groups = (tile + 7) / 8;
+  const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (groups + 31) / 32 * 32));
+  const bool blocked = spec.k > 1 && p.len % 8 == 0;
+  const int kb = !blocked ? 0 : spec.k % 8 == 0 ? 8 : spec.k % 4 == 0 ? 4 : spec.k % 2 == 0 ? 2 : 1;
+  auto run = [&](auto kernel) {
+    if (smem > 48 * 1024) raise_smem_limit(kernel, site);
+    kernel<<<static_cast<unsigned>(grid), threads, static_cast<size_t>(smem), static_cast<cudaStream_t>(stream)>>>(p);
+    check_launch(site, cudaGetLastError());
+  };
+  switch (kb) {
+    case 8: return run(fwht_kernel<IO, 8>);
+    case 4: return run(fwht_kernel<IO, 4>);
+    case 2: return run(fwht_kernel<IO, 2>);
+    case 1: return run(fwht_kernel<IO, 1>);
+    default: return run(fwht_kernel<IO, 0>);
+  }
+}
+
+}  // namespace
+
+int64_t fwht_cuda_max_block(DType dtype) {
+  const int64_t bytes = smem_optin("fwht_cuda_max_block");
+  return bytes / (dtype == DType::F64 ? 8 : 4);
+}
+
+void fwht_rows_cuda(DType dtype, const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec,
+                    void* stream, const char* site) {
+  const std::string at = std::string("[") + site + "] ";
+  if (dtype != DType::F32 && dtype != DType::F64 && dtype != DType::F16 && dtype != DType::BF16)
+    throw OptionError(at + "x: dtype must be F32, F64, F16 or BF16, got " + std::string(dtype_name(dtype)));
+  if (rows < 0 || cols < 0) throw OptionError(at + "x: negative shape");
+  if (rows * cols > 0 && (!x || !y)) throw OptionError(at + "x: null data");
+  if (spec.n <= 0) throw OptionError(at + "block_size: must be positive, got " + std::to_string(spec.n));
+  if (cols % spec.n != 0)
+    throw OptionError(at + "block_size: " + std::to_string(spec.n) + " does not divide the last dimension " +
+                      std::to_string(cols));
+  if (spec.k <= 0 || spec.n % spec.k != 0 || !is_pow2(spec.n / spec.k))
+    throw OptionError(at + "hadamard_k: order " + std::to_string(spec.k) + " does not split block_size " +
+                      std::to_string(spec.n) + " as K * 2^m");
+  if (spec.k > 1 && !spec.hadk)
+    throw OptionError(at + "hadamard_k: a " + std::to_string(spec.k) + "x" + std::to_string(spec.k) +
+                      " matrix is required");
+  if (spec.n > (int64_t(1) << 30)) throw OptionError(at + "block_size: too large");
+  if (rows * cols == 0) return;
+  switch (dtype) {
+    case DType::F32: return launch<F32>(x, y, rows, cols, spec, stream, site);
+    case DType::F64: return launch<F64>(x, y, rows, cols, spec, stream, site);
+    case DType::F16: return launch<F16>(x, y, rows, cols, spec, stream, site);
+    default: return launch<BF16>(x, y, rows, cols, spec, stream, site);
+  }
+}
+
+}  // namespace fastround::transform::gpu

@@ -1,0 +1,36 @@
+// The fast Walsh-Hadamard transform of fwht.h on the GPU: plain C++ declarations over device pointers, no CUDA or
+// torch headers; the stream is a cudaStream_t passed as void*, every call only enqueues work on it (no allocation,
+// no synchronisation, so it can be captured in a CUDA graph).
+//
+// The operator and the arithmetic are fwht.h's, in the same order for every element: F32/F16/BF16 in fp32 (half
+// types loaded exactly, stored with RNE), F64 in fp64; signs_first signs; butterfly stages with strides 1, 2, ...,
+// 2^(m-1), each (a, b) -> (a + b, a - b); the K stage as sum over k' in increasing order starting from 0; one
+// multiplication by c = 1/sqrt(n) rounded to the compute type; the trailing signs. Every operation is one correctly
+// rounded IEEE add, subtract or multiply (the __fadd_rn family: no FMA contraction whatever the flags), so the result
+// equals fwht_rows bit for bit. Only the distribution of independent elements over threads differs.
+//
+// Layout: each n-block of a row is one smem tile (small blocks: several per tile). Each thread owns 8 consecutive
+// elements: strides 1, 2, 4 in registers, 8 ... 128 by warp shuffles, 256 and up as radix-8/4/2 passes through
+// shared memory, the K stage read from shared memory as a small dense ±1 product.
+#pragma once
+
+#include <cstdint>
+
+#include "fastround/common/dtype.h"
+#include "fastround/transform/fwht.h"
+
+namespace fastround::transform::gpu {
+
+// Largest block length n the kernel takes for `dtype` on the current device: the n-block's compute-type copy must
+// fit the block's opt-in shared memory (H100/H200: 227 KiB, so 58112 fp32 / 29056 fp64 elements, before rounding
+// down to a tile).
+int64_t fwht_cuda_max_block(DType dtype);
+
+// x [rows, cols] of `dtype` (device) -> y [rows, cols] of `dtype` (device; may equal x: the transform is in place
+// then). spec.hadk ([k, k] int8) and spec.signs ([n] int8) are device pointers. fwht_check's rules, with the ±1
+// entries not read (they live on the device): the caller checks them where it can; any other value acts as its sign.
+// Throws OptionError for bad arguments (naming `site`) and std::runtime_error when a launch fails.
+void fwht_rows_cuda(DType dtype, const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec,
+                    void* stream, const char* site = "fwht_rows_cuda");
+
+}  // namespace fastround::transform::gpu
