@@ -201,8 +201,8 @@ __device__ __forceinline__ void thread_rows(const GemvArgs& a, int64_t& r0, int6
 // ---- GEMV, GPTQ layout ----
 // Thread tile: one 16-byte load = 4 consecutive output columns x PF inputs (one qweight row).
 
-// Batch 1 at 4 and 8 bits fits 80 registers without spilling: 3 blocks per SM instead of 2.
-// Fewer loads in flight (U) free registers for a fourth block; 16 needs room for a second batch of words.
+// Batch 1 at 4 and 8 bits, U loads in flight per thread (sm_90, no spills): U 8 fits 80 registers, 3 blocks per SM
+// instead of 2; U 2 and 4 fit 64, 4 blocks; U 16 takes 120, 2 blocks.
 template <int BITS, int MT, int U, DType XT, DType ST>
 __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 : U <= 8 ? 3 : 2) : 1)
     gemv_gptq_kernel(GemvArgs a) {
