@@ -3,7 +3,7 @@
 # pybind11 and scikit-build-core present, no registry) into /tmp, then runs benchmarks/gpu_checks: the CUDA ops
 # against the CPU ops bit for bit and woq_linear against its reference (pytest), then their speed
 # (bench_tune_cuda.py, woq_cuda_bench.py). One command, from the repo root:
-#   bash benchmarks/gpu_build.sh [pytest args...]
+#   bash benchmarks/gpu_build.sh [pytest args...]   (FASTROUND_WOQ_SWEEP=1: also woq_cuda_bench.py --sweep)
 # Needs .deps/nlohmann-json carried along (Debian's nlohmann-json3-dev unpacked, as for device_setup.sh) unless
 # the host has nlohmann/json's CMake package. The package goes to /tmp/fastround-cuda (PYTHONPATH), the CMake
 # build to /tmp/fastround-cuda-build (kept, so a second call rebuilds only what changed). Architectures: sm_90
@@ -40,4 +40,13 @@ if [ -n "${OUT:-}" ]; then
   python3 benchmarks/woq_cuda_bench.py > "$OUT/woq_cuda_bench.json"
 else
   python3 benchmarks/woq_cuda_bench.py
+fi
+# FASTROUND_WOQ_SWEEP=1: also time every batch-1 GEMV variant (woq_cuda_bench.py --sweep) to pick the default.
+if [ "${FASTROUND_WOQ_SWEEP:-0}" = 1 ]; then
+  if [ -n "${OUT:-}" ]; then
+    python3 benchmarks/woq_cuda_bench.py --sweep > "$OUT/woq_cuda_sweep.json" 2> "$OUT/woq_cuda_sweep_rows.jsonl"
+    cat "$OUT/woq_cuda_sweep.json"
+  else
+    python3 benchmarks/woq_cuda_bench.py --sweep
+  fi
 fi

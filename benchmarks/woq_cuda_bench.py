@@ -11,6 +11,11 @@ Two timings per case, each the median of 10 runs after warm-ups:
 packed_gbps counts the bytes the op must read at the least (qweight + qzeros + scales) per graph_us.
 
     python3 benchmarks/woq_cuda_bench.py [--layouts gptq:4,awq:4,gptq_v2:8] [--m 1,512] [--group 128]
+    python3 benchmarks/woq_cuda_bench.py --sweep [--layouts ...]
+
+--sweep times the batch-1 GEMV under every FASTROUND_WOQ_CUDA_VARIANT "U,S" (U loads in flight per thread, S the
+cluster split, 0 the built-in choice) on each shape and layout and reports the best per case and the variant with
+the best geometric-mean speedup over all of a layout's shapes: the one to make the default.
 
 Needs a CUDA device and a fastround built with CUDA (benchmarks/gpu_build.sh builds one into /tmp).
 """
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 
@@ -119,16 +126,74 @@ def bench(in_f: int, out_f: int, m: int, layout: str, bits: int, group: int, dev
     }
 
 
+SWEEP_VARIANTS = [""] + [f"{u},{s}" for u in (2, 4, 8, 16) for s in (0, 1, 2, 4, 8)]
+
+
+def sweep(layouts: list[tuple[str, int]], group: int, dev: torch.device) -> dict:
+    """Graph time of woq_linear at m=1 per variant, shape and layout, against the bf16 linear."""
+    x = torch.randn(1, max(i for i, _ in SHAPES), device=dev, dtype=torch.bfloat16)
+    op = torch.ops.fastround.woq_linear
+    rows = []
+    for in_f, out_f in SHAPES:
+        xs = x[:, :in_f].contiguous()
+        w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
+        dense_copies = max(2, -(-2 * L2_BYTES // _nbytes(w)))
+        ws = [w] + [torch.randn_like(w) * 0.02 for _ in range(dense_copies - 1)]
+        dense_us = _time_pass([lambda t=t: torch.nn.functional.linear(xs, t) for t in ws])[0] * 1e3 / dense_copies
+        del ws, w
+        for layout, bits in layouts:
+            layer = _random_layer(in_f, out_f, bits, group, layout, dev)
+            copies = max(2, -(-2 * L2_BYTES // _nbytes(*layer)))
+            layers = [layer] + [_random_layer(in_f, out_f, bits, group, layout, dev) for _ in range(copies - 1)]
+            ref = op(xs, *layer, None, bits, group, layout)
+            for v in SWEEP_VARIANTS:
+                os.environ["FASTROUND_WOQ_CUDA_VARIANT"] = v
+                # A variant must give the default's sums up to the order of fp32 additions.
+                err = (op(xs, *layer, None, bits, group, layout).float() - ref.float()).abs().max().item()
+                us = _time_pass([lambda t=t: op(xs, *t, None, bits, group, layout) for t in layers])[0] * 1e3 / copies
+                rows.append({"in": in_f, "out": out_f, "layout": layout, "bits": bits, "variant": v or "default",
+                             "woq_graph_us": round(us, 2), "bf16_graph_us": round(dense_us, 2),
+                             "speedup_graph": round(dense_us / us, 3),
+                             "packed_gbps": round(_nbytes(*layer) / (us * 1e-6) / 1e9, 1),
+                             "max_abs_diff_vs_default": err})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+            os.environ.pop("FASTROUND_WOQ_CUDA_VARIANT", None)
+            del layers, layer
+            torch.cuda.empty_cache()
+    best_per_case = {}
+    for r in rows:
+        key = f"{r['layout']}:{r['bits']} {r['in']}x{r['out']}"
+        if key not in best_per_case or r["woq_graph_us"] < best_per_case[key]["woq_graph_us"]:
+            best_per_case[key] = r
+    best_per_layout = {}
+    for layout, bits in layouts:
+        scores = {}
+        for v in SWEEP_VARIANTS:
+            sel = [r["speedup_graph"] for r in rows
+                   if r["layout"] == layout and r["bits"] == bits and r["variant"] == (v or "default")]
+            scores[v or "default"] = math.exp(sum(math.log(s) for s in sel) / len(sel))
+        win = max(scores, key=scores.get)
+        best_per_layout[f"{layout}:{bits}"] = {"variant": win, "geomean_speedup": round(scores[win], 3),
+                                                "default_geomean_speedup": round(scores["default"], 3)}
+    return {"best_per_case": best_per_case, "best_per_layout": best_per_layout, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layouts", default="gptq:4,awq:4,gptq_v2:8", help="layout:bits,...")
     ap.add_argument("--m", default="1,512", help="batch sizes")
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--sweep", action="store_true", help="time every GEMV variant at m=1 and report the best")
     args = ap.parse_args(argv)
     from fastround import _torch
 
     assert torch.cuda.is_available() and _torch.with_cuda(), "needs a CUDA device and fastround built with CUDA"
     dev = torch.device("cuda")
+    if args.sweep:
+        layouts = [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.layouts.split(",")]
+        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **sweep(layouts, args.group, dev)}
+        print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
+        return 0
     results = []
     for spec in args.layouts.split(","):
         layout, bits = spec.split(":")

@@ -299,3 +299,31 @@ def test_bad_arguments(cuda):
         _op(x, qweight.cpu(), qzeros, scales, None, 4, 128, "gptq")
     with pytest.raises(ValueError, match="bias"):
         _op(x, qweight, qzeros, scales, torch.zeros(63, device=cuda), 4, 128, "gptq")
+
+
+# ---- the batch-1 GEMV's benchmark variants (FASTROUND_WOQ_CUDA_VARIANT, benchmarks/woq_cuda_bench.py --sweep) ----
+
+_VARIANTS = [f"{u},{s}" for u in (2, 4, 8, 16) for s in (0, 1, 2, 4, 8)]
+
+
+@pytest.mark.parametrize("variant", _VARIANTS)
+def test_gemv_variants(cuda, variant, monkeypatch):
+    """Every variant the sweep may pick as the default matches the reference, at every layout and bits, whole and
+    partial groups, partial tiles and the largest split a Llama shape takes."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
+    for layout, bits in _LAYOUT_BITS:
+        for group_size in (32, -1):
+            run_case(cuda, 1024, 384, bits, group_size, layout, 1, torch.bfloat16, seed=bits + group_size)
+    run_case(cuda, 512, 124, 4, 128, "gptq_v2", 1, torch.float16)  # a partial column tile
+    run_case(cuda, 200, 96, 4, 64, "awq", 1, torch.bfloat16)       # partial last group
+    run_case(cuda, 200, 64, 4, 64, "gptq", 1, torch.bfloat16, pad_in=56)
+    run_case(cuda, 14336, 1024, 4, 128, "gptq", 1, torch.bfloat16)  # many rows per thread, a deep split
+
+
+def test_gemv_variant_rejected(cuda, monkeypatch):
+    qweight, qzeros, scales = (t.to(cuda) for t in make_layer(256, 64, 4, 128, "gptq"))
+    x = torch.randn(1, 256, dtype=torch.bfloat16, device=cuda)
+    for bad, what in (("3,0", "unroll"), ("8,9", "split"), ("8;2", "FASTROUND_WOQ_CUDA_VARIANT")):
+        monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", bad)
+        with pytest.raises(ValueError, match=what):
+            _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")

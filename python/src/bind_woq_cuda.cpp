@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "fastround/infer/woq_cuda.h"
@@ -20,6 +21,22 @@ namespace fi = fastround::infer::gpu;
 namespace {
 
 constexpr const char* kOp = "woq_linear";
+
+// FASTROUND_WOQ_CUDA_VARIANT="U,S" (benchmarks/woq_cuda_bench.py --sweep): the batch-1 GEMV's loads in flight per
+// thread and its cluster split, 0 for the built-in choice; unset or empty: both built in. Read at every call so
+// that a sweep can change it between calls of one process; a CUDA graph keeps what was read at capture.
+fi::WoqGemvTuning tuning_from_env() {
+  fi::WoqGemvTuning t;
+  const char* v = std::getenv("FASTROUND_WOQ_CUDA_VARIANT");
+  if (!v || !*v) return t;
+  char* end = nullptr;
+  t.unroll = static_cast<int>(std::strtol(v, &end, 10));
+  if (end && *end == ',') t.split = static_cast<int>(std::strtol(end + 1, &end, 10));
+  if (!end || *end != '\0')
+    throw fr::OptionError(std::string("[woq_linear] FASTROUND_WOQ_CUDA_VARIANT must be 'U' or 'U,S', got '") + v +
+                          "'");
+  return t;
+}
 
 fi::WoqLayout layout_named(c10::string_view layout) {
   if (layout == "gptq") return fi::WoqLayout::Gptq;
@@ -110,7 +127,8 @@ at::Tensor woq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const
         b = b.to(x.scalar_type());
       at::Tensor out = at::empty({m, w.out}, x.options());
       fi::woq_gemv_cuda(w, x_dt, x2.data_ptr(), m, b.defined() ? b.data_ptr() : nullptr,
-                        b.defined() ? float_dtype(kOp, "bias", b.scalar_type()) : x_dt, out.data_ptr(), stream);
+                        b.defined() ? float_dtype(kOp, "bias", b.scalar_type()) : x_dt, out.data_ptr(), stream,
+                        tuning_from_env());
       return out.view(out_shape);
     }
     // cuBLAS in x's dtype with fp32 accumulation, the bias in x's dtype (as F.linear on the dequantized weight).

@@ -35,7 +35,7 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBatch = 8;     // word rows a thread has in flight before it uses any
+constexpr int kBatch = 8;     // default word rows a thread has in flight before it uses any
 constexpr int kMaxSplit = 8;  // blocks per cluster along the inputs (the portable cluster size)
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 constexpr uint32_t kMagic = 0x4B000000u;  // fp32 2^23: its mantissa holds an integer < 2^23 exactly
@@ -201,9 +201,11 @@ __device__ __forceinline__ void thread_rows(const GemvArgs& a, int64_t& r0, int6
 // ---- GEMV, GPTQ layout ----
 // Thread tile: one 16-byte load = 4 consecutive output columns x PF inputs (one qweight row).
 
-// Batch 1 at 4 and 8 bits fits 80 registers without spilling: 3 blocks per SM instead of 2.
-template <int BITS, int MT, DType XT, DType ST>
-__global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? 3 : 1) gemv_gptq_kernel(GemvArgs a) {
+// Batch 1 at 4 and 8 bits, U loads in flight per thread (sm_90, no spills): U 8 fits 80 registers, 3 blocks per SM
+// instead of 2; U 2 and 4 fit 64, 4 blocks; U 16 takes 120, 2 blocks.
+template <int BITS, int MT, int U, DType XT, DType ST>
+__global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 : U <= 8 ? 3 : 2) : 1)
+    gemv_gptq_kernel(GemvArgs a) {
   constexpr int PF = 32 / BITS;        // inputs per word
   constexpr int LANES = 16 / BITS;     // codes per 16-bit half
   constexpr uint32_t kCodeMask = (1u << BITS) - 1u;
@@ -249,15 +251,15 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? 3 : 1) gemv_g
   const int32_t* qp = a.qweight + r * a.out_features + n0;
   const uint16_t* xr = static_cast<const uint16_t*>(a.x) + r * PF;
   const int in32 = static_cast<int>(a.in);
-  for (; r < r1; r += kBatch) {
-    uint4 q[kBatch];
+  for (; r < r1; r += U) {
+    uint4 q[U];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < U; ++u) {
       q[u] = r + u < r1 ? load_stream(qp) : make_uint4(0, 0, 0, 0);
       qp += a.out_features;
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u, xr += PF) {
+    for (int u = 0; u < U; ++u, xr += PF) {
       const int64_t row = r + u;
       if (row >= r1) break;
       if (row >= g_end) {
@@ -343,7 +345,7 @@ __device__ __forceinline__ void load_words(const int32_t* p, uint32_t (&w)[WORDS
   }
 }
 
-template <int MT, int WORDS, DType XT, DType ST>
+template <int MT, int WORDS, int U, DType XT, DType ST>
 __global__ void __launch_bounds__(kThreads) gemv_awq_kernel(GemvArgs a) {
   constexpr int TX = 16 / WORDS;
   constexpr int CPT = 8 * WORDS;  // columns per thread
@@ -399,10 +401,10 @@ __global__ void __launch_bounds__(kThreads) gemv_awq_kernel(GemvArgs a) {
   const int32_t* qp = a.qweight + r * ow + n0 / 8;
   const uint16_t* xr = static_cast<const uint16_t*>(a.x) + r;
   const int in32 = static_cast<int>(a.in);
-  for (; r < r1; r += kBatch) {
-    uint32_t q[kBatch][WORDS];
+  for (; r < r1; r += U) {
+    uint32_t q[U][WORDS];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (r + u < r1) {
         load_words<WORDS>(qp, q[u]);
       } else {
@@ -412,7 +414,7 @@ __global__ void __launch_bounds__(kThreads) gemv_awq_kernel(GemvArgs a) {
       qp += ow;
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u, ++xr) {
+    for (int u = 0; u < U; ++u, ++xr) {
       const int64_t row = r + u;
       if (row >= r1) break;
       if (row >= g_end) {
@@ -562,6 +564,20 @@ void with_rows(int64_t m, F&& f) {
   else f(std::integral_constant<int, 8>{});
 }
 
+// Loads in flight per thread: tunable at batch 1 only, so that larger batches instantiate one kernel each.
+template <int MT, typename F>
+void with_unroll(int u, F&& f) {
+  if constexpr (MT == 1) {
+    switch (u) {
+      case 2: f(std::integral_constant<int, 2>{}); return;
+      case 4: f(std::integral_constant<int, 4>{}); return;
+      case 16: f(std::integral_constant<int, 16>{}); return;
+      default: break;
+    }
+  }
+  f(std::integral_constant<int, kBatch>{});
+}
+
 bool aligned(const void* p, uintptr_t n) { return (reinterpret_cast<uintptr_t>(p) % n) == 0; }
 
 int64_t zwords_of(const WoqWeights& w) {
@@ -644,10 +660,19 @@ int choose_split(const void* kernel, int64_t tiles, int64_t rows, int ty) {
   return best;
 }
 
+// A forced split (benchmarks) is rounded down to a power of two the device admits for this kernel.
+int forced_split(const void* kernel, int split) {
+  const int cap = gpu_shape(kernel).max_split;
+  int s = 1;
+  while (s * 2 <= std::min(split, cap)) s *= 2;
+  return s;
+}
+
 template <typename Kernel>
-void launch_gemv(Kernel kernel, GemvArgs a, int64_t tiles, int ty, cudaStream_t stream) {
+void launch_gemv(Kernel kernel, GemvArgs a, int64_t tiles, int ty, cudaStream_t stream, int split = 0) {
   constexpr const char* site = "woq_gemv_cuda";
-  a.split = choose_split(reinterpret_cast<const void*>(kernel), tiles, a.rows, ty);
+  const void* k = reinterpret_cast<const void*>(kernel);
+  a.split = split > 0 ? forced_split(k, split) : choose_split(k, tiles, a.rows, ty);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(a.split), 1);
   cfg.blockDim = dim3(kThreads, 1, 1);
@@ -694,13 +719,19 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
 }
 
 void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
-                   void* out, void* stream) {
+                   void* out, void* stream, WoqGemvTuning tune) {
   constexpr const char* site = "woq_gemv_cuda";
   woq_check(w, site);
   if (!x || !out) bad(site, "x and out are required");
   if (bias && bias_dtype != x_dtype && bias_dtype != DType::F32)
     bad(site, "bias dtype must be x's or F32, got " + std::string(dtype_name(bias_dtype)));
   if (!woq_gemv_supported(w, x_dtype, m, x)) bad(site, "this problem needs the dequantize path");
+  if (tune.unroll != 0 && tune.unroll != 2 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
+    bad(site, "tuning unroll must be 0, 2, 4, 8 or 16, got " + std::to_string(tune.unroll));
+  if (tune.split < 0 || tune.split > kMaxSplit)
+    bad(site, "tuning split must be 0..8, got " + std::to_string(tune.split));
+  const int unroll = m == 1 && tune.unroll != 0 ? tune.unroll : kBatch;
+  const int split = m == 1 ? tune.split : 0;
   GemvArgs a{};
   a.qweight = w.qweight;
   a.qzeros = w.qzeros;
@@ -726,7 +757,10 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
         with_rows(m, [&](auto mt) {
           constexpr int MT = decltype(mt)::value;
           constexpr int WORDS = MT <= 2 ? 2 : 1;
-          launch_gemv(gemv_awq_kernel<MT, WORDS, XT, SD>, a, tiles, kThreads / (16 / WORDS), st);
+          with_unroll<MT>(unroll, [&](auto u) {
+            launch_gemv(gemv_awq_kernel<MT, WORDS, decltype(u)::value, XT, SD>, a, tiles, kThreads / (16 / WORDS), st,
+                        split);
+          });
         });
         return;
       }
@@ -735,8 +769,11 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
       const int64_t tiles = (w.out + kGptqCols - 1) / kGptqCols;
       with_bits(w.bits, [&](auto bits) {
         with_rows(m, [&](auto mt) {
-          launch_gemv(gemv_gptq_kernel<decltype(bits)::value, decltype(mt)::value, XT, SD>, a, tiles,
-                      kThreads / kGptqTx, st);
+          constexpr int MT = decltype(mt)::value;
+          with_unroll<MT>(unroll, [&](auto u) {
+            launch_gemv(gemv_gptq_kernel<decltype(bits)::value, MT, decltype(u)::value, XT, SD>, a, tiles,
+                        kThreads / kGptqTx, st, split);
+          });
         });
       });
     });

@@ -53,8 +53,16 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
 // else in x_dtype or F32 (bias_dtype), added in fp32 before the one rounding to x_dtype. Reads the packed weight
 // once; split-K across a thread-block cluster when the column tiles alone cannot fill the GPU. Requires
 // woq_gemv_supported.
+// Benchmark knobs of the GEMV at batch 1 (0: the built-in choice). unroll: qweight loads a thread has in flight
+// before it uses any (2, 4, 8 or 16); split: blocks per cluster along the inputs (1..8, a power of two, capped at
+// what the device admits). Larger batches always take the defaults.
+struct WoqGemvTuning {
+  int unroll = 0;
+  int split = 0;
+};
+
 void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
-                   void* out, void* stream);
+                   void* out, void* stream, WoqGemvTuning tune = {});
 
 // dst [in, out] (row-major, input-major as a matmul's right operand) = dequant(W) rounded to out_dtype
 // (F32, F16 or BF16). Any layout, bits, group and scale dtype woq_check accepts.
