@@ -3,7 +3,7 @@
 spinquant_config (W4A16 RTN, QuaRot online R1 + R2 + R4 with spinquant_r{1,4}_{type,size} buffers), written by
 fastround and by auto-round 0.16.1, are loaded in a subprocess where `import auto_round` fails. Their logits must
 equal those of the rotated quantized model fastround's quantize() returns (qdq weights and its own online hooks)
-within fp32 tolerance; a checkpoint without rotation still loads as before."""
+within fp32 tolerance (one through fastround.load_quantized); a checkpoint without rotation still loads as before."""
 
 from __future__ import annotations
 
@@ -44,7 +44,10 @@ ids = torch.tensor(spec["ids"])
 out = {}
 for name, folder in spec["folders"].items():
     dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if name == spec["load_quantized_case"]:
+        model = fastround.load_quantized(folder, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     hooks = {n: len(m._forward_pre_hooks) for n, m in model.named_modules() if isinstance(m, (QuantLinear, FPQuantLinear))}
     with torch.inference_mode():
         out[name] = {"logits": model(ids).logits.float().tolist(), "hooks": hooks}
@@ -82,7 +85,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folders["fr_mxfp4_random_bf16"] = folders["fr_mxfp4_random"]
     for name in UPSTREAM:
         folders[f"up_{name}"] = _upstream(src, root / f"up_{name}", CONFIGS[name])
-    loaded = _run_child(_BLOCK + _CHILD, {"folders": folders, "ids": IDS})
+    loaded = _run_child(_BLOCK + _CHILD, {"folders": folders, "ids": IDS, "load_quantized_case": "up_w4_quarot"})
     return {"loaded": loaded, "reference": reference, "folders": folders}
 
 
