@@ -209,6 +209,7 @@ def convert_model(model: torch.nn.Module, config: dict[str, Any], checkpoint_fil
     return plans
 
 
+# The per-layer tensors of rotated checkpoints (rotation.LinearRotation.export_buffer, quarot.QuaRotPlan.layer_buffers)
 ROTATION_BUFFERS = ("hadamard_matrix", "spinquant_r1_type", "spinquant_r1_size", "spinquant_r4_type",
                     "spinquant_r4_size")
 

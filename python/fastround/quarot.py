@@ -238,10 +238,6 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
     return QuaRotPlan(do_r1, do_r2, do_r4, r1, r4, k4, a, cfg.online_r1_rotation)
 
 
-# Per-layer buffers of the export (QuaRotPlan.layer_buffers) and what the loader reads from them.
-LAYER_BUFFERS = ("spinquant_r1_type", "spinquant_r1_size", "spinquant_r4_type", "spinquant_r4_size")
-
-
 def check_loadable(spinquant_config: dict[str, Any]) -> None:
     """Refuses, by name, the spinquant_config fields whose load side fastround does not implement."""
     if not isinstance(spinquant_config, dict):
