@@ -48,7 +48,8 @@ for name, folder in spec["folders"].items():
         model = fastround.load_quantized(folder, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    hooks = {n: len(m._forward_pre_hooks) for n, m in model.named_modules() if isinstance(m, (QuantLinear, FPQuantLinear))}
+    hooks = {n: len(m._forward_pre_hooks) for n, m in model.named_modules()
+             if isinstance(m, (QuantLinear, FPQuantLinear))}
     with torch.inference_mode():
         out[name] = {"logits": model(ids).logits.float().tolist(), "hooks": hooks}
 out["_blocked_loaded"] = sorted(m for m in sys.modules if m.split(".")[0] == "auto_round")
