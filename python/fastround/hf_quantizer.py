@@ -209,6 +209,89 @@ def convert_model(model: torch.nn.Module, config: dict[str, Any], checkpoint_fil
     return plans
 
 
+# The per-layer tensors of rotated checkpoints (rotation.LinearRotation.export_buffer, quarot.QuaRotPlan.layer_buffers)
+ROTATION_BUFFERS = ("hadamard_matrix", "spinquant_r1_type", "spinquant_r1_size", "spinquant_r4_type",
+                    "spinquant_r4_size")
+
+
+def preregister_rotation_buffers(model: torch.nn.Module, config: dict[str, Any],
+                                 checkpoint_files: list[str]) -> list[str]:
+    """Registers, on each module the checkpoint gives one, the rotation buffers the export writes (hadamard_matrix
+    of a random Hadamard rotation, QuaRot's spinquant_r{1,4}_{type,size}) so that transformers loads them; the
+    same shape, dtype and device as the module's other tensors (meta while transformers builds the model).
+    Only for a config with rotation_config / spinquant_config: other checkpoints load as before.
+    Returns the registered "module.buffer" names."""
+    if not (config.get("rotation_config") or config.get("spinquant_config")):
+        return []
+    if config.get("spinquant_config"):
+        from fastround.quarot import check_loadable
+
+        check_loadable(config["spinquant_config"])
+    # after convert_model: the quantized layers are fastround's modules, no longer nn.Linear
+    modules = dict(model.named_modules())
+    registered = []
+    for key, (dtype, shape) in read_headers(checkpoint_files).items():
+        module_name, _, buf = key.rpartition(".")
+        if buf not in ROTATION_BUFFERS:
+            continue
+        target = _module_name(module_name, modules) if module_name else None
+        if target is None:
+            raise ValueError(f"fastround: checkpoint tensor {key} belongs to no module of the model")
+        if dtype is None:
+            raise ValueError(f"fastround: checkpoint tensor {key} has a dtype fastround does not read")
+        module = model.get_submodule(target)
+        like = next(iter(module.buffers()), None)
+        if like is None:
+            like = next(iter(module.parameters()))
+        module.register_buffer(buf, torch.zeros(shape, dtype=dtype, device=like.device))
+        registered.append(f"{target}.{buf}")
+    return registered
+
+
+def apply_rotation_hooks(model: torch.nn.Module, config: dict[str, Any], plans: dict[str, LayerPlan]) -> list[str]:
+    """Registers the online rotations of a loaded checkpoint through the modules that apply them at quantization
+    (fastround.rotation for rotation_config, fastround.quarot for spinquant_config). Returns the hooked layers.
+
+    rotation_config: the rotated layers are the quantized ones not named lm_head (what the export rotates; upstream's
+    loader hooks every Linear not named lm_head, which is the same set when no Linear is kept in full precision).
+    For random_hadamard a layer without its own hadamard_matrix (upstream saves one shared copy: safetensors keeps
+    one name per shared tensor) takes the checkpoint's, which must then be one matrix."""
+    hooked: list[str] = []
+    rotation_config = config.get("rotation_config")
+    if rotation_config:
+        from fastround import rotation
+
+        if not isinstance(rotation_config, dict):
+            raise ValueError(f"fastround: rotation_config must be a dict, got {type(rotation_config).__name__}")
+        if rotation_config.get("algorithm", "hadamard") != "hadamard":
+            raise ValueError(f"fastround: rotation_config algorithm {rotation_config.get('algorithm')!r} is not "
+                             "loadable (hadamard only)")
+        data_type = str(config.get("data_type", "mx_fp"))
+        names = [n for n in plans if "lm_head" not in n]
+        buffers = {n: model.get_submodule(n).hadamard_matrix for n in names
+                   if getattr(model.get_submodule(n), "hadamard_matrix", None) is not None}
+        if rotation_config.get("hadamard_type") == "random_hadamard" and len(buffers) < len(names):
+            stored = [m for key, m in model.named_buffers() if key.endswith(".hadamard_matrix")]
+            if not stored:
+                raise ValueError("fastround: rotation_config is random_hadamard but the checkpoint has no "
+                                 "hadamard_matrix tensor")
+            if any(not torch.equal(m, stored[0]) for m in stored[1:]):
+                missing = sorted(set(names) - set(buffers))[0]
+                raise ValueError(f"fastround: {missing} has no hadamard_matrix and the checkpoint's differ, so "
+                                 "which one it was rotated with is unknown")
+            for n in names:
+                buffers.setdefault(n, stored[0])
+        hooked += rotation.register_online_hooks(model, rotation_config, data_type, buffers, names=names)
+    if config.get("spinquant_config"):
+        from fastround import quarot
+
+        by_pos = quarot.register_online_hooks(model, config["spinquant_config"])
+        hooked += by_pos["r1"] + by_pos["r4"]
+    if hooked:
+        logger.info("fastround: online rotation hooks on %d layer(s)", len(hooked))
+    return hooked
+
+
 def _linear_shapes_of(module: torch.nn.Module) -> tuple[int, int]:
     if isinstance(module, torch.nn.Linear):
         return module.out_features, module.in_features
@@ -223,6 +306,7 @@ class FastroundHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.plans: dict[str, LayerPlan] = {}
+        self.rotation_buffers: list[str] = []
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         self.device_map = kwargs.get("device_map")
@@ -238,13 +322,19 @@ class FastroundHfQuantizer(HfQuantizer):
                              "fastround.AutoRound first")
         if not checkpoint_files:
             raise ValueError("fastround: transformers passed no checkpoint files to read the packed layout from")
-        self.plans = convert_model(model, self._config_dict(), list(checkpoint_files))
+        config = self._config_dict()
+        self.plans = convert_model(model, config, list(checkpoint_files))
+        self.rotation_buffers = preregister_rotation_buffers(model, config, list(checkpoint_files))
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         for name in self.plans:
             for buf_name, buf in model.get_submodule(name).named_buffers(recurse=False):
                 if buf.device.type == "meta":
                     raise ValueError(f"fastround: the checkpoint has no tensor {name}.{buf_name}")
+        for key in self.rotation_buffers:
+            if model.get_buffer(key).device.type == "meta":
+                raise ValueError(f"fastround: the checkpoint's tensor {key} was not loaded")
+        apply_rotation_hooks(model, self._config_dict(), self.plans)
         return model
 
     @property
@@ -255,5 +345,5 @@ class FastroundHfQuantizer(HfQuantizer):
         return True
 
 
-__all__ = ["FastroundHfQuantizer", "FastroundQuantConfig", "LayerPlan", "convert_model", "int_layout",
-           "plan_layers", "read_headers"]
+__all__ = ["FastroundHfQuantizer", "FastroundQuantConfig", "LayerPlan", "ROTATION_BUFFERS", "apply_rotation_hooks",
+           "convert_model", "int_layout", "plan_layers", "preregister_rotation_buffers", "read_headers"]

@@ -97,6 +97,13 @@ def _hook(n: int, hk: torch.Tensor | None = None, fp32: bool = False):
     return pre_hook
 
 
+def online_hook(position: str, size: int, k: int = 1):
+    """The online pre-hook of R1 (x <- x·T per size-block, in x's dtype) or R4 (the same in fp32, as upstream's R4
+    hook runs whatever the activation dtype), T built on SpinQuant's K matrix of order k (1: Sylvester)."""
+    hk = T.spinquant_matrix(k) if k > 1 else None
+    return _hook(size, hk, fp32=position == "r4")
+
+
 def _fuse_norm(norm: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
     """W <- W·diag(γ) (fp64) for each linear reading the norm's output, then γ = 1."""
     gamma = norm.weight.data.to(torch.float64)
@@ -222,7 +229,7 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
                 att, mlp = layer.self_attn, layer.mlp
                 for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
                     _rotate_in(lin, r1)
-                    handles.append(lin.register_forward_pre_hook(_hook(r1), prepend=True))
+                    handles.append(lin.register_forward_pre_hook(online_hook("r1", r1), prepend=True))
         if do_r2:
             for layer in layers:
                 att = layer.self_attn
@@ -234,6 +241,50 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
             for layer in layers:
                 down = layer.mlp.down_proj
                 _rotate_in(down, r4, hk4)
-                # upstream's R4 hook runs in fp32 whatever the activation dtype
-                handles.append(down.register_forward_pre_hook(_hook(r4, hk4, fp32=True), prepend=True))
+                handles.append(down.register_forward_pre_hook(online_hook("r4", r4, k4), prepend=True))
     return QuaRotPlan(do_r1, do_r2, do_r4, r1, r4, k4, a, cfg.online_r1_rotation)
+
+
+def check_loadable(spinquant_config: dict[str, Any]) -> None:
+    """Refuses, by name, the spinquant_config fields whose load side fastround does not implement."""
+    if not isinstance(spinquant_config, dict):
+        raise ValueError(f"spinquant_config must be a dict, got {type(spinquant_config).__name__}")
+    for key in ("r3", "random_r1", "random_r2", "random_r3", "random_r4", "trainable_rotation"):
+        if spinquant_config.get(key):
+            raise NotImplementedError(f"fastround: loading a checkpoint with spinquant_config {key}=True is not "
+                                      "implemented yet (fixed QuaRot rotations only)")
+
+
+def register_online_hooks(model: torch.nn.Module, spinquant_config: dict[str, Any]) -> dict[str, list[str]]:
+    """Load side (upstream's rebuild_spinquant_online for deterministic matrices): every module carrying
+    spinquant_r1_* / spinquant_r4_* buffers (type 0: Hadamard; size: the rotation block) gets the same online
+    pre-hook as apply_quarot registers. R2 and an offline R1 live in the weights and need nothing here.
+    Returns {"r1": names, "r4": names}."""
+    check_loadable(spinquant_config)
+    hooked: dict[str, list[str]] = {"r1": [], "r4": []}
+    for name, module in model.named_modules():
+        for pos in ("r1", "r4"):
+            kind = getattr(module, f"spinquant_{pos}_type", None)
+            if kind is None:
+                continue
+            size_buf = getattr(module, f"spinquant_{pos}_size", None)
+            if size_buf is None:
+                raise ValueError(f"fastround: {name} has spinquant_{pos}_type but no spinquant_{pos}_size")
+            if int(kind) != 0:
+                raise NotImplementedError(f"fastround: {name}.spinquant_{pos}_type={int(kind)} (random or trained "
+                                          "matrix) is not implemented yet; only 0 (Hadamard) is")
+            size = int(size_buf)
+            in_features = _in_features(module)
+            k = T.spinquant_divisor(size) if size > 0 else 0
+            if k == 0 or in_features % size:
+                raise ValueError(f"fastround: {name}.spinquant_{pos}_size={size} is not a K·2^m Hadamard size "
+                                 f"dividing in_features {in_features}")
+            module.register_forward_pre_hook(online_hook(pos, size, k), prepend=True)
+            hooked[pos].append(name)
+    return hooked
+
+
+def _in_features(module: torch.nn.Module) -> int:
+    if hasattr(module, "in_features"):
+        return int(module.in_features)
+    return int(module.weight.shape[-1])

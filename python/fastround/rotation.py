@@ -245,22 +245,25 @@ class LinearRotation:
 
 
 def register_online_hooks(model: torch.nn.Module, config: dict[str, Any], data_type: str = "mx_fp",
-                          buffers: dict[str, torch.Tensor] | None = None) -> list[str]:
+                          buffers: dict[str, torch.Tensor] | None = None,
+                          names: list[str] | None = None) -> list[str]:
     """Load side (upstream's apply_rotation_hooks_from_config, input mode): a pre-hook x <- x · M^T on every
-    nn.Linear not named lm_head. `config` is quantization_config.rotation_config (block_size and hadamard_type are
-    read); for random_hadamard, M is each layer's `hadamard_matrix` (from `buffers` by layer name, or the
-    module's own buffer). Returns the hooked layer names."""
-    cfg = RotationConfig(block_size=config.get("block_size"), hadamard_type=config.get("hadamard_type", "hadamard"))
+    rotated layer. `config` is quantization_config.rotation_config (block_size and hadamard_type are read, the
+    block size resolved as at quantization: None -> 32, 16 for nv_fp); `names` are the rotated layers (default,
+    as upstream: every nn.Linear not named lm_head). For random_hadamard, M is each layer's `hadamard_matrix`
+    (from `buffers` by layer name, or the module's own buffer). Returns the hooked layer names."""
+    cfg = RotationConfig(block_size=config.get("block_size"), hadamard_type=config.get("hadamard_type", "hadamard"),
+                         backend="transform")
     rot = LinearRotation(cfg, data_type)
-    hooked = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "lm_head" in name:
-            continue
+    if names is None:
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    for name in names:
+        module = model.get_submodule(name)
         if rot.random:
             m = (buffers or {}).get(name, getattr(module, "hadamard_matrix", None))
             if m is None:
                 raise ValueError(f"[fastround.rotation] {name}: random_hadamard needs its hadamard_matrix buffer")
-            mt = m.to(torch.float32).T.contiguous()
+            mt = hadamard_from_buffer(m, rot.block_size, name).T.contiguous()  # [b, b] fp32
 
             def hook(mod, args, mt=mt):
                 x = args[0]
@@ -271,5 +274,21 @@ def register_online_hooks(model: torch.nn.Module, config: dict[str, Any], data_t
             module.register_forward_pre_hook(hook, prepend=True)
         else:
             module.register_forward_pre_hook(rot._hook, prepend=True)
-        hooked.append(name)
-    return hooked
+    return list(names)
+
+
+def hadamard_from_buffer(m: torch.Tensor, block_size: int, name: str = "hadamard_matrix") -> torch.Tensor:
+    """A stored random Hadamard matrix M [b, b] as fp32, exact whatever dtype it was loaded in: every entry of
+    diag(d)·T^T is ±1/sqrt(b), so its signs determine it (a model loaded in bf16 casts the buffer, and
+    1/sqrt(32) is not a bf16 number)."""
+    if tuple(m.shape) != (block_size, block_size):
+        raise ValueError(f"[fastround.rotation] {name}: hadamard_matrix has shape {tuple(m.shape)}, expected "
+                         f"[{block_size}, {block_size}] (rotation_config.block_size)")
+    m32 = m.detach().to("cpu", torch.float32)
+    scaled = m32.abs() * block_size ** 0.5
+    if not bool(((scaled - 1).abs() < 1e-2).all()):
+        raise ValueError(f"[fastround.rotation] {name}: hadamard_matrix is not a normalised Hadamard matrix "
+                         f"(entries must be ±1/sqrt({block_size}))")
+    if m.dtype in (torch.float32, torch.float64):
+        return m32
+    return torch.sign(m32) * (1.0 / block_size ** 0.5)
