@@ -322,6 +322,11 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                 names = [n for b in block_names for n in _targets(comp, b)]
                 with collect_imatrix(comp, model, names) as imatrix:  # SignRoundV2 only: the FP forward's imatrix
                     targets = signround.block_outputs(comp, unit, samples, fp_in, cache, dtype)
+                for n in names:
+                    # After the FP targets, before the wrappers (upstream rotates at the first weight qdq of the
+                    # tuning loop): the targets are the unrotated block's, the tuned weights are the rotated ones
+                    # and the layer's online hook rotates their inputs, in tuning and in the chain after it.
+                    comp.rotate_layer(n, _module(model, n))
                 train_in = q_in if (q_in is not None and settings.enable_quanted_input) else fp_in
                 if train_in is not fp_in:
                     fp_in = []  # only the targets needed them: free them before tuning, as upstream does
@@ -379,6 +384,7 @@ def _tune_outside(comp: Compressor, model: torch.nn.Module, fmt: str, outside: l
         _capture(comp, model, None, outside, None, q_in)  # the same batches through the quantized blocks
     for n in outside:
         mod = _module(model, n)
+        comp.rotate_layer(n, mod)  # lm_head never is; another outside layer's target runs through its hook
         if n not in fp_in:  # the calibration pass never reached it: plain RTN, as upstream without inputs
             logger.info("%s: no cached inputs, quantized with RTN", n)
             record_layer(comp, n, mod, comp.layer_config[n], fmt, None, False)

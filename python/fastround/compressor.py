@@ -131,11 +131,6 @@ class Compressor:
         self.quarot_plan = None
         parsed_rotation = parse_rotation_config(rotation_config, str(self.scheme["data_type"]))
         if isinstance(parsed_rotation, RotationConfig):
-            if self.signround is not None:
-                # the per-linear rotation is applied in the RTN block loop; the tuning loop does not rotate yet,
-                # and a checkpoint claiming a rotation its weights lack would load wrong
-                raise NotImplementedError("rotation_config with the per-linear transform backend is implemented for "
-                                          "RTN / OPT-RTN (iters=0) only; 'quarot' composes with SignRound")
             self.rotation = LinearRotation(parsed_rotation, str(self.scheme["data_type"]))
         elif parsed_rotation is not None:
             self.quarot = parsed_rotation

@@ -34,6 +34,18 @@ def rounding_free_qdq(t: torch.Tensor, v: torch.Tensor, thresh: float) -> torch.
     return (scale * (q - zero)).to(t.dtype)
 
 
+def run_pre_hooks(orig: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The wrapped layer's forward pre-hooks on its input, in their order: the online rotations (per-linear
+    transform backend, QuaRot's online R1 / R4) that the layer's weight was rotated for. A wrapper calls linear on
+    the weight directly, so without this the tuned weight would meet unrotated inputs (upstream's WrapperLinear
+    runs them too, before its activation qdq)."""
+    for hook in orig._forward_pre_hooks.values():
+        out = hook(orig, (x,))
+        if out is not None:
+            x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
 class TunedLinear(torch.nn.Module):
     """A Linear / Conv1D during tuning: its weight goes through the C++ qdq with this layer's V and factors."""
 
@@ -69,6 +81,7 @@ class TunedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Conv1D computes x @ W[in, out] + b: the same product as linear with the [out, in] qdq weight.
+        x = run_pre_hooks(self.orig, x)
         bias = self.orig.bias
         if self.bias_v is not None:
             bias = rounding_free_qdq(bias, self.bias_v, self.bias_thresh)
@@ -173,6 +186,7 @@ class TunedFPLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = tune_fp_ops.mx_qdq(self.weight_q, self.v, self.max_scale, self.bits, self.kind)
+        x = run_pre_hooks(self.orig, x)
         if self.act is not None:
             x = tune_fp_ops.mx_qdq(x, None, None, *self.act)
         return torch.nn.functional.linear(x, w, self.orig.bias)

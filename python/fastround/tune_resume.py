@@ -139,6 +139,8 @@ def run_fingerprint(comp: Any) -> dict[str, Any]:
         "scheme": comp.scheme, "layer_config": comp.layer_config, "dataset": _dataset_key(comp.dataset),
         "nsamples": comp.nsamples, "seqlen": comp.seqlen, "batch_size": comp.batch_size, "seed": comp.seed,
         "amp": comp.amp, "signround": {k: str(v) for k, v in vars(s).items()},
+        "rotation": str(comp.rotation.config.model_dump()) if getattr(comp, "rotation", None) is not None else None,
+        "quarot": str(getattr(comp, "quarot", None)),
     }
     fp = {k: _digest(v) for k, v in options.items()}
     fp.update(source_fingerprint(comp.model, comp.source_dir))

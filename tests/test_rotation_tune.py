@@ -1,0 +1,153 @@
+"""SignRound (iters > 0) with rotations against auto-round 0.16.1 (eager, CPU, each upstream run in its own process
+as tests/test_rotation.py does: upstream patches its wrapper classes once per process).
+
+Per-linear transform backend (MXFP4 + `hadamard`): each block's FP targets come from its unrotated layers; then its
+layers are rotated (weight W·Mᵀ, online pre-hook x·Mᵀ) and tuned, the wrapper running the hook before the
+activation qdq, as upstream's patched WrapperLinear does from its first weight qdq on. QuaRot (`"quarot"`) rotates
+the model before the block loop and SignRound tunes the rotated model. Every block's best iteration is after 0, so
+the comparison covers moved parameters, not RTN's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from test_rotation import _UPSTREAM_SCRIPT, _assert_same_rotated_checkpoint, _texts
+
+COMMON = {"disable_model_free": True, "device_map": "cpu", "nsamples": 8, "seqlen": 32, "batch_size": 4}
+BEST = re.compile(r"loss iter 0: ([0-9.e+-]+) -> iter (\d+): ([0-9.e+-]+)")
+
+
+def _upstream(src: Path, out: Path, **kwargs: Any) -> tuple[Path, list[tuple]]:
+    kw = dict(COMMON, dataset=_texts(), src=str(src), **kwargs)
+    run = subprocess.run([sys.executable, "-c", _UPSTREAM_SCRIPT, json.dumps(kw), str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [(float(a), int(i), float(b)) for a, i, b in BEST.findall(run.stdout + run.stderr)]
+    return Path(run.stdout.split("FOLDER=")[-1].strip()), losses
+
+
+def _ours(src: Path, out: Path, caplog: pytest.LogCaptureFixture, keep: bool = False, **kwargs: Any
+          ) -> tuple[Any, Path, list[tuple]]:
+    """keep: quantize() then save_quantized(), so the in-memory model keeps its qdq weights (quantize_and_save
+    packs each layer as soon as it is quantized and frees them)."""
+    from fastround import AutoRound
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastround"):
+        ar = AutoRound(str(src), dataset=_texts(), **COMMON, **kwargs)
+        if keep:
+            ar.quantize()
+            _, folder = ar.save_quantized(str(out), format="auto_round", return_folders=True)
+        else:
+            _, folder = ar.quantize_and_save(str(out), format="auto_round")
+    losses = [(float(a), int(i), float(b)) for a, i, b in BEST.findall(caplog.text)]
+    return ar, Path(folder), losses
+
+
+def _nibble_agreement(ours: Path, theirs: Path) -> tuple[dict[str, float], float]:
+    """Per packed tensor, the fraction of E2M1 values that differ (a zero's sign does not count), and the fraction
+    of E8M0 scales that differ over the checkpoint; every other tensor must be equal."""
+    from safetensors import safe_open
+
+    a = safe_open(str(ours / "model.safetensors"), "pt")
+    b = safe_open(str(theirs / "model.safetensors"), "pt")
+    assert set(a.keys()) == set(b.keys())
+    codes: dict[str, float] = {}
+    scales = scales_total = 0
+    for k in sorted(b.keys()):
+        x, y = a.get_tensor(k), b.get_tensor(k)
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        if k.endswith("weight_packed"):
+            nx, ny = torch.stack([x & 15, x >> 4], -1), torch.stack([y & 15, y >> 4], -1)
+            real = (nx != ny) & ~(((nx & 7) == 0) & ((ny & 7) == 0))
+            codes[k] = float(real.float().mean())
+        elif k.endswith("weight_scale"):
+            scales += int((x != y).sum())
+            scales_total += x.numel()
+        else:
+            assert torch.equal(x, y), k
+    return codes, scales / scales_total
+
+
+def test_mxfp4_hadamard_signround_against_upstream(checkpoint, tmp_path, caplog) -> None:
+    """Not byte-equal (docs/compatibility.md): upstream's online rotation multiplies by a bf16-rounded matrix in
+    bf16, fastround's FWHT runs in fp32 and rounds once, so iteration 0 of block 0 differs in the 4th digit (with
+    upstream's numerics substituted it is equal) and sign-SGD then moves a few percent of the codes differently.
+    Measured: 1-7% of E2M1 values per layer, under 3% of the scales, best losses within 7% of upstream's."""
+    src = checkpoint("llama_aligned")
+    kwargs = {"scheme": "MXFP4", "iters": 6, "lr": 0.02, "rotation_config": "hadamard"}
+    theirs, up_losses = _upstream(src, tmp_path / "up", **kwargs)
+    _, ours, losses = _ours(src, tmp_path / "fr", caplog, **kwargs)
+    assert len(losses) == 2 and min(i for _, i, _ in losses) > 0, losses
+    assert len(up_losses) == 2 and min(i for _, i, _ in up_losses) > 0, up_losses
+    assert ours.relative_to(tmp_path / "fr") == theirs.relative_to(tmp_path / "up")
+    assert abs(losses[0][0] / up_losses[0][0] - 1) < 5e-3  # the same RTN start on the same FP targets
+    for (_, _, mine), (_, _, up) in zip(losses, up_losses):
+        assert abs(mine / up - 1) < 0.1, (losses, up_losses)
+    codes, scales = _nibble_agreement(ours, theirs)
+    assert max(codes.values()) < 0.1 and sum(codes.values()) / len(codes) < 0.05, codes
+    assert scales < 0.05
+    qa = json.loads((ours / "config.json").read_text())["quantization_config"]
+    qb = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    assert qa == qb and qa["rotation_config"]["hadamard_type"] == "hadamard"
+
+
+def test_w4a16_quarot_signround_loads_and_beats_rtn(checkpoint, tmp_path, caplog) -> None:
+    """"quarot" on the aligned Llama (hidden 160: R1 off as upstream decides, R2 per head of 32) tuned by
+    SignRound. Not compared with upstream: with a "quarot" rotation_config upstream 0.16.1 tunes 200 iterations at
+    its default lr whatever iters / lr say (both are SpinQuantConfig fields too, so its argument router drops
+    them; 8 minutes here). Instead: every
+    block's best loss is below its iteration 0 (RTN), and the saved checkpoint, loaded through fastround's
+    transformers integration, computes the in-memory quantized model's logits."""
+    from fastround.hf import load_quantized
+
+    # fp32 throughout (source, tuning, qdq weights): a bf16 qdq weight is the fp16 scale times the code rounded to
+    # bf16, which the packed layer's exact dequantization does not reproduce
+    src = checkpoint("llama_aligned", "float32")
+    kwargs = {"scheme": "W4A16", "iters": 8, "lr": 0.02, "rotation_config": "quarot", "amp": False}
+    ar, ours, losses = _ours(src, tmp_path / "fr", caplog, keep=True, **kwargs)
+    assert len(losses) == 2 and all(i > 0 and best < first for first, i, best in losses), losses
+    q = json.loads((ours / "config.json").read_text())["quantization_config"]
+    assert q["spinquant_config"]["r2"] is True and q["spinquant_config"]["r1"] is False and q["iters"] == 8
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ar.model(ids).logits
+        loaded = load_quantized(ours, dtype=torch.float32)
+        got = loaded(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_wrappers_run_the_online_rotation() -> None:
+    """A tuned layer (INT and MXFP) feeds its weight the input as the layer's pre-hooks leave it, and the gradient
+    reaches the input through the Hadamard op (its autograd formula is the transposed map)."""
+    from fastround import rotation as R
+    from fastround.tune_layers import tuned_layer
+    from fastround.tune_settings import SignRoundSettings
+
+    torch.manual_seed(0)
+    rot = R.LinearRotation(R.RotationConfig(hadamard_type="random_hadamard", block_size=32), "mx_fp")
+    for cfg in ({"bits": 4, "group_size": 32, "sym": True, "data_type": "int"},
+                {"bits": 4, "group_size": 32, "sym": True, "data_type": "mx_fp"}):
+        lin = torch.nn.Linear(64, 16, bias=False)
+        rot.rotated.discard("x")
+        rot.rotate_module("x", lin)
+        tl = tuned_layer(lin, cfg, SignRoundSettings(iters=2), torch.device("cpu"))
+        x = torch.randn(3, 64, dtype=torch.float64).float().requires_grad_(True)
+        y = tl(x)
+        with torch.no_grad():
+            w = tl.final(None)[0]
+        torch.testing.assert_close(y, torch.nn.functional.linear(rot.apply(x.detach()), w), rtol=0, atol=1e-6)
+        g = torch.randn_like(y)
+        y.backward(g)
+        want = ((g @ w).reshape(3, 2, 32) @ rot.matrix).reshape(3, 64)  # per 32-block: (x·Mᵀ)ᵀ gradient
+        torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-5)
