@@ -261,12 +261,46 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     row = run_row(ctx, scheme, label, rotation)
                 results["rows"].append(row)
+                if args.json is not None:  # rows so far, so that a run cut short keeps what it measured
+                    args.json.write_text(json.dumps(results, indent=1) + "\n")
                 if row["ppl"] is None:
                     continue
                 logger.info("%s %s %s %s: held-out perplexity %.4f in memory (activations %s; saved %s), "
                             "quantize %.1f s", args.tool, scheme, label, rotation, row["ppl"],
                             "quantized" if row["act_quantized"] else "bf16", row["ppl_saved"], row["quantize_s"])
     return results
+
+
+def _cell(row: dict[str, Any] | None, key: str = "ppl") -> str:
+    if row is None:
+        return "not run"
+    if row.get("refused"):
+        return "refused"
+    value = row.get(key)
+    return "–" if value is None else f"{value:.3f}" + (" (A4)" if key == "ppl" and row.get("act_quantized") else "")
+
+
+def print_table(paths: list[Path]) -> None:
+    """The markdown comparison of fastround and upstream results files (rows keyed by scheme, method, rotation):
+    each tool's in-memory score ("(A4)" where its model quantizes activations), fastround's with its activation qdq
+    added where its model kept bf16 activations, and the ratio of like for like."""
+    rows: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        for row in data["rows"]:
+            rows.setdefault((row["scheme"], row["method"], row.get("rotation", "none")), {})[data["tool"]] = row
+    print("| weights | method | rotation | fastround | fastround + act qdq | upstream auto-round 0.16.1 | "
+          "fastround / upstream |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for (scheme, method, rotation), tools in rows.items():
+        ours, theirs = tools.get("fastround"), tools.get("upstream")
+        ratio = "–"
+        if ours and theirs and ours.get("ppl") is not None and theirs.get("ppl") is not None:
+            # like for like: fastround's act-qdq score where upstream's model quantizes activations and ours does not
+            mine = ours["ppl_act_qdq"] if theirs.get("act_quantized") and ours.get("ppl_act_qdq") else ours["ppl"]
+            ratio = f"{mine / theirs['ppl']:.4f}"
+        print(f"| {scheme} | {method} | {rotation} | {_cell(ours)} | {_cell(ours, 'ppl_act_qdq')} | "
+              f"{_cell(theirs)} | {ratio} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -298,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="also save each row (fake: reload and score it; auto_round: check the folder)")
     run.add_argument("--tmp", type=Path, default=None, help="parent of the temporary output folders")
     run.add_argument("--json", type=Path, default=None, help="also write the results here")
+    table = sub.add_parser("table", help="print the markdown comparison of results files written by run --json")
+    table.add_argument("json_files", type=Path, nargs="+")
+
     # internal: one row, its arguments as JSON, in a fresh process (see _row_in_subprocess)
     row = sub.add_parser("row")
     row.add_argument("spec")
@@ -307,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "calibration":
         write_calibration(args)
+        return
+    if args.command == "table":
+        print_table(args.json_files)
         return
     if args.command == "row":
         spec = json.loads(args.spec)
