@@ -275,7 +275,7 @@ def _cell(row: dict[str, Any] | None, key: str = "ppl") -> str:
     if row is None:
         return "not run"
     if row.get("refused"):
-        return "refused"
+        return "refused" if key == "ppl" else "–"
     value = row.get(key)
     return "–" if value is None else f"{value:.3f}" + (" (A4)" if key == "ppl" and row.get("act_quantized") else "")
 
