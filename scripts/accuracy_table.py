@@ -292,7 +292,10 @@ def print_table(paths: list[Path]) -> None:
     print("| weights | method | rotation | fastround | fastround + act qdq | upstream auto-round 0.16.1 | "
           "fastround / upstream |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    for (scheme, method, rotation), tools in rows.items():
+    schemes = list(dict.fromkeys(k[0] for k in rows))
+    order = {k: (list(METHODS).index(k[1]) if k[1] in METHODS else len(METHODS), schemes.index(k[0]),
+                 list(ROTATIONS).index(k[2]) if k[2] in ROTATIONS else len(ROTATIONS)) for k in rows}
+    for (scheme, method, rotation), tools in sorted(rows.items(), key=lambda kv: order[kv[0]]):
         ours, theirs = tools.get("fastround"), tools.get("upstream")
         ratio = "–"
         if ours and theirs and ours.get("ppl") is not None and theirs.get("ppl") is not None:
