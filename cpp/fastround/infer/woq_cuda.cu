@@ -730,8 +730,12 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
     bad(site, "tuning unroll must be 0, 2, 4, 8 or 16, got " + std::to_string(tune.unroll));
   if (tune.split < 0 || tune.split > kMaxSplit)
     bad(site, "tuning split must be 0..8, got " + std::to_string(tune.split));
-  const int unroll = m == 1 && tune.unroll != 0 ? tune.unroll : kBatch;
-  const int split = m == 1 ? tune.split : 0;
+  // Batch-1 defaults from the H200 sweep (woq_cuda_bench.py --sweep, docs/performance.md): GPTQ words at 4 and 8 bits
+  // run best with 4 loads in flight and 2 blocks per cluster on the 8B shapes (geometric mean 1.59x / 1.21x bf16
+  // against 1.25x / 0.91x for 8 and the occupancy-chosen split); AWQ keeps 8 and the chosen split.
+  const bool gptq48 = w.layout != WoqLayout::Awq && (w.bits == 4 || w.bits == 8);
+  const int unroll = m != 1 ? kBatch : tune.unroll != 0 ? tune.unroll : gptq48 ? 4 : kBatch;
+  const int split = m != 1 ? 0 : tune.split != 0 ? tune.split : gptq48 ? 2 : 0;
   GemvArgs a{};
   a.qweight = w.qweight;
   a.qzeros = w.qzeros;

@@ -3,8 +3,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
+
 #include <cmath>
+#include <mutex>
+#include <set>
+#include <utility>
 #include <stdexcept>
 #include <string>
 
@@ -364,18 +367,20 @@ int smem_optin(const char* site) {
   return bytes;
 }
 
-// Lets the kernel use the device's whole opt-in shared memory, once per device (an idempotent call, so racing threads
-// agree), not every call: after a warm-up, capturing the op in a CUDA graph makes no attribute call.
-constexpr int kMaxDevices = 64;
+// Lets the kernel use the device's whole opt-in shared memory, once per (kernel, device), not every call: after a
+// warm-up, capturing the op in a CUDA graph makes no attribute call. Keyed by the kernel's address: every
+// instantiation shares one function type, so a per-type flag would let the first kernel raised stand for all.
 template <typename Kernel>
 void raise_smem_limit(Kernel kernel, const char* site) {
-  static std::atomic<bool> done[kMaxDevices] = {};
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
   int device = 0;
   check_launch(site, cudaGetDevice(&device));
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  if (cacheable && done[device].load()) return;
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key)) return;
   check_launch(site, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin(site)));
-  if (cacheable) done[device].store(true);
+  done.insert(key);
 }
 
 template <typename IO>
