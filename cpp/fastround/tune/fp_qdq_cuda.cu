@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "fastround/common/convert.h"
+#include "fastround/tune/cuda_elements.cuh"
 #include "fastround/common/error.h"
 
 namespace fastround::tune {
@@ -27,26 +28,9 @@ constexpr int64_t kMaxBlocks = 1 << 20;
 constexpr int G = static_cast<int>(kMxGroup);
 constexpr float kLn2 = static_cast<float>(0.6931471805599453);
 
-template <DType D>
-__device__ __forceinline__ float load_el(const void* p, int64_t i) {
-  if constexpr (D == DType::F32) return static_cast<const float*>(p)[i];
-  else if constexpr (D == DType::BF16) return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-  else return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
-}
-
-template <DType D>
-__device__ __forceinline__ void store_el(void* p, int64_t i, float x) {
-  if constexpr (D == DType::F32) static_cast<float*>(p)[i] = x;
-  else if constexpr (D == DType::BF16) static_cast<uint16_t*>(p)[i] = float_to_bf16(x);
-  else static_cast<uint16_t*>(p)[i] = float_to_fp16(x);
-}
-
-template <DType D>
-__device__ __forceinline__ float round_to(float x) {
-  if constexpr (D == DType::BF16) return bf16_to_float(float_to_bf16(x));
-  else if constexpr (D == DType::F16) return fp16_to_float(float_to_fp16(x));
-  else return x;
-}
+using cuda::load_el;
+using cuda::round_to;
+using cuda::store_el;
 
 __device__ __forceinline__ float d_clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 __device__ __forceinline__ float d_max(float a, float b) { return a < b ? b : a; }
