@@ -7,6 +7,13 @@ loaded auto_round checkpoint has; embeddings, norms and lm_head stay bf16 in bot
 
     python3 benchmarks/inference.py --device cpu --threads 16 --layers 32 --json benchmarks/results/inference-cpu16.json
     python3 benchmarks/inference.py --device cuda:0 --layers 32 --json benchmarks/results/inference-h200.json
+    python3 benchmarks/inference.py --device cuda:0 --layers 32 --hooks transform,quarot --json ...
+
+`--hooks` also times the W4 model's decode with the online rotation hooks a rotated checkpoint loads with (issue
+12's <= 10% target): `transform` is the per-linear backend (x <- x·M^T per 32-block before every decoder linear,
+rotation.register_online_hooks), `quarot` QuaRot's default online part (R4: a 14336-wide fp32 Hadamard, K=28,
+before every down_proj; R1 and R2 are fused into the weights), `quarot_r1` adds the online R1 (4096-wide, before
+q/k/v/gate/up) of fuse_online_to_weight=False.
 """
 
 from __future__ import annotations
@@ -64,6 +71,35 @@ def quantize_random(model: torch.nn.Module, group_size: int, device: str) -> tor
     return model
 
 
+def add_hooks(model: torch.nn.Module, kind: str) -> list[Any]:
+    """Registers the online rotation pre-hooks of `kind` on the decoder linears; returns their handles."""
+    from fastround import quarot, rotation
+
+    handles: list[Any] = []
+    before = {id(m): dict(m._forward_pre_hooks) for m in model.modules()}
+    if kind == "transform":
+        names = [n for n, m in model.named_modules() if n.startswith("model.layers.") and hasattr(m, "in_features")]
+        rotation.register_online_hooks(model, {"block_size": 32, "hadamard_type": "hadamard"}, "mx_fp", names=names)
+    elif kind in ("quarot", "quarot_r1"):
+        for layer in model.model.layers:
+            layer.mlp.down_proj.register_forward_pre_hook(quarot.online_hook("r4", 14336, 28), prepend=True)
+            if kind == "quarot_r1":
+                for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                          layer.mlp.up_proj):
+                    m.register_forward_pre_hook(quarot.online_hook("r1", 4096, 1), prepend=True)
+    else:
+        raise SystemExit(f"--hooks: unknown kind {kind!r} (transform, quarot, quarot_r1)")
+    for m in model.modules():  # handles of what was just added, so the next kind starts from the plain model
+        for hid in set(m._forward_pre_hooks) - set(before.get(id(m), {})):
+            handles.append((m, hid))
+    return handles
+
+
+def remove_hooks(handles: list[Any]) -> None:
+    for m, hid in handles:
+        m._forward_pre_hooks.pop(hid, None)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -106,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new_tokens", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--hooks", default="", help="comma list of online rotation hooks to time on the W4 model: "
+                    "transform, quarot, quarot_r1")
+    ap.add_argument("--skip_bf16", action="store_true", help="time only the W4 model (and its hooks)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -119,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                            "vocab": args.vocab, "group_size": args.group_size, "torch": torch.__version__,
                            "machine": platform.platform(),
                            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
-    res["bf16_decode_tok_s"] = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab)
-    res["bf16_prefill_s"] = prefill_seconds(model, args.device, args.prefill, args.vocab, args.repeat)
-    print(f"bf16: decode {res['bf16_decode_tok_s']:.2f} tok/s, prefill {args.prefill} in {res['bf16_prefill_s']:.3f} s",
-          flush=True)
+    if not args.skip_bf16:
+        res["bf16_decode_tok_s"] = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab)
+        res["bf16_prefill_s"] = prefill_seconds(model, args.device, args.prefill, args.vocab, args.repeat)
+        print(f"bf16: decode {res['bf16_decode_tok_s']:.2f} tok/s, prefill {args.prefill} in "
+              f"{res['bf16_prefill_s']:.3f} s", flush=True)
     model = quantize_random(model, args.group_size, args.device)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -130,11 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     res["w4_prefill_s"] = prefill_seconds(model, args.device, args.prefill, args.vocab, args.repeat)
     fallbacks = sum(1 for m in model.modules() if isinstance(m, ql.QuantLinear) and not m._woq_ok)
     res["layers_on_reference_path"] = fallbacks
-    res["decode_speedup"] = res["w4_decode_tok_s"] / res["bf16_decode_tok_s"]
-    res["prefill_ratio"] = res["w4_prefill_s"] / res["bf16_prefill_s"]
-    print(f"w4g{args.group_size}: decode {res['w4_decode_tok_s']:.2f} tok/s ({res['decode_speedup']:.2f}x bf16), "
-          f"prefill {res['w4_prefill_s']:.3f} s ({res['prefill_ratio']:.2f}x bf16's time), "
-          f"{fallbacks} layers on the reference path", flush=True)
+    if not args.skip_bf16:
+        res["decode_speedup"] = res["w4_decode_tok_s"] / res["bf16_decode_tok_s"]
+        res["prefill_ratio"] = res["w4_prefill_s"] / res["bf16_prefill_s"]
+        print(f"w4g{args.group_size}: decode {res['w4_decode_tok_s']:.2f} tok/s ({res['decode_speedup']:.2f}x "
+              f"bf16), prefill {res['w4_prefill_s']:.3f} s ({res['prefill_ratio']:.2f}x bf16's time), "
+              f"{fallbacks} layers on the reference path", flush=True)
+    else:
+        print(f"w4g{args.group_size}: decode {res['w4_decode_tok_s']:.2f} tok/s", flush=True)
+    for kind in filter(None, args.hooks.split(",")):
+        handles = add_hooks(model, kind)
+        tok_s = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab)
+        remove_hooks(handles)
+        plain = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab)  # same conditions
+        res[f"w4_{kind}_hooks_decode_tok_s"] = tok_s
+        res[f"w4_plain_decode_tok_s_beside_{kind}"] = plain
+        res[f"{kind}_hooks_step_overhead"] = plain / tok_s - 1.0
+        print(f"w4 + {kind} hooks ({len(handles)}): decode {tok_s:.2f} tok/s against {plain:.2f} without: step "
+              f"+{100 * (plain / tok_s - 1):.1f}%", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
