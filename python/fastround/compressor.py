@@ -233,6 +233,11 @@ class Compressor:
 
         try:
             if self.signround is not None:
+                if self.rotation is not None:
+                    from fastround.signround import amp_of
+
+                    # upstream builds its activation rotation in the dtype the model was loaded in
+                    self.rotation.use_tuning_numerics(next(model.parameters()).dtype, amp_of(self, dtype))
                 if cast_to is not None:
                     model.to(cast_to)  # tuning forwards whole blocks and the chain: cast once, as upstream
                 blockloop.run_tuned(self, model, fmt)
@@ -240,6 +245,8 @@ class Compressor:
                 blockloop.run(self, model, fmt, cast_to)
         finally:
             self._packer = None
+            if self.rotation is not None:
+                self.rotation.use_tuning_numerics(None)
         self.quantized = True
         return model, self.layer_config
 

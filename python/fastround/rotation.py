@@ -13,6 +13,7 @@ vector x · M^T is the column vector M·x = diag(d)·T^T·x.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, fields
@@ -182,7 +183,12 @@ class LinearRotation:
             self.hadamard_k = None
             self.matrix = T.deterministic_hadamard_matrix(b)
         self.rotated: set[str] = set()
+        # None: the online hook is the FWHT in fp32 rounded once (inference, loading, RTN); a dtype: SignRound's
+        # tuning numerics (use_tuning_numerics)
+        self.tuning_dtype: torch.dtype | None = None
+        self.tuning_amp: torch.dtype | None = None  # autocast dtype of the tuning forwards (weight rotation)
         self._device_matrices: dict[torch.device, torch.Tensor] = {}
+        self._tuning_matrices: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._device_operands: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     # -- the map x -> x · M^T on every b-long chunk of the last dimension -----------------------------------------
@@ -201,6 +207,48 @@ class LinearRotation:
         shape = x.shape
         xb = x.reshape(-1, shape[-1] // self.block_size, self.block_size).float()
         return (xb @ self._matrix_t_on(x.device)).reshape(shape).to(x.dtype)
+
+    def use_tuning_numerics(self, load_dtype: torch.dtype | None, amp: torch.dtype | None = None) -> None:
+        """While SignRound tunes, the online hook computes what upstream's patched WrapperLinear / WrapperWALayer
+        compute, so that the tuned codes are upstream's bytes (load_dtype: the model's dtype as loaded; None
+        restores the FWHT, and the in-memory model then computes what its checkpoint loads as). Upstream's
+        activation transform is one dense matmul per b-long chunk, cast back to the activation's dtype, and its
+        autograd is that matmul's:
+          hadamard:        x.to(load_dtype) @ M, M rounded to load_dtype (bf16: ±0.17676 for ±1/sqrt(32));
+          random_hadamard: x.to(fp32) @ M.T, M in fp32 (upstream's factory drops the random class's keyword
+                           arguments, precision among them).
+        The bf16 product differs from the fp32 FWHT in the last bit of about 2% of values, and sign-SGD turns
+        that into a few percent of the codes; the fp32 one differs from it by FMA order only."""
+        self.tuning_amp = amp
+        if load_dtype is None:
+            self.tuning_dtype = None
+        else:
+            self.tuning_dtype = torch.float32 if self.random else load_dtype
+
+    def _rotate_weight_as_tuned(self, w: torch.Tensor) -> torch.Tensor:
+        """Upstream's weight rotation under SignRound: its patched WrapperLinear rotates at the first weight qdq,
+        inside the tuning forward's autocast, so its fp32 product `w.float() @ M.T` runs as a matmul in the amp
+        dtype (M rounded to it: bf16 ±0.17676), cast to the weight's dtype. Without amp: the fp32 product."""
+        m = self.matrix.to(w.device)
+        amp = self.tuning_amp
+        with torch.autocast(w.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+            rotated = w.reshape(-1, self.block_size).to(torch.float32) @ m.T  # [out * in / b, b]
+        return rotated.reshape(w.shape).to(w.dtype)
+
+    def online(self, x: torch.Tensor) -> torch.Tensor:
+        """The online activation rotation x -> x · M^T of a rotated layer (its forward pre-hook)."""
+        dtype = self.tuning_dtype
+        if dtype is None:
+            return self.apply(x)
+        b = self.block_size
+        if x.shape[-1] % b:
+            raise ValueError(f"[fastround.rotation] last dimension {x.shape[-1]} is not a multiple of block_size {b}")
+        key = (x.device, dtype)
+        m = self._tuning_matrices.get(key)
+        if m is None:
+            m = self._tuning_matrices[key] = self.matrix.to(x.device, dtype)  # [b, b] M
+        # the operand exactly as upstream passes it (a transposed view for random: BLAS's transposed path)
+        return (x.reshape(-1, b).to(dtype) @ (m.T if self.random else m)).reshape(x.shape).to(x.dtype)
 
     def _operands_on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """hadamard_k and signs as int8 on `device`, copied once: the CUDA op then neither copies nor waits per call
@@ -231,13 +279,16 @@ class LinearRotation:
         if w.shape[-1] % self.block_size:
             raise ValueError(f"[fastround.rotation] {name}: in_features {w.shape[-1]} is not a multiple of the "
                              f"rotation block_size {self.block_size}")
-        rotated = self.apply(w.to(torch.float32)).to(w.dtype)
+        if self.tuning_dtype is None:
+            rotated = self.apply(w.to(torch.float32)).to(w.dtype)
+        else:
+            rotated = self._rotate_weight_as_tuned(w)
         module.weight.data = rotated
         module.register_forward_pre_hook(self._hook, prepend=True)
         self.rotated.add(name)
 
     def _hook(self, module: torch.nn.Module, args: tuple) -> tuple:
-        return (self.apply(args[0]),) + tuple(args[1:])
+        return (self.online(args[0]),) + tuple(args[1:])
 
     def export_buffer(self, name: str) -> torch.Tensor | None:
         """`hadamard_matrix` [b, b] fp32 (= M) for a rotated layer of a random rotation, else None."""

@@ -105,7 +105,7 @@ class Blocks(torch.nn.Module):
         return hidden
 
 
-def _amp(comp: Compressor, dtype: torch.dtype) -> torch.dtype | None:
+def amp_of(comp: Compressor, dtype: torch.dtype) -> torch.dtype | None:
     """The autocast dtype of tuning forwards, None for none (amp off, or an fp32 model)."""
     return dtype if comp.amp and dtype != torch.float32 else None
 
@@ -115,7 +115,7 @@ def _autocast_to(device_type: str, amp: torch.dtype | None) -> Any:
 
 
 def _autocast(comp: Compressor, device: torch.device, dtype: torch.dtype) -> Any:
-    return _autocast_to(device.type, _amp(comp, dtype))
+    return _autocast_to(device.type, amp_of(comp, dtype))
 
 
 def block_outputs(comp: Compressor, block: torch.nn.Module, samples: Samples, hidden: list[torch.Tensor],
@@ -365,7 +365,7 @@ def tune_block(comp: Compressor, root: torch.nn.Module, block: torch.nn.Module, 
             from fastround import alg_ext
 
             loss_fn = alg_ext.loss_fn(comp, block_loss)
-        amp = _amp(comp, dtype)
+        amp = amp_of(comp, dtype)
         # On the device once: a pageable host-to-device copy per step would wait for the queued work.
         masks = [m.to(dev) for m in samples.masks] if samples.masks is not None else None
         valid = [int(m.sum()) for m in samples.masks] if samples.masks is not None else []  # tokens the loss counts
