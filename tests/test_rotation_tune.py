@@ -1,12 +1,12 @@
 """SignRound (iters > 0) with rotations against auto-round 0.16.1 (eager, CPU, each upstream run in its own process
 as tests/test_rotation.py does: upstream patches its wrapper classes once per process).
 
-Per-linear transform backend (MXFP4 + `hadamard` / `random_hadamard`): each block's FP targets come from its unrotated layers; then its
-layers are rotated (weight W·Mᵀ, online pre-hook x·Mᵀ) and tuned, the wrapper running the hook before the
-activation qdq, as upstream's patched WrapperLinear does from its first weight qdq on, with upstream's products
-while tuning (byte-equal checkpoints). QuaRot (`"quarot"`) rotates
-the model before the block loop and SignRound tunes the rotated model. Every block's best iteration is after 0, so
-the comparison covers moved parameters, not RTN's.
+Per-linear transform backend (MXFP4 + `hadamard` / `random_hadamard`): each block's FP targets come from its
+unrotated layers; then its layers are rotated (weight W·Mᵀ, online pre-hook x·Mᵀ) and tuned, the wrapper running
+the hook before the activation qdq, as upstream's patched WrapperLinear does from its first weight qdq on, with
+upstream's products while tuning (byte-equal checkpoints). QuaRot (`"quarot"`) rotates the model before the block
+loop and SignRound tunes the rotated model. Every block's best iteration is after 0, so the comparison covers moved
+parameters, not RTN's.
 """
 
 from __future__ import annotations

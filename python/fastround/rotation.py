@@ -209,16 +209,17 @@ class LinearRotation:
         return (xb @ self._matrix_t_on(x.device)).reshape(shape).to(x.dtype)
 
     def use_tuning_numerics(self, load_dtype: torch.dtype | None, amp: torch.dtype | None = None) -> None:
-        """While SignRound tunes, the online hook computes what upstream's patched WrapperLinear / WrapperWALayer
-        compute, so that the tuned codes are upstream's bytes (load_dtype: the model's dtype as loaded; None
-        restores the FWHT, and the in-memory model then computes what its checkpoint loads as). Upstream's
-        activation transform is one dense matmul per b-long chunk, cast back to the activation's dtype, and its
-        autograd is that matmul's:
+        """While SignRound tunes, the weight rotation and the online hook compute what upstream's patched
+        WrapperLinear / WrapperWALayer compute, so that the tuned codes are upstream's bytes. load_dtype: the
+        model's dtype as loaded (None restores the FWHT: the in-memory model then computes what its checkpoint
+        loads as); amp: the autocast dtype of the tuning forwards (None: none). Upstream's activation transform is
+        one dense matmul per b-long chunk, cast back to the activation's dtype, run under the caller's autocast,
+        with that matmul's autograd:
           hadamard:        x.to(load_dtype) @ M, M rounded to load_dtype (bf16: ±0.17676 for ±1/sqrt(32));
           random_hadamard: x.to(fp32) @ M.T, M in fp32 (upstream's factory drops the random class's keyword
-                           arguments, precision among them).
-        The bf16 product differs from the fp32 FWHT in the last bit of about 2% of values, and sign-SGD turns
-        that into a few percent of the codes; the fp32 one differs from it by FMA order only."""
+                           arguments, precision among them), a bf16 matmul under bf16 autocast.
+        Its weight rotation is _rotate_weight_as_tuned. In bf16 either differs from the fp32 FWHT in the last bit
+        of a few percent of values, which sign-SGD turns into a few percent of the codes."""
         self.tuning_amp = amp
         if load_dtype is None:
             self.tuning_dtype = None
