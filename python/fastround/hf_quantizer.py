@@ -24,7 +24,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 logger = logging.getLogger("fastround")
 
 _ST_DTYPES = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-              "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64}
+              "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I8": torch.int8}
 
 
 class FastroundQuantConfig(QuantizationConfigMixin):
