@@ -112,6 +112,8 @@ def test_config_fields() -> None:
     Q.install_r3(model.model.layers[0].self_attn, 16, None)
     with pytest.raises(ValueError, match="already installed"):
         Q.install_r3(model.model.layers[0].self_attn, 16, None)
+    with pytest.raises(NotImplementedError, match="apply_rotary_pos_emb"):  # e.g. OPT's attention: no RoPE
+        Q.install_r3(model.model.layers[0].mlp, 16, None)
 
 
 # Checkpoints: online R1 and R4 in blocks of 32 (hidden 160, intermediate 96), R2 and R3 on head_dim 32, all random

@@ -117,12 +117,12 @@ def _hook(block_map: _BlockMap):
     return pre_hook
 
 
-def online_hook(position: str, size: int, k: int = 1, signs: torch.Tensor | None = None):
-    """The online pre-hook of R1 (x <- x·M per size-block, in x's dtype) or R4 (the same in fp32, as upstream's R4
-    hook runs whatever the activation dtype): M = Tᵀ, or diag(signs)·Tᵀ for a random matrix, T built on SpinQuant's
-    K matrix of order k (1: Sylvester)."""
+def online_hook(position: str, size: int, k: int = 1):
+    """The fixed online pre-hook of R1 (x <- x·Tᵀ per size-block, in x's dtype) or R4 (the same in fp32, as
+    upstream's R4 hook runs whatever the activation dtype), T built on SpinQuant's K matrix of order k (1:
+    Sylvester). A random matrix's hook is _hook(RandomRotation.block_map(...))."""
     hk = T.spinquant_matrix(k) if k > 1 else None
-    return _hook(_BlockMap(size, hk, signs, fp32=position == "r4"))
+    return _hook(_BlockMap(size, hk, None, fp32=position == "r4"))
 
 
 @dataclass
