@@ -72,6 +72,10 @@ def test_random_signs_go_through_the_kernel() -> None:
         assert torch.equal(back.matrix, rot.matrix) and torch.equal(back.signs, rot.signs)
     with pytest.raises(ValueError, match="not a random Hadamard"):
         Q.RandomRotation.from_stored(torch.ones(32, 32, dtype=torch.int8), "m")
+    one_off = rot.matrix.sign().to(torch.int8)
+    one_off[40, 77] *= -1
+    with pytest.raises(ValueError, match="not a random Hadamard"):
+        Q.RandomRotation.from_stored(one_off, "m")
 
 
 @pytest.mark.parametrize("fields", [

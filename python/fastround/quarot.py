@@ -19,6 +19,7 @@ returns x·Tᵀ."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import types
@@ -127,10 +128,9 @@ def online_hook(position: str, size: int, k: int = 1):
 
 @dataclass
 class RandomRotation:
-    """Upstream's random_hadamard_matrix(n): M = diag(d)·Tᵀ, T = (H_K ⊗ H_2^m)/sqrt(n) on SpinQuant's K, in fp64
-    rounded to fp32 (what it stores and every weight rotation multiplies by); d the ±1 signs."""
+    """Upstream's random_hadamard_matrix(n): M = diag(d)·Tᵀ, T = (H_K ⊗ H_2^m)/sqrt(n) on SpinQuant's K, built in
+    fp64 and stored in fp32 (what every weight rotation multiplies by); d the ±1 signs, all the online maps need."""
 
-    matrix: torch.Tensor  # [n, n] fp32
     signs: torch.Tensor  # [n] int8
 
     @property
@@ -141,36 +141,49 @@ class RandomRotation:
     def k(self) -> int:
         return T.spinquant_divisor(self.n)
 
+    @functools.cached_property
+    def matrix(self) -> torch.Tensor:
+        """M [n, n] fp32: every entry ±1/sqrt(n) rounded once from fp64, as upstream's fp64 build then cast."""
+        scale = torch.tensor(1.0 / math.sqrt(self.n), dtype=torch.float64).to(torch.float32)
+        t_t = _transposed_t(self.n, torch.float32)
+        return t_t.mul_(self.signs.to(torch.float32)[:, None]).mul_(scale)
+
     @staticmethod
     def draw(n: int, device: torch.device) -> "RandomRotation":
         """One draw from the global torch RNG of `device`, as upstream (randint(0, 2) in fp64, then 2d - 1)."""
-        d = (torch.randint(0, 2, (n,), dtype=torch.float64, device=device) * 2 - 1).cpu()
-        return RandomRotation(((_transposed_t(n) * d[:, None]) / math.sqrt(n)).to(torch.float32), d.to(torch.int8))
+        d = torch.randint(0, 2, (n,), dtype=torch.float64, device=device) * 2 - 1
+        return RandomRotation(d.cpu().to(torch.int8))
 
     @staticmethod
     def from_stored(m: torch.Tensor, what: str) -> "RandomRotation":
         """Back from a stored matrix (int8 sign(M) of a checkpoint's type-1 buffer, or M itself in any float
-        dtype): d is read off the first column and the whole matrix must then be diag(d)·sign(Tᵀ)."""
-        n = int(m.shape[0])
-        if m.dim() != 2 or m.shape[1] != n or T.spinquant_divisor(n) == 0:
+        dtype): d is read off the first column; sign(M) must then be diag(d)·sign(Tᵀ), checked exactly on two
+        integer probe vectors (sign(M)·v against d·(Tᵀ·v) by the FWHT, both exact in fp64) without an n×n copy."""
+        if m.dim() != 2 or m.shape[0] != m.shape[1] or T.spinquant_divisor(int(m.shape[0])) == 0:
             raise ValueError(f"fastround: {what} has shape {tuple(m.shape)}, not [n, n] with n = K·2^m")
-        signs_of_m = m.detach().cpu().to(torch.float64).sign()
-        t_t = _transposed_t(n)
-        d = signs_of_m[:, 0] * t_t[:, 0]
-        if not torch.equal(signs_of_m, t_t * d[:, None]):
+        n, k = int(m.shape[0]), T.spinquant_divisor(int(m.shape[0]))
+        hk = T.spinquant_matrix(k) if k > 1 else None
+        m = m.detach().cpu()
+        probes = torch.randint(1, 1 << 12, (3, n), generator=torch.Generator().manual_seed(0)).to(torch.float64)
+        probes[0] = 0
+        probes[0, 0] = 1  # e_0: its image is column 0 of Tᵀ, which gives d
+        t_probes = T.hadamard_transform(probes, n, hk, transpose=True, normalize=False)  # rows (Tᵀ·v)ᵀ
+        m_probes = torch.cat([m[i:i + 1024].to(torch.float64).sign() @ probes.t() for i in range(0, n, 1024)])
+        d = m_probes[:, 0] * t_probes[0]
+        if not torch.equal(m_probes, d[:, None] * t_probes.t()):
             raise ValueError(f"fastround: {what} is not a random Hadamard matrix diag(±1)·Tᵀ (SpinQuant's T of "
                              f"order {n}); fastround applies a random rotation through the FWHT with its signs")
-        return RandomRotation(((t_t * d[:, None]) / math.sqrt(n)).to(torch.float32), d.to(torch.int8))
+        return RandomRotation(d.to(torch.int8))
 
     def block_map(self, fp32: bool) -> _BlockMap:
         k = self.k
         return _BlockMap(self.n, T.spinquant_matrix(k) if k > 1 else None, self.signs, fp32)
 
 
-def _transposed_t(n: int) -> torch.Tensor:
-    """Unnormalised Tᵀ [n, n] fp64 (±1): row i is e_i through the kernel (e_i·Tᵀ)."""
+def _transposed_t(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Unnormalised Tᵀ [n, n] (±1, exact in any float dtype): row i is e_i through the kernel (e_i·Tᵀ)."""
     k = T.spinquant_divisor(n)
-    return T.hadamard_transform(torch.eye(n, dtype=torch.float64), n, T.spinquant_matrix(k) if k > 1 else None,
+    return T.hadamard_transform(torch.eye(n, dtype=dtype), n, T.spinquant_matrix(k) if k > 1 else None,
                                 normalize=False)
 
 
@@ -421,9 +434,15 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
                 layer.mlp.up_proj)]
             writers = [lin for layer in layers for lin in (layer.self_attn.o_proj, layer.mlp.down_proj)]
             for lin in readers:
-                _rotate_in(lin, r1) if m1 is None else _rotate_in_by(lin, m1)
+                if m1 is None:
+                    _rotate_in(lin, r1)
+                else:
+                    _rotate_in_by(lin, m1)
             for lin in writers:
-                _rotate_out(lin, r1) if m1 is None else _rotate_out_by(lin, m1)
+                if m1 is None:
+                    _rotate_out(lin, r1)
+                else:
+                    _rotate_out_by(lin, m1)
         elif do_r1:
             rot1 = rnd.get("r1")
             for layer in layers:
