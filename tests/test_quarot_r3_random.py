@@ -185,7 +185,8 @@ def test_rtn_checkpoint_equals_upstream(runs: dict[str, Any]) -> None:
     with safe_open(str(Path(runs["folders"]["fr"]) / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
         assert f.get_tensor("model.layers.0.self_attn.q_proj.spinquant_r1_matrix").dtype == torch.int8
-    assert len([k for k in keys if k.endswith("_matrix") and ".spinquant_r" in k]) == 2 * 5 + 2  # q/k/v/gate/up and down of 2 layers
+    # q/k/v/gate/up (R1) and down (R4) of 2 layers
+    assert len([k for k in keys if k.endswith("_matrix") and ".spinquant_r" in k]) == 2 * 5 + 2
     assert {"spinquant_R1", "spinquant_R2_head", "spinquant_R3_head", "spinquant_R4_matrix"} <= set(keys)
     q = json.loads((Path(runs["folders"]["fr"]) / "config.json").read_text())["quantization_config"]
     assert q["spinquant_config"]["r3"] is True and q["spinquant_config"]["random_r3"] is True
