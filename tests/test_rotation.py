@@ -215,7 +215,8 @@ def test_quarot_forms() -> None:
 
 @pytest.mark.parametrize("value,error", [
     ("spinquant", NotImplementedError), ({"algorithm": "spinquant", "trainable_rotation": True}, NotImplementedError),
-    ({"algorithm": "spinquant", "random_r1": True}, NotImplementedError), ({"algorithm": "spinquant", "r9": 1}, ValueError),
+    ({"algorithm": "spinquant", "trainable_smooth": True}, NotImplementedError),
+    ({"algorithm": "spinquant", "r9": 1}, ValueError),
     ("nope", ValueError), ({"backend": "gpu"}, ValueError),
     ({"hadamard_type": "hadamard", "colour": 1}, ValueError), (3, TypeError),
 ])

@@ -189,12 +189,43 @@ def test_linear_rotation_hook_cuda_equals_cpu(hadamard_type, dtype):
 
 
 def test_quarot_r4_hook_cuda_equals_cpu():
-    hk = T.spinquant_matrix(28)
-    hook = Q._hook(14336, hk, fp32=True)
+    hook = Q.online_hook("r4", 14336, 28)
     x = rand(8, 14336, torch.bfloat16, 10)
     (got,) = hook(None, (x.cuda(),))
     (want,) = hook(None, (x,))
     assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("n,fp32", [(4096, False), (32, False), (14336, True), (128, True)])
+def test_quarot_random_maps_cuda_equal_cpu(n, fp32):
+    """Random R1 (activation dtype) / R4 and R3 (fp32) maps: the FWHT with the signs first, on CUDA the same bits;
+    and the map is x·M with the stored matrix."""
+    torch.manual_seed(3)
+    rot = Q.RandomRotation.draw(n, torch.device("cpu"))
+    block_map = rot.block_map(fp32)
+    x = rand(8, 2 * n, torch.bfloat16, 13)
+    assert_same_bits(block_map(x.cuda()), block_map(x))
+    want = (x.view(8, 2, n).double() @ rot.matrix.double()).view(8, 2 * n)
+    torch.testing.assert_close(block_map(x).double(), want, rtol=0.02, atol=0.02)
+
+
+def test_quarot_r3_on_cuda_model():
+    """R3 installed on a tiny CUDA Llama: the logits of the unrotated model, the cached keys times Ĥ_hd."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=128)
+    model = LlamaForCausalLM(cfg).float().eval().cuda()
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    with torch.no_grad():
+        before = model(ids, use_cache=True)
+        Q.apply_quarot(model, Q.QuaRotConfig(r1=False, r2=False, r3=True, random_r3=True))
+        after = model(ids, use_cache=True)
+    torch.testing.assert_close(after.logits, before.logits, rtol=0, atol=1e-4)
+    m = model.model.layers[0].self_attn.fastround_r3.random.matrix.cuda()
+    torch.testing.assert_close(after.past_key_values.layers[0].keys, before.past_key_values.layers[0].keys @ m,
+                               rtol=0, atol=1e-4)
 
 
 def test_gradient_on_cuda_equals_cpu():

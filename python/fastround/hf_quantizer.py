@@ -24,7 +24,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 logger = logging.getLogger("fastround")
 
 _ST_DTYPES = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-              "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64}
+              "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I8": torch.int8}
 
 
 class FastroundQuantConfig(QuantizationConfigMixin):
@@ -210,15 +210,18 @@ def convert_model(model: torch.nn.Module, config: dict[str, Any], checkpoint_fil
 
 
 # The per-layer tensors of rotated checkpoints (rotation.LinearRotation.export_buffer, quarot.QuaRotPlan.layer_buffers)
-ROTATION_BUFFERS = ("hadamard_matrix", "spinquant_r1_type", "spinquant_r1_size", "spinquant_r4_type",
-                    "spinquant_r4_size")
+ROTATION_BUFFERS = ("hadamard_matrix", "spinquant_r1_type", "spinquant_r1_size", "spinquant_r1_matrix",
+                    "spinquant_r4_type", "spinquant_r4_size", "spinquant_r4_matrix")
+# The model-level matrix the load side reads back: a random R3 (upstream saves it and its loader ignores it)
+R3_MATRIX = "spinquant_R3_head"
 
 
 def preregister_rotation_buffers(model: torch.nn.Module, config: dict[str, Any],
                                  checkpoint_files: list[str]) -> list[str]:
     """Registers, on each module the checkpoint gives one, the rotation buffers the export writes (hadamard_matrix
-    of a random Hadamard rotation, QuaRot's spinquant_r{1,4}_{type,size}) so that transformers loads them; the
-    same shape, dtype and device as the module's other tensors (meta while transformers builds the model).
+    of a random Hadamard rotation, QuaRot's spinquant_r{1,4}_{type,size,matrix}, and the model's spinquant_R3_head
+    of a random R3) so that transformers loads them; the same shape, dtype and device as the module's other tensors
+    (meta while transformers builds the model).
     Only for a config with rotation_config / spinquant_config: other checkpoints load as before.
     Returns the registered "module.buffer" names."""
     if not (config.get("rotation_config") or config.get("spinquant_config")):
@@ -230,8 +233,15 @@ def preregister_rotation_buffers(model: torch.nn.Module, config: dict[str, Any],
     # after convert_model: the quantized layers are fastround's modules, no longer nn.Linear
     modules = dict(model.named_modules())
     registered = []
+    spinquant = config.get("spinquant_config") or {}
     for key, (dtype, shape) in read_headers(checkpoint_files).items():
         module_name, _, buf = key.rpartition(".")
+        if buf == R3_MATRIX and spinquant.get("r3") and spinquant.get("random_r3") and dtype is not None:
+            target = module_name if module_name in modules else ""  # the task model, or the base model's root
+            like = next(iter(model.parameters()))
+            model.get_submodule(target).register_buffer(buf, torch.zeros(shape, dtype=dtype, device=like.device))
+            registered.append(f"{target}.{buf}" if target else buf)
+            continue
         if buf not in ROTATION_BUFFERS:
             continue
         target = _module_name(module_name, modules) if module_name else None
@@ -286,7 +296,7 @@ def apply_rotation_hooks(model: torch.nn.Module, config: dict[str, Any], plans: 
         from fastround import quarot
 
         by_pos = quarot.register_online_hooks(model, config["spinquant_config"])
-        hooked += by_pos["r1"] + by_pos["r4"]
+        hooked += by_pos["r1"] + by_pos["r4"] + by_pos["r3"]
     if hooked:
         logger.info("fastround: online rotation hooks on %d layer(s)", len(hooked))
     return hooked

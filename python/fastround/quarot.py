@@ -3,9 +3,15 @@ Llama-layout models (llama, qwen2, qwen3): R1 on the residual stream (online per
 fusion and untying), R2 per attention head on the V/O pair, R4 on down_proj's input with its online hook. Every
 weight rotation runs in fp64 through the FWHT kernel and is cast back; Python only walks the modules.
 
+R3 rotates q and k per head right after RoPE (q·R3·(k·R3)ᵀ = q·kᵀ, so only a quantized KV cache would see it) by
+standing in for apply_rotary_pos_emb in each attention instance's own forward (no class or module is patched).
+Random matrices (random_r1 .. random_r4) are upstream's diag(d)·Tᵀ with d drawn from the global torch RNG in R1, R2,
+R3, R4 order; their weight rotations are fp64 products with the fp32 matrix, as upstream's, and every online map
+(hooks, R3) runs through the FWHT kernel with the signs.
+
 AutoRound(..., rotation_config="quarot") applies it to the loaded model before quantization; the auto_round export
-writes spinquant_config, the model-level matrices and the per-layer type/size buffers as upstream. Not built yet:
-R3 (the post-RoPE Q/K rotation), random and trainable matrices.
+writes spinquant_config, the model-level matrices and the per-layer type/size (and, random, int8 sign matrix)
+buffers as upstream. Not built: trainable matrices (SpinQuant proper).
 
 Conventions (row vectors, y = x·Wᵀ): for a deterministic R the matrices are normalised Sylvester (symmetric) or
 T = (H_K ⊗ H_2^m)/sqrt(n) with K from SpinQuant's first-match list for R4; the kernel's hadamard_transform(x, n, K)
@@ -13,9 +19,12 @@ returns x·Tᵀ."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
-from typing import Any
+import math
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -36,10 +45,12 @@ class QuaRotConfig:
     online_r1_rotation: bool = True
     fuse_rmsnorm: bool = True  # offline R1 only
     untie_embeddings: bool = True  # offline R1 only
+    random_r1: bool = False  # random Hadamard diag(d)·Tᵀ instead of the fixed one, per position
+    random_r2: bool = False
+    random_r3: bool = False
+    random_r4: bool = False
 
     def __post_init__(self) -> None:
-        if self.r3:
-            raise NotImplementedError("QuaRot R3 (post-RoPE Q/K rotation) is not implemented in fastround yet")
         if self.rotation_size is not None and not T.is_pow2(int(self.rotation_size)):
             raise ValueError(f"quarot: rotation_size must be a power of two, got {self.rotation_size}")
 
@@ -81,27 +92,193 @@ def _rotate_out(linear: torch.nn.Linear, n: int) -> None:
         linear.bias.data = _rows(linear.bias.data, n)
 
 
-def _hook(n: int, hk: torch.Tensor | None = None, fp32: bool = False):
-    hk_on: dict[torch.device, torch.Tensor] = {}  # the K matrix copied once per device, not every call
+class _BlockMap:
+    """x <- x·Tᵀ (fixed) or x·diag(d)·Tᵀ (random, d the signs) on each n-block of the last dimension, through the
+    FWHT kernel on x's device; the ±1 operands are copied once per device, not every call."""
 
+    def __init__(self, n: int, hk: torch.Tensor | None, signs: torch.Tensor | None, fp32: bool) -> None:
+        self.n, self.hk, self.signs, self.fp32 = n, hk, signs, fp32
+        self._on: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ops = (self.hk, self.signs)
+        if x.device.type != "cpu":
+            ops = self._on.get(x.device)
+            if ops is None:
+                ops = self._on[x.device] = tuple(None if t is None else t.to(torch.int8).to(x.device)
+                                                 for t in (self.hk, self.signs))
+        y = x.float() if self.fp32 else x
+        return T.hadamard_any_device(y.contiguous(), self.n, ops[0], ops[1], signs_first=True).to(x.dtype)
+
+
+def _hook(block_map: _BlockMap):
     def pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        k = hk
-        if hk is not None and x.device.type != "cpu":
-            k = hk_on.get(x.device)
-            if k is None:
-                k = hk_on[x.device] = hk.to(torch.int8).to(x.device)
-        y = T.hadamard_any_device(x.float() if fp32 else x, n, k).to(x.dtype)
-        return (y,) + tuple(args[1:])
+        return (block_map(args[0]),) + tuple(args[1:])
 
     return pre_hook
 
 
 def online_hook(position: str, size: int, k: int = 1):
-    """The online pre-hook of R1 (x <- x·T per size-block, in x's dtype) or R4 (the same in fp32, as upstream's R4
-    hook runs whatever the activation dtype), T built on SpinQuant's K matrix of order k (1: Sylvester)."""
+    """The fixed online pre-hook of R1 (x <- x·Tᵀ per size-block, in x's dtype) or R4 (the same in fp32, as
+    upstream's R4 hook runs whatever the activation dtype), T built on SpinQuant's K matrix of order k (1:
+    Sylvester). A random matrix's hook is _hook(RandomRotation.block_map(...))."""
     hk = T.spinquant_matrix(k) if k > 1 else None
-    return _hook(size, hk, fp32=position == "r4")
+    return _hook(_BlockMap(size, hk, None, fp32=position == "r4"))
+
+
+@dataclass
+class RandomRotation:
+    """Upstream's random_hadamard_matrix(n): M = diag(d)·Tᵀ, T = (H_K ⊗ H_2^m)/sqrt(n) on SpinQuant's K, built in
+    fp64 and stored in fp32 (what every weight rotation multiplies by); d the ±1 signs, all the online maps need."""
+
+    signs: torch.Tensor  # [n] int8
+
+    @property
+    def n(self) -> int:
+        return int(self.signs.numel())
+
+    @property
+    def k(self) -> int:
+        return T.spinquant_divisor(self.n)
+
+    @functools.cached_property
+    def matrix(self) -> torch.Tensor:
+        """M [n, n] fp32: every entry ±1/sqrt(n) rounded once from fp64, as upstream's fp64 build then cast."""
+        scale = torch.tensor(1.0 / math.sqrt(self.n), dtype=torch.float64).to(torch.float32)
+        t_t = _transposed_t(self.n, torch.float32)
+        return t_t.mul_(self.signs.to(torch.float32)[:, None]).mul_(scale)
+
+    @staticmethod
+    def draw(n: int, device: torch.device) -> "RandomRotation":
+        """One draw from the global torch RNG of `device`, as upstream (randint(0, 2) in fp64, then 2d - 1)."""
+        d = torch.randint(0, 2, (n,), dtype=torch.float64, device=device) * 2 - 1
+        return RandomRotation(d.cpu().to(torch.int8))
+
+    @staticmethod
+    def from_stored(m: torch.Tensor, what: str) -> "RandomRotation":
+        """Back from a stored matrix (int8 sign(M) of a checkpoint's type-1 buffer, or M itself in any float
+        dtype): d is read off the first column; sign(M) must then be diag(d)·sign(Tᵀ), checked exactly on two
+        integer probe vectors (sign(M)·v against d·(Tᵀ·v) by the FWHT, both exact in fp64) without an n×n copy."""
+        if m.dim() != 2 or m.shape[0] != m.shape[1] or T.spinquant_divisor(int(m.shape[0])) == 0:
+            raise ValueError(f"fastround: {what} has shape {tuple(m.shape)}, not [n, n] with n = K·2^m")
+        n, k = int(m.shape[0]), T.spinquant_divisor(int(m.shape[0]))
+        hk = T.spinquant_matrix(k) if k > 1 else None
+        m = m.detach().cpu()
+        probes = torch.randint(1, 1 << 12, (3, n), generator=torch.Generator().manual_seed(0)).to(torch.float64)
+        probes[0] = 0
+        probes[0, 0] = 1  # e_0: its image is column 0 of Tᵀ, which gives d
+        t_probes = T.hadamard_transform(probes, n, hk, transpose=True, normalize=False)  # rows (Tᵀ·v)ᵀ
+        m_probes = torch.cat([m[i:i + 1024].to(torch.float64).sign() @ probes.t() for i in range(0, n, 1024)])
+        d = m_probes[:, 0] * t_probes[0]
+        if not torch.equal(m_probes, d[:, None] * t_probes.t()):
+            raise ValueError(f"fastround: {what} is not a random Hadamard matrix diag(±1)·Tᵀ (SpinQuant's T of "
+                             f"order {n}); fastround applies a random rotation through the FWHT with its signs")
+        return RandomRotation(d.to(torch.int8))
+
+    def block_map(self, fp32: bool) -> _BlockMap:
+        k = self.k
+        return _BlockMap(self.n, T.spinquant_matrix(k) if k > 1 else None, self.signs, fp32)
+
+
+def _transposed_t(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Unnormalised Tᵀ [n, n] (±1, exact in any float dtype): row i is e_i through the kernel (e_i·Tᵀ)."""
+    k = T.spinquant_divisor(n)
+    return T.hadamard_transform(torch.eye(n, dtype=dtype), n, T.spinquant_matrix(k) if k > 1 else None,
+                                normalize=False)
+
+
+def _right(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Each n-block b of every row of t -> b·M in fp64 with M's fp32 values, back in t's dtype (upstream's
+    arithmetic for a stored matrix, so the rounded weights equal its)."""
+    n, shape = m.shape[0], t.shape
+    w, r = t.detach().to(torch.float64), m.to(t.device, torch.float64)
+    out = w @ r if shape[-1] == n else (w.reshape(*shape[:-1], -1, n) @ r).reshape(shape)
+    return out.to(t.dtype)
+
+
+def _rotate_in_by(linear: torch.nn.Linear, m: torch.Tensor) -> None:
+    """Input side with a stored M: W <- W·M per block (the hook's x·M then cancels: x·M·(W·M)ᵀ = x·Wᵀ)."""
+    linear.weight.data = _right(linear.weight.data, m)
+
+
+def _rotate_out_by(linear: torch.nn.Linear, m: torch.Tensor) -> None:
+    """Output side with a stored M: W <- Mᵀ·W per n-block of out_features, b <- Mᵀ·b: the output becomes y·M."""
+    linear.weight.data = _right(linear.weight.data.t(), m).t().contiguous()
+    if linear.bias is not None:
+        linear.bias.data = _right(linear.bias.data, m)
+
+
+class RopeThenR3:
+    """Stands in for apply_rotary_pos_emb inside one attention instance's forward: RoPE, then q, k <- ·R3 per head
+    (upstream's QKRotationWrapper: fp32, cast back; R3 = Ĥ_hd, or diag(d)·Ĥ_hd random). Before the cache update,
+    so a KV cache holds rotated keys."""
+
+    def __init__(self, rope: Callable[..., Any], head_dim: int, random: RandomRotation | None) -> None:
+        self.rope = rope
+        self.random = random
+        self.map = random.block_map(True) if random is not None else _BlockMap(head_dim, None, None, True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = self.rope(*args, **kwargs)
+        return self.map(q), self.map(k)
+
+
+_ROPE = "apply_rotary_pos_emb"
+
+
+def _rebind_global(fn: types.FunctionType, name: str, make: Callable[[Any], Any]) -> types.FunctionType | None:
+    """A copy of fn whose global `name` is make(its value); through decorators, whose closures hold the decorated
+    function, by copying each wrapper with that cell replaced (the decorators keep working). None if no function on
+    the chain reads the global."""
+    if name in fn.__code__.co_names and name in fn.__globals__:
+        out = types.FunctionType(fn.__code__, {**fn.__globals__, name: make(fn.__globals__[name])}, fn.__name__,
+                                 fn.__defaults__, fn.__closure__)
+    else:
+        cells = list(fn.__closure__ or ())
+        for i, cell in enumerate(cells):
+            try:
+                inner = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(inner, types.FunctionType) and inner is not fn:
+                new_inner = _rebind_global(inner, name, make)
+                if new_inner is not None:
+                    cells[i] = types.CellType(new_inner)
+                    break
+        else:
+            return None
+        out = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
+    out.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
+    out.__qualname__, out.__module__, out.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    out.__dict__.update(fn.__dict__)
+    return out
+
+
+def install_r3(attn: torch.nn.Module, head_dim: int, random: RandomRotation | None) -> RopeThenR3:
+    """Gives this attention instance its own forward: its class's, reading a RopeThenR3 where it calls
+    apply_rotary_pos_emb. Other instances, the class and the transformers module are untouched."""
+    if getattr(attn, "fastround_r3", None) is not None:
+        raise ValueError(f"quarot: R3 is already installed on this {type(attn).__name__}")
+    forward = type(attn).forward
+    made: list[RopeThenR3] = []
+
+    def make(rope: Callable[..., Any]) -> RopeThenR3:
+        made.append(RopeThenR3(rope, head_dim, random))
+        return made[-1]
+
+    patched = _rebind_global(forward, _ROPE, make) if isinstance(forward, types.FunctionType) else None
+    if patched is None:
+        raise NotImplementedError(f"quarot: R3 needs an attention forward that calls {_ROPE}; "
+                                  f"{type(attn).__qualname__}.forward does not")
+    attn.forward = types.MethodType(patched, attn)
+    attn.fastround_r3 = made[0]
+    return made[0]
+
+
+def _attentions(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The self-attention modules R3 applies to (upstream: names ending in self_attn with q_proj and k_proj)."""
+    return [(n, m) for n, m in model.named_modules()
+            if n.endswith("self_attn") and hasattr(m, "q_proj") and hasattr(m, "k_proj")]
 
 
 def _fuse_norm(norm: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
@@ -113,18 +290,19 @@ def _fuse_norm(norm: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
 
 
 def parse_spinquant(value: Any) -> QuaRotConfig:
-    """"quarot" or a dict with algorithm "spinquant" (upstream's SpinQuantConfig fields): fixed Hadamard
-    rotations only; trainable (SpinQuant proper) and random matrices are refused clearly."""
+    """"quarot" or a dict with algorithm "spinquant" (upstream's SpinQuantConfig fields): fixed or random Hadamard
+    rotations; trainable ones (SpinQuant proper) are refused clearly."""
     if isinstance(value, str):
         if value.strip().lower() == "spinquant":
             raise NotImplementedError("rotation_config='spinquant' (trainable rotations) is not implemented in "
                                       "fastround yet; 'quarot' is")
         return QuaRotConfig()
     fields = {k: v for k, v in value.items() if k != "algorithm"}
-    for key in ("trainable_rotation", "trainable_smooth", "random_r1", "random_r2", "random_r3", "random_r4"):
+    for key in ("trainable_rotation", "trainable_smooth"):
         if fields.pop(key, False):
             raise NotImplementedError(f"spinquant_config {key}=True is not implemented in fastround yet")
-    known = {"r1", "r2", "r3", "r4", "rotation_size", "online_r1_rotation", "fuse_rmsnorm", "untie_embeddings"}
+    known = {"r1", "r2", "r3", "r4", "rotation_size", "online_r1_rotation", "fuse_rmsnorm", "untie_embeddings",
+             "random_r1", "random_r2", "random_r3", "random_r4"}
     ignored = {"iters", "lr", "smooth_lr", "batch_size", "loss_type", "kl_top_k", "dtype", "device"}
     unknown = set(fields) - known - ignored
     if unknown:
@@ -134,7 +312,8 @@ def parse_spinquant(value: Any) -> QuaRotConfig:
 
 @dataclass
 class QuaRotPlan:
-    """What apply_quarot did: the positions actually applied and their sizes (what the export records)."""
+    """What apply_quarot did: the positions actually applied, their sizes and random matrices (what the export
+    records)."""
 
     r1: bool
     r2: bool
@@ -144,50 +323,70 @@ class QuaRotPlan:
     k4: int
     arch: _Arch
     online_r1: bool
+    r3: bool = False
+    random: dict[str, RandomRotation] = field(default_factory=dict)  # "r1" .. "r4": the drawn matrices
 
     def spinquant_config(self, cfg: QuaRotConfig) -> dict[str, Any]:
         """upstream's serialised spinquant_config: the flags in effect after its size checks, and the model info."""
-        return {"r1": self.r1, "r2": self.r2, "r3": False, "r4": self.r4, "online_r1_rotation": cfg.online_r1_rotation,
-                "rotation_size": cfg.rotation_size, "random_r1": False, "random_r2": False, "random_r3": False,
-                "random_r4": False, "trainable_rotation": False, "head_dim": self.arch.head_dim,
+        return {"r1": self.r1, "r2": self.r2, "r3": self.r3, "r4": self.r4,
+                "online_r1_rotation": cfg.online_r1_rotation, "rotation_size": cfg.rotation_size,
+                "random_r1": cfg.random_r1, "random_r2": cfg.random_r2, "random_r3": cfg.random_r3,
+                "random_r4": cfg.random_r4, "trainable_rotation": False, "head_dim": self.arch.head_dim,
                 "hidden_size": self.arch.hidden, "intermediate_size": self.arch.inter, "algorithm": "spinquant"}
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
-        """The matrices upstream registers on the model (and so saves): R1 [r1, r1] fp32 when fused offline,
-        R2 [hd, hd] fp32, and for R4 the unnormalised K matrix (the full Sylvester matrix when K = 1) and K."""
+        """The matrices upstream registers on the model (and so saves), fp32: R1 [r1, r1] when fused offline or
+        random, R2 [hd, hd], R3 [hd, hd] (a random one is read back at load: upstream's loader ignores it), a random
+        R4 [r4, r4], and for R4 the unnormalised K matrix (the full Sylvester matrix when K = 1) and K."""
         out: dict[str, torch.Tensor] = {}
-        if self.r1 and not self.online_r1:
-            out["spinquant_R1"] = T.deterministic_hadamard_matrix(self.r1_size, torch.float32)
+        rnd = self.random
+        if self.r1 and ("r1" in rnd or not self.online_r1):
+            out["spinquant_R1"] = rnd["r1"].matrix if "r1" in rnd else \
+                T.deterministic_hadamard_matrix(self.r1_size, torch.float32)
         if self.r2:
-            out["spinquant_R2_head"] = T.deterministic_hadamard_matrix(self.arch.head_dim, torch.float32)
+            out["spinquant_R2_head"] = rnd["r2"].matrix if "r2" in rnd else \
+                T.deterministic_hadamard_matrix(self.arch.head_dim, torch.float32)
+        if self.r3:
+            out["spinquant_R3_head"] = rnd["r3"].matrix if "r3" in rnd else \
+                T.deterministic_hadamard_matrix(self.arch.head_dim, torch.float32)
         if self.r4:
+            if "r4" in rnd:
+                out["spinquant_R4_matrix"] = rnd["r4"].matrix
             hk = T.sylvester(self.r4_size) if self.k4 == 1 else T.spinquant_matrix(self.k4)
             out["spinquant_R4_had_K"] = hk.to(torch.float32)
             out["spinquant_R4_K"] = torch.tensor(self.k4)
         return out
 
     def layer_buffers(self, name: str) -> dict[str, torch.Tensor]:
-        """Per quantized layer: type (0: deterministic) and size of the online R1 (q/k/v/gate/up) or R4 (down)."""
+        """Per quantized layer: type (0: deterministic, 1: random) and size of the online R1 (q/k/v/gate/up) or R4
+        (down), and for a random one its matrix as int8 sign(M) (the loader divides by sqrt(size))."""
         short = name.rsplit(".", 1)[-1]
         out: dict[str, torch.Tensor] = {}
-        if self.r1 and self.online_r1 and short in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            out["spinquant_r1_type"] = torch.tensor(0, dtype=torch.int32)
-            out["spinquant_r1_size"] = torch.tensor(self.r1_size, dtype=torch.int32)
-        if self.r4 and short == "down_proj":
-            out["spinquant_r4_type"] = torch.tensor(0, dtype=torch.int32)
-            out["spinquant_r4_size"] = torch.tensor(self.r4_size, dtype=torch.int32)
+        for pos, on, size in (("r1", self.r1 and self.online_r1 and short in _R1_TARGETS, self.r1_size),
+                              ("r4", self.r4 and short == "down_proj", self.r4_size)):
+            if not on:
+                continue
+            rnd = self.random.get(pos)
+            out[f"spinquant_{pos}_type"] = torch.tensor(0 if rnd is None else 1, dtype=torch.int32)
+            out[f"spinquant_{pos}_size"] = torch.tensor(size, dtype=torch.int32)
+            if rnd is not None:
+                out[f"spinquant_{pos}_matrix"] = rnd.matrix.sign().to(torch.int8)
         return out
 
 
+_R1_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
 def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> QuaRotPlan:
-    """Rotate a Llama-layout model in place so that it computes the same function; the hooks stay registered.
-    Positions whose sizes do not fit (§2.2: R1 needs a pow2 size dividing hidden, R2 a pow2 head_dim, R4 a
-    SpinQuant K·2^m size dividing intermediate) are disabled with a warning, as upstream."""
+    """Rotate a Llama-layout model in place so that it computes the same function; the hooks and R3 stay
+    installed. Positions whose sizes do not fit (§2.2: R1 needs a pow2 size dividing hidden, R2 and R3 a pow2
+    head_dim, R4 a SpinQuant K·2^m size dividing intermediate) are disabled with a warning, as upstream. Random
+    matrices are drawn from the global torch RNG (of the model's device) in R1, R2, R3, R4 order, each only when its
+    position is on: torch.manual_seed(s) before this call gives upstream's matrices for the same seed."""
     cfg = config or QuaRotConfig()
     a = _arch(model)
     inner = model.model
     layers = list(inner.layers)
-    handles: list[Any] = []
 
     r1 = cfg.rotation_size or a.hidden
     do_r1 = cfg.r1 and T.is_pow2(r1) and a.hidden % r1 == 0
@@ -197,12 +396,24 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
     do_r2 = cfg.r2 and T.is_pow2(a.head_dim)
     if cfg.r2 and not do_r2:
         logger.warning("quarot: R2 disabled (head_dim %d is not a power of two)", a.head_dim)
+    do_r3 = cfg.r3 and T.is_pow2(a.head_dim)
+    if cfg.r3 and not do_r3:
+        logger.warning("quarot: R3 disabled (head_dim %d is not a power of two)", a.head_dim)
+    if do_r3 and cfg.rotation_size is not None:
+        logger.warning("quarot: R3 always rotates head_dim %d; rotation_size is ignored for it", a.head_dim)
     r4 = cfg.rotation_size or a.inter
     k4 = T.spinquant_divisor(r4) if cfg.r4 else 0
     do_r4 = cfg.r4 and k4 > 0 and a.inter % r4 == 0
     if cfg.r4 and not do_r4:
         logger.warning("quarot: R4 disabled (no K * 2^m decomposition of %d dividing intermediate %d)", r4, a.inter)
     hk4 = T.spinquant_matrix(k4) if do_r4 and k4 > 1 else None
+
+    device = next(model.parameters()).device
+    rnd: dict[str, RandomRotation] = {}
+    for pos, on, random, size in (("r1", do_r1, cfg.random_r1, r1), ("r2", do_r2, cfg.random_r2, a.head_dim),
+                                  ("r3", do_r3, cfg.random_r3, a.head_dim), ("r4", do_r4, cfg.random_r4, r4)):
+        if on and random:
+            rnd[pos] = RandomRotation.draw(size, device)
 
     with torch.no_grad():
         if do_r1 and not cfg.online_r1_rotation:
@@ -216,52 +427,81 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
                     _fuse_norm(layer.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
                     _fuse_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
                 _fuse_norm(inner.norm, [head])
-            emb.weight.data = _rows(emb.weight.data, r1)
-            _rotate_in(head, r1)
-            for layer in layers:
-                att, mlp = layer.self_attn, layer.mlp
-                for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
+            m1 = rnd["r1"].matrix if "r1" in rnd else None
+            emb.weight.data = _rows(emb.weight.data, r1) if m1 is None else _right(emb.weight.data, m1)
+            readers = [head] + [lin for layer in layers for lin in (
+                layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                layer.mlp.up_proj)]
+            writers = [lin for layer in layers for lin in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+            for lin in readers:
+                if m1 is None:
                     _rotate_in(lin, r1)
-                _rotate_out(att.o_proj, r1)
-                _rotate_out(mlp.down_proj, r1)
+                else:
+                    _rotate_in_by(lin, m1)
+            for lin in writers:
+                if m1 is None:
+                    _rotate_out(lin, r1)
+                else:
+                    _rotate_out_by(lin, m1)
         elif do_r1:
+            rot1 = rnd.get("r1")
             for layer in layers:
                 att, mlp = layer.self_attn, layer.mlp
                 for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
-                    _rotate_in(lin, r1)
-                    handles.append(lin.register_forward_pre_hook(online_hook("r1", r1), prepend=True))
+                    if rot1 is None:
+                        _rotate_in(lin, r1)
+                        hook = online_hook("r1", r1)
+                    else:
+                        _rotate_in_by(lin, rot1.matrix)
+                        hook = _hook(rot1.block_map(fp32=False))
+                    lin.register_forward_pre_hook(hook, prepend=True)
         if do_r2:
+            m2 = rnd["r2"].matrix if "r2" in rnd else None
             for layer in layers:
                 att = layer.self_attn
                 # v's output per kv head becomes v_h·R2 (bias too: upstream leaves a v bias unrotated, a QUIRK);
                 # o_proj reads each q head's block through R2, which undoes it
-                _rotate_out(att.v_proj, a.head_dim)
-                _rotate_in(att.o_proj, a.head_dim)
+                if m2 is None:
+                    _rotate_out(att.v_proj, a.head_dim)
+                    _rotate_in(att.o_proj, a.head_dim)
+                else:
+                    _rotate_out_by(att.v_proj, m2)
+                    _rotate_in_by(att.o_proj, m2)
         if do_r4:
+            rot4 = rnd.get("r4")
             for layer in layers:
                 down = layer.mlp.down_proj
-                _rotate_in(down, r4, hk4)
-                handles.append(down.register_forward_pre_hook(online_hook("r4", r4, k4), prepend=True))
-    return QuaRotPlan(do_r1, do_r2, do_r4, r1, r4, k4, a, cfg.online_r1_rotation)
+                if rot4 is None:
+                    _rotate_in(down, r4, hk4)
+                    hook = online_hook("r4", r4, k4)
+                else:
+                    _rotate_in_by(down, rot4.matrix)
+                    hook = _hook(rot4.block_map(fp32=True))
+                down.register_forward_pre_hook(hook, prepend=True)
+        if do_r3:
+            for _, attn in _attentions(model):
+                install_r3(attn, a.head_dim, rnd.get("r3"))
+    return QuaRotPlan(do_r1, do_r2, do_r4, r1, r4, k4, a, cfg.online_r1_rotation, do_r3, rnd)
 
 
 def check_loadable(spinquant_config: dict[str, Any]) -> None:
     """Refuses, by name, the spinquant_config fields whose load side fastround does not implement."""
     if not isinstance(spinquant_config, dict):
         raise ValueError(f"spinquant_config must be a dict, got {type(spinquant_config).__name__}")
-    for key in ("r3", "random_r1", "random_r2", "random_r3", "random_r4", "trainable_rotation"):
-        if spinquant_config.get(key):
-            raise NotImplementedError(f"fastround: loading a checkpoint with spinquant_config {key}=True is not "
-                                      "implemented yet (fixed QuaRot rotations only)")
+    if spinquant_config.get("trainable_rotation"):
+        raise NotImplementedError("fastround: loading a checkpoint with spinquant_config trainable_rotation=True is "
+                                  "not implemented yet (fixed and random QuaRot rotations only)")
 
 
 def register_online_hooks(model: torch.nn.Module, spinquant_config: dict[str, Any]) -> dict[str, list[str]]:
-    """Load side (upstream's rebuild_spinquant_online for deterministic matrices): every module carrying
-    spinquant_r1_* / spinquant_r4_* buffers (type 0: Hadamard; size: the rotation block) gets the same online
-    pre-hook as apply_quarot registers. R2 and an offline R1 live in the weights and need nothing here.
-    Returns {"r1": names, "r4": names}."""
+    """Load side (upstream's rebuild_spinquant_online): every module carrying spinquant_r1_* / spinquant_r4_*
+    buffers (type 0: Hadamard, type 1: random with its int8 sign matrix; size: the rotation block) gets the same
+    online pre-hook as apply_quarot registers, and with r3 every self-attention gets R3 back from the config: a
+    random R3 from the model-level spinquant_R3_head when the checkpoint has it (preregistered by the loader), the
+    fixed one otherwise (the same outputs: R3 cancels in q·kᵀ). R2 and an offline R1 live in the weights.
+    Returns {"r1": names, "r4": names, "r3": names}."""
     check_loadable(spinquant_config)
-    hooked: dict[str, list[str]] = {"r1": [], "r4": []}
+    hooked: dict[str, list[str]] = {"r1": [], "r4": [], "r3": []}
     for name, module in model.named_modules():
         for pos in ("r1", "r4"):
             kind = getattr(module, f"spinquant_{pos}_type", None)
@@ -270,17 +510,41 @@ def register_online_hooks(model: torch.nn.Module, spinquant_config: dict[str, An
             size_buf = getattr(module, f"spinquant_{pos}_size", None)
             if size_buf is None:
                 raise ValueError(f"fastround: {name} has spinquant_{pos}_type but no spinquant_{pos}_size")
-            if int(kind) != 0:
-                raise NotImplementedError(f"fastround: {name}.spinquant_{pos}_type={int(kind)} (random or trained "
-                                          "matrix) is not implemented yet; only 0 (Hadamard) is")
-            size = int(size_buf)
+            kind, size = int(kind), int(size_buf)
             in_features = _in_features(module)
             k = T.spinquant_divisor(size) if size > 0 else 0
             if k == 0 or in_features % size:
                 raise ValueError(f"fastround: {name}.spinquant_{pos}_size={size} is not a K·2^m Hadamard size "
                                  f"dividing in_features {in_features}")
-            module.register_forward_pre_hook(online_hook(pos, size, k), prepend=True)
+            if kind == 0:
+                hook = online_hook(pos, size, k)
+            elif kind == 1:
+                stored = getattr(module, f"spinquant_{pos}_matrix", None)
+                if stored is None or tuple(stored.shape) != (size, size):
+                    raise ValueError(f"fastround: {name}.spinquant_{pos}_type=1 (random) needs its "
+                                     f"spinquant_{pos}_matrix [{size}, {size}]")
+                rot = RandomRotation.from_stored(stored, f"{name}.spinquant_{pos}_matrix")
+                hook = _hook(rot.block_map(fp32=pos == "r4"))
+            else:
+                raise NotImplementedError(f"fastround: {name}.spinquant_{pos}_type={kind} (trained matrix) is not "
+                                          "implemented yet; 0 (Hadamard) and 1 (random) are")
+            module.register_forward_pre_hook(hook, prepend=True)
             hooked[pos].append(name)
+    if spinquant_config.get("r3"):
+        head_dim = int(spinquant_config.get("head_dim") or _arch(model).head_dim)
+        if not T.is_pow2(head_dim):
+            raise ValueError(f"fastround: spinquant_config r3 with head_dim {head_dim}, not a power of two")
+        rot3 = None
+        if spinquant_config.get("random_r3"):
+            stored = next((b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] == "spinquant_R3_head"), None)
+            if stored is not None:
+                rot3 = RandomRotation.from_stored(stored, "spinquant_R3_head")
+            else:
+                logger.warning("fastround: random_r3 but the checkpoint has no spinquant_R3_head; R3 uses the fixed "
+                               "Hadamard (the same logits)")
+        for name, attn in _attentions(model):
+            install_r3(attn, head_dim, rot3)
+            hooked["r3"].append(name)
     return hooked
 
 

@@ -114,16 +114,17 @@ def has_cuda_kernel() -> bool:
 
 
 def hadamard_any_device(x: torch.Tensor, block_size: int, hadamard_k: torch.Tensor | None = None,
-                        signs: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
+                        signs: torch.Tensor | None = None, transpose: bool = False,
+                        signs_first: bool = False) -> torch.Tensor:
     """hadamard_transform on a CPU tensor, and on a CUDA tensor when the build has the CUDA kernel (the same result
     bit for bit; hadamard_k and signs are best passed already on x's device, a CPU copy is checked and copied every
     call); elsewhere the same block map as a dense fp32 matmul on x's device, rounded once to x's dtype."""
     if x.device.type == "cpu" or (x.device.type == "cuda" and has_cuda_kernel()):
-        return hadamard_transform(x, block_size, hadamard_k, signs, transpose)
+        return hadamard_transform(x, block_size, hadamard_k, signs, transpose, signs_first)
     n = x.shape[-1] if block_size == -1 else block_size
     rows_of_t = hadamard_transform(torch.eye(n, dtype=torch.float64), n,
                                    None if hadamard_k is None else hadamard_k.cpu(),
-                                   None if signs is None else signs.cpu(), transpose)  # [n, n]
+                                   None if signs is None else signs.cpu(), transpose, signs_first)  # [n, n]
     shape = x.shape
     xb = x.reshape(-1, shape[-1] // n, n).float()
     return (xb @ rows_of_t.to(torch.float32).to(x.device)).reshape(shape).to(x.dtype)
