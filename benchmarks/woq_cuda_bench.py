@@ -191,9 +191,12 @@ STAGED_LAYOUTS = [("gptq", 4), ("gptq_v2", 4), ("gptq_v2", 8)]
 
 
 def staged_variants(bits: int) -> list[str]:
-    """The staged kernel's batch-1 settings instantiated for `bits` (woq_cuda.cu staged_kernel)."""
+    """The staged kernel's batch-1 settings instantiated for `bits` (woq_cuda.cu staged_kernel): U rows per chunk,
+    split S, T lanes per row worker, prefetch off (1) or on (2)."""
     us, txs = ((4, 8, 16), (32, 16, 8)) if bits == 4 else ((4, 8), (32, 16))
-    return [f"staged:{u},{s},{t}" for u in us for t in txs for s in (1, 2, 4, 8)]
+    plain = [f"staged:{u},{s},{t},1" for u in us for t in txs for s in (1, 2, 4, 8)]
+    prefetch = [f"staged:{u},{s},{t},2" for u in (4, 8) for t in (32, 16) for s in (1, 2, 4, 8)] if bits == 4 else []
+    return plain + prefetch
 
 
 def _graph_us(calls, runs: int = 7) -> float:
@@ -286,7 +289,8 @@ def staged_sweep(group: int, budget_s: float, dev: torch.device) -> dict:
         key = f"{layout}:{bits}"
         scores = {}
         for v in staged_variants(bits) + ["default", "rows"]:
-            sel = [r["speedup_graph"] for r in rows if r["m"] == 1 and r["variant"] == v and r["case"].startswith(key + " ")]
+            sel = [r["speedup_graph"] for r in rows
+                   if r["m"] == 1 and r["variant"] == v and r["case"].startswith(key + " ")]
             if len(sel) == len(STAGED_SHAPES):
                 scores[v] = math.exp(sum(math.log(x) for x in sel) / len(sel))
         if scores:

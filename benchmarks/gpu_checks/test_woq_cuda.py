@@ -333,13 +333,16 @@ def test_gemv_variant_rejected(cuda, monkeypatch):
 
 
 def _staged_variants(bits: int) -> list[str]:
-    """Every staged setting instantiated for `bits` (woq_cuda.cu staged_kernel; woq_cuda_bench.py staged_variants),
-    each split forced."""
+    """Every staged setting instantiated for `bits` (woq_cuda.cu staged_kernel; woq_cuda_bench.py staged_variants):
+    U rows per chunk, split S, T lanes per row worker, prefetch off (1) or on (2), each forced."""
     us, txs = ((4, 8, 16), (32, 16, 8)) if bits == 4 else ((4, 8), (32, 16))
-    return [f"staged:{u},{s},{t}" for u in us for t in txs for s in (1, 2, 4, 8)]
+    plain = [f"staged:{u},{s},{t},1" for u in us for t in txs for s in (1, 2, 4, 8)]
+    prefetch = [f"staged:{u},{s},{t},2" for u in (4, 8) for t in (32, 16) for s in (1, 2, 4, 8)] if bits == 4 else []
+    return plain + prefetch
 
 
-@pytest.mark.parametrize("variant", _staged_variants(4) + ["staged", "staged:0,8,0", "staged:16,0,0"])
+@pytest.mark.parametrize("variant",
+                         _staged_variants(4) + ["staged", "staged:0,8,0", "staged:16,0,0", "staged:0,0,0,2"])
 def test_staged_variants_4bit(cuda, variant, monkeypatch):
     """Every staged setting the sweep may pick matches the reference: sym and asym zeros, groups of 32 (chunks of
     16 rows cannot sit in one: the rows kernel takes it), 128 and whole rows, partial column tiles, fp16 and bf16,
@@ -375,7 +378,8 @@ def test_kernel_choice_all_batches(cuda, variant, m, monkeypatch):
     run_case(cuda, 14336, 512, 4, 128, "gptq", m, torch.bfloat16, seed=m + 2)  # a large activation slice
 
 
-@pytest.mark.parametrize("variant", ["staged", "staged:8,8,32", "staged:16,4,16", "staged:4,2,8"])
+@pytest.mark.parametrize("variant", ["staged", "staged:8,8,32,1", "staged:16,4,16,1", "staged:4,2,8,1",
+                                     "staged:8,4,32,2"])
 def test_staged_deterministic(cuda, variant, monkeypatch):
     """Cluster split-K without atomics: the same bits on every call."""
     monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
@@ -391,7 +395,8 @@ def test_staged_variant_rejected(cuda, monkeypatch):
     x = torch.randn(1, 256, dtype=torch.bfloat16, device=cuda)
     for bad, what in (("staged:2,0,0", "unroll"), ("staged:8,3,0", "split"), ("staged:8,2,64", "tx"),
                       ("rows:8,2,32", "FASTROUND_WOQ_CUDA_VARIANT"), ("staged8", "FASTROUND_WOQ_CUDA_VARIANT"),
-                      ("staged:8,2,32,1", "FASTROUND_WOQ_CUDA_VARIANT")):
+                      ("staged:8,2,32,3", "prefetch"), ("8,2,0,2", "FASTROUND_WOQ_CUDA_VARIANT"),
+                      ("staged:8,2,32,1,0", "FASTROUND_WOQ_CUDA_VARIANT")):
         monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", bad)
         with pytest.raises(ValueError, match=what):
             _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")

@@ -24,8 +24,9 @@ constexpr const char* kOp = "woq_linear";
 
 // FASTROUND_WOQ_CUDA_VARIANT (benchmarks/woq_cuda_bench.py --sweep) picks the GEMV and its knobs (woq_cuda.h
 // WoqGemvTuning), 0 for the built-in choice: "U" or "U,S" the rows kernel with U loads in flight and cluster split
-// S (the original sweep's spelling); "rows" or "rows:U,S" the same; "staged" or "staged:U,S,T" the staged kernel
-// with U rows per chunk, split S and T lanes per row worker; unset or empty: the built-in choice. Read at every
+// S (the original sweep's spelling); "rows" or "rows:U,S" the same; "staged" or "staged:U,S,T[,P]" the staged
+// kernel with U rows per chunk, split S, T lanes per row worker and prefetch P (1 off, 2 on); unset or empty: the
+// built-in choice. Read at every
 // call so that a sweep can change it between calls of one process; a CUDA graph keeps what was read at capture.
 fi::WoqGemvTuning tuning_from_env() {
   fi::WoqGemvTuning t;
@@ -34,14 +35,14 @@ fi::WoqGemvTuning tuning_from_env() {
   const std::string spec(v);
   auto fail = [&]() -> fr::OptionError {
     return fr::OptionError("[woq_linear] FASTROUND_WOQ_CUDA_VARIANT must be 'U,S', 'rows[:U,S]' or "
-                           "'staged[:U,S,T]', got '" + spec + "'");
+                           "'staged[:U,S,T[,P]]', got '" + spec + "'");
   };
   const char* p = v;
   int max_fields = 2;
   if (spec.rfind("staged", 0) == 0) {
     t.kernel = fi::WoqGemvKernel::Staged;
     p += 6;
-    max_fields = 3;
+    max_fields = 4;
   } else if (spec.rfind("rows", 0) == 0) {
     t.kernel = fi::WoqGemvKernel::Rows;
     p += 4;
@@ -53,7 +54,7 @@ fi::WoqGemvTuning tuning_from_env() {
     if (*p != ':') throw fail();
     ++p;
   }
-  int* fields[3] = {&t.unroll, &t.split, &t.tx};
+  int* fields[4] = {&t.unroll, &t.split, &t.tx, &t.prefetch};
   for (int i = 0; i < max_fields; ++i) {
     char* end = nullptr;
     *fields[i] = static_cast<int>(std::strtol(p, &end, 10));

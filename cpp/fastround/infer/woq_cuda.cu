@@ -343,9 +343,15 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 :
 // chunk are issued before that staging so its latency hides theirs. Worker sums meet in reduce_store (cluster
 // split-K over blockIdx.y), in a fixed order: deterministic.
 // Dynamic shared memory: xs [MT][rows * PF] fp32, then xrow [MT][rows] fp32, rows = this block's qweight rows.
-template <int BITS, int MT, int U, int TX, DType XT, DType ST>
-__global__ void __launch_bounds__(kThreads, MT == 1 ? (U <= 4 ? 4 : U <= 8 ? 3 : 2) : MT <= 4 ? 2 : 1)
-    gemv_gptq_staged_kernel(GemvArgs a) {
+// PREFETCH: a worker issues its next chunk's loads before it uses the current one (twice the registers).
+template <int U, bool PREFETCH>
+constexpr int staged_min_blocks(int mt) {
+  constexpr int live = PREFETCH ? 2 * U : U;  // 16-byte loads a thread holds
+  return mt == 1 ? (live <= 4 ? 4 : live <= 8 ? 3 : 2) : mt <= 4 ? 2 : 1;
+}
+
+template <int BITS, int MT, int U, int TX, bool PREFETCH, DType XT, DType ST>
+__global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) gemv_gptq_staged_kernel(GemvArgs a) {
   constexpr int PF = 32 / BITS;     // inputs per word
   constexpr int LANES = 16 / BITS;  // codes per 16-bit half
   constexpr int TY = kThreads / TX;  // row workers per block
@@ -365,24 +371,21 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? (U <= 4 ? 4 : U <= 8 ? 3 :
   float* xrow = xs + MT * nin;
 
   const int64_t chunk_inputs = int64_t{U} * PF;
+  // A chunk's loads: its U qweight rows, the group's 4 scales and its zero word, kept raw so that nothing waits on
+  // them before the chunk is used.
   uint4 q[U];
-  float sc[4], zc[4];
-  auto load_chunk = [&](int64_t c) {
+  uint2 sraw = {};
+  uint32_t zraw = 0;
+  auto load_chunk = [&](int64_t c, uint4(&qo)[U], uint2& so, uint32_t& zo) {
     const int32_t* qp = a.qweight + c * U * a.out_features + n0;
 #pragma unroll
-    for (int u = 0; u < U; ++u) q[u] = load_stream(qp + u * a.out_features);
+    for (int u = 0; u < U; ++u) qo[u] = load_stream(qp + u * a.out_features);
     const int64_t g = c * chunk_inputs / a.group;
-    const uint2 sv = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(a.scales) + g * a.out_features + n0));
-    const uint32_t zw = static_cast<uint32_t>(__ldg(a.qzeros + g * a.zwords + n0 / PF)) >> (BITS * (n0 % PF));
-    sc[0] = lo_f32<ST>(sv.x);
-    sc[1] = hi_f32<ST>(sv.x);
-    sc[2] = lo_f32<ST>(sv.y);
-    sc[3] = hi_f32<ST>(sv.y);
-#pragma unroll
-    for (int c4 = 0; c4 < 4; ++c4) zc[c4] = static_cast<float>((zw >> (BITS * c4)) & kCodeMask) + a.zero_add;
+    so = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(a.scales) + g * a.out_features + n0));
+    zo = static_cast<uint32_t>(__ldg(a.qzeros + g * a.zwords + n0 / PF));
   };
   int64_t c = c0 + ty;
-  if (active && c < c1) load_chunk(c);
+  if (active && c < c1) load_chunk(c, q, sraw, zraw);
 
   // Stage x: one qweight row's PF inputs per thread and step (unrolled so that several steps' loads are in flight).
   const int in32 = static_cast<int>(a.in);
@@ -429,6 +432,12 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? (U <= 4 ? 4 : U <= 8 ? 3 :
   float acc[MT][4] = {};
   if (active) {
     for (; c < c1; c += TY) {
+      uint4 qn[PREFETCH ? U : 1];
+      uint2 sn = {};
+      uint32_t zn = 0;
+      if constexpr (PREFETCH) {
+        if (c + TY < c1) load_chunk(c + TY, qn, sn, zn);
+      }
       float p[MT][4] = {};  // this chunk's sum(q * 2^(BITS*t) * x * 2^-(BITS*t)) per row and column
       const int rl0 = static_cast<int>(c - c0) * U;
 #pragma unroll
@@ -468,6 +477,11 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? (U <= 4 ? 4 : U <= 8 ? 3 :
         }
       }
       // Fold the chunk in before the next chunk's loads overwrite its scale and zero.
+      const float sc[4] = {lo_f32<ST>(sraw.x), hi_f32<ST>(sraw.x), lo_f32<ST>(sraw.y), hi_f32<ST>(sraw.y)};
+      const uint32_t zw = zraw >> (BITS * (n0 % PF));
+      float zc[4];
+#pragma unroll
+      for (int c4 = 0; c4 < 4; ++c4) zc[c4] = static_cast<float>((zw >> (BITS * c4)) & kCodeMask) + a.zero_add;
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= a.m) break;
@@ -477,7 +491,14 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? (U <= 4 ? 4 : U <= 8 ? 3 :
 #pragma unroll
         for (int c4 = 0; c4 < 4; ++c4) acc[m][c4] = fmaf(sc[c4], fmaf(-zc[c4], sx, p[m][c4]), acc[m][c4]);
       }
-      if (c + TY < c1) load_chunk(c + TY);
+      if constexpr (PREFETCH) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) q[u] = qn[u];
+        sraw = sn;
+        zraw = zn;
+      } else if (c + TY < c1) {
+        load_chunk(c + TY, q, sraw, zraw);
+      }
     }
   }
   reduce_store<MT, 4, TX, XT>(acc, a);
@@ -844,36 +865,49 @@ void launch_gemv(Kernel kernel, GemvArgs a, int64_t tiles, int ty, cudaStream_t 
 using GemvKernel = void (*)(GemvArgs);
 
 // The instantiated (loads per chunk U, lanes per row worker TX) of the staged kernel: batch 1 at 4 bits takes every
-// benchmark choice, batch 1 at 8 bits and batches 2..8 at 4 bits a few (compile time), the rest the rows kernel.
-// Registers (sm_90, ptxas -v): batch 1 U 4 / 8 / 16: 62 / 76 / 112, no spills; batches 2 and 4 at U 8: 118-128.
+// benchmark choice (prefetch with U 4 and 8, TX 32 and 16), batch 1 at 8 bits and batches 2..8 at 4 bits a few
+// (compile time), the rest the rows kernel.
+// Registers (sm_90, ptxas -v, no spills): batch 1 U 4 / 8 / 16: 56 / 72 / 107, with prefetch U 4 / 8: 77 / 122;
+// batches 2 and 4 at U 8: 114 / 128; batch 8 at U 4: 168.
 template <int BITS, int MT, DType XT, DType ST>
-GemvKernel staged_kernel(int u, int tx) {
+GemvKernel staged_kernel(int u, int tx, bool prefetch) {
   if constexpr (BITS == 4 && MT == 1) {
+    if (prefetch) {
+      switch (u * 100 + tx) {
+        case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, true, XT, ST>;
+        case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, true, XT, ST>;
+        case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, true, XT, ST>;
+        case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, true, XT, ST>;
+        default: return nullptr;
+      }
+    }
     switch (u * 100 + tx) {
-      case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, XT, ST>;
-      case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, XT, ST>;
-      case 408: return gemv_gptq_staged_kernel<4, 1, 4, 8, XT, ST>;
-      case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, XT, ST>;
-      case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, XT, ST>;
-      case 808: return gemv_gptq_staged_kernel<4, 1, 8, 8, XT, ST>;
-      case 1632: return gemv_gptq_staged_kernel<4, 1, 16, 32, XT, ST>;
-      case 1616: return gemv_gptq_staged_kernel<4, 1, 16, 16, XT, ST>;
-      case 1608: return gemv_gptq_staged_kernel<4, 1, 16, 8, XT, ST>;
+      case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, false, XT, ST>;
+      case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, false, XT, ST>;
+      case 408: return gemv_gptq_staged_kernel<4, 1, 4, 8, false, XT, ST>;
+      case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, false, XT, ST>;
+      case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, false, XT, ST>;
+      case 808: return gemv_gptq_staged_kernel<4, 1, 8, 8, false, XT, ST>;
+      case 1632: return gemv_gptq_staged_kernel<4, 1, 16, 32, false, XT, ST>;
+      case 1616: return gemv_gptq_staged_kernel<4, 1, 16, 16, false, XT, ST>;
+      case 1608: return gemv_gptq_staged_kernel<4, 1, 16, 8, false, XT, ST>;
       default: return nullptr;
     }
   } else if constexpr (BITS == 8 && MT == 1) {
+    if (prefetch) return nullptr;
     switch (u * 100 + tx) {
-      case 432: return gemv_gptq_staged_kernel<8, 1, 4, 32, XT, ST>;
-      case 416: return gemv_gptq_staged_kernel<8, 1, 4, 16, XT, ST>;
-      case 832: return gemv_gptq_staged_kernel<8, 1, 8, 32, XT, ST>;
-      case 816: return gemv_gptq_staged_kernel<8, 1, 8, 16, XT, ST>;
+      case 432: return gemv_gptq_staged_kernel<8, 1, 4, 32, false, XT, ST>;
+      case 416: return gemv_gptq_staged_kernel<8, 1, 4, 16, false, XT, ST>;
+      case 832: return gemv_gptq_staged_kernel<8, 1, 8, 32, false, XT, ST>;
+      case 816: return gemv_gptq_staged_kernel<8, 1, 8, 16, false, XT, ST>;
       default: return nullptr;
     }
   } else if constexpr (BITS == 4) {
     constexpr int U = MT <= 4 ? 8 : 4;  // batch 8 with 8 rows a chunk spills at 128 registers
+    if (prefetch) return nullptr;
     switch (u * 100 + tx) {
-      case U * 100 + 32: return gemv_gptq_staged_kernel<4, MT, U, 32, XT, ST>;
-      case U * 100 + 16: return gemv_gptq_staged_kernel<4, MT, U, 16, XT, ST>;
+      case U * 100 + 32: return gemv_gptq_staged_kernel<4, MT, U, 32, false, XT, ST>;
+      case U * 100 + 16: return gemv_gptq_staged_kernel<4, MT, U, 16, false, XT, ST>;
       default: return nullptr;
     }
   }
@@ -944,7 +978,7 @@ bool staged_cluster_fits(GemvKernel k, int split, size_t smem) {
 // busiest SM at 60 GB/s when blocks spread unevenly, plus one DRAM round trip (~0.8 us) per chunk a row worker
 // waits on in turn, per wave, plus staging x (an L2 round trip per kThreads rows of the slice) and the cluster
 // reduction. Rough by design: woq_cuda_bench.py --staged measures.
-double staged_cost_us(int64_t rows, int64_t out, int u, int tx, int split, int per_sm, int sms) {
+double staged_cost_us(int64_t rows, int64_t out, int u, int tx, int split, bool prefetch, int per_sm, int sms) {
   const int64_t ty = kThreads / tx, ct = 4 * int64_t{tx};
   const int64_t tiles = (out + ct - 1) / ct, blocks = tiles * split;
   const int64_t chunks_blk = (rows / u + split - 1) / split;
@@ -954,7 +988,9 @@ double staged_cost_us(int64_t rows, int64_t out, int u, int tx, int split, int p
   const double bytes = static_cast<double>(rows) * static_cast<double>(out) * 4.0;
   const double sm_bytes = static_cast<double>(per_sm_blocks * chunks_blk * u * ct * 4);
   const int64_t staging_steps = (chunks_blk * u + kThreads - 1) / kThreads;
-  return std::max(bytes / 3.6e6, sm_bytes / 6.0e4) + 0.8 * static_cast<double>(waves * chain) +
+  // With prefetch a worker's later chunks arrive while it computes: count them at half a round trip.
+  const double trips = prefetch ? 1.0 + 0.5 * static_cast<double>(chain - 1) : static_cast<double>(chain);
+  return std::max(bytes / 3.6e6, sm_bytes / 6.0e4) + 0.8 * static_cast<double>(waves) * trips +
          0.4 * static_cast<double>(waves * staging_steps) + (split > 1 ? 0.5 : 0.0);
 }
 
@@ -977,25 +1013,28 @@ StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& t
     if (w.group % (int64_t{u} * PF) != 0 || rows % u != 0) continue;
     for (int tx : txs) {
       if (tune.tx != 0 && tx != tune.tx) continue;
-      const GemvKernel k = staged_kernel<BITS, MT, XT, ST>(u, tx);
-      if (!k) continue;
-      const size_t max_dyn = staged_max_dynamic(k);
-      const int64_t chunks = rows / u;
-      for (int split = 1; split <= kMaxSplit; split *= 2) {
-        if (tune.split != 0 && split != tune.split) continue;
-        if (split > chunks) break;
-        const int64_t chunks_blk = (chunks + split - 1) / split;
-        const size_t smem = static_cast<size_t>(MT) * 4 * static_cast<size_t>(chunks_blk * u * (PF + 1));
-        if (smem > max_dyn) continue;
-        const int per_sm = staged_blocks_per_sm(k, smem);
-        if (per_sm <= 0 || !staged_cluster_fits(k, split, smem)) continue;
-        const double cost = staged_cost_us(rows, w.out, u, tx, split, per_sm, sms);
-        if (!best.kernel || cost < best_cost * (1.0 - 1e-9)) {
-          best.kernel = k;
-          best.split = split;
-          best.tiles = (w.out + 4 * tx - 1) / (4 * tx);
-          best.smem = smem;
-          best_cost = cost;
+      for (int pre = 0; pre < 2; ++pre) {
+        if (tune.prefetch != 0 && pre != tune.prefetch - 1) continue;
+        const GemvKernel k = staged_kernel<BITS, MT, XT, ST>(u, tx, pre != 0);
+        if (!k) continue;
+        const size_t max_dyn = staged_max_dynamic(k);
+        const int64_t chunks = rows / u;
+        for (int split = 1; split <= kMaxSplit; split *= 2) {
+          if (tune.split != 0 && split != tune.split) continue;
+          if (split > chunks) break;
+          const int64_t chunks_blk = (chunks + split - 1) / split;
+          const size_t smem = static_cast<size_t>(MT) * 4 * static_cast<size_t>(chunks_blk * u * (PF + 1));
+          if (smem > max_dyn) continue;
+          const int per_sm = staged_blocks_per_sm(k, smem);
+          if (per_sm <= 0 || !staged_cluster_fits(k, split, smem)) continue;
+          const double cost = staged_cost_us(rows, w.out, u, tx, split, pre != 0, per_sm, sms);
+          if (!best.kernel || cost < best_cost * (1.0 - 1e-9)) {
+            best.kernel = k;
+            best.split = split;
+            best.tiles = (w.out + 4 * tx - 1) / (4 * tx);
+            best.smem = smem;
+            best_cost = cost;
+          }
         }
       }
     }
@@ -1012,7 +1051,8 @@ StagedPlan cached_plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTu
   check_launch("woq_gemv_cuda", cudaGetDevice(&device));
   const std::string key = std::to_string(device) + ":" + std::to_string(w.in) + ":" + std::to_string(w.out) + ":" +
                           std::to_string(w.group) + ":" + std::to_string(tune.unroll) + ":" +
-                          std::to_string(tune.tx) + ":" + std::to_string(tune.split);
+                          std::to_string(tune.tx) + ":" + std::to_string(tune.split) + ":" +
+                          std::to_string(tune.prefetch);
   std::lock_guard<std::mutex> lock(mu);
   auto it = plans.find(key);
   if (it == plans.end()) it = plans.emplace(key, plan_staged<BITS, MT, XT, ST>(w, rows, tune)).first;
@@ -1084,16 +1124,19 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
       bad(site, "staged tuning split must be 0, 1, 2, 4 or 8, got " + std::to_string(tune.split));
     if (tune.tx != 0 && tune.tx != 8 && tune.tx != 16 && tune.tx != 32)
       bad(site, "staged tuning tx must be 0, 8, 16 or 32, got " + std::to_string(tune.tx));
+    if (tune.prefetch < 0 || tune.prefetch > 2)
+      bad(site, "staged tuning prefetch must be 0, 1 (off) or 2 (on), got " + std::to_string(tune.prefetch));
   } else {
     if (tune.unroll != 0 && tune.unroll != 2 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
       bad(site, "tuning unroll must be 0, 2, 4, 8 or 16, got " + std::to_string(tune.unroll));
     if (tune.split < 0 || tune.split > kMaxSplit)
       bad(site, "tuning split must be 0..8, got " + std::to_string(tune.split));
-    if (tune.tx != 0) bad(site, "tuning tx applies to the staged kernel only, got " + std::to_string(tune.tx));
+    if (tune.tx != 0 || tune.prefetch != 0)
+      bad(site, "tuning tx and prefetch apply to the staged kernel only");
   }
   // GPTQ words at 4 bits (and 8 bits at batch 1) take the staged kernel where it applies (see its comment).
-  // Rows kernel, batch-1 defaults from the H200 sweep (woq_cuda_bench.py --sweep, docs/performance.md): GPTQ words at 4 and 8 bits
-  // run best with 4 loads in flight and 2 blocks per cluster on the 8B shapes (geometric mean 1.59x / 1.21x bf16
+  // Rows kernel, batch-1 defaults from the H200 sweep (woq_cuda_bench.py --sweep, docs/performance.md): GPTQ words
+  // at 4 and 8 bits run best with 4 loads in flight and 2 blocks per cluster on the 8B shapes (geometric mean 1.59x / 1.21x bf16
   // against 1.25x / 0.91x for 8 and the occupancy-chosen split); AWQ keeps 8 and the chosen split.
   const bool gptq48 = w.layout != WoqLayout::Awq && (w.bits == 4 || w.bits == 8);
   // A staged setting that cannot take the problem falls back to the rows kernel's own defaults.
@@ -1136,7 +1179,7 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
       }
       a.rows = w.in * w.bits / 32;
       a.zwords = zwords_of(w);
-      if (tune.kernel != WoqGemvKernel::Rows && (w.bits == 4 || w.bits == 8)) {
+      if (tune.kernel != WoqGemvKernel::Rows && (w.bits == 4 || (w.bits == 8 && m == 1))) {
         StagedPlan plan;
         auto plan_for = [&](auto bits_c, auto mt_c) {
           plan = cached_plan_staged<decltype(bits_c)::value, decltype(mt_c)::value, XT, SD>(w, a.rows, staged_tune);

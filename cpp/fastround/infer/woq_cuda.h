@@ -59,7 +59,7 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
 // The rest apply at batch 1 only. unroll: qweight loads a thread has in flight before it uses any (rows: 2, 4, 8
 // or 16; staged: 4, 8 or 16 rows per chunk); split: blocks per cluster along the inputs (rows: 1..8, rounded down
 // to a power of two the device admits; staged: 1, 2, 4 or 8); tx (staged): lanes per row worker, 32, 16 or 8
-// (4 columns each). A staged setting the problem cannot take (a chunk straddling a group, a cluster or activation
+// (4 columns each); prefetch (staged): 1 off, 2 on (the next chunk's loads issued before the current is used). A staged setting the problem cannot take (a chunk straddling a group, a cluster or activation
 // slice the device refuses) leaves the call to the rows kernel's defaults.
 enum class WoqGemvKernel : int { Auto = 0, Rows = 1, Staged = 2 };
 
@@ -68,6 +68,7 @@ struct WoqGemvTuning {
   int unroll = 0;
   int split = 0;
   int tx = 0;
+  int prefetch = 0;
 };
 
 void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
