@@ -333,6 +333,14 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 :
 }
 
 // ---- GEMV, GPTQ words, activations staged in shared memory ("staged") ----
+
+// Blocks per SM the staged kernel is compiled for: register caps that hold its loads without spills (ptxas -v).
+template <int U, bool PREFETCH>
+constexpr int staged_min_blocks(int mt) {
+  constexpr int live = PREFETCH ? 2 * U : U;  // 16-byte loads a thread holds
+  return mt == 1 ? (live <= 4 ? 4 : live <= 8 ? 3 : 2) : mt <= 4 ? 2 : 1;
+}
+
 // The per-thread-rows kernel above gives each thread a long private run of rows, so a block's first loads wait on
 // scales and x and only a few 16-byte loads per thread are ever in flight. Here a lane owns 4 columns (one 16-byte
 // qweight load per row) and a row worker (TX lanes, TX*4 contiguous columns) takes CHUNKS of U consecutive qweight
@@ -344,12 +352,6 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 :
 // split-K over blockIdx.y), in a fixed order: deterministic.
 // Dynamic shared memory: xs [MT][rows * PF] fp32, then xrow [MT][rows] fp32, rows = this block's qweight rows.
 // PREFETCH: a worker issues its next chunk's loads before it uses the current one (twice the registers).
-template <int U, bool PREFETCH>
-constexpr int staged_min_blocks(int mt) {
-  constexpr int live = PREFETCH ? 2 * U : U;  // 16-byte loads a thread holds
-  return mt == 1 ? (live <= 4 ? 4 : live <= 8 ? 3 : 2) : mt <= 4 ? 2 : 1;
-}
-
 template <int BITS, int MT, int U, int TX, bool PREFETCH, DType XT, DType ST>
 __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) gemv_gptq_staged_kernel(GemvArgs a) {
   constexpr int PF = 32 / BITS;     // inputs per word
