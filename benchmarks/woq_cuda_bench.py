@@ -12,10 +12,17 @@ packed_gbps counts the bytes the op must read at the least (qweight + qzeros + s
 
     python3 benchmarks/woq_cuda_bench.py [--layouts gptq:4,awq:4,gptq_v2:8] [--m 1,512] [--group 128]
     python3 benchmarks/woq_cuda_bench.py --sweep [--layouts ...]
+    python3 benchmarks/woq_cuda_bench.py --staged [--budget_s 95]
 
 --sweep times the batch-1 GEMV under every FASTROUND_WOQ_CUDA_VARIANT "U,S" (U loads in flight per thread, S the
 cluster split, 0 the built-in choice) on each shape and layout and reports the best per case and the variant with
 the best geometric-mean speedup over all of a layout's shapes: the one to make the default.
+
+--staged times the staged GEMV (woq_cuda.cu gemv_gptq_staged_kernel) at batch 1 under every
+"staged:U,S,T" (rows per chunk, cluster split, lanes per row worker) against the rows kernel's defaults ("rows"),
+the built-in choice ("") and the bf16 linear, on the Llama-3-8B shapes including k/v (4096 x 1024), and the
+built-in choice against "rows" at batch 4; stops adding variants after --budget_s seconds (the report says so).
+Each variant's output is compared with the rows kernel's (max_abs_diff_vs_rows).
 
 Needs a CUDA device and a fastround built with CUDA (benchmarks/gpu_build.sh builds one into /tmp).
 """
@@ -28,6 +35,7 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -178,17 +186,140 @@ def sweep(layouts: list[tuple[str, int]], group: int, dev: torch.device) -> dict
     return {"best_per_case": best_per_case, "best_per_layout": best_per_layout, "rows": rows}
 
 
+STAGED_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # q/o, k/v, gate/up, down
+STAGED_LAYOUTS = [("gptq", 4), ("gptq_v2", 4), ("gptq_v2", 8)]
+
+
+def staged_variants(bits: int) -> list[str]:
+    """The staged kernel's batch-1 settings instantiated for `bits` (woq_cuda.cu staged_kernel): U rows per chunk,
+    split S, T lanes per row worker, prefetch off (1) or on (2)."""
+    us, txs = ((4, 8, 16), (32, 16, 8)) if bits == 4 else ((4, 8), (32, 16))
+    plain = [f"staged:{u},{s},{t},1" for u in us for t in txs for s in (1, 2, 4, 8)]
+    prefetch = [f"staged:{u},{s},{t},2" for u in (4, 8) for t in (32, 16) for s in (1, 2, 4, 8)] if bits == 4 else []
+    return plain + prefetch
+
+
+def _graph_us(calls, runs: int = 7) -> float:
+    """Median GPU microseconds of one replay of `calls` captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    us = _median_ms(graph.replay, runs=runs, warmup=2) * 1e3
+    del graph
+    return us
+
+
+def staged_sweep(group: int, budget_s: float, dev: torch.device) -> dict:
+    """Batch-1 graph time of every staged setting, the rows kernel and the built-in choice vs bf16, per shape."""
+    t0 = time.monotonic()
+    op = torch.ops.fastround.woq_linear
+    rows, summary, truncated = [], {}, False
+    env = "FASTROUND_WOQ_CUDA_VARIANT"
+    try:
+        for in_f, out_f in STAGED_SHAPES:
+            x = torch.randn(4, in_f, device=dev, dtype=torch.bfloat16)
+            x1 = x[:1]
+            w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
+            dense_copies = max(2, -(-2 * L2_BYTES // _nbytes(w)))
+            ws = [w] + [torch.randn_like(w) * 0.02 for _ in range(dense_copies - 1)]
+            dense_us = _graph_us([lambda t=t: torch.nn.functional.linear(x1, t) for t in ws]) / dense_copies
+            del ws, w
+            for layout, bits in STAGED_LAYOUTS:
+                layer = _random_layer(in_f, out_f, bits, group, layout, dev)
+                copies = max(2, -(-2 * L2_BYTES // _nbytes(*layer)))
+                layers = [layer] + [_random_layer(in_f, out_f, bits, group, layout, dev) for _ in range(copies - 1)]
+                case = f"{layout}:{bits} {in_f}x{out_f}"
+                os.environ[env] = "rows"
+                ref = op(x1, *layer, None, bits, group, layout).float()
+                ref4 = op(x, *layer, None, bits, group, layout).float()
+                variants = ["rows", ""] + (staged_variants(bits) if layout != "gptq_v2" or bits != 4 else [])
+                for v in variants:
+                    if time.monotonic() - t0 > budget_s:
+                        truncated = True
+                        break
+                    os.environ[env] = v
+                    err = (op(x1, *layer, None, bits, group, layout).float() - ref).abs().max().item()
+                    us = _graph_us([lambda t=t: op(x1, *t, None, bits, group, layout) for t in layers]) / copies
+                    rows.append({"case": case, "m": 1, "variant": v or "default", "woq_graph_us": round(us, 2),
+                                 "bf16_graph_us": round(dense_us, 2), "speedup_graph": round(dense_us / us, 3),
+                                 "packed_gbps": round(_nbytes(*layer) / (us * 1e-6) / 1e9, 1),
+                                 "max_abs_diff_vs_rows": err})
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+                if bits == 4 and not truncated:  # batch 4: the built-in choice against the rows kernel
+                    for v in ("rows", ""):
+                        os.environ[env] = v
+                        err = (op(x, *layer, None, bits, group, layout).float() - ref4).abs().max().item()
+                        us = _graph_us([lambda t=t: op(x, *t, None, bits, group, layout) for t in layers]) / copies
+                        rows.append({"case": case, "m": 4, "variant": v or "default", "woq_graph_us": round(us, 2),
+                                     "max_abs_diff_vs_rows": err})
+                        print(json.dumps(rows[-1]), file=sys.stderr)
+                sel = [r for r in rows if r["case"] == case and r["m"] == 1]
+                if sel:
+                    best = min(sel, key=lambda r: r["woq_graph_us"])
+                    by = {r["variant"]: r for r in sel}
+                    summary[case] = {
+                        "bf16_us": round(dense_us, 2),
+                        "rows_us": by.get("rows", {}).get("woq_graph_us"),
+                        "default_us": by.get("default", {}).get("woq_graph_us"),
+                        "default_speedup": by.get("default", {}).get("speedup_graph"),
+                        "best_variant": best["variant"], "best_us": best["woq_graph_us"],
+                        "best_speedup": best["speedup_graph"], "best_packed_gbps": best["packed_gbps"],
+                        "m4": {r["variant"]: r["woq_graph_us"] for r in rows if r["case"] == case and r["m"] == 4},
+                        "worst_abs_diff_vs_rows": max(r["max_abs_diff_vs_rows"] for r in sel),
+                    }
+                os.environ.pop(env, None)
+                del layers, layer
+                torch.cuda.empty_cache()
+                if truncated:
+                    break
+            if truncated:
+                break
+    finally:
+        os.environ.pop(env, None)
+    # The staged setting with the best geometric-mean speedup over the shapes measured, per layout.
+    best_fixed = {}
+    for layout, bits in STAGED_LAYOUTS:
+        key = f"{layout}:{bits}"
+        scores = {}
+        for v in staged_variants(bits) + ["default", "rows"]:
+            sel = [r["speedup_graph"] for r in rows
+                   if r["m"] == 1 and r["variant"] == v and r["case"].startswith(key + " ")]
+            if len(sel) == len(STAGED_SHAPES):
+                scores[v] = math.exp(sum(math.log(x) for x in sel) / len(sel))
+        if scores:
+            win = max(scores, key=scores.get)
+            best_fixed[key] = {"variant": win, "geomean_speedup": round(scores[win], 3),
+                               "default_geomean_speedup": round(scores.get("default", float("nan")), 3),
+                               "rows_geomean_speedup": round(scores.get("rows", float("nan")), 3)}
+    return {"target": f"gptq:4 m=1 >= {TARGET_SPEEDUP}x bf16", "truncated": truncated,
+            "seconds": round(time.monotonic() - t0, 1), "summary": summary, "best_fixed": best_fixed, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layouts", default="gptq:4,awq:4,gptq_v2:8", help="layout:bits,...")
     ap.add_argument("--m", default="1,512", help="batch sizes")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--sweep", action="store_true", help="time every GEMV variant at m=1 and report the best")
+    ap.add_argument("--staged", action="store_true", help="time every staged GEMV setting at m=1 (see above)")
+    ap.add_argument("--budget_s", type=float, default=95.0, help="--staged: stop adding variants after this")
     args = ap.parse_args(argv)
     from fastround import _torch
 
     assert torch.cuda.is_available() and _torch.with_cuda(), "needs a CUDA device and fastround built with CUDA"
     dev = torch.device("cuda")
+    if args.staged:
+        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  **staged_sweep(args.group, args.budget_s, dev)}
+        print(json.dumps(report, indent=1))
+        return 0
     if args.sweep:
         layouts = [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.layouts.split(",")]
         report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **sweep(layouts, args.group, dev)}

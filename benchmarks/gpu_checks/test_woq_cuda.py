@@ -327,3 +327,76 @@ def test_gemv_variant_rejected(cuda, monkeypatch):
         monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", bad)
         with pytest.raises(ValueError, match=what):
             _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")
+
+
+# ---- the staged GEMV (woq_cuda.cu gemv_gptq_staged_kernel) and the rows kernel it replaced as the default ----
+
+
+def _staged_variants(bits: int) -> list[str]:
+    """Every staged setting instantiated for `bits` (woq_cuda.cu staged_kernel; woq_cuda_bench.py staged_variants):
+    U rows per chunk, split S, T lanes per row worker, prefetch off (1) or on (2), each forced."""
+    us, txs = ((4, 8, 16), (32, 16, 8)) if bits == 4 else ((4, 8), (32, 16))
+    plain = [f"staged:{u},{s},{t},1" for u in us for t in txs for s in (1, 2, 4, 8)]
+    prefetch = [f"staged:{u},{s},{t},2" for u in (4, 8) for t in (32, 16) for s in (1, 2, 4, 8)] if bits == 4 else []
+    return plain + prefetch
+
+
+@pytest.mark.parametrize("variant",
+                         _staged_variants(4) + ["staged", "staged:0,8,0", "staged:16,0,0", "staged:0,0,0,2"])
+def test_staged_variants_4bit(cuda, variant, monkeypatch):
+    """Every staged setting the sweep may pick matches the reference: sym and asym zeros, groups of 32 (chunks of
+    16 rows cannot sit in one: the rows kernel takes it), 128 and whole rows, partial column tiles, fp16 and bf16,
+    a partial last group, and a k/v-shaped layer with the deepest split."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
+    for layout in ("gptq", "gptq_v2"):
+        for group_size in (32, 128, -1):
+            run_case(cuda, 1024, 384, 4, group_size, layout, 1, torch.bfloat16, seed=group_size + len(layout))
+    run_case(cuda, 1024, 124, 4, 128, "gptq_v2", 1, torch.float16)  # a partial column tile, fp16
+    run_case(cuda, 1088, 64, 4, 64, "gptq", 1, torch.bfloat16)      # 17 groups: chunks unevenly over the split
+    run_case(cuda, 200, 64, 4, 64, "gptq", 1, torch.bfloat16, pad_in=56)  # partial last group: rows kernel
+    run_case(cuda, 4096, 1024, 4, 128, "gptq", 1, torch.bfloat16, bias=False)
+
+
+@pytest.mark.parametrize("variant", _staged_variants(8) + ["staged"])
+def test_staged_variants_8bit(cuda, variant, monkeypatch):
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
+    for layout in ("gptq", "gptq_v2"):
+        for group_size in (32, 128, -1):
+            run_case(cuda, 1024, 384, 8, group_size, layout, 1, torch.bfloat16, seed=group_size + 8)
+    run_case(cuda, 1024, 124, 8, 128, "gptq_v2", 1, torch.float16)
+
+
+@pytest.mark.parametrize("variant", ["rows", "rows:4,2", "staged"])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_kernel_choice_all_batches(cuda, variant, m, monkeypatch):
+    """The rows kernel stays right now that the staged one is the default for GPTQ 4 bits, and the staged one is
+    right at every batch template (MT 1, 2, 4, 8 with rows past m unused)."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
+    for layout in ("gptq", "gptq_v2"):
+        run_case(cuda, 1024, 384, 4, 128, layout, m, torch.bfloat16, seed=m)
+        run_case(cuda, 1024, 384, 8, -1, layout, m, torch.float16, seed=m + 1)
+    run_case(cuda, 14336, 512, 4, 128, "gptq", m, torch.bfloat16, seed=m + 2)  # a large activation slice
+
+
+@pytest.mark.parametrize("variant", ["staged", "staged:8,8,32,1", "staged:16,4,16,1", "staged:4,2,8,1",
+                                     "staged:8,4,32,2"])
+def test_staged_deterministic(cuda, variant, monkeypatch):
+    """Cluster split-K without atomics: the same bits on every call."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
+    qweight, qzeros, scales = (t.to(cuda) for t in make_layer(4096, 4096, 4, 128, "gptq_v2"))
+    x = torch.randn(1, 4096, device=cuda, dtype=torch.bfloat16)
+    first = _op(x, qweight, qzeros, scales, None, 4, 128, "gptq_v2")
+    for _ in range(3):
+        assert torch.equal(first, _op(x, qweight, qzeros, scales, None, 4, 128, "gptq_v2"))
+
+
+def test_staged_variant_rejected(cuda, monkeypatch):
+    qweight, qzeros, scales = (t.to(cuda) for t in make_layer(256, 64, 4, 128, "gptq"))
+    x = torch.randn(1, 256, dtype=torch.bfloat16, device=cuda)
+    for bad, what in (("staged:2,0,0", "unroll"), ("staged:8,3,0", "split"), ("staged:8,2,64", "tx"),
+                      ("rows:8,2,32", "FASTROUND_WOQ_CUDA_VARIANT"), ("staged8", "FASTROUND_WOQ_CUDA_VARIANT"),
+                      ("staged:8,2,32,3", "prefetch"), ("8,2,0,2", "FASTROUND_WOQ_CUDA_VARIANT"),
+                      ("staged:8,2,32,1,0", "FASTROUND_WOQ_CUDA_VARIANT")):
+        monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", bad)
+        with pytest.raises(ValueError, match=what):
+            _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")

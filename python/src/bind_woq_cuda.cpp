@@ -22,20 +22,49 @@ namespace {
 
 constexpr const char* kOp = "woq_linear";
 
-// FASTROUND_WOQ_CUDA_VARIANT="U,S" (benchmarks/woq_cuda_bench.py --sweep): the batch-1 GEMV's loads in flight per
-// thread and its cluster split, 0 for the built-in choice; unset or empty: both built in. Read at every call so
-// that a sweep can change it between calls of one process; a CUDA graph keeps what was read at capture.
+// FASTROUND_WOQ_CUDA_VARIANT (benchmarks/woq_cuda_bench.py --sweep) picks the GEMV and its knobs (woq_cuda.h
+// WoqGemvTuning), 0 for the built-in choice: "U" or "U,S" the rows kernel with U loads in flight and cluster split
+// S (the original sweep's spelling); "rows" or "rows:U,S" the same; "staged" or "staged:U,S,T[,P]" the staged
+// kernel with U rows per chunk, split S, T lanes per row worker and prefetch P (1 off, 2 on); unset or empty: the
+// built-in choice. Read at every
+// call so that a sweep can change it between calls of one process; a CUDA graph keeps what was read at capture.
 fi::WoqGemvTuning tuning_from_env() {
   fi::WoqGemvTuning t;
   const char* v = std::getenv("FASTROUND_WOQ_CUDA_VARIANT");
   if (!v || !*v) return t;
-  char* end = nullptr;
-  t.unroll = static_cast<int>(std::strtol(v, &end, 10));
-  if (end && *end == ',') t.split = static_cast<int>(std::strtol(end + 1, &end, 10));
-  if (!end || *end != '\0')
-    throw fr::OptionError(std::string("[woq_linear] FASTROUND_WOQ_CUDA_VARIANT must be 'U' or 'U,S', got '") + v +
-                          "'");
-  return t;
+  const std::string spec(v);
+  auto fail = [&]() -> fr::OptionError {
+    return fr::OptionError("[woq_linear] FASTROUND_WOQ_CUDA_VARIANT must be 'U,S', 'rows[:U,S]' or "
+                           "'staged[:U,S,T[,P]]', got '" + spec + "'");
+  };
+  const char* p = v;
+  int max_fields = 2;
+  if (spec.rfind("staged", 0) == 0) {
+    t.kernel = fi::WoqGemvKernel::Staged;
+    p += 6;
+    max_fields = 4;
+  } else if (spec.rfind("rows", 0) == 0) {
+    t.kernel = fi::WoqGemvKernel::Rows;
+    p += 4;
+  } else {
+    t.kernel = fi::WoqGemvKernel::Rows;
+  }
+  if (t.kernel != fi::WoqGemvKernel::Rows || p != v) {  // a named kernel: nothing more, or ':' and numbers
+    if (*p == '\0') return t;
+    if (*p != ':') throw fail();
+    ++p;
+  }
+  int* fields[4] = {&t.unroll, &t.split, &t.tx, &t.prefetch};
+  for (int i = 0; i < max_fields; ++i) {
+    char* end = nullptr;
+    *fields[i] = static_cast<int>(std::strtol(p, &end, 10));
+    if (end == p) throw fail();
+    p = end;
+    if (*p == '\0') return t;
+    if (*p != ',' || i + 1 == max_fields) throw fail();
+    ++p;
+  }
+  throw fail();
 }
 
 fi::WoqLayout layout_named(c10::string_view layout) {

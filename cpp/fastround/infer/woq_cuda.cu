@@ -332,6 +332,180 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 :
   reduce_store<MT, 4, kGptqTx, XT>(acc, a);
 }
 
+// ---- GEMV, GPTQ words, activations staged in shared memory ("staged") ----
+
+// Blocks per SM the staged kernel is compiled for: register caps that hold its loads without spills (ptxas -v).
+template <int U, bool PREFETCH>
+constexpr int staged_min_blocks(int mt) {
+  constexpr int live = PREFETCH ? 2 * U : U;  // 16-byte loads a thread holds
+  return mt == 1 ? (live <= 4 ? 4 : live <= 8 ? 3 : 2) : mt <= 4 ? 2 : 1;
+}
+
+// The per-thread-rows kernel above gives each thread a long private run of rows, so a block's first loads wait on
+// scales and x and only a few 16-byte loads per thread are ever in flight. Here a lane owns 4 columns (one 16-byte
+// qweight load per row) and a row worker (TX lanes, TX*4 contiguous columns) takes CHUNKS of U consecutive qweight
+// rows, all U loads issued before any is used; a chunk never straddles a group (group % (U*PF) == 0), so the scale
+// and zero are loaded once per chunk and applied once: s * (sum(q*x) - z * sum(x)). blockIdx.y owns a contiguous
+// share of the chunks, whose activations the block converts once into shared memory as fp32, pre-multiplied by the
+// lane factor 2^-(BITS*t) of code_scaled, next to each qweight row's plain sum of x; the qweight loads of the first
+// chunk are issued before that staging so its latency hides theirs. Worker sums meet in reduce_store (cluster
+// split-K over blockIdx.y), in a fixed order: deterministic.
+// Dynamic shared memory: xs [MT][rows * PF] fp32, then xrow [MT][rows] fp32, rows = this block's qweight rows.
+// PREFETCH: a worker issues its next chunk's loads before it uses the current one (twice the registers).
+template <int BITS, int MT, int U, int TX, bool PREFETCH, DType XT, DType ST>
+__global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) gemv_gptq_staged_kernel(GemvArgs a) {
+  constexpr int PF = 32 / BITS;     // inputs per word
+  constexpr int LANES = 16 / BITS;  // codes per 16-bit half
+  constexpr int TY = kThreads / TX;  // row workers per block
+  constexpr int CT = 4 * TX;         // columns per block
+  constexpr uint32_t kCodeMask = (1u << BITS) - 1u;
+  static_assert(PF == 4 || PF == 8, "the staged GEMV takes 4 and 8 bits");
+  extern __shared__ float4 staged_smem[];
+  const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * CT + tx * 4;
+  const bool active = n0 < a.out_features;  // out % 4 == 0: a lane's 4 columns are all in or all out
+
+  const int64_t chunks = a.rows / U;
+  const int64_t c0 = chunks * blockIdx.y / a.split, c1 = chunks * (blockIdx.y + 1) / a.split;
+  const int nrows = static_cast<int>((c1 - c0) * U);
+  const int nin = nrows * PF;
+  float* xs = reinterpret_cast<float*>(staged_smem);
+  float* xrow = xs + MT * nin;
+
+  const int64_t chunk_inputs = int64_t{U} * PF;
+  // A chunk's loads: its U qweight rows, the group's 4 scales and its zero word, kept raw so that nothing waits on
+  // them before the chunk is used.
+  uint4 q[U];
+  uint2 sraw = {};
+  uint32_t zraw = 0;
+  auto load_chunk = [&](int64_t c, uint4(&qo)[U], uint2& so, uint32_t& zo) {
+    const int32_t* qp = a.qweight + c * U * a.out_features + n0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) qo[u] = load_stream(qp + u * a.out_features);
+    const int64_t g = c * chunk_inputs / a.group;
+    so = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(a.scales) + g * a.out_features + n0));
+    zo = static_cast<uint32_t>(__ldg(a.qzeros + g * a.zwords + n0 / PF));
+  };
+  int64_t c = c0 + ty;
+  if (active && c < c1) load_chunk(c, q, sraw, zraw);
+
+  // Stage x: one qweight row's PF inputs per thread and step (unrolled so that several steps' loads are in flight).
+  const int in32 = static_cast<int>(a.in);
+#pragma unroll 4
+  for (int r = threadIdx.x; r < nrows; r += kThreads) {
+    const int64_t k0 = (c0 * U + r) * PF;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= a.m) break;
+      const uint16_t* xp = static_cast<const uint16_t*>(a.x) + m * in32 + k0;
+      uint32_t xw[PF / 2];
+      if constexpr (PF == 4) {
+        const uint2 t = __ldg(reinterpret_cast<const uint2*>(xp));
+        xw[0] = t.x;
+        xw[1] = t.y;
+      } else {
+        const uint4 t = __ldg(reinterpret_cast<const uint4*>(xp));
+        xw[0] = t.x;
+        xw[1] = t.y;
+        xw[2] = t.z;
+        xw[3] = t.w;
+      }
+      float xf[PF];
+#pragma unroll
+      for (int i = 0; i < PF / 2; ++i) {
+        xf[2 * i] = lo_f32<XT>(xw[i]);
+        xf[2 * i + 1] = hi_f32<XT>(xw[i]);
+      }
+      float s = 0.0f;
+#pragma unroll
+      for (int j = 0; j < PF; ++j) s += xf[j];
+      xrow[m * nrows + r] = s;
+      float4* dst = reinterpret_cast<float4*>(xs + m * nin + r * PF);
+#pragma unroll
+      for (int i = 0; i < PF / 4; ++i)
+        dst[i] = make_float4(xf[4 * i] * inv_pow2(BITS * ((4 * i) % LANES)),
+                             xf[4 * i + 1] * inv_pow2(BITS * ((4 * i + 1) % LANES)),
+                             xf[4 * i + 2] * inv_pow2(BITS * ((4 * i + 2) % LANES)),
+                             xf[4 * i + 3] * inv_pow2(BITS * ((4 * i + 3) % LANES)));
+    }
+  }
+  __syncthreads();
+
+  float acc[MT][4] = {};
+  if (active) {
+    for (; c < c1; c += TY) {
+      uint4 qn[PREFETCH ? U : 1];
+      uint2 sn = {};
+      uint32_t zn = 0;
+      if constexpr (PREFETCH) {
+        if (c + TY < c1) load_chunk(c + TY, qn, sn, zn);
+      }
+      float p[MT][4] = {};  // this chunk's sum(q * 2^(BITS*t) * x * 2^-(BITS*t)) per row and column
+      const int rl0 = static_cast<int>(c - c0) * U;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+        float v[4][PF];
+#pragma unroll
+        for (int c4 = 0; c4 < 4; ++c4) {
+          const uint32_t halves[2] = {words[c4], words[c4] >> 16};
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            v[c4][h * LANES + 0] = code_scaled<BITS, 0>(halves[h]);
+            v[c4][h * LANES + 1] = code_scaled<BITS, 1>(halves[h]);
+            if constexpr (LANES > 2) {
+              v[c4][h * LANES + 2] = code_scaled<BITS, 2>(halves[h]);
+              v[c4][h * LANES + 3] = code_scaled<BITS, 3>(halves[h]);
+            }
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m >= a.m) break;
+          const float4* xp = reinterpret_cast<const float4*>(xs + m * nin + (rl0 + u) * PF);
+          float xf[PF];
+#pragma unroll
+          for (int i = 0; i < PF / 4; ++i) {
+            const float4 t = xp[i];
+            xf[4 * i] = t.x;
+            xf[4 * i + 1] = t.y;
+            xf[4 * i + 2] = t.z;
+            xf[4 * i + 3] = t.w;
+          }
+#pragma unroll
+          for (int c4 = 0; c4 < 4; ++c4)
+#pragma unroll
+            for (int j = 0; j < PF; ++j) p[m][c4] = fmaf(v[c4][j], xf[j], p[m][c4]);
+        }
+      }
+      // Fold the chunk in before the next chunk's loads overwrite its scale and zero.
+      const float sc[4] = {lo_f32<ST>(sraw.x), hi_f32<ST>(sraw.x), lo_f32<ST>(sraw.y), hi_f32<ST>(sraw.y)};
+      const uint32_t zw = zraw >> (BITS * (n0 % PF));
+      float zc[4];
+#pragma unroll
+      for (int c4 = 0; c4 < 4; ++c4) zc[c4] = static_cast<float>((zw >> (BITS * c4)) & kCodeMask) + a.zero_add;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m >= a.m) break;
+        float sx = 0.0f;
+#pragma unroll
+        for (int u = 0; u < U; ++u) sx += xrow[m * nrows + rl0 + u];
+#pragma unroll
+        for (int c4 = 0; c4 < 4; ++c4) acc[m][c4] = fmaf(sc[c4], fmaf(-zc[c4], sx, p[m][c4]), acc[m][c4]);
+      }
+      if constexpr (PREFETCH) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) q[u] = qn[u];
+        sraw = sn;
+        zraw = zn;
+      } else if (c + TY < c1) {
+        load_chunk(c + TY, q, sraw, zraw);
+      }
+    }
+  }
+  reduce_store<MT, 4, TX, XT>(acc, a);
+}
+
 // ---- GEMV, AWQ layout (4 bits) ----
 // Thread tile: one load = one input k x 8*WORDS consecutive output columns (WORDS words of 8 interleaved codes).
 
@@ -688,6 +862,222 @@ void launch_gemv(Kernel kernel, GemvArgs a, int64_t tiles, int ty, cudaStream_t 
   check_launch(site, cudaLaunchKernelEx(&cfg, kernel, a));
 }
 
+// ---- the staged GEMV's launch plan ----
+
+using GemvKernel = void (*)(GemvArgs);
+
+// The instantiated (loads per chunk U, lanes per row worker TX) of the staged kernel: batch 1 at 4 bits takes every
+// benchmark choice (prefetch with U 4 and 8, TX 32 and 16), batch 1 at 8 bits and batches 2..8 at 4 bits a few
+// (compile time), the rest the rows kernel.
+// Registers (sm_90, ptxas -v, no spills): batch 1 U 4 / 8 / 16: 56 / 72 / 107, with prefetch U 4 / 8: 77 / 122;
+// batches 2 and 4 at U 8: 114 / 128; batch 8 at U 4: 168.
+template <int BITS, int MT, DType XT, DType ST>
+GemvKernel staged_kernel(int u, int tx, bool prefetch) {
+  if constexpr (BITS == 4 && MT == 1) {
+    if (prefetch) {
+      switch (u * 100 + tx) {
+        case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, true, XT, ST>;
+        case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, true, XT, ST>;
+        case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, true, XT, ST>;
+        case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, true, XT, ST>;
+        default: return nullptr;
+      }
+    }
+    switch (u * 100 + tx) {
+      case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, false, XT, ST>;
+      case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, false, XT, ST>;
+      case 408: return gemv_gptq_staged_kernel<4, 1, 4, 8, false, XT, ST>;
+      case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, false, XT, ST>;
+      case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, false, XT, ST>;
+      case 808: return gemv_gptq_staged_kernel<4, 1, 8, 8, false, XT, ST>;
+      case 1632: return gemv_gptq_staged_kernel<4, 1, 16, 32, false, XT, ST>;
+      case 1616: return gemv_gptq_staged_kernel<4, 1, 16, 16, false, XT, ST>;
+      case 1608: return gemv_gptq_staged_kernel<4, 1, 16, 8, false, XT, ST>;
+      default: return nullptr;
+    }
+  } else if constexpr (BITS == 8 && MT == 1) {
+    if (prefetch) return nullptr;
+    switch (u * 100 + tx) {
+      case 432: return gemv_gptq_staged_kernel<8, 1, 4, 32, false, XT, ST>;
+      case 416: return gemv_gptq_staged_kernel<8, 1, 4, 16, false, XT, ST>;
+      case 832: return gemv_gptq_staged_kernel<8, 1, 8, 32, false, XT, ST>;
+      case 816: return gemv_gptq_staged_kernel<8, 1, 8, 16, false, XT, ST>;
+      default: return nullptr;
+    }
+  } else if constexpr (BITS == 4) {
+    constexpr int U = MT <= 4 ? 8 : 4;  // batch 8 with 8 rows a chunk spills at 128 registers
+    if (prefetch) return nullptr;
+    switch (u * 100 + tx) {
+      case U * 100 + 32: return gemv_gptq_staged_kernel<4, MT, U, 32, false, XT, ST>;
+      case U * 100 + 16: return gemv_gptq_staged_kernel<4, MT, U, 16, false, XT, ST>;
+      default: return nullptr;
+    }
+  }
+  return nullptr;
+}
+
+struct StagedPlan {
+  GemvKernel kernel = nullptr;  // null: the staged kernel does not take this problem
+  int split = 1;
+  int64_t tiles = 0;
+  size_t smem = 0;
+};
+
+// Per kernel: the dynamic shared memory it may take (the device's opt-in limit less its static part), raised once
+// so that large activation slices fit.
+size_t staged_max_dynamic(GemvKernel k) {
+  static std::mutex mu;
+  static std::unordered_map<const void*, size_t> seen;
+  constexpr const char* site = "woq_gemv_cuda";
+  std::lock_guard<std::mutex> lock(mu);
+  const void* key = reinterpret_cast<const void*>(k);
+  auto it = seen.find(key);
+  if (it != seen.end()) return it->second;
+  int device = 0, optin = 0;
+  check_launch(site, cudaGetDevice(&device));
+  check_launch(site, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attr{};
+  check_launch(site, cudaFuncGetAttributes(&attr, key));
+  const size_t dyn = static_cast<size_t>(std::max(0, optin - static_cast<int>(attr.sharedSizeBytes)));
+  check_launch(site, cudaFuncSetAttribute(key, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn)));
+  seen.emplace(key, dyn);
+  return dyn;
+}
+
+int staged_blocks_per_sm(GemvKernel k, size_t smem) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, reinterpret_cast<const void*>(k), kThreads, smem) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+bool staged_cluster_fits(GemvKernel k, int split, size_t smem) {
+  if (split == 1) return true;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1, static_cast<unsigned>(split), 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(split);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<const void*>(k), &cfg) != cudaSuccess ||
+      clusters <= 0) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+// Estimated microseconds of one configuration on `sms` SMs: the packed weight at a sustained 3.6 TB/s, or the
+// busiest SM at 60 GB/s when blocks spread unevenly, plus one DRAM round trip (~0.8 us) per chunk a row worker
+// waits on in turn, per wave, plus staging x (an L2 round trip per kThreads rows of the slice) and the cluster
+// reduction. Rough by design: woq_cuda_bench.py --staged measures.
+double staged_cost_us(int64_t rows, int64_t out, int u, int tx, int split, bool prefetch, int per_sm, int sms) {
+  const int64_t ty = kThreads / tx, ct = 4 * int64_t{tx};
+  const int64_t tiles = (out + ct - 1) / ct, blocks = tiles * split;
+  const int64_t chunks_blk = (rows / u + split - 1) / split;
+  const int64_t chain = (chunks_blk + ty - 1) / ty;
+  const int64_t waves = (blocks + int64_t{sms} * per_sm - 1) / (int64_t{sms} * per_sm);
+  const int64_t per_sm_blocks = (blocks + sms - 1) / sms;
+  const double bytes = static_cast<double>(rows) * static_cast<double>(out) * 4.0;
+  const double sm_bytes = static_cast<double>(per_sm_blocks * chunks_blk * u * ct * 4);
+  const int64_t staging_steps = (chunks_blk * u + kThreads - 1) / kThreads;
+  // With prefetch a worker's later chunks arrive while it computes: count them at half a round trip.
+  const double trips = prefetch ? 1.0 + 0.5 * static_cast<double>(chain - 1) : static_cast<double>(chain);
+  return std::max(bytes / 3.6e6, sm_bytes / 6.0e4) + 0.8 * static_cast<double>(waves) * trips +
+         0.4 * static_cast<double>(waves * staging_steps) + (split > 1 ? 0.5 : 0.0);
+}
+
+// The staged kernel's configuration for this problem: the tuned (u, tx, split) where given (0: any), else the
+// cheapest by staged_cost_us; a chunk must sit inside one group and the activation slice in shared memory.
+template <int BITS, int MT, DType XT, DType ST>
+StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& tune) {
+  constexpr int PF = 32 / BITS;
+  constexpr const char* site = "woq_gemv_cuda";
+  int device = 0, sms = 0;
+  check_launch(site, cudaGetDevice(&device));
+  check_launch(site, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  sms = std::max(sms, 1);
+  const int us[3] = {8, 16, 4};
+  const int txs[3] = {32, 16, 8};
+  StagedPlan best;
+  double best_cost = 0.0;
+  for (int u : us) {
+    if (tune.unroll != 0 && u != tune.unroll) continue;
+    if (w.group % (int64_t{u} * PF) != 0 || rows % u != 0) continue;
+    for (int tx : txs) {
+      if (tune.tx != 0 && tx != tune.tx) continue;
+      for (int pre = 0; pre < 2; ++pre) {
+        if (tune.prefetch != 0 && pre != tune.prefetch - 1) continue;
+        const GemvKernel k = staged_kernel<BITS, MT, XT, ST>(u, tx, pre != 0);
+        if (!k) continue;
+        const size_t max_dyn = staged_max_dynamic(k);
+        const int64_t chunks = rows / u;
+        for (int split = 1; split <= kMaxSplit; split *= 2) {
+          if (tune.split != 0 && split != tune.split) continue;
+          if (split > chunks) break;
+          const int64_t chunks_blk = (chunks + split - 1) / split;
+          const size_t smem = static_cast<size_t>(MT) * 4 * static_cast<size_t>(chunks_blk * u * (PF + 1));
+          if (smem > max_dyn) continue;
+          const int per_sm = staged_blocks_per_sm(k, smem);
+          if (per_sm <= 0 || !staged_cluster_fits(k, split, smem)) continue;
+          const double cost = staged_cost_us(rows, w.out, u, tx, split, pre != 0, per_sm, sms);
+          if (!best.kernel || cost < best_cost * (1.0 - 1e-9)) {
+            best.kernel = k;
+            best.split = split;
+            best.tiles = (w.out + 4 * tx - 1) / (4 * tx);
+            best.smem = smem;
+            best_cost = cost;
+          }
+        }
+      }
+    }
+  }
+  return best;
+}
+
+// Plans are asked once per problem and tuning (the op runs at every decode step, and inside CUDA graph capture).
+template <int BITS, int MT, DType XT, DType ST>
+StagedPlan cached_plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& tune) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, StagedPlan> plans;
+  int device = 0;
+  check_launch("woq_gemv_cuda", cudaGetDevice(&device));
+  const std::string key = std::to_string(device) + ":" + std::to_string(w.in) + ":" + std::to_string(w.out) + ":" +
+                          std::to_string(w.group) + ":" + std::to_string(tune.unroll) + ":" +
+                          std::to_string(tune.tx) + ":" + std::to_string(tune.split) + ":" +
+                          std::to_string(tune.prefetch);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = plans.find(key);
+  if (it == plans.end()) it = plans.emplace(key, plan_staged<BITS, MT, XT, ST>(w, rows, tune)).first;
+  return it->second;
+}
+
+void launch_staged(const StagedPlan& p, GemvArgs a, cudaStream_t stream) {
+  a.split = p.split;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.tiles), static_cast<unsigned>(p.split), 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = p.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(p.split);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.split > 1 ? 1 : 0;
+  check_launch("woq_gemv_cuda", cudaLaunchKernelEx(&cfg, p.kernel, a));
+}
+
 }  // namespace
 
 void woq_check(const WoqWeights& w, const char* site) {
@@ -726,16 +1116,37 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   if (bias && bias_dtype != x_dtype && bias_dtype != DType::F32)
     bad(site, "bias dtype must be x's or F32, got " + std::string(dtype_name(bias_dtype)));
   if (!woq_gemv_supported(w, x_dtype, m, x)) bad(site, "this problem needs the dequantize path");
-  if (tune.unroll != 0 && tune.unroll != 2 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
-    bad(site, "tuning unroll must be 0, 2, 4, 8 or 16, got " + std::to_string(tune.unroll));
-  if (tune.split < 0 || tune.split > kMaxSplit)
-    bad(site, "tuning split must be 0..8, got " + std::to_string(tune.split));
-  // Batch-1 defaults from the H200 sweep (woq_cuda_bench.py --sweep, docs/performance.md): GPTQ words at 4 and 8 bits
-  // run best with 4 loads in flight and 2 blocks per cluster on the 8B shapes (geometric mean 1.59x / 1.21x bf16
+  const bool force_staged = tune.kernel == WoqGemvKernel::Staged;
+  if (tune.kernel != WoqGemvKernel::Auto && tune.kernel != WoqGemvKernel::Rows && !force_staged)
+    bad(site, "tuning kernel must be auto, rows or staged");
+  if (force_staged) {
+    if (tune.unroll != 0 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
+      bad(site, "staged tuning unroll must be 0, 4, 8 or 16, got " + std::to_string(tune.unroll));
+    if (tune.split != 0 && tune.split != 1 && tune.split != 2 && tune.split != 4 && tune.split != 8)
+      bad(site, "staged tuning split must be 0, 1, 2, 4 or 8, got " + std::to_string(tune.split));
+    if (tune.tx != 0 && tune.tx != 8 && tune.tx != 16 && tune.tx != 32)
+      bad(site, "staged tuning tx must be 0, 8, 16 or 32, got " + std::to_string(tune.tx));
+    if (tune.prefetch < 0 || tune.prefetch > 2)
+      bad(site, "staged tuning prefetch must be 0, 1 (off) or 2 (on), got " + std::to_string(tune.prefetch));
+  } else {
+    if (tune.unroll != 0 && tune.unroll != 2 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
+      bad(site, "tuning unroll must be 0, 2, 4, 8 or 16, got " + std::to_string(tune.unroll));
+    if (tune.split < 0 || tune.split > kMaxSplit)
+      bad(site, "tuning split must be 0..8, got " + std::to_string(tune.split));
+    if (tune.tx != 0 || tune.prefetch != 0)
+      bad(site, "tuning tx and prefetch apply to the staged kernel only");
+  }
+  // GPTQ words at 4 bits (and 8 bits at batch 1) take the staged kernel where it applies (see its comment).
+  // Rows kernel, batch-1 defaults from the H200 sweep (woq_cuda_bench.py --sweep, docs/performance.md): GPTQ words
+  // at 4 and 8 bits run best with 4 loads in flight and 2 blocks per cluster on the 8B shapes (geometric mean 1.59x / 1.21x bf16
   // against 1.25x / 0.91x for 8 and the occupancy-chosen split); AWQ keeps 8 and the chosen split.
   const bool gptq48 = w.layout != WoqLayout::Awq && (w.bits == 4 || w.bits == 8);
-  const int unroll = m != 1 ? kBatch : tune.unroll != 0 ? tune.unroll : gptq48 ? 4 : kBatch;
-  const int split = m != 1 ? 0 : tune.split != 0 ? tune.split : gptq48 ? 2 : 0;
+  // A staged setting that cannot take the problem falls back to the rows kernel's own defaults.
+  const bool rows_tuned = !force_staged;
+  const int unroll = m != 1 ? kBatch : rows_tuned && tune.unroll != 0 ? tune.unroll : gptq48 ? 4 : kBatch;
+  const int split = m != 1 ? 0 : rows_tuned && tune.split != 0 ? tune.split : gptq48 ? 2 : 0;
+  WoqGemvTuning staged_tune = tune;
+  if (m != 1 || !force_staged) staged_tune = {};
   GemvArgs a{};
   a.qweight = w.qweight;
   a.qzeros = w.qzeros;
@@ -770,6 +1181,20 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
       }
       a.rows = w.in * w.bits / 32;
       a.zwords = zwords_of(w);
+      if (tune.kernel != WoqGemvKernel::Rows && (w.bits == 4 || (w.bits == 8 && m == 1))) {
+        StagedPlan plan;
+        auto plan_for = [&](auto bits_c, auto mt_c) {
+          plan = cached_plan_staged<decltype(bits_c)::value, decltype(mt_c)::value, XT, SD>(w, a.rows, staged_tune);
+        };
+        with_rows(m, [&](auto mt) {
+          if (w.bits == 4) plan_for(std::integral_constant<int, 4>{}, mt);
+          else plan_for(std::integral_constant<int, 8>{}, mt);
+        });
+        if (plan.kernel) {
+          launch_staged(plan, a, st);
+          return;
+        }
+      }
       const int64_t tiles = (w.out + kGptqCols - 1) / kGptqCols;
       with_bits(w.bits, [&](auto bits) {
         with_rows(m, [&](auto mt) {

@@ -53,12 +53,22 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
 // else in x_dtype or F32 (bias_dtype), added in fp32 before the one rounding to x_dtype. Reads the packed weight
 // once; split-K across a thread-block cluster when the column tiles alone cannot fill the GPU. Requires
 // woq_gemv_supported.
-// Benchmark knobs of the GEMV at batch 1 (0: the built-in choice). unroll: qweight loads a thread has in flight
-// before it uses any (2, 4, 8 or 16); split: blocks per cluster along the inputs (1..8, a power of two, capped at
-// what the device admits). Larger batches always take the defaults.
+// Benchmark knobs of the GEMV (0: the built-in choice). kernel: which GEMV takes GPTQ words, at any batch: rows
+// (each thread a private run of qweight rows; every layout and bits) or staged (activations staged in shared
+// memory, chunks of rows per warp; GPTQ 4 bits, and 8 bits at batch 1; the built-in choice where it applies).
+// The rest apply at batch 1 only. unroll: qweight loads a thread has in flight before it uses any (rows: 2, 4, 8
+// or 16; staged: 4, 8 or 16 rows per chunk); split: blocks per cluster along the inputs (rows: 1..8, rounded down
+// to a power of two the device admits; staged: 1, 2, 4 or 8); tx (staged): lanes per row worker, 32, 16 or 8
+// (4 columns each); prefetch (staged): 1 off, 2 on (the next chunk's loads issued before the current is used). A staged setting the problem cannot take (a chunk straddling a group, a cluster or activation
+// slice the device refuses) leaves the call to the rows kernel's defaults.
+enum class WoqGemvKernel : int { Auto = 0, Rows = 1, Staged = 2 };
+
 struct WoqGemvTuning {
+  WoqGemvKernel kernel = WoqGemvKernel::Auto;
   int unroll = 0;
   int split = 0;
+  int tx = 0;
+  int prefetch = 0;
 };
 
 void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
