@@ -78,6 +78,19 @@ def test_random_signs_go_through_the_kernel() -> None:
         Q.RandomRotation.from_stored(one_off, "m")
 
 
+def test_fp32_hook_on_half_activations_is_one_op_with_the_same_bits() -> None:
+    """R4's hook is upstream's fp32 transform (x.float() -> FWHT -> cast back); the kernel computes half types in
+    fp32 and rounds once, so the hook calls it on x directly. The bits must be those of the casting route."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for n, k in ((14336, 28), (4096, 1), (96, 12)):
+            hk = T.spinquant_matrix(k) if k > 1 else None
+            x = (torch.randn(3, 2 * n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype)
+            via_fp32 = T.hadamard_any_device(x.float(), n, hk, None, signs_first=True).to(dtype)
+            hook = Q.online_hook("r4", n, k)
+            got = hook(None, (x,))[0]
+            assert got.dtype == dtype and torch.equal(got.view(torch.int16), via_fp32.view(torch.int16)), (dtype, n)
+
+
 @pytest.mark.parametrize("fields", [
     dict(r3=True, r4=True, **ALL_RANDOM),
     dict(online_r1_rotation=False, rotation_size=32, r3=True, r4=True, **ALL_RANDOM),
