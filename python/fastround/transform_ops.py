@@ -104,6 +104,11 @@ def hadamard_transform(
     """x [..., cols] (fp32/fp64/fp16/bf16, CPU, or CUDA when built with it) -> a new tensor with each block_size-long block of the last
     dimension (-1: the whole of it) replaced by diag(d)·T·v (module docstring); hadamard_k: ±1 [K, K] with
     block_size = K·2^m; signs: ±1 [block_size]. Half types compute in fp32 and round once (RNE)."""
+    if not x.requires_grad and not torch.compiler.is_compiling():
+        # No gradient to record (the online hooks at inference): skip the Python autograd kernel, a few us of the
+        # ~10-30 us a hook costs a decode step on the host
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.hadamard_transform(x, block_size, hadamard_k, signs, transpose, signs_first, normalize)
     return _ops.hadamard_transform(x, block_size, hadamard_k, signs, transpose, signs_first, normalize)
 
 
