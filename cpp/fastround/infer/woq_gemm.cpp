@@ -104,7 +104,7 @@ void woq_gemv(const WoqWeightView& w, const WoqGemvArgs& a, Isa isa) {
   std::vector<uint32_t> xpair;
   const int pf = w.pack_factor();
   const bool bf16_pairs = k == &detail::kWoqAvx512 && a.dtype == DType::BF16 && m <= 2 && w.layout != WoqLayout::Awq &&
-                          w.bits <= 4 && w.group % pf == 0 && detail::gptq_bf16_block_outputs() > 0;
+                          w.bits <= 4 && w.group % pf == 0 && detail::gptq_bf16_block_outputs(w) > 0;
   if (bf16_pairs) {
     const int hp = pf / 2;
     bc.ld2 = c.ld / 2;
@@ -120,7 +120,7 @@ void woq_gemv(const WoqWeightView& w, const WoqGemvArgs& a, Isa isa) {
         }
     bc.xpair = xpair.data();
   }
-  const int64_t blk = bf16_pairs ? detail::gptq_bf16_block_outputs() : k ? k->block_outputs(w) : 0;
+  const int64_t blk = bf16_pairs ? detail::gptq_bf16_block_outputs(w) : k ? k->block_outputs(w) : 0;
   const int64_t nvec = blk ? out / blk : 0, tail0 = nvec * blk;
   const int64_t nblocks = nvec + (tail0 < out ? 1 : 0);
   // Few output blocks (k/v projections, many threads) also split the groups; the split follows the shape
