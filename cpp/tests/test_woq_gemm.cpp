@@ -220,13 +220,13 @@ int main() {
       layer_case(layout, bits, 96, 136, -1, F16, seed++);    // per channel
       layer_case(layout, bits, 384, 1024, 128, F16, seed++); // few blocks: groups split across tasks
     }
-  for (L layout : {L::Gptq, L::GptqV2})
-    for (int bits : {2, 4, 8}) {
-      layer_case(layout, bits, 256, 64, 128, F16, seed++, true);   // one tile
-      layer_case(layout, bits, 200, 192, 64, BF16, seed++, true);  // padded input words, three tiles
-      layer_case(layout, bits, 96, 128, -1, F16, seed++, true);    // per channel
-      layer_case(layout, bits, 384, 1024, 128, F16, seed++, true); // groups split across tasks
-    }
+  for (int bits : {2, 4, 8}) {
+    const L layout = bits == 4 ? L::Gptq : L::GptqV2;
+    layer_case(layout, bits, 256, 64, 128, F16, seed++, true);   // one tile
+    layer_case(layout, bits, 200, 192, 64, BF16, seed++, true);  // padded input words, three tiles
+    layer_case(layout, bits, 96, 128, -1, F16, seed++, true);    // per channel
+  }
+  layer_case(L::Gptq, 4, 384, 1024, 128, F16, seed++, true);  // groups split across tasks
   layer_case(L::Gptq, 4, 256, 64, 4, F16, seed++, true);  // groups shorter than a word: scalar GEMV on tiles
   layer_case(L::Gptq, 4, 260, 72, -1, F16, seed++);  // per channel, inputs not whole words: scalar GEMV
   layer_case(L::Gptq, 4, 256, 64, 4, F16, seed++);   // groups shorter than a word: scalar GEMV
