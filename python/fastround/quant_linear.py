@@ -14,6 +14,7 @@ dtypes (model-free pads in_features to whole groups, the regular flow does not; 
   (the load's last step), into the op's tiled word order ("gptq_tiled" / "gptq_v2_tiled", `infer_ops.
   woq_tile_qweight`): a permutation of the same size that the decode GEMV streams contiguously. The buffer keeps its
   checkpoint shape; state_dict(), dequantize() and device / dtype moves see the checkpoint's order.
+  `FASTROUND_WOQ_TILE=0` keeps the checkpoint's order (to time both).
 - FP: always the reference (dequantize, fp32 matmul). Activations stay in full precision: a checkpoint that
   declares activation quantization (MXFP4 is W4A4 upstream) runs weight-only here.
 
@@ -153,7 +154,8 @@ class QuantLinear(_PackedBuffers):
         file) is dropped, not written."""
         q = self.qweight
         if (self._tiled or not hasattr(_ops, "woq_tile_qweight") or self.layout == "awq" or q.device.type != "cpu"
-                or q.dtype != torch.int32 or q.dim() != 2 or q.shape[1] % WOQ_TILE or torch.compiler.is_compiling()):
+                or q.dtype != torch.int32 or q.dim() != 2 or q.shape[1] % WOQ_TILE or torch.compiler.is_compiling()
+                or os.environ.get("FASTROUND_WOQ_TILE", "").strip() == "0"):
             return
         with torch.inference_mode(False):  # a plain tensor, usable outside an inference-mode forward too
             self._buffers["qweight"] = _ops.woq_tile_qweight(q.detach(), False)
