@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ logger = logging.getLogger("fastround")
 _ops = torch.ops.fastround
 HAS_WOQ_LINEAR: bool = hasattr(_ops, "woq_linear")
 WOQ_TILE = 64  # outputs per tile (fastround.infer_ops.WOQ_TILE, without importing the extension here)
+_TILE_LOCK = threading.Lock()  # two threads' first forwards must not tile one buffer twice
 
 LAYOUTS = ("gptq", "gptq_v2", "awq")
 FP_ENCODINGS = {"mxfp4": 32, "mxfp8": 32, "nvfp4_e5m3": 16}  # encoding -> fixed group
@@ -157,15 +159,16 @@ class QuantLinear(_PackedBuffers):
                 or q.dtype != torch.int32 or q.dim() != 2 or q.shape[1] % WOQ_TILE or torch.compiler.is_compiling()
                 or os.environ.get("FASTROUND_WOQ_TILE", "").strip() == "0"):
             return
-        with torch.inference_mode(False):  # a plain tensor, usable outside an inference-mode forward too
-            self._buffers["qweight"] = _ops.woq_tile_qweight(q.detach(), False)
-        self._tiled = True
+        with _TILE_LOCK, torch.inference_mode(False):  # a plain tensor, usable outside inference mode too
+            if not self._tiled:
+                self._buffers["qweight"] = _ops.woq_tile_qweight(self.qweight.detach(), False)
+                self._tiled = True
 
     def _untile_qweight(self) -> None:
-        if self._tiled:
-            with torch.inference_mode(False):
+        with _TILE_LOCK, torch.inference_mode(False):
+            if self._tiled:
                 self._buffers["qweight"] = _ops.woq_tile_qweight(self.qweight.detach(), True)
-            self._tiled = False
+                self._tiled = False
 
     def _plain_qweight(self) -> torch.Tensor:
         """qweight in the checkpoint's order (a reordered copy while the buffer is tiled)."""
