@@ -68,7 +68,8 @@ def main() -> None:
                     t = clock()
                     fn(call % copies)
                     samples[method].append(clock() - t)
-            rec: dict[str, Any] = {"shape": name, "in": k, "out": n, "threads": nt, "clock": "cpu" if nt == 1 else "wall"}
+            rec: dict[str, Any] = {"shape": name, "in": k, "out": n, "threads": nt,
+                                   "clock": "cpu" if nt == 1 else "wall"}
             for method, s in samples.items():
                 s.sort()
                 rec[f"{method}_min_ms"] = s[0] * 1e3
@@ -77,8 +78,8 @@ def main() -> None:
             if "torch_int4" in methods:
                 rec["tiled_vs_torch_int4_p25"] = rec["torch_int4_p25_ms"] / rec["gptq_tiled_p25_ms"]
             results.append(rec)
-            print(" ".join(f"{key}={val:.3f}" if isinstance(val, float) else f"{key}={val}" for key, val in rec.items()),
-                  flush=True)
+            fields = (f"{key}={val:.3f}" if isinstance(val, float) else f"{key}={val}" for key, val in rec.items())
+            print(" ".join(fields), flush=True)
     if args.json:
         write_json(args.json, {"benchmark": "woq_gemv_interleaved", "machine": machine(), "torch": torch.__version__,
                                "cold_mb": args.cold_mb, "results": results})
