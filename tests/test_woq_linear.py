@@ -285,3 +285,19 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert [(r["shape"], r["rows"]) for r in res["results"]] == [("kv", 1), ("kv", 20)]
     assert all(r["fastround_ms"] > 0 and r["bf16_ms"] > 0 for r in res["results"])
     assert res["path_sweep"] and res["path_sweep"][0]["gemv_ms"] > 0
+
+
+def test_interleaved_benchmark_smoke(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "woq_gemv_interleaved.py"
+    out = tmp_path / "inter.json"
+    run = subprocess.run([sys.executable, str(script), "--threads", "1", "--shapes", "kv", "--cold_mb", "1",
+                          "--calls", "3", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (rec,) = json.loads(out.read_text())["results"]
+    assert rec["shape"] == "kv" and rec["gptq_p25_ms"] > 0 and rec["gptq_tiled_p25_ms"] > 0
