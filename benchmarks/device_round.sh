@@ -39,6 +39,8 @@ for step in "${steps[@]}"; do
       --hooks transform,quarot,quarot_r1 --new_tokens 48 --repeat 3 --json "$OUT/inference-hooks-h200.json" ;;
     woq_cpu) run woq_linear_cpu16 120 python3 benchmarks/woq_linear.py --threads 16 --iters 5 --min_seconds 0.2 \
       --json "$OUT/woq_linear-h200host-16t.json" ;;
+    woq_cpu_interleaved) run woq_gemv_interleaved16 90 python3 benchmarks/woq_gemv_interleaved.py --threads 16,8,1 \
+      --json "$OUT/woq_gemv_interleaved-h200host.json" ;;
     inference_cpu32) run inference_cpu32 240 python3 benchmarks/inference.py --device cpu --threads 16 --layers 32 \
       --new_tokens 8 --repeat 1 --json "$OUT/inference-cpu16-32l.json" ;;
     inference_cpu) run inference_cpu16 150 python3 benchmarks/inference.py --device cpu --threads 16 --layers 8 \

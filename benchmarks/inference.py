@@ -106,7 +106,11 @@ def _sync(device: str) -> None:
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model: torch.nn.Module, device: str, prompt: int, new: int, vocab: int) -> float:
+def decode_tokens_per_s(model: torch.nn.Module, device: str, prompt: int, new: int, vocab: int,
+                        steps: dict[str, float] | None = None) -> float:
+    """new tokens over generate()'s whole time, the prompt's forward included. With `steps`, also
+    steps["tok_s"]: (new - 1) tokens over that time less a one-token generate's (the decode steps alone: on the CPU
+    the prompt's 32-row forward costs a dozen batch-1 steps and would otherwise weigh on a short run)."""
     ids = torch.randint(3, vocab, (1, prompt), device=device)
     kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
     model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up (kernels, caches)
@@ -114,7 +118,17 @@ def decode_tokens_per_s(model: torch.nn.Module, device: str, prompt: int, new: i
     t0 = time.perf_counter()
     model.generate(ids, **kw)
     _sync(device)
-    return new / (time.perf_counter() - t0)
+    total = time.perf_counter() - t0
+    if steps is not None:
+        first = float("inf")
+        for _ in range(2):
+            _sync(device)
+            t0 = time.perf_counter()
+            model.generate(ids, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1})
+            _sync(device)
+            first = min(first, time.perf_counter() - t0)
+        steps["tok_s"] = (new - 1) / max(total - first, 1e-9)
+    return new / total
 
 
 @torch.no_grad()
@@ -159,22 +173,29 @@ def main(argv: list[str] | None = None) -> int:
                            "machine": platform.platform(),
                            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     if not args.skip_bf16:
-        res["bf16_decode_tok_s"] = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab)
+        bsteps: dict[str, float] = {}
+        res["bf16_decode_tok_s"] = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab,
+                                                       bsteps)
+        res["bf16_step_tok_s"] = bsteps["tok_s"]
         res["bf16_prefill_s"] = prefill_seconds(model, args.device, args.prefill, args.vocab, args.repeat)
-        print(f"bf16: decode {res['bf16_decode_tok_s']:.2f} tok/s, prefill {args.prefill} in "
+        print(f"bf16: decode {res['bf16_decode_tok_s']:.2f} tok/s (steps alone {res['bf16_step_tok_s']:.2f}), "
+              f"prefill {args.prefill} in "
               f"{res['bf16_prefill_s']:.3f} s", flush=True)
     model = quantize_random(model, args.group_size, args.device)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    res["w4_decode_tok_s"] = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab)
+    wsteps: dict[str, float] = {}
+    res["w4_decode_tok_s"] = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab, wsteps)
+    res["w4_step_tok_s"] = wsteps["tok_s"]
     res["w4_prefill_s"] = prefill_seconds(model, args.device, args.prefill, args.vocab, args.repeat)
     fallbacks = sum(1 for m in model.modules() if isinstance(m, ql.QuantLinear) and not m._woq_ok)
     res["layers_on_reference_path"] = fallbacks
     if not args.skip_bf16:
         res["decode_speedup"] = res["w4_decode_tok_s"] / res["bf16_decode_tok_s"]
+        res["decode_step_speedup"] = res["w4_step_tok_s"] / res["bf16_step_tok_s"]
         res["prefill_ratio"] = res["w4_prefill_s"] / res["bf16_prefill_s"]
         print(f"w4g{args.group_size}: decode {res['w4_decode_tok_s']:.2f} tok/s ({res['decode_speedup']:.2f}x "
-              f"bf16), prefill {res['w4_prefill_s']:.3f} s ({res['prefill_ratio']:.2f}x bf16's time), "
+              f"bf16; steps alone {res['w4_step_tok_s']:.2f}, {res['decode_step_speedup']:.2f}x), prefill {res['w4_prefill_s']:.3f} s ({res['prefill_ratio']:.2f}x bf16's time), "
               f"{fallbacks} layers on the reference path", flush=True)
     else:
         print(f"w4g{args.group_size}: decode {res['w4_decode_tok_s']:.2f} tok/s", flush=True)

@@ -1,6 +1,7 @@
 """torch.ops.fastround.woq_linear against the bf16 torch linear and torch's own int4 CPU kernel
 (aten._weight_int4pack_mm_for_cpu, when this torch has it) on Llama-3-8B layer shapes, W4 group 128 (GPTQ words of
-random codes: speed does not depend on the values).
+random codes: speed does not depend on the values). fastround_ms is the tiled word order QuantLinear runs on the CPU
+("gptq_tiled", infer_ops.woq_tile_qweight); at M <= --plain_rows also fastround_plain_ms, the checkpoint's order.
 
 Each method cycles through enough copies of its weight that the working set exceeds --cold_mb, so a call streams
 its weight from memory as in a decode step over a whole model, not from cache. Also times both fastround paths
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--sweep_rows", type=str, default="1,4,8,16,32",
                     help="M values at which both fastround paths are timed on the first shape ('' skips)")
     ap.add_argument("--group_size", type=int, default=128)
+    ap.add_argument("--plain_rows", type=int, default=1,
+                    help="also time the checkpoint's (untiled) word order at M up to this (0: never)")
     ap.add_argument("--cold_mb", type=float, default=512.0, help="working set per method (MB)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--min_seconds", type=float, default=0.5)
@@ -82,6 +85,7 @@ def main() -> None:
         qcopies = max(1, int(args.cold_mb * 2**20 // packed_bytes) + 1)
         bcopies = max(1, int(args.cold_mb * 2**20 // bf16_bytes) + 1)
         qw = [torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=gen) for _ in range(qcopies)]
+        qt = [infer_ops.woq_tile_qweight(q) for q in qw]
         qz = [torch.full((k // gs, n // 8), 0x77777777, dtype=torch.int32) for _ in range(qcopies)]
         sc = [(torch.rand(k // gs, n, generator=gen) * 0.01 + 0.001).to(torch.float16) for _ in range(qcopies)]
         wb = [(torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(bcopies)]
@@ -97,9 +101,14 @@ def main() -> None:
                 rec: dict[str, Any] = {"shape": shape_name, "in": k, "out": n, "rows": m, "threads": nt}
 
                 def ours(i: int) -> Any:
+                    return infer_ops.woq_linear(x, qt[i], qz[i], sc[i], None, 4, gs, "gptq_tiled")
+
+                def ours_plain(i: int) -> Any:
                     return infer_ops.woq_linear(x, qw[i], qz[i], sc[i], None, 4, gs, "gptq")
 
                 rec["fastround_ms"] = timed(ours, qcopies, args.iters, args.min_seconds) * 1e3
+                if m <= args.plain_rows:
+                    rec["fastround_plain_ms"] = timed(ours_plain, qcopies, args.iters, args.min_seconds) * 1e3
                 rec["bf16_ms"] = timed(lambda i: F.linear(x, wb[i]), bcopies, args.iters, args.min_seconds) * 1e3
                 if t4:
                     rec["torch_int4_ms"] = timed(lambda i: int4_mm(x, t4[i][0], gs, t4[i][1]), qcopies, args.iters,
@@ -117,8 +126,8 @@ def main() -> None:
                     entry: dict[str, Any] = {"shape": shape_name, "rows": m, "threads": nt}
                     for path, env in (("gemv", str(m)), ("dequant_matmul", "0")):
                         os.environ["FASTROUND_WOQ_GEMV_ROWS"] = env
-                        entry[f"{path}_ms"] = timed(lambda i: infer_ops.woq_linear(x, qw[i], qz[i], sc[i], None, 4,
-                                                                                    gs, "gptq"),
+                        entry[f"{path}_ms"] = timed(lambda i: infer_ops.woq_linear(x, qt[i], qz[i], sc[i], None, 4,
+                                                                                    gs, "gptq_tiled"),
                                                     qcopies, args.iters, args.min_seconds) * 1e3
                     os.environ.pop("FASTROUND_WOQ_GEMV_ROWS")
                     sweep.append(entry)

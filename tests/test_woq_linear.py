@@ -120,6 +120,59 @@ def test_leading_dims_and_scale_dtypes() -> None:
                                            256))
 
 
+# ---- the tiled word order (QuantLinear's CPU layout) ----
+
+
+@pytest.mark.parametrize(("layout", "bits", "group_size"), [("gptq", 4, 128), ("gptq_v2", 2, 32), ("gptq", 8, -1)])
+def test_tiled_words_equal_dequantize_matmul(layout: str, bits: int, group_size: int) -> None:
+    out_f, in_f = 192, 384  # three tiles
+    layer = _packed_layer(layout, bits, group_size, out_f, in_f, seed=bits + 40)
+    t = layer["tensors"]
+    w = unpack_reference(t["qweight"], t["qzeros"], t["scales"], bits, group_size, layout, in_f)
+    tiled = infer_ops.woq_tile_qweight(t["qweight"])
+    assert tiled.shape == t["qweight"].shape and not torch.equal(tiled, t["qweight"])
+    assert torch.equal(infer_ops.woq_tile_qweight(tiled, untile=True), t["qweight"])
+    # Tile 1 of row 0 holds outputs 64..127 of the checkpoint's row 0.
+    assert torch.equal(tiled.reshape(-1)[t["qweight"].shape[0] * 64:][:64], t["qweight"][0, 64:128])
+    g = torch.Generator().manual_seed(6)
+    for m in (1, 2, 5, 40):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, in_f, generator=g).to(dtype)
+            y = infer_ops.woq_linear(x, tiled, t["qzeros"], t["scales"], layer["bias"], bits, group_size,
+                                     layout + "_tiled")
+            assert_close_to_reference(y, x, w, layer["bias"])
+    with pytest.raises(ValueError, match=r"woq_tile_qweight.*multiple of 64"):
+        infer_ops.woq_tile_qweight(t["qweight"][:, :100])
+    with pytest.raises(ValueError, match=r"woq_linear.*layout.*only gptq and gptq_v2"):
+        infer_ops.woq_linear(x, tiled, t["qzeros"], t["scales"], None, bits, group_size, "awq_tiled")
+
+
+def test_quant_linear_tiles_once_and_keeps_checkpoint_order() -> None:
+    """A CPU QuantLinear reorders its qweight at the first forward; state_dict(), dequantize(), casts and loads see
+    the checkpoint's words."""
+    from fastround.quant_linear import QuantLinear
+
+    layer_t = _packed_layer("gptq", 4, 64, 128, 256, seed=12)
+    t = layer_t["tensors"]
+    ql = QuantLinear(256, 128, 4, 64, True, "gptq", shapes={k: (v.dtype, tuple(v.shape)) for k, v in t.items()})
+    ql.load_state_dict(t, strict=False)
+    plain = t["qweight"].clone()
+    w = unpack_reference(t["qweight"], t["qzeros"], t["scales"], 4, 64, "gptq", 256)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y = ql(x)
+    assert ql._tiled and ql.qweight.shape == plain.shape and not torch.equal(ql.qweight, plain)
+    assert_close_to_reference(y, x, w, None)
+    assert torch.equal(ql.state_dict()["qweight"], plain)
+    torch.testing.assert_close(ql.dequantize(), w)
+    assert_close_to_reference(ql(x.float()), x.float(), w, None)  # a tensor made in inference mode serves later
+    ql.load_state_dict(t, strict=False)  # words arrive in the checkpoint's order again
+    assert not ql._tiled and torch.equal(ql.qweight, plain)
+    ql(x)
+    ql.to(torch.bfloat16)
+    assert not ql._tiled and torch.equal(ql.qweight, plain)
+
+
 # ---- words from upstream auto_round's export ----
 
 UPSTREAM = [
@@ -180,6 +233,7 @@ def test_opcheck_and_compile() -> None:
     def f(x: torch.Tensor) -> torch.Tensor:
         return torch.relu(infer_ops.woq_linear(x, t["qweight"], t["qzeros"], t["scales"], None, 4, 64, "gptq_v2"))
 
+    torch.library.opcheck(torch.ops.fastround.woq_tile_qweight.default, (t["qweight"], False))
     x = torch.randn(2, 128)
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), f(x))
@@ -231,3 +285,19 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert [(r["shape"], r["rows"]) for r in res["results"]] == [("kv", 1), ("kv", 20)]
     assert all(r["fastround_ms"] > 0 and r["bf16_ms"] > 0 for r in res["results"])
     assert res["path_sweep"] and res["path_sweep"][0]["gemv_ms"] > 0
+
+
+def test_interleaved_benchmark_smoke(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "woq_gemv_interleaved.py"
+    out = tmp_path / "inter.json"
+    run = subprocess.run([sys.executable, str(script), "--threads", "1", "--shapes", "kv", "--cold_mb", "1",
+                          "--calls", "3", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (rec,) = json.loads(out.read_text())["results"]
+    assert rec["shape"] == "kv" and rec["gptq_p25_ms"] > 0 and rec["gptq_tiled_p25_ms"] > 0

@@ -2,7 +2,8 @@
 // 1 and 0, pack_awq): the layout decoder reads back the packers' codes and zero points; every ISA's dequantizer
 // equals the reference bit for bit (fp32 and bf16); every ISA's GEMV equals the fp32 reference to summation-order
 // rounding, for bits 2/4/8, grouped / partial-group / per-channel layers, padded inputs, vector tails, several x
-// dtypes, scale dtypes and row counts, and gives the same bits at 1, 2 and 3 threads. Plain C++;
+// dtypes, scale dtypes and row counts, and gives the same bits at 1, 2 and 3 threads. The same for GPTQ words in
+// the tiled order (woq_tile_qweight), whose decoder must read back the packer's codes too. Plain C++;
 // tests/test_woq_linear.py runs it. Ends with "N passed, N failed".
 #include <cmath>
 #include <cstdint>
@@ -43,7 +44,7 @@ struct Layer {
 };
 
 Layer make_layer(fi::WoqLayout layout, int bits, int64_t in, int64_t out, int64_t group_size, fr::DType sdt,
-                 uint32_t seed) {
+                 uint32_t seed, bool tiled) {
   std::mt19937 gen(seed);
   Layer l;
   const int pf = 32 / bits, maxq = (1 << bits) - 1;
@@ -86,6 +87,15 @@ Layer make_layer(fi::WoqLayout layout, int bits, int64_t in, int64_t out, int64_
   if (sdt == fr::DType::F16) std::memcpy(l.scales.data(), st.data(), st.size() * 2);
   else fr::store_from_float(sdt, sf.data(), static_cast<int64_t>(sf.size()), l.scales.data(), 0);
 
+  if (tiled) {
+    const int64_t rows = static_cast<int64_t>(l.qweight.size()) / out;
+    std::vector<int32_t> t(l.qweight.size()), back(l.qweight.size());
+    fi::woq_tile_qweight(l.qweight.data(), rows, out, t.data());
+    fi::woq_untile_qweight(t.data(), rows, out, back.data());
+    check(back == l.qweight && (out == fi::kWoqTile || t != l.qweight), "tile / untile round trip out" + std::to_string(out));
+    l.qweight = t;
+    l.view.tile = fi::kWoqTile;
+  }
   l.view.layout = layout;
   l.view.bits = bits;
   l.view.qweight = l.qweight.data();
@@ -104,10 +114,11 @@ const char* name(fr::DType d) {
   return d == fr::DType::F32 ? "f32" : d == fr::DType::BF16 ? "bf16" : "f16";
 }
 
-void layer_case(fi::WoqLayout layout, int bits, int64_t in, int64_t out, int64_t gs, fr::DType sdt, uint32_t seed) {
-  const Layer l = make_layer(layout, bits, in, out, gs, sdt, seed);
+void layer_case(fi::WoqLayout layout, int bits, int64_t in, int64_t out, int64_t gs, fr::DType sdt, uint32_t seed,
+                bool tiled = false) {
+  const Layer l = make_layer(layout, bits, in, out, gs, sdt, seed, tiled);
   const fi::WoqWeightView& w = l.view;
-  const std::string tag = std::string(fi::woq_layout_name(layout)) + " b" + std::to_string(bits) + " in" +
+  const std::string tag = std::string(fi::woq_layout_name(layout)) + (tiled ? "_tiled" : "") + " b" + std::to_string(bits) + " in" +
                           std::to_string(in) + " out" + std::to_string(out) + " g" + std::to_string(gs) + " s" +
                           name(sdt);
   // The decoder reads back what the packer was given.
@@ -209,6 +220,14 @@ int main() {
       layer_case(layout, bits, 96, 136, -1, F16, seed++);    // per channel
       layer_case(layout, bits, 384, 1024, 128, F16, seed++); // few blocks: groups split across tasks
     }
+  for (int bits : {2, 4, 8}) {
+    const L layout = bits == 4 ? L::Gptq : L::GptqV2;
+    layer_case(layout, bits, 256, 64, 128, F16, seed++, true);   // one tile
+    layer_case(layout, bits, 200, 192, 64, BF16, seed++, true);  // padded input words, three tiles
+    layer_case(layout, bits, 96, 128, -1, F16, seed++, true);    // per channel
+  }
+  layer_case(L::Gptq, 4, 384, 1024, 128, F16, seed++, true);  // groups split across tasks
+  layer_case(L::Gptq, 4, 256, 64, 4, F16, seed++, true);  // groups shorter than a word: scalar GEMV on tiles
   layer_case(L::Gptq, 4, 260, 72, -1, F16, seed++);  // per channel, inputs not whole words: scalar GEMV
   layer_case(L::Gptq, 4, 256, 64, 4, F16, seed++);   // groups shorter than a word: scalar GEMV
   layer_case(L::Gptq, 4, 256, 128, 64, BF16, seed++);
@@ -251,6 +270,23 @@ int main() {
     fi::woq_resolve(v, 256, 128, qw, qz, sc, "t");
   });
   refused("layout", [] { fi::parse_woq_layout("marlin", "t"); });
+  refused("layout", [] {
+    bool tiled = false;
+    fi::parse_woq_layout("awq_tiled", "t", &tiled);
+  });
+  refused("layout", [] { fi::parse_woq_layout("gptq_tiled", "t"); });  // a caller that reads no tiles
+  refused("qweight", [] {  // tiles need whole tiles of outputs
+    fi::WoqWeightView v;
+    v.tile = fi::kWoqTile;
+    const int64_t qw[2] = {32, 72}, qz[2] = {2, 9}, sc[2] = {2, 72};
+    fi::woq_resolve(v, 256, 128, qw, qz, sc, "t");
+  });
+  {
+    bool tiled = false;
+    const fi::WoqLayout l = fi::parse_woq_layout("gptq_v2_tiled", "t", &tiled);
+    check(l == L::GptqV2 && tiled, "parse gptq_v2_tiled");
+    check(fi::parse_woq_layout("gptq", "t", &tiled) == L::Gptq && !tiled, "parse gptq");
+  }
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
 }

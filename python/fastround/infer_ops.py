@@ -10,7 +10,8 @@ from fastround import _torch  # noqa: F401  (registers the op)
 
 _ops = torch.ops.fastround
 
-LAYOUTS = ("gptq", "gptq_v2", "awq")
+LAYOUTS = ("gptq", "gptq_v2", "awq", "gptq_tiled", "gptq_v2_tiled")
+WOQ_TILE = 64  # outputs per tile of the "_tiled" layouts (cpp/fastround/infer/woq_layout.h kWoqTile)
 
 
 def woq_out_features(qweight: torch.Tensor, bits: int, layout: str) -> int:
@@ -35,8 +36,16 @@ def woq_linear(
     [in, out*bits/32] and qzeros [G, out*bits/32] with AWQ's 0,2,4,6,1,3,5,7 nibble order (4 bits only).
     scales [G, out] fp16 / bf16 / fp32; G = ceil(in / group_size), 1 for group_size -1. bits 2, 4 or 8.
     Trivial g_idx only (input k in group k // group_size). CPU tensors; x float32, float16 or bfloat16.
+    "gptq_tiled" / "gptq_v2_tiled": qweight is woq_tile_qweight's reordering of the GPTQ words (out a multiple of
+    WOQ_TILE), which the decode GEMV streams contiguously.
     """
     return _ops.woq_linear(x, qweight, qzeros, scales, bias, bits, group_size, layout)
+
+
+def woq_tile_qweight(qweight: torch.Tensor, untile: bool = False) -> torch.Tensor:
+    """GPTQ qweight [rows, out] int32 in the "_tiled" layouts' order: each WOQ_TILE outputs' words of all rows
+    back to back (same shape and size); untile=True reverses it."""
+    return _ops.woq_tile_qweight(qweight, untile)
 
 
 @torch.library.register_fake("fastround::woq_linear")
@@ -45,3 +54,10 @@ def _woq_linear_fake(x, qweight, qzeros, scales, bias, bits, group_size, layout)
     torch._check(bits in (2, 4, 8), lambda: f"[fastround.woq_linear] bits: {bits} is not served")
     out = woq_out_features(qweight, bits, layout)
     return x.new_empty((*x.shape[:-1], out))
+
+
+@torch.library.register_fake("fastround::woq_tile_qweight")
+def _woq_tile_qweight_fake(qweight, untile=False):
+    torch._check(qweight.dim() == 2 and qweight.shape[1] % WOQ_TILE == 0,
+                 lambda: f"[fastround.woq_tile_qweight] qweight: out_features must be a multiple of {WOQ_TILE}")
+    return torch.empty_like(qweight)

@@ -10,6 +10,11 @@ dtypes (model-free pads in_features to whole groups, the regular flow does not; 
   [out, in] (the C++ encoding table's `dequantize_ref` through `torch.ops.fastround.dequantize_packed`), then one fp32
   matmul. `FASTROUND_WOQ_REFERENCE=1` forces the reference; a GPTQ act-order `g_idx` (inputs not in group order)
   always takes it, the groups looked up per input.
+  On the CPU a GPTQ layer whose out_features is a multiple of 64 reorders its qweight once, at its first forward
+  (the load's last step), into the op's tiled word order ("gptq_tiled" / "gptq_v2_tiled", `infer_ops.
+  woq_tile_qweight`): a permutation of the same size that the decode GEMV streams contiguously. The buffer keeps its
+  checkpoint shape; state_dict(), dequantize() and device / dtype moves see the checkpoint's order.
+  `FASTROUND_WOQ_TILE=0` keeps the checkpoint's order (to time both).
 - FP: always the reference (dequantize, fp32 matmul). Activations stay in full precision: a checkpoint that
   declares activation quantization (MXFP4 is W4A4 upstream) runs weight-only here.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import torch
@@ -32,6 +38,8 @@ logger = logging.getLogger("fastround")
 
 _ops = torch.ops.fastround
 HAS_WOQ_LINEAR: bool = hasattr(_ops, "woq_linear")
+WOQ_TILE = 64  # outputs per tile (fastround.infer_ops.WOQ_TILE, without importing the extension here)
+_TILE_LOCK = threading.Lock()  # two threads' first forwards must not tile one buffer twice
 
 LAYOUTS = ("gptq", "gptq_v2", "awq")
 FP_ENCODINGS = {"mxfp4": 32, "mxfp8": 32, "nvfp4_e5m3": 16}  # encoding -> fixed group
@@ -135,10 +143,50 @@ class QuantLinear(_PackedBuffers):
             self.register_buffer("g_idx", None)
         self._trivial_g_idx: bool | None = None
         self._woq_ok = True
+        self._tiled = False  # qweight holds the tiled word order (see the module docstring)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym}, layout={self.layout}")
+
+    # ---- the tiled word order of the CPU op ----
+
+    def _tile_qweight(self) -> None:
+        """Reorders a CPU GPTQ qweight into tiles, once; the old tensor (often a view of the checkpoint's mapped
+        file) is dropped, not written."""
+        q = self.qweight
+        if (self._tiled or not hasattr(_ops, "woq_tile_qweight") or self.layout == "awq" or q.device.type != "cpu"
+                or q.dtype != torch.int32 or q.dim() != 2 or q.shape[1] % WOQ_TILE or torch.compiler.is_compiling()
+                or os.environ.get("FASTROUND_WOQ_TILE", "").strip() == "0"):
+            return
+        with _TILE_LOCK, torch.inference_mode(False):  # a plain tensor, usable outside inference mode too
+            if not self._tiled:
+                self._buffers["qweight"] = _ops.woq_tile_qweight(self.qweight.detach(), False)
+                self._tiled = True
+
+    def _untile_qweight(self) -> None:
+        with _TILE_LOCK, torch.inference_mode(False):
+            if self._tiled:
+                self._buffers["qweight"] = _ops.woq_tile_qweight(self.qweight.detach(), True)
+                self._tiled = False
+
+    def _plain_qweight(self) -> torch.Tensor:
+        """qweight in the checkpoint's order (a reordered copy while the buffer is tiled)."""
+        return _ops.woq_tile_qweight(self.qweight.detach().cpu(), True) if self._tiled else self.qweight
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        # Moves and casts see the checkpoint's order; the next CPU forward tiles again.
+        self._untile_qweight()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._tiled:
+            destination[prefix + "qweight"] = self._plain_qweight()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self._untile_qweight()  # loaded words arrive in the checkpoint's order
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ---- the reference path ----
 
@@ -165,7 +213,7 @@ class QuantLinear(_PackedBuffers):
         device."""
         device = self.qweight.device
         rows, cols = self.out_features, self.in_features
-        qweight, qzeros, scales = (t.detach().cpu() for t in (self.qweight, self.qzeros, self.scales))
+        qweight, qzeros, scales = (t.detach().cpu() for t in (self._plain_qweight(), self.qzeros, self.scales))
         scales = scales.to(torch.float16)
         if self.layout == "awq":
             w = fr_ops.dequantize_packed([qweight, qzeros, scales], "int_awq", rows, cols, 4, self.group_size,
@@ -194,12 +242,16 @@ class QuantLinear(_PackedBuffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if HAS_WOQ_LINEAR and self._woq_ok and not reference_forced() and self._g_idx_is_trivial():
             try:
+                if x.device.type == "cpu":
+                    self._tile_qweight()
+                layout = self.layout + "_tiled" if self._tiled else self.layout
                 return _ops.woq_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.bits,
-                                       self.group_size, self.layout)
+                                       self.group_size, layout)
             except (ValueError, NotImplementedError) as exc:
                 # A shape, dtype or device the op refuses (ValueError / no kernel for the device): this layer
                 # takes the reference from now on.
                 self._woq_ok = False
+                self._untile_qweight()
                 logger.info("woq_linear refused %s (%s); it runs the reference dequantize-and-matmul", self, exc)
         return _reference_linear(x, self.dequantize(), self.bias)
 

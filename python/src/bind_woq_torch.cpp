@@ -65,7 +65,9 @@ at::Tensor woq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     require_cpu("qzeros", qzeros, 2, at::kInt);
     require_cpu("scales", scales, 2, std::nullopt);
     fi::WoqWeightView w;
-    w.layout = fi::parse_woq_layout(std::string(layout), "fastround.woq_linear");
+    bool tiled = false;
+    w.layout = fi::parse_woq_layout(std::string(layout), "fastround.woq_linear", &tiled);
+    w.tile = tiled ? fi::kWoqTile : 0;
     w.bits = static_cast<int>(bits);
     w.scale_dtype = float_dtype(kOp, "scales", scales.scalar_type());
     const int64_t qw[2] = {qweight.size(0), qweight.size(1)}, qz[2] = {qzeros.size(0), qzeros.size(1)},
@@ -118,11 +120,33 @@ at::Tensor woq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   });
 }
 
+// GPTQ qweight [rows, out] to the "_tiled" layouts' word order (same shape and size) or, with untile, back.
+at::Tensor woq_tile_qweight_cpu(const at::Tensor& qweight, bool untile) {
+  return guarded([&]() -> at::Tensor {
+    const char* op = "woq_tile_qweight";
+    if (!qweight.defined() || !qweight.device().is_cpu() || qweight.dim() != 2 || qweight.scalar_type() != at::kInt)
+      throw fr::OptionError(arg(op, "qweight") + "expected a 2-D int32 CPU tensor");
+    if (qweight.size(1) % fi::kWoqTile != 0)
+      throw fr::OptionError(arg(op, "qweight") + "out_features (dim 1) must be a multiple of " +
+                            std::to_string(fi::kWoqTile) + ", got " + shape_str(qweight.sizes()));
+    const at::Tensor src = qweight.contiguous();
+    at::Tensor dst = at::empty_like(src);
+    const int64_t rows = src.size(0), out = src.size(1);
+    if (untile) fi::woq_untile_qweight(src.data_ptr<int32_t>(), rows, out, dst.data_ptr<int32_t>());
+    else fi::woq_tile_qweight(src.data_ptr<int32_t>(), rows, out, dst.data_ptr<int32_t>());
+    return dst;
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastround, m) {
   m.def("woq_linear(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int bits, int group_size, "
         "str layout) -> Tensor");
+  m.def("woq_tile_qweight(Tensor qweight, bool untile=False) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastround, CPU, m) { m.impl("woq_linear", TORCH_FN(woq_linear_cpu)); }
+TORCH_LIBRARY_IMPL(fastround, CPU, m) {
+  m.impl("woq_linear", TORCH_FN(woq_linear_cpu));
+  m.impl("woq_tile_qweight", TORCH_FN(woq_tile_qweight_cpu));
+}

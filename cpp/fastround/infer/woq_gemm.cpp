@@ -1,6 +1,7 @@
 #include "fastround/infer/woq_gemm.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "fastround/common/convert.h"
@@ -51,6 +52,19 @@ void scalar_block(const WoqWeightView& w, const GemvCtx& c, int64_t o0, int64_t 
   }
 }
 
+// fp32 sum of x[0, n) over 16 interleaved partial sums: independent add chains (a sum in k order is a chain of n
+// dependent adds, 14336 of them for a down projection: the largest serial cost of a decode call).
+float group_sum(const float* x, int64_t n) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += x[i + l];
+  for (; i < n; ++i) acc[i % 16] += x[i];
+  for (int width = 8; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  return acc[0];
+}
+
 }  // namespace
 
 Isa woq_isa(Isa isa) {
@@ -87,40 +101,47 @@ void woq_gemv(const WoqWeightView& w, const WoqGemvArgs& a, Isa isa) {
   GemvCtx c;
   c.m = m;
   c.ld = w.layout == WoqLayout::Awq ? w.in : w.qweight_rows() * w.pack_factor();
-  std::vector<float> xf(static_cast<size_t>(m * c.ld), 0.0f), xsum(static_cast<size_t>(m * w.groups), 0.0f);
+  std::unique_ptr<float[]> xf(new float[static_cast<size_t>(m * c.ld)]);
+  std::vector<float> xsum(static_cast<size_t>(m * w.groups));
   for (int64_t r = 0; r < m; ++r) {
-    load_as_float(a.dtype, a.x, r * w.in, w.in, xf.data() + r * c.ld);
-    for (int64_t g = 0; g < w.groups; ++g) {
-      float s = 0.0f;
-      for (int64_t i = g * w.group; i < std::min((g + 1) * w.group, w.in); ++i) s += xf[r * c.ld + i];
-      xsum[r * w.groups + g] = s;
-    }
+    float* xr = xf.get() + r * c.ld;
+    load_as_float(a.dtype, a.x, r * w.in, w.in, xr);
+    std::fill(xr + w.in, xr + c.ld, 0.0f);
+    for (int64_t g = 0; g < w.groups; ++g)
+      xsum[r * w.groups + g] = group_sum(xr + g * w.group, std::min((g + 1) * w.group, w.in) - g * w.group);
   }
-  c.x = xf.data();
+  c.x = xf.get();
   c.xsum = xsum.data();
 
-  // bf16 decode rows on AVX512_BF16: pairs of codes against pairs of x (woq_simd.h, GemvBf16Ctx).
+  // bf16 decode rows on AVX512_BF16: pairs of codes against pairs of x (woq_simd.h, GemvBf16Ctx), x's own bf16 bits.
   detail::GemvBf16Ctx bc;
   std::vector<uint32_t> xpair;
   const int pf = w.pack_factor();
   const bool bf16_pairs = k == &detail::kWoqAvx512 && a.dtype == DType::BF16 && m <= 2 && w.layout != WoqLayout::Awq &&
-                          w.bits <= 4 && w.group % pf == 0 && detail::gptq_bf16_block_outputs() > 0;
+                          w.bits <= 4 && w.group % pf == 0 && detail::gptq_bf16_block_outputs(w) > 0;
   if (bf16_pairs) {
     const int hp = pf / 2;
     bc.ld2 = c.ld / 2;
     bc.m = m;
     bc.xsum = c.xsum;
     xpair.resize(static_cast<size_t>(m * bc.ld2));
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t kw = 0; kw < c.ld / pf; ++kw)
+    const int64_t full = w.in / pf;  // words whose inputs are all real
+    for (int64_t r = 0; r < m; ++r) {
+      const uint16_t* xb = static_cast<const uint16_t*>(a.x) + r * w.in;
+      uint32_t* xp = xpair.data() + r * bc.ld2;
+      for (int64_t kw = 0; kw < full; ++kw)
+        for (int j = 0; j < hp; ++j)
+          xp[kw * hp + j] = static_cast<uint32_t>(xb[kw * pf + j]) | static_cast<uint32_t>(xb[kw * pf + j + hp]) << 16;
+      for (int64_t kw = full; kw < c.ld / pf; ++kw)
         for (int j = 0; j < hp; ++j) {
-          const float* xr = c.x + r * c.ld + kw * pf;
-          xpair[r * bc.ld2 + kw * hp + j] = static_cast<uint32_t>(float_to_bf16(xr[j])) |
-                                             static_cast<uint32_t>(float_to_bf16(xr[j + hp])) << 16;
+          const int64_t k0 = kw * pf + j, k1 = k0 + hp;
+          xp[kw * hp + j] = static_cast<uint32_t>(k0 < w.in ? xb[k0] : 0) |
+                            static_cast<uint32_t>(k1 < w.in ? xb[k1] : 0) << 16;
         }
+    }
     bc.xpair = xpair.data();
   }
-  const int64_t blk = bf16_pairs ? detail::gptq_bf16_block_outputs() : k ? k->block_outputs(w) : 0;
+  const int64_t blk = bf16_pairs ? detail::gptq_bf16_block_outputs(w) : k ? k->block_outputs(w) : 0;
   const int64_t nvec = blk ? out / blk : 0, tail0 = nvec * blk;
   const int64_t nblocks = nvec + (tail0 < out ? 1 : 0);
   // Few output blocks (k/v projections, many threads) also split the groups; the split follows the shape

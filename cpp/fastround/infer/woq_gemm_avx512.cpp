@@ -94,9 +94,9 @@ void gptq_dequant_outputs(const WoqWeightView& w, DType dt, void* dst, int64_t o
         z[i] = static_cast<float>(woq_zero(w, g, o0 + i));
         s[i] = woq_scale(w, g, o0 + i);
       }
-    const int32_t* qp = w.qweight + (k0 / PF) * w.out + o0;
+    const int32_t* qp = w.qrow(k0 / PF, o0);
     __m512i rows[4];
-    for (int r = 0; r < NW; ++r) rows[r] = _mm512_loadu_si512(qp + r * w.out);
+    for (int r = 0; r < NW; ++r) rows[r] = _mm512_loadu_si512(qp + r * w.qrow_stride());
     for (int i = 0; i < 16; ++i) {
       __m512i words;
       if constexpr (BITS == 2) {
@@ -151,6 +151,7 @@ namespace fastround::infer::detail {
 namespace {
 
 // outputs [o0, o0 + NV*16) of one row of x: acc = sum x * (128 + q) per group, then y += s * (acc - (z + 128) * sum x).
+// Few vectors (a tile's 4) take two accumulator sets, even and odd pairs, for twice as many dot-product chains.
 template <int BITS, int NV>
 void gptq_bf16_row(const WoqWeightView& w, const uint32_t* xp, const float* xsum, int64_t o0, int64_t g0, int64_t g1,
                    float* y) {
@@ -168,14 +169,17 @@ void gptq_bf16_row(const WoqWeightView& w, const uint32_t* xp, const float* xsum
   const __m512i zidxv = _mm512_load_si512(zidx), zshiftv = _mm512_load_si512(zshift);
   const __m512 zoff = _mm512_set1_ps(static_cast<float>(w.zero_offset() + 128));
   const size_t sbytes = static_cast<size_t>(dtype_bits(w.scale_dtype) / 8);
+  constexpr int NA = NV <= 4 && HP >= 2 ? 2 : 1;
+  const int64_t qs = w.qrow_stride();
   for (int64_t g = g0; g < g1; ++g) {
-    __m512 acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    __m512 acc2[NA][NV];
+    for (int a = 0; a < NA; ++a)
+      for (int v = 0; v < NV; ++v) acc2[a][v] = _mm512_setzero_ps();
     const int64_t kw0 = g * gw, kw1 = std::min(kw0 + gw, rows);
-    const int32_t* qp = w.qweight + kw0 * w.out + o0;
-    for (int64_t kw = kw0; kw < kw1; ++kw, qp += w.out) {
+    const int32_t* qp = w.qrow(kw0, o0);
+    for (int64_t kw = kw0; kw < kw1; ++kw, qp += qs) {
       for (int line = 0; line < NV * 64; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(qp + 16 * w.out) + line, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(qp + 16 * qs) + line, _MM_HINT_T0);
       __m512i xb[HP];
       for (int j = 0; j < HP; ++j) xb[j] = _mm512_set1_epi32(static_cast<int>(xp[kw * HP + j]));
 #pragma GCC unroll 16
@@ -185,10 +189,13 @@ void gptq_bf16_row(const WoqWeightView& w, const uint32_t* xp, const float* xsum
         for (int j = 0; j < HP; ++j) {
           const __m512i sh = j ? _mm512_srli_epi32(wv, static_cast<unsigned>(BITS * j)) : wv;
           const __m512i q2 = _mm512_ternarylogic_epi32(sh, pair_mask, magic, 0xEA);  // (sh & mask) | magic
-          acc[v] = _mm512_dpbf16_ps(acc[v], reinterpret_cast<__m512bh>(q2), reinterpret_cast<__m512bh>(xb[j]));
+          acc2[j % NA][v] = _mm512_dpbf16_ps(acc2[j % NA][v], reinterpret_cast<__m512bh>(q2),
+                                             reinterpret_cast<__m512bh>(xb[j]));
         }
       }
     }
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = NA == 2 ? _mm512_add_ps(acc2[0][v], acc2[NA - 1][v]) : acc2[0][v];
     const __m512 xs = _mm512_set1_ps(xsum[g]);
     for (int v = 0; v < NV; ++v) {
       const int64_t o = o0 + v * 16;
@@ -207,14 +214,24 @@ void gptq_bf16_row(const WoqWeightView& w, const uint32_t* xp, const float* xsum
 
 }  // namespace
 
-int64_t gptq_bf16_block_outputs() { return __builtin_cpu_supports("avx512bf16") ? 16 * 16 : 0; }
+int64_t gptq_bf16_block_outputs(const WoqWeightView& w) {
+  if (!__builtin_cpu_supports("avx512bf16")) return 0;
+  return w.tile ? kWoqTile : 16 * 16;
+}
 
 void gptq_bf16_block(const WoqWeightView& w, const GemvBf16Ctx& c, int64_t o0, int64_t g0, int64_t g1, float* y) {
   for (int64_t r = 0; r < c.m; ++r) {
     const uint32_t* xp = c.xpair + r * c.ld2;
     const float* xs = c.xsum + r * w.groups;
     float* yr = y + r * w.out;
-    if (w.bits == 2) {
+    // A tiled layer's block is one tile of 4 vectors (kWoqTile outputs).
+    static_assert(kWoqTile == 64, "the tiled instantiations below cover 64 outputs");
+    if (w.bits == 2 && w.tile) {
+      gptq_bf16_row<2, 2>(w, xp, xs, o0, g0, g1, yr);
+      gptq_bf16_row<2, 2>(w, xp, xs, o0 + 32, g0, g1, yr);
+    } else if (w.tile) {
+      gptq_bf16_row<4, 4>(w, xp, xs, o0, g0, g1, yr);
+    } else if (w.bits == 2) {
       gptq_bf16_row<2, 8>(w, xp, xs, o0, g0, g1, yr);
       gptq_bf16_row<2, 8>(w, xp, xs, o0 + 128, g0, g1, yr);
     } else {

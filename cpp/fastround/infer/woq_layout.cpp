@@ -1,5 +1,7 @@
 #include "fastround/infer/woq_layout.h"
 
+#include <cstring>
+
 #include "fastround/common/error.h"
 
 namespace fastround::infer {
@@ -18,7 +20,15 @@ void expect_shape(const char* site, const char* name, const int64_t got[2], int6
 
 }  // namespace
 
-WoqLayout parse_woq_layout(const std::string& name, const char* site) {
+WoqLayout parse_woq_layout(const std::string& name, const char* site, bool* tiled) {
+  static const std::string kSuffix = "_tiled";
+  if (tiled) {
+    *tiled = name.size() > kSuffix.size() && name.compare(name.size() - kSuffix.size(), kSuffix.size(), kSuffix) == 0;
+    const std::string base = *tiled ? name.substr(0, name.size() - kSuffix.size()) : name;
+    if (*tiled && base != "gptq" && base != "gptq_v2")
+      throw OptionError(std::string("[") + site + "] layout: '" + name + "': only gptq and gptq_v2 words are tiled");
+    if (*tiled) return parse_woq_layout(base, site, nullptr);
+  }
   if (name == "gptq") return WoqLayout::Gptq;
   if (name == "gptq_v2") return WoqLayout::GptqV2;
   if (name == "awq") return WoqLayout::Awq;
@@ -62,10 +72,26 @@ void woq_resolve(WoqWeightView& v, int64_t in, int64_t group_size, const int64_t
                         std::to_string(in) + " inputs / " + std::to_string(pf) + " per int32), got " + shape2(qw));
   }
   if (v.out <= 0) throw OptionError(at + "qweight: no output features, got " + shape2(qw));
+  v.qrows = qw[0];
+  if (v.tile && (v.layout == WoqLayout::Awq || v.out % v.tile != 0))
+    throw OptionError(at + "qweight: tiled words need a gptq layout and out_features a multiple of " +
+                      std::to_string(v.tile) + ", got " + shape2(qw) + " (" + woq_layout_name(v.layout) + ")");
   const std::string grouping = std::to_string(v.groups) + " groups of " + std::to_string(v.group) + " inputs";
   expect_shape(site, "scales", sc, v.groups, v.out, "[groups, out_features]: " + grouping);
   expect_shape(site, "qzeros", qz, v.groups, v.qzeros_cols(),
                "[groups, out_features/" + std::to_string(pf) + "]: " + grouping);
+}
+
+void woq_tile_qweight(const int32_t* src, int64_t rows, int64_t out, int32_t* dst) {
+  for (int64_t t = 0; t < out / kWoqTile; ++t)
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(dst + (t * rows + r) * kWoqTile, src + r * out + t * kWoqTile, kWoqTile * sizeof(int32_t));
+}
+
+void woq_untile_qweight(const int32_t* src, int64_t rows, int64_t out, int32_t* dst) {
+  for (int64_t t = 0; t < out / kWoqTile; ++t)
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(dst + r * out + t * kWoqTile, src + (t * rows + r) * kWoqTile, kWoqTile * sizeof(int32_t));
 }
 
 }  // namespace fastround::infer

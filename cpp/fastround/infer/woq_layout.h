@@ -14,13 +14,20 @@ namespace fastround::infer {
 
 enum class WoqLayout { Gptq = 0, GptqV2 = 1, Awq = 2 };
 
-// "gptq", "gptq_v2" or "awq"; anything else throws OptionError naming `site`.
-WoqLayout parse_woq_layout(const std::string& name, const char* site);
+// Outputs per tile of a tiled GPTQ qweight (woq_tile_qweight): one AVX-512 GEMV block, so a block's words of a
+// group (16 rows of 256 bytes at 4 bits) are one contiguous 4 KiB run instead of 16 rows a whole row apart.
+inline constexpr int64_t kWoqTile = 64;
+
+// "gptq", "gptq_v2" or "awq", and "gptq_tiled" / "gptq_v2_tiled" (their words in tiles, woq_tile_qweight) where
+// `tiled` is given (it is set to whether the suffix was there); anything else throws OptionError naming `site`.
+WoqLayout parse_woq_layout(const std::string& name, const char* site, bool* tiled = nullptr);
 const char* woq_layout_name(WoqLayout layout);
 
 // One packed linear layer. in/out are the layer's features; the GPTQ qweight may carry padded inputs (whole
 // words, whole groups) and the qzeros padded outputs (whole words), which the kernels never read as real data.
-//   gptq, gptq_v2: qweight [in_p/pf, out] int32, input k in lane k%pf of row k/pf (lane 0 = low bits)
+//   gptq, gptq_v2: qweight [in_p/pf, out] int32, input k in lane k%pf of row k/pf (lane 0 = low bits);
+//                  tiled (tile > 0): the same tensor shape, word (row r, output o) at flat index
+//                  ((o / tile) * in_p/pf + r) * tile + o % tile: each tile's rows back to back
 //                  qzeros  [groups, ceil(out/pf)] int32, output o in lane o%pf of word o/pf
 //   awq (4 bits):  qweight [in, out/8] int32, output 8w+p in nibble kAwqOrder[p] of word w
 //                  qzeros  [groups, out/8] int32, same interleave
@@ -35,6 +42,8 @@ struct WoqWeightView {
   const int32_t* qzeros = nullptr;
   const void* scales = nullptr;
   DType scale_dtype = DType::F16;
+  int64_t tile = 0;    // GPTQ only: 0 (rows of out words) or kWoqTile (see above)
+  int64_t qrows = 0;   // qweight's stored rows (padded inputs included); set by woq_resolve
 
   int pack_factor() const { return 32 / bits; }
   int zero_offset() const { return layout == WoqLayout::Gptq ? 1 : 0; }
@@ -43,7 +52,18 @@ struct WoqWeightView {
   int64_t qweight_rows() const { return layout == WoqLayout::Awq ? in : (in + pack_factor() - 1) / pack_factor(); }
   int64_t qweight_cols() const { return layout == WoqLayout::Awq ? out / pack_factor() : out; }
   int64_t qzeros_cols() const { return (out + pack_factor() - 1) / pack_factor(); }
+  // GPTQ: the word of row r, output o; the words of outputs o.. up to the end of o's tile follow it, and the same
+  // outputs of row r + 1 start qrow_stride() words further.
+  const int32_t* qrow(int64_t r, int64_t o) const {
+    return tile ? qweight + ((o / tile) * qrows + r) * tile + o % tile : qweight + r * out + o;
+  }
+  int64_t qrow_stride() const { return tile ? tile : out; }
 };
+
+// GPTQ words [rows, out] (rows of out words) to the tiled order of the same size (out a multiple of kWoqTile), and
+// back: a permutation, so a layer repacked once at load keeps its memory size.
+void woq_tile_qweight(const int32_t* src, int64_t rows, int64_t out, int32_t* dst);
+void woq_untile_qweight(const int32_t* src, int64_t rows, int64_t out, int32_t* dst);
 
 // The expected shapes of one layer's tensors, checked against what the caller has. Every mismatch throws
 // OptionError "[site] <tensor>: expected ..., got ...". qweight_rows may exceed the view's (padded inputs).
@@ -64,7 +84,7 @@ inline uint32_t woq_code(const WoqWeightView& w, int64_t k, int64_t o) {
     const uint32_t word = static_cast<uint32_t>(w.qweight[k * (w.out / pf) + o / pf]);
     return (word >> (w.bits * kAwqOrder[o % pf])) & mask;
   }
-  const uint32_t word = static_cast<uint32_t>(w.qweight[(k / pf) * w.out + o]);
+  const uint32_t word = static_cast<uint32_t>(*w.qrow(k / pf, o));
   return (word >> (w.bits * (k % pf))) & mask;
 }
 

@@ -37,7 +37,7 @@ struct GemvBf16Ctx {
   int64_t m = 0;
 };
 // Outputs per block of gptq_bf16_block (as kWoqAvx512's GPTQ block_outputs), or 0 when the CPU lacks AVX512_BF16.
-int64_t gptq_bf16_block_outputs();
+int64_t gptq_bf16_block_outputs(const WoqWeightView& w);
 void gptq_bf16_block(const WoqWeightView& w, const GemvBf16Ctx& c, int64_t o0, int64_t g0, int64_t g1, float* y);
 
 // GPTQ words to dst [out, in] 16 inputs of one output per store (AVX-512); false when the layer is not served
