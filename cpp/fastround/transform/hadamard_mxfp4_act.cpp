@@ -8,6 +8,7 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/common/error.h"
+#include "fastround/common/fp_codes.h"
 #include "fastround/common/parallel.h"
 
 namespace fastround::transform {
@@ -92,11 +93,7 @@ void run_units(DType dt, const void* x, void* out, int64_t u0, int64_t u1, int64
 float hadamard_norm_in(DType dtype, int64_t n) {
   const float c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
   switch (dtype) {
-    case DType::BF16: {
-      // round to nearest even on the 16 high bits (c is finite and positive)
-      const uint32_t u = float_bits(c);
-      return bits_float(((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16);
-    }
+    case DType::BF16: return bf16_to_float(float_to_bf16(c));
     case DType::F16: return fp16_to_float(float_to_fp16(c));
     default: return c;
   }

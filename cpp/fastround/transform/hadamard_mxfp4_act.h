@@ -41,16 +41,28 @@ FASTROUND_HD inline float mxfp4_act_scale(float amax) {
   if (p >= -126) pow2 = bits_float(static_cast<uint32_t>(p + 127) << 23);
   else if (p >= -149) pow2 = bits_float(1u << (p + 149));
   else pow2 = 0.0f;
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(pow2, 0.75f);
+#else
   return pow2 / 0.75f;
+#endif
 }
 
 // One element's quantize-dequantize with the group scale s (see the file comment).
 FASTROUND_HD inline float mxfp4_act_qdq(float v, float s) {
+#if defined(__CUDA_ARCH__)
+  const float r = __fdiv_rn(v, s);  // IEEE whatever -prec-div says
+#else
   const float r = v / s;
+#endif
   const float a = r < 0.0f ? -r : r;  // NaN stays NaN and passes no threshold: q = 0
   const float q = (a > 5.0f) ? 6.0f : (a > 3.5f) ? 4.0f : (a > 2.5f) ? 3.0f : (a > 1.75f) ? 2.0f
                 : (a > 1.25f) ? 1.5f : (a > 0.75f) ? 1.0f : (a > 0.25f) ? 0.5f : 0.0f;
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(r > 0.0f ? q : -q, s);
+#else
   return (r > 0.0f ? q : -q) * s;
+#endif
 }
 
 // c = 1/sqrt(n) rounded to `dtype` (F32, F16 or BF16), then widened to fp32.
