@@ -82,8 +82,8 @@ at::Tensor hadamard_transform_cuda(const at::Tensor& x, int64_t block_size, cons
   });
 }
 
-// The fused rotation + MXFP4 activation qdq (hadamard_mxfp4_act.h). Rotations the warp kernel does not take (K > 1,
-// blocks over 32) are refused, naming block_size: transform_ops.hadamard_mxfp4_act_any_device runs those on the CPU.
+// The fused rotation + MXFP4 activation qdq (hadamard_mxfp4_act.h). Blocks the warp kernel does not take (over 32)
+// are refused, naming block_size: rotation.py runs those through the CPU op.
 at::Tensor hadamard_mxfp4_act_cuda(const at::Tensor& x, int64_t block_size, const std::optional<at::Tensor>& hadamard_k,
                                    const std::optional<at::Tensor>& signs, bool transpose, bool signs_first) {
   return guarded([&] {
@@ -96,18 +96,25 @@ at::Tensor hadamard_mxfp4_act_cuda(const at::Tensor& x, int64_t block_size, cons
     const int64_t cols = x.size(-1);
     const at::Tensor xc = x.contiguous();
     at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
-    at::Tensor sg;
+    at::Tensor hk, sg;
     tf::FwhtSpec spec;
     spec.n = block_size;
-    if (hadamard_k.has_value() && hadamard_k->defined())
-      spec.k = hadamard_k->dim() == 2 ? hadamard_k->size(0) : -1;  // refused below unless 1 (the identity)
+    if (hadamard_k.has_value() && hadamard_k->defined()) {
+      if (hadamard_k->dim() != 2)
+        throw fr::OptionError(arg(kActOp, "hadamard_k") + "expected a [K, K] matrix, got " +
+                              shape_str(hadamard_k->sizes()));
+      const int64_t k = hadamard_k->size(0);
+      hk = pm1_int8_on("hadamard_k", *hadamard_k, {k, k}, dev, kActOp);
+      spec.k = k;
+      spec.hadk = hk.data_ptr<int8_t>();
+    }
     if (signs.has_value() && signs->defined()) {
       if (block_size <= 0)
         throw fr::OptionError(arg(kActOp, "block_size") + "must be positive, got " + std::to_string(block_size));
       sg = pm1_int8_on("signs", *signs, {block_size}, dev, kActOp);
       spec.signs = sg.data_ptr<int8_t>();
     }
-    spec.transpose = transpose;  // no K matrix: T is symmetric
+    spec.transpose = transpose;
     spec.signs_first = signs_first;
     const int64_t rows = cols == 0 ? 0 : xc.numel() / cols;
     void* stream = static_cast<void*>(c10::cuda::getCurrentCUDAStream(dev.index()).stream());

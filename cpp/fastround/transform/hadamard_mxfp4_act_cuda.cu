@@ -39,8 +39,10 @@ struct Params {
   void* y;
   int64_t total;        // rows * cols, a multiple of 32
   int n;                // rotation block, a power of two <= 32
+  int k, len;           // n = k · len, len a power of two
+  const int8_t* hadk;   // [k, k] device (k > 1), or null
   const int8_t* signs;  // [n] device, or null
-  bool signs_first, normalize;
+  bool transpose, signs_first, normalize;
   float c;              // 1/sqrt(n) rounded to the input dtype
 };
 
@@ -56,9 +58,19 @@ __global__ void __launch_bounds__(kThreads) hadamard_mxfp4_act_kernel(const Para
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.total; i += stride) {
     float v = IO::in(static_cast<const typename IO::T*>(p.x)[i]);
     if (p.signs && p.signs_first) v = apply_sign(p.signs, j, v);
-    for (int h = 1; h < p.n; h *= 2) {
+    for (int h = 1; h < p.len; h *= 2) {
       const float other = __shfl_xor_sync(0xFFFFFFFFu, v, h);
       v = (j & h) ? __fsub_rn(other, v) : __fadd_rn(v, other);  // lower: a + b; upper: a - b, a the lower's
+    }
+    if (p.k > 1) {  // element j = kk · len + r: out = sum over k' in increasing order, from 0, of ±y[k' · len + r]
+      const int kk = j / p.len, r = j % p.len, base = lane - j;
+      float acc = 0.0f;
+      for (int kp = 0; kp < p.k; ++kp) {
+        const float y = __shfl_sync(0xFFFFFFFFu, v, base + kp * p.len + r);
+        const bool positive = (p.transpose ? p.hadk[kp * p.k + kk] : p.hadk[kk * p.k + kp]) > 0;
+        acc = positive ? __fadd_rn(acc, y) : __fsub_rn(acc, y);
+      }
+      v = acc;
     }
     if (p.normalize) v = __fmul_rn(v, p.c);
     if (p.signs && !p.signs_first) v = apply_sign(p.signs, j, v);
@@ -85,7 +97,8 @@ void launch(const Params& p, void* stream, const char* site) {
 }  // namespace
 
 bool hadamard_mxfp4_act_cuda_supports(const FwhtSpec& spec) {
-  return spec.k == 1 && spec.n > 0 && spec.n <= kMxfp4ActGroup && (spec.n & (spec.n - 1)) == 0;
+  return spec.n > 0 && spec.n <= kMxfp4ActGroup && (spec.n & (spec.n - 1)) == 0 && spec.k > 0 &&
+         spec.n % spec.k == 0 && ((spec.n / spec.k) & (spec.n / spec.k - 1)) == 0 && (spec.k == 1 || spec.hadk);
 }
 
 void hadamard_mxfp4_act_rows_cuda(DType dtype, const void* x, void* y, int64_t rows, int64_t cols,
@@ -98,11 +111,12 @@ void hadamard_mxfp4_act_rows_cuda(DType dtype, const void* x, void* y, int64_t r
     throw OptionError(at + "x: the last dimension " + std::to_string(cols) + " is not a multiple of the MXFP4 " +
                       "activation group 32");
   if (!hadamard_mxfp4_act_cuda_supports(spec))
-    throw OptionError(at + "block_size: the CUDA kernel takes power-of-two blocks up to 32 without a K matrix, got " +
-                      std::to_string(spec.n) + " (K = " + std::to_string(spec.k) + ")");
+    throw OptionError(at + "block_size: the CUDA kernel takes power-of-two blocks up to 32 (K · 2^m, K's matrix " +
+                      "given when K > 1), got " + std::to_string(spec.n) + " with K = " + std::to_string(spec.k));
   if (rows * cols == 0) return;
   if (!x || !y) throw OptionError(at + "x / y: null data");
-  Params p{x, y, rows * cols, static_cast<int>(spec.n), spec.signs, spec.signs_first, spec.normalize,
+  Params p{x, y, rows * cols, static_cast<int>(spec.n), static_cast<int>(spec.k), static_cast<int>(spec.n / spec.k),
+           spec.k > 1 ? spec.hadk : nullptr, spec.signs, spec.transpose, spec.signs_first, spec.normalize,
            hadamard_norm_in(dtype, spec.n)};
   switch (dtype) {
     case DType::F32: return launch<F32>(p, stream, site);
