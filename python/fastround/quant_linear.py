@@ -10,8 +10,10 @@ dtypes (model-free pads in_features to whole groups, the regular flow does not; 
   [out, in] (the C++ encoding table's `dequantize_ref` through `torch.ops.fastround.dequantize_packed`), then one fp32
   matmul. `FASTROUND_WOQ_REFERENCE=1` forces the reference; a GPTQ act-order `g_idx` (inputs not in group order)
   always takes it, the groups looked up per input.
-- FP: always the reference (dequantize, fp32 matmul). Activations stay in full precision: a checkpoint that
-  declares activation quantization (MXFP4 is W4A4 upstream) runs weight-only here.
+- FP: always the reference (dequantize, fp32 matmul). The layer has no activation quantizer: a checkpoint that
+  declares activation quantization (MXFP4 is W4A4 upstream) runs weight-only here, except where a rotated MXFP4
+  checkpoint's load hook (rotation.MXFP4ActHook, upstream's fused fast path; on CUDA by default) hands it
+  activations already rotated and MXFP4 quantize-dequantized.
 
 The C++ dequantizers read CPU tensors; a module on another device copies its packed words to the CPU for that step
 (a correctness path, not a fast one).

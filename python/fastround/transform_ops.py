@@ -164,6 +164,19 @@ def hadamard_mxfp4_act(x: torch.Tensor, block_size: int, hadamard_k: torch.Tenso
     return _ops.hadamard_mxfp4_act(x, block_size, hadamard_k, signs, transpose, signs_first)
 
 
+def mxfp4_act_qdq_torch(xh: torch.Tensor) -> torch.Tensor:
+    """The qdq half of hadamard_mxfp4_act as torch ops, upstream's Triton formulas line for line (exp2 / floor / log2
+    scale, nested strict thresholds, sign from > 0), on rotated values [..., K] (K % 32 == 0) -> fp32: the unfused
+    reference the tests and benchmarks/hadamard.py compare the kernel with."""
+    g = xh.float().reshape(-1, 32)
+    shared_exps = torch.exp2(torch.floor(torch.log2(g.abs().amax(-1, keepdim=True))) - 2) / 0.75
+    s = g / shared_exps
+    a = s.abs()
+    q = torch.where(a > 5, 6.0, torch.where(a > 3.5, 4.0, torch.where(a > 2.5, 3.0, torch.where(
+        a > 1.75, 2.0, torch.where(a > 1.25, 1.5, torch.where(a > 0.75, 1.0, torch.where(a > 0.25, 0.5, 0.0)))))))
+    return (torch.where(s > 0, q, -q) * shared_exps).reshape(xh.shape)
+
+
 @lru_cache(maxsize=1)
 def has_cuda_mxfp4_act_kernel() -> bool:
     """Whether this build registered the CUDA hadamard_mxfp4_act (FASTROUND_WITH_CUDA)."""
