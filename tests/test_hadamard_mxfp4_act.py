@@ -138,7 +138,7 @@ def test_load_hook_modes(monkeypatch, hadamard_type):
     buffers = {"a": m, "b": m} if hadamard_type == "random_hadamard" else None
     rot_cfg = {"block_size": 32, "hadamard_type": hadamard_type}
     rotated = rotation.LinearRotation(rotation.RotationConfig(block_size=32), "mx_fp").apply(x) \
-        if hadamard_type == "hadamard" else (x.float().reshape(-1, 2, 32) @ m.T).reshape(x.shape).to(x.dtype)
+        if hadamard_type == "hadamard" else (x.float().reshape(-1, 2, 32) @ m.T.contiguous()).reshape(x.shape).to(x.dtype)
     fused = upstream_fused(x, m)
     assert not torch.equal(fused, rotated)
     for mode, want_a in (("fused", fused), ("auto", rotated), ("off", rotated)):  # auto: CPU tensors are not fused
