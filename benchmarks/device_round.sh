@@ -49,6 +49,8 @@ for step in "${steps[@]}"; do
     hadamard_cuda) run hadamard_cuda 90 python3 benchmarks/hadamard.py --device cuda --json "$OUT/hadamard-h200.json" ;;
     hadamard_cuda_bf16) run hadamard_cuda_bf16 90 python3 benchmarks/hadamard.py --device cuda --dtype bfloat16 \
       --json "$OUT/hadamard-h200-bf16.json" ;;
+    mxfp4_act) run mxfp4_act_checks 150 python3 -m pytest -q -s -p no:cacheprovider \
+      benchmarks/gpu_checks/test_hadamard_mxfp4_act_cuda.py ;;
     fwht_checks) run fwht_checks 150 python3 -m pytest -q -p no:cacheprovider benchmarks/gpu_checks/test_fwht_cuda.py \
       benchmarks/gpu_checks/test_rotation_cuda.py ;;
     tune_mx) run tune_mxfp4 240 python3 benchmarks/tune.py --device cuda:0 --layers 2 --schemes MXFP4 \

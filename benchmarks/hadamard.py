@@ -15,7 +15,14 @@ The kernel is checked against the dense product (max abs difference reported) be
 events: each measurement is the fastest of --repeat batches of --inner back-to-back calls, divided by --inner; the
 kernel's result is also checked bit for bit against the CPU op.
 
-Prints a markdown table and writes JSON (--json; paths under $OUT written as "$OUT/...").
+A second table times the fused per-32 rotation + MXFP4 activation qdq (torch.ops.fastround.hadamard_mxfp4_act,
+upstream's load-time fast path for rotated MXFP4 checkpoints) against the unfused composition (the FWHT op with
+block 32, then the qdq as torch ops, transform_ops.mxfp4_act_qdq_torch) on the same [rows, n] activations; on CUDA
+the fused result is also checked bit for bit against the CPU op. --no-mxfp4-act skips it.
+
+    python3 benchmarks/hadamard.py --device cuda --dtype bfloat16 --json $OUT/hadamard-h200-cuda-bf16.json
+
+Prints markdown tables and writes JSON (--json; paths under $OUT written as "$OUT/...").
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ def main() -> None:
                     help="activation dtype (cuda; the CPU run is fp32)")
     ap.add_argument("--inner", type=int, default=20, help="calls per timed batch (cuda)")
     ap.add_argument("--no-upstream", action="store_true", help="skip auto-round's torch routine")
+    ap.add_argument("--no-mxfp4-act", action="store_true", help="skip the fused rotation + MXFP4 act qdq table")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -132,10 +140,52 @@ def main() -> None:
         up = f"{r['upstream_s']*1e3:.3f} | {r['speedup_vs_upstream']:.1f}" if "upstream_s" in r else "- | -"
         print(f"| {r['n']} | {r['k']} | {r['rows']} | {r['fwht_s']*1e3:.3f} | {r['dense_matmul_s']*1e3:.3f} | "
               f"{r['speedup_vs_dense']:.1f} | {up} |")
+    act_rows = [] if args.no_mxfp4_act else mxfp4_act_rows(args, dtype, measure)
     if args.json:
         write_json(args.json, {"machine": machine(), "threads": args.threads, "device": args.device,
                                "dtype": str(dtype).replace("torch.", ""), "repeat": args.repeat,
-                               "inner": args.inner if cuda else 1, "results": rows})
+                               "inner": args.inner if cuda else 1, "results": rows,
+                               "mxfp4_act_results": act_rows})
+
+
+def mxfp4_act_rows(args, dtype: torch.dtype, measure) -> list[dict]:
+    """Fused per-32 rotation + MXFP4 act qdq vs the FWHT op then the torch qdq, per size; the two must agree."""
+    from fastround import transform_ops as T
+
+    cuda = args.device == "cuda"
+    view = torch.int16 if torch.empty((), dtype=dtype).element_size() == 2 else torch.int32
+    c = torch.tensor(1 / 32 ** 0.5).to(dtype).float().item()  # the fused op's 1/sqrt(32), rounded to the dtype
+    out = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        if n % 32:
+            continue
+        x = torch.randn(args.rows, n, generator=torch.Generator().manual_seed(n)).to(dtype)
+        want = T.hadamard_mxfp4_act(x, 32)
+        if cuda:
+            x = x.cuda()
+
+        def unfused(x=x):
+            return T.mxfp4_act_qdq_torch(T.hadamard_transform(x.float(), 32, normalize=False) * c).to(dtype)
+
+        got = T.hadamard_mxfp4_act(x, 32)
+        row = {"n": n, "rows": args.rows, "device": args.device, "dtype": str(dtype).replace("torch.", ""),
+               "bits_equal_unfused": bool(torch.equal(got.view(view), unfused().view(view)))}
+        if cuda:
+            row["bits_equal_cpu_op"] = bool(torch.equal(got.cpu().view(view), want.view(view)))
+        row["fused_s"] = measure(lambda: T.hadamard_mxfp4_act(x, 32))
+        row["fwht_then_qdq_s"] = measure(unfused)
+        row["speedup"] = row["fwht_then_qdq_s"] / row["fused_s"]
+        if cuda:
+            row["fused_gb_per_s"] = 2 * x.numel() * x.element_size() / row["fused_s"] / 1e9
+        out.append(row)
+    print(f"\nfused rotation + MXFP4 act qdq (block 32), {args.device} {str(dtype).replace('torch.', '')}\n")
+    print("| n | rows | fused ms | FWHT then torch qdq ms | x | same bits |")
+    print("|---|---|---|---|---|---|")
+    for r in out:
+        same = r["bits_equal_unfused"] and r.get("bits_equal_cpu_op", True)
+        print(f"| {r['n']} | {r['rows']} | {r['fused_s']*1e3:.3f} | {r['fwht_then_qdq_s']*1e3:.3f} | "
+              f"{r['speedup']:.1f} | {same} |")
+    return out
 
 
 if __name__ == "__main__":

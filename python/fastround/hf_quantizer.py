@@ -258,6 +258,19 @@ def preregister_rotation_buffers(model: torch.nn.Module, config: dict[str, Any],
     return registered
 
 
+def mxfp4_activation_layers(config: dict[str, Any], names: list[str]) -> set[str]:
+    """The layers whose checkpoint declares dynamic MXFP4 activations (act_bits 4, an mx_fp act_data_type, an mx_fp
+    weight: the MXFP4 presets), from quantization_config and its extra_config entry for the layer. Upstream's fast
+    path takes every layer of any mx_fp checkpoint (MXFP8 and 16-bit activations too); here only these."""
+    out = set()
+    for name in names:
+        cfg = {**config, **_layer_overrides(config, name)}
+        if (int(cfg.get("act_bits") or 16) == 4 and "mx_fp" in str(cfg.get("act_data_type") or "")
+                and "mx_fp" in str(cfg.get("data_type") or "")):
+            out.add(name)
+    return out
+
+
 def apply_rotation_hooks(model: torch.nn.Module, config: dict[str, Any], plans: dict[str, LayerPlan]) -> list[str]:
     """Registers the online rotations of a loaded checkpoint through the modules that apply them at quantization
     (fastround.rotation for rotation_config, fastround.quarot for spinquant_config). Returns the hooked layers.
@@ -291,7 +304,8 @@ def apply_rotation_hooks(model: torch.nn.Module, config: dict[str, Any], plans: 
                                  "which one it was rotated with is unknown")
             for n in names:
                 buffers.setdefault(n, stored[0])
-        hooked += rotation.register_online_hooks(model, rotation_config, data_type, buffers, names=names)
+        hooked += rotation.register_online_hooks(model, rotation_config, data_type, buffers, names=names,
+                                                 act_mxfp4=mxfp4_activation_layers(config, names))
     if config.get("spinquant_config"):
         from fastround import quarot
 

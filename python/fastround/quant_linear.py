@@ -15,8 +15,10 @@ dtypes (model-free pads in_features to whole groups, the regular flow does not; 
   woq_tile_qweight`): a permutation of the same size that the decode GEMV streams contiguously. The buffer keeps its
   checkpoint shape; state_dict(), dequantize() and device / dtype moves see the checkpoint's order.
   `FASTROUND_WOQ_TILE=0` keeps the checkpoint's order (to time both).
-- FP: always the reference (dequantize, fp32 matmul). Activations stay in full precision: a checkpoint that
-  declares activation quantization (MXFP4 is W4A4 upstream) runs weight-only here.
+- FP: always the reference (dequantize, fp32 matmul). The layer has no activation quantizer: a checkpoint that
+  declares activation quantization (MXFP4 is W4A4 upstream) runs weight-only here, except where a rotated MXFP4
+  checkpoint's load hook (rotation.MXFP4ActHook, upstream's fused fast path; on CUDA by default) hands it
+  activations already rotated and MXFP4 quantize-dequantized.
 
 The C++ dequantizers read CPU tensors; a module on another device copies its packed words to the CPU for that step
 (a correctness path, not a fast one).

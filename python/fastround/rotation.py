@@ -296,34 +296,95 @@ class LinearRotation:
         return self.matrix.clone() if self.random and name in self.rotated else None
 
 
+# Load-time activation step of layers whose checkpoint declares MXFP4 activations (FASTROUND_ROTATION_ACT_QDQ):
+#   auto  (default) the fused rotation + MXFP4 qdq on CUDA tensors, as upstream's Triton fast path; the rotation
+#         alone elsewhere (upstream's CPU fallback rotates, then its module's E8M0 act qdq runs, which fastround's
+#         weight-only FPQuantLinear does not have)
+#   fused the fused step on every device (CPU: the C++ op)
+#   off   the rotation alone everywhere
+ACT_QDQ_ENV = "FASTROUND_ROTATION_ACT_QDQ"
+ACT_QDQ_MODES = ("auto", "fused", "off")
+
+
+def act_qdq_mode() -> str:
+    mode = os.environ.get(ACT_QDQ_ENV, "auto").strip().lower() or "auto"
+    if mode not in ACT_QDQ_MODES:
+        raise ValueError(f"{ACT_QDQ_ENV}={mode!r}: expected one of {list(ACT_QDQ_MODES)}")
+    return mode
+
+
+class MXFP4ActHook:
+    """Forward pre-hook x <- MXFP4-qdq(x · M^T) (transform_ops.hadamard_mxfp4_act: per 32-group FP-Quant scale,
+    output in the rotated space) where act_qdq_mode() says so, else x <- rotate(x). M is given as the op's operands:
+    Sylvester (hadamard_k None) or a dense ±1 block matrix (hadamard_k = sign(M), K = block_size)."""
+
+    def __init__(self, block_size: int, hadamard_k: torch.Tensor | None, rotate: Any, mode: str) -> None:
+        self.block_size = block_size
+        self.hadamard_k = hadamard_k  # [b, b] int8 CPU, or None
+        self.rotate = rotate
+        self.mode = mode
+        self._device_k: dict[torch.device, torch.Tensor | None] = {}
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        from fastround import transform_ops as T
+
+        b = self.block_size
+        if x.device.type == "cpu":
+            return T.hadamard_mxfp4_act(x, b, self.hadamard_k)
+        if x.device.type == "cuda" and T.has_cuda_mxfp4_act_kernel() and b <= 32 and T.is_pow2(b):
+            hk = self._device_k.get(x.device, ...)
+            if hk is ...:  # copied once: the hook then neither copies nor waits per call
+                hk = self._device_k[x.device] = None if self.hadamard_k is None else self.hadamard_k.to(x.device)
+            return T.hadamard_mxfp4_act(x, b, hk)
+        # no device kernel for this block or device: the CPU op on a host copy (same result, slow)
+        return T.hadamard_mxfp4_act(x.cpu(), b, self.hadamard_k).to(x.device)
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        if self.mode == "fused" or (self.mode == "auto" and x.device.type == "cuda"):
+            return (self.fused(x),) + tuple(args[1:])
+        return (self.rotate(x),) + tuple(args[1:])
+
+
 def register_online_hooks(model: torch.nn.Module, config: dict[str, Any], data_type: str = "mx_fp",
                           buffers: dict[str, torch.Tensor] | None = None,
-                          names: list[str] | None = None) -> list[str]:
+                          names: list[str] | None = None, act_mxfp4: set[str] | None = None) -> list[str]:
     """Load side (upstream's apply_rotation_hooks_from_config, input mode): a pre-hook x <- x · M^T on every
     rotated layer. `config` is quantization_config.rotation_config (block_size and hadamard_type are read, the
     block size resolved as at quantization: None -> 32, 16 for nv_fp); `names` are the rotated layers (default,
     as upstream: every nn.Linear not named lm_head). For random_hadamard, M is each layer's `hadamard_matrix`
-    (from `buffers` by layer name, or the module's own buffer). Returns the hooked layer names."""
+    (from `buffers` by layer name, or the module's own buffer). Layers in `act_mxfp4` (their checkpoint declares
+    MXFP4 activations) get MXFP4ActHook instead, upstream's fused fast path (act_qdq_mode()). Returns the hooked
+    layer names."""
     cfg = RotationConfig(block_size=config.get("block_size"), hadamard_type=config.get("hadamard_type", "hadamard"),
                          backend="transform")
     rot = LinearRotation(cfg, data_type)
     if names is None:
         names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    mode = act_qdq_mode()
     for name in names:
         module = model.get_submodule(name)
         if rot.random:
             m = (buffers or {}).get(name, getattr(module, "hadamard_matrix", None))
             if m is None:
                 raise ValueError(f"[fastround.rotation] {name}: random_hadamard needs its hadamard_matrix buffer")
-            mt = hadamard_from_buffer(m, rot.block_size, name).T.contiguous()  # [b, b] fp32
+            m32 = hadamard_from_buffer(m, rot.block_size, name)  # [b, b] fp32
+            mt = m32.T.contiguous()
 
-            def hook(mod, args, mt=mt):
-                x = args[0]
+            def rotate(x: torch.Tensor, mt: torch.Tensor = mt) -> torch.Tensor:
                 shape = x.shape
                 xb = x.reshape(-1, shape[-1] // mt.shape[0], mt.shape[0]).float()
-                return ((xb @ mt.to(x.device)).reshape(shape).to(x.dtype),) + tuple(args[1:])
+                return (xb @ mt.to(x.device)).reshape(shape).to(x.dtype)
 
-            module.register_forward_pre_hook(hook, prepend=True)
+            # x·M^T = M·x on each block: M's sign pattern as the op's dense K matrix (K = b, no butterflies)
+            hadamard_k: torch.Tensor | None = torch.sign(m32).to(torch.int8)
+        else:
+            rotate, hadamard_k = rot.apply, None
+        if act_mxfp4 is not None and name in act_mxfp4 and mode != "off":
+            module.register_forward_pre_hook(MXFP4ActHook(rot.block_size, hadamard_k, rotate, mode), prepend=True)
+        elif rot.random:
+            module.register_forward_pre_hook(lambda mod, args, f=rotate: (f(args[0]),) + tuple(args[1:]),
+                                             prepend=True)
         else:
             module.register_forward_pre_hook(rot._hook, prepend=True)
     return list(names)

@@ -159,6 +159,41 @@ torch.library.register_autograd("fastround::hadamard_transform", _hadamard_trans
                                 setup_context=_setup_hadamard_transform)
 
 
+def hadamard_mxfp4_act(x: torch.Tensor, block_size: int, hadamard_k: torch.Tensor | None = None,
+                       signs: torch.Tensor | None = None, transpose: bool = False,
+                       signs_first: bool = False) -> torch.Tensor:
+    """Upstream's fused load-time activation step for rotated MXFP checkpoints: x [..., cols] (fp32/fp16/bf16, CPU,
+    or CUDA when built with it; cols a multiple of 32 and of block_size) -> each block rotated as hadamard_transform
+    (same operands) with 1/sqrt(block_size) rounded to x's dtype, then each 32-group quantize-dequantized to MXFP4
+    with FP-Quant's scale 2^(floor(log2 amax) - 2) / 0.75 (not E8M0) and strict E2M1 thresholds; computed in fp32,
+    rounded once, left in the rotated space (cpp/fastround/transform/hadamard_mxfp4_act.h)."""
+    return _ops.hadamard_mxfp4_act(x, block_size, hadamard_k, signs, transpose, signs_first)
+
+
+def mxfp4_act_qdq_torch(xh: torch.Tensor) -> torch.Tensor:
+    """The qdq half of hadamard_mxfp4_act as torch ops, upstream's Triton formulas line for line (exp2 / floor / log2
+    scale, nested strict thresholds, sign from > 0), on rotated values [..., K] (K % 32 == 0) -> fp32: the unfused
+    reference the tests and benchmarks/hadamard.py compare the kernel with."""
+    g = xh.float().reshape(-1, 32)
+    shared_exps = torch.exp2(torch.floor(torch.log2(g.abs().amax(-1, keepdim=True))) - 2) / 0.75
+    s = g / shared_exps
+    a = s.abs()
+    q = torch.where(a > 5, 6.0, torch.where(a > 3.5, 4.0, torch.where(a > 2.5, 3.0, torch.where(
+        a > 1.75, 2.0, torch.where(a > 1.25, 1.5, torch.where(a > 0.75, 1.0, torch.where(a > 0.25, 0.5, 0.0)))))))
+    return (torch.where(s > 0, q, -q) * shared_exps).reshape(xh.shape)
+
+
+@lru_cache(maxsize=1)
+def has_cuda_mxfp4_act_kernel() -> bool:
+    """Whether this build registered the CUDA hadamard_mxfp4_act (FASTROUND_WITH_CUDA)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastround::hadamard_mxfp4_act", "CUDA")
+
+
+@torch.library.register_fake("fastround::hadamard_mxfp4_act")
+def _hadamard_mxfp4_act_fake(x, block_size, hadamard_k=None, signs=None, transpose=False, signs_first=False):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def random_signs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Upstream's sign vector d (int64 ±1 [n]): randint(0, 2) * 2 - 1 from `generator`, a fresh unseeded
     torch.Generator() when None, as the per-linear transform backend builds it."""

@@ -232,6 +232,10 @@ void fwht_rows(DType dtype, void* x, int64_t rows, int64_t cols, const FwhtSpec&
   });
 }
 
+void fwht_block_f32_ref(float* v, float* tmp, const FwhtSpec& spec) { block_ref(v, tmp, spec); }
+
+void fwht_block_f32(float* v, float* tmp, const FwhtSpec& spec) { block_fast_f32(v, tmp, spec, norm_scale<float>(spec)); }
+
 int64_t hadamard_k_largest(int64_t n, const int64_t* sizes, int64_t count) {
   int64_t best = 0;
   for (int64_t i = 0; i < count; ++i) {

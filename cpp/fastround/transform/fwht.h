@@ -39,6 +39,11 @@ void fwht_rows_ref(DType dtype, void* x, int64_t rows, int64_t cols, const FwhtS
 // The same result, blocks spread over OpenMP threads (static chunks), the stages written for the vectorizer.
 void fwht_rows(DType dtype, void* x, int64_t rows, int64_t cols, const FwhtSpec& spec);
 
+// One n-long fp32 block v, in place, without checks (the caller ran fwht_check): the bodies fwht_rows_ref and
+// fwht_rows run on every block, for kernels that fuse the transform with a following step. tmp: n floats when k > 1.
+void fwht_block_f32_ref(float* v, float* tmp, const FwhtSpec& spec);
+void fwht_block_f32(float* v, float* tmp, const FwhtSpec& spec);
+
 // Largest k in `sizes` (any order) with n % k == 0 and n / k a power of two, 0 if none (the safetensors rule,
 // §1.3 a, passes the file's keys; the SpinQuant rule is first-match in its own order: use hadamard_k_first).
 int64_t hadamard_k_largest(int64_t n, const int64_t* sizes, int64_t count);
