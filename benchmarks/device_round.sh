@@ -25,6 +25,7 @@ python3 -c "import torch; from fastround import _torch; print('cuda kernels:', _
 
 run() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
+  [ -n "${STEP_LIMIT_MAX:-}" ] && [ "$limit" -gt "$STEP_LIMIT_MAX" ] && limit=$STEP_LIMIT_MAX  # fit one call
   local s=$(date +%s)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc=$? $(( $(date +%s) - s )) s"; tail -4 "$OUT/$name.log"
