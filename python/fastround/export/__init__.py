@@ -121,6 +121,12 @@ def resolve_format(
     configs = list((layer_config or {}).values()) + list((regex_config or {}).values())
     if dt == NVFP4_E5M3_DATA_TYPE:
         return _resolve_nvfp4_e5m3(name)
+    if dt in ("nv_fp", "nv_fp4") and bits == 4:
+        # compressed-tensors-like tensors with global scales under packing_format auto_round:llm_compressor
+        if name != "auto_round":
+            raise ValueError(f"format {name}: NVFP4 (data_type={dt}) is written by fastround in format auto_round "
+                             "only yet")
+        return ResolvedFormat(name, "auto_round", f"auto_round:{dt}", "auto_round:llm_compressor")
     mx = dt.startswith("mx_fp")
     if mx and name in ("auto_round", "llm_compressor", "auto_round:llm_compressor"):
         # MX formats carry the activation scheme in their config; upstream never resets them to fake
