@@ -32,12 +32,16 @@ def test_nvfp4_checkpoint_equals_upstream(checkpoint, tmp_path, caplog) -> None:
 
 
 def test_nvfp4_gaps_are_refused(checkpoint) -> None:
-    """What is not built is refused by name: NVFP4 RTN (iters=0) and formats other than auto_round."""
+    """What is not built is refused by name: NVFP4 RTN (iters=0), a tuned NVFP4 lm_head, MoE models and formats
+    other than auto_round."""
     from fastround import AutoRound
     from test_signround import COMMON
 
     ar = AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4", iters=0, **COMMON)
     with pytest.raises(NotImplementedError, match="NVFP4 .*iters=0"):
+        ar.quantize()
+    ar = AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4", iters=2, quant_lm_head=True, **COMMON)
+    with pytest.raises(NotImplementedError, match="outside the blocks .*lm_head"):
         ar.quantize()
     from fastround.export import resolve_format
     from fastround.compressor import resolve_scheme
