@@ -47,5 +47,6 @@ def test_nvfp4_gaps_are_refused(checkpoint) -> None:
     from fastround.compressor import resolve_scheme
 
     scheme, _ = resolve_scheme("NVFP4", {})
-    with pytest.raises(ValueError, match="auto_round only"):
-        resolve_format("llm_compressor", scheme)
+    for fmt in ("llm_compressor", "fake", "auto_gptq"):
+        with pytest.raises(ValueError, match="auto_round only"):
+            resolve_format(fmt, scheme)

@@ -32,10 +32,12 @@ class LayerPacker:
     """Packs ctx.layers on demand in one format's layout (a common.Packer)."""
 
     def __init__(self, ctx: ExportContext, int_layout: str | None, zero_offset: int = 0, g_idx: bool = False,
-                 *, conv1d_ok: bool = True, format_name: str = "", check: bool = True, nvfp4_ok: bool = False) -> None:
+                 *, conv1d_ok: bool = True, format_name: str = "", check: bool = True, nvfp4_ok: bool = False,
+                 nv_fp_ok: bool = False) -> None:
         self.layers = ctx.layers
         self.int_layout = int_layout
         self.nvfp4_ok = nvfp4_ok  # the format was resolved for an NVFP4_E5M3 run (its config describes such layers)
+        self.nv_fp_ok = nv_fp_ok  # ... for an NVFP4 run
         self.zero_offset = zero_offset
         self.g_idx = g_idx
         self.conv1d_ok = conv1d_ok
@@ -65,8 +67,9 @@ class LayerPacker:
                 return "int_awq", 0, _AWQ_ORDER
             return "int_gptq", self.zero_offset, _GPTQ_V1_ORDER if self.zero_offset else _GPTQ_V2_ORDER
         if layer.encoding == NVFP4_ENCODING:
-            if self.format_name != "auto_round":
-                raise ValueError(f"format {self.format_name} cannot store NVFP4 layer {layer.name} yet; use auto_round")
+            if not self.nv_fp_ok:
+                raise ValueError(f"format {self.format_name} cannot store NVFP4 layer {layer.name} in a run whose "
+                                 "scheme is not NVFP4 (fastround writes NVFP4 layers in NVFP4 auto_round runs only)")
             return layer.encoding, 0, _NV_ORDER
         if layer.encoding in ("mxfp4", "mxfp8") or (layer.encoding == "nvfp4_e5m3" and self.nvfp4_ok):
             return layer.encoding, 0, _MX_ORDER
@@ -139,7 +142,8 @@ def format_packer(ctx: ExportContext, fmt: ResolvedFormat, *, check: bool = True
     if fmt.family == "llm_compressor":
         return LayerPacker(ctx, None, format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok)
     return LayerPacker(ctx, fmt.int_layout, fmt.zero_offset, fmt.g_idx, conv1d_ok=fmt.int_layout != "awq",
-                       format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok)
+                       format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok,
+                       nv_fp_ok=fmt.backend in ("auto_round:nv_fp", "auto_round:nv_fp4"))
 
 
 def save_packed(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, config: dict[str, Any],
