@@ -117,12 +117,12 @@ class TunedLinear(torch.nn.Module):
 
 def _fp_kind(data_type: str, bits: int) -> str | None:
     """The fp_qdq op's data_type of a scheme's (act_)data_type: "mx_fp" (MXFP4 / MXFP8), "nvfp4_v2" (NVFP4_E5M3),
-    "nv_fp" (NVFP4: weights nv_fp / nv_fp4, activations nv_fp4_with_static_gs)."""
+    "nv_fp" (NVFP4 weights: nv_fp / nv_fp4)."""
     if data_type in ("mx_fp", f"mx_fp{bits}") and bits in (4, 8):
         return "mx_fp"
     if data_type == "nvfp4_v2" and bits == 4:
         return "nvfp4_v2"
-    if data_type in ("nv_fp", "nv_fp4", "nv_fp4_with_static_gs") and bits == 4:
+    if data_type in ("nv_fp", "nv_fp4") and bits == 4:
         return "nv_fp"
     return None
 
@@ -151,13 +151,13 @@ def fp_act_spec(cfg: dict[str, Any]) -> tuple[int, str] | None:
     if act_bits > 8:
         return None
     act_dt = str(cfg.get("act_data_type") or "")
-    kind = _fp_kind(act_dt, act_bits)
     # NVFP4's activations are nv_fp4_with_static_gs: dynamic group scales under a calibrated global scale
-    # (upstream's act_dynamic=True for them)
-    if kind is None or cfg.get("act_dynamic") is False or \
+    # (upstream's act_dynamic=True for them), which only an NVFP4 layer's block calibration provides
+    nv_act = act_dt == "nv_fp4_with_static_gs" and act_bits == 4
+    kind = "nv_fp" if nv_act else _fp_kind(act_dt, act_bits)
+    if kind is None or kind == "nv_fp" and not nv_act or cfg.get("act_dynamic") is False or \
             int(cfg.get("act_group_size") or 0) != tune_fp_ops.GROUP[kind] or \
-            (kind == "nv_fp") != (act_dt == "nv_fp4_with_static_gs") or \
-            (kind == "nv_fp") != (_fp_kind(str(cfg.get("data_type")), int(cfg["bits"])) == "nv_fp"):
+            nv_act != (_fp_kind(str(cfg.get("data_type")), int(cfg["bits"])) == "nv_fp"):
         raise NotImplementedError(
             f"SignRound tuning with act_bits={act_bits} act_data_type={act_dt} "
             f"act_group_size={cfg.get('act_group_size')} act_dynamic={cfg.get('act_dynamic')} is not implemented in "
