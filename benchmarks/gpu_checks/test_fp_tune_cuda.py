@@ -1,8 +1,9 @@
-"""GPU checks of the CUDA MXFP / NVFP4_E5M3 tuning kernels: torch.ops.fastround.fp_qdq / fp_qdq_codes / fp_qdq_backward on CUDA
+"""GPU checks of the CUDA MXFP / NVFP4_E5M3 / NVFP4 tuning kernels: torch.ops.fastround.fp_qdq / fp_qdq_codes / fp_qdq_backward on CUDA
 tensors (python/src/bind_tune_cuda.cpp over cpp/fastround/tune/fp_qdq_cuda.cu) must equal the same ops on CPU
 tensors (the C++ kernels tests/test_tune_fp_ops.py pins on upstream's quant_mx / nvfp4_v2) bit for bit: the qdq, exponents
 or scales, codes and scale bytes, and the backward's V, range-factor and input gradients, with autograd through
-tune_fp_ops.mx_qdq, for bf16 / fp16 / fp32 inputs, MXFP4, MXFP8 and NVFP4_E5M3, with and without V and factors.
+tune_fp_ops.mx_qdq, for bf16 / fp16 / fp32 inputs, MXFP4, MXFP8, NVFP4_E5M3 and NVFP4 (under the data's global scale), with and
+without V and factors.
 
 They need a CUDA device and a fastround built against a CUDA torch, so they live outside tests/ (CI has no GPU).
 Run them explicitly on the GPU host:
@@ -57,7 +58,12 @@ def _describe(cpu: torch.Tensor | None, dev: torch.Tensor | None) -> str:
             f"{b[tuple(idx)].item()!r}; max |diff| {float((a - b)[diff].abs().nan_to_num(float('inf')).max())}")
 
 
-KINDS = [(4, "mx_fp"), (8, "mx_fp"), (4, "nvfp4_v2")]  # MXFP4, MXFP8, NVFP4_E5M3
+KINDS = [(4, "mx_fp"), (8, "mx_fp"), (4, "nvfp4_v2"), (4, "nv_fp")]  # MXFP4, MXFP8, NVFP4_E5M3, NVFP4
+
+
+def _gs(kind: str, x: torch.Tensor) -> float:
+    """NVFP4's global scale of x (upstream's calculate_gparam); the other kinds take none."""
+    return tune_fp_ops.nv_global_scale(x) if kind == "nv_fp" else 0.0
 
 
 def _case(dtype: torch.dtype, bits: int, seed: int, rows: int = 96, cols: int = 320, group: int = 32):
@@ -86,13 +92,14 @@ def test_cuda_equals_cpu(cuda, dtype, bits, kind, with_v, with_factor):
     v = v if with_v else None
     mx = mx if with_factor else None
     d = [None if t is None else t.to(cuda) for t in (x, v, mx, grad)]
-    qdq, e = _ops.fp_qdq(x, v, mx, bits, kind)
-    d_qdq, d_e = _ops.fp_qdq(d[0], d[1], d[2], bits, kind)
+    gs = _gs(kind, x)
+    qdq, e = _ops.fp_qdq(x, v, mx, bits, kind, gs)
+    d_qdq, d_e = _ops.fp_qdq(d[0], d[1], d[2], bits, kind, gs)
     assert _same(qdq, d_qdq) and _same(e, d_e), "forward"
-    for a, b in zip(_ops.fp_qdq_codes(x, v, mx, bits, kind), _ops.fp_qdq_codes(d[0], d[1], d[2], bits, kind)):
+    for a, b in zip(_ops.fp_qdq_codes(x, v, mx, bits, kind, gs), _ops.fp_qdq_codes(d[0], d[1], d[2], bits, kind, gs)):
         assert _same(a, b), "codes"
-    cpu_grads = _ops.fp_qdq_backward(grad, x, v, mx, bits, v is not None, mx is not None, True, kind)
-    dev_grads = _ops.fp_qdq_backward(d[3], d[0], d[1], d[2], bits, v is not None, mx is not None, True, kind)
+    cpu_grads = _ops.fp_qdq_backward(grad, x, v, mx, bits, v is not None, mx is not None, True, kind, gs)
+    dev_grads = _ops.fp_qdq_backward(d[3], d[0], d[1], d[2], bits, v is not None, mx is not None, True, kind, gs)
     for name, a, b in zip(("grad_v", "grad_max", "grad_x"), cpu_grads, dev_grads):
         assert _same(a, b), f"{name}: {_describe(a, b)}"
 
@@ -107,8 +114,8 @@ def test_cuda_autograd_equals_cpu(cuda, bits, kind):
         # non-leaf results of .to(), whose .grad stays None.
         xs = x.reshape(4, 24, -1).detach().clone().to(dev).requires_grad_()
         vs, ms = v.detach().clone().to(dev).requires_grad_(), mx.detach().clone().to(dev).requires_grad_()
-        w = tune_fp_ops.mx_qdq(x.to(dev), vs, ms, bits, kind)
-        a = tune_fp_ops.mx_qdq(xs, None, None, bits, kind)
+        w = tune_fp_ops.mx_qdq(x.to(dev), vs, ms, bits, kind, _gs(kind, x))
+        a = tune_fp_ops.mx_qdq(xs, None, None, bits, kind, _gs(kind, x) * 0.5)  # a static (calibrated) one
         ((w.float() * grad.to(dev).float()).sum() + (a.float() ** 2).sum()).backward()
         results.append((w, a, vs.grad, ms.grad, xs.grad))
     for name, c, g in zip(("w", "act", "grad_v", "grad_max", "grad_x"), *results):

@@ -33,7 +33,8 @@ bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
-void qdq_case(fr::DType dt, int bits, bool nv, bool with_v, bool with_factor, uint32_t seed) {
+// nv4: NVFP4 (E4M3 scales under the data's global scale); nv without it: NVFP4_E5M3.
+void qdq_case(fr::DType dt, int bits, bool nv, bool with_v, bool with_factor, uint32_t seed, bool nv4 = false) {
   const int64_t group = nv ? 16 : 32, rows = 11, cols = 96, ng = rows * cols / group;
   std::mt19937 gen(seed);
   std::normal_distribution<float> nd(0.0f, bits == 4 ? 0.05f : 3.0f);
@@ -57,7 +58,13 @@ void qdq_case(fr::DType dt, int bits, bool nv, bool with_v, bool with_factor, ui
 
   ft::FpQdqParams p;
   p.bits = bits;
-  p.nv_e5m3 = nv;
+  p.nv_e5m3 = nv && !nv4;
+  p.nv_fp4 = nv4;
+  if (nv4) {  // 448 * 6 / max|x| of the stored values, as upstream's calculate_gparam
+    float amax = 0.0f;
+    for (int64_t i = 0; i < rows * cols; ++i) amax = std::max(amax, std::fabs(fr::element_as_float(dt, x.data(), i)));
+    p.global_scale = 2688.0f * (1.0f / amax);
+  }
   ft::FpQdqView v;
   v.dtype = dt;
   v.x = x.data();
@@ -65,7 +72,7 @@ void qdq_case(fr::DType dt, int bits, bool nv, bool with_v, bool with_factor, ui
   v.cols = cols;
   v.v = with_v ? vv.data() : nullptr;
   v.max_scale = with_factor ? f.data() : nullptr;
-  const std::string name = std::string(fr::dtype_name(dt)) + (nv ? " nvfp4_e5m3" : " mxfp" + std::to_string(bits)) +
+  const std::string name = std::string(fr::dtype_name(dt)) + (nv4 ? " nvfp4" : nv ? " nvfp4_e5m3" : " mxfp" + std::to_string(bits)) +
                            (with_v ? " v" : "") +
                            (with_factor ? " factor" : "");
 
@@ -91,10 +98,14 @@ void qdq_case(fr::DType dt, int bits, bool nv, bool with_v, bool with_factor, ui
     check(same_bytes(gv2, gv_ref), t + ": grad_v alone == reference");
   }
   fr::set_num_threads(4);
-  // The codes stand for the qdq: code value * 2^e equals the stored qdq (up to the sign of zero).
+  // The codes stand for the qdq: code value * 2^e equals the stored qdq (up to the sign of zero); NVFP4's
+  // multiplier is 1 / (1 / (scale * (1 / gs))), the forward's.
+  const auto recip = [](float a) { return a == 0.0f ? 0.0f : 1.0f / a; };
   bool decodes = true;
   for (int64_t i = 0; i < rows * cols; ++i) {
-    const float s = nv ? fr::ue5m3_decode(sc_ref[i / group]) : std::ldexp(1.0f, static_cast<int>(sc_ref[i / 32]) - 127);
+    const float s = nv4  ? recip(recip(fr::fp8_e4m3_to_float(sc_ref[i / group]) * recip(p.global_scale)))
+                    : nv ? fr::ue5m3_decode(sc_ref[i / group])
+                         : std::ldexp(1.0f, static_cast<int>(sc_ref[i / 32]) - 127);
     const float val = bits == 4 ? fr::e2m1_to_float(codes_ref[i]) : fr::fp8_e4m3_to_float(codes_ref[i]);
     const float q = fr::element_as_float(dt, q_ref.data(), i);
     if (fr::round_to_dtype(dt, val * s) != q && !(q == 0.0f && val == 0.0f)) decodes = false;
@@ -133,9 +144,10 @@ void bad_input() {
 int main() {
   uint32_t seed = 1;
   for (fr::DType dt : {fr::DType::BF16, fr::DType::F16, fr::DType::F32})
-    for (int kind : {4, 8, 16})  // MXFP4, MXFP8, NVFP4_E5M3
+    for (int kind : {4, 8, 16, 17})  // MXFP4, MXFP8, NVFP4_E5M3, NVFP4
       for (bool with_v : {false, true})
-        for (bool with_factor : {false, true}) qdq_case(dt, kind == 8 ? 8 : 4, kind == 16, with_v, with_factor, seed++);
+        for (bool with_factor : {false, true})
+          qdq_case(dt, kind == 8 ? 8 : 4, kind >= 16, with_v, with_factor, seed++, kind == 17);
   bad_input();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

@@ -280,6 +280,13 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     for name in plan.quantized():
         require_tunable(cfg[name], f"layer {name}")
     outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
+    nv = [n for n in plan.quantized() if quantizes_weight(cfg[n]) and _is_nv_fp(cfg[n])]
+    if nv and is_moe_model(model):
+        raise NotImplementedError("NVFP4 SignRound on a MoE model is not implemented in fastround yet (upstream "
+                                  "aligns the experts' calibrated input maxima first)")
+    if any(n in outside for n in nv):
+        raise NotImplementedError(f"NVFP4 SignRound of layers outside the blocks ({[n for n in nv if n in outside]}, "
+                                  "e.g. quant_lm_head) is not implemented in fastround yet")
     outside_in: dict[str, list[torch.Tensor]] = {}
     outside_ids: list[torch.Tensor] = []
     groups = [g for g in plan.block_names if g]
@@ -328,6 +335,7 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                     # and the layer's online hook rotates their inputs, in tuning and in the chain after it.
                     comp.rotate_layer(n, _module(model, n))
                 train_in = q_in if (q_in is not None and settings.enable_quanted_input) else fp_in
+                nv_inputs = _nv_calibrate(comp, model, unit, block_names, names, samples, train_in, cache, dtype)
                 if train_in is not fp_in:
                     fp_in = []  # only the targets needed them: free them before tuning, as upstream does
                 results: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -352,7 +360,7 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
                     # train_in is not needed after this block (fp_in becomes the targets): overwrite it.
                     q_in = signround.block_outputs(comp, unit, samples, train_in, cache, dtype, in_place=True)
                 for n, (_, codes, scales, zeros) in results.items():
-                    record_codes(comp, n, _module(model, n), cfg[n], fmt, codes, scales, zeros)
+                    record_codes(comp, n, _module(model, n), cfg[n], fmt, codes, scales, zeros, nv_inputs.get(n))
                 fp_in = targets
                 for m, home in zip(mods, homes):
                     m.to(home)
@@ -362,6 +370,77 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
         torch.use_deterministic_algorithms(was_deterministic)
     if outside:
         _tune_outside(comp, model, fmt, outside, outside_in, outside_ids, dtype)
+
+
+# Projections that share one NVFP4 global scale (the minimum of theirs), as upstream's
+# update_fused_layer_global_scales: attention q/k/v, MLP gate/up, MoE expert w1/w3.
+_NV_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def _is_nv_fp(cfg: dict[str, Any]) -> bool:
+    from fastround.tune_layers import _fp_kind
+
+    return _fp_kind(str(cfg.get("data_type", "int")), int(cfg["bits"])) == "nv_fp"
+
+
+def _nv_fused_min(model: torch.nn.Module, blocks: list[str], values: dict[str, float]) -> dict[str, float]:
+    """`values` (per layer name) with each fused group of projections set to the group's minimum."""
+    out = dict(values)
+    for block in blocks:
+        for sub, mod in _module(model, block).named_modules():
+            prefix = f"{block}.{sub}" if sub else block
+            for group in _NV_FUSED:
+                if all(hasattr(mod, p) for p in group):
+                    members = [f"{prefix}.{p}" for p in group if f"{prefix}.{p}" in values]
+                    if members:
+                        low = min(values[m] for m in members)
+                        out.update({m: low for m in members})
+                    break
+    return out
+
+
+def _nv_calibrate(comp: Compressor, model: torch.nn.Module, unit: torch.nn.Module, blocks: list[str],
+                  names: list[str], samples: Any, train_in: list[torch.Tensor], cache: torch.device,
+                  dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """NVFP4 layers' global scales before their block is tuned, as upstream's block calibration: each weight's
+    448 * 6 / max|W| (fused projections take their minimum), and with act_bits <= 8 the max |input| over a
+    forward of the block on the inputs it trains on. Leaves an NvGlobalScales on each layer (tune_layers reads
+    it) and returns the tensors export writes per layer: weight_global_scale and input_global_scale ([1] fp32,
+    the latter the fused minimum of the calibrated max's global scale)."""
+    from fastround import signround, tune_fp_ops
+    from fastround.tune_layers import NV_ATTR, NvGlobalScales, fp_act_spec
+
+    cfg = comp.layer_config
+    nv = [n for n in names if _is_nv_fp(cfg[n])]
+    if not nv:
+        return {}
+    with_act = [n for n in nv if fp_act_spec(cfg[n]) is not None]
+    act_max: dict[str, torch.Tensor] = {}
+
+    def collect(name: str) -> Any:
+        def hook(mod: torch.nn.Module, args: tuple, out: Any) -> None:
+            x = args[0]
+            if x.numel():
+                m = x.detach().abs().amax().reshape(1)
+                act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m.to(act_max[name]))
+        return hook
+
+    handles = [_module(model, n).register_forward_hook(collect(n)) for n in with_act]
+    try:
+        if handles:
+            signround.block_outputs(comp, unit, samples, train_in, cache, dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    weight = _nv_fused_min(model, blocks, {n: tune_fp_ops.nv_global_scale(_module(model, n).weight) for n in nv})
+    act = _nv_fused_min(model, blocks, {n: tune_fp_ops.nv_global_scale(act_max[n]) for n in with_act if n in act_max})
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for n in nv:
+        setattr(_module(model, n), NV_ATTR, NvGlobalScales(weight[n], act_max.get(n)))
+        out[n] = {"weight_global_scale": torch.tensor([weight[n]], dtype=torch.float32)}
+        if n in act:
+            out[n]["input_global_scale"] = torch.tensor([act[n]], dtype=torch.float32)
+    return out
 
 
 def _set_weight(mod: torch.nn.Module, qdq: torch.Tensor) -> None:

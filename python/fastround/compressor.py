@@ -16,7 +16,7 @@ from fastround import _C
 from fastround.layer_plan import LayerPlan, is_quantized, plan_layers, quantizes_weight
 from fastround.mapped import PageReleaser, span
 from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model, split_fused_experts
-from fastround.quantized import ExportContext, QuantizedLayer
+from fastround.quantized import NVFP4_ENCODING, ExportContext, QuantizedLayer
 from fastround.rotation import ROTATION_FORMATS, LinearRotation, RotationConfig, parse_rotation_config
 from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
 
@@ -33,7 +33,7 @@ def resolve_scheme(scheme: SchemeLike, overrides: dict[str, Any]) -> tuple[dict[
     import json
 
     job = {"source_dir": "", "output_dir": "", "scheme": scheme_to_job(scheme), "overrides": overrides,
-           "fill_act_defaults": True}
+           "fill_act_defaults": True, "regular_flow": True}
     try:
         fields = json.loads(_C.resolve_job_scheme(json.dumps(job)))
     except ValueError as exc:
@@ -65,6 +65,8 @@ def _device_of(device_map: Any) -> torch.device:
 
 
 def encoding_name(cfg: dict[str, Any], fmt: str) -> str:
+    if str(cfg["data_type"]) in ("nv_fp", "nv_fp4") and int(cfg["bits"]) == 4:
+        return NVFP4_ENCODING
     enc = _C.encoding_for(int(cfg["bits"]), str(cfg["data_type"]), fmt)
     if enc is None:
         raise ValueError(f"bits={cfg['bits']} data_type={cfg['data_type']} has no encoding")
@@ -227,7 +229,11 @@ class Compressor:
         self.layer_config = self.plan.layer_config
         for name in self.plan.quantized():
             if quantizes_weight(self.layer_config[name]):
-                encoding_name(self.layer_config[name], fmt)  # fail early on a scheme no encoding holds
+                # fail early on a scheme no encoding holds
+                if encoding_name(self.layer_config[name], fmt) == NVFP4_ENCODING and self.signround is None:
+                    raise NotImplementedError(
+                        f"layer {name}: NVFP4 (data_type nv_fp) with iters=0 (RTN) is not implemented in fastround "
+                        "yet; SignRound (iters > 0) is")
         self._packer = self._immediate_packer()
         from fastround import blockloop
 
@@ -376,6 +382,7 @@ def record_layer(
 def record_codes(
     comp: Compressor, name: str, module: torch.nn.Module, cfg: dict[str, Any], fmt: str,
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    global_scales: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Keep a quantized layer's codes for export (RTN's or SignRound's; the module already holds its qdq weight),
     or pack them now and free the float weight when one packed format is being written."""
@@ -387,7 +394,7 @@ def record_codes(
                                         "act_sym", "act_data_type", "act_dynamic")},
         codes=codes.to("cpu"), scales=scales.to("cpu"),
         zeros=None if zeros is None or zeros.numel() == 0 else zeros.to("cpu"),  # FP encodings: no zero points
-        bias=bias, conv1d=conv,
+        bias=bias, conv1d=conv, global_scales=dict(global_scales or {}),
     )
     comp.layers[name] = layer
     if comp._packer is not None:

@@ -9,16 +9,19 @@ from typing import Any
 import torch
 
 
+NVFP4_ENCODING = "nvfp4"  # E2M1 codes, E4M3 group scales, global scales: packed in Python (export/packing.py)
+
+
 @dataclass
 class QuantizedLayer:
     """One quantized Linear / Conv1D, before packing (the C++ CodesBuffers of its encoding-table row)."""
 
     name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
-    encoding: str  # encoding-table row: int_gptq, int_awq, mxfp4, mxfp8, nvfp4_e5m3
+    encoding: str  # encoding-table row: int_gptq, int_awq, mxfp4, mxfp8, nvfp4_e5m3; nvfp4 (Python-side)
     scheme: dict[str, Any]  # effective scheme fields (bits, group_size, sym, data_type, act_*)
     codes: torch.Tensor  # [out, in] uint8: INT codes in [0, 2^bits); E2M1 nibbles; E4M3 bytes
     # INT [out, G] float16 (OPT-RTN: the weight's dtype, cast to fp16 when packed); MXFP [out, in/32] uint8 E8M0;
-    # NVFP4 [out, in/16] uint8 UE5M3
+    # NVFP4_E5M3 [out, in/16] uint8 UE5M3; NVFP4 [out, in/16] uint8 E4M3 bytes
     scales: torch.Tensor
     zeros: torch.Tensor | None  # INT [out, G] int32 zero points; None for FP encodings
     bias: torch.Tensor | None
@@ -26,6 +29,8 @@ class QuantizedLayer:
     # Immediate packing (one format, quantize_and_save): the format's tensors, made right after the layer was
     # quantized; `codes` is then a meta tensor that only keeps the shape.
     packed: list[tuple[str, torch.Tensor]] | None = None
+    # NVFP4: weight_global_scale and (act_bits <= 8) input_global_scale, [1] fp32 each, written as they are
+    global_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

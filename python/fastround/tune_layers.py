@@ -116,12 +116,32 @@ class TunedLinear(torch.nn.Module):
 
 
 def _fp_kind(data_type: str, bits: int) -> str | None:
-    """The fp_qdq op's data_type of a scheme's (act_)data_type: "mx_fp" (MXFP4 / MXFP8), "nvfp4_v2" (NVFP4_E5M3)."""
+    """The fp_qdq op's data_type of a scheme's (act_)data_type: "mx_fp" (MXFP4 / MXFP8), "nvfp4_v2" (NVFP4_E5M3),
+    "nv_fp" (NVFP4 weights: nv_fp / nv_fp4)."""
     if data_type in ("mx_fp", f"mx_fp{bits}") and bits in (4, 8):
         return "mx_fp"
     if data_type == "nvfp4_v2" and bits == 4:
         return "nvfp4_v2"
+    if data_type in ("nv_fp", "nv_fp4") and bits == 4:
+        return "nv_fp"
     return None
+
+
+class NvGlobalScales:
+    """An NVFP4 layer's per-tensor scales, fixed before its block is tuned (upstream's block calibration):
+    `weight` = 448 * 6 / max|W| (the minimum over fused projections), `act_max` = max |input| over the block's
+    training inputs (a [1] tensor in the input dtype), whose global scale the input qdq uses while tuning."""
+
+    def __init__(self, weight: float, act_max: torch.Tensor | None) -> None:
+        self.weight = weight
+        self.act_max = act_max
+
+    def act(self) -> float:
+        assert self.act_max is not None
+        return tune_fp_ops.nv_global_scale(self.act_max)
+
+
+NV_ATTR = "_fastround_nv_global_scales"  # where blockloop leaves a layer's NvGlobalScales
 
 
 def fp_act_spec(cfg: dict[str, Any]) -> tuple[int, str] | None:
@@ -131,13 +151,18 @@ def fp_act_spec(cfg: dict[str, Any]) -> tuple[int, str] | None:
     if act_bits > 8:
         return None
     act_dt = str(cfg.get("act_data_type") or "")
-    kind = _fp_kind(act_dt, act_bits)
-    if kind is None or cfg.get("act_dynamic") is False or \
-            int(cfg.get("act_group_size") or 0) != tune_fp_ops.GROUP[kind]:
+    # NVFP4's activations are nv_fp4_with_static_gs: dynamic group scales under a calibrated global scale
+    # (upstream's act_dynamic=True for them), which only an NVFP4 layer's block calibration provides
+    nv_act = act_dt == "nv_fp4_with_static_gs" and act_bits == 4
+    kind = "nv_fp" if nv_act else _fp_kind(act_dt, act_bits)
+    if kind is None or kind == "nv_fp" and not nv_act or cfg.get("act_dynamic") is False or \
+            int(cfg.get("act_group_size") or 0) != tune_fp_ops.GROUP[kind] or \
+            nv_act != (_fp_kind(str(cfg.get("data_type")), int(cfg["bits"])) == "nv_fp"):
         raise NotImplementedError(
             f"SignRound tuning with act_bits={act_bits} act_data_type={act_dt} "
             f"act_group_size={cfg.get('act_group_size')} act_dynamic={cfg.get('act_dynamic')} is not implemented in "
-            "fastround (dynamic MXFP activations in groups of 32 and NVFP4_E5M3 ones in groups of 16 are)")
+            "fastround (dynamic MXFP activations in groups of 32, NVFP4_E5M3 ones in groups of 16 and NVFP4's "
+            "nv_fp4_with_static_gs under NVFP4 weights are)")
     return act_bits, kind
 
 
@@ -150,8 +175,11 @@ def quantize_inputs(module: torch.nn.Module, cfg: dict[str, Any]) -> None:
     bits, kind = spec
 
     def hook(mod: torch.nn.Module, args: tuple) -> tuple:
+        # NVFP4: upstream's WrapperWALayer passes the calibrated max under a keyword nv_fp4_with_static_gs does
+        # not read, so the chain's global scale is each call's own max |x|.
         with torch.no_grad():
-            return (tune_fp_ops.mx_qdq(args[0], None, None, bits, kind),) + tuple(args[1:])
+            gs = tune_fp_ops.nv_global_scale(args[0]) if kind == "nv_fp" else 0.0
+            return (tune_fp_ops.mx_qdq(args[0], None, None, bits, kind, gs),) + tuple(args[1:])
 
     module._fastround_act_hook = module.register_forward_pre_hook(hook)
 
@@ -183,12 +211,19 @@ class TunedFPLinear(torch.nn.Module):
             self.max_scale = torch.nn.Parameter(torch.ones(rows, groups, **f32))  # [out, G], clamped to [0, 1]
         self.lr = settings.lr_for(self.bits)
         self.minmax_lr = settings.minmax_lr_for(self.bits)
+        self.gs, self.act_gs = 0.0, 0.0  # NVFP4's global scales (weight, input); unused by the other kinds
+        if kind == "nv_fp":
+            scales = getattr(orig, NV_ATTR, None)
+            if not isinstance(scales, NvGlobalScales):
+                raise RuntimeError("an NVFP4 layer is tuned before its global scales were calibrated")
+            self.gs = scales.weight
+            self.act_gs = scales.act() if self.act is not None else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = tune_fp_ops.mx_qdq(self.weight_q, self.v, self.max_scale, self.bits, self.kind)
+        w = tune_fp_ops.mx_qdq(self.weight_q, self.v, self.max_scale, self.bits, self.kind, self.gs)
         x = run_pre_hooks(self.orig, x)
         if self.act is not None:
-            x = tune_fp_ops.mx_qdq(x, None, None, *self.act)
+            x = tune_fp_ops.mx_qdq(x, None, None, *self.act, self.act_gs)
         return torch.nn.functional.linear(x, w, self.orig.bias)
 
     def params(self) -> dict[str, torch.Tensor]:
@@ -208,7 +243,8 @@ class TunedFPLinear(torch.nn.Module):
         points), so a committed block stores four tensors as INT ones do."""
         p = {k: (best[k] if best and k in best else t).detach().to(self.weight_q.device) for k, t in
              self.params().items()}
-        qdq, codes, scales = tune_fp_ops.mx_qdq_codes(self.weight_q, p["v"], p.get("max_scale"), self.bits, self.kind)
+        qdq, codes, scales = tune_fp_ops.mx_qdq_codes(self.weight_q, p["v"], p.get("max_scale"), self.bits, self.kind,
+                                                      self.gs)
         return qdq, codes, scales, torch.empty(0, dtype=torch.int32)
 
 
@@ -220,7 +256,7 @@ def require_tunable(cfg: dict[str, Any], what: str) -> None:
     if dt != "int" and _fp_kind(dt, int(cfg["bits"])) is None:
         raise NotImplementedError(
             f"{what}: SignRound tuning (iters > 0) of data_type={dt} bits={cfg['bits']} is not implemented in "
-            "fastround yet (INT, MXFP4, MXFP8 and NVFP4_E5M3 are); use iters=0 for RTN / OPT-RTN")
+            "fastround yet (INT, MXFP4, MXFP8, NVFP4 and NVFP4_E5M3 are); use iters=0 for RTN / OPT-RTN")
     if dt != "int":
         try:
             fp_act_spec(cfg)

@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -40,19 +41,27 @@ inline const float* fp_param_ptr(const char* op, const char* name, const std::op
 
 inline FpQdqArgs fp_qdq_args(const char* op, const at::Device& device, const at::Tensor& x,
                              const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& max_scale,
-                             int64_t bits, c10::string_view data_type) {
+                             int64_t bits, c10::string_view data_type, double global_scale) {
   FpQdqArgs a;
   require_2d_on(op, "x", x, device);
-  if (data_type != "mx_fp" && data_type != "nvfp4_v2")
-    throw fr::OptionError(arg(op, "data_type") + "must be 'mx_fp' or 'nvfp4_v2', got '" + std::string(data_type) +
-                          "'");
+  if (data_type != "mx_fp" && data_type != "nvfp4_v2" && data_type != "nv_fp")
+    throw fr::OptionError(arg(op, "data_type") + "must be 'mx_fp', 'nvfp4_v2' or 'nv_fp', got '" +
+                          std::string(data_type) + "'");
   a.params.nv_e5m3 = data_type == "nvfp4_v2";
+  a.params.nv_fp4 = data_type == "nv_fp";
+  // NVFP4's per-tensor global scale, an fp32 value carried exactly by the schema's double.
+  const float gs = static_cast<float>(global_scale);
+  if (a.params.nv_fp4 && (!std::isfinite(gs) || gs < 0.0f || static_cast<double>(gs) != global_scale))
+    throw fr::OptionError(arg(op, "global_scale") + "must be a finite fp32 value >= 0 (NVFP4), got " +
+                          std::to_string(global_scale));
+  a.params.global_scale = a.params.nv_fp4 ? gs : 0.0f;
   const int64_t group = a.params.group();
   if (x.size(1) % group != 0)
     throw fr::OptionError(arg(op, "x") + "columns must be a multiple of the group size " + std::to_string(group) +
                           ", got " + shape_str(x.sizes()));
-  if (bits != 4 && (bits != 8 || a.params.nv_e5m3))
-    throw fr::OptionError(arg(op, "bits") + "must be 4 or 8 (MXFP), 4 (NVFP4_E5M3), got " + std::to_string(bits));
+  if (bits != 4 && (bits != 8 || a.params.nv_e5m3 || a.params.nv_fp4))
+    throw fr::OptionError(arg(op, "bits") + "must be 4 or 8 (MXFP), 4 (NVFP4, NVFP4_E5M3), got " +
+                          std::to_string(bits));
   a.x = x.contiguous();
   a.params.bits = static_cast<int>(bits);
   a.view.dtype = float_dtype(op, "x", x.scalar_type());
@@ -75,11 +84,11 @@ inline FpQdqArgs fp_qdq_args(const char* op, const at::Device& device, const at:
 template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor> fp_qdq_op(const at::Tensor& x, const std::optional<at::Tensor>& v,
                                              const std::optional<at::Tensor>& max_scale, int64_t bits,
-                                             c10::string_view data_type) {
+                                             c10::string_view data_type, double global_scale) {
   return guarded([&]() -> std::tuple<at::Tensor, at::Tensor> {
     constexpr const char* op = "fp_qdq";
     const at::Device dev = Kernels::device(op, "x", x);
-    const FpQdqArgs a = fp_qdq_args(op, dev, x, v, max_scale, bits, data_type);
+    const FpQdqArgs a = fp_qdq_args(op, dev, x, v, max_scale, bits, data_type, global_scale);
     at::Tensor qdq = at::empty_like(a.x);
     at::Tensor e = at::empty({a.view.rows, a.view.cols / a.params.group()}, a.x.options().dtype(at::kFloat));
     Kernels::fp_forward(dev, a.view, a.params, qdq.data_ptr(), e.data_ptr<float>(), nullptr, nullptr);
@@ -92,11 +101,12 @@ std::tuple<at::Tensor, at::Tensor> fp_qdq_op(const at::Tensor& x, const std::opt
 template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fp_qdq_codes_op(const at::Tensor& x, const std::optional<at::Tensor>& v,
                                                                const std::optional<at::Tensor>& max_scale,
-                                                               int64_t bits, c10::string_view data_type) {
+                                                               int64_t bits, c10::string_view data_type,
+                                                               double global_scale) {
   return guarded([&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
     constexpr const char* op = "fp_qdq_codes";
     const at::Device dev = Kernels::device(op, "x", x);
-    const FpQdqArgs a = fp_qdq_args(op, dev, x, v, max_scale, bits, data_type);
+    const FpQdqArgs a = fp_qdq_args(op, dev, x, v, max_scale, bits, data_type, global_scale);
     const auto opts = a.x.options();
     const int64_t g = a.view.cols / a.params.group();
     at::Tensor qdq = at::empty_like(a.x);
@@ -114,11 +124,11 @@ template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fp_qdq_backward_op(
     const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& v,
     const std::optional<at::Tensor>& max_scale, int64_t bits, bool need_v, bool need_max, bool need_x,
-    c10::string_view data_type) {
+    c10::string_view data_type, double global_scale) {
   return guarded([&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
     constexpr const char* op = "fp_qdq_backward";
     const at::Device dev = Kernels::device(op, "x", x);
-    const FpQdqArgs a = fp_qdq_args(op, dev, x, v, max_scale, bits, data_type);
+    const FpQdqArgs a = fp_qdq_args(op, dev, x, v, max_scale, bits, data_type, global_scale);
     require_2d_on(op, "grad", grad, dev);
     if (grad.sizes() != a.x.sizes() || grad.scalar_type() != a.x.scalar_type())
       throw fr::OptionError(arg(op, "grad") + "must match x, got " + std::string(c10::toString(grad.scalar_type())) +
@@ -136,11 +146,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp_qdq_backward_op(
 }
 
 inline void define_fp_tune_ops(torch::Library& m) {
-  m.def("fp_qdq(Tensor x, Tensor? v, Tensor? max_scale, int bits, str data_type=\"mx_fp\") -> (Tensor, Tensor)");
-  m.def("fp_qdq_codes(Tensor x, Tensor? v, Tensor? max_scale, int bits, str data_type=\"mx_fp\") "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("fp_qdq(Tensor x, Tensor? v, Tensor? max_scale, int bits, str data_type=\"mx_fp\", "
+        "float global_scale=0.0) -> (Tensor, Tensor)");
+  m.def("fp_qdq_codes(Tensor x, Tensor? v, Tensor? max_scale, int bits, str data_type=\"mx_fp\", "
+        "float global_scale=0.0) -> (Tensor, Tensor, Tensor)");
   m.def("fp_qdq_backward(Tensor grad, Tensor x, Tensor? v, Tensor? max_scale, int bits, bool need_v, "
-        "bool need_max, bool need_x, str data_type=\"mx_fp\") -> (Tensor, Tensor, Tensor)");
+        "bool need_max, bool need_x, str data_type=\"mx_fp\", float global_scale=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
 template <typename Kernels>

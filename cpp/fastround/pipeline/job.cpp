@@ -13,7 +13,7 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
                                               "layer_config", "ignore_layers", "quant_lm_head", "quant_nontext_module",
                                               "detected_ignore", "format",     "threads", "pad_partial_groups",
                                               "disable_opt_rtn", "shard_parallelism", "remote_shards",
-                                              "source_revision", "fill_act_defaults"};
+                                              "source_revision", "fill_act_defaults", "regular_flow"};
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) throw OptionError("[model_free] unknown job option '" + k + "'");
   ModelFreeJob job;
@@ -36,6 +36,7 @@ ModelFreeJob ModelFreeJob::from_json(const ojson& j) {
     job.remote_shards = j.value("remote_shards", std::vector<std::string>{});
     job.source_revision = j.value("source_revision", std::string());
     job.fill_act_defaults = j.value("fill_act_defaults", true);
+    job.regular_flow = j.value("regular_flow", false);
   } catch (const nlohmann::json::exception& e) {
     throw OptionError(std::string("[model_free] invalid job: ") + e.what());
   }
@@ -61,6 +62,7 @@ ojson ModelFreeJob::to_json() const {
   j["remote_shards"] = remote_shards;
   j["source_revision"] = source_revision;
   j["fill_act_defaults"] = fill_act_defaults;
+  if (regular_flow) j["regular_flow"] = true;  // absent for model-free jobs, whose manifests predate it
   return j;
 }
 
@@ -99,7 +101,9 @@ ResolvedScheme resolve_job_scheme(const ModelFreeJob& job) {
     if (!f.act_data_type) f.act_data_type = "float";
     if (!f.act_dynamic) f.act_dynamic = true;
   }
-  validate_model_free_scheme(r.fields, r.label);
+  const SchemeFields& f = r.fields;
+  const bool nvfp4 = f.data_type.value_or("") == "nv_fp" && f.bits.value_or(16) == 4 && f.group_size.value_or(0) == 16;
+  if (!(job.regular_flow && nvfp4)) validate_model_free_scheme(r.fields, r.label);
   return r;
 }
 

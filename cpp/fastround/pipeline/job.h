@@ -20,6 +20,9 @@ struct ModelFreeJob {
   // Resolve unset act_* fields before validating, as upstream's AutoRound entry does; upstream's
   // ModelFreeCompressor class, called directly, leaves them unset.
   bool fill_act_defaults = true;
+  // The regular flow (calibrated) resolves its scheme here too: NVFP4 (data_type nv_fp), which model-free refuses
+  // for want of calibrated global scales, is then accepted; everything else is validated as for model-free.
+  bool regular_flow = false;
   ojson layer_config = ojson::object();
   std::string ignore_layers;
   bool quant_lm_head = false;

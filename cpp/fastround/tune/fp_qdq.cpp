@@ -232,9 +232,123 @@ void nv_group_backward(const float* t, const float* v, float factor, DType dt, c
   }
 }
 
+// ---- NVFP4 (upstream's ref_nvfp4_quant: E4M3 group scales under a per-tensor global scale gs) ----
+
+inline float reciprocal_or_zero(float a) { return a == 0.0f ? 0.0f : 1.0f / a; }  // get_reciprocal
+
+struct Nv4Group {
+  float amax = 0;  // max |x| (x's dtype holds it exactly)
+  int arg = 0;
+  float mv = 0;    // amax * factor
+  float sc0 = 0;   // gs * (mv * (1/6)), before the clamp
+  float s = 0;     // the E4M3 scale as the qdq uses it ((cast - s) + s of the clamped value)
+  float dq = 0;    // s * (1 / gs)
+  float os = 0;    // 1 / dq (0 for 0): what x is multiplied by
+  float r = 0;     // 1 / os (0 for 0): what the element values are multiplied by
+  uint8_t byte = 0;
+};
+
+Nv4Group nv4_group_scale(const float* t, float factor, float gs) {
+  Nv4Group g;
+  g.amax = std::fabs(t[0]);
+  for (int i = 1; i < kNvGroup; ++i) {
+    const float a = std::fabs(t[i]);
+    if (a > g.amax) {
+      g.amax = a;
+      g.arg = i;
+    }
+  }
+  g.mv = g.amax * factor;
+  g.sc0 = gs * (g.mv * fpq::kOneSixth);
+  const float sc1 = clampf(g.sc0, -448.0f, 448.0f);
+  const float cast = fp8_e4m3_to_float(float_to_fp8_e4m3(sc1));
+  g.s = (cast - sc1) + sc1;  // float8_e4m3fn_ste's value
+  g.byte = float_to_fp8_e4m3(g.s);
+  g.dq = g.s * reciprocal_or_zero(gs);
+  g.os = reciprocal_or_zero(g.dq);
+  g.r = reciprocal_or_zero(g.os);
+  return g;
+}
+
+// One element: x * os + v, clamped to [-6, 6], cast_to_fp4.
+inline NvElem nv4_elem(float t, float v, float os) {
+  NvElem e;
+  e.sx = t * os + v;
+  e.cx = clampf(e.sx, -6.0f, 6.0f);
+  e.f = fpq::cast_to_fp4(e.cx);
+  e.r = std::fabs(e.f);
+  return e;
+}
+
+Nv4Group nv4_group_forward(const float* t, const float* v, float factor, float gs, float* q) {
+  const Nv4Group g = nv4_group_scale(t, factor, gs);
+  for (int i = 0; i < kNvGroup; ++i) q[i] = nv4_elem(t[i], v ? v[i] : 0.0f, g.os).f * g.r;
+  return g;
+}
+
+// cast_to_fp4's gradient at its input (round_ste is an identity inside each band, the sign() factor passes
+// none, the final clamp passes inside [-6, 6]): g_f is the gradient reaching its output.
+inline float fp4_cast_backward(const NvElem& e, float g_f) {
+  const float sgn = signf(e.cx);
+  const float a = std::fabs(e.cx);
+  const float g_r2 = g_f * sgn;
+  const float g_r = inside(e.r, 6.0f) ? g_r2 : 0.0f;
+  float g_a;
+  if (a < 2.0f) g_a = (g_r / 2.0f) * 2.0f;
+  else if (a < 4.0f) g_a = g_r;
+  else g_a = (g_r * 2.0f) / 2.0f;
+  return g_a * sgn + 0.0f;
+}
+
+// The gradient reaching a where(a == 0, 0, 1.0 / a) from g at its output: torch's reciprocal backward
+// -g * (1/a)^2, with g masked to 0 where a is 0 (so -0 * inf: NaN there).
+inline float reciprocal_backward(float a, float g) {
+  const float masked = a == 0.0f ? 0.0f : g * 1.0f;
+  const float rr = 1.0f / a;
+  return -masked * (rr * rr);
+}
+
+// As nv_group_backward, through ref_nvfp4_quant's scale chain.
+void nv4_group_backward(const float* t, const float* v, float factor, float gs, DType dt, const float* go, float* gv,
+                        float* gmax, float* gx) {
+  const Nv4Group g = nv4_group_scale(t, factor, gs);
+  float gmul[kNvGroup], gos[kNvGroup], gt[kNvGroup];
+  for (int i = 0; i < kNvGroup; ++i) {
+    const NvElem e = nv4_elem(t[i], v ? v[i] : 0.0f, g.os);
+    const float g_sx = inside(e.sx, 6.0f) ? fp4_cast_backward(e, go[i] * g.r) : 0.0f;
+    if (gv) gv[i] = g_sx;
+    gt[i] = g_sx * g.os;
+    gos[i] = g_sx * t[i];
+    gmul[i] = go[i] * e.f;
+  }
+  if (!gmax && !gx) return;
+  const float g_r = fpq::torch_sum_lanes8<16>(gmul);
+  const float g_os = fpq::torch_sum_lanes8<16>(gos) + reciprocal_backward(g.os, g_r);
+  const float g_dq = reciprocal_backward(g.dq, g_os);
+  const float g_s = g_dq * reciprocal_or_zero(gs);
+  const float g_sc0 = inside(g.sc0, 448.0f) ? g_s : 0.0f;
+  const float g_mv = (g_sc0 * gs) * fpq::kOneSixth;
+  if (gmax) *gmax = g_mv * g.amax;
+  if (gx) {
+    const float g_amax = round_to_dtype(dt, g_mv * factor);
+    for (int i = 0; i < kNvGroup; ++i)
+      gx[i] = round_to_dtype(dt, round_to_dtype(dt, gt[i]) + (i == g.arg ? g_amax : 0.0f) * signf(t[i]));
+  }
+}
+
+// The packer's code of a stored qdq value w: w * (1 / (s * (1 / gs))), clamped to [-6, 6], cast_to_fp4.
+inline uint8_t nv4_code(float w, float os) {
+  return fpq::e2m1_code(fpq::cast_to_fp4(clampf(w * os, -6.0f, 6.0f)));
+}
+
 // The group functions of a format, behind one signature: qdq values and (exponent or scale, scale byte).
 float group_forward_any(const FpQdqParams& p, const float* t, const float* v, float factor, float* q,
                         uint8_t* byte) {
+  if (p.nv_fp4) {
+    const Nv4Group g = nv4_group_forward(t, v, factor, p.global_scale, q);
+    *byte = g.byte;
+    return g.s;
+  }
   if (p.nv_e5m3) {
     const NvGroup g = nv_group_forward(t, v, factor, q);
     *byte = g.byte;
@@ -247,7 +361,9 @@ float group_forward_any(const FpQdqParams& p, const float* t, const float* v, fl
 
 void group_backward_any(const FpQdqParams& p, DType dt, const float* t, const float* v, float factor,
                         const float* go, float* gv, float* gmax, float* gx) {
-  if (p.nv_e5m3)
+  if (p.nv_fp4)
+    nv4_group_backward(t, v, factor, p.global_scale, dt, go, gv, gmax, gx);
+  else if (p.nv_e5m3)
     nv_group_backward(t, v, factor, dt, go, gv, gmax, gx);
   else
     group_backward(t, v, factor, mx_format(p.bits), go, gv, gmax, gx);
@@ -256,6 +372,7 @@ void group_backward_any(const FpQdqParams& p, DType dt, const float* t, const fl
 // The code of a stored qdq value w over its group's scale (MX: e is the exponent; NV: the decoded scale), as the
 // packers re-derive it.
 inline uint8_t code_any(const FpQdqParams& p, float w, float e) {
+  if (p.nv_fp4) return nv4_code(w, reciprocal_or_zero(e * reciprocal_or_zero(p.global_scale)));
   if (p.nv_e5m3) return fpq::nv_code(w, e);
   return mx_code(p.bits, w, pow2f(e));
 }
@@ -266,8 +383,13 @@ float factor_of(const float* f, int64_t gi) { return f ? f[gi] : 1.0f; }
 
 void fp_qdq_check(const FpQdqView& v, const FpQdqParams& p, const char* site) {
   require_float_source(v.dtype, site);
-  if (p.nv_e5m3 ? p.bits != 4 : (p.bits != 4 && p.bits != 8))
-    throw OptionError(std::string("[") + site + "] bits must be " + (p.nv_e5m3 ? "4 (NVFP4_E5M3)" : "4 or 8 (MXFP)") +
+  if (p.nv_e5m3 && p.nv_fp4)
+    throw OptionError(std::string("[") + site + "] NVFP4_E5M3 and NVFP4 are exclusive");
+  if (p.nv_fp4 && !(std::isfinite(p.global_scale) && p.global_scale >= 0.0f))
+    throw OptionError(std::string("[") + site + "] global_scale must be finite and >= 0, got " +
+                      std::to_string(p.global_scale));
+  if ((p.nv_e5m3 || p.nv_fp4) ? p.bits != 4 : (p.bits != 4 && p.bits != 8))
+    throw OptionError(std::string("[") + site + "] bits must be " + ((p.nv_e5m3 || p.nv_fp4) ? "4 (NVFP4)" : "4 or 8 (MXFP)") +
                       ", got " + std::to_string(p.bits));
   if (v.rows < 0 || v.cols <= 0 || v.cols % p.group() != 0)
     throw OptionError(std::string("[") + site + "] columns " + std::to_string(v.cols) +

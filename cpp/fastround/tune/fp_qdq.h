@@ -24,10 +24,18 @@ constexpr int64_t kMxGroup = 32;
 // first: upstream takes the maximum before its fp32 cast there).
 constexpr int64_t kNvGroup = 16;
 
+// NVFP4 (upstream's nv_fp4 / nv_fp4_with_static_gs through ref_nvfp4_quant): per 16 inputs the scale
+// gs * (max|x| * max_scale / 6) clamped to +-448 and cast to E4M3 with a straight-through gradient; the element
+// scale os = 1 / (scale * (1 / gs)) (0 for 0), x * os + v clamped to [-6, 6], cast_to_fp4's bands, times 1 / os.
+// gs is the per-tensor global scale (weights: 448 * 6 / max|W|, activations: the same of the calibrated max),
+// a constant of the op. Its backward is autograd's through those reciprocals: where a scale is 0 the masked
+// branch's gradient meets 1 / 0 and gives NaN (-0 * inf), as upstream's get_reciprocal does.
 struct FpQdqParams {
   int bits = 4;         // MX: 4 (E2M1 elements, MXFP4) or 8 (E4M3, MXFP8), an E8M0 exponent per 32 inputs
   bool nv_e5m3 = false; // NVFP4_E5M3: bits 4, E2M1 elements, a UE5M3 scale per 16 inputs
-  int64_t group() const { return nv_e5m3 ? kNvGroup : kMxGroup; }
+  bool nv_fp4 = false;  // NVFP4: bits 4, E2M1 elements, an E4M3 scale per 16 inputs under global_scale
+  float global_scale = 0.0f;
+  int64_t group() const { return (nv_e5m3 || nv_fp4) ? kNvGroup : kMxGroup; }
 };
 
 struct FpQdqView {
@@ -42,8 +50,9 @@ struct FpQdqView {
 void fp_qdq_check(const FpQdqView& view, const FpQdqParams& params, const char* site);
 
 // Forward: qdq [rows, cols] in view.dtype; exponent [rows*cols/g] (MX: the clamped shared exponent; NV: the
-// decoded UE5M3 scale, as fp32); when not null, codes [rows, cols] (E2M1 nibble or E4M3 byte of qdq / scale, as
-// the packers take them) and scales [rows*cols/g] (E8M0 bytes e + 127; NV: UE5M3 bytes).
+// decoded UE5M3 scale; NVFP4: the decoded E4M3 scale, before the global scale, as fp32); when not null, codes
+// [rows, cols] (E2M1 nibble or E4M3 byte of qdq / scale, as the packers take them) and scales [rows*cols/g] (E8M0
+// bytes e + 127; NV: UE5M3 bytes; NVFP4: E4M3 bytes).
 void fp_qdq_forward_ref(const FpQdqView& view, const FpQdqParams& params, void* qdq, float* exponent,
                         uint8_t* codes = nullptr, uint8_t* scales = nullptr);
 void fp_qdq_forward(const FpQdqView& view, const FpQdqParams& params, void* qdq, float* exponent,

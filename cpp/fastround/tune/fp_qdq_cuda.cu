@@ -262,6 +262,61 @@ __device__ __forceinline__ NvElem nv_elem(float t, float v, float d) {
   return e;
 }
 
+
+// ---- NVFP4 (fp_qdq.cpp's nv4_* functions: E4M3 group scales under the global scale gs) ----
+
+__device__ __forceinline__ float d_e4m3_decode(uint8_t b) {  // fp_codes.h fp8_e4m3_to_float
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80u) << 24;
+  const uint32_t exp = (b >> 3) & 0xFu, mant = b & 0x7u;
+  if (exp == 0xFu && mant == 0x7u) return bits_float(sign | 0x7FC00000u);
+  if (exp == 0) return bits_float(float_bits(__fmul_rn(static_cast<float>(mant), 1.0f / 512.0f)) | sign);
+  return bits_float(sign | ((exp + 120u) << 23) | (mant << 20));
+}
+
+__device__ __forceinline__ float d_recip0(float a) { return a == 0.0f ? 0.0f : __fdiv_rn(1.0f, a); }
+
+struct Nv4Group {
+  float amax, mv, sc0, s, dq, os, r;
+  int arg;
+  uint8_t byte;
+};
+
+__device__ __forceinline__ Nv4Group nv4_group_scale(const float* t, float factor, float gs) {
+  Nv4Group g;
+  g.amax = d_abs(t[0]);
+  g.arg = 0;
+  for (int i = 1; i < GN; ++i) {
+    const float a = d_abs(t[i]);
+    if (a > g.amax) {
+      g.amax = a;
+      g.arg = i;
+    }
+  }
+  g.mv = __fmul_rn(g.amax, factor);
+  g.sc0 = __fmul_rn(gs, __fmul_rn(g.mv, kOneSixth));
+  const float sc1 = d_clamp(g.sc0, -448.0f, 448.0f);
+  g.s = __fadd_rn(__fsub_rn(d_e4m3_decode(d_e4m3_code(sc1)), sc1), sc1);
+  g.byte = d_e4m3_code(g.s);
+  g.dq = __fmul_rn(g.s, d_recip0(gs));
+  g.os = d_recip0(g.dq);
+  g.r = d_recip0(g.os);
+  return g;
+}
+
+__device__ __forceinline__ NvElem nv4_elem(float t, float v, float os) {
+  NvElem e;
+  e.sx = __fadd_rn(__fmul_rn(t, os), v);
+  e.f = d_cast_to_fp4(d_clamp(e.sx, -6.0f, 6.0f));
+  return e;
+}
+
+// fp_qdq.cpp reciprocal_backward: -g * (1/a)^2 with g masked where a is 0 (NaN there, as autograd).
+__device__ __forceinline__ float d_reciprocal_backward(float a, float g) {
+  const float masked = a == 0.0f ? 0.0f : __fmul_rn(g, 1.0f);
+  const float rr = __fdiv_rn(1.0f, a);
+  return __fmul_rn(-masked, __fmul_rn(rr, rr));
+}
+
 struct Args {
   const void* x;
   const float* v;
@@ -269,6 +324,8 @@ struct Args {
   int64_t groups;
   int bits;
   bool nv;  // NVFP4_E5M3: groups of 16
+  bool nv4;  // NVFP4: groups of 16 under global_scale
+  float global_scale;
 };
 
 template <DType D>
@@ -278,6 +335,19 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < a.groups;
        gi += static_cast<int64_t>(gridDim.x) * kThreads) {
     float t[G];
+    if (a.nv4) {
+      for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
+      const Nv4Group g = nv4_group_scale(t, a.max_scale ? a.max_scale[gi] : 1.0f, a.global_scale);
+      exponent[gi] = g.s;
+      if (scales) scales[gi] = g.byte;
+      for (int i = 0; i < GN; ++i) {
+        const float q = __fmul_rn(nv4_elem(t[i], a.v ? a.v[gi * GN + i] : 0.0f, g.os).f, g.r);
+        store_el<D>(qdq, gi * GN + i, q);
+        if (codes)
+          codes[gi * GN + i] = d_e2m1_code(d_cast_to_fp4(d_clamp(__fmul_rn(round_to<D>(q), g.os), -6.0f, 6.0f)));
+      }
+      continue;
+    }
     if (a.nv) {
       for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
       const NvGroup g = nv_group_scale(t, a.max_scale ? a.max_scale[gi] : 1.0f);
@@ -314,6 +384,45 @@ __global__ void __launch_bounds__(kThreads)
        gi += static_cast<int64_t>(gridDim.x) * kThreads) {
     float t[G], gmul[G], gdiv[G], gt[G];
     const float factor = a.max_scale ? a.max_scale[gi] : 1.0f;
+    if (a.nv4) {
+      for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
+      const float gs = a.global_scale;
+      const Nv4Group g = nv4_group_scale(t, factor, gs);
+      for (int i = 0; i < GN; ++i) {
+        const float go = load_el<D>(grad, gi * GN + i);
+        const NvElem e = nv4_elem(t[i], a.v ? a.v[gi * GN + i] : 0.0f, g.os);
+        const float cx = d_clamp(e.sx, -6.0f, 6.0f);
+        const float sgn = d_sign(cx);
+        const float ab = d_abs(cx);
+        const float g_r2 = __fmul_rn(__fmul_rn(go, g.r), sgn);
+        const float g_r = inside(d_abs(e.f), 6.0f) ? g_r2 : 0.0f;
+        float g_a;
+        if (ab < 2.0f) g_a = __fmul_rn(__fdiv_rn(g_r, 2.0f), 2.0f);
+        else if (ab < 4.0f) g_a = g_r;
+        else g_a = __fdiv_rn(__fmul_rn(g_r, 2.0f), 2.0f);
+        const float g_cx = __fadd_rn(__fmul_rn(g_a, sgn), 0.0f);
+        const float g_sx = inside(e.sx, 6.0f) ? g_cx : 0.0f;
+        if (grad_v) grad_v[gi * GN + i] = g_sx;
+        gt[i] = __fmul_rn(g_sx, g.os);
+        gdiv[i] = __fmul_rn(g_sx, t[i]);  // the element scale's terms
+        gmul[i] = __fmul_rn(go, e.f);
+      }
+      if (!grad_max && !grad_x) continue;
+      const float g_rsum = sum_lanes8_16(gmul);
+      const float g_os = __fadd_rn(sum_lanes8_16(gdiv), d_reciprocal_backward(g.os, g_rsum));
+      const float g_dq = d_reciprocal_backward(g.dq, g_os);
+      const float g_s = __fmul_rn(g_dq, d_recip0(gs));
+      const float g_sc0 = inside(g.sc0, 448.0f) ? g_s : 0.0f;
+      const float g_mv = __fmul_rn(__fmul_rn(g_sc0, gs), kOneSixth);
+      if (grad_max) grad_max[gi] = __fmul_rn(g_mv, g.amax);
+      if (grad_x) {
+        const float g_amax = round_to<D>(__fmul_rn(g_mv, factor));
+        for (int i = 0; i < GN; ++i)
+          store_el<D>(grad_x, gi * GN + i,
+                      __fadd_rn(round_to<D>(gt[i]), __fmul_rn(i == g.arg ? g_amax : 0.0f, d_sign(t[i]))));
+      }
+      continue;
+    }
     if (a.nv) {
       for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
       const NvGroup g = nv_group_scale(t, factor);
@@ -415,7 +524,7 @@ void check_launch(const char* site) {
 }
 
 Args make_args(const FpQdqView& v, const FpQdqParams& p) {
-  return {v.x, v.v, v.max_scale, v.rows * (v.cols / p.group()), p.bits, p.nv_e5m3};
+  return {v.x, v.v, v.max_scale, v.rows * (v.cols / p.group()), p.bits, p.nv_e5m3, p.nv_fp4, p.global_scale};
 }
 
 int grid_for(int64_t groups) {

@@ -112,6 +112,13 @@ def resolve_format(
                          f"choose from {', '.join(SUPPORTED_FORMATS)}")
     if name not in SUPPORTED_FORMATS:
         raise ValueError(f"format {name} is not supported; choose from {', '.join(SUPPORTED_FORMATS)}")
+    if dt in ("nv_fp", "nv_fp4") and bits == 4:
+        # compressed-tensors-like tensors with global scales under packing_format auto_round:llm_compressor; upstream's
+        # fake and llm_compressor writers add NVFP4 tensors fastround does not write yet
+        if name != "auto_round":
+            raise ValueError(f"format {name}: NVFP4 (data_type={dt}) is written by fastround in format auto_round "
+                             "only yet")
+        return ResolvedFormat(name, "auto_round", f"auto_round:{dt}", "auto_round:llm_compressor")
     if name == "fake":
         return ResolvedFormat("fake", "fake", "fake")
     fp8 = (dt.startswith("fp") and bits == 8) or (

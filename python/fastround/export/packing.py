@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from fastround.export.common import Entry
-from fastround.quantized import ExportContext, QuantizedLayer
+from fastround.quantized import NVFP4_ENCODING, ExportContext, QuantizedLayer
 
 if TYPE_CHECKING:
     from fastround.export import ResolvedFormat
@@ -25,16 +25,19 @@ _GPTQ_V1_ORDER = ("qweight", "g_idx", "qzeros", "scales", "bias")  # qlinear_tor
 _GPTQ_V2_ORDER = ("qweight", "qzeros", "scales", "bias", "g_idx")  # qlinear_torch.QuantLinear
 _AWQ_ORDER = ("qweight", "qzeros", "scales", "bias")  # WQLinear_GEMM
 _MX_ORDER = ("weight", "weight_packed", "weight_scale", "bias")  # qlinear_fp.QuantLinear
+_NV_ORDER = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale", "bias")  # its NVFP4 form
 
 
 class LayerPacker:
     """Packs ctx.layers on demand in one format's layout (a common.Packer)."""
 
     def __init__(self, ctx: ExportContext, int_layout: str | None, zero_offset: int = 0, g_idx: bool = False,
-                 *, conv1d_ok: bool = True, format_name: str = "", check: bool = True, nvfp4_ok: bool = False) -> None:
+                 *, conv1d_ok: bool = True, format_name: str = "", check: bool = True, nvfp4_ok: bool = False,
+                 nv_fp_ok: bool = False) -> None:
         self.layers = ctx.layers
         self.int_layout = int_layout
         self.nvfp4_ok = nvfp4_ok  # the format was resolved for an NVFP4_E5M3 run (its config describes such layers)
+        self.nv_fp_ok = nv_fp_ok  # ... for an NVFP4 run
         self.zero_offset = zero_offset
         self.g_idx = g_idx
         self.conv1d_ok = conv1d_ok
@@ -63,6 +66,11 @@ class LayerPacker:
             if self.int_layout == "awq":
                 return "int_awq", 0, _AWQ_ORDER
             return "int_gptq", self.zero_offset, _GPTQ_V1_ORDER if self.zero_offset else _GPTQ_V2_ORDER
+        if layer.encoding == NVFP4_ENCODING:
+            if not self.nv_fp_ok:
+                raise ValueError(f"format {self.format_name} cannot store NVFP4 layer {layer.name} in a run whose "
+                                 "scheme is not NVFP4 (fastround writes NVFP4 layers in NVFP4 auto_round runs only)")
+            return layer.encoding, 0, _NV_ORDER
         if layer.encoding in ("mxfp4", "mxfp8") or (layer.encoding == "nvfp4_e5m3" and self.nvfp4_ok):
             return layer.encoding, 0, _MX_ORDER
         if layer.encoding == "nvfp4_e5m3":
@@ -86,8 +94,11 @@ class LayerPacker:
                 raise ValueError(
                     f"format {self.format_name}: layer {layer.name} [{out_features}, {in_features}] does not fit "
                     f"the AWQ GEMM layout (in_features must be a multiple of group_size {gs}, out_features of 8)")
-        tensors = dict(ops.pack_codes(layer.codes, layer.scales, layer.zeros, row, bits, group_size, sym,
-                                      zero_offset, False, from_qdq=True))
+        if row == NVFP4_ENCODING:
+            tensors = _nvfp4_tensors(layer)
+        else:
+            tensors = dict(ops.pack_codes(layer.codes, layer.scales, layer.zeros, row, bits, group_size, sym,
+                                          zero_offset, False, from_qdq=True))
         if self.g_idx and row == "int_gptq":
             gs = in_features if group_size <= 0 else group_size
             tensors["g_idx"] = torch.arange(in_features, dtype=torch.int32) // gs  # [in]: group of each input
@@ -105,6 +116,22 @@ class LayerPacker:
         return out
 
 
+def _nvfp4_tensors(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
+    """An NVFP4 layer as upstream's qlinear_fp writes it: two E2M1 codes a byte (element 2k in the low nibble),
+    the E4M3 group scales, and the global scales as calibrated. The codes are already the packer's (tune/fp_qdq
+    derives them from the qdq weight as upstream's pack does)."""
+    codes = layer.codes
+    if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] % 16:
+        raise ValueError(f"NVFP4 layer {layer.name}: codes must be uint8 [out, in] with in a multiple of 16, got "
+                         f"{codes.dtype} {tuple(codes.shape)}")
+    if "weight_global_scale" not in layer.global_scales:
+        raise ValueError(f"NVFP4 layer {layer.name} has no weight_global_scale")
+    out = {"weight_packed": (codes[:, 0::2] & 0xF) | ((codes[:, 1::2] & 0xF) << 4),
+           "weight_scale": layer.scales.contiguous().view(torch.float8_e4m3fn)}
+    out.update({k: v.to(torch.float32).reshape(1) for k, v in layer.global_scales.items()})
+    return out
+
+
 def format_packer(ctx: ExportContext, fmt: ResolvedFormat, *, check: bool = True) -> LayerPacker:
     """The packer of one resolved format: the only place that maps a format family to its layer layout."""
     if fmt.family == "auto_gptq":
@@ -115,7 +142,8 @@ def format_packer(ctx: ExportContext, fmt: ResolvedFormat, *, check: bool = True
     if fmt.family == "llm_compressor":
         return LayerPacker(ctx, None, format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok)
     return LayerPacker(ctx, fmt.int_layout, fmt.zero_offset, fmt.g_idx, conv1d_ok=fmt.int_layout != "awq",
-                       format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok)
+                       format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok,
+                       nv_fp_ok=fmt.backend in ("auto_round:nv_fp", "auto_round:nv_fp4"))
 
 
 def save_packed(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, config: dict[str, Any],
