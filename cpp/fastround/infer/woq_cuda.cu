@@ -1181,7 +1181,10 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
       }
       a.rows = w.in * w.bits / 32;
       a.zwords = zwords_of(w);
-      if (tune.kernel != WoqGemvKernel::Rows && (w.bits == 4 || (w.bits == 8 && m == 1))) {
+      // Auto keeps the rows kernel where in > out (down_proj): the H200 sweep timed the staged planner's choice
+      // there at 26.3 us against the rows kernel's 21.1 (14336x4096, docs/performance.md) until the planner learns it
+      const bool staged_wins = tune.kernel == WoqGemvKernel::Staged || w.in <= w.out;
+      if (tune.kernel != WoqGemvKernel::Rows && staged_wins && (w.bits == 4 || (w.bits == 8 && m == 1))) {
         StagedPlan plan;
         auto plan_for = [&](auto bits_c, auto mt_c) {
           plan = cached_plan_staged<decltype(bits_c)::value, decltype(mt_c)::value, XT, SD>(w, a.rows, staged_tune);
