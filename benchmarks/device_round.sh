@@ -42,7 +42,7 @@ for step in "${steps[@]}"; do
       --json "$OUT/woq_linear-h200host-16t.json" ;;
     woq_cpu_interleaved) run woq_gemv_interleaved16 90 python3 benchmarks/woq_gemv_interleaved.py --threads 16,8,1 \
       --json "$OUT/woq_gemv_interleaved-h200host.json" ;;
-    inference_cpu32) run inference_cpu32 240 python3 benchmarks/inference.py --device cpu --threads 16 --layers 32 \
+    inference_cpu32) run inference_cpu32 240 python3 benchmarks/inference.py --device cpu --threads 16 --layers 32 --prefill 0 \
       --new_tokens 8 --repeat 1 --json "$OUT/inference-cpu16-32l.json" ;;
     inference_cpu) run inference_cpu16 150 python3 benchmarks/inference.py --device cpu --threads 16 --layers 8 \
       --new_tokens 16 --repeat 2 --json "$OUT/inference-cpu16.json" ;;
