@@ -18,6 +18,7 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/tune/cuda_elements.cuh"
+#include "fastround/tune/cuda_launch.cuh"
 #include "fastround/common/error.h"
 
 namespace fastround::tune {
@@ -28,9 +29,11 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;
 constexpr float kLn2 = static_cast<float>(0.6931471805599453);
 
+using cuda::check_launch;
 using cuda::load_el;
 using cuda::round_to;
 using cuda::store_el;
+using cuda::with_float_dtype;
 
 __device__ __forceinline__ float d_clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 __device__ __forceinline__ float d_max(float a, float b) { return a < b ? b : a; }
@@ -472,27 +475,6 @@ __global__ void __launch_bounds__(kThreads)
         store_el<D>(grad_x, gi * n + i, __fadd_rn(rd(gt[i]), __fmul_rn(i == g.m.arg ? g_amax : 0.0f, d_sign(t[i]))));
     }
   }
-}
-
-template <DType D>
-using DTag = std::integral_constant<DType, D>;
-
-template <typename F>
-void with_float_dtype(DType d, const char* site, F&& f) {
-  switch (d) {
-    case DType::F32: f(DTag<DType::F32>{}); return;
-    case DType::F16: f(DTag<DType::F16>{}); return;
-    case DType::BF16: f(DTag<DType::BF16>{}); return;
-    default:
-      throw OptionError(std::string("[") + site + "] dtype must be F32, F16 or BF16, got " +
-                        std::string(dtype_name(d)));
-  }
-}
-
-void check_launch(const char* site) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("[") + site + "] CUDA launch failed: " + cudaGetErrorString(e));
 }
 
 Args make_args(const FpQdqView& v, const FpQdqParams& p) {
