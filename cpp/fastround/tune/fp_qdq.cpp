@@ -194,24 +194,35 @@ inline float fp4_backward(const Fp4Elem& e, float g_f) {
   return inside(e.sx, 6.0f) ? g_cx : 0.0f;
 }
 
+// What both NV families' group scales hold: the maximum, the pre-cast scale gs * (mv * (1/6)) (NVFP4_E5M3: gs 1)
+// and the scale's byte.
+struct NvScaleBase {
+  GroupMax m;
+  float sc0 = 0;  // before the clamp
+  uint8_t b = 0;
+  uint8_t byte() const { return b; }
+};
+
+template <typename S>
+S nv_scale_start(const float* t, float factor, float gs) {
+  S g;
+  g.m = group_max(t, static_cast<int>(kNvGroup), factor);
+  g.sc0 = gs * (g.m.mv * fpq::kOneSixth);
+  return g;
+}
+
 // NVFP4_E5M3 (upstream's nvfp4_v2 through ref_fp4_quant, global scale 1): a UE5M3 scale d per 16 inputs.
 struct NvE5m3Policy {
   static constexpr int kGroup = static_cast<int>(kNvGroup);
   static constexpr bool kMaxGradInDtype = true;
 
-  struct Scale {
-    GroupMax m;
-    float sc0 = 0;  // 1 * (mv * (1/6)), before the clip
-    float d = 0;    // the UE5M3 scale as the qdq uses it ((cast - s) + s of the clipped value)
-    uint8_t b = 0;
+  struct Scale : NvScaleBase {
+    float d = 0;  // the UE5M3 scale as the qdq uses it ((cast - s) + s of the clipped value)
     float exponent() const { return d; }
-    uint8_t byte() const { return b; }
   };
 
   Scale scale(const float* t, float factor) const {
-    Scale g;
-    g.m = group_max(t, kGroup, factor);
-    g.sc0 = 1.0f * (g.m.mv * fpq::kOneSixth);
+    Scale g = nv_scale_start<Scale>(t, factor, 1.0f);
     const float sc1 = clampf(g.sc0, 0.0f, fpq::kUe5m3Max);
     g.b = ue5m3_encode(sc1);
     g.d = (ue5m3_decode(g.b) - sc1) + sc1;  // cast_to_ue5m3_ste's value
@@ -243,22 +254,16 @@ struct Nvfp4Policy {
   static constexpr bool kMaxGradInDtype = true;
   float gs;
 
-  struct Scale {
-    GroupMax m;
-    float sc0 = 0;  // gs * (mv * (1/6)), before the clamp
-    float s = 0;    // the E4M3 scale as the qdq uses it ((cast - s) + s of the clamped value)
-    float dq = 0;   // s * (1 / gs)
-    float os = 0;   // 1 / dq (0 for 0): what x is multiplied by
-    float r = 0;    // 1 / os (0 for 0): what the element values are multiplied by
-    uint8_t b = 0;
+  struct Scale : NvScaleBase {
+    float s = 0;   // the E4M3 scale as the qdq uses it ((cast - s) + s of the clamped value)
+    float dq = 0;  // s * (1 / gs)
+    float os = 0;  // 1 / dq (0 for 0): what x is multiplied by
+    float r = 0;   // 1 / os (0 for 0): what the element values are multiplied by
     float exponent() const { return s; }
-    uint8_t byte() const { return b; }
   };
 
   Scale scale(const float* t, float factor) const {
-    Scale g;
-    g.m = group_max(t, kGroup, factor);
-    g.sc0 = gs * (g.m.mv * fpq::kOneSixth);
+    Scale g = nv_scale_start<Scale>(t, factor, gs);
     const float sc1 = clampf(g.sc0, -448.0f, 448.0f);
     const float cast = fp8_e4m3_to_float(float_to_fp8_e4m3(sc1));
     g.s = (cast - sc1) + sc1;  // float8_e4m3fn_ste's value

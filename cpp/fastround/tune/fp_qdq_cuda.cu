@@ -325,22 +325,33 @@ __device__ __forceinline__ float fp4_backward(const Fp4Elem& e, float g_f) {
   return inside(e.sx, 6.0f) ? g_cx : 0.0f;
 }
 
+// fp_qdq.cpp NvScaleBase / nv_scale_start.
+struct NvScaleBase {
+  GroupMax m;
+  float sc0;
+  uint8_t b;
+  __device__ uint8_t byte() const { return b; }
+};
+
+template <typename S>
+__device__ __forceinline__ S nv_scale_start(const float* t, float factor, float gs) {
+  S g;
+  g.m = group_max(t, static_cast<int>(kNvGroup), factor);
+  g.sc0 = __fmul_rn(gs, __fmul_rn(g.m.mv, kOneSixth));
+  return g;
+}
+
 struct NvE5m3Policy {
   static constexpr int kGroup = static_cast<int>(kNvGroup);
   static constexpr bool kMaxGradInDtype = true;
 
-  struct Scale {
-    GroupMax m;
-    float sc0, d;
-    uint8_t b;
+  struct Scale : NvScaleBase {
+    float d;
     __device__ float exponent() const { return d; }
-    __device__ uint8_t byte() const { return b; }
   };
 
   __device__ __forceinline__ Scale scale(const float* t, float factor) const {
-    Scale g;
-    g.m = group_max(t, kGroup, factor);
-    g.sc0 = __fmul_rn(1.0f, __fmul_rn(g.m.mv, kOneSixth));
+    Scale g = nv_scale_start<Scale>(t, factor, 1.0f);
     const float sc1 = d_clamp(g.sc0, 0.0f, kUe5m3Max);
     g.b = d_ue5m3_encode(sc1);
     g.d = __fadd_rn(__fsub_rn(d_ue5m3_decode(g.b), sc1), sc1);
@@ -375,18 +386,13 @@ struct Nvfp4Policy {
   static constexpr bool kMaxGradInDtype = true;
   float gs;
 
-  struct Scale {
-    GroupMax m;
-    float sc0, s, dq, os, r;
-    uint8_t b;
+  struct Scale : NvScaleBase {
+    float s, dq, os, r;
     __device__ float exponent() const { return s; }
-    __device__ uint8_t byte() const { return b; }
   };
 
   __device__ __forceinline__ Scale scale(const float* t, float factor) const {
-    Scale g;
-    g.m = group_max(t, kGroup, factor);
-    g.sc0 = __fmul_rn(gs, __fmul_rn(g.m.mv, kOneSixth));
+    Scale g = nv_scale_start<Scale>(t, factor, gs);
     const float sc1 = d_clamp(g.sc0, -448.0f, 448.0f);
     g.s = __fadd_rn(__fsub_rn(d_e4m3_decode(d_e4m3_code(sc1)), sc1), sc1);
     g.b = d_e4m3_code(g.s);
