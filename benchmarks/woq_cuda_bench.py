@@ -33,11 +33,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import capture_graph, cuda_median_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out): q/o, gate/up, down of Llama-3-8B
 L2_BYTES = 50 * 2**20
@@ -63,21 +66,6 @@ def _nbytes(*ts: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _median_ms(fn, runs: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _time_pass(calls) -> tuple[float, float]:
     """(graph ms, eager ms) of running every call in `calls` once."""
 
@@ -85,16 +73,9 @@ def _time_pass(calls) -> tuple[float, float]:
         for c in calls:
             c()
 
-    eager = _median_ms(run_all)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run_all()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run_all()
-    ms = _median_ms(graph.replay)
+    eager = cuda_median_ms(run_all, runs=10)
+    graph = capture_graph(calls)
+    ms = cuda_median_ms(graph.replay, runs=10)
     del graph
     return ms, eager
 
@@ -201,17 +182,8 @@ def staged_variants(bits: int) -> list[str]:
 
 def _graph_us(calls, runs: int = 7) -> float:
     """Median GPU microseconds of one replay of `calls` captured in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    us = _median_ms(graph.replay, runs=runs, warmup=2) * 1e3
+    graph = capture_graph(calls)
+    us = cuda_median_ms(graph.replay, runs=runs, warmup=2) * 1e3
     del graph
     return us
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastround import _torch, ops
+from fastround import ops
 
 
 
@@ -26,13 +26,6 @@ def _op(*args):
 
 
 _AWQ_SLOT_OF_COLUMN = [0, 4, 1, 5, 2, 6, 3, 7]  # nibble slot holding column p of each run of 8 (pack_awq.h)
-
-
-@pytest.fixture(scope="module")
-def cuda() -> torch.device:
-    assert torch.cuda.is_available(), "these checks need a CUDA device: run them on the GPU host"
-    assert _torch.with_cuda(), "fastround was built without CUDA: build it with benchmarks/gpu_build.sh"
-    return torch.device("cuda")
 
 
 # ---- plain-torch packing and its inverse (int64 arithmetic, then the int32 bit pattern) ----
