@@ -276,6 +276,9 @@ __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename
   const T* x = static_cast<const T*>(p.x) + first_block * p.n;
   typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + first_block * p.n;
   const int lane = threadIdx.x & 31;
+  // Where this tile starts in the sign vector's period: 0 when tiles are whole n-blocks; the split plan's butterfly
+  // pass tiles len-blocks, whose leading signs continue across its tiles
+  const int sign_base = p.signs ? static_cast<int>(first_block * p.n % p.sign_n) : 0;
   const bool through_smem = p.k > 1 || p.len > 2 * kShuffleTop;
 
   // Phase 1: load, leading signs, strides 1..4 in registers, 8..128 across the warp. Every lane of a warp runs the
@@ -291,7 +294,7 @@ __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename
     if (p.signs && p.signs_first) {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
-        if (j < count) v[j] = apply_sign(v[j], __ldg(p.signs + (e0 + j) % p.sign_n));
+        if (j < count) v[j] = apply_sign(v[j], __ldg(p.signs + (sign_base + e0 + j) % p.sign_n));
     }
     radix<8>(v, p.len);
     for (int w = 1; 8 * w < p.len && w <= kShuffleTop / 8; w *= 2) {
