@@ -158,6 +158,9 @@ at::Tensor woq_linear_rotated(const at::Tensor& x, const at::Tensor& qweight, co
             .findSchemaOrThrow("fastround::woq_linear", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, int64_t, int64_t, c10::string_view)>();
+    // Below autograd for both calls: neither op differentiates the linear, and hadamard_transform's autograd kernel
+    // is Python (register_autograd), which a call from here would otherwise enter under no_grad too (generate())
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor xr = rotate.call(x, block_size, hadamard_k, signs, transpose, signs_first, true);
     return linear.call(xr, qweight, qzeros, scales, bias, bits, group_size, layout);
   });
