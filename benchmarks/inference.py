@@ -23,6 +23,7 @@ spread (min, max over pairs): single runs vary by ~10% at decode.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -77,6 +78,15 @@ def quantize_random(model: torch.nn.Module, group_size: int, device: str) -> tor
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def _online_hook(position: str, size: int, k: int) -> Any:
+    """One QuaRot hook per shape, shared by every layer and timing: its K matrix reaches the device once, not inside
+    a timed generate."""
+    from fastround import quarot
+
+    return quarot.online_hook(position, size, k)
+
+
 def add_hooks(model: torch.nn.Module, kind: str, fused: bool = True) -> list[Any]:
     """Registers the online rotations of `kind` on the decoder linears (fused: as a load does, folded into each
     QuantLinear's op call; else as forward pre-hooks); returns what remove_hooks needs to take them off."""
@@ -103,11 +113,11 @@ def add_hooks(model: torch.nn.Module, kind: str, fused: bool = True) -> list[Any
     elif kind in ("quarot", "quarot_r1"):
         hidden, inter = model.config.hidden_size, model.config.intermediate_size  # 4096, 14336 = 28 x 512
         for layer in model.model.layers:
-            attach(layer.mlp.down_proj, quarot.online_hook("r4", inter, quarot.T.spinquant_divisor(inter)))
+            attach(layer.mlp.down_proj, _online_hook("r4", inter, quarot.T.spinquant_divisor(inter)))
             if kind == "quarot_r1":
                 for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
                           layer.mlp.up_proj):
-                    attach(m, quarot.online_hook("r1", hidden, quarot.T.spinquant_divisor(hidden)))
+                    attach(m, _online_hook("r1", hidden, quarot.T.spinquant_divisor(hidden)))
     else:
         raise SystemExit(f"--hooks: unknown kind {kind!r} (transform, quarot, quarot_r1)")
     handles: list[Any] = []
