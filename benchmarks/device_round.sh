@@ -48,6 +48,7 @@ for step in "${steps[@]}"; do
     inference_cpu) run inference_cpu16 150 python3 benchmarks/inference.py --device cpu --threads 16 --layers 8 \
       --new_tokens 16 --repeat 2 --json "$OUT/inference-cpu16.json" ;;
     hadamard) run hadamard_cpu16 90 python3 benchmarks/hadamard.py --threads 16 --json "$OUT/hadamard-cpu16.json" ;;
+    fwht_decode) run fwht_decode_cuda 60 python3 benchmarks/fwht_decode_cuda.py --json "$OUT/fwht-decode-h200.json" ;;
     hadamard_cuda) run hadamard_cuda 90 python3 benchmarks/hadamard.py --device cuda --json "$OUT/hadamard-h200.json" ;;
     hadamard_cuda_bf16) run hadamard_cuda_bf16 90 python3 benchmarks/hadamard.py --device cuda --dtype bfloat16 \
       --json "$OUT/hadamard-h200-bf16.json" ;;

@@ -124,6 +124,22 @@ def test_r4_decode_row_k28(dtype):
     assert_same_bits(y, T.hadamard_transform(xc.cpu(), n, hk, sg, signs_first=True))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_off_env_same_bits(monkeypatch, dtype):
+    """FASTROUND_FWHT_SPLIT=0 forces the one-kernel plan on the rows the split plan takes: the same bits."""
+    n, k = 14336, 28
+    hk = T.spinquant_matrix(k).cuda()
+    sg = T.random_signs(n, torch.Generator().manual_seed(6)).to(torch.int8).cuda()
+    for rows in (1, 3):
+        x = rand(rows, n, dtype, 30 + rows).cuda()
+        split = T.hadamard_transform(x, n, hk, sg, signs_first=True)
+        monkeypatch.setenv("FASTROUND_FWHT_SPLIT", "0")
+        one = T.hadamard_transform(x, n, hk, sg, signs_first=True)
+        monkeypatch.delenv("FASTROUND_FWHT_SPLIT")
+        torch.cuda.synchronize()
+        assert_same_bits(split, one.cpu())
+
+
 def test_r4_hook_decode_row_cuda_equals_cpu():
     hook = Q.online_hook("r4", 14336, 28)
     x = rand(1, 14336, torch.bfloat16, 23).reshape(1, 1, 14336)
