@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -976,36 +977,89 @@ bool staged_cluster_fits(GemvKernel k, int split, size_t smem) {
   return true;
 }
 
-// Estimated microseconds of one configuration on `sms` SMs: the packed weight at a sustained 3.6 TB/s, or the
-// busiest SM at 60 GB/s when blocks spread unevenly, plus one DRAM round trip (~0.8 us) per chunk a row worker
-// waits on in turn, per wave, plus staging x (an L2 round trip per kThreads rows of the slice) and the cluster
-// reduction. Rough by design: woq_cuda_bench.py --staged measures.
-double staged_cost_us(int64_t rows, int64_t out, int u, int tx, int split, bool prefetch, int per_sm, int sms) {
-  const int64_t ty = kThreads / tx, ct = 4 * int64_t{tx};
-  const int64_t tiles = (out + ct - 1) / ct, blocks = tiles * split;
-  const int64_t chunks_blk = (rows / u + split - 1) / split;
+// ---- the staged GEMV's launch planner: a cost model of one launch ----
+//
+// A setting (U qweight rows per chunk, TX lanes per row worker, cluster split S) launches B = ceil(out / 4TX) * S
+// blocks of kThreads; each block converts its share of x (rows/S qweight rows) into shared memory, then its
+// TY = kThreads/TX row workers each walk `chain` = ceil(chunks per block / TY) chunks: issue U 16-byte loads, wait
+// for them, dequantize and multiply. Costed in microseconds, less what every setting of a problem pays alike
+// (the launch, streaming the packed weight once), so only comparisons are meaningful:
+//   blocks per SM   the busiest SM takes bsm = ceil(B / (sms * f(S))) blocks, f(S) the share of SMs a cluster
+//                   launch spreads over (1 up to S = 2, 0.85 at 4, 0.77 at 8: a cluster sits inside one GPC);
+//                   conc = min(bsm, resident blocks per SM) run at once, in waves = ceil(bsm / resident)
+//   chunk step      a round trip of kRoundTripUs + kPerLoadUs * U, then I = U * (codes * (2 + MT) + 4)
+//                   instructions per warp (codes per 16-byte load: 32 at 4 bits, 16 at 8; a mask, an FADD and MT
+//                   FMAs each) at max(kLoneCpi, warps * kSharedCpi / 4) cycles apiece: a lone warp waits on its
+//                   own dependent FMAs, while the SM's warps = conc * 8 * (share of workers given a chunk) that
+//                   compute at once share its 4 schedulers
+//   block           kStageUs per 4096 staged inputs times conc (the resident blocks stage at once, on the same
+//                   SM) + chain * step + kClusterUs when S > 1 (cluster barrier, the sums through DSMEM)
+//   cost            waves * block
+// Its constants are fitted to the H200 sweep (benchmarks/results/woq_cuda_staged-h200.json: 272 batch-1 timings
+// over 8 Llama-3-8B problems at 4 and 8 bits, 8% rms error in log time); its choice there is within 2% of the
+// best time measured on every problem (any kernel) but 8-bit 4096 x 4096, the best staged setting there and 3.5%
+// behind the rows kernel; the previous model (bytes at a fixed bandwidth plus a round trip per chunk) chose a
+// setting 32% slower than the best on the down_proj shape. Two settings stay out of the automatic choice, both measured slower wherever the
+// model cannot tell them apart: U = 16 (107 registers, 2 blocks per SM) unless each worker has one chunk and all
+// blocks fit in one wave, and prefetch (twice the registers for an overlap the other resident warps already give).
+struct StagedShape {
+  int64_t rows, out;  // qweight rows (in * bits / 32) and columns
+  int bits, mt;       // bits per code, batch rows of the kernel template
+  int sms;
+  double clock_ghz;
+};
+
+struct StagedSetting {
+  int u, tx, split;
+  int per_sm;  // resident blocks per SM (occupancy, with the setting's shared memory); prefetch costs the same
+};
+
+constexpr double kRoundTripUs = 0.35;
+constexpr double kPerLoadUs = 0.013;
+constexpr double kLoneCpi = 3.4;
+constexpr double kSharedCpi = 1.4;
+constexpr double kStageUs = 0.25;
+constexpr double kClusterUs = 0.75;
+
+double cluster_sm_share(int split) { return split <= 2 ? 1.0 : split == 4 ? 0.85 : 0.77; }
+
+struct StagedCost {
+  double us;
+  int64_t chain, waves;
+};
+
+StagedCost staged_cost(const StagedShape& p, const StagedSetting& s) {
+  const int64_t ty = kThreads / s.tx, ct = 4 * int64_t{s.tx};
+  const int64_t blocks = (p.out + ct - 1) / ct * s.split;
+  const int64_t chunks_blk = (p.rows / s.u + s.split - 1) / s.split;
   const int64_t chain = (chunks_blk + ty - 1) / ty;
-  const int64_t waves = (blocks + int64_t{sms} * per_sm - 1) / (int64_t{sms} * per_sm);
-  const int64_t per_sm_blocks = (blocks + sms - 1) / sms;
-  const double bytes = static_cast<double>(rows) * static_cast<double>(out) * 4.0;
-  const double sm_bytes = static_cast<double>(per_sm_blocks * chunks_blk * u * ct * 4);
-  const int64_t staging_steps = (chunks_blk * u + kThreads - 1) / kThreads;
-  // With prefetch a worker's later chunks arrive while it computes: count them at half a round trip.
-  const double trips = prefetch ? 1.0 + 0.5 * static_cast<double>(chain - 1) : static_cast<double>(chain);
-  return std::max(bytes / 3.6e6, sm_bytes / 6.0e4) + 0.8 * static_cast<double>(waves) * trips +
-         0.4 * static_cast<double>(waves * staging_steps) + (split > 1 ? 0.5 : 0.0);
+  const double busy = static_cast<double>(std::min(chunks_blk, ty)) / static_cast<double>(ty);
+  const int64_t bsm = static_cast<int64_t>(std::ceil(static_cast<double>(blocks) /
+                                                     (static_cast<double>(p.sms) * cluster_sm_share(s.split))));
+  const int64_t conc = std::min<int64_t>(bsm, s.per_sm);
+  const int64_t waves = (bsm + s.per_sm - 1) / s.per_sm;
+  const int codes = 4 * (32 / p.bits);
+  const double instr = static_cast<double>(s.u) * (codes * (2 + p.mt) + 4);
+  const double warps = static_cast<double>(conc) * (kThreads / 32) * busy;
+  const double compute_us = instr * std::max(kLoneCpi, warps * kSharedCpi / 4.0) / (p.clock_ghz * 1e3);
+  const double step_us = kRoundTripUs + kPerLoadUs * s.u + compute_us;
+  const double staged_inputs = static_cast<double>(chunks_blk * s.u * (32 / p.bits) * p.mt);
+  const double block_us = kStageUs * static_cast<double>(conc) * staged_inputs / 4096.0 +
+                          static_cast<double>(chain) * step_us + (s.split > 1 ? kClusterUs : 0.0);
+  return {static_cast<double>(waves) * block_us, chain, waves};
 }
 
-// The staged kernel's configuration for this problem: the tuned (u, tx, split) where given (0: any), else the
-// cheapest by staged_cost_us; a chunk must sit inside one group and the activation slice in shared memory.
+// The staged kernel's configuration for this problem: the tuned (u, tx, split, prefetch) where given (0: any), else
+// the cheapest by staged_cost; a chunk must sit inside one group and the activation slice in shared memory.
 template <int BITS, int MT, DType XT, DType ST>
 StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& tune) {
   constexpr int PF = 32 / BITS;
   constexpr const char* site = "woq_gemv_cuda";
-  int device = 0, sms = 0;
+  int device = 0, sms = 0, clock_khz = 0;
   check_launch(site, cudaGetDevice(&device));
   check_launch(site, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  sms = std::max(sms, 1);
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device) != cudaSuccess) (void)cudaGetLastError();
+  const StagedShape shape{rows, w.out, BITS, MT, std::max(sms, 1), clock_khz > 0 ? clock_khz * 1e-6 : 1.98};
   const int us[3] = {8, 16, 4};
   const int txs[3] = {32, 16, 8};
   StagedPlan best;
@@ -1016,7 +1070,7 @@ StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& t
     for (int tx : txs) {
       if (tune.tx != 0 && tx != tune.tx) continue;
       for (int pre = 0; pre < 2; ++pre) {
-        if (tune.prefetch != 0 && pre != tune.prefetch - 1) continue;
+        if (tune.prefetch == 0 ? pre != 0 : pre != tune.prefetch - 1) continue;
         const GemvKernel k = staged_kernel<BITS, MT, XT, ST>(u, tx, pre != 0);
         if (!k) continue;
         const size_t max_dyn = staged_max_dynamic(k);
@@ -1029,13 +1083,14 @@ StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& t
           if (smem > max_dyn) continue;
           const int per_sm = staged_blocks_per_sm(k, smem);
           if (per_sm <= 0 || !staged_cluster_fits(k, split, smem)) continue;
-          const double cost = staged_cost_us(rows, w.out, u, tx, split, pre != 0, per_sm, sms);
-          if (!best.kernel || cost < best_cost * (1.0 - 1e-9)) {
+          const StagedCost cost = staged_cost(shape, {u, tx, split, per_sm});
+          if (u == 16 && tune.unroll == 0 && (cost.chain > 1 || cost.waves > 1)) continue;
+          if (!best.kernel || cost.us < best_cost * (1.0 - 1e-9)) {
             best.kernel = k;
             best.split = split;
             best.tiles = (w.out + 4 * tx - 1) / (4 * tx);
             best.smem = smem;
-            best_cost = cost;
+            best_cost = cost.us;
           }
         }
       }
@@ -1181,10 +1236,7 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
       }
       a.rows = w.in * w.bits / 32;
       a.zwords = zwords_of(w);
-      // Auto keeps the rows kernel where in > out (down_proj): the H200 sweep timed the staged planner's choice
-      // there at 26.3 us against the rows kernel's 21.1 (14336x4096, docs/performance.md) until the planner learns it
-      const bool staged_wins = tune.kernel == WoqGemvKernel::Staged || w.in <= w.out;
-      if (tune.kernel != WoqGemvKernel::Rows && staged_wins && (w.bits == 4 || (w.bits == 8 && m == 1))) {
+      if (tune.kernel != WoqGemvKernel::Rows && (w.bits == 4 || (w.bits == 8 && m == 1))) {
         StagedPlan plan;
         auto plan_for = [&](auto bits_c, auto mt_c) {
           plan = cached_plan_staged<decltype(bits_c)::value, decltype(mt_c)::value, XT, SD>(w, a.rows, staged_tune);
