@@ -11,6 +11,7 @@
 // meet in distributed shared memory: one launch, no workspace, no atomics, the same sums in the same order on
 // every run.
 #include "fastround/infer/woq_cuda.h"
+#include "fastround/infer/woq_cuda_plan.h"
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -36,7 +37,7 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kStagedThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBatch = 8;     // default word rows a thread has in flight before it uses any
 constexpr int kMaxSplit = 8;  // blocks per cluster along the inputs (the portable cluster size)
@@ -1080,54 +1081,6 @@ bool staged_cluster_fits(GemvKernel k, int split, size_t smem) {
 // setting 32% slower than the best on the down_proj shape. Two settings stay out of the automatic choice, both measured slower wherever the
 // model cannot tell them apart: U = 16 (107 registers, 2 blocks per SM) unless each worker has one chunk and all
 // blocks fit in one wave, and prefetch (twice the registers for an overlap the other resident warps already give).
-struct StagedShape {
-  int64_t rows, out;  // qweight rows (in * bits / 32) and columns
-  int bits, mt;       // bits per code, batch rows of the kernel template
-  int sms;
-  double clock_ghz;
-  bool half2;         // the half2 variant: about 19 instructions per word of 8 codes (word_dot_half2)
-};
-
-struct StagedSetting {
-  int u, tx, split;
-  int per_sm;  // resident blocks per SM (occupancy, with the setting's shared memory); prefetch costs the same
-};
-
-constexpr double kRoundTripUs = 0.35;
-constexpr double kPerLoadUs = 0.013;
-constexpr double kLoneCpi = 3.4;
-constexpr double kSharedCpi = 1.4;
-constexpr double kStageUs = 0.25;
-constexpr double kClusterUs = 0.75;
-
-double cluster_sm_share(int split) { return split <= 2 ? 1.0 : split == 4 ? 0.85 : 0.77; }
-
-struct StagedCost {
-  double us;
-  int64_t chain, waves;
-};
-
-StagedCost staged_cost(const StagedShape& p, const StagedSetting& s) {
-  const int64_t ty = kThreads / s.tx, ct = 4 * int64_t{s.tx};
-  const int64_t blocks = (p.out + ct - 1) / ct * s.split;
-  const int64_t chunks_blk = (p.rows / s.u + s.split - 1) / s.split;
-  const int64_t chain = (chunks_blk + ty - 1) / ty;
-  const double busy = static_cast<double>(std::min(chunks_blk, ty)) / static_cast<double>(ty);
-  const int64_t bsm = static_cast<int64_t>(std::ceil(static_cast<double>(blocks) /
-                                                     (static_cast<double>(p.sms) * cluster_sm_share(s.split))));
-  const int64_t conc = std::min<int64_t>(bsm, s.per_sm);
-  const int64_t waves = (bsm + s.per_sm - 1) / s.per_sm;
-  const int codes = 4 * (32 / p.bits);
-  const double instr = static_cast<double>(s.u) * (p.half2 ? 4 * 19 : codes * (2 + p.mt) + 4);
-  const double warps = static_cast<double>(conc) * (kThreads / 32) * busy;
-  const double compute_us = instr * std::max(kLoneCpi, warps * kSharedCpi / 4.0) / (p.clock_ghz * 1e3);
-  const double step_us = kRoundTripUs + kPerLoadUs * s.u + compute_us;
-  const double staged_inputs = static_cast<double>(chunks_blk * s.u * (32 / p.bits) * p.mt);
-  const double block_us = kStageUs * static_cast<double>(conc) * staged_inputs / 4096.0 +
-                          static_cast<double>(chain) * step_us + (s.split > 1 ? kClusterUs : 0.0);
-  return {static_cast<double>(waves) * block_us, chain, waves};
-}
-
 // The staged kernel's configuration for this problem: the tuned (u, tx, split, prefetch) where given (0: any), else
 // the cheapest by staged_cost; a chunk must sit inside one group and the activation slice in shared memory.
 template <int BITS, int MT, DType XT, DType ST>
@@ -1164,7 +1117,7 @@ StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& t
           const int per_sm = staged_blocks_per_sm(k, smem);
           if (per_sm <= 0 || !staged_cluster_fits(k, split, smem)) continue;
           const StagedCost cost = staged_cost(shape, {u, tx, split, per_sm});
-          if (u == 16 && tune.unroll == 0 && (cost.chain > 1 || cost.waves > 1)) continue;
+          if (tune.unroll == 0 && !staged_auto_admits(u, cost)) continue;
           if (!best.kernel || cost.us < best_cost * (1.0 - 1e-9)) {
             best.kernel = k;
             best.split = split;
