@@ -1078,9 +1078,12 @@ bool staged_cluster_fits(GemvKernel k, int split, size_t smem) {
 // over 8 Llama-3-8B problems at 4 and 8 bits, 8% rms error in log time); its choice there is within 2% of the
 // best time measured on every problem (any kernel) but 8-bit 4096 x 4096, the best staged setting there and 3.5%
 // behind the rows kernel; the previous model (bytes at a fixed bandwidth plus a round trip per chunk) chose a
-// setting 32% slower than the best on the down_proj shape. Two settings stay out of the automatic choice, both measured slower wherever the
-// model cannot tell them apart: U = 16 (107 registers, 2 blocks per SM) unless each worker has one chunk and all
-// blocks fit in one wave, and prefetch (twice the registers for an overlap the other resident warps already give).
+// setting 32% slower than the best on the down_proj shape. Two settings stay out of the automatic choice, both
+// measured slower wherever the model cannot tell them apart: U = 16 (107 registers, 2 blocks per SM) unless each
+// worker has one chunk and all blocks fit in one wave (staged_auto_admits), and prefetch (twice the registers for
+// an overlap the other resident warps already give). The model is plain C++ in infer/woq_cuda_plan.h, replayed on
+// the sweep by cpp/tests/test_woq_cuda_plan.cpp. The half2 variant costs about 19 instructions per word instead.
+//
 // The staged kernel's configuration for this problem: the tuned (u, tx, split, prefetch) where given (0: any), else
 // the cheapest by staged_cost; a chunk must sit inside one group and the activation slice in shared memory.
 template <int BITS, int MT, DType XT, DType ST>
