@@ -425,12 +425,13 @@ def test_half2_variant(cuda, variant, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half2_large_activations(cuda, dtype, monkeypatch):
-    """Activations near fp16's top: the products are taken as q/16 * x, so they overflow no sooner than x."""
+    """Large fp16 activations: the products are taken as (q - z)/16 * x, so they overflow no sooner than x; a lane's
+    sum of 4 products (inputs j, j+1, j+2, j+3 of a word's half) stays finite while their |x| add up to < 65504."""
     monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "half2")
     qweight, qzeros, scales = make_layer(1024, 256, 4, 128, "gptq", torch.float16, 3)
     g = torch.Generator().manual_seed(4)
     x = (torch.rand(1, 1024, generator=g) * 2 - 1) * 4000.0
-    x[0, :8] = torch.tensor([30000.0, -30000.0, 16000.0, -16000.0, 0.0, 1e-6, -1e-6, 8000.0])
+    x[0, :8] = torch.tensor([16000.0, -16000.0, 8000.0, -8000.0, 0.0, 1e-6, -1e-6, 60000.0])
     x = x.to(dtype)
     ref = linear_reference(x, qweight, qzeros, scales, None, 4, 128, "gptq")
     y = _op(x.to(cuda), qweight.to(cuda), qzeros.to(cuda), scales.to(cuda), None, 4, 128, "gptq")

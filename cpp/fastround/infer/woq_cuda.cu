@@ -359,43 +359,63 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 :
 // per instruction: a mask puts the codes of inputs j and j+4 (nibble j of each half of a word) into the mantissas
 // of a half2 whose exponent makes one unit of the mantissa one unit of q, so the pair reads (B + q, B + q') exactly
 // (fp16: B = 1024 with the code at bit 0, or 1024 + 16q at bit 4; bf16, 7 mantissa bits: B = 128, the word shifted
-// so the code sits at bit 0); one HFMA2 turns it into the exact pair (q/16, q'/16), four HFMA2 take the word's 8
-// products with the staged pairs (x_j, x_{j+4}), and the two lanes, 4 products each, join the fp32 sum. The 1/16
-// keeps |q x| below |x|, so that fp16 products overflow no sooner than x itself (a lane's 4-term sum from
-// |x| ~ 17000 of one sign); the fold multiplies the 16 back (exact).
+// so the code sits at bit 0); one HFMA2 turns it into the exact pair ((q - z)/16, (q' - z)/16), four HFMA2 take the
+// word's 8 products with the staged pairs (x_j, x_{j+4}), and the two lanes, 4 products each, join the fp32 sum.
+// The 1/16 keeps |(q - z) x| within |x|, so that fp16 products overflow no sooner than x itself (a lane's 4-term sum
+// only once the 4 inputs' |x| add up past 65504); the fold multiplies the 16 back (exact).
 // Rounding: each product and the 4-term sums round to x's dtype before the fp32 sum, within the GPU checks'
 // tolerance of the fp32 path (2e-3 fp16, 1.6e-2 bf16, relative to the largest output).
 
 template <DType XT>
-__device__ __forceinline__ float word_dot_half2(uint32_t w, const uint4& xp) {
-  static_assert(XT == DType::F16 || XT == DType::BF16, "x is fp16 or bf16");
-  using H2 = std::conditional_t<XT == DType::F16, __half2, __nv_bfloat162>;
-  auto h2 = [](uint32_t u) {
-    H2 h;
-    memcpy(&h, &u, 4);
-    return h;
-  };
-  constexpr uint32_t kLow = 0x000F000Fu;  // nibble 0 of each half
-  H2 d[4];                                // (q_j, q_{j+4}) / 16 for j = 0..3
+using Half2Of = std::conditional_t<XT == DType::F16, __half2, __nv_bfloat162>;
+
+template <DType XT>
+__device__ __forceinline__ Half2Of<XT> half2_bits(uint32_t u) {
+  Half2Of<XT> h;
+  memcpy(&h, &u, 4);
+  return h;
+}
+
+// The additive constants of word_dot_half2 for a column with zero point z: with them the HFMA2 yields (q - z) / 16,
+// exact (|q - z| <= 16 and the constants are representable: 64 + z/16 and 4 + z/16 in fp16, 8 + z/16 in bf16).
+// Subtracting z before the products keeps their rounding relative to the result, not to sum(q * x).
+template <DType XT>
+__device__ __forceinline__ void half2_zero_terms(float z, Half2Of<XT>& b0, Half2Of<XT>& b1) {
   if constexpr (XT == DType::F16) {
-    constexpr uint32_t kB = 0x64006400u;  // 1024: one mantissa unit is 1
-    const H2 s0 = h2(0x2C002C00u), b0 = h2(0xD400D400u);  // 1/16, -64:  (1024 + q) / 16 - 64 = q / 16
-    const H2 s1 = h2(0x1C001C00u), b1 = h2(0xC400C400u);  // 1/256, -4: (1024 + 16q) / 256 - 4 = q / 16
-    const uint32_t w8 = w >> 8;
-    d[0] = __hfma2(h2((w & kLow) | kB), s0, b0);
-    d[1] = __hfma2(h2((w & (kLow << 4)) | kB), s1, b1);
-    d[2] = __hfma2(h2((w8 & kLow) | kB), s0, b0);
-    d[3] = __hfma2(h2((w8 & (kLow << 4)) | kB), s1, b1);
+    b0 = __float2half2_rn(-(64.0f + z * 0.0625f));
+    b1 = __float2half2_rn(-(4.0f + z * 0.0625f));
   } else {
-    constexpr uint32_t kB = 0x43004300u;                  // 128: one mantissa unit is 1
-    const H2 s0 = h2(0x3D803D80u), b0 = h2(0xC100C100u);  // 1/16, -8: (128 + q) / 16 - 8 = q / 16
-#pragma unroll
-    for (int j = 0; j < 4; ++j) d[j] = __hfma2(h2(((w >> (4 * j)) & kLow) | kB), s0, b0);
+    b0 = __float2bfloat162_rn(-(8.0f + z * 0.0625f));
+    b1 = b0;
   }
-  H2 acc = __hmul2(d[0], h2(xp.x));
-  acc = __hfma2(d[1], h2(xp.y), acc);
-  acc = __hfma2(d[2], h2(xp.z), acc);
-  acc = __hfma2(d[3], h2(xp.w), acc);
+}
+
+// sum over the word's 8 inputs of (q - z) / 16 * x, x's pairs (x_j, x_{j+4}) in xp; b0, b1 from half2_zero_terms.
+template <DType XT>
+__device__ __forceinline__ float word_dot_half2(uint32_t w, const uint4& xp, Half2Of<XT> b0, Half2Of<XT> b1) {
+  static_assert(XT == DType::F16 || XT == DType::BF16, "x is fp16 or bf16");
+  using H2 = Half2Of<XT>;
+  constexpr uint32_t kLow = 0x000F000Fu;  // nibble 0 of each half
+  H2 d[4];                                // (q_j - z, q_{j+4} - z) / 16 for j = 0..3
+  if constexpr (XT == DType::F16) {
+    constexpr uint32_t kB = 0x64006400u;             // 1024: one mantissa unit is 1
+    const H2 s0 = half2_bits<XT>(0x2C002C00u);       // 1/16:  (1024 + q) / 16 - 64 - z/16 = (q - z) / 16
+    const H2 s1 = half2_bits<XT>(0x1C001C00u);       // 1/256: (1024 + 16q) / 256 - 4 - z/16 = (q - z) / 16
+    const uint32_t w8 = w >> 8;
+    d[0] = __hfma2(half2_bits<XT>((w & kLow) | kB), s0, b0);
+    d[1] = __hfma2(half2_bits<XT>((w & (kLow << 4)) | kB), s1, b1);
+    d[2] = __hfma2(half2_bits<XT>((w8 & kLow) | kB), s0, b0);
+    d[3] = __hfma2(half2_bits<XT>((w8 & (kLow << 4)) | kB), s1, b1);
+  } else {
+    constexpr uint32_t kB = 0x43004300u;        // 128: one mantissa unit is 1
+    const H2 s0 = half2_bits<XT>(0x3D803D80u);  // 1/16: (128 + q) / 16 - 8 - z/16 = (q - z) / 16
+#pragma unroll
+    for (int j = 0; j < 4; ++j) d[j] = __hfma2(half2_bits<XT>(((w >> (4 * j)) & kLow) | kB), s0, b0);
+  }
+  H2 acc = __hmul2(d[0], half2_bits<XT>(xp.x));
+  acc = __hfma2(d[1], half2_bits<XT>(xp.y), acc);
+  acc = __hfma2(d[2], half2_bits<XT>(xp.z), acc);
+  acc = __hfma2(d[3], half2_bits<XT>(xp.w), acc);
   float2 f;
   if constexpr (XT == DType::F16) f = __half22float2(acc);
   else f = __bfloat1622float2(acc);
@@ -516,14 +536,21 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
       }
       float p[MT][4] = {};  // this chunk's sum(q * 2^(BITS*t) * x * 2^-(BITS*t)) per row and column
       const int rl0 = static_cast<int>(c - c0) * U;
+      Half2Of<XT> hb0[4], hb1[4];  // HALF2: the zero points' terms (half2_zero_terms), per column
+      if constexpr (HALF2) {
+        float sc[4], zc[4];
+        unpack_group<BITS, ST>(graw, n0, a.zero_add, sc, zc);
+#pragma unroll
+        for (int c4 = 0; c4 < 4; ++c4) half2_zero_terms<XT>(zc[c4], hb0[c4], hb1[c4]);
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if constexpr (HALF2) {  // p: sum(q * x / 16), see word_dot_half2
+        if constexpr (HALF2) {  // p: sum((q - z) * x / 16), see word_dot_half2
           const uint4 xv = reinterpret_cast<const uint4*>(staged_smem)[rl0 + u];
-          p[0][0] += word_dot_half2<XT>(q[u].x, xv);
-          p[0][1] += word_dot_half2<XT>(q[u].y, xv);
-          p[0][2] += word_dot_half2<XT>(q[u].z, xv);
-          p[0][3] += word_dot_half2<XT>(q[u].w, xv);
+          p[0][0] += word_dot_half2<XT>(q[u].x, xv, hb0[0], hb1[0]);
+          p[0][1] += word_dot_half2<XT>(q[u].y, xv, hb0[1], hb1[1]);
+          p[0][2] += word_dot_half2<XT>(q[u].z, xv, hb0[2], hb1[2]);
+          p[0][3] += word_dot_half2<XT>(q[u].w, xv, hb0[3], hb1[3]);
           continue;
         }
         float v[4][PF];
@@ -550,16 +577,19 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
       // Fold the chunk in before the next chunk's loads overwrite its scale and zero.
       float sc[4], zc[4];
       unpack_group<BITS, ST>(graw, n0, a.zero_add, sc, zc);
-      constexpr float kUnfold = HALF2 ? 16.0f : 1.0f;
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= a.m) break;
+        if constexpr (HALF2) {  // the zero points are already in p
+#pragma unroll
+          for (int c4 = 0; c4 < 4; ++c4) acc[m][c4] = fmaf(sc[c4], 16.0f * p[m][c4], acc[m][c4]);
+          continue;
+        }
         float sx = 0.0f;
 #pragma unroll
         for (int u = 0; u < U; ++u) sx += xrow[m * nrows + rl0 + u];
 #pragma unroll
-        for (int c4 = 0; c4 < 4; ++c4)
-          acc[m][c4] = fmaf(sc[c4], fmaf(-zc[c4], sx, kUnfold * p[m][c4]), acc[m][c4]);
+        for (int c4 = 0; c4 < 4; ++c4) acc[m][c4] = fmaf(sc[c4], fmaf(-zc[c4], sx, p[m][c4]), acc[m][c4]);
       }
       if constexpr (PREFETCH) {
 #pragma unroll
