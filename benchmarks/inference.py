@@ -213,9 +213,35 @@ def hook_overhead(model: torch.nn.Module, device: str, kind: str, fused: bool, p
             else:
                 off_s.append(generate_seconds(model, ids, device, new))
     ratios = [a / b - 1.0 for a, b in zip(on_s, off_s)]
-    return {"rotations": count, "overhead_median": statistics.median(ratios), "overhead_min": min(ratios),
-            "overhead_max": max(ratios), "hooked_tok_s_median": new / statistics.median(on_s),
-            "plain_tok_s_median": new / statistics.median(off_s), "pairs": pairs}
+    res = {"rotations": count, "overhead_median": statistics.median(ratios), "overhead_min": min(ratios),
+           "overhead_max": max(ratios), "hooked_tok_s_median": new / statistics.median(on_s),
+           "plain_tok_s_median": new / statistics.median(off_s), "pairs": pairs,
+           # interference (other processes, clocks) only adds time: the fastest run of each side is its own cost
+           "overhead_best": min(on_s) / min(off_s) - 1.0, "hooked_s": on_s, "plain_s": off_s}
+    if device.startswith("cuda"):
+        # the GPU's kernel time per generate: what a step pays once the host is out of the way (CUDA graphs, a
+        # serving engine), unlike the eager wall time above, which a host-bound decode step makes noisy
+        handles = add_hooks(model, kind, fused)
+        on_k = kernel_seconds(model, ids, device, new)
+        remove_hooks(handles)
+        off_k = kernel_seconds(model, ids, device, new)
+        res.update({"kernel_ms_per_token_hooked": 1e3 * on_k / new, "kernel_ms_per_token_plain": 1e3 * off_k / new,
+                    "kernel_overhead": on_k / off_k - 1.0})
+    return res
+
+
+@torch.no_grad()
+def kernel_seconds(model: torch.nn.Module, ids: torch.Tensor, device: str, new: int) -> float:
+    """Sum of the device kernels' times over one generate (torch.profiler; each kernel counted once, as its
+    launching op's self device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, **kw)
+        _sync(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) * 1e-6
 
 
 @torch.no_grad()
@@ -310,8 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             res[f"{tag}_hooks_step_overhead"] = r["overhead_median"]
             print(f"w4 + {kind} rotations ({r['rotations']}, {path}): decode {r['hooked_tok_s_median']:.2f} tok/s "
                   f"against {r['plain_tok_s_median']:.2f} without: +{100 * r['overhead_median']:.1f}% median of "
-                  f"{r['pairs']} pairs (min {100 * r['overhead_min']:+.1f}%, max {100 * r['overhead_max']:+.1f}%)",
-                  flush=True)
+                  f"{r['pairs']} pairs (min {100 * r['overhead_min']:+.1f}%, max {100 * r['overhead_max']:+.1f}%), "
+                  f"fastest against fastest {100 * r['overhead_best']:+.1f}%"
+                  + (f"; GPU kernel time {r['kernel_ms_per_token_hooked']:.3f} against "
+                     f"{r['kernel_ms_per_token_plain']:.3f} ms/token ({100 * r['kernel_overhead']:+.1f}%)"
+                     if "kernel_overhead" in r else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
