@@ -123,8 +123,8 @@ def staged_hadamard(x: torch.Tensor) -> torch.Tensor:
     """x [..., n], n a power of two -> x·Ĥ_n the way upstream's matmul_hadU computes it for K = 1: log2(n) butterfly
     stages on adjacent pairs (bit 0 first), each sum and difference rounded to x's dtype, then one division by
     sqrt(n). SignRound's numerics for a full-size deterministic R1 (weight rotation and online hook), so that the
-    tuned codes are upstream's: in bf16 the staged sums differ from the once-rounded FWHT in the last bit of some
-    values. Out of place, so autograd's gradient is the same staged map, as upstream's."""
+    tuned codes are upstream's: in bf16 every stage rounds, and most values differ from the once-rounded FWHT (about 4
+    times its error). Out of place, so autograd's gradient is the same staged map, as upstream's."""
     n = x.shape[-1]
     if not T.is_pow2(n):
         raise ValueError(f"quarot: staged Hadamard needs a power-of-two last dimension, got {n}")
@@ -481,19 +481,20 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None, tun
                     _rotate_out_by(lin, m1)
         elif do_r1:
             rot1 = rnd.get("r1")
-            staged = tuning and r1 == a.hidden  # upstream's block-size R1 is an fp64 / dense product instead
+            # block-size R1: upstream rotates the weights in fp64 as here, but its hook is a dense matmul in the
+            # activation dtype, not reproduced while tuning (docs/compatibility.md)
+            staged = tuning and r1 == a.hidden
             for layer in layers:
                 att, mlp = layer.self_attn, layer.mlp
                 for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
                     if rot1 is None:
-                        if staged:
-                            lin.weight.data = staged_hadamard(lin.weight.data)
-                        else:
-                            _rotate_in(lin, r1)
                         block_map = _BlockMap(r1, None, None, fp32=False)
                         if staged:
+                            lin.weight.data = staged_hadamard(lin.weight.data)
                             block_map.staged = True
                             staged_maps.append(block_map)
+                        else:
+                            _rotate_in(lin, r1)
                         hook = _hook(block_map)
                     else:
                         _rotate_in_by(lin, rot1.matrix)
