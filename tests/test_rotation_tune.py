@@ -77,9 +77,9 @@ def test_mxfp4_hadamard_signround_matches_upstream(checkpoint, tmp_path, caplog,
 
 def test_w4a16_quarot_signround_loads_and_beats_rtn(checkpoint, tmp_path, caplog) -> None:
     """"quarot" on the aligned Llama (hidden 160: R1 off as upstream decides, R2 per head of 32) tuned by
-    SignRound. Not compared with upstream: with a "quarot" rotation_config upstream 0.16.1 tunes 200 iterations at
-    its default lr whatever iters / lr say (both are SpinQuantConfig fields too, so its argument router drops
-    them; 8 minutes here). Instead: every
+    SignRound, in fp32. Not compared with upstream here (test_quarot_r1_signround_matches_upstream is, with R1 on:
+    upstream needs iters / lr through SignRoundConfig, as it drops direct ones with a "quarot" rotation_config and
+    tunes 200 iterations). Instead: every
     block's best loss is below its iteration 0 (RTN), and the saved checkpoint, loaded through fastround's
     transformers integration, computes the in-memory quantized model's logits."""
     from fastround.hf import load_quantized
