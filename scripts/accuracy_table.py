@@ -182,13 +182,20 @@ def run_row(ctx: _Context, scheme: str, label: str, rotation: str) -> dict[str, 
     extra: dict[str, Any] = {"enable_torch_compile": False} if args.tool == "upstream" else {}
     if ROTATIONS[rotation] is not None:
         extra["rotation_config"] = ROTATIONS[rotation]
+    method = dict(METHODS[label])
+    if args.tool == "upstream" and rotation == "quarot" and method.get("iters"):
+        # with a SpinQuant rotation_config upstream drops a direct iters / lr (both are SpinQuantConfig fields too,
+        # so its router finds two owners) and tunes 200 iterations: SignRound gets them through its config object
+        from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
+
+        extra["alg_configs"] = [SignRoundConfig(**{k: method.pop(k) for k in ("iters", "lr") if k in method})]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
     start = time.perf_counter()
     try:
         ar = AutoRound(
             model, tokenizer=ctx.tokenizer, scheme=scheme, disable_model_free=True, dataset=str(args.calibration),
             nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device_map=args.device,
-            **METHODS[label], **extra,
+            **method, **extra,
         )
     except (NotImplementedError, ValueError) as e:  # a configuration this tool does not run: say so in the row
         logger.warning("%s %s %s %s: refused: %s", args.tool, scheme, label, rotation, e)

@@ -23,6 +23,8 @@ Kinds:
                    (model-loading) flow silently keeps any Linear with a dim
                    not divisible by 32 in full precision, so only this kind
                    is useful for cross-checking against it.
+  llama_pow2       LlamaForCausalLM with hidden 128 (a power of two, so QuaRot's default full-size online R1 is
+                   on; hidden 160 turns it off). Not in KINDS: only the QuaRot tests build it.
 """
 
 from __future__ import annotations
@@ -253,6 +255,15 @@ def _make_llama_aligned(layers: int = 2) -> tuple[torch.nn.Module, int | None]:
     return LlamaForCausalLM(cfg), None
 
 
+def _make_llama_pow2() -> tuple[torch.nn.Module, int | None]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg), None
+
+
 def _make_qwen2(aligned: bool = False) -> tuple[torch.nn.Module, int | None]:
     """aligned: every Linear dim a multiple of 32, so the regular flow quantizes all of them (biases included)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -328,6 +339,7 @@ _FACTORIES: dict[str, Callable[[], tuple[torch.nn.Module, int | None]]] = {
     "llama_tied": lambda: _make_llama(tied=True),
     "llama_aligned": _make_llama_aligned,
     "llama_aligned4": lambda: _make_llama_aligned(layers=4),  # SignRound resume: killed between blocks
+    "llama_pow2": _make_llama_pow2,
     "qwen2": _make_qwen2,
     "qwen2_aligned": lambda: _make_qwen2(aligned=True),
     "qwen3_moe": _make_qwen3_moe,

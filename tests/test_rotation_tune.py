@@ -5,8 +5,9 @@ Per-linear transform backend (MXFP4 + `hadamard` / `random_hadamard`): each bloc
 unrotated layers; then its layers are rotated (weight W·Mᵀ, online pre-hook x·Mᵀ) and tuned, the wrapper running
 the hook before the activation qdq, as upstream's patched WrapperLinear does from its first weight qdq on, with
 upstream's products while tuning (byte-equal checkpoints). QuaRot (`"quarot"`) rotates the model before the block
-loop and SignRound tunes the rotated model. Every block's best iteration is after 0, so the comparison covers moved
-parameters, not RTN's.
+loop and SignRound tunes the rotated model; with a full-size online R1 the weight rotation and the hooks run upstream's
+staged bf16 butterfly while tuning (byte-equal checkpoints). Every block's best iteration is after 0, so the
+comparison covers moved parameters, not RTN's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from test_rotation import _UPSTREAM_SCRIPT, _assert_same_rotated_checkpoint, _texts
 
@@ -75,9 +77,9 @@ def test_mxfp4_hadamard_signround_matches_upstream(checkpoint, tmp_path, caplog,
 
 def test_w4a16_quarot_signround_loads_and_beats_rtn(checkpoint, tmp_path, caplog) -> None:
     """"quarot" on the aligned Llama (hidden 160: R1 off as upstream decides, R2 per head of 32) tuned by
-    SignRound. Not compared with upstream: with a "quarot" rotation_config upstream 0.16.1 tunes 200 iterations at
-    its default lr whatever iters / lr say (both are SpinQuantConfig fields too, so its argument router drops
-    them; 8 minutes here). Instead: every
+    SignRound, in fp32. Not compared with upstream here (test_quarot_r1_signround_matches_upstream is, with R1 on:
+    upstream needs iters / lr through SignRoundConfig, as it drops direct ones with a "quarot" rotation_config and
+    tunes 200 iterations). Instead: every
     block's best loss is below its iteration 0 (RTN), and the saved checkpoint, loaded through fastround's
     transformers integration, computes the in-memory quantized model's logits."""
     from fastround.hf import load_quantized
@@ -96,6 +98,74 @@ def test_w4a16_quarot_signround_loads_and_beats_rtn(checkpoint, tmp_path, caplog
         loaded = load_quantized(ours, dtype=torch.float32)
         got = loaded(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+# upstream with a "quarot" rotation_config drops direct iters / lr (SpinQuantConfig has both fields too): they reach
+# SignRound through its config object
+_UPSTREAM_QUAROT_SCRIPT = """
+import json, sys
+from auto_round import AutoRound
+from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
+kw = json.loads(sys.argv[1])
+kw["alg_configs"] = [SignRoundConfig(iters=kw.pop("iters"), lr=kw.pop("lr"))]
+ar = AutoRound(kw.pop("src"), enable_torch_compile=False, **kw)
+_, folder = ar.quantize_and_save(sys.argv[2], format="auto_round")
+print("FOLDER=" + folder)
+"""
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "MXFP4"])
+def test_quarot_r1_signround_matches_upstream(checkpoint, tmp_path, caplog, scheme) -> None:
+    """"quarot" on a hidden-128 Llama (full-size online R1 on q/k/v/gate/up, R2 per head) tuned by SignRound: the
+    checkpoint is upstream's byte for byte and the logged losses are its. Upstream rotates those weights and runs
+    the R1 hooks with matmul_hadU in the model's dtype (bf16 rounding after every butterfly stage); with the FWHT
+    rounded once, 28 of 70 W4A16 tensors differed. After quantize() the hooks are the FWHT again."""
+    from fastround import quarot
+
+    src = checkpoint("llama_pow2")
+    kwargs = {"scheme": scheme, "iters": 4, "lr": 0.02, "rotation_config": "quarot"}
+    kw = dict(COMMON, dataset=_texts(), src=str(src), **kwargs)
+    run = subprocess.run([sys.executable, "-c", _UPSTREAM_QUAROT_SCRIPT, json.dumps(kw), str(tmp_path / "up")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    up_losses = [(float(a), int(i), float(b)) for a, i, b in BEST.findall(run.stdout + run.stderr)]
+    theirs = Path(run.stdout.split("FOLDER=")[-1].strip())
+    ar, ours, losses = _ours(src, tmp_path / "fr", caplog, **kwargs)
+    assert len(up_losses) == 2 and min(i for _, i, _ in up_losses) > 0, up_losses  # tuned past RTN's codes
+    assert [f"{a:.3e} {i} {b:.3e}" for a, i, b in losses] == [f"{a:.3e} {i} {b:.3e}" for a, i, b in up_losses]
+    a = safe_open(str(ours / "model.safetensors"), "pt")
+    b = safe_open(str(theirs / "model.safetensors"), "pt")
+    assert set(a.keys()) == set(b.keys())
+    for k in sorted(a.keys()):  # every byte, the 0-d spinquant_r1_type / _size buffers included
+        x, y = a.get_tensor(k), b.get_tensor(k)
+        assert x.dtype == y.dtype and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k
+    maps = ar.quarot_plan.staged_maps
+    assert len(maps) == 10 and not any(m.staged for m in maps)  # 5 R1 targets x 2 layers, back to the FWHT
+    x = torch.randn(3, 128).bfloat16()
+    assert torch.equal(maps[0](x), quarot.online_hook("r1", 128)(None, (x,))[0])
+
+
+def test_staged_hadamard_is_upstreams_matmul_hadU() -> None:
+    """The staged butterfly and its gradient equal upstream's matmul_hadU bit for bit in bf16 (under autocast, as
+    in the tuning forward), and differ from the FWHT rounded once, so the equality can fail."""
+    from auto_round.algorithms.transforms.spinquant.rotation_utils import matmul_hadU
+
+    from fastround import transform_ops as T
+    from fastround.quarot import staged_hadamard
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (32, 128, 256):
+        x = torch.randn(3, 5, n, generator=gen).bfloat16()
+        g = torch.randn(3, 5, n, generator=gen).bfloat16()
+        outs = []
+        for fn in (matmul_hadU, staged_hadamard):
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = fn(xi)
+            y.backward(g)
+            outs.append((y.detach(), xi.grad))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), n
+        assert not torch.equal(T.hadamard_transform(x, n), outs[0][0]), n
 
 
 def test_wrappers_run_the_online_rotation() -> None:

@@ -213,7 +213,8 @@ class Compressor:
             from fastround.quarot import apply_quarot
 
             # upstream's model-level pre-quantization stage: the whole model, in its loaded dtype, fp64 inside
-            self.quarot_plan = apply_quarot(model, self.quarot)
+            # (SignRound: a full-size R1 in upstream's staged numerics, so that the tuned codes are its bytes)
+            self.quarot_plan = apply_quarot(model, self.quarot, tuning=self.signround is not None)
             for name, tensor in self.quarot_plan.model_tensors().items():
                 if tensor.is_floating_point():
                     model.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
@@ -253,6 +254,8 @@ class Compressor:
             self._packer = None
             if self.rotation is not None:
                 self.rotation.use_tuning_numerics(None)
+            if self.quarot_plan is not None:
+                self.quarot_plan.use_tuning_numerics(False)
         self.quantized = True
         return model, self.layer_config
 

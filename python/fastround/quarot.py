@@ -93,10 +93,38 @@ def _rotate_out(linear: torch.nn.Linear, n: int) -> None:
         linear.bias.data = _rows(linear.bias.data, n)
 
 
-def _block_map(n: int, hk: torch.Tensor | None, signs: torch.Tensor | None, fp32: bool) -> T.BlockRotation:
+class _BlockMap(T.BlockRotation):
     """x <- x·Tᵀ (fixed) or x·diag(d)·Tᵀ (random, d the signs) on each n-block of the last dimension, through the
     FWHT kernel on x's device (signs first); fp32: R4's numerics (non-float32 types computed in fp32)."""
-    return T.BlockRotation(n, hk, signs, transpose=False, signs_first=True, fp32=fp32)
+
+    def __init__(self, n: int, hk: torch.Tensor | None, signs: torch.Tensor | None, fp32: bool) -> None:
+        super().__init__(n, hk, signs, transpose=False, signs_first=True, fp32=fp32)
+        # True while SignRound tunes a full-size deterministic R1 (QuaRotPlan.use_tuning_numerics): upstream's
+        # stage-by-stage butterfly instead of the FWHT rounded once
+        self.staged = False
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        return not self.staged and super().fusable(x)  # the fused op computes the FWHT, not the staged map
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return staged_hadamard(x) if self.staged else super().__call__(x)
+
+
+def staged_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n], n a power of two -> x·Ĥ_n the way upstream's matmul_hadU computes it for K = 1: log2(n) butterfly
+    stages on adjacent pairs (bit 0 first), each sum and difference rounded to x's dtype, then one division by
+    sqrt(n). SignRound's numerics for a full-size deterministic R1 (weight rotation and online hook), so that the
+    tuned codes are upstream's: in bf16 every stage rounds, and most values differ from the once-rounded FWHT (about 4
+    times its error). Out of place, so autograd's gradient is the same staged map, as upstream's."""
+    n = x.shape[-1]
+    if not T.is_pow2(n):
+        raise ValueError(f"quarot: staged Hadamard needs a power-of-two last dimension, got {n}")
+    rows = x.reshape(-1, n, 1)  # [rows, m, r]: m blocks still to pair, r = n / m sums per block
+    while rows.shape[1] > 1:
+        pairs = rows.reshape(rows.shape[0], rows.shape[1] // 2, 2, rows.shape[2])  # [rows, m/2, 2, r]
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        rows = torch.stack((a + b, a - b), dim=2).reshape(rows.shape[0], rows.shape[1] // 2, -1)
+    return rows.reshape(x.shape) / math.sqrt(n)
 
 
 def _hook(block_map: T.BlockRotation):
@@ -112,7 +140,7 @@ def online_hook(position: str, size: int, k: int = 1):
     upstream's R4 hook runs whatever the activation dtype), T built on SpinQuant's K matrix of order k (1:
     Sylvester). A random matrix's hook is _hook(RandomRotation.block_map(...))."""
     hk = T.spinquant_matrix(k) if k > 1 else None
-    return _hook(_block_map(size, hk, None, fp32=position == "r4"))
+    return _hook(_BlockMap(size, hk, None, fp32=position == "r4"))
 
 
 @dataclass
@@ -166,7 +194,7 @@ class RandomRotation:
 
     def block_map(self, fp32: bool) -> T.BlockRotation:
         k = self.k
-        return _block_map(self.n, T.spinquant_matrix(k) if k > 1 else None, self.signs, fp32)
+        return _BlockMap(self.n, T.spinquant_matrix(k) if k > 1 else None, self.signs, fp32)
 
 
 def _transposed_t(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -205,7 +233,7 @@ class RopeThenR3:
     def __init__(self, rope: Callable[..., Any], head_dim: int, random: RandomRotation | None) -> None:
         self.rope = rope
         self.random = random
-        self.map = random.block_map(True) if random is not None else _block_map(head_dim, None, None, True)
+        self.map = random.block_map(True) if random is not None else _BlockMap(head_dim, None, None, True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         q, k = self.rope(*args, **kwargs)
@@ -314,6 +342,14 @@ class QuaRotPlan:
     online_r1: bool
     r3: bool = False
     random: dict[str, RandomRotation] = field(default_factory=dict)  # "r1" .. "r4": the drawn matrices
+    staged_maps: list[_BlockMap] = field(default_factory=list)  # the full-size deterministic R1 hooks' maps
+
+    def use_tuning_numerics(self, on: bool) -> None:
+        """While SignRound tunes (on), the full-size deterministic R1 hooks run upstream's staged butterfly in the
+        activation's dtype, as its hook does in the tuning forward; off: the FWHT rounded once (inference, loading,
+        and what the in-memory model computes after quantize())."""
+        for block_map in self.staged_maps:
+            block_map.staged = on
 
     def spinquant_config(self, cfg: QuaRotConfig) -> dict[str, Any]:
         """upstream's serialised spinquant_config: the flags in effect after its size checks, and the model info."""
@@ -366,12 +402,14 @@ class QuaRotPlan:
 _R1_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
-def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> QuaRotPlan:
+def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None, tuning: bool = False) -> QuaRotPlan:
     """Rotate a Llama-layout model in place so that it computes the same function; the hooks and R3 stay
     installed. Positions whose sizes do not fit (§2.2: R1 needs a pow2 size dividing hidden, R2 and R3 a pow2
     head_dim, R4 a SpinQuant K·2^m size dividing intermediate) are disabled with a warning, as upstream. Random
     matrices are drawn from the global torch RNG (of the model's device) in R1, R2, R3, R4 order, each only when its
-    position is on: torch.manual_seed(s) before this call gives upstream's matrices for the same seed."""
+    position is on: torch.manual_seed(s) before this call gives upstream's matrices for the same seed.
+    tuning (SignRound follows): a full-size deterministic online R1 rotates its weights with upstream's staged
+    butterfly in the weight's dtype, and its hooks start in that numerics (QuaRotPlan.use_tuning_numerics)."""
     cfg = config or QuaRotConfig()
     a = _arch(model)
     inner = model.model
@@ -398,6 +436,7 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
     hk4 = T.spinquant_matrix(k4) if do_r4 and k4 > 1 else None
 
     device = next(model.parameters()).device
+    staged_maps: list[_BlockMap] = []
     rnd: dict[str, RandomRotation] = {}
     for pos, on, random, size in (("r1", do_r1, cfg.random_r1, r1), ("r2", do_r2, cfg.random_r2, a.head_dim),
                                   ("r3", do_r3, cfg.random_r3, a.head_dim), ("r4", do_r4, cfg.random_r4, r4)):
@@ -434,12 +473,21 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
                     _rotate_out_by(lin, m1)
         elif do_r1:
             rot1 = rnd.get("r1")
+            # block-size R1: upstream rotates the weights in fp64 as here, but its hook is a dense matmul in the
+            # activation dtype, not reproduced while tuning (docs/compatibility.md)
+            staged = tuning and r1 == a.hidden
             for layer in layers:
                 att, mlp = layer.self_attn, layer.mlp
                 for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
                     if rot1 is None:
-                        _rotate_in(lin, r1)
-                        hook = online_hook("r1", r1)
+                        block_map = _BlockMap(r1, None, None, fp32=False)
+                        if staged:
+                            lin.weight.data = staged_hadamard(lin.weight.data)
+                            block_map.staged = True
+                            staged_maps.append(block_map)
+                        else:
+                            _rotate_in(lin, r1)
+                        hook = _hook(block_map)
                     else:
                         _rotate_in_by(lin, rot1.matrix)
                         hook = _hook(rot1.block_map(fp32=False))
@@ -470,7 +518,7 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
         if do_r3:
             for _, attn in _attentions(model):
                 install_r3(attn, a.head_dim, rnd.get("r3"))
-    return QuaRotPlan(do_r1, do_r2, do_r4, r1, r4, k4, a, cfg.online_r1_rotation, do_r3, rnd)
+    return QuaRotPlan(do_r1, do_r2, do_r4, r1, r4, k4, a, cfg.online_r1_rotation, do_r3, rnd, staged_maps)
 
 
 def check_loadable(spinquant_config: dict[str, Any]) -> None:
