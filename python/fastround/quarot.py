@@ -96,8 +96,11 @@ class _BlockMap:
     """x <- x·Tᵀ (fixed) or x·diag(d)·Tᵀ (random, d the signs) on each n-block of the last dimension, through the
     FWHT kernel on x's device; the ±1 operands are copied once per device, not every call."""
 
-    def __init__(self, n: int, hk: torch.Tensor | None, signs: torch.Tensor | None, fp32: bool) -> None:
-        self.n, self.hk, self.signs, self.fp32 = n, hk, signs, fp32
+    def __init__(self, n: int, hk: torch.Tensor | None, signs: torch.Tensor | None, fp32: bool,
+                 transpose: bool = False) -> None:
+        # transpose: x·T·diag(d) per block (the inplace backend's online map x·Mᵀ for its random M = diag(d)·Tᵀ)
+        # instead of x·diag(d)·Tᵀ
+        self.n, self.hk, self.signs, self.fp32, self.transpose = n, hk, signs, fp32, transpose
         self._on: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,8 @@ class _BlockMap:
         # upstream's fp32 hook (x.float() -> transform -> cast back); at decode each extra launch costs ~10 us
         # of host time (tests/test_quarot_r3_random.py pins the equality)
         y = x.float() if self.fp32 and x.dtype not in (torch.bfloat16, torch.float16, torch.float32) else x
-        return T.hadamard_any_device(y.contiguous(), self.n, ops[0], ops[1], signs_first=True).to(x.dtype)
+        return T.hadamard_any_device(y.contiguous(), self.n, ops[0], ops[1], transpose=self.transpose,
+                                     signs_first=not self.transpose).to(x.dtype)
 
 
 def _hook(block_map: _BlockMap):
@@ -284,12 +288,33 @@ def _attentions(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
             if n.endswith("self_attn") and hasattr(m, "q_proj") and hasattr(m, "k_proj")]
 
 
-def _fuse_norm(norm: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
-    """W <- W·diag(γ) (fp64) for each linear reading the norm's output, then γ = 1."""
+def fuse_norm(norm: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
+    """W <- W·diag(γ) (fp64) for each linear reading the norm's output, then γ = 1; a LayerNorm's β too:
+    b <- b + W·β (W before γ, a zero bias created if the linear has none), then β = 0."""
     gamma = norm.weight.data.to(torch.float64)
+    beta = getattr(norm, "bias", None)
     for lin in linears:
-        lin.weight.data = (lin.weight.data.to(torch.float64) * gamma).to(lin.weight.dtype)
+        w = lin.weight.data.to(torch.float64)
+        lin.weight.data = (w * gamma).to(lin.weight.dtype)
+        if beta is not None:
+            b = lin.bias.data.to(torch.float64) if lin.bias is not None else torch.zeros(
+                w.shape[0], dtype=torch.float64, device=w.device)
+            new_b = (b + w @ beta.data.to(w.device, torch.float64)).to(lin.weight.dtype)
+            if lin.bias is None:
+                lin.bias = torch.nn.Parameter(new_b, requires_grad=False)
+            else:
+                lin.bias.data = new_b
     norm.weight.data = torch.ones_like(norm.weight.data)
+    if beta is not None:
+        beta.data = torch.zeros_like(beta.data)
+
+
+def untie_lm_head(model: torch.nn.Module, emb: torch.nn.Module, head: torch.nn.Module) -> None:
+    """lm_head gets its own copy of a weight it shares with the embedding (the two are rotated differently)."""
+    if head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = torch.nn.Parameter(emb.weight.data.clone(), requires_grad=False)
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
 
 
 def parse_spinquant(value: Any) -> QuaRotConfig:
@@ -421,15 +446,14 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
     with torch.no_grad():
         if do_r1 and not cfg.online_r1_rotation:
             emb, head = inner.embed_tokens, model.lm_head
-            if cfg.untie_embeddings and head.weight.data_ptr() == emb.weight.data_ptr():
-                head.weight = torch.nn.Parameter(emb.weight.data.clone(), requires_grad=False)
-                model.config.tie_word_embeddings = False
+            if cfg.untie_embeddings:
+                untie_lm_head(model, emb, head)
             if cfg.fuse_rmsnorm:
                 for layer in layers:
                     att, mlp = layer.self_attn, layer.mlp
-                    _fuse_norm(layer.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
-                    _fuse_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-                _fuse_norm(inner.norm, [head])
+                    fuse_norm(layer.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
+                    fuse_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+                fuse_norm(inner.norm, [head])
             m1 = rnd["r1"].matrix if "r1" in rnd else None
             emb.weight.data = _rows(emb.weight.data, r1) if m1 is None else _right(emb.weight.data, m1)
             readers = [head] + [lin for layer in layers for lin in (
