@@ -147,7 +147,7 @@ class Compressor:
             if resolve_backend(dataclasses.replace(parsed_rotation), data_type) == "inplace":
                 resolve_backend(parsed_rotation, data_type)  # strips the inplace_ prefix
                 self.inplace = parsed_rotation
-                self._check_inplace(parsed_rotation)
+                self._check_inplace(parsed_rotation, format)
             else:
                 self.rotation = LinearRotation(parsed_rotation, data_type)
         elif parsed_rotation is not None:
@@ -244,7 +244,8 @@ class Compressor:
                 model, cfg.hadamard_type, inplace_group_size(cfg.block_size, self.scheme.get("group_size")),
                 self._inplace_fuse())
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
-        self._check_rotation_format(fmt)
+        if self.inplace is None or self.format is not None:  # an inplace model may stay in memory (no format)
+            self._check_rotation_format(fmt)
         self.plan = plan_layers(
             model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,
             quant_lm_head=self.quant_lm_head, to_quant_block_names=self.to_quant_block_names,
@@ -289,7 +290,7 @@ class Compressor:
             return True
         return None
 
-    def _check_inplace(self, cfg: RotationConfig) -> None:
+    def _check_inplace(self, cfg: RotationConfig, fmt: str | None) -> None:
         from fastround.rotation_inplace import PRESETS
 
         if cfg.hadamard_type not in PRESETS:
@@ -299,14 +300,21 @@ class Compressor:
             # upstream rotates every weight and registers no hook (a model that no longer computes its function)
             raise ValueError("rotation_config: allow_online_rotation=False with fuse_online_to_weight=False leaves "
                              "the unfused inplace rotation without its online hooks; allow online rotation or fuse")
-        if self.format is not None:
-            self._check_rotation_format(self.format.replace(" ", "").split(",")[0])
+        for name in (fmt or "").replace(" ", "").split(","):
+            if name and name.split(":")[0] not in INPLACE_FORMATS:
+                self._refuse_inplace_format(name)
+
+    @staticmethod
+    def _refuse_inplace_format(fmt: str) -> None:
+        # upstream writes its packed formats with a rotation_config that its loader reads as the per-linear
+        # transform backend: a checkpoint that loads without error and computes something else
+        raise ValueError(f"format {fmt!r} cannot carry the inplace rotation backend (its online hooks on "
+                         f"down_proj / o_proj and its fused norms have no serialised form a loader rebuilds); "
+                         f"upstream supports only {list(INPLACE_FORMATS)} export for it: use format='fake'")
 
     def _check_rotation_format(self, fmt: str) -> None:
         if self.inplace is not None and fmt.split(":")[0] not in INPLACE_FORMATS:
-            raise ValueError(f"format {fmt!r} cannot carry the inplace rotation backend's online hooks (upstream "
-                             f"exports it as fake only, and nothing a loader could rebuild them from); use one of "
-                             f"{list(INPLACE_FORMATS)}")
+            self._refuse_inplace_format(fmt)
         if (self.rotation is not None or self.quarot is not None) and fmt.split(":")[0] not in ROTATION_FORMATS:
             raise ValueError(f"format {fmt!r} cannot carry rotation_config (a rotated checkpoint needs its online "
                              f"activation rotation at load time); use one of {list(ROTATION_FORMATS)}")
@@ -369,6 +377,8 @@ class Compressor:
 
         if output_dir is None:
             return (self.model, None) if return_folders else self.model
+        for fmt in (format or self.format or "auto_round").replace(" ", "").split(","):
+            self._check_rotation_format(fmt)
         folders = export.save_all(self.export_context(), output_dir, format or self.format or "auto_round",
                                   shard_writer=bool(kwargs.get("_shard_writer", False)))
         folder: Any = folders[0] if len(folders) == 1 else folders
