@@ -279,3 +279,17 @@ def test_linear_rotation_refers_inplace_configs() -> None:
         R.LinearRotation(R.RotationConfig(hadamard_type="hadamard"), "int")
     with pytest.raises(ValueError, match="positive block_size"):
         R.LinearRotation(R.RotationConfig(block_size=-1), "mx_fp")
+
+
+def test_cli_flags_reach_the_inplace_backend(checkpoint) -> None:
+    from fastround import AutoRound
+    from fastround.cli import build_parser, rotation_config_from_args
+
+    args = build_parser().parse_args(["m", "--rotation_backend", "inplace", "--rotation_type", "quarot_hadamard",
+                                      "--rotation_block_size", "16", "--fuse_online_to_weight",
+                                      "--no-allow_online_rotation"])
+    form = rotation_config_from_args(args)
+    ar = AutoRound(str(checkpoint("qwen2_aligned")), **COMMON, scheme="W4A16", rotation_config=form)
+    cfg = ar.inplace
+    assert (cfg.hadamard_type, cfg.block_size, cfg.fuse_online_to_weight, cfg.allow_online_rotation) == (
+        "quarot_hadamard", 16, True, False)
