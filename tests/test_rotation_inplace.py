@@ -234,12 +234,14 @@ def test_refused_configurations(checkpoint) -> None:
         ar.quantize()
     with pytest.raises(ValueError, match="hadamard_type"):
         I.apply_inplace(_tiny("llama"), "walsh", None, True)
+    with pytest.raises(ValueError, match="allow_online_rotation"):  # unfused by the caller's or the model's choice
+        I.apply_inplace(_tiny("llama"), "hadamard", 16, False, allow_online=False)
 
 
 def test_allow_online_rotation_false_is_ignored_when_fused() -> None:
     """As upstream: fused mode needs its hooks whatever allow_online_rotation says."""
     model = _tiny("llama")
-    plan = I.apply_inplace(model, "hadamard", None, True)
+    plan = I.apply_inplace(model, "hadamard", None, True, allow_online=False)
     assert len(plan.hooked) == 4
 
 

@@ -242,7 +242,7 @@ class Compressor:
             cfg = self.inplace
             self.inplace_plan = apply_inplace(
                 model, cfg.hadamard_type, inplace_group_size(cfg.block_size, self.scheme.get("group_size")),
-                self._inplace_fuse())
+                self._inplace_fuse(), cfg.allow_online_rotation)
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
         if self.inplace is None or self.format is not None:  # an inplace model may stay in memory (no format)
             self._check_rotation_format(fmt)

@@ -116,7 +116,7 @@ class BlockRotation:
         if self.dense is None:
             return self.unnormalised(t) / upstream_sqrt(self.n)
         shape = t.shape
-        return (t.detach().to(torch.float64).reshape(-1, self.n) @ self.dense).reshape(shape)
+        return (t.detach().to(torch.float64).reshape(-1, self.n) @ self.dense.to(t.device)).reshape(shape)
 
     def block_map(self) -> _BlockMap:
         """The online map x -> x·A in x's dtype (FWHT kernel); not defined for the residual Q (never online)."""
@@ -250,15 +250,21 @@ def _check_sizes(model: torch.nn.Module, lay: Layout, g: int | None, fused: bool
     return hidden, inter, heads, head_dim
 
 
-def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, fuse: bool | None) -> InplacePlan:
+def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, fuse: bool | None,
+                  allow_online: bool = True) -> InplacePlan:
     """Rotate `model` in place (upstream's apply_rotation_transform with rotation_matrix=preset); the online hooks
-    stay registered. fuse None: fused for a registered layout, unfused otherwise (as upstream). Random matrices are
-    drawn from the global torch RNG, one per size, in upstream's order."""
+    stay registered. fuse None: fused for a registered layout, unfused otherwise (as upstream). allow_online=False
+    is ignored when fused (as upstream) and refused unfused (upstream then rotates without hooks, a QUIRK). Random
+    matrices are drawn from the global torch RNG, one per size, in upstream's order."""
     if preset not in PRESETS:
         raise ValueError(f"rotation_config: the inplace backend supports hadamard_type {list(PRESETS)}, "
                          f"got {preset!r}")
     lay, registered = layout_of(model)
     fused = registered if fuse is None else bool(fuse)
+    if not fused and not allow_online:
+        raise ValueError("rotation_config: allow_online_rotation=False with the unfused inplace rotation (fuse_online"
+                         "_to_weight False, or unset on an unregistered model) would leave the rotated weights "
+                         "without their online hooks; allow online rotation or fuse")
     g = group_size if group_size is not None and group_size > 0 else None
     hidden, inter, heads, head_dim = _check_sizes(model, lay, g, fused)
     layers = list(_get(model, lay.layers))
