@@ -315,6 +315,10 @@ class Compressor:
     def _check_rotation_format(self, fmt: str) -> None:
         if self.inplace is not None and fmt.split(":")[0] not in INPLACE_FORMATS:
             self._refuse_inplace_format(fmt)
+        if self.inplace is not None:
+            logger.warning("inplace rotation: the %s checkpoint holds the rotated weights but not the online hooks "
+                           "(down_proj / o_proj, or every linear unfused); loaded as is it does not compute the "
+                           "quantized model (as upstream's)", fmt)
         if (self.rotation is not None or self.quarot is not None) and fmt.split(":")[0] not in ROTATION_FORMATS:
             raise ValueError(f"format {fmt!r} cannot carry rotation_config (a rotated checkpoint needs its online "
                              f"activation rotation at load time); use one of {list(ROTATION_FORMATS)}")
