@@ -86,7 +86,7 @@ def test_random_presets_leave_logits_unchanged(preset, group, fuse) -> None:
 
 @pytest.mark.parametrize("kind,preset,group,fuse", [
     ("llama", "hadamard", None, True), ("llama", "hadamard", None, False), ("llama", "random_hadamard", 32, True),
-    ("qwen2", "random_hadamard", None, True), ("opt", "hadamard", 32, True),
+    ("qwen2", "random_hadamard", None, True), ("opt", "hadamard", 32, True), ("llama", "quarot_hadamard", None, True),
 ])
 def test_rotated_weights_equal_upstreams(kind, preset, group, fuse) -> None:
     """bf16 weights after the rotation, byte for byte, random matrices drawn from the same seed. Except
@@ -101,10 +101,12 @@ def test_rotated_weights_equal_upstreams(kind, preset, group, fuse) -> None:
         before = ours(_ids()).logits.float()
     torch.manual_seed(5)
     I.apply_inplace(ours, preset, group, fuse)
+    our_next = torch.rand(4)
     torch.manual_seed(5)
     clear_random_hadamard_cache()
     apply_rotation_transform(theirs, group_size=group, rotation_matrix=preset, fuse_online_to_weight=fuse,
                              compute_device="cpu")
+    assert torch.equal(our_next, torch.rand(4))  # the same draws from the global RNG
     a, b = ours.state_dict(), theirs.state_dict()
     assert set(a) == set(b)
     differ = sorted(k for k in a if not torch.equal(a[k], b[k]))

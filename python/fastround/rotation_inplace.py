@@ -237,7 +237,7 @@ def _check_sizes(model: torch.nn.Module, lay: Layout, g: int | None, fused: bool
         if not decomposable(g):
             raise ValueError(f"rotation_config: block_size {g} is neither a power of two nor K·2^m with a known K")
         return hidden, inter, heads, head_dim
-    need = [("hidden_size", hidden), ("intermediate size", inter)]
+    need = [("hidden_size", hidden), ("intermediate size", inter), ("o_proj in_features", heads * head_dim)]
     if fused:
         need += [("num_attention_heads", heads)]
         if not T.is_pow2(head_dim):
@@ -285,10 +285,13 @@ def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, f
     def online(n: int) -> BlockRotation:
         return BlockRotation(n, signs(n) if random else None)
 
+    residual: BlockRotation | None = None
     if g is not None:
         residual = online(g) if random else BlockRotation(g)
     elif fused:
         residual = BlockRotation(hidden, signs(hidden) if preset != "hadamard" else None, residual_q=True)
+    elif preset == "quarot_hadamard":
+        signs(hidden)  # upstream builds its random full-mode Q unfused too, unused: the RNG moves the same way
     hooked: dict[str, str] = {}
 
     def hook(lin: torch.nn.Linear, name: str, kind: str, fn: Any) -> None:
@@ -298,6 +301,7 @@ def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, f
     names = {id(m): n for n, m in model.named_modules()}
     with torch.no_grad():
         if fused:
+            assert residual is not None
             _prepare_fused(model, lay, layers)
             emb = _get(model, lay.embedding)
             emb.weight.data = residual.weight(emb.weight.data).to(emb.weight.dtype)
@@ -309,6 +313,7 @@ def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, f
             q, k, v, o = (_get(layer, p) for p in (lay.q, lay.k, lay.v, lay.o))
             mlp_in, down = [_get(layer, p) for p in lay.mlp_in], _get(layer, lay.mlp_out)
             if fused:
+                assert residual is not None
                 for lin in (q, k, v, *mlp_in):
                     _rotate_input(lin, residual)
                 _rotate_output(o, residual)
