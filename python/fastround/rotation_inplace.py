@@ -231,7 +231,8 @@ def _check_sizes(model: torch.nn.Module, lay: Layout, g: int | None, fused: bool
             return False
 
     if g is not None:
-        for what, n in (("hidden_size", hidden), ("intermediate size", inter)):
+        widths = (("hidden_size", hidden), ("intermediate size", inter), ("o_proj in_features", heads * head_dim))
+        for what, n in widths:
             if n % g:
                 raise ValueError(f"rotation_config: block_size {g} must divide {what} {n} (inplace backend)")
         if not decomposable(g):
@@ -268,9 +269,11 @@ def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, f
     g = group_size if group_size is not None and group_size > 0 else None
     hidden, inter, heads, head_dim = _check_sizes(model, lay, g, fused)
     layers = list(_get(model, lay.layers))
-    if fused and lay is _OPT and not getattr(model.config, "do_layer_norm_before", True):
-        raise NotImplementedError("rotation_config: the inplace backend needs pre-LayerNorm OPT models "
-                                  "(do_layer_norm_before=True)")
+    if fused and lay is _OPT and (not getattr(model.config, "do_layer_norm_before", True)
+                                  or getattr(model.config, "word_embed_proj_dim", hidden) != hidden):
+        raise NotImplementedError("rotation_config: the inplace backend's fused mode needs pre-LayerNorm OPT models "
+                                  "without embedding projections (do_layer_norm_before=True, word_embed_proj_dim = "
+                                  "hidden_size)")
 
     drawn: dict[int, torch.Tensor] = {}
 
