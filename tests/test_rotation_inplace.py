@@ -297,3 +297,17 @@ def test_cli_flags_reach_the_inplace_backend(checkpoint) -> None:
     cfg = ar.inplace
     assert (cfg.hadamard_type, cfg.block_size, cfg.fuse_online_to_weight, cfg.allow_online_rotation) == (
         "quarot_hadamard", 16, True, False)
+
+
+def test_upstreams_packed_inplace_checkpoints_are_refused_at_load() -> None:
+    """Upstream's auto_round export of an inplace rotation writes rotation_config with the int data type; its loader
+    reads it as the per-linear transform. fastround's loader refuses it by name."""
+    from fastround.hf_quantizer import LayerPlan, apply_rotation_hooks
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    written = {"algorithm": "hadamard", "layerwise": False, "backend": "auto", "block_size": 32,
+               "hadamard_type": "hadamard", "fuse_online_to_weight": None, "allow_online_rotation": True}
+    for data_type, rot in (("int", written), ("mx_fp", dict(written, fuse_online_to_weight=True))):
+        with pytest.raises(ValueError, match="inplace backend"):
+            apply_rotation_hooks(model, {"rotation_config": rot, "data_type": data_type}, {"0": LayerPlan("fp")})
+    assert apply_rotation_hooks(model, {"rotation_config": written, "data_type": "mx_fp"}, {"0": LayerPlan("fp")})
