@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -290,7 +290,8 @@ def apply_rotation_hooks(model: torch.nn.Module, config: dict[str, Any], plans: 
             raise ValueError(f"fastround: rotation_config algorithm {rotation_config.get('algorithm')!r} is not "
                              "loadable (hadamard only)")
         data_type = str(config.get("data_type", "mx_fp"))
-        cfg = rotation.RotationConfig(**{k: v for k, v in rotation_config.items() if k != "algorithm"})
+        known = {f.name for f in fields(rotation.RotationConfig)} - {"algorithm"}
+        cfg = rotation.RotationConfig(**{k: v for k, v in rotation_config.items() if k in known})
         if rotation.resolve_backend(cfg, data_type) == "inplace":
             # upstream's packed export of an inplace rotation (an int scheme, or fused / inplace_* asked for): its
             # loader would hook every Linear as the per-linear transform, which this model was not rotated for
