@@ -14,7 +14,8 @@ import json
 import logging
 import re
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import torch
@@ -290,7 +291,7 @@ def apply_rotation_hooks(model: torch.nn.Module, config: dict[str, Any], plans: 
             raise ValueError(f"fastround: rotation_config algorithm {rotation_config.get('algorithm')!r} is not "
                              "loadable (hadamard only)")
         data_type = str(config.get("data_type", "mx_fp"))
-        known = {f.name for f in fields(rotation.RotationConfig)} - {"algorithm"}
+        known = {f.name for f in dataclass_fields(rotation.RotationConfig)} - {"algorithm"}
         cfg = rotation.RotationConfig(**{k: v for k, v in rotation_config.items() if k in known})
         if rotation.resolve_backend(cfg, data_type) == "inplace":
             # upstream's packed export of an inplace rotation (an int scheme, or fused / inplace_* asked for): its
