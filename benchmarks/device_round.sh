@@ -37,16 +37,18 @@ for step in "${steps[@]}"; do
     inference_cuda) run inference_cuda 120 python3 benchmarks/inference.py --device cuda:0 --layers 32 \
       --json "$OUT/inference-h200.json" ;;
     hooks_cuda) run hooks_cuda 200 python3 benchmarks/inference.py --device cuda:0 --layers 32 --skip_bf16 \
-      --hooks transform,quarot,quarot_r1 --new_tokens 48 --repeat 3 --json "$OUT/inference-hooks-h200.json" ;;
+      --hooks transform,quarot,quarot_r1 --hook_paths fused,hooks --pairs 5 --new_tokens 48 --repeat 1 \
+      --json "$OUT/inference-hooks-h200.json" ;;
     woq_cpu) run woq_linear_cpu16 120 python3 benchmarks/woq_linear.py --threads 16 --iters 5 --min_seconds 0.2 \
       --json "$OUT/woq_linear-h200host-16t.json" ;;
     woq_cpu_interleaved) run woq_gemv_interleaved16 90 python3 benchmarks/woq_gemv_interleaved.py --threads 16,8,1 \
       --json "$OUT/woq_gemv_interleaved-h200host.json" ;;
-    inference_cpu32) run inference_cpu32 240 python3 benchmarks/inference.py --device cpu --threads 16 --layers 32 \
+    inference_cpu32) run inference_cpu32 240 python3 benchmarks/inference.py --device cpu --threads 16 --layers 32 --prefill 0 \
       --new_tokens 8 --repeat 1 --json "$OUT/inference-cpu16-32l.json" ;;
     inference_cpu) run inference_cpu16 150 python3 benchmarks/inference.py --device cpu --threads 16 --layers 8 \
       --new_tokens 16 --repeat 2 --json "$OUT/inference-cpu16.json" ;;
     hadamard) run hadamard_cpu16 90 python3 benchmarks/hadamard.py --threads 16 --json "$OUT/hadamard-cpu16.json" ;;
+    fwht_decode) run fwht_decode_cuda 60 python3 benchmarks/fwht_decode_cuda.py --json "$OUT/fwht-decode-h200.json" ;;
     hadamard_cuda) run hadamard_cuda 90 python3 benchmarks/hadamard.py --device cuda --json "$OUT/hadamard-h200.json" ;;
     hadamard_cuda_bf16) run hadamard_cuda_bf16 90 python3 benchmarks/hadamard.py --device cuda --dtype bfloat16 \
       --json "$OUT/hadamard-h200-bf16.json" ;;
@@ -58,6 +60,8 @@ for step in "${steps[@]}"; do
       --tools fastround,upstream --iters 50 --timeout 220 --json "$OUT/tune-mxfp4-h200.json" ;;
     woq_staged) run woq_cuda_staged 120 sh -c "python3 benchmarks/woq_cuda_bench.py --staged --budget_s 90 \
       > $OUT/woq_cuda_staged.json 2> $OUT/woq_cuda_staged_rows.jsonl" ;;
+    woq_half2) run woq_cuda_half2 120 sh -c "python3 benchmarks/woq_cuda_bench.py --half2 \
+      > $OUT/woq_cuda_half2.json 2> $OUT/woq_cuda_half2_rows.jsonl" ;;
     woq_checks) run woq_checks 300 python3 -m pytest -q -p no:cacheprovider benchmarks/gpu_checks/test_woq_cuda.py ;;
     woq_sweep) run woq_cuda_sweep 150 sh -c "python3 benchmarks/woq_cuda_bench.py --sweep > $OUT/woq_cuda_sweep.json \
       2> $OUT/woq_cuda_sweep_rows.jsonl" ;;

@@ -13,34 +13,50 @@ loaded auto_round checkpoint has; embeddings, norms and lm_head stay bf16 in bot
 12's <= 10% target): `transform` is the per-linear backend (x <- x·M^T per 32-block before every decoder linear,
 rotation.register_online_hooks), `quarot` QuaRot's default online part (R4: a 14336-wide fp32 Hadamard, K=28,
 before every down_proj; R1 and R2 are fused into the weights), `quarot_r1` adds the online R1 (4096-wide, before
-q/k/v/gate/up) of fuse_online_to_weight=False.
+q/k/v/gate/up) of fuse_online_to_weight=False. Each kind is timed on the path a load takes (`fused`: the rotation
+inside QuantLinear's woq_linear_rotated call, quant_linear.attach_rotation) and, with `--hook_paths fused,hooks`, as
+plain forward pre-hooks too (the path before the fusion, and that of non-QuantLinear layers). The overhead is the
+median over `--pairs` alternating with/without pairs (order flipped every pair) of the generate-time ratio, with its
+spread (min, max over pairs): single runs vary by ~10% at decode.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
+import statistics
 import time
 from typing import Any
 
 import torch
 
 
-def build_bf16(layers: int, vocab: int, device: str) -> torch.nn.Module:
+def build_bf16(layers: int, vocab: int, device: str, hidden: int = 4096, intermediate: int = 14336,
+               heads: int = 32) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
                       rope_theta=500000.0)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device).to(torch.bfloat16)
     gen = torch.Generator(device=device).manual_seed(0)
+    # torch's CPU normal_ draws ~60 M values/s, over 2 minutes for 32 layers: on the CPU the weights are slices of
+    # one 16 M-value random pool at random offsets (decode speed does not depend on the values)
+    pool = torch.empty(1 << 24, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen) if device == "cpu" else None
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
+            elif pool is not None:
+                flat = p.view(-1)
+                for start in range(0, flat.numel(), pool.numel() // 2):
+                    n = min(pool.numel() // 2, flat.numel() - start)
+                    off = int(torch.randint(0, pool.numel() // 2, (1,), generator=gen))
+                    flat[start:start + n].copy_(pool[off:off + n])
             else:
                 p.normal_(0.0, 0.02, generator=gen)
         for buf_name, buf in model.named_buffers():  # rotary inv_freq: recompute what to_empty left undefined
@@ -71,33 +87,63 @@ def quantize_random(model: torch.nn.Module, group_size: int, device: str) -> tor
     return model
 
 
-def add_hooks(model: torch.nn.Module, kind: str) -> list[Any]:
-    """Registers the online rotation pre-hooks of `kind` on the decoder linears; returns their handles."""
-    from fastround import quarot, rotation
+@functools.lru_cache(maxsize=None)
+def _online_hook(position: str, size: int, k: int) -> Any:
+    """One QuaRot hook per shape, shared by every layer and timing: its K matrix reaches the device once, not inside
+    a timed generate."""
+    from fastround import quarot
 
-    handles: list[Any] = []
+    return quarot.online_hook(position, size, k)
+
+
+def add_hooks(model: torch.nn.Module, kind: str, fused: bool = True) -> list[Any]:
+    """Registers the online rotations of `kind` on the decoder linears (fused: as a load does, folded into each
+    QuantLinear's op call; else as forward pre-hooks); returns what remove_hooks needs to take them off."""
+    from fastround import quarot, rotation
+    from fastround.quant_linear import QuantLinear, attach_rotation
+
+    def attach(module: torch.nn.Module, hook: Any) -> None:
+        if fused:
+            attach_rotation(module, hook)
+        else:
+            module.register_forward_pre_hook(hook, prepend=True)
+
     before = {id(m): dict(m._forward_pre_hooks) for m in model.modules()}
     if kind == "transform":
         names = [n for n, m in model.named_modules() if n.startswith("model.layers.") and hasattr(m, "in_features")]
-        rotation.register_online_hooks(model, {"block_size": 32, "hadamard_type": "hadamard"}, "mx_fp", names=names)
+        if fused:
+            rotation.register_online_hooks(model, {"block_size": 32, "hadamard_type": "hadamard"}, "mx_fp",
+                                           names=names)
+        else:
+            rot = rotation.LinearRotation(rotation.RotationConfig(block_size=32, backend="transform"), "mx_fp")
+            hook = rot._hook  # the pre-hook register_online_hooks gave every layer before the fusion
+            for n in names:
+                model.get_submodule(n).register_forward_pre_hook(hook, prepend=True)
     elif kind in ("quarot", "quarot_r1"):
+        hidden, inter = model.config.hidden_size, model.config.intermediate_size  # 4096, 14336 = 28 x 512
         for layer in model.model.layers:
-            layer.mlp.down_proj.register_forward_pre_hook(quarot.online_hook("r4", 14336, 28), prepend=True)
+            attach(layer.mlp.down_proj, _online_hook("r4", inter, quarot.T.spinquant_divisor(inter)))
             if kind == "quarot_r1":
                 for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
                           layer.mlp.up_proj):
-                    m.register_forward_pre_hook(quarot.online_hook("r1", 4096, 1), prepend=True)
+                    attach(m, _online_hook("r1", hidden, quarot.T.spinquant_divisor(hidden)))
     else:
         raise SystemExit(f"--hooks: unknown kind {kind!r} (transform, quarot, quarot_r1)")
-    for m in model.modules():  # handles of what was just added, so the next kind starts from the plain model
+    handles: list[Any] = []
+    for m in model.modules():  # what was just added, so the next kind starts from the plain model
         for hid in set(m._forward_pre_hooks) - set(before.get(id(m), {})):
             handles.append((m, hid))
+        if isinstance(m, QuantLinear) and m.input_rotation is not None:
+            handles.append((m, None))
     return handles
 
 
 def remove_hooks(handles: list[Any]) -> None:
     for m, hid in handles:
-        m._forward_pre_hooks.pop(hid, None)
+        if hid is None:
+            m.input_rotation = None
+        else:
+            m._forward_pre_hooks.pop(hid, None)
 
 
 def _sync(device: str) -> None:
@@ -131,6 +177,47 @@ def decode_tokens_per_s(model: torch.nn.Module, device: str, prompt: int, new: i
     return new / total
 
 
+# The hook timings' clock: wall time, or with --clock process this process's CPU time (a CPU-only run on a machine
+# shared with other jobs: with --threads 1 it counts the host work alone, not the waits for a core)
+_hook_clock = time.perf_counter
+
+
+@torch.no_grad()
+def generate_seconds(model: torch.nn.Module, ids: torch.Tensor, device: str, new: int) -> float:
+    kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+    _sync(device)
+    t0 = _hook_clock()
+    model.generate(ids, **kw)
+    _sync(device)
+    return _hook_clock() - t0
+
+
+def hook_overhead(model: torch.nn.Module, device: str, kind: str, fused: bool, pairs: int, prompt: int, new: int,
+                  vocab: int) -> dict[str, Any]:
+    """Median and spread over `pairs` alternating (with, without) generate timings of the time ratio - 1; the order
+    flips every pair so that a drift (clocks, caches) weighs on both sides alike."""
+    ids = torch.randint(3, vocab, (1, prompt), device=device)
+    handles = add_hooks(model, kind, fused)
+    count = len(handles)
+    generate_seconds(model, ids, device, 4)  # warm-up of the hooked path (kernels, caches)
+    remove_hooks(handles)
+    generate_seconds(model, ids, device, 4)
+    on_s: list[float] = []
+    off_s: list[float] = []
+    for i in range(pairs):
+        for hooked in ((True, False) if i % 2 == 0 else (False, True)):
+            if hooked:
+                handles = add_hooks(model, kind, fused)
+                on_s.append(generate_seconds(model, ids, device, new))
+                remove_hooks(handles)
+            else:
+                off_s.append(generate_seconds(model, ids, device, new))
+    ratios = [a / b - 1.0 for a, b in zip(on_s, off_s)]
+    return {"rotations": count, "overhead_median": statistics.median(ratios), "overhead_min": min(ratios),
+            "overhead_max": max(ratios), "hooked_tok_s_median": new / statistics.median(on_s),
+            "plain_tok_s_median": new / statistics.median(off_s), "pairs": pairs}
+
+
 @torch.no_grad()
 def prefill_seconds(model: torch.nn.Module, device: str, tokens: int, vocab: int, repeat: int) -> float:
     ids = torch.randint(3, vocab, (1, tokens), device=device)
@@ -150,24 +237,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=4096, help="hidden size (a smaller model times host costs)")
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=32)
-    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--prefill", type=int, default=512, help="prefill tokens to time (0: skip the prefill)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--hooks", default="", help="comma list of online rotation hooks to time on the W4 model: "
                     "transform, quarot, quarot_r1")
+    ap.add_argument("--hook_paths", default="fused", help="comma list: fused (QuantLinear's one-op rotation, as a "
+                    "load attaches it), hooks (forward pre-hooks)")
+    ap.add_argument("--pairs", type=int, default=7, help="alternating with/without pairs per hook kind and path")
+    ap.add_argument("--clock", default="wall", choices=("wall", "process"), help="clock of the hook timings")
     ap.add_argument("--skip_bf16", action="store_true", help="time only the W4 model (and its hooks)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "process":
+        global _hook_clock
+        _hook_clock = time.process_time
     import fastround.quant_linear as ql
 
     if not ql.HAS_WOQ_LINEAR:
         raise SystemExit("torch.ops.fastround.woq_linear is not built: this benchmark measures it")
-    model = build_bf16(args.layers, args.vocab, args.device)
+    model = build_bf16(args.layers, args.vocab, args.device, args.hidden, args.intermediate, args.heads)
     res: dict[str, Any] = {"device": args.device, "threads": torch.get_num_threads(), "layers": args.layers,
                            "vocab": args.vocab, "group_size": args.group_size, "torch": torch.__version__,
                            "machine": platform.platform(),
@@ -177,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         res["bf16_decode_tok_s"] = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab,
                                                        bsteps)
         res["bf16_step_tok_s"] = bsteps["tok_s"]
-        res["bf16_prefill_s"] = prefill_seconds(model, args.device, args.prefill, args.vocab, args.repeat)
+        res["bf16_prefill_s"] = (prefill_seconds(model, args.device, args.prefill, args.vocab, args.repeat)
+                                 if args.prefill else float("nan"))
         print(f"bf16: decode {res['bf16_decode_tok_s']:.2f} tok/s (steps alone {res['bf16_step_tok_s']:.2f}), "
               f"prefill {args.prefill} in "
               f"{res['bf16_prefill_s']:.3f} s", flush=True)
@@ -187,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     wsteps: dict[str, float] = {}
     res["w4_decode_tok_s"] = decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab, wsteps)
     res["w4_step_tok_s"] = wsteps["tok_s"]
-    res["w4_prefill_s"] = prefill_seconds(model, args.device, args.prefill, args.vocab, args.repeat)
+    res["w4_prefill_s"] = (prefill_seconds(model, args.device, args.prefill, args.vocab, args.repeat)
+                           if args.prefill else float("nan"))
     fallbacks = sum(1 for m in model.modules() if isinstance(m, ql.QuantLinear) and not m._woq_ok)
     res["layers_on_reference_path"] = fallbacks
     if not args.skip_bf16:
@@ -200,17 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"w4g{args.group_size}: decode {res['w4_decode_tok_s']:.2f} tok/s", flush=True)
     for kind in filter(None, args.hooks.split(",")):
-        tok_s = plain = 0.0
-        for _ in range(max(1, args.repeat)):  # alternate, best of each: run-to-run noise is ~10% at decode
-            handles = add_hooks(model, kind)
-            tok_s = max(tok_s, decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab))
-            remove_hooks(handles)
-            plain = max(plain, decode_tokens_per_s(model, args.device, args.prompt, args.new_tokens, args.vocab))
-        res[f"w4_{kind}_hooks_decode_tok_s"] = tok_s
-        res[f"w4_plain_decode_tok_s_beside_{kind}"] = plain
-        res[f"{kind}_hooks_step_overhead"] = plain / tok_s - 1.0
-        print(f"w4 + {kind} hooks ({len(handles)}): decode {tok_s:.2f} tok/s against {plain:.2f} without: step "
-              f"+{100 * (plain / tok_s - 1):.1f}%", flush=True)
+        for path in filter(None, args.hook_paths.split(",")):
+            if path not in ("fused", "hooks"):
+                raise SystemExit(f"--hook_paths: unknown path {path!r} (fused, hooks)")
+            with torch.no_grad():
+                r = hook_overhead(model, args.device, kind, path == "fused", max(1, args.pairs), args.prompt,
+                                  args.new_tokens, args.vocab)
+            tag = kind if path == "fused" else f"{kind}_prehook"
+            res[f"{tag}_hooks"] = r
+            res[f"{tag}_hooks_step_overhead"] = r["overhead_median"]
+            print(f"w4 + {kind} rotations ({r['rotations']}, {path}): decode {r['hooked_tok_s_median']:.2f} tok/s "
+                  f"against {r['plain_tok_s_median']:.2f} without: +{100 * r['overhead_median']:.1f}% median of "
+                  f"{r['pairs']} pairs (min {100 * r['overhead_min']:+.1f}%, max {100 * r['overhead_max']:+.1f}%)",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -13,6 +13,7 @@ packed_gbps counts the bytes the op must read at the least (qweight + qzeros + s
     python3 benchmarks/woq_cuda_bench.py [--layouts gptq:4,awq:4,gptq_v2:8] [--m 1,512] [--group 128]
     python3 benchmarks/woq_cuda_bench.py --sweep [--layouts ...]
     python3 benchmarks/woq_cuda_bench.py --staged [--budget_s 95]
+    python3 benchmarks/woq_cuda_bench.py --half2
 
 --sweep times the batch-1 GEMV under every FASTROUND_WOQ_CUDA_VARIANT "U,S" (U loads in flight per thread, S the
 cluster split, 0 the built-in choice) on each shape and layout and reports the best per case and the variant with
@@ -24,6 +25,10 @@ the built-in choice ("") and the bf16 linear, on the Llama-3-8B shapes including
 built-in choice against "rows" at batch 4; stops adding variants after --budget_s seconds (the report says so).
 Each variant's output is compared with the rows kernel's (max_abs_diff_vs_rows).
 
+--half2 times the built-in choice (the staged kernel's launch planner), the rows kernel and the staged kernel's half2
+variant (FASTROUND_WOQ_CUDA_VARIANT=half2) at batch 1 against the bf16 linear on the same shapes, GPTQ 4 bits with
+bf16 and fp16 activations and GPTQ v2 8 bits with bf16, in about a minute.
+
 Needs a CUDA device and a fastround built with CUDA (benchmarks/gpu_build.sh builds one into /tmp).
 """
 
@@ -33,11 +38,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import capture_graph, cuda_median_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out): q/o, gate/up, down of Llama-3-8B
 L2_BYTES = 50 * 2**20
@@ -63,21 +71,6 @@ def _nbytes(*ts: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _median_ms(fn, runs: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _time_pass(calls) -> tuple[float, float]:
     """(graph ms, eager ms) of running every call in `calls` once."""
 
@@ -85,16 +78,9 @@ def _time_pass(calls) -> tuple[float, float]:
         for c in calls:
             c()
 
-    eager = _median_ms(run_all)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run_all()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run_all()
-    ms = _median_ms(graph.replay)
+    eager = cuda_median_ms(run_all, runs=10)
+    graph = capture_graph(calls)
+    ms = cuda_median_ms(graph.replay, runs=10)
     del graph
     return ms, eager
 
@@ -201,17 +187,8 @@ def staged_variants(bits: int) -> list[str]:
 
 def _graph_us(calls, runs: int = 7) -> float:
     """Median GPU microseconds of one replay of `calls` captured in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    us = _median_ms(graph.replay, runs=runs, warmup=2) * 1e3
+    graph = capture_graph(calls)
+    us = cuda_median_ms(graph.replay, runs=runs, warmup=2) * 1e3
     del graph
     return us
 
@@ -302,6 +279,56 @@ def staged_sweep(group: int, budget_s: float, dev: torch.device) -> dict:
             "seconds": round(time.monotonic() - t0, 1), "summary": summary, "best_fixed": best_fixed, "rows": rows}
 
 
+HALF2_LAYOUTS = [("gptq", 4), ("gptq_v2", 8)]
+
+
+def half2_compare(group: int, dev: torch.device) -> dict:
+    """Batch-1 graph time of the built-in choice, the rows kernel and (4 bits) the staged kernel's half2 variant
+    against the bf16 linear on STAGED_SHAPES, with bf16 activations and (4 bits) fp16 ones; each variant's largest
+    difference from the rows kernel relative to the largest output (rel_diff_vs_rows). About a minute on an H200."""
+    t0 = time.monotonic()
+    op = torch.ops.fastround.woq_linear
+    env = "FASTROUND_WOQ_CUDA_VARIANT"
+    rows, summary = [], {}
+    try:
+        for in_f, out_f in STAGED_SHAPES:
+            w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
+            dense_copies = max(2, -(-2 * L2_BYTES // _nbytes(w)))
+            ws = [w] + [torch.randn_like(w) * 0.02 for _ in range(dense_copies - 1)]
+            xb = torch.randn(1, in_f, device=dev, dtype=torch.bfloat16)
+            dense_us = _graph_us([lambda t=t: torch.nn.functional.linear(xb, t) for t in ws]) / dense_copies
+            del ws, w
+            for layout, bits in HALF2_LAYOUTS:
+                layer = _random_layer(in_f, out_f, bits, group, layout, dev)
+                copies = max(2, -(-2 * L2_BYTES // _nbytes(*layer)))
+                layers = [layer] + [_random_layer(in_f, out_f, bits, group, layout, dev) for _ in range(copies - 1)]
+                case = f"{layout}:{bits} {in_f}x{out_f}"
+                by = {}
+                for x_dtype in (torch.bfloat16, torch.float16) if bits == 4 else (torch.bfloat16,):
+                    x = xb.to(x_dtype)
+                    os.environ[env] = "rows"
+                    ref = op(x, *layer, None, bits, group, layout).float()
+                    for v in ["rows", ""] + (["half2"] if bits == 4 else []):
+                        os.environ[env] = v
+                        y = op(x, *layer, None, bits, group, layout).float()
+                        rel = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                        us = _graph_us([lambda t=t: op(x, *t, None, bits, group, layout) for t in layers]) / copies
+                        name = f"{v or 'default'}/{str(x_dtype).split('.')[-1]}"
+                        rows.append({"case": case, "variant": name, "woq_graph_us": round(us, 2),
+                                     "speedup_vs_bf16": round(dense_us / us, 3), "rel_diff_vs_rows": rel})
+                        by[name] = rows[-1]
+                        print(json.dumps(rows[-1]), file=sys.stderr)
+                summary[case] = {"bf16_us": round(dense_us, 2),
+                                 **{k: [r["woq_graph_us"], r["speedup_vs_bf16"]] for k, r in by.items()}}
+                os.environ.pop(env, None)
+                del layers, layer
+                torch.cuda.empty_cache()
+    finally:
+        os.environ.pop(env, None)
+    return {"target": f"gptq:4 m=1 >= {TARGET_SPEEDUP}x bf16", "seconds": round(time.monotonic() - t0, 1),
+            "summary ([us, speedup vs bf16] per variant/x dtype)": summary, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layouts", default="gptq:4,awq:4,gptq_v2:8", help="layout:bits,...")
@@ -310,11 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="time every GEMV variant at m=1 and report the best")
     ap.add_argument("--staged", action="store_true", help="time every staged GEMV setting at m=1 (see above)")
     ap.add_argument("--budget_s", type=float, default=95.0, help="--staged: stop adding variants after this")
+    ap.add_argument("--half2", action="store_true",
+                    help="the built-in choice, the rows kernel and the half2 variant vs bf16 at m=1 (see above)")
     args = ap.parse_args(argv)
     from fastround import _torch
 
     assert torch.cuda.is_available() and _torch.with_cuda(), "needs a CUDA device and fastround built with CUDA"
     dev = torch.device("cuda")
+    if args.half2:
+        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **half2_compare(args.group, dev)}
+        print(json.dumps(report, indent=1))
+        return 0
     if args.staged:
         report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                   **staged_sweep(args.group, args.budget_s, dev)}

@@ -36,7 +36,7 @@ _CHILD = """
 import json, sys
 import torch
 import fastround
-from fastround.quant_linear import FPQuantLinear, QuantLinear
+from fastround.quant_linear import FPQuantLinear, QuantLinear, online_rotation_count
 from transformers import AutoModelForCausalLM
 
 spec = json.loads(sys.argv[1])
@@ -48,7 +48,7 @@ for name, folder in spec["folders"].items():
         model = fastround.load_quantized(folder, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    hooks = {n: len(m._forward_pre_hooks) for n, m in model.named_modules()
+    hooks = {n: online_rotation_count(m) for n, m in model.named_modules()
              if isinstance(m, (QuantLinear, FPQuantLinear))}
     with torch.inference_mode():
         out[name] = {"logits": model(ids).logits.float().tolist(), "hooks": hooks}

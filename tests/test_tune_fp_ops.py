@@ -13,6 +13,7 @@ import torch
 
 from cpp_runner import run_cpp_test
 from fastround import ops, tune_fp_ops
+from fp_tune_cases import bits_equal, nan_bits_equal, nv_case
 
 from auto_round.data_type.mxfp import quant_mx  # noqa: E402
 
@@ -39,11 +40,6 @@ def _upstream(x, v, mx, bits):
     return q, e
 
 
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(view), b.view(view))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_forward_equals_upstream(dtype, bits):
@@ -51,9 +47,9 @@ def test_forward_equals_upstream(dtype, bits):
     for vv, ff in ((v, mx), (None, None), (v, None)):
         ours = tune_fp_ops.mx_qdq(w, vv, ff, bits)
         theirs, e = _upstream(w, vv, ff, bits)
-        assert _bits_equal(ours, theirs)
+        assert bits_equal(ours, theirs)
         qdq, codes, scales = tune_fp_ops.mx_qdq_codes(w, vv, ff, bits)
-        assert _bits_equal(qdq, theirs)
+        assert bits_equal(qdq, theirs)
         assert torch.equal(scales.to(torch.int32) - 127, e.reshape(scales.shape).to(torch.int32))
 
 
@@ -66,7 +62,7 @@ def test_zero_offsets_are_rtn(dtype, bits):
     qdq, codes, scales = tune_fp_ops.mx_qdq_codes(w, torch.zeros(w.numel() // 32, 32), None, bits)
     rtn = ops.encode_weight(w, enc, bits, 32, True, opt_rtn=False)
     assert torch.equal(codes, rtn.codes) and torch.equal(scales, rtn.scales)
-    assert _bits_equal(qdq, ops.dequantize_codes(rtn.codes, rtn.scales, None, enc, bits, 32, True, dtype))
+    assert bits_equal(qdq, ops.dequantize_codes(rtn.codes, rtn.scales, None, enc, bits, 32, True, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -79,10 +75,10 @@ def test_weight_gradients_equal_torch_autograd(dtype, bits):
     ref = [v.clone().requires_grad_(), mx.reshape(-1).clone().requires_grad_()]
     q, _ = _upstream(w, ref[0], ref[1], bits)
     (q.float() * gout.float()).sum().backward()
-    assert _bits_equal(ours[0].grad, ref[0].grad)
+    assert bits_equal(ours[0].grad, ref[0].grad)
     # The all-zero group's factor gradient is 0 / 0 in both (torch.where over log2).
     a, b = ours[1].grad.reshape(-1), ref[1].grad
-    assert torch.equal(a.isnan(), b.isnan()) and _bits_equal(a.nan_to_num(), b.nan_to_num())
+    assert nan_bits_equal(a, b)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -98,11 +94,10 @@ def test_activation_gradient_equals_torch_autograd(bits):
     (out.float() * gout.float()).sum().backward()
     ref_x = x.clone().requires_grad_()
     q, _, _ = quant_mx(ref_x, bits=bits, group_size=32, v=0, max_scale=torch.tensor(1.0), data_type="mx_fp")
-    assert _bits_equal(out, q)
+    assert bits_equal(out, q)
     (q.float() * gout.float()).sum().backward()
     a, b = ours_x.grad, ref_x.grad
-    assert torch.equal(a.isnan(), b.isnan())
-    assert _bits_equal(a.nan_to_num(), b.nan_to_num())
+    assert nan_bits_equal(a, b)
 
 
 def test_opcheck_fake_and_autograd():
@@ -136,20 +131,6 @@ def test_cpp_fast_equals_reference():
 from auto_round.data_type.nvfp import nvfp4_v2  # noqa: E402
 
 
-def _nv_case(dtype: torch.dtype, seed: int, rows: int = 24, cols: int = 160):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.05 * torch.exp(torch.randn(rows, 1, generator=g))
-    w[0, :16] = 0  # an all-zero group: scale 0
-    w[1, :16] = torch.where(torch.arange(16) % 3 == 0, -0.25, 0.25)  # tied maxima
-    w[2, 20] = 3.0  # a lone outlier
-    w = w.to(dtype)
-    v = (torch.rand(rows * cols // 16, 16, generator=g) - 0.5) * 1.2
-    mx = 0.4 + 0.6 * torch.rand(rows, cols // 16, generator=g)
-    mx[::5] = 1.0
-    mx[3, 1] = 0.0
-    return w, v, mx
-
-
 def _nv_upstream(x, v, mx):
     q, s, _ = nvfp4_v2(x, bits=4, group_size=16, v=v if v is not None else 0,
                        max_scale=mx.reshape(-1) if mx is not None else 1.0)
@@ -158,41 +139,41 @@ def _nv_upstream(x, v, mx):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_nv_forward_equals_upstream(dtype):
-    w, v, mx = _nv_case(dtype, seed=1)
+    w, v, mx = nv_case(dtype, seed=1)
     for vv, ff in ((v, mx), (None, None)):
         ours = tune_fp_ops.mx_qdq(w, vv, ff, 4, "nvfp4_v2")
         theirs, scale = _nv_upstream(w, vv, ff)
-        assert _bits_equal(ours, theirs)
+        assert bits_equal(ours, theirs)
         qdq, codes, scales = tune_fp_ops.mx_qdq_codes(w, vv, ff, 4, "nvfp4_v2")
-        assert _bits_equal(qdq, theirs)
+        assert bits_equal(qdq, theirs)
         _, d = torch.ops.fastround.fp_qdq(w, vv, ff, 4, "nvfp4_v2")
-        assert _bits_equal(d.reshape(-1), scale.reshape(-1).float())
+        assert bits_equal(d.reshape(-1), scale.reshape(-1).float())
 
 
 def test_nv_zero_offsets_are_rtn():
-    w, _, _ = _nv_case(torch.bfloat16, seed=2)
+    w, _, _ = nv_case(torch.bfloat16, seed=2)
     qdq, codes, scales = tune_fp_ops.mx_qdq_codes(w, torch.zeros(w.numel() // 16, 16), None, 4, "nvfp4_v2")
     rtn = ops.encode_weight(w, "nvfp4_e5m3", 4, 16, True, opt_rtn=False)
     # Codes come from the qdq, where a value rounding to zero has lost its sign (the regular flow's packer derives
     # them so too, ops.pack_codes(from_qdq=True)); the model-free kernel keeps the source's sign in -0's code.
     zeros = ((codes & 7) == 0) & ((rtn.codes & 7) == 0)
     assert bool(((codes == rtn.codes) | zeros).all()) and torch.equal(scales, rtn.scales)
-    assert _bits_equal(qdq.abs(), ops.dequantize_codes(rtn.codes, rtn.scales, None, "nvfp4_e5m3", 4, 16, True,
-                                                       torch.bfloat16).abs())
+    assert bits_equal(qdq.abs(), ops.dequantize_codes(rtn.codes, rtn.scales, None, "nvfp4_e5m3", 4, 16, True,
+                                                      torch.bfloat16).abs())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_nv_weight_gradients_equal_torch_autograd(dtype):
-    w, v, mx = _nv_case(dtype, seed=4)
+    w, v, mx = nv_case(dtype, seed=4)
     gout = torch.randn(w.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     ours = [v.clone().requires_grad_(), mx.clone().requires_grad_()]
     (tune_fp_ops.mx_qdq(w, ours[0], ours[1], 4, "nvfp4_v2").float() * gout.float()).sum().backward()
     ref = [v.clone().requires_grad_(), mx.reshape(-1).clone().requires_grad_()]
     q, _ = _nv_upstream(w, ref[0], ref[1])
     (q.float() * gout.float()).sum().backward()
-    assert _bits_equal(ours[0].grad, ref[0].grad)
+    assert bits_equal(ours[0].grad, ref[0].grad)
     a, b = ours[1].grad.reshape(-1), ref[1].grad
-    assert torch.equal(a.isnan(), b.isnan()) and _bits_equal(a.nan_to_num(), b.nan_to_num())
+    assert nan_bits_equal(a, b)
 
 
 def test_nv_activation_gradient_equals_torch_autograd():
@@ -205,13 +186,13 @@ def test_nv_activation_gradient_equals_torch_autograd():
     (out.float() * gout.float()).sum().backward()
     ref_x = x.clone().requires_grad_()
     q, _, _ = nvfp4_v2(ref_x, bits=4, group_size=16, v=0, max_scale=torch.tensor(1.0))
-    assert _bits_equal(out, q)
+    assert bits_equal(out, q)
     (q.float() * gout.float()).sum().backward()
-    assert _bits_equal(ours_x.grad, ref_x.grad)
+    assert bits_equal(ours_x.grad, ref_x.grad)
 
 
 def test_nv_opcheck():
-    w, v, mx = _nv_case(torch.bfloat16, seed=5, rows=8, cols=64)
+    w, v, mx = nv_case(torch.bfloat16, seed=5, rows=8, cols=64)
     torch.library.opcheck(torch.ops.fastround.fp_qdq.default, (w, v.requires_grad_(), mx.requires_grad_(), 4,
                                                                "nvfp4_v2"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastround import tune_fp_ops
+from fp_tune_cases import bits_equal, nan_bits_equal, nv_case
 
 from auto_round.data_type.nvfp import calculate_gparam, nv_fp4, nv_fp4_rtn, nv_fp4_with_static_gs  # noqa: E402
 from auto_round.data_type.nvfp import cast_to_fp4, get_reciprocal  # noqa: E402
@@ -21,33 +22,13 @@ from auto_round.export.export_to_autoround.qlinear_fp import pack_fp4_to_uint8  
 
 
 def _case(dtype: torch.dtype, seed: int, rows: int = 24, cols: int = 160):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.05 * torch.exp(torch.randn(rows, 1, generator=g))
-    w[0, :16] = 0  # an all-zero group: scale 0, NaN factor gradient as upstream
-    w[1, :16] = torch.where(torch.arange(16) % 3 == 0, -0.25, 0.25)  # tied maxima
-    w[2, 20] = 3.0  # a lone outlier: the global scale's max
-    w[4, 32:48] = 1e-6  # a group whose E4M3 scale is subnormal or 0 under that global scale
-    w = w.to(dtype)
-    v = (torch.rand(rows * cols // 16, 16, generator=g) - 0.5) * 1.2
-    mx = 0.4 + 0.6 * torch.rand(rows, cols // 16, generator=g)
-    mx[::5] = 1.0
-    mx[3, 1] = 0.0
-    return w, v, mx
+    return nv_case(dtype, seed, rows, cols, tiny_group=True)
 
 
 def _upstream(x, v, mx, gs):
     q, s, _ = nv_fp4(x, bits=4, group_size=16, v=v if v is not None else 0, global_scale=gs,
                      max_scale=mx.reshape(-1) if mx is not None else 1.0)
     return q, s
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(view), b.view(view))
-
-
-def _nan_bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.isnan(), b.isnan()) and _bits_equal(a.nan_to_num(), b.nan_to_num())
 
 
 def _upstream_packed(qdq: torch.Tensor, scale: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
@@ -74,11 +55,11 @@ def test_forward_equals_upstream(dtype):
     for vv, ff in ((v, mx), (None, None), (v, None)):
         theirs, scale = _upstream(w, vv, ff, gs)
         ours = tune_fp_ops.mx_qdq(w, vv, ff, 4, "nv_fp", float(gs))
-        assert _bits_equal(ours, theirs)
+        assert bits_equal(ours, theirs)
         qdq, codes, scales = tune_fp_ops.mx_qdq_codes(w, vv, ff, 4, "nv_fp", float(gs))
-        assert _bits_equal(qdq, theirs)
+        assert bits_equal(qdq, theirs)
         _, s = torch.ops.fastround.fp_qdq(w, vv, ff, 4, "nv_fp", float(gs))
-        assert _bits_equal(s.reshape(-1), scale.reshape(-1).float())
+        assert bits_equal(s.reshape(-1), scale.reshape(-1).float())
         assert torch.equal(scales.view(torch.float8_e4m3fn).float().reshape(-1), scale.reshape(-1).float())
         # the bytes upstream's packer writes from this qdq weight and scale (its -0 codes included)
         assert torch.equal(_pack(codes), _upstream_packed(theirs, scale, gs))
@@ -91,7 +72,7 @@ def test_zero_offsets_are_upstream_rtn(dtype):
     gs = calculate_gparam(w, 16)
     rtn, rtn_scale, _ = nv_fp4_rtn(w, bits=4, group_size=16, v=0, global_scale=gs)
     qdq, codes, scales = tune_fp_ops.mx_qdq_codes(w, torch.zeros(w.numel() // 16, 16), None, 4, "nv_fp", float(gs))
-    assert _bits_equal(qdq, rtn)
+    assert bits_equal(qdq, rtn)
     assert torch.equal(scales.view(torch.float8_e4m3fn).float().reshape(-1), rtn_scale.reshape(-1).float())
     assert torch.equal(_pack(codes), _upstream_packed(rtn, rtn_scale, gs))
 
@@ -106,9 +87,9 @@ def test_weight_gradients_equal_torch_autograd(dtype):
     ref = [v.clone().requires_grad_(), mx.reshape(-1).clone().requires_grad_()]
     q, _ = _upstream(w, ref[0], ref[1], gs)
     (q.float() * gout.float()).sum().backward()
-    assert _bits_equal(ours[0].grad, ref[0].grad)
+    assert bits_equal(ours[0].grad, ref[0].grad)
     a, b = ours[1].grad.reshape(-1), ref[1].grad
-    assert _nan_bits_equal(a, b)
+    assert nan_bits_equal(a, b)
     assert bool(b.isnan().any()) and bool((~b.isnan()).sum() > 100)  # the zero-scale groups and the rest checked
 
 
@@ -127,9 +108,9 @@ def test_activation_gradient_equals_torch_autograd():
     ref_x = x.clone().requires_grad_()
     q, _, _ = nv_fp4_with_static_gs(ref_x, bits=4, group_size=16, tensor_max=act_max)
     assert tune_fp_ops.nv_global_scale(act_max) == float(gs)
-    assert _bits_equal(out, q)
+    assert bits_equal(out, q)
     (q.float() * gout.float()).sum().backward()
-    assert _bits_equal(ours_x.grad, ref_x.grad)
+    assert bits_equal(ours_x.grad, ref_x.grad)
 
 
 def test_opcheck_and_bad_input():

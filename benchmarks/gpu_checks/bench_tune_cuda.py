@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
 from fastround import _torch, tune_ops
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _timing import cuda_median_ms  # noqa: E402
+
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # q/o, gate/up, down of Llama-3-8B
-
-
-def _median_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def bench_shape(rows: int, cols: int, gs: int = 128) -> list[dict[str, object]]:
@@ -57,7 +46,7 @@ def bench_shape(rows: int, cols: int, gs: int = 128) -> list[dict[str, object]]:
     }
     rows_out = []
     for name, (fn, nbytes) in cases.items():
-        ms = _median_ms(fn)
+        ms = cuda_median_ms(fn)
         rows_out.append({"op": name, "shape": [rows, cols], "ms": round(ms, 4), "gb_s": round(nbytes / ms / 1e6, 1)})
     return rows_out
 

@@ -14,34 +14,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastround import _torch, tune_fp_ops
+from _same_bits import same_bits
+from fastround import tune_fp_ops
 
 _ops = torch.ops.fastround
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-@pytest.fixture(scope="module")
-def cuda() -> torch.device:
-    assert torch.cuda.is_available(), "these checks need a CUDA device: run them on the GPU host"
-    assert _torch.with_cuda(), "fastround was built without CUDA: build it with benchmarks/gpu_build.sh"
-    return torch.device("cuda")
 
 
 def _same(cpu: torch.Tensor | None, dev: torch.Tensor | None) -> bool:
-    """Bit-for-bit equality of a CPU result and a device result, signed zeros included. NaNs must sit at the same
-    places but their bits may differ: x86 makes 0/0 the negative quiet NaN, CUDA the canonical positive one, and
-    no consumer reads a NaN's payload (sign-SGD skips NaN gradients)."""
-    if cpu is None or dev is None:
-        return cpu is None and dev is None
-    dev = dev.cpu()
-    if cpu.dtype != dev.dtype or cpu.shape != dev.shape:
-        return False
-    if cpu.dtype in _INT_VIEW:
-        nan = torch.isnan(cpu)
-        if not torch.equal(nan, torch.isnan(dev)):
-            return False
-        return torch.equal(cpu[~nan].view(_INT_VIEW[cpu.dtype]), dev[~nan].view(_INT_VIEW[dev.dtype]))
-    return torch.equal(cpu, dev)
+    """NaNs at the same places, their payloads free (no consumer reads them: sign-SGD skips NaN gradients)."""
+    return same_bits(cpu, dev, nan_payloads=False)
 
 
 def _describe(cpu: torch.Tensor | None, dev: torch.Tensor | None) -> str:

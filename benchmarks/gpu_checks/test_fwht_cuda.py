@@ -78,6 +78,77 @@ def test_k_times_pow2(k, m, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,m", [(28, 8), (12, 32), (20, 512), (28, 512), (160, 32), (224, 64), (40, 128)])
+def test_split_and_one_kernel_plans_agree(k, m, dtype):
+    """K > 1 with len % 8 == 0 below 64 tiles takes the split plan (butterflies into scratch, then the K stage over
+    the grid); at and above it the one-kernel plan. Both against the CPU, on the tile counts either side of the
+    switch, and the 1-row case (a decode step) against the same row inside a many-row launch."""
+    n = k * m
+    hk = T.library_matrix(k)
+    bpt = max(1, 2048 // n)  # blocks per tile (n is a multiple of 8 here)
+    for rows in (1, 2, 63 * bpt, 64 * bpt, 64 * bpt + 1):
+        got, want = both(rand(rows, n, dtype, n + rows), n, hk, transpose=rows % 2 == 1)
+        assert_same_bits(got, want)
+    x = rand(64 * bpt, n, dtype, n)
+    many = T.hadamard_transform(x.cuda(), n, hk.cuda())
+    for r in (0, 64 * bpt - 1):
+        assert_same_bits(T.hadamard_transform(x[r:r + 1].cuda(), n, hk.cuda()), many[r:r + 1].cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_r4_decode_row_k28(dtype):
+    """The batch-1 R4 row of a Llama-3-8B down_proj: 1 x 14336, K = 28 (the split plan), fp32 compute; with and
+    without signs (a random R4), each side, transposed or not, and inside a CUDA graph (the scratch comes from the
+    graph's pool)."""
+    n, k = 14336, 28
+    hk = T.spinquant_matrix(k)
+    sg = T.random_signs(n, torch.Generator().manual_seed(5)).to(torch.int8)
+    x = rand(1, n, dtype, 21)
+    for signs in (None, sg):
+        for signs_first in (False, True):
+            for transpose in (False, True):
+                got, want = both(x, n, hk, signs, transpose=transpose, signs_first=signs_first)
+                assert_same_bits(got, want)
+    hkc, sgc, xc = hk.cuda(), sg.cuda(), x.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        T.hadamard_transform(xc, n, hkc, sgc, signs_first=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = T.hadamard_transform(xc, n, hkc, sgc, signs_first=True)
+    xc.copy_(rand(1, n, dtype, 22).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_bits(y, T.hadamard_transform(xc.cpu(), n, hk, sg, signs_first=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_off_env_same_bits(monkeypatch, dtype):
+    """FASTROUND_FWHT_SPLIT=0 forces the one-kernel plan on the rows the split plan takes: the same bits."""
+    n, k = 14336, 28
+    hk = T.spinquant_matrix(k).cuda()
+    sg = T.random_signs(n, torch.Generator().manual_seed(6)).to(torch.int8).cuda()
+    for rows in (1, 3):
+        x = rand(rows, n, dtype, 30 + rows).cuda()
+        split = T.hadamard_transform(x, n, hk, sg, signs_first=True)
+        monkeypatch.setenv("FASTROUND_FWHT_SPLIT", "0")
+        one = T.hadamard_transform(x, n, hk, sg, signs_first=True)
+        monkeypatch.delenv("FASTROUND_FWHT_SPLIT")
+        torch.cuda.synchronize()
+        assert_same_bits(split, one.cpu())
+
+
+def test_r4_hook_decode_row_cuda_equals_cpu():
+    hook = Q.online_hook("r4", 14336, 28)
+    x = rand(1, 14336, torch.bfloat16, 23).reshape(1, 1, 14336)
+    (got,) = hook(None, (x.cuda(),))
+    (want,) = hook(None, (x,))
+    assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", [2, 16, 32, 64, 128, 256, 512, 1024])
 def test_block_diagonal(block, dtype):
     for rows, cols in ((1, 4096), (7, 2 * block), (129, 1024 if block <= 1024 else block)):

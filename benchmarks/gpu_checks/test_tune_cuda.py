@@ -17,29 +17,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastround import _torch, tune_ops
+from _same_bits import same_bits
+from fastround import tune_ops
 
 _ops = torch.ops.fastround
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-@pytest.fixture(scope="module")
-def cuda() -> torch.device:
-    assert torch.cuda.is_available(), "these checks need a CUDA device: run them on the GPU host"
-    assert _torch.with_cuda(), "fastround was built without CUDA: build it with benchmarks/gpu_build.sh"
-    return torch.device("cuda")
-
-
-def _same(cpu: torch.Tensor | None, dev: torch.Tensor | None) -> bool:
-    """Bit-for-bit equality of a CPU result and a device result (NaN and signed zeros included)."""
-    if cpu is None or dev is None:
-        return cpu is None and dev is None
-    dev = dev.cpu()
-    if cpu.dtype != dev.dtype or cpu.shape != dev.shape:
-        return False
-    if cpu.dtype in _INT_VIEW:
-        return torch.equal(cpu.view(_INT_VIEW[cpu.dtype]), dev.view(_INT_VIEW[dev.dtype]))
-    return torch.equal(cpu, dev)
 
 
 def _case(dtype: torch.dtype, gs: int, seed: int, rows: int, cols: int, factors: bool = True):
@@ -84,25 +65,25 @@ def _check_all(dev, dtype, bits, gs, sym, scale_dtype=torch.float16, rows=64, co
     wmin, wmax = _ops.int_group_extremes(w, gs)
     d_w, d_v, d_mn, d_mx, d_grad, d_init = _to(dev, w, v, mn, mx, grad, init)
     d_wmin, d_wmax = _ops.int_group_extremes(d_w, gs)
-    assert _same(wmin, d_wmin) and _same(wmax, d_wmax), "group extremes"
+    assert same_bits(wmin, d_wmin) and same_bits(wmax, d_wmax), "group extremes"
 
     qdq, scale = _ops.int_qdq(w, v, mn, mx, wmin, wmax, *args, init)
     d_qdq, d_scale = _ops.int_qdq(d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args, d_init)
-    assert _same(qdq, d_qdq), "qdq"
-    assert _same(scale, d_scale), "scale"
+    assert same_bits(qdq, d_qdq), "qdq"
+    assert same_bits(scale, d_scale), "scale"
 
     cpu_codes = _ops.int_qdq_codes(w, v, mn, mx, wmin, wmax, *args, init)
     dev_codes = _ops.int_qdq_codes(d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args, d_init)
     for name, a, b in zip(("qdq", "codes", "scales", "zeros"), cpu_codes, dev_codes):
-        assert _same(a, b), f"int_qdq_codes {name}"
+        assert same_bits(a, b), f"int_qdq_codes {name}"
 
     for factor_grads in (True, False):
         gv, gmin, gmax = _ops.int_qdq_backward(grad, w, v, mn, mx, wmin, wmax, *args, factor_grads, init)
         d_gv, d_gmin, d_gmax = _ops.int_qdq_backward(d_grad, d_w, d_v, d_mn, d_mx, d_wmin, d_wmax, *args,
                                                      factor_grads, d_init)
-        assert _same(gv, d_gv), f"grad_v (factor_grads={factor_grads})"
+        assert same_bits(gv, d_gv), f"grad_v (factor_grads={factor_grads})"
         if factor_grads:
-            assert _same(gmin, d_gmin) and _same(gmax, d_gmax), "grad_min / grad_max"
+            assert same_bits(gmin, d_gmin) and same_bits(gmax, d_gmax), "grad_min / grad_max"
             assert bool((gmax != 0).any()), "the case gives the factors a gradient"
 
 
@@ -152,7 +133,7 @@ def test_init_scale_search_on_cuda_weight(cuda):
     im = torch.rand(1000) * 10
     cpu = tune_ops.int_init_scale(w, 4, 128, im, 1e-5)
     dev = tune_ops.int_init_scale(w.to(cuda), 4, 128, im.to(cuda), 1e-5)
-    assert dev.device.type == "cuda" and _same(cpu, dev)
+    assert dev.device.type == "cuda" and same_bits(cpu, dev)
 
 
 def test_init_scale_autograd_equals_cpu(cuda):
@@ -167,7 +148,7 @@ def test_init_scale_autograd_equals_cpu(cuda):
         tune_ops.int_qdq(d_w, params[0], None, params[1], wmin, wmax, spec, d_init).backward(d_grad)
         grads.append([p.grad for p in params])
     for name, a, b in zip(("v", "max_scale"), *grads):
-        assert _same(a.cpu(), b), name
+        assert same_bits(a.cpu(), b), name
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -187,7 +168,7 @@ def test_autograd_equals_cpu(cuda, sym):
         grads.append([p.grad for p in params])
     for name, a, b in zip(("v", "min_scale", "max_scale"), *grads):
         a, b = a.cpu(), b.cpu()
-        assert _same(a, b), (f"{name}: {int((a != b).sum())} of {a.numel()} differ, max abs "
+        assert same_bits(a, b), (f"{name}: {int((a != b).sum())} of {a.numel()} differ, max abs "
                              f"{float((a - b).abs().max())}, max {float(a.abs().max())}")
 
 
@@ -214,8 +195,8 @@ def test_sign_sgd_equals_cpu(cuda, momentum, clamp01, clamp_hi):
             tune_ops.sign_sgd_step_(ps, [t.to(dev) for t in gr], bufs, 0.01 * (1 - i / 3), momentum, i == 0, clamp01,
                                     clamp_hi)
         state.append(ps + bufs)
-    assert all(_same(a, b) for a, b in zip(*state))
-    assert not _same(params[-2], state[0][len(params) - 2]), "the steps moved the parameters"
+    assert all(same_bits(a, b) for a, b in zip(*state))
+    assert not same_bits(params[-2], state[0][len(params) - 2]), "the steps moved the parameters"
 
 
 def test_runs_on_the_current_stream(cuda):
@@ -232,7 +213,7 @@ def test_runs_on_the_current_stream(cuda):
         host = torch.empty(d_qdq.shape, dtype=d_qdq.dtype, pin_memory=True)
         host.copy_(d_qdq, non_blocking=True)
     side.synchronize()
-    assert _same(qdq, host)
+    assert same_bits(qdq, host)
 
 
 def test_bad_arguments_name_the_argument(cuda):

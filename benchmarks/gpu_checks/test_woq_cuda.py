@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastround import _torch, ops
+from fastround import ops
 
 
 
@@ -26,13 +26,6 @@ def _op(*args):
 
 
 _AWQ_SLOT_OF_COLUMN = [0, 4, 1, 5, 2, 6, 3, 7]  # nibble slot holding column p of each run of 8 (pack_awq.h)
-
-
-@pytest.fixture(scope="module")
-def cuda() -> torch.device:
-    assert torch.cuda.is_available(), "these checks need a CUDA device: run them on the GPU host"
-    assert _torch.with_cuda(), "fastround was built without CUDA: build it with benchmarks/gpu_build.sh"
-    return torch.device("cuda")
 
 
 # ---- plain-torch packing and its inverse (int64 arithmetic, then the int32 bit pattern) ----
@@ -397,6 +390,70 @@ def test_staged_variant_rejected(cuda, monkeypatch):
                       ("rows:8,2,32", "FASTROUND_WOQ_CUDA_VARIANT"), ("staged8", "FASTROUND_WOQ_CUDA_VARIANT"),
                       ("staged:8,2,32,3", "prefetch"), ("8,2,0,2", "FASTROUND_WOQ_CUDA_VARIANT"),
                       ("staged:8,2,32,1,0", "FASTROUND_WOQ_CUDA_VARIANT")):
+        monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", bad)
+        with pytest.raises(ValueError, match=what):
+            _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")
+
+
+# ---- the staged kernel's half2 variant (FASTROUND_WOQ_CUDA_VARIANT=half2, woq_cuda.cu word_dot_half2) ----
+
+_HALF2_SETTINGS = ["half2", "half2:16,1,8", "half2:8,1,16", "half2:4,8,8", "half2:8,2,8", "half2:4,2,8",
+                   "half2:8,2,32", "half2:4,4,16"]
+
+
+@pytest.mark.parametrize("variant", _HALF2_SETTINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half2_variant(cuda, variant, dtype, monkeypatch):
+    """Every instantiated half2 setting within the output dtype's tolerance of the fp32 reference: sym and asym
+    zeros (all 16 codes, the extreme zero points), groups a chunk may not fit (the rows kernel then takes it),
+    partial column tiles, uneven chunks over the split, and the Llama k/v shape."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
+    for layout in ("gptq", "gptq_v2"):
+        for group_size in (32, 128, -1):
+            run_case(cuda, 1024, 384, 4, group_size, layout, 1, dtype, seed=group_size + len(layout))
+    run_case(cuda, 1024, 124, 4, 128, "gptq_v2", 1, dtype)
+    run_case(cuda, 1088, 64, 4, 64, "gptq", 1, dtype)
+    run_case(cuda, 4096, 1024, 4, 128, "gptq", 1, dtype, bias=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half2_large_activations(cuda, dtype, monkeypatch):
+    """Large fp16 activations: the products are taken as (q - z)/16 * x, so they overflow no sooner than x; a lane's
+    sum of 4 products (inputs j, j+1, j+2, j+3 of a word's half) stays finite while their |x| add up to < 65504."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "half2")
+    qweight, qzeros, scales = make_layer(1024, 256, 4, 128, "gptq", torch.float16, 3)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(1, 1024, generator=g) * 2 - 1) * 4000.0
+    x[0, :8] = torch.tensor([16000.0, -16000.0, 8000.0, -8000.0, 0.0, 1e-6, -1e-6, 60000.0])
+    x = x.to(dtype)
+    ref = linear_reference(x, qweight, qzeros, scales, None, 4, 128, "gptq")
+    y = _op(x.to(cuda), qweight.to(cuda), qzeros.to(cuda), scales.to(cuda), None, 4, 128, "gptq")
+    assert torch.isfinite(y.float()).all()
+    tol = _tolerance(dtype)
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("m", [2, 8])
+def test_half2_elsewhere_takes_the_default(cuda, m, monkeypatch):
+    """Beyond batch 1 and at 8 bits the half2 variant leaves the call to the built-in choice: same bits."""
+    for bits, mm in ((4, m), (8, 1)):
+        qweight, qzeros, scales = (t.to(cuda) for t in make_layer(1024, 384, bits, 128, "gptq_v2"))
+        x = torch.randn(mm, 1024, device=cuda, dtype=torch.bfloat16)
+        monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "")
+        want = _op(x, qweight, qzeros, scales, None, bits, 128, "gptq_v2")
+        monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "half2")
+        assert torch.equal(_op(x, qweight, qzeros, scales, None, bits, 128, "gptq_v2"), want)
+
+
+def test_half2_deterministic_and_rejected(cuda, monkeypatch):
+    qweight, qzeros, scales = (t.to(cuda) for t in make_layer(4096, 4096, 4, 128, "gptq"))
+    x = torch.randn(1, 4096, device=cuda, dtype=torch.float16)
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "half2")
+    first = _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")
+    for _ in range(3):
+        assert torch.equal(first, _op(x, qweight, qzeros, scales, None, 4, 128, "gptq"))
+    for bad, what in (("half2:8,2,32,1", "FASTROUND_WOQ_CUDA_VARIANT"), ("half2:3,0,0", "unroll"),
+                      ("half2x", "FASTROUND_WOQ_CUDA_VARIANT")):
         monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", bad)
         with pytest.raises(ValueError, match=what):
             _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")

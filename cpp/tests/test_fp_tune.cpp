@@ -5,33 +5,22 @@
 // threads. Plain C++; tests/test_tune_fp_ops.py runs it. Ends with "N passed, N failed".
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "fastround/common/convert.h"
-#include "fastround/common/parallel.h"
 #include "fastround/quant/fp_rtn.h"
 #include "fastround/tune/fp_qdq.h"
+#include "test_harness.h"
 
 namespace fr = fastround;
 namespace ft = fastround::tune;
 
+using fastround::test::check;
+using fastround::test::same_bytes;
+
 namespace {
-
-int passed = 0, failed = 0;
-
-void check(bool ok, const std::string& what) {
-  ok ? ++passed : ++failed;
-  if (!ok) std::printf("FAIL %s\n", what.c_str());
-}
-
-template <typename T>
-bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
 
 // nv4: NVFP4 (E4M3 scales under the data's global scale); nv without it: NVFP4_E5M3.
 void qdq_case(fr::DType dt, int bits, bool nv, bool with_v, bool with_factor, uint32_t seed, bool nv4 = false) {
@@ -80,9 +69,7 @@ void qdq_case(fr::DType dt, int bits, bool nv, bool with_v, bool with_factor, ui
   std::vector<float> e_ref(ng), gv_ref(vv.size()), gm_ref(ng);
   ft::fp_qdq_forward_ref(v, p, q_ref.data(), e_ref.data(), codes_ref.data(), sc_ref.data());
   ft::fp_qdq_backward_ref(v, p, grad.data(), gv_ref.data(), gm_ref.data(), gx_ref.data());
-  for (int threads : {1, 3}) {
-    fr::set_num_threads(threads);
-    const std::string t = name + " threads " + std::to_string(threads);
+  fastround::test::at_thread_counts(name, [&](const std::string& t) {
     std::vector<uint8_t> q(x.size()), codes(xf.size()), sc(ng), gx(x.size());
     std::vector<float> e(ng), gv(vv.size()), gm(ng);
     ft::fp_qdq_forward(v, p, q.data(), e.data(), codes.data(), sc.data());
@@ -96,8 +83,7 @@ void qdq_case(fr::DType dt, int bits, bool nv, bool with_v, bool with_factor, ui
     std::vector<float> gv2(vv.size());
     ft::fp_qdq_backward(v, p, grad.data(), gv2.data(), nullptr, nullptr);
     check(same_bytes(gv2, gv_ref), t + ": grad_v alone == reference");
-  }
-  fr::set_num_threads(4);
+  });
   // The codes stand for the qdq: code value * 2^e equals the stored qdq (up to the sign of zero); NVFP4's
   // multiplier is 1 / (1 / (scale * (1 / gs))), the forward's.
   const auto recip = [](float a) { return a == 0.0f ? 0.0f : 1.0f / a; };
@@ -149,6 +135,5 @@ int main() {
         for (bool with_factor : {false, true})
           qdq_case(dt, kind == 8 ? 8 : 4, kind >= 16, with_v, with_factor, seed++, kind == 17);
   bad_input();
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return fastround::test::report();
 }

@@ -8,35 +8,24 @@
 // "N passed, N failed".
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "fastround/common/convert.h"
-#include "fastround/common/parallel.h"
 #include "fastround/quant/codes.h"
 #include "fastround/quant/int_opt_rtn.h"
 #include "fastround/tune/int_qdq.h"
 #include "fastround/tune/sign_sgd.h"
+#include "test_harness.h"
 
 namespace fr = fastround;
 namespace ft = fastround::tune;
 
+using fastround::test::check;
+using fastround::test::same_bytes;
+
 namespace {
-
-int passed = 0, failed = 0;
-
-void check(bool ok, const std::string& what) {
-  ok ? ++passed : ++failed;
-  if (!ok) std::printf("FAIL %s\n", what.c_str());
-}
-
-template <typename T>
-bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
 
 // SignRoundV2's init scales [rows * groups] as fp32 (the search's weight-dtype values), from the fast search; the
 // reference search must agree, and so must the codes of a run that writes them.
@@ -129,21 +118,18 @@ void qdq_case(fr::DType dt, fr::DType sd, int bits, int64_t group_size, bool sym
   bool moved = false;
   for (float g : gmax_ref) moved |= g != 0.0f;
   check(moved, name + ": the factors get a gradient");
-  for (int threads : {1, 3}) {
-    fr::set_num_threads(threads);
+  fastround::test::at_thread_counts(name, [&](const std::string& t) {
     std::vector<uint8_t> q(wbytes), codes(static_cast<size_t>(rows * cols));
     std::vector<float> s(ng);
     std::vector<int32_t> z(ng);
     ft::int_qdq_forward(v, p, q.data(), s.data(), codes.data(), z.data());
-    const std::string t = name + " threads " + std::to_string(threads);
     check(same_bytes(q, q_ref) && same_bytes(s, s_ref), t + ": forward == reference");
     check(same_bytes(codes, codes_ref) && same_bytes(z, z_ref), t + ": codes == reference");
     std::vector<float> gv(vv.size()), gmin(ng), gmax(ng);
     ft::int_qdq_backward(v, p, grad.data(), gv.data(), gmin.data(), gmax.data());
     check(same_bytes(gv, gv_ref) && same_bytes(gmin, gmin_ref) && same_bytes(gmax, gmax_ref),
           t + ": backward == reference");
-  }
-  fr::set_num_threads(4);
+  });
 }
 
 void sgd_case(float momentum, bool clamp01, float clamp_hi = 1.0f) {
@@ -197,6 +183,5 @@ int main() {
   for (float m : {0.0f, 0.9f})
     for (bool c : {false, true}) sgd_case(m, c);
   for (float m : {0.0f, 0.9f}) sgd_case(m, true, 2.0f);
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
+  return fastround::test::report();
 }

@@ -56,6 +56,14 @@ def _woq_linear_fake(x, qweight, qzeros, scales, bias, bits, group_size, layout)
     return x.new_empty((*x.shape[:-1], out))
 
 
+if hasattr(_ops, "woq_linear_rotated"):
+
+    @torch.library.register_fake("fastround::woq_linear_rotated")
+    def _woq_linear_rotated_fake(x, qweight, qzeros, scales, bias, bits, group_size, layout, block_size,
+                                 hadamard_k=None, signs=None, transpose=False, signs_first=False):
+        return _woq_linear_fake(x, qweight, qzeros, scales, bias, bits, group_size, layout)
+
+
 @torch.library.register_fake("fastround::woq_tile_qweight")
 def _woq_tile_qweight_fake(qweight, untile=False):
     torch._check(qweight.dim() == 2 and qweight.shape[1] % WOQ_TILE == 0,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ logger = logging.getLogger("fastround")
 
 _ops = torch.ops.fastround
 HAS_WOQ_LINEAR: bool = hasattr(_ops, "woq_linear")
+HAS_WOQ_LINEAR_ROTATED: bool = hasattr(_ops, "woq_linear_rotated")
 WOQ_TILE = 64  # outputs per tile (fastround.infer_ops.WOQ_TILE, without importing the extension here)
 _TILE_LOCK = threading.Lock()  # two threads' first forwards must not tile one buffer twice
 
@@ -144,6 +145,9 @@ class QuantLinear(_PackedBuffers):
         if not g_idx:
             self.register_buffer("g_idx", None)
         self._trivial_g_idx: bool | None = None
+        # The online rotation of a rotated checkpoint's input (transform_ops.BlockRotation, set by attach_rotation):
+        # applied at the start of forward, fused with woq_linear into one op call where the op takes the layer
+        self.input_rotation: Any = None
         self._woq_ok = True
         self._tiled = False  # qweight holds the tiled word order (see the module docstring)
 
@@ -242,12 +246,21 @@ class QuantLinear(_PackedBuffers):
         return (codes - zeros.t()[:, g]) * scales.float().t()[:, g]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rot = self.input_rotation
         if HAS_WOQ_LINEAR and self._woq_ok and not reference_forced() and self._g_idx_is_trivial():
             try:
                 if x.device.type == "cpu":
                     self._tile_qweight()
                 layout = self.layout + "_tiled" if self._tiled else self.layout
-                return _ops.woq_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.bits,
+                if rot is None:
+                    return _ops.woq_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.bits,
+                                           self.group_size, layout)
+                if HAS_WOQ_LINEAR_ROTATED and rot.fusable(x):
+                    hk, sg = rot.operands(x.device)
+                    return _ops.woq_linear_rotated(x, self.qweight, self.qzeros, self.scales, self.bias, self.bits,
+                                                   self.group_size, layout, rot.block_size, hk, sg, rot.transpose,
+                                                   rot.signs_first)
+                return _ops.woq_linear(rot(x), self.qweight, self.qzeros, self.scales, self.bias, self.bits,
                                        self.group_size, layout)
             except (ValueError, NotImplementedError) as exc:
                 # A shape, dtype or device the op refuses (ValueError / no kernel for the device): this layer
@@ -255,7 +268,28 @@ class QuantLinear(_PackedBuffers):
                 self._woq_ok = False
                 self._untile_qweight()
                 logger.info("woq_linear refused %s (%s); it runs the reference dequantize-and-matmul", self, exc)
+        if rot is not None:
+            x = rot(x)
         return _reference_linear(x, self.dequantize(), self.bias)
+
+
+def attach_rotation(module: nn.Module, hook: Callable[..., Any], rotation: Any = None) -> None:
+    """Gives `module` an online input rotation: a QuantLinear without forward pre-hooks or a rotation yet holds
+    `rotation` (default: hook.block_rotation, a transform_ops.BlockRotation) as its input_rotation, which its forward
+    fuses with woq_linear (no module hook, no Python wrapper, one op call); any other module, or a rotation that is
+    no BlockRotation, gets `hook` as its first forward pre-hook, as before. Either way the layer's input is rotated
+    first, with the same bits."""
+    rotation = rotation if rotation is not None else getattr(hook, "block_rotation", None)
+    if (isinstance(module, QuantLinear) and rotation is not None and module.input_rotation is None
+            and not module._forward_pre_hooks):
+        module.input_rotation = rotation
+        return
+    module.register_forward_pre_hook(hook, prepend=True)
+
+
+def online_rotation_count(module: nn.Module) -> int:
+    """Online rotations a layer applies to its input: its forward pre-hooks and a QuantLinear's fused one."""
+    return len(module._forward_pre_hooks) + (getattr(module, "input_rotation", None) is not None)
 
 
 def _unpack_words(words: torch.Tensor, count: int, bits: int) -> torch.Tensor:
@@ -322,4 +356,5 @@ class FPQuantLinear(_PackedBuffers):
         return _reference_linear(x, self.dequantize(), self.bias)
 
 
-__all__ = ["FPQuantLinear", "HAS_WOQ_LINEAR", "LAYOUTS", "QuantLinear", "reference_forced"]
+__all__ = ["FPQuantLinear", "HAS_WOQ_LINEAR", "LAYOUTS", "QuantLinear", "attach_rotation", "online_rotation_count",
+           "reference_forced"]

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from fastround import transform_ops as T
+from fastround.quant_linear import attach_rotation
 
 logger = logging.getLogger("fastround")
 
@@ -92,36 +93,17 @@ def _rotate_out(linear: torch.nn.Linear, n: int) -> None:
         linear.bias.data = _rows(linear.bias.data, n)
 
 
-class _BlockMap:
+def _block_map(n: int, hk: torch.Tensor | None, signs: torch.Tensor | None, fp32: bool) -> T.BlockRotation:
     """x <- x·Tᵀ (fixed) or x·diag(d)·Tᵀ (random, d the signs) on each n-block of the last dimension, through the
-    FWHT kernel on x's device; the ±1 operands are copied once per device, not every call."""
-
-    def __init__(self, n: int, hk: torch.Tensor | None, signs: torch.Tensor | None, fp32: bool,
-                 transpose: bool = False) -> None:
-        # transpose: x·T·diag(d) per block (the inplace backend's online map x·Mᵀ for its random M = diag(d)·Tᵀ)
-        # instead of x·diag(d)·Tᵀ
-        self.n, self.hk, self.signs, self.fp32, self.transpose = n, hk, signs, fp32, transpose
-        self._on: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        ops = (self.hk, self.signs)
-        if x.device.type != "cpu":
-            ops = self._on.get(x.device)
-            if ops is None:
-                ops = self._on[x.device] = tuple(None if t is None else t.to(torch.int8).to(x.device)
-                                                 for t in (self.hk, self.signs))
-        # One op call, no casts around it: the kernel computes bf16/fp16 in fp32 and rounds once, the bits of
-        # upstream's fp32 hook (x.float() -> transform -> cast back); at decode each extra launch costs ~10 us
-        # of host time (tests/test_quarot_r3_random.py pins the equality)
-        y = x.float() if self.fp32 and x.dtype not in (torch.bfloat16, torch.float16, torch.float32) else x
-        return T.hadamard_any_device(y.contiguous(), self.n, ops[0], ops[1], transpose=self.transpose,
-                                     signs_first=not self.transpose).to(x.dtype)
+    FWHT kernel on x's device (signs first); fp32: R4's numerics (non-float32 types computed in fp32)."""
+    return T.BlockRotation(n, hk, signs, transpose=False, signs_first=True, fp32=fp32)
 
 
-def _hook(block_map: _BlockMap):
+def _hook(block_map: T.BlockRotation):
     def pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
         return (block_map(args[0]),) + tuple(args[1:])
 
+    pre_hook.block_rotation = block_map  # what attach_rotation folds into a QuantLinear instead
     return pre_hook
 
 
@@ -130,7 +112,7 @@ def online_hook(position: str, size: int, k: int = 1):
     upstream's R4 hook runs whatever the activation dtype), T built on SpinQuant's K matrix of order k (1:
     Sylvester). A random matrix's hook is _hook(RandomRotation.block_map(...))."""
     hk = T.spinquant_matrix(k) if k > 1 else None
-    return _hook(_BlockMap(size, hk, None, fp32=position == "r4"))
+    return _hook(_block_map(size, hk, None, fp32=position == "r4"))
 
 
 @dataclass
@@ -182,9 +164,9 @@ class RandomRotation:
                              f"order {n}); fastround applies a random rotation through the FWHT with its signs")
         return RandomRotation(d.to(torch.int8))
 
-    def block_map(self, fp32: bool) -> _BlockMap:
+    def block_map(self, fp32: bool) -> T.BlockRotation:
         k = self.k
-        return _BlockMap(self.n, T.spinquant_matrix(k) if k > 1 else None, self.signs, fp32)
+        return _block_map(self.n, T.spinquant_matrix(k) if k > 1 else None, self.signs, fp32)
 
 
 def _transposed_t(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -223,7 +205,7 @@ class RopeThenR3:
     def __init__(self, rope: Callable[..., Any], head_dim: int, random: RandomRotation | None) -> None:
         self.rope = rope
         self.random = random
-        self.map = random.block_map(True) if random is not None else _BlockMap(head_dim, None, None, True)
+        self.map = random.block_map(True) if random is not None else _block_map(head_dim, None, None, True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         q, k = self.rope(*args, **kwargs)
@@ -481,7 +463,7 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
                     else:
                         _rotate_in_by(lin, rot1.matrix)
                         hook = _hook(rot1.block_map(fp32=False))
-                    lin.register_forward_pre_hook(hook, prepend=True)
+                    attach_rotation(lin, hook)
         if do_r2:
             m2 = rnd["r2"].matrix if "r2" in rnd else None
             for layer in layers:
@@ -504,7 +486,7 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None) -> 
                 else:
                     _rotate_in_by(down, rot4.matrix)
                     hook = _hook(rot4.block_map(fp32=True))
-                down.register_forward_pre_hook(hook, prepend=True)
+                attach_rotation(down, hook)
         if do_r3:
             for _, attn in _attentions(model):
                 install_r3(attn, a.head_dim, rnd.get("r3"))
@@ -555,7 +537,7 @@ def register_online_hooks(model: torch.nn.Module, spinquant_config: dict[str, An
             else:
                 raise NotImplementedError(f"fastround: {name}.spinquant_{pos}_type={kind} (trained matrix) is not "
                                           "implemented yet; 0 (Hadamard) and 1 (random) are")
-            module.register_forward_pre_hook(hook, prepend=True)
+            attach_rotation(module, hook)
             hooked[pos].append(name)
     if spinquant_config.get("r3"):
         head_dim = int(spinquant_config.get("head_dim") or _arch(model).head_dim)

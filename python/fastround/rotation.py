@@ -363,6 +363,9 @@ def register_online_hooks(model: torch.nn.Module, config: dict[str, Any], data_t
     (from `buffers` by layer name, or the module's own buffer). Layers in `act_mxfp4` (their checkpoint declares
     MXFP4 activations) get MXFP4ActHook instead, upstream's fused fast path (act_qdq_mode()). Returns the hooked
     layer names."""
+    from fastround import transform_ops as T
+    from fastround.quant_linear import attach_rotation
+
     cfg = RotationConfig(block_size=config.get("block_size"), hadamard_type=config.get("hadamard_type", "hadamard"),
                          backend="transform")
     rot = LinearRotation(cfg, data_type)
@@ -393,7 +396,7 @@ def register_online_hooks(model: torch.nn.Module, config: dict[str, Any], data_t
             module.register_forward_pre_hook(lambda mod, args, f=rotate: (f(args[0]),) + tuple(args[1:]),
                                              prepend=True)
         else:
-            module.register_forward_pre_hook(rot._hook, prepend=True)
+            attach_rotation(module, rot._hook, T.BlockRotation(rot.block_size))
     return list(names)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fastround import transform_ops as T
-from fastround.quarot import _BlockMap, _hook, fuse_norm, untie_lm_head
+from fastround.quarot import _hook, fuse_norm, untie_lm_head
 
 logger = logging.getLogger("fastround")
 
@@ -90,7 +90,7 @@ def upstream_sqrt(n: int) -> float:
     return float(torch.tensor(n).sqrt())
 
 
-class BlockRotation:
+class InplaceRotation:
     """rows -> rows·A on every n-block of the last dimension. Deterministic: A = Tᵀ, T = (H_K ⊗ H_2^m)/sqrt(n) with
     K = 1 for a power of two and otherwise the largest order of upstream's file with n/K a power of two (its
     get_hadK). Random: A = a dense fp64 matrix, M = diag(d)·Tᵀ itself (the full residual Q: W·Q) or Mᵀ (every other
@@ -118,17 +118,18 @@ class BlockRotation:
         shape = t.shape
         return (t.detach().to(torch.float64).reshape(-1, self.n) @ self.dense.to(t.device)).reshape(shape)
 
-    def block_map(self) -> _BlockMap:
-        """The online map x -> x·A in x's dtype (FWHT kernel); not defined for the residual Q (never online)."""
+    def block_map(self) -> T.BlockRotation:
+        """The online map x -> x·A in x's dtype (FWHT kernel); not defined for the residual Q (never online).
+        Random: x·Mᵀ = x·T·diag(d), the kernel's transpose with the signs after."""
         if self.residual_q:
             raise AssertionError("the residual rotation has no online map")
-        return _BlockMap(self.n, self.hk, self.signs, fp32=False, transpose=self.signs is not None)
+        return T.BlockRotation(self.n, self.hk, self.signs, transpose=self.signs is not None)
 
 
 class CrossHeadMap:
     """x [..., heads·hd] -> the rotation over the heads axis (x viewed [heads, hd], each of the hd columns)."""
 
-    def __init__(self, rot: BlockRotation, head_dim: int) -> None:
+    def __init__(self, rot: InplaceRotation, head_dim: int) -> None:
         self.rot, self.head_dim = rot, head_dim
         self.map = rot.block_map()
 
@@ -138,18 +139,18 @@ class CrossHeadMap:
         return self.map(xt).transpose(1, 2).reshape(x.shape)
 
 
-def _cross_head_weight(w: torch.Tensor, rot: BlockRotation, head_dim: int) -> torch.Tensor:
+def _cross_head_weight(w: torch.Tensor, rot: InplaceRotation, head_dim: int) -> torch.Tensor:
     out_f, in_f = w.shape
     heads = in_f // head_dim
     wt = w.reshape(out_f, heads, head_dim).transpose(1, 2)  # [out, hd, heads]
     return rot.weight(wt.contiguous()).transpose(1, 2).reshape(out_f, in_f)
 
 
-def _rotate_input(lin: torch.nn.Linear, rot: BlockRotation) -> None:
+def _rotate_input(lin: torch.nn.Linear, rot: InplaceRotation) -> None:
     lin.weight.data = rot.weight(lin.weight.data).to(lin.weight.dtype)
 
 
-def _rotate_output(lin: torch.nn.Linear, rot: BlockRotation, bias: bool = True) -> None:
+def _rotate_output(lin: torch.nn.Linear, rot: InplaceRotation, bias: bool = True) -> None:
     """W <- Aᵀ·W per n-block of out_features (the output y becomes y·A), and the bias with it."""
     w = lin.weight.data
     lin.weight.data = rot.weight(w.t()).t().contiguous().to(w.dtype)
@@ -285,20 +286,27 @@ def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, f
 
     random = preset == "random_hadamard"
 
-    def online(n: int) -> BlockRotation:
-        return BlockRotation(n, signs(n) if random else None)
+    def online(n: int) -> InplaceRotation:
+        return InplaceRotation(n, signs(n) if random else None)
 
-    residual: BlockRotation | None = None
+    residual: InplaceRotation | None = None
     if g is not None:
-        residual = online(g) if random else BlockRotation(g)
+        residual = online(g) if random else InplaceRotation(g)
     elif fused:
-        residual = BlockRotation(hidden, signs(hidden) if preset != "hadamard" else None, residual_q=True)
+        residual = InplaceRotation(hidden, signs(hidden) if preset != "hadamard" else None, residual_q=True)
     elif preset == "quarot_hadamard":
         signs(hidden)  # upstream builds its random full-mode Q unfused too, unused: the RNG moves the same way
     hooked: dict[str, str] = {}
 
     def hook(lin: torch.nn.Linear, name: str, kind: str, fn: Any) -> None:
-        lin.register_forward_pre_hook(_hook(fn), prepend=True)
+        if isinstance(fn, T.BlockRotation):
+            pre_hook = _hook(fn)  # a QuantLinear could fold this one (quant_linear.attach_rotation)
+        else:  # the cross-head map is no block rotation of the input: nothing may fold it
+
+            def pre_hook(module: torch.nn.Module, args: tuple, fn: Any = fn) -> tuple:
+                return (fn(args[0]),) + tuple(args[1:])
+
+        lin.register_forward_pre_hook(pre_hook, prepend=True)
         hooked[name] = kind
 
     names = {id(m): n for n, m in model.named_modules()}

@@ -135,6 +135,47 @@ def hadamard_any_device(x: torch.Tensor, block_size: int, hadamard_k: torch.Tens
     return (xb @ rows_of_t.to(torch.float32).to(x.device)).reshape(shape).to(x.dtype)
 
 
+_FUSABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class BlockRotation:
+    """An online activation rotation x <- hadamard_transform(x, block_size, hadamard_k, signs, transpose, signs_first)
+    on each block of the last dimension, in x's dtype (half types computed in fp32, rounded once); fp32=True computes
+    other dtypes (fp64) in fp32 and casts back, as upstream's R4 hook. The ±1 operands are copied to a device once.
+    Called as a function it is the online hook's map; a QuantLinear holding it (quant_linear.attach_rotation) passes
+    the same operands to woq_linear_rotated instead, one op call for the rotation and the linear, the same bits."""
+
+    def __init__(self, block_size: int, hadamard_k: torch.Tensor | None = None, signs: torch.Tensor | None = None,
+                 transpose: bool = False, signs_first: bool = False, fp32: bool = False) -> None:
+        self.block_size, self.transpose, self.signs_first, self.fp32 = int(block_size), transpose, signs_first, fp32
+        self.hadamard_k, self.signs = hadamard_k, signs  # [K, K] / [block_size] ±1, CPU, or None
+        self._on: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def operands(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(hadamard_k, signs) for a tensor on `device`: the CPU tensors as given; elsewhere int8 copies made once,
+        so the op neither copies nor waits per call (and can be captured in a CUDA graph)."""
+        if device.type == "cpu":
+            return self.hadamard_k, self.signs
+        ops = self._on.get(device)
+        if ops is None:
+            ops = self._on[device] = tuple(None if t is None else t.to(torch.int8).to(device)
+                                           for t in (self.hadamard_k, self.signs))
+        return ops
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether hadamard_transform's own kernel computes this map for x (the fused op then gives its bits)."""
+        return x.dtype in _FUSABLE_DTYPES and (x.device.type == "cpu" or (x.device.type == "cuda"
+                                                                         and has_cuda_kernel()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        hk, sg = self.operands(x.device)
+        # One op call, no casts around it for half types: the kernel computes them in fp32 and rounds once, the bits
+        # of upstream's fp32 hook (x.float() -> transform -> cast back)
+        y = x.float() if self.fp32 and x.dtype not in _FUSABLE_DTYPES else x
+        return hadamard_any_device(y.contiguous(), self.block_size, hk, sg, self.transpose,
+                                   self.signs_first).to(x.dtype)
+
+
 @torch.library.register_fake("fastround::hadamard_transform")
 def _hadamard_transform_fake(x, block_size, hadamard_k=None, signs=None, transpose=False, signs_first=False,
                              normalize=True):

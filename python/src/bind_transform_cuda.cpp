@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -77,7 +78,15 @@ at::Tensor hadamard_transform_cuda(const at::Tensor& x, int64_t block_size, cons
     spec.normalize = normalize;
     const int64_t rows = cols == 0 ? 0 : xc.numel() / cols;
     void* stream = static_cast<void*>(c10::cuda::getCurrentCUDAStream(dev.index()).stream());
-    tf::gpu::fwht_rows_cuda(dt, xc.data_ptr(), out.data_ptr(), rows, cols, spec, stream, kOp);
+    // The split plan's scratch (few rows, K > 1: a decode step's R4 row), from the caching allocator;
+    // FASTROUND_FWHT_SPLIT=0 keeps the one-kernel plan (read per call, so a benchmark can time both in one process)
+    const char* split_env = std::getenv("FASTROUND_FWHT_SPLIT");
+    const bool split_off = split_env && std::string(split_env) == "0";
+    const int64_t scratch_bytes = split_off ? 0 : tf::gpu::fwht_cuda_scratch_bytes(dt, rows, cols, spec);
+    at::Tensor scratch;
+    if (scratch_bytes > 0) scratch = at::empty({scratch_bytes}, xc.options().dtype(at::kByte));
+    tf::gpu::fwht_rows_cuda(dt, xc.data_ptr(), out.data_ptr(), rows, cols, spec, stream, kOp,
+                            scratch_bytes > 0 ? scratch.data_ptr() : nullptr);
     return out;
   });
 }

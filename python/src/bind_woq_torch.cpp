@@ -138,12 +138,47 @@ at::Tensor woq_tile_qweight_cpu(const at::Tensor& qweight, bool untile) {
   });
 }
 
+// woq_linear(hadamard_transform(x, ...), ...): a rotated checkpoint's online input rotation and its linear in one
+// op call. The two kernels are the ops' own (same bits as the two calls), reached through C++ dispatcher handles:
+// the Python call, its argument parsing and the module hook around it are what a batch-1 decode step paid per layer.
+// Registered CompositeExplicitAutograd (below autograd, any device whose kernels the two ops have).
+at::Tensor woq_linear_rotated(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                              const at::Tensor& scales, const std::optional<at::Tensor>& bias, int64_t bits,
+                              int64_t group_size, c10::string_view layout, int64_t block_size,
+                              const std::optional<at::Tensor>& hadamard_k, const std::optional<at::Tensor>& signs,
+                              bool transpose, bool signs_first) {
+  return guarded([&]() -> at::Tensor {
+    static const auto rotate =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fastround::hadamard_transform", "")
+            .typed<at::Tensor(const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&, bool, bool, bool)>();
+    static const auto linear =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fastround::woq_linear", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, int64_t, int64_t, c10::string_view)>();
+    // Below autograd for both calls: neither op differentiates the linear, and hadamard_transform's autograd kernel
+    // is Python (register_autograd), which a call from here would otherwise enter under no_grad too (generate())
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::Tensor xr = rotate.call(x, block_size, hadamard_k, signs, transpose, signs_first, true);
+    return linear.call(xr, qweight, qzeros, scales, bias, bits, group_size, layout);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastround, m) {
+  m.def("woq_linear_rotated(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int bits, "
+        "int group_size, str layout, int block_size, Tensor? hadamard_k=None, Tensor? signs=None, "
+        "bool transpose=False, bool signs_first=False) -> Tensor");
   m.def("woq_linear(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int bits, int group_size, "
         "str layout) -> Tensor");
   m.def("woq_tile_qweight(Tensor qweight, bool untile=False) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastround, CompositeExplicitAutograd, m) {
+  m.impl("woq_linear_rotated", TORCH_FN(woq_linear_rotated));
 }
 
 TORCH_LIBRARY_IMPL(fastround, CPU, m) {

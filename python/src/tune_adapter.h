@@ -16,7 +16,7 @@
 
 #include "fastround/tune/int_qdq.h"
 #include "fastround/tune/sign_sgd.h"
-#include "torch_adapter.h"
+#include "tune_checks.h"
 
 namespace fastround_torch {
 
@@ -28,17 +28,6 @@ struct QdqArgs {
   ft::IntQdqView view;
   ft::IntQdqParams params;
 };
-
-inline const float* factor_ptr(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t n,
-                               const at::Device& device, at::Tensor& keep) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  if (t->scalar_type() != at::kFloat || t->numel() != n || t->device() != device)
-    throw fr::OptionError(arg(op, name) + "expected float32 " + device_label(device) + " with " + std::to_string(n) +
-                          " elements, got " + std::string(c10::toString(t->scalar_type())) + " " +
-                          shape_str(t->sizes()) + " on " + t->device().str());
-  keep = t->contiguous();
-  return keep.data_ptr<float>();
-}
 
 inline QdqArgs qdq_args(const char* op, const at::Device& device, const at::Tensor& weight, const at::Tensor& v,
                         const std::optional<at::Tensor>& min_s, const std::optional<at::Tensor>& max_s,
@@ -58,31 +47,17 @@ inline QdqArgs qdq_args(const char* op, const at::Device& device, const at::Tens
   a.view.cols = weight.size(1);
   ft::int_qdq_layout(a.view, a.params, op);
   const int64_t ng = a.view.rows * a.view.groups;
-  if (v.scalar_type() != at::kFloat || v.dim() != 2 || v.size(0) != ng || v.size(1) != a.view.group ||
-      v.device() != device)
-    throw fr::OptionError(arg(op, "v") + "expected float32 " + device_label(device) + " [" + std::to_string(ng) +
-                          ", " + std::to_string(a.view.group) + "], got " +
-                          std::string(c10::toString(v.scalar_type())) + " " + shape_str(v.sizes()) + " on " +
-                          v.device().str());
+  require_offsets(op, v, ng, a.view.group, device);
   a.v = v.contiguous();
   a.view.v = a.v.data_ptr<float>();
-  a.view.min_scale = factor_ptr(op, "min_scale", min_s, ng, device, a.min_scale);
-  a.view.max_scale = factor_ptr(op, "max_scale", max_s, ng, device, a.max_scale);
-  a.view.wmin = factor_ptr(op, "wmin", wmin, ng, device, a.wmin);
-  a.view.wmax = factor_ptr(op, "wmax", wmax, ng, device, a.wmax);
+  a.view.min_scale = float_param_ptr(op, "min_scale", min_s, ng, device, a.min_scale);
+  a.view.max_scale = float_param_ptr(op, "max_scale", max_s, ng, device, a.max_scale);
+  a.view.wmin = float_param_ptr(op, "wmin", wmin, ng, device, a.wmin);
+  a.view.wmax = float_param_ptr(op, "wmax", wmax, ng, device, a.wmax);
   if (!a.view.wmin || !a.view.wmax) throw fr::OptionError(arg(op, "wmin/wmax") + "required");
-  a.view.init_scale = factor_ptr(op, "init_scale", init_scale, ng, device, a.init_scale);
+  a.view.init_scale = float_param_ptr(op, "init_scale", init_scale, ng, device, a.init_scale);
   if (a.view.init_scale && !sym) throw fr::OptionError(arg(op, "init_scale") + "SignRoundV2's init scale needs sym");
   return a;
-}
-
-// The backward's incoming gradient: the weight's shape, dtype and device; contiguous.
-inline at::Tensor qdq_grad(const char* op, const at::Device& device, const at::Tensor& grad, const QdqArgs& a) {
-  require_2d_on(op, "grad", grad, device);
-  if (grad.sizes() != a.weight.sizes() || grad.scalar_type() != a.weight.scalar_type())
-    throw fr::OptionError(arg(op, "grad") + "must match the weight, got " +
-                          std::string(c10::toString(grad.scalar_type())) + " " + shape_str(grad.sizes()));
-  return grad.contiguous();
 }
 
 // One sign-SGD step's tensors, checked: contiguous float32 parameters (and momentum buffers) on `device`, float32
@@ -186,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int_qdq_backward_op(
     const at::Device dev = Kernels::device(op, "weight", weight);
     const QdqArgs a = qdq_args(op, dev, weight, v, min_scale, max_scale, wmin, wmax, bits, group_size, sym,
                                scale_dtype, scale_thresh, init_scale);
-    const at::Tensor g = qdq_grad(op, dev, grad, a);
+    const at::Tensor g = require_grad_like(op, dev, grad, a.weight, "the weight");
     at::Tensor gv = at::empty_like(a.v);
     const int64_t ng = a.view.rows * a.view.groups;
     const auto f32 = a.v.options();

@@ -15,7 +15,7 @@
 #include <tuple>
 
 #include "fastround/tune/fp_qdq.h"
-#include "torch_adapter.h"
+#include "tune_checks.h"
 
 namespace fastround_torch {
 
@@ -27,17 +27,6 @@ struct FpQdqArgs {
   ft::FpQdqView view;
   ft::FpQdqParams params;
 };
-
-inline const float* fp_param_ptr(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t n,
-                                 const at::Device& device, at::Tensor& keep) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  if (t->scalar_type() != at::kFloat || t->numel() != n || t->device() != device)
-    throw fr::OptionError(arg(op, name) + "expected float32 " + device_label(device) + " with " + std::to_string(n) +
-                          " elements, got " + std::string(c10::toString(t->scalar_type())) + " " +
-                          shape_str(t->sizes()) + " on " + t->device().str());
-  keep = t->contiguous();
-  return keep.data_ptr<float>();
-}
 
 inline FpQdqArgs fp_qdq_args(const char* op, const at::Device& device, const at::Tensor& x,
                              const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& max_scale,
@@ -69,14 +58,9 @@ inline FpQdqArgs fp_qdq_args(const char* op, const at::Device& device, const at:
   a.view.rows = x.size(0);
   a.view.cols = x.size(1);
   const int64_t ng = a.view.rows * (a.view.cols / group);
-  if (v.has_value() && v->defined() &&
-      (v->scalar_type() != at::kFloat || v->dim() != 2 || v->size(0) != ng || v->size(1) != group ||
-       v->device() != device))
-    throw fr::OptionError(arg(op, "v") + "expected float32 " + device_label(device) + " [" + std::to_string(ng) +
-                          ", " + std::to_string(group) + "], got " + std::string(c10::toString(v->scalar_type())) +
-                          " " + shape_str(v->sizes()) + " on " + v->device().str());
-  a.view.v = fp_param_ptr(op, "v", v, ng * group, device, a.v);
-  a.view.max_scale = fp_param_ptr(op, "max_scale", max_scale, ng, device, a.max_scale);
+  if (v.has_value() && v->defined()) require_offsets(op, *v, ng, group, device);
+  a.view.v = float_param_ptr(op, "v", v, ng * group, device, a.v);
+  a.view.max_scale = float_param_ptr(op, "max_scale", max_scale, ng, device, a.max_scale);
   return a;
 }
 
@@ -129,11 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp_qdq_backward_op(
     constexpr const char* op = "fp_qdq_backward";
     const at::Device dev = Kernels::device(op, "x", x);
     const FpQdqArgs a = fp_qdq_args(op, dev, x, v, max_scale, bits, data_type, global_scale);
-    require_2d_on(op, "grad", grad, dev);
-    if (grad.sizes() != a.x.sizes() || grad.scalar_type() != a.x.scalar_type())
-      throw fr::OptionError(arg(op, "grad") + "must match x, got " + std::string(c10::toString(grad.scalar_type())) +
-                            " " + shape_str(grad.sizes()));
-    const at::Tensor g = grad.contiguous();
+    const at::Tensor g = require_grad_like(op, dev, grad, a.x, "x");
     const int64_t group = a.params.group(), ng = a.view.rows * (a.view.cols / group);
     const auto f32 = a.x.options().dtype(at::kFloat);
     at::Tensor gv = need_v ? at::empty({ng, group}, f32) : at::empty({0}, f32);

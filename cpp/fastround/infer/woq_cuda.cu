@@ -11,6 +11,7 @@
 // meet in distributed shared memory: one launch, no workspace, no atomics, the same sums in the same order on
 // every run.
 #include "fastround/infer/woq_cuda.h"
+#include "fastround/infer/woq_cuda_plan.h"
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -18,6 +19,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -26,6 +29,7 @@
 #include <vector>
 
 #include "fastround/common/error.h"
+#include "fastround/tune/cuda_elements.cuh"
 
 namespace fastround::infer::gpu {
 
@@ -33,7 +37,7 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kStagedThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBatch = 8;     // default word rows a thread has in flight before it uses any
 constexpr int kMaxSplit = 8;  // blocks per cluster along the inputs (the portable cluster size)
@@ -56,25 +60,11 @@ struct DTag {
 };
 
 // ---- element conversions ----
-
-template <DType D>
-__device__ __forceinline__ float half_to_f32(uint32_t h16) {
-  if constexpr (D == DType::BF16) return __uint_as_float(h16 << 16);
-  else return __half2float(__ushort_as_half(static_cast<unsigned short>(h16)));
-}
-
-template <DType D>
-__device__ __forceinline__ float load_f32(const void* p, int64_t i) {
-  if constexpr (D == DType::F32) return static_cast<const float*>(p)[i];
-  else return half_to_f32<D>(static_cast<const uint16_t*>(p)[i]);
-}
-
-template <DType D>
-__device__ __forceinline__ void store_f32(void* p, int64_t i, float v) {
-  if constexpr (D == DType::F32) static_cast<float*>(p)[i] = v;
-  else if constexpr (D == DType::BF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else static_cast<__half*>(p)[i] = __float2half_rn(v);
-}
+// Single elements (bias, outputs, the dequantize path) go through tune/cuda_elements.cuh, which rounds as the CPU
+// kernels do; the GEMV's inner loops convert whole words of x and scales with the hardware conversions below
+// (exact either way: fp16 and bf16 widen to fp32 without rounding).
+using tune::cuda::load_el;
+using tune::cuda::store_el;
 
 // The two 16-bit values of a word: element 2i in the low half (little endian), as floats.
 template <DType D>
@@ -166,8 +156,8 @@ __device__ __forceinline__ void reduce_store(float (&acc)[MT][CPT], const GemvAr
     const int m = e / CT;
     const int64_t n = col0 + e % CT;
     if (m >= a.m || n >= a.out_features) return;
-    if (a.bias) s += a.bias_f32 ? static_cast<const float*>(a.bias)[n] : load_f32<XT>(a.bias, n);
-    store_f32<XT>(a.out, m * a.out_features + n, s);
+    if (a.bias) s += a.bias_f32 ? static_cast<const float*>(a.bias)[n] : load_el<XT>(a.bias, n);
+    store_el<XT>(a.out, m * a.out_features + n, s);
   };
   if (a.split == 1) {
     __syncthreads();
@@ -198,6 +188,66 @@ __device__ __forceinline__ void thread_rows(const GemvArgs& a, int64_t& r0, int6
   r1 = min(s1, r0 + per_thread);
 }
 
+// ---- GPTQ words: a lane's 4 consecutive output columns n0 .. n0+3 ----
+// Shared by the rows and the staged kernel: the group's scales and zero points, and one qweight row's codes.
+
+// A group's 4 scales and the qzeros word holding the 4 zero points, as loaded: kept raw so that nothing waits on
+// the loads before the values are used.
+struct GroupRaw {
+  uint2 scales;
+  uint32_t zeros;
+};
+
+template <int BITS>
+__device__ __forceinline__ GroupRaw load_group_raw(const GemvArgs& a, int64_t g, int64_t n0) {
+  constexpr int PF = 32 / BITS;
+  GroupRaw r;
+  r.scales = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(a.scales) + g * a.out_features + n0));
+  r.zeros = static_cast<uint32_t>(__ldg(a.qzeros + g * a.zwords + n0 / PF));
+  return r;
+}
+
+// The 4 columns' scales and zero points (the stored zero plus zero_add) as floats.
+template <int BITS, DType ST>
+__device__ __forceinline__ void unpack_group(const GroupRaw& r, int64_t n0, float zero_add, float (&sc)[4],
+                                             float (&zc)[4]) {
+  constexpr int PF = 32 / BITS;
+  constexpr uint32_t kCodeMask = (1u << BITS) - 1u;
+  sc[0] = lo_f32<ST>(r.scales.x);
+  sc[1] = hi_f32<ST>(r.scales.x);
+  sc[2] = lo_f32<ST>(r.scales.y);
+  sc[3] = hi_f32<ST>(r.scales.y);
+  const uint32_t zw = r.zeros >> (BITS * (n0 % PF));
+#pragma unroll
+  for (int c = 0; c < 4; ++c) zc[c] = static_cast<float>((zw >> (BITS * c)) & kCodeMask) + zero_add;
+}
+
+// One 16-byte qweight load (4 columns x PF inputs) as v[c][j] = q * 2^(BITS*t) for input j (code_scaled).
+template <int BITS>
+__device__ __forceinline__ void dequant_row4(const uint4& q, float (&v)[4][32 / BITS]) {
+  constexpr int LANES = 16 / BITS;  // codes per 16-bit half
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const uint32_t halves[2] = {words[c], words[c] >> 16};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      v[c][h * LANES + 0] = code_scaled<BITS, 0>(halves[h]);
+      if constexpr (LANES > 1) v[c][h * LANES + 1] = code_scaled<BITS, 1>(halves[h]);
+      if constexpr (LANES > 2) {
+        v[c][h * LANES + 2] = code_scaled<BITS, 2>(halves[h]);
+        v[c][h * LANES + 3] = code_scaled<BITS, 3>(halves[h]);
+      }
+      if constexpr (LANES > 4) {
+        v[c][h * LANES + 4] = code_scaled<BITS, 4>(halves[h]);
+        v[c][h * LANES + 5] = code_scaled<BITS, 5>(halves[h]);
+        v[c][h * LANES + 6] = code_scaled<BITS, 6>(halves[h]);
+        v[c][h * LANES + 7] = code_scaled<BITS, 7>(halves[h]);
+      }
+    }
+  }
+}
+
 // ---- GEMV, GPTQ layout ----
 // Thread tile: one 16-byte load = 4 consecutive output columns x PF inputs (one qweight row).
 
@@ -208,7 +258,6 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 :
     gemv_gptq_kernel(GemvArgs a) {
   constexpr int PF = 32 / BITS;        // inputs per word
   constexpr int LANES = 16 / BITS;     // codes per 16-bit half
-  constexpr uint32_t kCodeMask = (1u << BITS) - 1u;
   const int tx = threadIdx.x % kGptqTx;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kGptqCols + tx * 4;
   const bool active = n0 < a.out_features;  // out % 4 == 0: a thread's 4 columns are all in or all out
@@ -236,15 +285,7 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 :
   auto load_group = [&](int64_t row) {
     const int64_t g = row / words_per_group;
     g_end = (g + 1) * words_per_group;
-    const uint16_t* s = static_cast<const uint16_t*>(a.scales) + g * a.out_features + n0;
-    const uint2 sv = __ldg(reinterpret_cast<const uint2*>(s));
-    sc[0] = lo_f32<ST>(sv.x);
-    sc[1] = hi_f32<ST>(sv.x);
-    sc[2] = lo_f32<ST>(sv.y);
-    sc[3] = hi_f32<ST>(sv.y);
-    const uint32_t zw = static_cast<uint32_t>(__ldg(a.qzeros + g * a.zwords + n0 / PF)) >> (BITS * (n0 % PF));
-#pragma unroll
-    for (int c = 0; c < 4; ++c) zc[c] = static_cast<float>((zw >> (BITS * c)) & kCodeMask) + a.zero_add;
+    unpack_group<BITS, ST>(load_group_raw<BITS>(a, g, n0), n0, a.zero_add, sc, zc);
   };
 
   // Running pointers: qweight row r at this thread's columns, x[0, r*PF]; rows of x are `in` apart.
@@ -267,27 +308,8 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 :
         load_group(row);
       }
       // The 4 columns' codes times 2^(BITS*t): v[c][j] for input row*PF + j.
-      const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
       float v[4][PF];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const uint32_t halves[2] = {words[c], words[c] >> 16};
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          v[c][h * LANES + 0] = code_scaled<BITS, 0>(halves[h]);
-          if constexpr (LANES > 1) v[c][h * LANES + 1] = code_scaled<BITS, 1>(halves[h]);
-          if constexpr (LANES > 2) {
-            v[c][h * LANES + 2] = code_scaled<BITS, 2>(halves[h]);
-            v[c][h * LANES + 3] = code_scaled<BITS, 3>(halves[h]);
-          }
-          if constexpr (LANES > 4) {
-            v[c][h * LANES + 4] = code_scaled<BITS, 4>(halves[h]);
-            v[c][h * LANES + 5] = code_scaled<BITS, 5>(halves[h]);
-            v[c][h * LANES + 6] = code_scaled<BITS, 6>(halves[h]);
-            v[c][h * LANES + 7] = code_scaled<BITS, 7>(halves[h]);
-          }
-        }
-      }
+      dequant_row4<BITS>(q[u], v);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= a.m) break;
@@ -332,6 +354,74 @@ __global__ void __launch_bounds__(kThreads, MT == 1 && BITS >= 4 ? (U <= 4 ? 4 :
   reduce_store<MT, 4, kGptqTx, XT>(acc, a);
 }
 
+// ---- the staged kernel's half2 variant (4 bits, batch 1; FASTROUND_WOQ_CUDA_VARIANT=half2) ----
+// The fp32 path above spends a mask, an FADD and an FMA per code. Here x's own 16-bit arithmetic takes two codes
+// per instruction: a mask puts the codes of inputs j and j+4 (nibble j of each half of a word) into the mantissas
+// of a half2 whose exponent makes one unit of the mantissa one unit of q, so the pair reads (B + q, B + q') exactly
+// (fp16: B = 1024 with the code at bit 0, or 1024 + 16q at bit 4; bf16, 7 mantissa bits: B = 128, the word shifted
+// so the code sits at bit 0); one HFMA2 turns it into the exact pair ((q - z)/16, (q' - z)/16), four HFMA2 take the
+// word's 8 products with the staged pairs (x_j, x_{j+4}), and the two lanes, 4 products each, join the fp32 sum.
+// The 1/16 keeps |(q - z) x| within |x|, so that fp16 products overflow no sooner than x itself (a lane's 4-term sum
+// only once the 4 inputs' |x| add up past 65504); the fold multiplies the 16 back (exact).
+// Rounding: each product and the 4-term sums round to x's dtype before the fp32 sum, within the GPU checks'
+// tolerance of the fp32 path (2e-3 fp16, 1.6e-2 bf16, relative to the largest output).
+
+template <DType XT>
+using Half2Of = std::conditional_t<XT == DType::F16, __half2, __nv_bfloat162>;
+
+template <DType XT>
+__device__ __forceinline__ Half2Of<XT> half2_bits(uint32_t u) {
+  Half2Of<XT> h;
+  memcpy(&h, &u, 4);
+  return h;
+}
+
+// The additive constants of word_dot_half2 for a column with zero point z: with them the HFMA2 yields (q - z) / 16,
+// exact (|q - z| <= 16 and the constants are representable: 64 + z/16 and 4 + z/16 in fp16, 8 + z/16 in bf16).
+// Subtracting z before the products keeps their rounding relative to the result, not to sum(q * x).
+template <DType XT>
+__device__ __forceinline__ void half2_zero_terms(float z, Half2Of<XT>& b0, Half2Of<XT>& b1) {
+  if constexpr (XT == DType::F16) {
+    b0 = __float2half2_rn(-(64.0f + z * 0.0625f));
+    b1 = __float2half2_rn(-(4.0f + z * 0.0625f));
+  } else {
+    b0 = __float2bfloat162_rn(-(8.0f + z * 0.0625f));
+    b1 = b0;
+  }
+}
+
+// sum over the word's 8 inputs of (q - z) / 16 * x, x's pairs (x_j, x_{j+4}) in xp; b0, b1 from half2_zero_terms.
+template <DType XT>
+__device__ __forceinline__ float word_dot_half2(uint32_t w, const uint4& xp, Half2Of<XT> b0, Half2Of<XT> b1) {
+  static_assert(XT == DType::F16 || XT == DType::BF16, "x is fp16 or bf16");
+  using H2 = Half2Of<XT>;
+  constexpr uint32_t kLow = 0x000F000Fu;  // nibble 0 of each half
+  H2 d[4];                                // (q_j - z, q_{j+4} - z) / 16 for j = 0..3
+  if constexpr (XT == DType::F16) {
+    constexpr uint32_t kB = 0x64006400u;             // 1024: one mantissa unit is 1
+    const H2 s0 = half2_bits<XT>(0x2C002C00u);       // 1/16:  (1024 + q) / 16 - 64 - z/16 = (q - z) / 16
+    const H2 s1 = half2_bits<XT>(0x1C001C00u);       // 1/256: (1024 + 16q) / 256 - 4 - z/16 = (q - z) / 16
+    const uint32_t w8 = w >> 8;
+    d[0] = __hfma2(half2_bits<XT>((w & kLow) | kB), s0, b0);
+    d[1] = __hfma2(half2_bits<XT>((w & (kLow << 4)) | kB), s1, b1);
+    d[2] = __hfma2(half2_bits<XT>((w8 & kLow) | kB), s0, b0);
+    d[3] = __hfma2(half2_bits<XT>((w8 & (kLow << 4)) | kB), s1, b1);
+  } else {
+    constexpr uint32_t kB = 0x43004300u;        // 128: one mantissa unit is 1
+    const H2 s0 = half2_bits<XT>(0x3D803D80u);  // 1/16: (128 + q) / 16 - 8 - z/16 = (q - z) / 16
+#pragma unroll
+    for (int j = 0; j < 4; ++j) d[j] = __hfma2(half2_bits<XT>(((w >> (4 * j)) & kLow) | kB), s0, b0);
+  }
+  H2 acc = __hmul2(d[0], half2_bits<XT>(xp.x));
+  acc = __hfma2(d[1], half2_bits<XT>(xp.y), acc);
+  acc = __hfma2(d[2], half2_bits<XT>(xp.z), acc);
+  acc = __hfma2(d[3], half2_bits<XT>(xp.w), acc);
+  float2 f;
+  if constexpr (XT == DType::F16) f = __half22float2(acc);
+  else f = __bfloat1622float2(acc);
+  return f.x + f.y;
+}
+
 // ---- GEMV, GPTQ words, activations staged in shared memory ("staged") ----
 
 // Blocks per SM the staged kernel is compiled for: register caps that hold its loads without spills (ptxas -v).
@@ -352,14 +442,16 @@ constexpr int staged_min_blocks(int mt) {
 // split-K over blockIdx.y), in a fixed order: deterministic.
 // Dynamic shared memory: xs [MT][rows * PF] fp32, then xrow [MT][rows] fp32, rows = this block's qweight rows.
 // PREFETCH: a worker issues its next chunk's loads before it uses the current one (twice the registers).
-template <int BITS, int MT, int U, int TX, bool PREFETCH, DType XT, DType ST>
+// HALF2 (4 bits, batch 1): products in x's half2 arithmetic (word_dot_half2); xs then holds per qweight row the
+// pairs (x_j, x_{j+4}), j = 0..3, as 4 words of x's dtype.
+template <int BITS, int MT, int U, int TX, bool PREFETCH, DType XT, DType ST, bool HALF2 = false>
 __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) gemv_gptq_staged_kernel(GemvArgs a) {
   constexpr int PF = 32 / BITS;     // inputs per word
   constexpr int LANES = 16 / BITS;  // codes per 16-bit half
   constexpr int TY = kThreads / TX;  // row workers per block
   constexpr int CT = 4 * TX;         // columns per block
-  constexpr uint32_t kCodeMask = (1u << BITS) - 1u;
   static_assert(PF == 4 || PF == 8, "the staged GEMV takes 4 and 8 bits");
+  static_assert(!HALF2 || (BITS == 4 && MT == 1 && !PREFETCH), "the half2 variant: 4 bits, batch 1");
   extern __shared__ float4 staged_smem[];
   const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * CT + tx * 4;
@@ -376,18 +468,15 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
   // A chunk's loads: its U qweight rows, the group's 4 scales and its zero word, kept raw so that nothing waits on
   // them before the chunk is used.
   uint4 q[U];
-  uint2 sraw = {};
-  uint32_t zraw = 0;
-  auto load_chunk = [&](int64_t c, uint4(&qo)[U], uint2& so, uint32_t& zo) {
+  GroupRaw graw = {};
+  auto load_chunk = [&](int64_t c, uint4(&qo)[U], GroupRaw& go) {
     const int32_t* qp = a.qweight + c * U * a.out_features + n0;
 #pragma unroll
     for (int u = 0; u < U; ++u) qo[u] = load_stream(qp + u * a.out_features);
-    const int64_t g = c * chunk_inputs / a.group;
-    so = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(a.scales) + g * a.out_features + n0));
-    zo = static_cast<uint32_t>(__ldg(a.qzeros + g * a.zwords + n0 / PF));
+    go = load_group_raw<BITS>(a, c * chunk_inputs / a.group, n0);
   };
   int64_t c = c0 + ty;
-  if (active && c < c1) load_chunk(c, q, sraw, zraw);
+  if (active && c < c1) load_chunk(c, q, graw);
 
   // Stage x: one qweight row's PF inputs per thread and step (unrolled so that several steps' loads are in flight).
   const int in32 = static_cast<int>(a.in);
@@ -420,6 +509,12 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
 #pragma unroll
       for (int j = 0; j < PF; ++j) s += xf[j];
       xrow[m * nrows + r] = s;
+      if constexpr (HALF2) {
+        reinterpret_cast<uint4*>(staged_smem)[m * nrows + r] =
+            make_uint4(__byte_perm(xw[0], xw[2], 0x5410), __byte_perm(xw[0], xw[2], 0x7632),
+                       __byte_perm(xw[1], xw[3], 0x5410), __byte_perm(xw[1], xw[3], 0x7632));
+        continue;
+      }
       float4* dst = reinterpret_cast<float4*>(xs + m * nin + r * PF);
 #pragma unroll
       for (int i = 0; i < PF / 4; ++i)
@@ -435,30 +530,31 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
   if (active) {
     for (; c < c1; c += TY) {
       uint4 qn[PREFETCH ? U : 1];
-      uint2 sn = {};
-      uint32_t zn = 0;
+      GroupRaw gn = {};
       if constexpr (PREFETCH) {
-        if (c + TY < c1) load_chunk(c + TY, qn, sn, zn);
+        if (c + TY < c1) load_chunk(c + TY, qn, gn);
       }
       float p[MT][4] = {};  // this chunk's sum(q * 2^(BITS*t) * x * 2^-(BITS*t)) per row and column
       const int rl0 = static_cast<int>(c - c0) * U;
+      Half2Of<XT> hb0[4], hb1[4];  // HALF2: the zero points' terms (half2_zero_terms), per column
+      if constexpr (HALF2) {
+        float sc[4], zc[4];
+        unpack_group<BITS, ST>(graw, n0, a.zero_add, sc, zc);
+#pragma unroll
+        for (int c4 = 0; c4 < 4; ++c4) half2_zero_terms<XT>(zc[c4], hb0[c4], hb1[c4]);
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
-        float v[4][PF];
-#pragma unroll
-        for (int c4 = 0; c4 < 4; ++c4) {
-          const uint32_t halves[2] = {words[c4], words[c4] >> 16};
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            v[c4][h * LANES + 0] = code_scaled<BITS, 0>(halves[h]);
-            v[c4][h * LANES + 1] = code_scaled<BITS, 1>(halves[h]);
-            if constexpr (LANES > 2) {
-              v[c4][h * LANES + 2] = code_scaled<BITS, 2>(halves[h]);
-              v[c4][h * LANES + 3] = code_scaled<BITS, 3>(halves[h]);
-            }
-          }
+        if constexpr (HALF2) {  // p: sum((q - z) * x / 16), see word_dot_half2
+          const uint4 xv = reinterpret_cast<const uint4*>(staged_smem)[rl0 + u];
+          p[0][0] += word_dot_half2<XT>(q[u].x, xv, hb0[0], hb1[0]);
+          p[0][1] += word_dot_half2<XT>(q[u].y, xv, hb0[1], hb1[1]);
+          p[0][2] += word_dot_half2<XT>(q[u].z, xv, hb0[2], hb1[2]);
+          p[0][3] += word_dot_half2<XT>(q[u].w, xv, hb0[3], hb1[3]);
+          continue;
         }
+        float v[4][PF];
+        dequant_row4<BITS>(q[u], v);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           if (m >= a.m) break;
@@ -479,14 +575,16 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
         }
       }
       // Fold the chunk in before the next chunk's loads overwrite its scale and zero.
-      const float sc[4] = {lo_f32<ST>(sraw.x), hi_f32<ST>(sraw.x), lo_f32<ST>(sraw.y), hi_f32<ST>(sraw.y)};
-      const uint32_t zw = zraw >> (BITS * (n0 % PF));
-      float zc[4];
-#pragma unroll
-      for (int c4 = 0; c4 < 4; ++c4) zc[c4] = static_cast<float>((zw >> (BITS * c4)) & kCodeMask) + a.zero_add;
+      float sc[4], zc[4];
+      unpack_group<BITS, ST>(graw, n0, a.zero_add, sc, zc);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= a.m) break;
+        if constexpr (HALF2) {  // the zero points are already in p
+#pragma unroll
+          for (int c4 = 0; c4 < 4; ++c4) acc[m][c4] = fmaf(sc[c4], 16.0f * p[m][c4], acc[m][c4]);
+          continue;
+        }
         float sx = 0.0f;
 #pragma unroll
         for (int u = 0; u < U; ++u) sx += xrow[m * nrows + rl0 + u];
@@ -496,10 +594,9 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
       if constexpr (PREFETCH) {
 #pragma unroll
         for (int u = 0; u < U; ++u) q[u] = qn[u];
-        sraw = sn;
-        zraw = zn;
+        graw = gn;
       } else if (c + TY < c1) {
-        load_chunk(c + TY, q, sraw, zraw);
+        load_chunk(c + TY, q, graw);
       }
     }
   }
@@ -611,7 +708,7 @@ __global__ void __launch_bounds__(kThreads) gemv_awq_kernel(GemvArgs a) {
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= a.m) break;
-        const float xv = half_to_f32<XT>(__ldg(xr + m * in32));
+        const float xv = lo_f32<XT>(__ldg(xr + m * in32));
         sx[m] += xv;
 #pragma unroll
         for (int i = 0; i < CPT; ++i) accg[m][i] = fmaf(v[i], xv, accg[m][i]);
@@ -661,12 +758,12 @@ __global__ void __launch_bounds__(kThreads) dequant_gptq_kernel(DequantArgs a) {
       if (k >= g_end) {
         ++g;
         g_end += a.group;
-        s = load_f32<ST>(a.scales, g * a.out_features + n);
+        s = load_el<ST>(a.scales, g * a.out_features + n);
         const uint32_t zw = static_cast<uint32_t>(a.qzeros[g * a.zwords + n / PF]);
         z = static_cast<float>((zw >> (BITS * (n % PF))) & kCodeMask) + a.zero_add;
       }
       const float q = static_cast<float>((w >> (BITS * j)) & kCodeMask);
-      store_f32<OT>(a.dst, k * a.out_features + n, (q - z) * s);
+      store_el<OT>(a.dst, k * a.out_features + n, (q - z) * s);
     }
   }
 }
@@ -686,7 +783,7 @@ __global__ void __launch_bounds__(kThreads) dequant_awq_kernel(DequantArgs a) {
       const int64_t n = 8 * w + awq_slot_column(s);
       const float q = static_cast<float>((word >> (4 * s)) & 0xFu);
       const float z = static_cast<float>((zw >> (4 * s)) & 0xFu);
-      store_f32<OT>(a.dst, k * a.out_features + n, (q - z) * load_f32<ST>(a.scales, g * a.out_features + n));
+      store_el<OT>(a.dst, k * a.out_features + n, (q - z) * load_el<ST>(a.scales, g * a.out_features + n));
     }
   }
 }
@@ -871,9 +968,22 @@ using GemvKernel = void (*)(GemvArgs);
 // (compile time), the rest the rows kernel.
 // Registers (sm_90, ptxas -v, no spills): batch 1 U 4 / 8 / 16: 56 / 72 / 107, with prefetch U 4 / 8: 77 / 122;
 // batches 2 and 4 at U 8: 114 / 128; batch 8 at U 4: 168.
+// half2 (4 bits, batch 1, no prefetch): the settings the planner picks on the Llama shapes and their neighbours.
 template <int BITS, int MT, DType XT, DType ST>
-GemvKernel staged_kernel(int u, int tx, bool prefetch) {
+GemvKernel staged_kernel(int u, int tx, bool prefetch, bool half2 = false) {
   if constexpr (BITS == 4 && MT == 1) {
+    if (half2) {
+      if (prefetch) return nullptr;
+      switch (u * 100 + tx) {
+        case 408: return gemv_gptq_staged_kernel<4, 1, 4, 8, false, XT, ST, true>;
+        case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, false, XT, ST, true>;
+        case 808: return gemv_gptq_staged_kernel<4, 1, 8, 8, false, XT, ST, true>;
+        case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, false, XT, ST, true>;
+        case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, false, XT, ST, true>;
+        case 1608: return gemv_gptq_staged_kernel<4, 1, 16, 8, false, XT, ST, true>;
+        default: return nullptr;
+      }
+    }
     if (prefetch) {
       switch (u * 100 + tx) {
         case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, true, XT, ST>;
@@ -896,7 +1006,7 @@ GemvKernel staged_kernel(int u, int tx, bool prefetch) {
       default: return nullptr;
     }
   } else if constexpr (BITS == 8 && MT == 1) {
-    if (prefetch) return nullptr;
+    if (prefetch || half2) return nullptr;
     switch (u * 100 + tx) {
       case 432: return gemv_gptq_staged_kernel<8, 1, 4, 32, false, XT, ST>;
       case 416: return gemv_gptq_staged_kernel<8, 1, 4, 16, false, XT, ST>;
@@ -906,7 +1016,7 @@ GemvKernel staged_kernel(int u, int tx, bool prefetch) {
     }
   } else if constexpr (BITS == 4) {
     constexpr int U = MT <= 4 ? 8 : 4;  // batch 8 with 8 rows a chunk spills at 128 registers
-    if (prefetch) return nullptr;
+    if (prefetch || half2) return nullptr;
     switch (u * 100 + tx) {
       case U * 100 + 32: return gemv_gptq_staged_kernel<4, MT, U, 32, false, XT, ST>;
       case U * 100 + 16: return gemv_gptq_staged_kernel<4, MT, U, 16, false, XT, ST>;
@@ -976,36 +1086,46 @@ bool staged_cluster_fits(GemvKernel k, int split, size_t smem) {
   return true;
 }
 
-// Estimated microseconds of one configuration on `sms` SMs: the packed weight at a sustained 3.6 TB/s, or the
-// busiest SM at 60 GB/s when blocks spread unevenly, plus one DRAM round trip (~0.8 us) per chunk a row worker
-// waits on in turn, per wave, plus staging x (an L2 round trip per kThreads rows of the slice) and the cluster
-// reduction. Rough by design: woq_cuda_bench.py --staged measures.
-double staged_cost_us(int64_t rows, int64_t out, int u, int tx, int split, bool prefetch, int per_sm, int sms) {
-  const int64_t ty = kThreads / tx, ct = 4 * int64_t{tx};
-  const int64_t tiles = (out + ct - 1) / ct, blocks = tiles * split;
-  const int64_t chunks_blk = (rows / u + split - 1) / split;
-  const int64_t chain = (chunks_blk + ty - 1) / ty;
-  const int64_t waves = (blocks + int64_t{sms} * per_sm - 1) / (int64_t{sms} * per_sm);
-  const int64_t per_sm_blocks = (blocks + sms - 1) / sms;
-  const double bytes = static_cast<double>(rows) * static_cast<double>(out) * 4.0;
-  const double sm_bytes = static_cast<double>(per_sm_blocks * chunks_blk * u * ct * 4);
-  const int64_t staging_steps = (chunks_blk * u + kThreads - 1) / kThreads;
-  // With prefetch a worker's later chunks arrive while it computes: count them at half a round trip.
-  const double trips = prefetch ? 1.0 + 0.5 * static_cast<double>(chain - 1) : static_cast<double>(chain);
-  return std::max(bytes / 3.6e6, sm_bytes / 6.0e4) + 0.8 * static_cast<double>(waves) * trips +
-         0.4 * static_cast<double>(waves * staging_steps) + (split > 1 ? 0.5 : 0.0);
-}
-
-// The staged kernel's configuration for this problem: the tuned (u, tx, split) where given (0: any), else the
-// cheapest by staged_cost_us; a chunk must sit inside one group and the activation slice in shared memory.
+// ---- the staged GEMV's launch planner: a cost model of one launch ----
+//
+// A setting (U qweight rows per chunk, TX lanes per row worker, cluster split S) launches B = ceil(out / 4TX) * S
+// blocks of kThreads; each block converts its share of x (rows/S qweight rows) into shared memory, then its
+// TY = kThreads/TX row workers each walk `chain` = ceil(chunks per block / TY) chunks: issue U 16-byte loads, wait
+// for them, dequantize and multiply. Costed in microseconds, less what every setting of a problem pays alike
+// (the launch, streaming the packed weight once), so only comparisons are meaningful:
+//   blocks per SM   the busiest SM takes bsm = ceil(B / (sms * f(S))) blocks, f(S) the share of SMs a cluster
+//                   launch spreads over (1 up to S = 2, 0.85 at 4, 0.77 at 8: a cluster sits inside one GPC);
+//                   conc = min(bsm, resident blocks per SM) run at once, in waves = ceil(bsm / resident)
+//   chunk step      a round trip of kRoundTripUs + kPerLoadUs * U, then I = U * (codes * (2 + MT) + 4)
+//                   instructions per warp (codes per 16-byte load: 32 at 4 bits, 16 at 8; a mask, an FADD and MT
+//                   FMAs each) at max(kLoneCpi, warps * kSharedCpi / 4) cycles apiece: a lone warp waits on its
+//                   own dependent FMAs, while the SM's warps = conc * 8 * (share of workers given a chunk) that
+//                   compute at once share its 4 schedulers
+//   block           kStageUs per 4096 staged inputs times conc (the resident blocks stage at once, on the same
+//                   SM) + chain * step + kClusterUs when S > 1 (cluster barrier, the sums through DSMEM)
+//   cost            waves * block
+// Its constants are fitted to the H200 sweep (benchmarks/results/woq_cuda_staged-h200.json: 272 batch-1 timings
+// over 8 Llama-3-8B problems at 4 and 8 bits, 8% rms error in log time); its choice there is within 2% of the
+// best time measured on every problem (any kernel) but 8-bit 4096 x 4096, the best staged setting there and 3.5%
+// behind the rows kernel; the previous model (bytes at a fixed bandwidth plus a round trip per chunk) chose a
+// setting 32% slower than the best on the down_proj shape. Two settings stay out of the automatic choice, both
+// measured slower wherever the model cannot tell them apart: U = 16 (107 registers, 2 blocks per SM) unless each
+// worker has one chunk and all blocks fit in one wave (staged_auto_admits), and prefetch (twice the registers for
+// an overlap the other resident warps already give). The model is plain C++ in infer/woq_cuda_plan.h, replayed on
+// the sweep by cpp/tests/test_woq_cuda_plan.cpp. The half2 variant costs about 19 instructions per word instead.
+//
+// The staged kernel's configuration for this problem: the tuned (u, tx, split, prefetch) where given (0: any), else
+// the cheapest by staged_cost; a chunk must sit inside one group and the activation slice in shared memory.
 template <int BITS, int MT, DType XT, DType ST>
 StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& tune) {
   constexpr int PF = 32 / BITS;
   constexpr const char* site = "woq_gemv_cuda";
-  int device = 0, sms = 0;
+  int device = 0, sms = 0, clock_khz = 0;
   check_launch(site, cudaGetDevice(&device));
   check_launch(site, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  sms = std::max(sms, 1);
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device) != cudaSuccess) (void)cudaGetLastError();
+  const bool half2 = tune.kernel == WoqGemvKernel::StagedHalf2;
+  const StagedShape shape{rows, w.out, BITS, MT, std::max(sms, 1), clock_khz > 0 ? clock_khz * 1e-6 : 1.98, half2};
   const int us[3] = {8, 16, 4};
   const int txs[3] = {32, 16, 8};
   StagedPlan best;
@@ -1016,8 +1136,8 @@ StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& t
     for (int tx : txs) {
       if (tune.tx != 0 && tx != tune.tx) continue;
       for (int pre = 0; pre < 2; ++pre) {
-        if (tune.prefetch != 0 && pre != tune.prefetch - 1) continue;
-        const GemvKernel k = staged_kernel<BITS, MT, XT, ST>(u, tx, pre != 0);
+        if (tune.prefetch == 0 ? pre != 0 : pre != tune.prefetch - 1) continue;
+        const GemvKernel k = staged_kernel<BITS, MT, XT, ST>(u, tx, pre != 0, half2);
         if (!k) continue;
         const size_t max_dyn = staged_max_dynamic(k);
         const int64_t chunks = rows / u;
@@ -1029,13 +1149,14 @@ StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& t
           if (smem > max_dyn) continue;
           const int per_sm = staged_blocks_per_sm(k, smem);
           if (per_sm <= 0 || !staged_cluster_fits(k, split, smem)) continue;
-          const double cost = staged_cost_us(rows, w.out, u, tx, split, pre != 0, per_sm, sms);
-          if (!best.kernel || cost < best_cost * (1.0 - 1e-9)) {
+          const StagedCost cost = staged_cost(shape, {u, tx, split, per_sm});
+          if (tune.unroll == 0 && !staged_auto_admits(u, cost)) continue;
+          if (!best.kernel || cost.us < best_cost * (1.0 - 1e-9)) {
             best.kernel = k;
             best.split = split;
             best.tiles = (w.out + 4 * tx - 1) / (4 * tx);
             best.smem = smem;
-            best_cost = cost;
+            best_cost = cost.us;
           }
         }
       }
@@ -1054,7 +1175,7 @@ StagedPlan cached_plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTu
   const std::string key = std::to_string(device) + ":" + std::to_string(w.in) + ":" + std::to_string(w.out) + ":" +
                           std::to_string(w.group) + ":" + std::to_string(tune.unroll) + ":" +
                           std::to_string(tune.tx) + ":" + std::to_string(tune.split) + ":" +
-                          std::to_string(tune.prefetch);
+                          std::to_string(tune.prefetch) + ":" + std::to_string(static_cast<int>(tune.kernel));
   std::lock_guard<std::mutex> lock(mu);
   auto it = plans.find(key);
   if (it == plans.end()) it = plans.emplace(key, plan_staged<BITS, MT, XT, ST>(w, rows, tune)).first;
@@ -1116,9 +1237,9 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   if (bias && bias_dtype != x_dtype && bias_dtype != DType::F32)
     bad(site, "bias dtype must be x's or F32, got " + std::string(dtype_name(bias_dtype)));
   if (!woq_gemv_supported(w, x_dtype, m, x)) bad(site, "this problem needs the dequantize path");
-  const bool force_staged = tune.kernel == WoqGemvKernel::Staged;
+  const bool force_staged = tune.kernel == WoqGemvKernel::Staged || tune.kernel == WoqGemvKernel::StagedHalf2;
   if (tune.kernel != WoqGemvKernel::Auto && tune.kernel != WoqGemvKernel::Rows && !force_staged)
-    bad(site, "tuning kernel must be auto, rows or staged");
+    bad(site, "tuning kernel must be auto, rows, staged or staged_half2");
   if (force_staged) {
     if (tune.unroll != 0 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
       bad(site, "staged tuning unroll must be 0, 4, 8 or 16, got " + std::to_string(tune.unroll));
@@ -1147,6 +1268,7 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   const int split = m != 1 ? 0 : rows_tuned && tune.split != 0 ? tune.split : gptq48 ? 2 : 0;
   WoqGemvTuning staged_tune = tune;
   if (m != 1 || !force_staged) staged_tune = {};
+  if (tune.kernel == WoqGemvKernel::StagedHalf2 && w.bits != 4) staged_tune = {};  // half2 takes 4 bits only
   GemvArgs a{};
   a.qweight = w.qweight;
   a.qzeros = w.qzeros;
@@ -1181,10 +1303,7 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
       }
       a.rows = w.in * w.bits / 32;
       a.zwords = zwords_of(w);
-      // Auto keeps the rows kernel where in > out (down_proj): the H200 sweep timed the staged planner's choice
-      // there at 26.3 us against the rows kernel's 21.1 (14336x4096, docs/performance.md) until the planner learns it
-      const bool staged_wins = tune.kernel == WoqGemvKernel::Staged || w.in <= w.out;
-      if (tune.kernel != WoqGemvKernel::Rows && staged_wins && (w.bits == 4 || (w.bits == 8 && m == 1))) {
+      if (tune.kernel != WoqGemvKernel::Rows && (w.bits == 4 || (w.bits == 8 && m == 1))) {
         StagedPlan plan;
         auto plan_for = [&](auto bits_c, auto mt_c) {
           plan = cached_plan_staged<decltype(bits_c)::value, decltype(mt_c)::value, XT, SD>(w, a.rows, staged_tune);

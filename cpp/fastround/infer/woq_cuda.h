@@ -61,7 +61,9 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
 // to a power of two the device admits; staged: 1, 2, 4 or 8); tx (staged): lanes per row worker, 32, 16 or 8
 // (4 columns each); prefetch (staged): 1 off, 2 on (the next chunk's loads issued before the current is used). A staged setting the problem cannot take (a chunk straddling a group, a cluster or activation
 // slice the device refuses) leaves the call to the rows kernel's defaults.
-enum class WoqGemvKernel : int { Auto = 0, Rows = 1, Staged = 2 };
+// staged_half2: the staged kernel with its products in x's half2 arithmetic (fewer instructions per code, products
+// rounded to x's dtype), at batch 1 and 4 bits; elsewhere the built-in choice. Takes unroll, split and tx.
+enum class WoqGemvKernel : int { Auto = 0, Rows = 1, Staged = 2, StagedHalf2 = 3 };
 
 struct WoqGemvTuning {
   WoqGemvKernel kernel = WoqGemvKernel::Auto;

@@ -38,26 +38,40 @@ __device__ __forceinline__ double rmul(double a, double b) { return __dmul_rn(a,
 struct F32 {
   using T = float;
   using C = float;
+  using TO = T;
   __device__ static float in(float v) { return v; }
   __device__ static float out(float v) { return v; }
 };
 struct F64 {
   using T = double;
   using C = double;
+  using TO = T;
   __device__ static double in(double v) { return v; }
   __device__ static double out(double v) { return v; }
 };
 struct F16 {
   using T = uint16_t;
   using C = float;
+  using TO = T;
   __device__ static float in(uint16_t v) { return fp16_to_float(v); }
   __device__ static uint16_t out(float v) { return float_to_fp16(v); }
 };
 struct BF16 {
   using T = uint16_t;
   using C = float;
+  using TO = T;
   __device__ static float in(uint16_t v) { return bf16_to_float(v); }
   __device__ static uint16_t out(float v) { return float_to_bf16(v); }
+};
+// IO's input, stored unrounded in the compute type: the split plan's butterfly pass writes its scratch through it, so
+// the K-mix kernel reads exactly the values the one-kernel plan keeps in shared memory.
+template <typename IO>
+struct ToCompute {
+  using T = typename IO::T;
+  using C = typename IO::C;
+  using TO = C;
+  __device__ static C in(T v) { return IO::in(v); }
+  __device__ static C out(C v) { return v; }
 };
 
 template <typename C>
@@ -66,6 +80,7 @@ struct Params {
   void* y;
   int64_t blocks;  // n-blocks in the whole buffer
   int n, len, k, bpt;
+  int sign_n;           // period of the sign vector (n; the split plan's butterfly pass runs on len-blocks of n-blocks)
   const int8_t* hadk;   // [k, k] device, or null
   const int8_t* signs;  // [n] device, or null
   bool transpose, signs_first, normalize, vec;
@@ -129,9 +144,9 @@ __device__ __forceinline__ void load8(const typename IO::T* p, bool vec, int cou
 }
 
 template <typename IO>
-__device__ __forceinline__ void store8(typename IO::T* p, bool vec, int count, const typename IO::C v[8]) {
+__device__ __forceinline__ void store8(typename IO::TO* p, bool vec, int count, const typename IO::C v[8]) {
   if (vec && count >= 8) {
-    typename IO::T raw[8];
+    typename IO::TO raw[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) raw[j] = IO::out(v[j]);
     vstore8(p, raw);
@@ -172,7 +187,7 @@ __device__ __forceinline__ C apply_sign(C v, int8_t s) {
 
 // Scale, trailing signs and store of 8 outputs starting at tile element e0.
 template <typename IO>
-__device__ __forceinline__ void finish8(const Params<typename IO::C>& p, typename IO::T* y, int e0, int count,
+__device__ __forceinline__ void finish8(const Params<typename IO::C>& p, typename IO::TO* y, int e0, int count,
                                         typename IO::C v[8]) {
   if (p.normalize) {
 #pragma unroll
@@ -181,7 +196,7 @@ __device__ __forceinline__ void finish8(const Params<typename IO::C>& p, typenam
   if (p.signs && !p.signs_first) {
 #pragma unroll
     for (int j = 0; j < 8; ++j)
-      if (j < count) v[j] = apply_sign(v[j], __ldg(p.signs + (e0 + j) % p.n));
+      if (j < count) v[j] = apply_sign(v[j], __ldg(p.signs + (e0 + j) % p.sign_n));
   }
   store8<IO>(y + e0, p.vec, count, v);
 }
@@ -209,7 +224,7 @@ __device__ __forceinline__ void smem_pass(C* s, int valid, int h, int log_h) {
 // in order from 0; a - b is spelled a + (-b), the same IEEE operation, so lanes with different signs don't diverge.
 template <int KB, typename IO>
 __device__ __forceinline__ void kstage_blocked(const Params<typename IO::C>& p, const typename IO::C* s,
-                                               typename IO::T* y, int tile_blocks) {
+                                               typename IO::TO* y, int tile_blocks) {
   using C = typename IO::C;
   const int rgroups = p.len / 8, kchunks = p.k / KB;
   const int items = tile_blocks * kchunks * rgroups;
@@ -243,7 +258,7 @@ __device__ __forceinline__ void kstage_blocked(const Params<typename IO::C>& p, 
 
 template <typename IO>
 __device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, const typename IO::C* s,
-                                             typename IO::T* y, int valid, int groups);
+                                             typename IO::TO* y, int valid, int groups);
 
 // One tile (bpt consecutive n-blocks) per thread block. KB > 0: the K stage register-blocked by KB (kstage_blocked; K % KB == 0, len % 8 == 0), a separate instantiation so
 // the accumulators' registers don't lower the occupancy of the other shapes; KB = 0: K = 1 or len < 8.
@@ -259,8 +274,11 @@ __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename
   const int valid = tile_blocks * p.n;  // elements of this tile
   const int groups = (valid + 7) / 8;
   const T* x = static_cast<const T*>(p.x) + first_block * p.n;
-  T* y = static_cast<T*>(p.y) + first_block * p.n;
+  typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + first_block * p.n;
   const int lane = threadIdx.x & 31;
+  // Where this tile starts in the sign vector's period: 0 when tiles are whole n-blocks; the split plan's butterfly
+  // pass tiles len-blocks, whose leading signs continue across its tiles
+  const int sign_base = p.signs ? static_cast<int>(first_block * p.n % p.sign_n) : 0;
   const bool through_smem = p.k > 1 || p.len > 2 * kShuffleTop;
 
   // Phase 1: load, leading signs, strides 1..4 in registers, 8..128 across the warp. Every lane of a warp runs the
@@ -276,7 +294,7 @@ __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename
     if (p.signs && p.signs_first) {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
-        if (j < count) v[j] = apply_sign(v[j], __ldg(p.signs + (e0 + j) % p.n));
+        if (j < count) v[j] = apply_sign(v[j], __ldg(p.signs + (sign_base + e0 + j) % p.sign_n));
     }
     radix<8>(v, p.len);
     for (int w = 1; 8 * w < p.len && w <= kShuffleTop / 8; w *= 2) {
@@ -325,7 +343,7 @@ __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename
 // Phase 3 without register blocking: K = 1 (smem -> scale, signs, store) or len < 8 (each output's K sum alone).
 template <typename IO>
 __device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, const typename IO::C* s,
-                                             typename IO::T* y, int valid, int groups) {
+                                             typename IO::TO* y, int valid, int groups) {
   using C = typename IO::C;
   for (int g = threadIdx.x; g < groups; g += blockDim.x) {
     const int e0 = g * 8;
@@ -353,6 +371,46 @@ __device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, co
     }
     finish8<IO>(p, y, e0, count, v);
   }
+}
+
+// The split plan's K stage (few n-blocks: one thread block per tile would leave the GPU idle and walk the K·n sums
+// on one SM): t holds the butterfly pass's result (each len-long segment transformed, leading signs applied,
+// unrounded, [blocks, n] compute type); one work item is KB consecutive outputs k0 .. k0+KB-1 times 8 consecutive r
+// of one n-block, the items spread over the whole grid. Each accumulator adds k' = 0, 1, ... in order from 0, as
+// kstage_blocked does, so the bits are the one-kernel plan's.
+constexpr int kMixThreads = 128;
+
+template <int KB, typename IO>
+__global__ void __launch_bounds__(kMixThreads) kmix_kernel(const Params<typename IO::C> p, const typename IO::C* t) {
+  using C = typename IO::C;
+  const int rgroups = p.len / 8, kchunks = p.k / KB;
+  const int64_t it = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (it >= p.blocks * kchunks * rgroups) return;
+  const int rg = static_cast<int>(it % rgroups), kc = static_cast<int>(it / rgroups % kchunks);
+  const int64_t b = it / rgroups / kchunks;
+  const int r0 = rg * 8, k0 = kc * KB;
+  const C* src = t + b * p.n + r0;
+  typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + b * p.n;
+  C acc[KB][8];
+#pragma unroll
+  for (int q = 0; q < KB; ++q)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[q][j] = C(0);
+  const int col_step = p.transpose ? p.k : 1;
+  const int row_step = p.transpose ? 1 : p.k;
+  const int8_t* hrow = p.hadk + k0 * row_step;
+  for (int kp = 0; kp < p.k; ++kp) {
+    C in[8];
+    vload8<true>(src + static_cast<int64_t>(kp) * p.len, in);
+#pragma unroll
+    for (int q = 0; q < KB; ++q) {
+      const bool plus = __ldg(hrow + q * row_step + kp * col_step) > 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[q][j] = radd(acc[q][j], plus ? in[j] : -in[j]);
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < KB; ++q) finish8<IO>(p, y, (k0 + q) * p.len + r0, 8, acc[q]);
 }
 
 void check_launch(const char* site, cudaError_t e) {
@@ -383,14 +441,42 @@ void raise_smem_limit(Kernel kernel, const char* site) {
   done.insert(key);
 }
 
+// n-blocks per tile: about kTileTarget elements, and a whole number of 8-element groups per tile (so groups never
+// straddle two thread blocks and vector accesses stay aligned).
+int64_t blocks_per_tile(int64_t n, int64_t blocks) {
+  int64_t bpt = std::max<int64_t>(1, kTileTarget / n);
+  int64_t g8 = 8;
+  for (int64_t a = n, b = 8; b != 0;) {  // gcd(n, 8)
+    const int64_t t = a % b;
+    a = b, b = t, g8 = a;
+  }
+  const int64_t step = 8 / g8;
+  bpt = (bpt + step - 1) / step * step;
+  return std::min<int64_t>(bpt, std::max<int64_t>(step, blocks));
+}
+
+// Below this many tiles a K > 1 transform takes the split plan (a butterfly kernel into scratch, then the K stage
+// over the whole grid): a batch-1 decode step's one 14336-wide row (K = 28) is one tile, and the one-kernel plan ran
+// its 28 x 14336 K sums on a single SM. The split adds a launch and a scratch round trip through L2, which many
+// tiles' thread blocks no longer repay.
+constexpr int64_t kSplitBelowTiles = 64;
+
+bool takes_split(int64_t rows, int64_t cols, const FwhtSpec& spec) {
+  const int64_t len = spec.n / spec.k;
+  if (spec.k <= 1 || len % 8 != 0) return false;
+  const int64_t blocks = rows * (cols / spec.n);
+  const int64_t bpt = blocks_per_tile(spec.n, blocks);
+  return (blocks + bpt - 1) / bpt < kSplitBelowTiles;
+}
+
 template <typename IO>
-void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec, void* stream,
-            const char* site) {
+Params<typename IO::C> make_params(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec) {
   using C = typename IO::C;
   Params<C> p{};
   p.x = x;
   p.y = y;
   p.n = static_cast<int>(spec.n);
+  p.sign_n = p.n;
   p.k = static_cast<int>(spec.k);
   p.len = static_cast<int>(spec.n / spec.k);
   p.blocks = rows * (cols / spec.n);
@@ -401,26 +487,22 @@ void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& 
   p.normalize = spec.normalize;
   p.c = spec.normalize ? static_cast<C>(1.0 / std::sqrt(static_cast<double>(spec.n))) : C(1);
   p.vec = (reinterpret_cast<uintptr_t>(x) % 16 == 0) && (reinterpret_cast<uintptr_t>(y) % 16 == 0);
+  return p;
+}
 
-  // Blocks per tile: about kTileTarget elements, and a whole number of 8-element groups per tile (so groups never
-  // straddle two thread blocks and vector accesses stay aligned).
-  int64_t bpt = std::max<int64_t>(1, kTileTarget / spec.n);
-  int64_t g8 = 8;
-  for (int64_t a = spec.n, b = 8; b != 0;) {  // gcd(n, 8)
-    const int64_t t = a % b;
-    a = b, b = t, g8 = a;
-  }
-  const int64_t step = 8 / g8;
-  bpt = (bpt + step - 1) / step * step;
-  bpt = std::min<int64_t>(bpt, std::max<int64_t>(step, p.blocks));
+// One fwht_kernel launch over p (its tiles of p.bpt n-blocks, each thread block one tile).
+template <typename IO>
+void launch_tiles(Params<typename IO::C> p, void* stream, const char* site) {
+  using C = typename IO::C;
+  const int64_t bpt = blocks_per_tile(p.n, p.blocks);
   p.bpt = static_cast<int>(bpt);
-  const int64_t tile = bpt * spec.n;
-  const bool through_smem = spec.k > 1 || p.len > 2 * kShuffleTop;
+  const int64_t tile = bpt * p.n;
+  const bool through_smem = p.k > 1 || p.len > 2 * kShuffleTop;
   const int64_t smem = through_smem ? tile * static_cast<int64_t>(sizeof(C)) : 0;
   if (smem > 48 * 1024) {
     const int optin = smem_optin(site);
     if (smem > optin)
-      throw OptionError(std::string("[") + site + "] block_size: " + std::to_string(spec.n) +
+      throw OptionError(std::string("[") + site + "] block_size: " + std::to_string(p.n) +
                         " is too large for the CUDA kernel (its tile needs " + std::to_string(smem) +
                         " bytes of shared memory, the device gives " + std::to_string(optin) + ")");
   }
@@ -428,8 +510,8 @@ void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& 
   if (grid > 0x7FFFFFFF) throw OptionError(std::string("[") + site + "] x: too many blocks for one launch");
   const int64_t groups = (tile + 7) / 8;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (groups + 31) / 32 * 32));
-  const bool blocked = spec.k > 1 && p.len % 8 == 0;
-  const int kb = !blocked ? 0 : spec.k % 8 == 0 ? 8 : spec.k % 4 == 0 ? 4 : spec.k % 2 == 0 ? 2 : 1;
+  const bool blocked = p.k > 1 && p.len % 8 == 0;
+  const int kb = !blocked ? 0 : p.k % 8 == 0 ? 8 : p.k % 4 == 0 ? 4 : p.k % 2 == 0 ? 2 : 1;
   auto run = [&](auto kernel) {
     if (smem > 48 * 1024) raise_smem_limit(kernel, site);
     kernel<<<static_cast<unsigned>(grid), threads, static_cast<size_t>(smem), static_cast<cudaStream_t>(stream)>>>(p);
@@ -444,6 +526,57 @@ void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& 
   }
 }
 
+// The split plan (takes_split): the butterflies of every len-long segment with the leading signs into `scratch`
+// ([blocks, n] compute type, unrounded, unscaled), then kmix_kernel's K stage, scale, trailing signs and store.
+template <typename IO>
+void launch_split(const Params<typename IO::C>& p, void* scratch, void* stream, const char* site) {
+  using C = typename IO::C;
+  Params<C> pa = p;
+  pa.y = scratch;
+  pa.n = p.len;
+  pa.k = 1;
+  pa.hadk = nullptr;
+  pa.blocks = p.blocks * p.k;
+  pa.signs = p.signs_first ? p.signs : nullptr;
+  pa.normalize = false;
+  pa.c = C(1);
+  pa.vec = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (reinterpret_cast<uintptr_t>(scratch) % 16 == 0);
+  launch_tiles<ToCompute<IO>>(pa, stream, site);
+
+  const int64_t rgroups = p.len / 8;
+  // Widest register block that still leaves ~2048 work items (a batch-1 R4 row: KB = 1, 1792 items, 14 blocks).
+  int kb = 1;
+  for (int cand : {4, 2}) {
+    if (p.k % cand == 0 && p.blocks * (p.k / cand) * rgroups >= 2048) {
+      kb = cand;
+      break;
+    }
+  }
+  const int64_t items = p.blocks * (p.k / kb) * rgroups;
+  const int64_t grid = (items + kMixThreads - 1) / kMixThreads;
+  if (grid > 0x7FFFFFFF) throw OptionError(std::string("[") + site + "] x: too many blocks for one launch");
+  Params<C> pb = p;
+  pb.vec = reinterpret_cast<uintptr_t>(p.y) % 16 == 0;  // kmix reads the scratch as 16-byte vectors (aligned)
+  const C* t = static_cast<const C*>(scratch);
+  auto run = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(grid), kMixThreads, 0, static_cast<cudaStream_t>(stream)>>>(pb, t);
+    check_launch(site, cudaGetLastError());
+  };
+  switch (kb) {
+    case 4: return run(kmix_kernel<4, IO>);
+    case 2: return run(kmix_kernel<2, IO>);
+    default: return run(kmix_kernel<1, IO>);
+  }
+}
+
+template <typename IO>
+void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec, void* stream, void* scratch,
+            const char* site) {
+  const Params<typename IO::C> p = make_params<IO>(x, y, rows, cols, spec);
+  if (scratch && takes_split(rows, cols, spec)) return launch_split<IO>(p, scratch, stream, site);
+  launch_tiles<IO>(p, stream, site);
+}
+
 }  // namespace
 
 int64_t fwht_cuda_max_block(DType dtype) {
@@ -451,8 +584,14 @@ int64_t fwht_cuda_max_block(DType dtype) {
   return bytes / (dtype == DType::F64 ? 8 : 4);
 }
 
+int64_t fwht_cuda_scratch_bytes(DType dtype, int64_t rows, int64_t cols, const FwhtSpec& spec) {
+  if (rows <= 0 || cols <= 0 || spec.n <= 0 || spec.k <= 0 || cols % spec.n != 0 || spec.n % spec.k != 0) return 0;
+  if (!takes_split(rows, cols, spec)) return 0;
+  return rows * cols * (dtype == DType::F64 ? 8 : 4);
+}
+
 void fwht_rows_cuda(DType dtype, const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec,
-                    void* stream, const char* site) {
+                    void* stream, const char* site, void* scratch) {
   const std::string at = std::string("[") + site + "] ";
   if (dtype != DType::F32 && dtype != DType::F64 && dtype != DType::F16 && dtype != DType::BF16)
     throw OptionError(at + "x: dtype must be F32, F64, F16 or BF16, got " + std::string(dtype_name(dtype)));
@@ -471,10 +610,10 @@ void fwht_rows_cuda(DType dtype, const void* x, void* y, int64_t rows, int64_t c
   if (spec.n > (int64_t(1) << 30)) throw OptionError(at + "block_size: too large");
   if (rows * cols == 0) return;
   switch (dtype) {
-    case DType::F32: return launch<F32>(x, y, rows, cols, spec, stream, site);
-    case DType::F64: return launch<F64>(x, y, rows, cols, spec, stream, site);
-    case DType::F16: return launch<F16>(x, y, rows, cols, spec, stream, site);
-    default: return launch<BF16>(x, y, rows, cols, spec, stream, site);
+    case DType::F32: return launch<F32>(x, y, rows, cols, spec, stream, scratch, site);
+    case DType::F64: return launch<F64>(x, y, rows, cols, spec, stream, scratch, site);
+    case DType::F16: return launch<F16>(x, y, rows, cols, spec, stream, scratch, site);
+    default: return launch<BF16>(x, y, rows, cols, spec, stream, scratch, site);
   }
 }
 

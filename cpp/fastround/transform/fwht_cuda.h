@@ -26,11 +26,17 @@ namespace fastround::transform::gpu {
 // down to a tile).
 int64_t fwht_cuda_max_block(DType dtype);
 
+// Device scratch bytes fwht_rows_cuda wants for this call (0: none). A K > 1 transform of few n-blocks (a batch-1
+// decode row) runs as two kernels, the butterflies into scratch ([rows, cols] in the compute type) and the K stage
+// spread over the GPU, instead of one thread block walking it all; the bits are the same.
+int64_t fwht_cuda_scratch_bytes(DType dtype, int64_t rows, int64_t cols, const FwhtSpec& spec);
+
 // x [rows, cols] of `dtype` (device) -> y [rows, cols] of `dtype` (device; may equal x: the transform is in place
-// then). spec.hadk ([k, k] int8) and spec.signs ([n] int8) are device pointers. fwht_check's rules, with the ±1
+// then). scratch: fwht_cuda_scratch_bytes(...) device bytes, 16-byte aligned, not overlapping x or y, or null (the
+// one-kernel plan). spec.hadk ([k, k] int8) and spec.signs ([n] int8) are device pointers. fwht_check's rules, with the ±1
 // entries not read (they live on the device): the caller checks them where it can; any other value acts as its sign.
 // Throws OptionError for bad arguments (naming `site`) and std::runtime_error when a launch fails.
 void fwht_rows_cuda(DType dtype, const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec,
-                    void* stream, const char* site = "fwht_rows_cuda");
+                    void* stream, const char* site = "fwht_rows_cuda", void* scratch = nullptr);
 
 }  // namespace fastround::transform::gpu

@@ -4,8 +4,9 @@
 // log2 only near a binade's top); min/max/clamp are the CPU's ternaries; fp16/bf16 rounding goes through
 // common/half.h. A group's two scale-gradient sums keep torch's 8-lane order, as the CPU kernel does.
 //
-// Work split: one thread per group (32 elements MXFP, 16 NVFP4_E5M3; grid-stride), which runs the CPU's group code
-// unchanged; a 4096 x 4096 MXFP weight is 512K threads.
+// Work split: one thread per group (32 elements MXFP, 16 NVFP4_E5M3 / NVFP4; grid-stride), which runs the CPU's
+// group code (the same per-family scale policies, a kernel per dtype and family); a 4096 x 4096 MXFP weight is
+// 512K threads.
 #include "fastround/tune/fp_qdq_cuda.h"
 
 #include <cuda_runtime.h>
@@ -17,6 +18,7 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/tune/cuda_elements.cuh"
+#include "fastround/tune/cuda_launch.cuh"
 #include "fastround/common/error.h"
 
 namespace fastround::tune {
@@ -25,12 +27,13 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;
-constexpr int G = static_cast<int>(kMxGroup);
 constexpr float kLn2 = static_cast<float>(0.6931471805599453);
 
+using cuda::check_launch;
 using cuda::load_el;
 using cuda::round_to;
 using cuda::store_el;
+using cuda::with_float_dtype;
 
 __device__ __forceinline__ float d_clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 __device__ __forceinline__ float d_max(float a, float b) { return a < b ? b : a; }
@@ -56,75 +59,6 @@ __device__ __forceinline__ float d_pow2(float e) {
 
 // floor for 0 <= v < 2^31 (fp_numerics.h's floor_nonneg).
 __device__ __forceinline__ float d_floor_nonneg(float v) { return static_cast<float>(static_cast<int32_t>(v)); }
-
-struct Fmt {
-  float emax, max_norm, min_p, mscale;
-};
-
-__device__ __forceinline__ Fmt fmt_of(int bits) {
-  return bits == 4 ? Fmt{2.0f, 6.0f, 0.0f, 2.0f} : Fmt{8.0f, 448.0f, -6.0f, 8.0f};
-}
-
-struct GroupExp {
-  float amax, mv, e, s;
-  int arg;
-  bool passes;
-};
-
-__device__ __forceinline__ GroupExp group_exp(const float* t, float factor, const Fmt& F) {
-  GroupExp g;
-  g.amax = d_abs(t[0]);
-  g.arg = 0;
-  for (int i = 1; i < G; ++i) {
-    const float a = d_abs(t[i]);
-    if (a > g.amax) {
-      g.amax = a;
-      g.arg = i;
-    }
-  }
-  g.mv = __fmul_rn(g.amax, factor);
-  const float e0 = g.mv == 0.0f ? 1.0f : d_floor_log2(g.mv);
-  const float d = __fsub_rn(e0, F.emax);
-  g.passes = d >= -127.0f && d <= 127.0f;
-  g.e = d_clamp(d, -127.0f, 127.0f);
-  g.s = d_pow2(g.e);
-  return g;
-}
-
-struct Elem {
-  float x1, x2, a0, p1, q2, y, z0, z, out;
-};
-
-__device__ __forceinline__ Elem mx_elem(float t, float v, float s, const Fmt& F) {
-  Elem r;
-  r.x1 = __fadd_rn(__fdiv_rn(t, s), v);
-  r.x2 = d_clamp(r.x1, -F.max_norm, F.max_norm);
-  r.a0 = __fadd_rn(d_abs(r.x2), r.x2 == 0.0f ? 1.0f : 0.0f);
-  r.p1 = d_floor_log2(r.a0);
-  r.q2 = d_pow2(d_max(r.p1, F.min_p));
-  r.y = __fmul_rn(__fdiv_rn(r.x2, r.q2), F.mscale);
-  const float ay = d_abs(r.y);
-  const float h = __fsub_rn(ay, 0.5f);
-  const float mask = (h >= 0.0f && d_floor_nonneg(h) == h && (static_cast<int32_t>(h) & 1) == 0) ? 1.0f : 0.0f;
-  const float rnd = __fmul_rn(d_sign(r.y), __fsub_rn(d_floor_nonneg(__fadd_rn(ay, 0.5f)), mask));
-  r.z0 = __fdiv_rn(rnd, F.mscale);
-  r.z = __fmul_rn(r.z0, r.q2);
-  r.out = d_clamp(r.z, -F.max_norm, F.max_norm);
-  return r;
-}
-
-// torch's fp32 sum of 32 contiguous values: 8 lanes, then the lanes in order (fp_numerics.h torch_sum_lanes8).
-__device__ __forceinline__ float sum_lanes8(const float* v) {
-  float lanes[8];
-  for (int l = 0; l < 8; ++l) {
-    float a = v[l];
-    for (int k = 1; k < 4; ++k) a = __fadd_rn(a, v[8 * k + l]);
-    lanes[l] = a;
-  }
-  float acc = 0.0f;
-  for (int l = 0; l < 8; ++l) acc = __fadd_rn(acc, lanes[l]);
-  return acc;
-}
 
 // fp_numerics.h's e2m1_code / e4m3_code.
 __constant__ float kE2M1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
@@ -168,7 +102,6 @@ __device__ __forceinline__ uint8_t d_e4m3_code(float f) {
 
 // ---- NVFP4_E5M3 (fp_qdq.cpp's nv_* functions; fp_rtn.cpp's UE5M3 codec, fp_numerics.h's cast_to_fp4) ----
 
-constexpr int GN = static_cast<int>(kNvGroup);
 constexpr float kUe5m3Max = 114688.0f;
 constexpr float kOneSixth = static_cast<float>(1.0 / 6.0);
 
@@ -219,50 +152,6 @@ __device__ __forceinline__ uint8_t d_nv_code(float x, float d) {
   return d_e2m1_code(d_cast_to_fp4(s));
 }
 
-// torch's fp32 sum of 16 contiguous values (fp_numerics.h torch_sum_lanes8<16>).
-__device__ __forceinline__ float sum_lanes8_16(const float* v) {
-  float acc = 0.0f;
-  for (int l = 0; l < 8; ++l) acc = __fadd_rn(acc, __fadd_rn(__fadd_rn(0.0f, v[l]), v[8 + l]));
-  return acc;
-}
-
-struct NvGroup {
-  float amax, mv, sc0, d;
-  int arg;
-  uint8_t byte;
-};
-
-__device__ __forceinline__ NvGroup nv_group_scale(const float* t, float factor) {
-  NvGroup g;
-  g.amax = d_abs(t[0]);
-  g.arg = 0;
-  for (int i = 1; i < GN; ++i) {
-    const float a = d_abs(t[i]);
-    if (a > g.amax) {
-      g.amax = a;
-      g.arg = i;
-    }
-  }
-  g.mv = __fmul_rn(g.amax, factor);
-  g.sc0 = __fmul_rn(1.0f, __fmul_rn(g.mv, kOneSixth));
-  const float sc1 = d_clamp(g.sc0, 0.0f, kUe5m3Max);
-  g.byte = d_ue5m3_encode(sc1);
-  g.d = __fadd_rn(__fsub_rn(d_ue5m3_decode(g.byte), sc1), sc1);
-  return g;
-}
-
-struct NvElem {
-  float sx, f;
-};
-
-__device__ __forceinline__ NvElem nv_elem(float t, float v, float d) {
-  NvElem e;
-  e.sx = __fadd_rn(d == 0.0f ? 0.0f : __fdiv_rn(t, d), v);
-  e.f = d_cast_to_fp4(d_clamp(e.sx, -6.0f, 6.0f));
-  return e;
-}
-
-
 // ---- NVFP4 (fp_qdq.cpp's nv4_* functions: E4M3 group scales under the global scale gs) ----
 
 __device__ __forceinline__ float d_e4m3_decode(uint8_t b) {  // fp_codes.h fp8_e4m3_to_float
@@ -275,41 +164,6 @@ __device__ __forceinline__ float d_e4m3_decode(uint8_t b) {  // fp_codes.h fp8_e
 
 __device__ __forceinline__ float d_recip0(float a) { return a == 0.0f ? 0.0f : __fdiv_rn(1.0f, a); }
 
-struct Nv4Group {
-  float amax, mv, sc0, s, dq, os, r;
-  int arg;
-  uint8_t byte;
-};
-
-__device__ __forceinline__ Nv4Group nv4_group_scale(const float* t, float factor, float gs) {
-  Nv4Group g;
-  g.amax = d_abs(t[0]);
-  g.arg = 0;
-  for (int i = 1; i < GN; ++i) {
-    const float a = d_abs(t[i]);
-    if (a > g.amax) {
-      g.amax = a;
-      g.arg = i;
-    }
-  }
-  g.mv = __fmul_rn(g.amax, factor);
-  g.sc0 = __fmul_rn(gs, __fmul_rn(g.mv, kOneSixth));
-  const float sc1 = d_clamp(g.sc0, -448.0f, 448.0f);
-  g.s = __fadd_rn(__fsub_rn(d_e4m3_decode(d_e4m3_code(sc1)), sc1), sc1);
-  g.byte = d_e4m3_code(g.s);
-  g.dq = __fmul_rn(g.s, d_recip0(gs));
-  g.os = d_recip0(g.dq);
-  g.r = d_recip0(g.os);
-  return g;
-}
-
-__device__ __forceinline__ NvElem nv4_elem(float t, float v, float os) {
-  NvElem e;
-  e.sx = __fadd_rn(__fmul_rn(t, os), v);
-  e.f = d_cast_to_fp4(d_clamp(e.sx, -6.0f, 6.0f));
-  return e;
-}
-
 // fp_qdq.cpp reciprocal_backward: -g * (1/a)^2 with g masked where a is 0 (NaN there, as autograd).
 __device__ __forceinline__ float d_reciprocal_backward(float a, float g) {
   const float masked = a == 0.0f ? 0.0f : __fmul_rn(g, 1.0f);
@@ -317,214 +171,328 @@ __device__ __forceinline__ float d_reciprocal_backward(float a, float g) {
   return __fmul_rn(-masked, __fmul_rn(rr, rr));
 }
 
+// torch's fp32 sum of N (16 or 32) contiguous values: 8 lanes, then the lanes in order (fp_numerics.h
+// torch_sum_lanes8<N>, whose 16-value lanes start from 0 + v).
+template <int N>
+__device__ __forceinline__ float sum_lanes8(const float* v) {
+  float lanes[8];
+  for (int l = 0; l < 8; ++l) {
+    float a = N == 16 ? __fadd_rn(0.0f, v[l]) : v[l];
+    for (int k = 1; k < N / 8; ++k) a = __fadd_rn(a, v[8 * k + l]);
+    lanes[l] = a;
+  }
+  float acc = 0.0f;
+  for (int l = 0; l < 8; ++l) acc = __fadd_rn(acc, lanes[l]);
+  return acc;
+}
+
+// fp_qdq.cpp's GroupMax / group_max.
+struct GroupMax {
+  float amax, mv;
+  int arg;
+};
+
+__device__ __forceinline__ GroupMax group_max(const float* t, int n, float factor) {
+  GroupMax m;
+  m.amax = d_abs(t[0]);
+  m.arg = 0;
+  for (int i = 1; i < n; ++i) {
+    const float a = d_abs(t[i]);
+    if (a > m.amax) {
+      m.amax = a;
+      m.arg = i;
+    }
+  }
+  m.mv = __fmul_rn(m.amax, factor);
+  return m;
+}
+
+struct ElemGrad {
+  float gv, gt, g_mul, g_scale;
+};
+
+// ---- the per-family scale policies of fp_qdq.cpp, one group loop (the kernels below) serving all three ----
+
+struct MxPolicy {
+  static constexpr int kGroup = static_cast<int>(kMxGroup);
+  static constexpr bool kMaxGradInDtype = false;
+  int bits;
+  float emax, max_norm, min_p, mscale;
+
+  struct Scale {
+    GroupMax m;
+    float e, s;
+    bool passes;
+    __device__ float exponent() const { return e; }
+    __device__ uint8_t byte() const { return static_cast<uint8_t>(__fadd_rn(e, 127.0f)); }
+  };
+
+  __device__ __forceinline__ Scale scale(const float* t, float factor) const {
+    Scale g;
+    g.m = group_max(t, kGroup, factor);
+    const float e0 = g.m.mv == 0.0f ? 1.0f : d_floor_log2(g.m.mv);
+    const float d = __fsub_rn(e0, emax);
+    g.passes = d >= -127.0f && d <= 127.0f;
+    g.e = d_clamp(d, -127.0f, 127.0f);
+    g.s = d_pow2(g.e);
+    return g;
+  }
+
+  struct Elem {
+    float x1, x2, a0, p1, q2, y, z0, z, out;
+  };
+
+  __device__ __forceinline__ Elem elem(float t, float v, float s) const {
+    Elem r;
+    r.x1 = __fadd_rn(__fdiv_rn(t, s), v);
+    r.x2 = d_clamp(r.x1, -max_norm, max_norm);
+    r.a0 = __fadd_rn(d_abs(r.x2), r.x2 == 0.0f ? 1.0f : 0.0f);
+    r.p1 = d_floor_log2(r.a0);
+    r.q2 = d_pow2(d_max(r.p1, min_p));
+    r.y = __fmul_rn(__fdiv_rn(r.x2, r.q2), mscale);
+    const float ay = d_abs(r.y);
+    const float h = __fsub_rn(ay, 0.5f);
+    const float mask = (h >= 0.0f && d_floor_nonneg(h) == h && (static_cast<int32_t>(h) & 1) == 0) ? 1.0f : 0.0f;
+    const float rnd = __fmul_rn(d_sign(r.y), __fsub_rn(d_floor_nonneg(__fadd_rn(ay, 0.5f)), mask));
+    r.z0 = __fdiv_rn(rnd, mscale);
+    r.z = __fmul_rn(r.z0, r.q2);
+    r.out = d_clamp(r.z, -max_norm, max_norm);
+    return r;
+  }
+
+  __device__ __forceinline__ float qdq(const Scale& g, float t, float v) const {
+    return __fmul_rn(elem(t, v, g.s).out, g.s);
+  }
+
+  __device__ __forceinline__ uint8_t code(const Scale& g, float w) const {
+    const float c = __fdiv_rn(w, g.s);
+    return bits == 4 ? d_e2m1_code(c) : d_e4m3_code(c);
+  }
+
+  __device__ __forceinline__ ElemGrad elem_grad(const Scale& g, float t, float v, float go) const {
+    const float s = g.s;
+    const Elem e = elem(t, v, s);
+    const float g_out = __fmul_rn(go, s);
+    const float g_z = inside(e.z, max_norm) ? g_out : 0.0f;
+    const float g_z0 = __fmul_rn(g_z, e.q2);
+    const float g_q2b = __fmul_rn(g_z, e.z0);
+    const float g_r = __fdiv_rn(g_z0, mscale);
+    const float sy = d_sign(e.y);
+    const float g_ay = __fmul_rn(g_r, sy);
+    const float g_y = __fadd_rn(__fmul_rn(g_ay, sy), 0.0f);
+    const float g_y0 = __fmul_rn(g_y, mscale);
+    const float g_x2d = __fdiv_rn(g_y0, e.q2);
+    const float g_q2 = __fmul_rn(-g_y0, __fdiv_rn(__fdiv_rn(e.x2, e.q2), e.q2));
+    const float ql = __fmul_rn(e.q2, kLn2);
+    const float g_p = __fadd_rn(__fmul_rn(g_q2, ql), __fmul_rn(g_q2b, ql));
+    const float g_p1 = e.p1 >= min_p ? g_p : 0.0f;
+    const float g_a0 = __fdiv_rn(g_p1, __fmul_rn(e.a0, kLn2));
+    const float g_x2 = __fadd_rn(g_x2d, __fmul_rn(g_a0, d_sign(e.x2)));
+    const float g_x1 = inside(e.x1, max_norm) ? g_x2 : 0.0f;
+    return {g_x1, __fdiv_rn(g_x1, s), __fmul_rn(go, e.out), __fmul_rn(-g_x1, __fdiv_rn(__fdiv_rn(t, s), s))};
+  }
+
+  __device__ __forceinline__ float max_grad(const Scale& g, float sum_mul, float sum_div) const {
+    const float g_s = __fadd_rn(sum_mul, sum_div);
+    const float g_e = g.passes ? __fmul_rn(g_s, __fmul_rn(g.s, kLn2)) : 0.0f;
+    const float g_log = g.m.mv == 0.0f ? 0.0f : g_e;
+    return __fdiv_rn(g_log, __fmul_rn(g.m.mv, kLn2));
+  }
+};
+
+MxPolicy mx_policy(int bits) {
+  return bits == 4 ? MxPolicy{4, 2.0f, 6.0f, 0.0f, 2.0f} : MxPolicy{8, 8.0f, 448.0f, -6.0f, 8.0f};
+}
+
+struct Fp4Elem {
+  float sx, f;
+};
+
+__device__ __forceinline__ Fp4Elem fp4_elem(float sx) { return {sx, d_cast_to_fp4(d_clamp(sx, -6.0f, 6.0f))}; }
+
+// fp_qdq.cpp fp4_backward: cast_to_fp4's gradient at its input, masked by the clamp before it.
+__device__ __forceinline__ float fp4_backward(const Fp4Elem& e, float g_f) {
+  const float cx = d_clamp(e.sx, -6.0f, 6.0f);
+  const float sgn = d_sign(cx);
+  const float ab = d_abs(cx);
+  const float g_r2 = __fmul_rn(g_f, sgn);
+  const float g_r = inside(d_abs(e.f), 6.0f) ? g_r2 : 0.0f;
+  float g_a;
+  if (ab < 2.0f) g_a = __fmul_rn(__fdiv_rn(g_r, 2.0f), 2.0f);
+  else if (ab < 4.0f) g_a = g_r;
+  else g_a = __fdiv_rn(__fmul_rn(g_r, 2.0f), 2.0f);
+  const float g_cx = __fadd_rn(__fmul_rn(g_a, sgn), 0.0f);
+  return inside(e.sx, 6.0f) ? g_cx : 0.0f;
+}
+
+// fp_qdq.cpp NvScaleBase / nv_scale_start.
+struct NvScaleBase {
+  GroupMax m;
+  float sc0;
+  uint8_t b;
+  __device__ uint8_t byte() const { return b; }
+};
+
+template <typename S>
+__device__ __forceinline__ S nv_scale_start(const float* t, float factor, float gs) {
+  S g;
+  g.m = group_max(t, static_cast<int>(kNvGroup), factor);
+  g.sc0 = __fmul_rn(gs, __fmul_rn(g.m.mv, kOneSixth));
+  return g;
+}
+
+struct NvE5m3Policy {
+  static constexpr int kGroup = static_cast<int>(kNvGroup);
+  static constexpr bool kMaxGradInDtype = true;
+
+  struct Scale : NvScaleBase {
+    float d;
+    __device__ float exponent() const { return d; }
+  };
+
+  __device__ __forceinline__ Scale scale(const float* t, float factor) const {
+    Scale g = nv_scale_start<Scale>(t, factor, 1.0f);
+    const float sc1 = d_clamp(g.sc0, 0.0f, kUe5m3Max);
+    g.b = d_ue5m3_encode(sc1);
+    g.d = __fadd_rn(__fsub_rn(d_ue5m3_decode(g.b), sc1), sc1);
+    return g;
+  }
+
+  __device__ __forceinline__ Fp4Elem elem(const Scale& g, float t, float v) const {
+    return fp4_elem(__fadd_rn(g.d == 0.0f ? 0.0f : __fdiv_rn(t, g.d), v));
+  }
+  __device__ __forceinline__ float qdq(const Scale& g, float t, float v) const {
+    return __fmul_rn(elem(g, t, v).f, g.d);
+  }
+  __device__ __forceinline__ uint8_t code(const Scale& g, float w) const { return d_nv_code(w, g.d); }
+
+  __device__ __forceinline__ ElemGrad elem_grad(const Scale& g, float t, float v, float go) const {
+    const float d = g.d;
+    const Fp4Elem e = elem(g, t, v);
+    const float g_sx = fp4_backward(e, __fmul_rn(go, d));
+    const float g_div = d == 0.0f ? 0.0f : g_sx;
+    return {g_sx, __fdiv_rn(g_div, d), __fmul_rn(go, e.f), __fmul_rn(-g_div, __fdiv_rn(__fdiv_rn(t, d), d))};
+  }
+
+  __device__ __forceinline__ float max_grad(const Scale& g, float sum_mul, float sum_div) const {
+    const float g_d = __fadd_rn(sum_mul, sum_div);
+    const float g_sc0 = (g.sc0 >= 0.0f && g.sc0 <= kUe5m3Max) ? __fmul_rn(g_d, 1.0f) : 0.0f;
+    return __fmul_rn(__fmul_rn(g_sc0, 1.0f), kOneSixth);
+  }
+};
+
+struct Nvfp4Policy {
+  static constexpr int kGroup = static_cast<int>(kNvGroup);
+  static constexpr bool kMaxGradInDtype = true;
+  float gs;
+
+  struct Scale : NvScaleBase {
+    float s, dq, os, r;
+    __device__ float exponent() const { return s; }
+  };
+
+  __device__ __forceinline__ Scale scale(const float* t, float factor) const {
+    Scale g = nv_scale_start<Scale>(t, factor, gs);
+    const float sc1 = d_clamp(g.sc0, -448.0f, 448.0f);
+    g.s = __fadd_rn(__fsub_rn(d_e4m3_decode(d_e4m3_code(sc1)), sc1), sc1);
+    g.b = d_e4m3_code(g.s);
+    g.dq = __fmul_rn(g.s, d_recip0(gs));
+    g.os = d_recip0(g.dq);
+    g.r = d_recip0(g.os);
+    return g;
+  }
+
+  __device__ __forceinline__ Fp4Elem elem(const Scale& g, float t, float v) const {
+    return fp4_elem(__fadd_rn(__fmul_rn(t, g.os), v));
+  }
+  __device__ __forceinline__ float qdq(const Scale& g, float t, float v) const {
+    return __fmul_rn(elem(g, t, v).f, g.r);
+  }
+  __device__ __forceinline__ uint8_t code(const Scale& g, float w) const {
+    return d_e2m1_code(d_cast_to_fp4(d_clamp(__fmul_rn(w, g.os), -6.0f, 6.0f)));
+  }
+
+  __device__ __forceinline__ ElemGrad elem_grad(const Scale& g, float t, float v, float go) const {
+    const Fp4Elem e = elem(g, t, v);
+    const float g_sx = fp4_backward(e, __fmul_rn(go, g.r));
+    return {g_sx, __fmul_rn(g_sx, g.os), __fmul_rn(go, e.f), __fmul_rn(g_sx, t)};
+  }
+
+  __device__ __forceinline__ float max_grad(const Scale& g, float sum_mul, float sum_os) const {
+    const float g_os = __fadd_rn(sum_os, d_reciprocal_backward(g.os, sum_mul));
+    const float g_dq = d_reciprocal_backward(g.dq, g_os);
+    const float g_s = __fmul_rn(g_dq, d_recip0(gs));
+    const float g_sc0 = inside(g.sc0, 448.0f) ? g_s : 0.0f;
+    return __fmul_rn(__fmul_rn(g_sc0, gs), kOneSixth);
+  }
+};
+
 struct Args {
   const void* x;
   const float* v;
   const float* max_scale;
   int64_t groups;
-  int bits;
-  bool nv;  // NVFP4_E5M3: groups of 16
-  bool nv4;  // NVFP4: groups of 16 under global_scale
-  float global_scale;
 };
 
-template <DType D>
+template <DType D, typename P>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(Args a, void* qdq, float* exponent, uint8_t* codes, uint8_t* scales) {
-  const Fmt F = fmt_of(a.bits);
+    forward_kernel(P pol, Args a, void* qdq, float* exponent, uint8_t* codes, uint8_t* scales) {
+  constexpr int n = P::kGroup;
   for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < a.groups;
        gi += static_cast<int64_t>(gridDim.x) * kThreads) {
-    float t[G];
-    if (a.nv4) {
-      for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
-      const Nv4Group g = nv4_group_scale(t, a.max_scale ? a.max_scale[gi] : 1.0f, a.global_scale);
-      exponent[gi] = g.s;
-      if (scales) scales[gi] = g.byte;
-      for (int i = 0; i < GN; ++i) {
-        const float q = __fmul_rn(nv4_elem(t[i], a.v ? a.v[gi * GN + i] : 0.0f, g.os).f, g.r);
-        store_el<D>(qdq, gi * GN + i, q);
-        if (codes)
-          codes[gi * GN + i] = d_e2m1_code(d_cast_to_fp4(d_clamp(__fmul_rn(round_to<D>(q), g.os), -6.0f, 6.0f)));
-      }
-      continue;
-    }
-    if (a.nv) {
-      for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
-      const NvGroup g = nv_group_scale(t, a.max_scale ? a.max_scale[gi] : 1.0f);
-      exponent[gi] = g.d;
-      if (scales) scales[gi] = g.byte;
-      for (int i = 0; i < GN; ++i) {
-        const float q = __fmul_rn(nv_elem(t[i], a.v ? a.v[gi * GN + i] : 0.0f, g.d).f, g.d);
-        store_el<D>(qdq, gi * GN + i, q);
-        if (codes) codes[gi * GN + i] = d_nv_code(round_to<D>(q), g.d);
-      }
-      continue;
-    }
-    for (int i = 0; i < G; ++i) t[i] = load_el<D>(a.x, gi * G + i);
-    const GroupExp g = group_exp(t, a.max_scale ? a.max_scale[gi] : 1.0f, F);
-    exponent[gi] = g.e;
-    if (scales) scales[gi] = static_cast<uint8_t>(__fadd_rn(g.e, 127.0f));
-    for (int i = 0; i < G; ++i) {
-      const float q = __fmul_rn(mx_elem(t[i], a.v ? a.v[gi * G + i] : 0.0f, g.s, F).out, g.s);
-      store_el<D>(qdq, gi * G + i, q);
-      if (codes) {
-        const float c = __fdiv_rn(round_to<D>(q), g.s);
-        codes[gi * G + i] = a.bits == 4 ? d_e2m1_code(c) : d_e4m3_code(c);
-      }
+    float t[n];
+    for (int i = 0; i < n; ++i) t[i] = load_el<D>(a.x, gi * n + i);
+    const typename P::Scale g = pol.scale(t, a.max_scale ? a.max_scale[gi] : 1.0f);
+    exponent[gi] = g.exponent();
+    if (scales) scales[gi] = g.byte();
+    for (int i = 0; i < n; ++i) {
+      const float q = pol.qdq(g, t[i], a.v ? a.v[gi * n + i] : 0.0f);
+      store_el<D>(qdq, gi * n + i, q);
+      if (codes) codes[gi * n + i] = pol.code(g, round_to<D>(q));
     }
   }
 }
 
-template <DType D>
+template <DType D, typename P>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(Args a, const void* grad, float* grad_v, float* grad_max, void* grad_x) {
-  const Fmt F = fmt_of(a.bits);
-  const float mn = F.max_norm;
+    backward_kernel(P pol, Args a, const void* grad, float* grad_v, float* grad_max, void* grad_x) {
+  constexpr int n = P::kGroup;
   for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < a.groups;
        gi += static_cast<int64_t>(gridDim.x) * kThreads) {
-    float t[G], gmul[G], gdiv[G], gt[G];
+    float t[n], gmul[n], gscale[n], gt[n];
     const float factor = a.max_scale ? a.max_scale[gi] : 1.0f;
-    if (a.nv4) {
-      for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
-      const float gs = a.global_scale;
-      const Nv4Group g = nv4_group_scale(t, factor, gs);
-      for (int i = 0; i < GN; ++i) {
-        const float go = load_el<D>(grad, gi * GN + i);
-        const NvElem e = nv4_elem(t[i], a.v ? a.v[gi * GN + i] : 0.0f, g.os);
-        const float cx = d_clamp(e.sx, -6.0f, 6.0f);
-        const float sgn = d_sign(cx);
-        const float ab = d_abs(cx);
-        const float g_r2 = __fmul_rn(__fmul_rn(go, g.r), sgn);
-        const float g_r = inside(d_abs(e.f), 6.0f) ? g_r2 : 0.0f;
-        float g_a;
-        if (ab < 2.0f) g_a = __fmul_rn(__fdiv_rn(g_r, 2.0f), 2.0f);
-        else if (ab < 4.0f) g_a = g_r;
-        else g_a = __fdiv_rn(__fmul_rn(g_r, 2.0f), 2.0f);
-        const float g_cx = __fadd_rn(__fmul_rn(g_a, sgn), 0.0f);
-        const float g_sx = inside(e.sx, 6.0f) ? g_cx : 0.0f;
-        if (grad_v) grad_v[gi * GN + i] = g_sx;
-        gt[i] = __fmul_rn(g_sx, g.os);
-        gdiv[i] = __fmul_rn(g_sx, t[i]);  // the element scale's terms
-        gmul[i] = __fmul_rn(go, e.f);
-      }
-      if (!grad_max && !grad_x) continue;
-      const float g_rsum = sum_lanes8_16(gmul);
-      const float g_os = __fadd_rn(sum_lanes8_16(gdiv), d_reciprocal_backward(g.os, g_rsum));
-      const float g_dq = d_reciprocal_backward(g.dq, g_os);
-      const float g_s = __fmul_rn(g_dq, d_recip0(gs));
-      const float g_sc0 = inside(g.sc0, 448.0f) ? g_s : 0.0f;
-      const float g_mv = __fmul_rn(__fmul_rn(g_sc0, gs), kOneSixth);
-      if (grad_max) grad_max[gi] = __fmul_rn(g_mv, g.amax);
-      if (grad_x) {
-        const float g_amax = round_to<D>(__fmul_rn(g_mv, factor));
-        for (int i = 0; i < GN; ++i)
-          store_el<D>(grad_x, gi * GN + i,
-                      __fadd_rn(round_to<D>(gt[i]), __fmul_rn(i == g.arg ? g_amax : 0.0f, d_sign(t[i]))));
-      }
-      continue;
-    }
-    if (a.nv) {
-      for (int i = 0; i < GN; ++i) t[i] = load_el<D>(a.x, gi * GN + i);
-      const NvGroup g = nv_group_scale(t, factor);
-      const float d = g.d;
-      for (int i = 0; i < GN; ++i) {
-        const float go = load_el<D>(grad, gi * GN + i);
-        const NvElem e = nv_elem(t[i], a.v ? a.v[gi * GN + i] : 0.0f, d);
-        const float cx = d_clamp(e.sx, -6.0f, 6.0f);
-        const float sgn = d_sign(cx);
-        const float ab = d_abs(cx);
-        const float g_r2 = __fmul_rn(__fmul_rn(go, d), sgn);
-        const float g_r = inside(d_abs(e.f), 6.0f) ? g_r2 : 0.0f;
-        float g_a;
-        if (ab < 2.0f) g_a = __fmul_rn(__fdiv_rn(g_r, 2.0f), 2.0f);
-        else if (ab < 4.0f) g_a = g_r;
-        else g_a = __fdiv_rn(__fmul_rn(g_r, 2.0f), 2.0f);
-        const float g_cx = __fadd_rn(__fmul_rn(g_a, sgn), 0.0f);
-        const float g_sx = inside(e.sx, 6.0f) ? g_cx : 0.0f;
-        if (grad_v) grad_v[gi * GN + i] = g_sx;
-        const float g_div = d == 0.0f ? 0.0f : g_sx;
-        gt[i] = __fdiv_rn(g_div, d);
-        gdiv[i] = __fmul_rn(-g_div, __fdiv_rn(__fdiv_rn(t[i], d), d));
-        gmul[i] = __fmul_rn(go, e.f);
-      }
-      if (!grad_max && !grad_x) continue;
-      const float g_d = __fadd_rn(sum_lanes8_16(gmul), sum_lanes8_16(gdiv));
-      const float g_sc0 = (g.sc0 >= 0.0f && g.sc0 <= kUe5m3Max) ? __fmul_rn(g_d, 1.0f) : 0.0f;
-      const float g_mv = __fmul_rn(__fmul_rn(g_sc0, 1.0f), kOneSixth);
-      if (grad_max) grad_max[gi] = __fmul_rn(g_mv, g.amax);
-      if (grad_x) {
-        const float g_amax = round_to<D>(__fmul_rn(g_mv, factor));
-        for (int i = 0; i < GN; ++i)
-          store_el<D>(grad_x, gi * GN + i,
-                      __fadd_rn(round_to<D>(gt[i]), __fmul_rn(i == g.arg ? g_amax : 0.0f, d_sign(t[i]))));
-      }
-      continue;
-    }
-    for (int i = 0; i < G; ++i) t[i] = load_el<D>(a.x, gi * G + i);
-    const GroupExp g = group_exp(t, factor, F);
-    const float s = g.s;
-    for (int i = 0; i < G; ++i) {
-      const float go = load_el<D>(grad, gi * G + i);
-      const Elem e = mx_elem(t[i], a.v ? a.v[gi * G + i] : 0.0f, s, F);
-      const float g_out = __fmul_rn(go, s);
-      const float g_z = inside(e.z, mn) ? g_out : 0.0f;
-      const float g_z0 = __fmul_rn(g_z, e.q2);
-      const float g_q2b = __fmul_rn(g_z, e.z0);
-      const float g_r = __fdiv_rn(g_z0, F.mscale);
-      const float sy = d_sign(e.y);
-      const float g_ay = __fmul_rn(g_r, sy);
-      const float g_y = __fadd_rn(__fmul_rn(g_ay, sy), 0.0f);
-      const float g_y0 = __fmul_rn(g_y, F.mscale);
-      const float g_x2d = __fdiv_rn(g_y0, e.q2);
-      const float g_q2 = __fmul_rn(-g_y0, __fdiv_rn(__fdiv_rn(e.x2, e.q2), e.q2));
-      const float ql = __fmul_rn(e.q2, kLn2);
-      const float g_p = __fadd_rn(__fmul_rn(g_q2, ql), __fmul_rn(g_q2b, ql));
-      const float g_p1 = e.p1 >= F.min_p ? g_p : 0.0f;
-      const float g_a0 = __fdiv_rn(g_p1, __fmul_rn(e.a0, kLn2));
-      const float g_x2 = __fadd_rn(g_x2d, __fmul_rn(g_a0, d_sign(e.x2)));
-      const float g_x1 = inside(e.x1, mn) ? g_x2 : 0.0f;
-      if (grad_v) grad_v[gi * G + i] = g_x1;
-      gt[i] = __fdiv_rn(g_x1, s);
-      gdiv[i] = __fmul_rn(-g_x1, __fdiv_rn(__fdiv_rn(t[i], s), s));
-      gmul[i] = __fmul_rn(go, e.out);
+    for (int i = 0; i < n; ++i) t[i] = load_el<D>(a.x, gi * n + i);
+    const typename P::Scale g = pol.scale(t, factor);
+    for (int i = 0; i < n; ++i) {
+      const ElemGrad e = pol.elem_grad(g, t[i], a.v ? a.v[gi * n + i] : 0.0f, load_el<D>(grad, gi * n + i));
+      if (grad_v) grad_v[gi * n + i] = e.gv;
+      gt[i] = e.gt;
+      gmul[i] = e.g_mul;
+      gscale[i] = e.g_scale;
     }
     if (!grad_max && !grad_x) continue;
-    const float g_s = __fadd_rn(sum_lanes8(gmul), sum_lanes8(gdiv));
-    const float g_e = g.passes ? __fmul_rn(g_s, __fmul_rn(s, kLn2)) : 0.0f;
-    const float g_log = g.mv == 0.0f ? 0.0f : g_e;
-    const float g_mv = __fdiv_rn(g_log, __fmul_rn(g.mv, kLn2));
-    if (grad_max) grad_max[gi] = __fmul_rn(g_mv, g.amax);
+    const float g_mv = pol.max_grad(g, sum_lanes8<n>(gmul), sum_lanes8<n>(gscale));
+    if (grad_max) grad_max[gi] = __fmul_rn(g_mv, g.m.amax);
     if (grad_x) {
-      const float g_amax = __fmul_rn(g_mv, factor);
-      for (int i = 0; i < G; ++i)
-        store_el<D>(grad_x, gi * G + i, __fadd_rn(gt[i], __fmul_rn(i == g.arg ? g_amax : 0.0f, d_sign(t[i]))));
+      // NV: upstream takes the maximum before its fp32 cast, so its gradient is added in x's dtype.
+      const auto rd = [](float x) { return P::kMaxGradInDtype ? round_to<D>(x) : x; };
+      const float g_amax = rd(__fmul_rn(g_mv, factor));
+      for (int i = 0; i < n; ++i)
+        store_el<D>(grad_x, gi * n + i, __fadd_rn(rd(gt[i]), __fmul_rn(i == g.m.arg ? g_amax : 0.0f, d_sign(t[i]))));
     }
   }
-}
-
-template <DType D>
-using DTag = std::integral_constant<DType, D>;
-
-template <typename F>
-void with_float_dtype(DType d, const char* site, F&& f) {
-  switch (d) {
-    case DType::F32: f(DTag<DType::F32>{}); return;
-    case DType::F16: f(DTag<DType::F16>{}); return;
-    case DType::BF16: f(DTag<DType::BF16>{}); return;
-    default:
-      throw OptionError(std::string("[") + site + "] dtype must be F32, F16 or BF16, got " +
-                        std::string(dtype_name(d)));
-  }
-}
-
-void check_launch(const char* site) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("[") + site + "] CUDA launch failed: " + cudaGetErrorString(e));
 }
 
 Args make_args(const FpQdqView& v, const FpQdqParams& p) {
-  return {v.x, v.v, v.max_scale, v.rows * (v.cols / p.group()), p.bits, p.nv_e5m3, p.nv_fp4, p.global_scale};
+  return {v.x, v.v, v.max_scale, v.rows * (v.cols / p.group())};
+}
+
+// Calls f with the policy of params' family (fp_qdq.cpp with_policy).
+template <typename F>
+void with_policy(const FpQdqParams& p, F&& f) {
+  if (p.nv_fp4) f(Nvfp4Policy{p.global_scale});
+  else if (p.nv_e5m3) f(NvE5m3Policy{});
+  else f(mx_policy(p.bits));
 }
 
 int grid_for(int64_t groups) {
@@ -541,7 +509,10 @@ void fp_qdq_forward_cuda(const FpQdqView& view, const FpQdqParams& params, void*
   if (a.groups == 0) return;
   const auto st = static_cast<cudaStream_t>(stream);
   with_float_dtype(view.dtype, site, [&](auto d) {
-    forward_kernel<decltype(d)::value><<<grid_for(a.groups), kThreads, 0, st>>>(a, qdq, exponent, codes, scales);
+    with_policy(params, [&](auto pol) {
+      forward_kernel<decltype(d)::value>
+          <<<grid_for(a.groups), kThreads, 0, st>>>(pol, a, qdq, exponent, codes, scales);
+    });
   });
   check_launch(site);
 }
@@ -555,8 +526,10 @@ void fp_qdq_backward_cuda(const FpQdqView& view, const FpQdqParams& params, cons
   if (a.groups == 0) return;
   const auto st = static_cast<cudaStream_t>(stream);
   with_float_dtype(view.dtype, site, [&](auto d) {
-    backward_kernel<decltype(d)::value>
-        <<<grid_for(a.groups), kThreads, 0, st>>>(a, grad, grad_v, grad_max, grad_x);
+    with_policy(params, [&](auto pol) {
+      backward_kernel<decltype(d)::value>
+          <<<grid_for(a.groups), kThreads, 0, st>>>(pol, a, grad, grad_v, grad_max, grad_x);
+    });
   });
   check_launch(site);
 }

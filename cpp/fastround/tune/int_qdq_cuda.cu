@@ -19,6 +19,7 @@
 
 #include "fastround/common/convert.h"
 #include "fastround/tune/cuda_elements.cuh"
+#include "fastround/tune/cuda_launch.cuh"
 #include "fastround/common/error.h"
 
 namespace fastround::tune {
@@ -33,9 +34,11 @@ constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 // ---- elements, rounding, min/max as the CPU kernels compute them ----
 
+using cuda::check_launch;
 using cuda::load_el;
 using cuda::round_to;
 using cuda::store_el;
+using cuda::with_float_dtype;
 
 __device__ __forceinline__ float std_min(float a, float b) { return b < a ? b : a; }
 __device__ __forceinline__ float std_max(float a, float b) { return a < b ? b : a; }
@@ -292,32 +295,10 @@ __global__ void __launch_bounds__(kThreads) sign_sgd_kernel(SgdBatch b, SignSgdP
 
 // ---- host side ----
 
-template <DType D>
-using DTag = std::integral_constant<DType, D>;
-
-// Calls f(DTag<d>) for a float dtype (the kernels' template argument).
-template <typename F>
-void with_float_dtype(DType d, const char* site, F&& f) {
-  switch (d) {
-    case DType::F32: f(DTag<DType::F32>{}); return;
-    case DType::F16: f(DTag<DType::F16>{}); return;
-    case DType::BF16: f(DTag<DType::BF16>{}); return;
-    default:
-      throw OptionError(std::string("[") + site + "] dtype must be F32, F16 or BF16, got " +
-                        std::string(dtype_name(d)));
-  }
-}
-
 template <typename F>
 void with_bool(bool b, F&& f) {
   if (b) f(std::true_type{});
   else f(std::false_type{});
-}
-
-void check_launch(const char* site) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string("[") + site + "] CUDA launch failed: " +
-                                                 cudaGetErrorString(e));
 }
 
 // Calls launch(DTag<weight dtype>, DTag<scale dtype>, bool_constant<sym>) once, then checks the launch.

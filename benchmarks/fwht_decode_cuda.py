@@ -1,0 +1,84 @@
+"""The batch-1 decode shapes of the online rotations on CUDA: hadamard_transform of one row (QuaRot R4 1 x 14336,
+K = 28; R1 1 x 4096; the transform backend's 32-blocks of 4096 and 14336), split plan against the one-kernel plan
+(FASTROUND_FWHT_SPLIT=0), fp32 and bf16. Two figures per case: the GPU time of one call (a CUDA graph of --inner
+calls, replayed) and the eager call's wall time (host dispatch and launch included, synchronised every --inner calls).
+
+    python3 benchmarks/fwht_decode_cuda.py --json fwht-decode-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from fastround import transform_ops as T
+
+CASES = [("r4", 14336, 14336, 28), ("r1", 4096, 4096, 1), ("transform", 4096, 32, 1), ("transform", 14336, 32, 1)]
+
+
+def timings(x: torch.Tensor, n: int, hk: torch.Tensor | None, inner: int, repeat: int) -> tuple[float, float]:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            T.hadamard_transform(x, n, hk)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            T.hadamard_transform(x, n, hk)
+    gpu = eager = float("inf")
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        gpu = min(gpu, start.elapsed_time(end) * 1e-3 / inner)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            T.hadamard_transform(x, n, hk)
+        torch.cuda.synchronize()
+        eager = min(eager, (time.perf_counter() - t0) / inner)
+    return gpu, eager
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inner", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    print("| case | width | block | K | dtype | plan | GPU us/call | eager us/call |")
+    print("| --- | ---: | ---: | ---: | --- | --- | ---: | ---: |")
+    for name, width, block, k in CASES:
+        hk = T.spinquant_matrix(k).cuda() if k > 1 else None
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(1, width, device="cuda").to(dtype)
+            for plan in ("split", "one-kernel"):
+                if plan == "split" and k == 1:
+                    continue  # K = 1 has one plan
+                if plan == "one-kernel":
+                    os.environ["FASTROUND_FWHT_SPLIT"] = "0"
+                try:
+                    gpu, eager = timings(x, block, hk, args.inner, args.repeat)
+                finally:
+                    os.environ.pop("FASTROUND_FWHT_SPLIT", None)
+                row = {"case": name, "width": width, "block": block, "k": k, "dtype": str(dtype)[6:], "plan": plan,
+                       "gpu_us": gpu * 1e6, "eager_us": eager * 1e6}
+                rows.append(row)
+                print(f"| {name} | {width} | {block} | {k} | {row['dtype']} | {plan} | {row['gpu_us']:.2f} | "
+                      f"{row['eager_us']:.2f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
