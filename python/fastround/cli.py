@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_mutually_exclusive_group()
     opt.add_argument("--disable_opt_rtn", action="store_true", default=None)
     opt.add_argument("--enable_opt_rtn", action="store_true")
-    rot = p.add_argument_group("rotation (per-linear Hadamard transform for MXFP/NVFP schemes)")
+    rot = p.add_argument_group("rotation (Hadamard: per-linear transform backend for MXFP/NVFP schemes, inplace "
+                               "QuaRot-style backend for the others, exported as fake)")
     rot.add_argument("--algorithm", default=None, help="'hadamard' (per-linear rotation) or 'quarot'")
     rot.add_argument("--rotation_type", "--rotation-hadamard-type", dest="rotation_type", default=None,
                      choices=["hadamard", "random_hadamard", "quarot_hadamard"])

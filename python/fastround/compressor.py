@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import dataclasses
 from dataclasses import asdict
 from typing import Any
 
@@ -17,7 +18,14 @@ from fastround.layer_plan import LayerPlan, is_quantized, plan_layers, quantizes
 from fastround.mapped import PageReleaser, span
 from fastround.modeling import amp_dtype, conv1d_type, is_moe_model, load_model, split_fused_experts
 from fastround.quantized import NVFP4_ENCODING, ExportContext, QuantizedLayer
-from fastround.rotation import ROTATION_FORMATS, LinearRotation, RotationConfig, parse_rotation_config
+from fastround.rotation import (
+    INPLACE_FORMATS,
+    ROTATION_FORMATS,
+    LinearRotation,
+    RotationConfig,
+    parse_rotation_config,
+    resolve_backend,
+)
 from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
 
 logger = logging.getLogger("fastround")
@@ -131,9 +139,17 @@ class Compressor:
         self.rotation = None  # fastround.rotation.LinearRotation of the per-linear transform backend
         self.quarot = None  # fastround.quarot.QuaRotConfig (QuaRot's fixed rotations), applied in quantize()
         self.quarot_plan = None
-        parsed_rotation = parse_rotation_config(rotation_config, str(self.scheme["data_type"]))
+        self.inplace = None  # RotationConfig of the inplace (QuaRot-style) backend, applied in quantize()
+        self.inplace_plan = None  # fastround.rotation_inplace.InplacePlan once applied
+        data_type = str(self.scheme["data_type"])
+        parsed_rotation = parse_rotation_config(rotation_config, data_type)
         if isinstance(parsed_rotation, RotationConfig):
-            self.rotation = LinearRotation(parsed_rotation, str(self.scheme["data_type"]))
+            if resolve_backend(dataclasses.replace(parsed_rotation), data_type) == "inplace":
+                resolve_backend(parsed_rotation, data_type)  # strips the inplace_ prefix
+                self.inplace = parsed_rotation
+                self._check_inplace(parsed_rotation, format)
+            else:
+                self.rotation = LinearRotation(parsed_rotation, data_type)
         elif parsed_rotation is not None:
             self.quarot = parsed_rotation
         self.user_layer_config = dict(layer_config or {})
@@ -220,8 +236,17 @@ class Compressor:
                     model.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
                 else:
                     model.register_buffer(name, tensor)
+        if self.inplace is not None and self.inplace_plan is None:
+            from fastround.rotation_inplace import apply_inplace, inplace_group_size
+
+            # upstream's model-level pre-quantization stage: the whole model, in its loaded dtype, fp64 inside
+            cfg = self.inplace
+            self.inplace_plan = apply_inplace(
+                model, cfg.hadamard_type, inplace_group_size(cfg.block_size, self.scheme.get("group_size")),
+                self._inplace_fuse(), cfg.allow_online_rotation)
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
-        self._check_rotation_format(fmt)
+        if self.inplace is None or self.format is not None:  # an inplace model may stay in memory (no format)
+            self._check_rotation_format(fmt)
         self.plan = plan_layers(
             model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,
             quant_lm_head=self.quant_lm_head, to_quant_block_names=self.to_quant_block_names,
@@ -259,7 +284,44 @@ class Compressor:
         self.quantized = True
         return model, self.layer_config
 
+    def _inplace_fuse(self) -> bool | None:
+        """fuse_online_to_weight: explicit, then AR_FUSE_ONLINE_ROTATION, then None (the model's layout decides)."""
+        assert self.inplace is not None
+        if self.inplace.fuse_online_to_weight is not None:
+            return bool(self.inplace.fuse_online_to_weight)
+        if os.environ.get("AR_FUSE_ONLINE_ROTATION", "").lower() in ("1", "true", "yes", "on"):
+            return True
+        return None
+
+    def _check_inplace(self, cfg: RotationConfig, fmt: str | None) -> None:
+        from fastround.rotation_inplace import PRESETS
+
+        if cfg.hadamard_type not in PRESETS:
+            raise ValueError(f"rotation_config: the inplace backend supports hadamard_type {list(PRESETS)}, got "
+                             f"{cfg.hadamard_type!r}")
+        if not cfg.allow_online_rotation and cfg.fuse_online_to_weight is False:
+            # upstream rotates every weight and registers no hook (a model that no longer computes its function)
+            raise ValueError("rotation_config: allow_online_rotation=False with fuse_online_to_weight=False leaves "
+                             "the unfused inplace rotation without its online hooks; allow online rotation or fuse")
+        for name in (fmt or "").replace(" ", "").split(","):
+            if name and name.split(":")[0] not in INPLACE_FORMATS:
+                self._refuse_inplace_format(name)
+
+    @staticmethod
+    def _refuse_inplace_format(fmt: str) -> None:
+        # upstream writes its packed formats with a rotation_config that its loader reads as the per-linear
+        # transform backend: a checkpoint that loads without error and computes something else
+        raise ValueError(f"format {fmt!r} cannot carry the inplace rotation backend (its online hooks on "
+                         f"down_proj / o_proj and its fused norms have no serialised form a loader rebuilds); "
+                         f"upstream supports only {list(INPLACE_FORMATS)} export for it: use format='fake'")
+
     def _check_rotation_format(self, fmt: str) -> None:
+        if self.inplace is not None and fmt.split(":")[0] not in INPLACE_FORMATS:
+            self._refuse_inplace_format(fmt)
+        if self.inplace is not None:
+            logger.warning("inplace rotation: the %s checkpoint holds the rotated weights but not the online hooks "
+                           "(down_proj / o_proj, or every linear unfused); loaded as is it does not compute the "
+                           "quantized model (as upstream's)", fmt)
         if (self.rotation is not None or self.quarot is not None) and fmt.split(":")[0] not in ROTATION_FORMATS:
             raise ValueError(f"format {fmt!r} cannot carry rotation_config (a rotated checkpoint needs its online "
                              f"activation rotation at load time); use one of {list(ROTATION_FORMATS)}")
@@ -322,6 +384,8 @@ class Compressor:
 
         if output_dir is None:
             return (self.model, None) if return_folders else self.model
+        for fmt in (format or self.format or "auto_round").replace(" ", "").split(","):
+            self._check_rotation_format(fmt)
         folders = export.save_all(self.export_context(), output_dir, format or self.format or "auto_round",
                                   shard_writer=bool(kwargs.get("_shard_writer", False)))
         folder: Any = folders[0] if len(folders) == 1 else folders

@@ -15,6 +15,7 @@ import logging
 import re
 import struct
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import torch
@@ -290,6 +291,15 @@ def apply_rotation_hooks(model: torch.nn.Module, config: dict[str, Any], plans: 
             raise ValueError(f"fastround: rotation_config algorithm {rotation_config.get('algorithm')!r} is not "
                              "loadable (hadamard only)")
         data_type = str(config.get("data_type", "mx_fp"))
+        known = {f.name for f in dataclass_fields(rotation.RotationConfig)} - {"algorithm"}
+        cfg = rotation.RotationConfig(**{k: v for k, v in rotation_config.items() if k in known})
+        if rotation.resolve_backend(cfg, data_type) == "inplace":
+            # upstream's packed export of an inplace rotation (an int scheme, or fused / inplace_* asked for): its
+            # loader would hook every Linear as the per-linear transform, which this model was not rotated for
+            raise ValueError(f"fastround: rotation_config {rotation_config} with data_type {data_type!r} is upstream's "
+                             "inplace backend, whose online hooks (down_proj / o_proj) and fused norms no checkpoint "
+                             "describes; it cannot be loaded (quantize it again with format='fake' and keep the "
+                             "in-memory model, or use the quarot rotation)")
         names = [n for n in plans if "lm_head" not in n]
         buffers = {n: model.get_submodule(n).hadamard_matrix for n in names
                    if getattr(model.get_submodule(n), "hadamard_matrix", None) is not None}

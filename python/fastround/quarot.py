@@ -298,12 +298,33 @@ def _attentions(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
             if n.endswith("self_attn") and hasattr(m, "q_proj") and hasattr(m, "k_proj")]
 
 
-def _fuse_norm(norm: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
-    """W <- W·diag(γ) (fp64) for each linear reading the norm's output, then γ = 1."""
+def fuse_norm(norm: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
+    """W <- W·diag(γ) (fp64) for each linear reading the norm's output, then γ = 1; a LayerNorm's β too:
+    b <- b + W·β (W before γ, a zero bias created if the linear has none), then β = 0."""
     gamma = norm.weight.data.to(torch.float64)
+    beta = getattr(norm, "bias", None)
     for lin in linears:
-        lin.weight.data = (lin.weight.data.to(torch.float64) * gamma).to(lin.weight.dtype)
+        w = lin.weight.data.to(torch.float64)
+        lin.weight.data = (w * gamma).to(lin.weight.dtype)
+        if beta is not None:
+            b = lin.bias.data.to(torch.float64) if lin.bias is not None else torch.zeros(
+                w.shape[0], dtype=torch.float64, device=w.device)
+            new_b = (b + w @ beta.data.to(w.device, torch.float64)).to(lin.weight.dtype)
+            if lin.bias is None:
+                lin.bias = torch.nn.Parameter(new_b, requires_grad=False)
+            else:
+                lin.bias.data = new_b
     norm.weight.data = torch.ones_like(norm.weight.data)
+    if beta is not None:
+        beta.data = torch.zeros_like(beta.data)
+
+
+def untie_lm_head(model: torch.nn.Module, emb: torch.nn.Module, head: torch.nn.Module) -> None:
+    """lm_head gets its own copy of a weight it shares with the embedding (the two are rotated differently)."""
+    if head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = torch.nn.Parameter(emb.weight.data.clone(), requires_grad=False)
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
 
 
 def parse_spinquant(value: Any) -> QuaRotConfig:
@@ -446,15 +467,14 @@ def apply_quarot(model: torch.nn.Module, config: QuaRotConfig | None = None, tun
     with torch.no_grad():
         if do_r1 and not cfg.online_r1_rotation:
             emb, head = inner.embed_tokens, model.lm_head
-            if cfg.untie_embeddings and head.weight.data_ptr() == emb.weight.data_ptr():
-                head.weight = torch.nn.Parameter(emb.weight.data.clone(), requires_grad=False)
-                model.config.tie_word_embeddings = False
+            if cfg.untie_embeddings:
+                untie_lm_head(model, emb, head)
             if cfg.fuse_rmsnorm:
                 for layer in layers:
                     att, mlp = layer.self_attn, layer.mlp
-                    _fuse_norm(layer.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
-                    _fuse_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-                _fuse_norm(inner.norm, [head])
+                    fuse_norm(layer.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
+                    fuse_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+                fuse_norm(inner.norm, [head])
             m1 = rnd["r1"].matrix if "r1" in rnd else None
             emb.weight.data = _rows(emb.weight.data, r1) if m1 is None else _right(emb.weight.data, m1)
             readers = [head] + [lin for layer in layers for lin in (

@@ -28,6 +28,8 @@ BACKENDS = ("auto", "inplace", "transform")
 TRANSFORM_TYPES = ("hadamard", "random_hadamard")
 # Formats whose writer carries rotation_config (and hadamard_matrix buffers): upstream's MX / NV QuantLinear export.
 ROTATION_FORMATS = ("auto_round",)
+# The inplace backend writes nothing a loader could rebuild its online hooks from (upstream: "fake" export only).
+INPLACE_FORMATS = ("fake",)
 
 
 @dataclass
@@ -51,8 +53,9 @@ class RotationConfig:
         if self.hadamard_type not in HADAMARD_TYPES:
             raise ValueError(f"rotation_config: unsupported hadamard_type {self.hadamard_type!r}; expected one of "
                              f"{sorted(HADAMARD_TYPES)}")
-        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size <= 0):
-            raise ValueError(f"rotation_config: block_size must be a positive integer, got {self.block_size!r}")
+        # <= 0 is upstream's "full dimension" for the inplace backend; the transform backend needs a block
+        if self.block_size is not None and (not isinstance(self.block_size, int) or isinstance(self.block_size, bool)):
+            raise ValueError(f"rotation_config: block_size must be an integer, got {self.block_size!r}")
 
     def model_dump(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "random_seed"}
@@ -78,7 +81,9 @@ def parse_rotation_config(value: Any, data_type: str = "mx_fp") -> Any:
 
             return parse_spinquant(key)
         cfg = RotationConfig(hadamard_type="hadamard" if key == "default" else key)
-        fill_block_size(cfg, data_type)
+        # upstream normalises a string for mx_fp whatever the scheme: 32, which the inplace backend of an int
+        # scheme then uses as its group size
+        fill_block_size(cfg, data_type if is_nv_fp(data_type) else "mx_fp")
         return cfg
     if hasattr(value, "model_dump") and not isinstance(value, dict):
         value = value.model_dump()
@@ -156,9 +161,11 @@ class LinearRotation:
 
         backend = resolve_backend(cfg, data_type)
         if backend != "transform":
-            raise NotImplementedError(
-                f"rotation_config resolves to the '{backend}' (QuaRot-style) backend for data_type={data_type!r}, "
-                "which fastround does not implement yet; use an MXFP/NVFP scheme (per-linear transform backend)")
+            raise ValueError(f"rotation_config resolves to the '{backend}' backend for data_type={data_type!r}: "
+                             "fastround.rotation_inplace applies it, not the per-linear LinearRotation")
+        if cfg.block_size is not None and cfg.block_size <= 0:
+            raise ValueError(f"rotation_config: the transform backend needs a positive block_size, got "
+                             f"{cfg.block_size}")
         if cfg.hadamard_type not in TRANSFORM_TYPES:
             raise ValueError(f"rotation_config: the transform backend supports hadamard_type 'hadamard' or "
                              f"'random_hadamard', got {cfg.hadamard_type!r}")

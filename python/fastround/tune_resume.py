@@ -142,6 +142,8 @@ def run_fingerprint(comp: Any) -> dict[str, Any]:
         "rotation": str(comp.rotation.config.model_dump()) if getattr(comp, "rotation", None) is not None else None,
         "quarot": str(getattr(comp, "quarot", None)),
     }
+    if getattr(comp, "inplace", None) is not None:  # only then: earlier runs' fingerprints stay valid
+        options["inplace_rotation"] = str(comp.inplace.model_dump())
     fp = {k: _digest(v) for k, v in options.items()}
     fp.update(source_fingerprint(comp.model, comp.source_dir))
     return fp
