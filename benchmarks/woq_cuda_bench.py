@@ -71,6 +71,13 @@ def _nbytes(*ts: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+def _dense_weights(in_f: int, out_f: int, dev: torch.device) -> list[torch.Tensor]:
+    """Random bf16 [out, in] weights, enough copies to fill twice the L2, so the bf16 linear reads them from HBM as
+    the quantized layers' copies are."""
+    w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
+    return [w] + [torch.randn_like(w) * 0.02 for _ in range(max(2, -(-2 * L2_BYTES // _nbytes(w))) - 1)]
+
+
 def _time_pass(calls) -> tuple[float, float]:
     """(graph ms, eager ms) of running every call in `calls` once."""
 
@@ -93,9 +100,8 @@ def bench(in_f: int, out_f: int, m: int, layout: str, bits: int, group: int, dev
     op = torch.ops.fastround.woq_linear
     woq_ms, woq_eager = _time_pass([lambda t=t: op(x, *t, None, bits, group, layout) for t in layers])
 
-    w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
-    dense_copies = max(2, -(-2 * L2_BYTES // _nbytes(w)))
-    ws = [w] + [torch.randn_like(w) * 0.02 for _ in range(dense_copies - 1)]
+    ws = _dense_weights(in_f, out_f, dev)
+    dense_copies = len(ws)
     dense_ms, dense_eager = _time_pass([lambda t=t: torch.nn.functional.linear(x, t) for t in ws])
     del ws, layers
     torch.cuda.empty_cache()
@@ -116,7 +122,7 @@ def bench(in_f: int, out_f: int, m: int, layout: str, bits: int, group: int, dev
         "bf16_eager_us": round(dense_eager * 1e3 / dense_copies, 2),
         "speedup_eager": round((dense_eager / dense_copies) / (woq_eager / copies), 3),
         "packed_gbps": round(_nbytes(*layer) / (woq_us * 1e-6) / 1e9, 1),
-        "bf16_gbps": round(_nbytes(w) / (dense_us * 1e-6) / 1e9, 1),
+        "bf16_gbps": round((2 * in_f * out_f) / (dense_us * 1e-6) / 1e9, 1),
     }
 
 
@@ -130,11 +136,10 @@ def sweep(layouts: list[tuple[str, int]], group: int, dev: torch.device) -> dict
     rows = []
     for in_f, out_f in SHAPES:
         xs = x[:, :in_f].contiguous()
-        w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
-        dense_copies = max(2, -(-2 * L2_BYTES // _nbytes(w)))
-        ws = [w] + [torch.randn_like(w) * 0.02 for _ in range(dense_copies - 1)]
+        ws = _dense_weights(in_f, out_f, dev)
+        dense_copies = len(ws)
         dense_us = _time_pass([lambda t=t: torch.nn.functional.linear(xs, t) for t in ws])[0] * 1e3 / dense_copies
-        del ws, w
+        del ws
         for layout, bits in layouts:
             layer = _random_layer(in_f, out_f, bits, group, layout, dev)
             copies = max(2, -(-2 * L2_BYTES // _nbytes(*layer)))
@@ -203,11 +208,10 @@ def staged_sweep(group: int, budget_s: float, dev: torch.device) -> dict:
         for in_f, out_f in STAGED_SHAPES:
             x = torch.randn(4, in_f, device=dev, dtype=torch.bfloat16)
             x1 = x[:1]
-            w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
-            dense_copies = max(2, -(-2 * L2_BYTES // _nbytes(w)))
-            ws = [w] + [torch.randn_like(w) * 0.02 for _ in range(dense_copies - 1)]
+            ws = _dense_weights(in_f, out_f, dev)
+            dense_copies = len(ws)
             dense_us = _graph_us([lambda t=t: torch.nn.functional.linear(x1, t) for t in ws]) / dense_copies
-            del ws, w
+            del ws
             for layout, bits in STAGED_LAYOUTS:
                 layer = _random_layer(in_f, out_f, bits, group, layout, dev)
                 copies = max(2, -(-2 * L2_BYTES // _nbytes(*layer)))
@@ -292,12 +296,11 @@ def half2_compare(group: int, dev: torch.device) -> dict:
     rows, summary = [], {}
     try:
         for in_f, out_f in STAGED_SHAPES:
-            w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
-            dense_copies = max(2, -(-2 * L2_BYTES // _nbytes(w)))
-            ws = [w] + [torch.randn_like(w) * 0.02 for _ in range(dense_copies - 1)]
+            ws = _dense_weights(in_f, out_f, dev)
+            dense_copies = len(ws)
             xb = torch.randn(1, in_f, device=dev, dtype=torch.bfloat16)
             dense_us = _graph_us([lambda t=t: torch.nn.functional.linear(xb, t) for t in ws]) / dense_copies
-            del ws, w
+            del ws
             for layout, bits in HALF2_LAYOUTS:
                 layer = _random_layer(in_f, out_f, bits, group, layout, dev)
                 copies = max(2, -(-2 * L2_BYTES // _nbytes(*layer)))

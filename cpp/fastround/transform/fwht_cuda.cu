@@ -222,6 +222,31 @@ __device__ __forceinline__ void smem_pass(C* s, int valid, int h, int log_h) {
 // consecutive r of one n-block, so each y[k'][r..r+8) read from shared memory feeds KB accumulators (the stage
 // is bound by those reads otherwise: K = 224 is 224 reads per output). Each accumulator still adds k' = 0, 1, ...
 // in order from 0; a - b is spelled a + (-b), the same IEEE operation, so lanes with different signs don't diverge.
+// The K stage of 8 consecutive r for outputs k0 .. k0+KB-1 of one n-block, src at its (k' = 0, r) element (shared
+// memory, or global scratch for the split plan): acc[q][j] = sum over k' of ±src[k' * len + j], added k' = 0, 1, ...
+// in order from 0, so the one-kernel and split plans give the same bits.
+template <int KB, bool Global, typename C>
+__device__ __forceinline__ void kmix8(const Params<C>& p, const C* src, int k0, C (&acc)[KB][8]) {
+#pragma unroll
+  for (int q = 0; q < KB; ++q)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[q][j] = C(0);
+  // Entry (k0 + q, kp) of the applied matrix sits at row_base[q] + kp * col_step.
+  const int col_step = p.transpose ? p.k : 1;
+  const int row_step = p.transpose ? 1 : p.k;
+  const int8_t* hrow = p.hadk + k0 * row_step;
+  for (int kp = 0; kp < p.k; ++kp) {
+    C in[8];
+    vload8<Global>(src + static_cast<int64_t>(kp) * p.len, in);
+#pragma unroll
+    for (int q = 0; q < KB; ++q) {
+      const bool plus = __ldg(hrow + q * row_step + kp * col_step) > 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[q][j] = radd(acc[q][j], plus ? in[j] : -in[j]);
+    }
+  }
+}
+
 template <int KB, typename IO>
 __device__ __forceinline__ void kstage_blocked(const Params<typename IO::C>& p, const typename IO::C* s,
                                                typename IO::TO* y, int tile_blocks) {
@@ -231,26 +256,8 @@ __device__ __forceinline__ void kstage_blocked(const Params<typename IO::C>& p, 
   for (int it = threadIdx.x; it < items; it += blockDim.x) {
     const int rg = it % rgroups, rest = it / rgroups, kc = rest % kchunks, b = rest / kchunks;
     const int r0 = rg * 8, k0 = kc * KB;
-    const C* src = s + b * p.n + r0;
     C acc[KB][8];
-#pragma unroll
-    for (int q = 0; q < KB; ++q)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[q][j] = C(0);
-    // Entry (k0 + q, kp) of the applied matrix sits at row_base[q] + kp * col_step.
-    const int col_step = p.transpose ? p.k : 1;
-    const int row_step = p.transpose ? 1 : p.k;
-    const int8_t* hrow = p.hadk + k0 * row_step;
-    for (int kp = 0; kp < p.k; ++kp) {
-      C in[8];
-      sload8(src + kp * p.len, in);
-#pragma unroll
-      for (int q = 0; q < KB; ++q) {
-        const bool plus = __ldg(hrow + q * row_step + kp * col_step) > 0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[q][j] = radd(acc[q][j], plus ? in[j] : -in[j]);
-      }
-    }
+    kmix8<KB, false>(p, s + b * p.n + r0, k0, acc);
 #pragma unroll
     for (int q = 0; q < KB; ++q) finish8<IO>(p, y, b * p.n + (k0 + q) * p.len + r0, 8, acc[q]);
   }
@@ -389,26 +396,9 @@ __global__ void __launch_bounds__(kMixThreads) kmix_kernel(const Params<typename
   const int rg = static_cast<int>(it % rgroups), kc = static_cast<int>(it / rgroups % kchunks);
   const int64_t b = it / rgroups / kchunks;
   const int r0 = rg * 8, k0 = kc * KB;
-  const C* src = t + b * p.n + r0;
   typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + b * p.n;
   C acc[KB][8];
-#pragma unroll
-  for (int q = 0; q < KB; ++q)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[q][j] = C(0);
-  const int col_step = p.transpose ? p.k : 1;
-  const int row_step = p.transpose ? 1 : p.k;
-  const int8_t* hrow = p.hadk + k0 * row_step;
-  for (int kp = 0; kp < p.k; ++kp) {
-    C in[8];
-    vload8<true>(src + static_cast<int64_t>(kp) * p.len, in);
-#pragma unroll
-    for (int q = 0; q < KB; ++q) {
-      const bool plus = __ldg(hrow + q * row_step + kp * col_step) > 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[q][j] = radd(acc[q][j], plus ? in[j] : -in[j]);
-    }
-  }
+  kmix8<KB, true>(p, t + b * p.n + r0, k0, acc);
 #pragma unroll
   for (int q = 0; q < KB; ++q) finish8<IO>(p, y, (k0 + q) * p.len + r0, 8, acc[q]);
 }
