@@ -54,7 +54,8 @@ class LayerPlan:
     group_size: int = 128
     sym: bool = True
     layout: str = "gptq"  # int: gptq | gptq_v2 | awq
-    encoding: str = ""  # fp: mxfp4 | mxfp8 | nvfp4_e5m3
+    encoding: str = ""  # fp: mxfp4 | mxfp8 | nvfp4_e5m3 | nvfp4
+    act_nvfp4: bool = False  # nvfp4: the checkpoint declares NVFP4 activations under its static input global scale
     shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
 
 
@@ -121,8 +122,14 @@ def _fp_encoding(fields: dict[str, Any], shapes: dict[str, tuple[Any, tuple[int,
                  name: str) -> str:
     data_type = str(fields.get("data_type", ""))
     bits = int(fields.get("bits", 4))
-    if "weight_global_scale" in shapes or "input_global_scale" in shapes:
-        raise ValueError(f"fastround: layer {name} is NVFP4 with a global scale, which fastround does not load yet")
+    if "weight_global_scale" in shapes:
+        # NVFP4 (data_type nv_fp): E4M3 scales per 16 inputs under a per-tensor global scale
+        if shapes["weight_scale"][0] != torch.float8_e4m3fn or shapes["weight_scale"][1][1] * 16 != in_features:
+            raise ValueError(f"fastround: layer {name}: NVFP4 weight_scale must be float8_e4m3fn [out, in/16], got "
+                             f"{shapes['weight_scale'][0]} {shapes['weight_scale'][1]}")
+        return "nvfp4"
+    if "input_global_scale" in shapes:
+        raise ValueError(f"fastround: layer {name} has an input_global_scale but no weight_global_scale")
     if "weight" in shapes and "weight_packed" not in shapes:
         return "mxfp8"
     scale_cols = shapes["weight_scale"][1][1]
@@ -132,6 +139,20 @@ def _fp_encoding(fields: dict[str, Any], shapes: dict[str, tuple[Any, tuple[int,
     if scale_cols * 32 != in_features:
         raise ValueError(f"fastround: layer {name}: weight_scale {shapes['weight_scale'][1]} does not fit MXFP groups")
     return "mxfp4"
+
+
+def _nvfp4_activations(fields: dict[str, Any], shapes: dict[str, Any], name: str) -> bool:
+    """Whether an NVFP4 layer's inputs are quantize-dequantized at load, as upstream's NVFP4QuantLinear does in every
+    forward (W4A4: act_bits 4, nv_fp4_with_static_gs under the stored input_global_scale)."""
+    act_bits = int(fields.get("act_bits") or 16)
+    if act_bits >= 16:
+        return False
+    if act_bits != 4 or "nv_fp" not in str(fields.get("act_data_type") or ""):
+        raise ValueError(f"fastround: layer {name}: NVFP4 weights with act_bits {act_bits} / act_data_type "
+                         f"{fields.get('act_data_type')!r} are not loadable (only nv_fp4 activations or none)")
+    if "input_global_scale" not in shapes:
+        raise ValueError(f"fastround: layer {name} declares NVFP4 activations but has no input_global_scale")
+    return True
 
 
 def plan_layers(config: dict[str, Any], headers: dict[str, tuple[Any, tuple[int, ...]]],
@@ -158,6 +179,8 @@ def plan_layers(config: dict[str, Any], headers: dict[str, tuple[Any, tuple[int,
             plan = LayerPlan("int", int(fields["bits"]), int(fields["group_size"]), bool(fields["sym"]), layout)
         elif "weight_scale" in shapes and ("weight_packed" in shapes or "weight" in shapes):
             plan = LayerPlan("fp", encoding=_fp_encoding(fields, shapes, in_f, module))
+            if plan.encoding == "nvfp4":
+                plan.act_nvfp4 = _nvfp4_activations({**config, **fields}, shapes, module)
         else:
             continue
         plan.shapes = {k: v for k, v in shapes.items() if v[0] is not None}
@@ -203,7 +226,8 @@ def convert_model(model: torch.nn.Module, config: dict[str, Any], checkpoint_fil
                                                shapes=plan.shapes, device=device, bias_dtype=bias_dtype)
         else:
             new = FPQuantLinear(in_f, out_f, plan.encoding, bias=bias is not None, device=device,
-                                bias_dtype=bias_dtype)
+                                bias_dtype=bias_dtype, act_nvfp4=plan.act_nvfp4,
+                                input_global_scale="input_global_scale" in plan.shapes)
         setattr(parent, child, new)
     logger.info("fastround: %d quantized layer(s) loaded on fastround's layers (%s)", len(plans),
                 ", ".join(sorted({p.layout if p.kind == "int" else p.encoding for p in plans.values()})) or "none")

@@ -45,7 +45,9 @@ WOQ_TILE = 64  # outputs per tile (fastround.infer_ops.WOQ_TILE, without importi
 _TILE_LOCK = threading.Lock()  # two threads' first forwards must not tile one buffer twice
 
 LAYOUTS = ("gptq", "gptq_v2", "awq")
-FP_ENCODINGS = {"mxfp4": 32, "mxfp8": 32, "nvfp4_e5m3": 16}  # encoding -> fixed group
+FP_ENCODINGS = {"mxfp4": 32, "mxfp8": 32, "nvfp4_e5m3": 16, "nvfp4": 16}  # encoding -> fixed group
+# E2M1 value of each 4-bit code (bit 3 the sign): NVFP4's elements, decoded in Python since its scales are E4M3
+_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def reference_forced() -> bool:
@@ -312,39 +314,67 @@ def _reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 class FPQuantLinear(_PackedBuffers):
-    """A Linear whose weight is MXFP4 / MXFP8 / NVFP4_E5M3 codes in the compressed-tensors layout.
+    """A Linear whose weight is MXFP4 / MXFP8 / NVFP4_E5M3 / NVFP4 codes in the compressed-tensors layout.
 
-    mxfp4 / nvfp4_e5m3: weight_packed [out, in/2] uint8 (two E2M1 codes a byte, element 2k low);
-    mxfp8: weight [out, in] float8_e4m3fn; weight_scale [out, in/group] uint8 (E8M0; UE5M3 for nvfp4_e5m3).
-    Weight-only: activations are not quantized, whatever the checkpoint's act_bits say.
+    mxfp4 / nvfp4_e5m3 / nvfp4: weight_packed [out, in/2] uint8 (two E2M1 codes a byte, element 2k low);
+    mxfp8: weight [out, in] float8_e4m3fn; weight_scale [out, in/group] uint8 (E8M0; UE5M3 for nvfp4_e5m3;
+    float8_e4m3fn for nvfp4). nvfp4 also has weight_global_scale [1] fp32, a divisor as in compressed-tensors
+    (w = e2m1 * (1 / weight_global_scale) * scale, upstream's NVFP4QuantLinear order), and, when the checkpoint has
+    it, input_global_scale [1] fp32.
+    Activations: with act_nvfp4 (an NVFP4 W4A4 checkpoint) the inputs are quantize-dequantized as NVFP4 under
+    input_global_scale before the matmul, as upstream's loader does in every forward; otherwise weight-only,
+    whatever the checkpoint's act_bits say.
     """
 
-    _packed = ("weight", "weight_packed", "weight_scale")
+    _packed = ("weight", "weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
 
     def __init__(self, in_features: int, out_features: int, encoding: str, bias: bool = False,
-                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float16):
+                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float16,
+                 act_nvfp4: bool = False, input_global_scale: bool = False):
         super().__init__()
         if encoding not in FP_ENCODINGS:
             raise ValueError(f"FPQuantLinear: encoding must be one of {sorted(FP_ENCODINGS)}, got {encoding!r}")
         group = FP_ENCODINGS[encoding]
         if in_features % group:
             raise ValueError(f"FPQuantLinear: in_features {in_features} is not a multiple of {encoding}'s group {group}")
+        if act_nvfp4 and not (encoding == "nvfp4" and input_global_scale):
+            raise ValueError("FPQuantLinear: act_nvfp4 needs encoding 'nvfp4' with an input_global_scale")
         self.in_features, self.out_features, self.encoding = in_features, out_features, encoding
+        self.act_nvfp4 = act_nvfp4
         if encoding == "mxfp8":
             self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.float8_e4m3fn,
                                                        device=device))
         else:
             self.register_buffer("weight_packed", torch.zeros((out_features, in_features // 2), dtype=torch.uint8,
                                                               device=device))
-        self.register_buffer("weight_scale", torch.zeros((out_features, in_features // group), dtype=torch.uint8,
+        scale_dtype = torch.float8_e4m3fn if encoding == "nvfp4" else torch.uint8
+        self.register_buffer("weight_scale", torch.zeros((out_features, in_features // group), dtype=scale_dtype,
                                                          device=device))
+        if encoding == "nvfp4":
+            self.register_buffer("weight_global_scale", torch.zeros((1,), dtype=torch.float32, device=device))
+            if input_global_scale:
+                self.register_buffer("input_global_scale", torch.zeros((1,), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros((out_features,), dtype=bias_dtype, device=device) if bias else None)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, encoding={self.encoding}"
+        act = ", act=nvfp4" if self.act_nvfp4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, encoding={self.encoding}{act}"
+
+    def _dequantize_nvfp4(self) -> torch.Tensor:
+        packed = self.weight_packed
+        table = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=packed.device)
+        codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(self.out_features, self.in_features)
+        gs = self.weight_global_scale.to(torch.float32)
+        # upstream's get_reciprocal: a zero global scale dequantizes to zeros, not inf
+        recip = torch.where(gs == 0, torch.zeros_like(gs), 1.0 / gs)
+        w = (table[codes.long()] * recip).reshape(self.out_features, -1, 16)
+        return (w * self.weight_scale.to(torch.float32).unsqueeze(-1)).reshape(self.out_features, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 weight [out, in] (the C++ reference dequantizer), on this module's device."""
+        """The float32 weight [out, in] (the C++ reference dequantizer; torch ops for nvfp4), on this module's
+        device."""
+        if self.encoding == "nvfp4":
+            return self._dequantize_nvfp4()
         codes = self.weight if self.encoding == "mxfp8" else self.weight_packed
         device = codes.device
         w = fr_ops.dequantize_packed([codes.detach().cpu().contiguous(), self.weight_scale.detach().cpu().contiguous()],
@@ -352,7 +382,16 @@ class FPQuantLinear(_PackedBuffers):
                                    8 if self.encoding == "mxfp8" else 4, FP_ENCODINGS[self.encoding], True, 0)
         return w.to(device)
 
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x quantize-dequantized as NVFP4 (groups of 16 along in) under input_global_scale, in x's dtype: upstream's
+        nv_fp4_with_static_gs on the fp32 input, through fastround's fp_qdq op."""
+        from fastround.tune_fp_ops import mx_qdq
+
+        return mx_qdq(x.float(), None, None, 4, "nv_fp", float(self.input_global_scale.float().reshape(()))).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_nvfp4:
+            x = self.quantize_input(x)
         return _reference_linear(x, self.dequantize(), self.bias)
 
 
