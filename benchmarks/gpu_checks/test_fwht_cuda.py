@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _same_bits import assert_same_bits
 
 from fastround import quarot as Q
 from fastround import rotation as R
@@ -15,21 +16,7 @@ from fastround import transform_ops as T
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and T.has_cuda_kernel()),
                                 reason="needs a CUDA device and the CUDA build")
 
-_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-             torch.bfloat16: torch.int16}
 
-
-def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Bit equality (the sign of zeros included), with the first differing value on failure. NaNs need only sit at
-    the same places: the GPU's arithmetic returns the canonical NaN where x86 propagates an operand's payload."""
-    assert got.dtype == want.dtype and got.shape == want.shape
-    g, w = got.cpu().contiguous(), want.contiguous()
-    both_nan = g.isnan() & w.isnan()
-    diff = ((g.view(_INT_VIEW[g.dtype]) != w.view(_INT_VIEW[w.dtype])) & ~both_nan).reshape(-1)
-    if bool(diff.any()):
-        i = int(diff.nonzero()[0])
-        raise AssertionError(f"{int(diff.sum())} of {diff.numel()} values differ; first at flat {i}: "
-                             f"cuda {g.reshape(-1)[i].item()!r} cpu {w.reshape(-1)[i].item()!r}")
 
 
 def both(x: torch.Tensor, n: int, hk=None, signs=None, **kw) -> tuple[torch.Tensor, torch.Tensor]:

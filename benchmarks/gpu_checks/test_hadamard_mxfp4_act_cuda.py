@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from _same_bits import assert_same_bits
 
 from fastround import rotation as R
 from fastround import transform_ops as T
@@ -19,20 +20,8 @@ from fastround import transform_ops as T
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and T.has_cuda_mxfp4_act_kernel()),
                                 reason="needs a CUDA device and the CUDA build")
 
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-
-def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Bit equality (signs of zeros included); NaNs need only sit at the same places."""
-    assert got.dtype == want.dtype and got.shape == want.shape
-    g, w = got.cpu().contiguous(), want.contiguous()
-    both_nan = g.isnan() & w.isnan()
-    diff = ((g.view(_INT_VIEW[g.dtype]) != w.view(_INT_VIEW[w.dtype])) & ~both_nan).reshape(-1)
-    if bool(diff.any()):
-        i = int(diff.nonzero()[0])
-        raise AssertionError(f"{int(diff.sum())} of {diff.numel()} values differ; first at flat {i}: "
-                             f"cuda {g.reshape(-1)[i].item()!r} cpu {w.reshape(-1)[i].item()!r}")
 
 
 def rand(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

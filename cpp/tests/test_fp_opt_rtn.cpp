@@ -18,17 +18,13 @@
 #include "fastround/quant/encoding.h"
 #include "fastround/quant/fp_opt_rtn.h"
 #include "fastround/quant/fp_rtn.h"
+#include "test_harness.h"
 
 namespace fr = fastround;
 
+using fastround::test::check;
+
 namespace {
-
-int passed = 0, failed = 0;
-
-void check(bool ok, const std::string& what) {
-  ok ? ++passed : ++failed;
-  if (!ok) std::printf("FAIL %s\n", what.c_str());
-}
 
 constexpr int64_t kRows = 24, kCols = 256;  // 8 groups a row
 
@@ -183,6 +179,5 @@ int main() {
   std::printf("skewed imatrices: %lld MXFP4 and %lld MXFP8 exponents differ from the unweighted search\n",
               static_cast<long long>(moved[0]), static_cast<long long>(moved[1]));
   bad_input();
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return fastround::test::report();
 }

@@ -16,18 +16,14 @@
 #include "fastround/common/error.h"
 #include "fastround/common/parallel.h"
 #include "fastround/transform/fwht.h"
+#include "test_harness.h"
 
 namespace fr = fastround;
 namespace tf = fastround::transform;
 
+using fastround::test::check;
+
 namespace {
-
-int passed = 0, failed = 0;
-
-void check(bool ok, const std::string& what) {
-  ok ? ++passed : ++failed;
-  if (!ok) std::printf("FAIL %s\n", what.c_str());
-}
 
 // Paley construction I for a prime q = 3 mod 4: order q + 1, built from the quadratic residues mod q.
 std::vector<int8_t> paley(int q) {
@@ -208,6 +204,5 @@ int main() {
   ok.n = 4;
   expect_throw("integer dtype", fr::DType::I32, 2, 4, ok);
 
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return fastround::test::report();
 }

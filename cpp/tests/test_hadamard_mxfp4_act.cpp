@@ -17,18 +17,14 @@
 #include "fastround/common/parallel.h"
 #include "fastround/transform/fwht.h"
 #include "fastround/transform/hadamard_mxfp4_act.h"
+#include "test_harness.h"
 
 namespace fr = fastround;
 namespace tf = fastround::transform;
 
+using fastround::test::check;
+
 namespace {
-
-int passed = 0, failed = 0;
-
-void check(bool ok, const std::string& what) {
-  ok ? ++passed : ++failed;
-  if (!ok) std::printf("FAIL %s\n", what.c_str());
-}
 
 size_t elem_size(fr::DType dt) { return dt == fr::DType::F32 ? 4 : 2; }
 
@@ -240,6 +236,5 @@ int main() {
     }
     check(threw, "throws: null out");
   }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
+  return fastround::test::report();
 }

@@ -10,17 +10,13 @@
 #include <string>
 
 #include "fastround/infer/woq_cuda_plan.h"
+#include "test_harness.h"
 
 namespace fg = fastround::infer::gpu;
 
+using fastround::test::check;
+
 namespace {
-
-int passed = 0, failed = 0;
-
-void check(bool ok, const std::string& what) {
-  ok ? ++passed : ++failed;
-  if (!ok) std::printf("FAIL %s\n", what.c_str());
-}
 
 // H200 occupancy of the staged kernel at batch 1: registers (blocks per SM by U) and 228 KiB of shared memory per SM,
 // a block's share being its activation slice (rows * (PF + 1) fp32), reduce_store's 9 * CT fp32 and 1 KiB reserved.
@@ -94,6 +90,5 @@ int main() {
   // The half2 variant issues fewer instructions per chunk: never dearer than the fp32 path.
   const fg::StagedShape small_h2{512, 4096, 4, 1, 132, 1.98, true};
   check(fg::staged_cost(small_h2, s).us < fg::staged_cost(small, s).us, "half2 costs less");
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return fastround::test::report();
 }

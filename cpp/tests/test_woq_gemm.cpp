@@ -20,18 +20,14 @@
 #include "fastround/infer/woq_gemm.h"
 #include "fastround/pack/pack_awq.h"
 #include "fastround/pack/pack_gptq.h"
+#include "test_harness.h"
 
 namespace fr = fastround;
 namespace fi = fastround::infer;
 
+using fastround::test::check;
+
 namespace {
-
-int passed = 0, failed = 0;
-
-void check(bool ok, const std::string& what) {
-  ok ? ++passed : ++failed;
-  if (!ok) std::printf("FAIL %s\n", what.c_str());
-}
 
 // One packed layer plus the unpacked truth it came from.
 struct Layer {
@@ -287,6 +283,5 @@ int main() {
     check(l == L::GptqV2 && tiled, "parse gptq_v2_tiled");
     check(fi::parse_woq_layout("gptq", "t", &tiled) == L::Gptq && !tiled, "parse gptq");
   }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
+  return fastround::test::report();
 }
