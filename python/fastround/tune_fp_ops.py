@@ -56,13 +56,11 @@ def nv_opt_rtn_range(weight: torch.Tensor, imatrix: torch.Tensor | None) -> torc
     rows, cols = x.shape
     gs = nv_global_scale(x)
     target = x.reshape(-1, GROUP["nv_fp"])
-    if imatrix is None:
-        qw: torch.Tensor | float = 1.0
-    else:
-        if bool((imatrix == 0).any()):
-            raise NotImplementedError("NVFP4 OPT-RTN with an imatrix holding zeros (upstream then replaces them from "
-                                      "the weight) is not implemented in fastround yet: use more calibration data")
+    qw: torch.Tensor | float = 1.0
+    if imatrix is not None:
         qw = imatrix.to(torch.float32).reshape(1, cols).expand(rows, cols).reshape(target.shape)
+        if bool(qw.min() == 0):
+            qw = _nv_fix_zero_imatrix(qw, weight.detach().reshape(target.shape))
 
     def loss(factor: torch.Tensor | None) -> torch.Tensor:
         diff = mx_qdq(x, None, factor, 4, "nv_fp", gs).reshape(target.shape) - target
@@ -81,6 +79,25 @@ def nv_opt_rtn_range(weight: torch.Tensor, imatrix: torch.Tensor | None) -> torc
         best_loss[better] = cand[better]
         best[better] = factor[better]
     return best.reshape(rows, -1)
+
+
+def _nv_fix_zero_imatrix(qw: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Upstream's _imatrix_handle_zero on 16-groups ([groups, 16], the weight in its own dtype), in its ops: a
+    group with more than 8 entries <= 1e-30 takes |w| + sqrt(sum(w^2) / 32); then, if any group has 1..8 of them,
+    every exact zero left takes its group's sum / (16 - count)."""
+    qw = qw.clone()
+    g = qw.shape[-1]
+    small = torch.sum(qw <= 1e-30, dim=-1)
+    mostly = small > g // 2
+    if torch.sum(mostly) > 0:
+        fill = (torch.abs(w) + torch.sqrt(torch.sum(torch.pow(w, 2), dim=-1, keepdim=True) / 32)).to(qw.dtype)
+        qw[mostly, :] = fill[mostly, :]
+    some = (small > 0) & (small <= g // 2)
+    if torch.sum(some) > 0:
+        mean = (torch.sum(qw, dim=-1) / (g - small)).view(-1, 1).expand(-1, g)
+        zero = qw == 0
+        qw[zero] = mean[zero]
+    return qw
 
 
 @torch.library.register_fake("fastround::fp_qdq")
