@@ -38,3 +38,14 @@ def test_opt_rtn_moves_range_factors(checkpoint, tmp_path) -> None:
 
     a, b = read_checkpoint(plain), read_checkpoint(opt)
     assert any(a[k] != b[k] for k in a if k.endswith(".weight_scale"))
+
+
+def test_nvfp4_rtn_gaps_are_refused(checkpoint) -> None:
+    """An NVFP4 lm_head under RTN (upstream calibrates its input max from cached inputs) is refused by name."""
+    from fastround import AutoRound
+    from test_signround import COMMON
+
+    ar = AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4", iters=0, quant_lm_head=True,
+                   **{**COMMON, **FAST})
+    with pytest.raises(NotImplementedError, match="NVFP4 RTN of layers outside the blocks .*lm_head"):
+        ar.quantize()
