@@ -246,13 +246,15 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
                             imatrix.attach(n, _module(model, n))
                     handles = _nv_act_max_hooks(comp, model, names, act_max)  # in the same FP forward, as upstream
                     outputs = []
-                    with torch.no_grad():
-                        for hidden, extra in stored:
-                            out = block_forward(block, hidden.to(comp.device), _to(extra, comp.device))
-                            outputs.append((out.detach().to(cache_dev), extra))
+                    try:
+                        with torch.no_grad():
+                            for hidden, extra in stored:
+                                out = block_forward(block, hidden.to(comp.device), _to(extra, comp.device))
+                                outputs.append((out.detach().to(cache_dev), extra))
+                    finally:
+                        for h in handles:
+                            h.remove()
                     imatrix.detach()
-                    for h in handles:
-                        h.remove()
                     block.to(home)
                     stored = outputs  # the FP chain feeds the next block (no quantized-input chain for RTN)
                 nv_names = [n for n in names if n in nv]
