@@ -49,3 +49,26 @@ def test_nvfp4_rtn_gaps_are_refused(checkpoint) -> None:
                    **{**COMMON, **FAST})
     with pytest.raises(NotImplementedError, match="NVFP4 RTN of layers outside the blocks .*lm_head"):
         ar.quantize()
+
+
+@pytest.mark.parametrize("zeros", [0, 3, 12], ids=["no_zero", "few_zeros", "mostly_zero"])
+def test_opt_rtn_search_equals_upstream(zeros) -> None:
+    """The range-factor search alone, bit for bit with upstream's opt_rtn_nv_fp4 (under the fused global scale it
+    is given), including both branches of its zero-imatrix fix-up: a 16-group with <= 8 zeros takes the group mean,
+    one with more takes |w| + sqrt(sum(w^2) / 32)."""
+    import torch
+    from auto_round.data_type.nvfp import opt_rtn_fast_nvfp4
+
+    from fastround import tune_fp_ops
+
+    gen = torch.Generator().manual_seed(zeros)
+    w = torch.randn(256, 64, generator=gen).to(torch.bfloat16)
+    imatrix = torch.rand(64, generator=gen) + 0.05
+    imatrix[16:16 + zeros] = 0.0
+    fused = torch.tensor(tune_fp_ops.nv_global_scale(w) * 0.75, dtype=torch.float32)  # the search uses w's own
+    gs = float(fused)
+    theirs, _, _ = opt_rtn_fast_nvfp4(w, 4, 16, global_scale=fused, imatrix=imatrix)
+    factor = tune_fp_ops.nv_opt_rtn_range(w, imatrix)
+    ours, _, _ = tune_fp_ops.mx_qdq_codes(w, None, factor, 4, "nv_fp", gs)
+    assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    assert bool((factor != 1).any())
