@@ -202,6 +202,7 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
     from fastround.compressor import layer_opt_rtn, record_layer
     from fastround.mapped import PageReleaser
     from fastround.modeling import cast_module, cast_outside_blocks
+    from fastround.tune_layers import fp_act_spec
 
     plan = comp.plan
     assert plan is not None
@@ -209,7 +210,10 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
     cfg = comp.layer_config
     outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
     groups = [g for g in plan.block_names if g]
-    data_driven = comp.use_imatrix
+    nv = _nv_rtn_layers(comp, model, groups, outside)
+    # NVFP4's input global scales come from a calibration forward even for plain RTN, as upstream (act
+    # nv_fp4_with_static_gs needs calibration)
+    data_driven = comp.use_imatrix or any(fp_act_spec(cfg[n]) is not None for n in nv)
     if cast_to is not None and data_driven and outside:
         cast_module(model, cast_to)  # the calibration pass runs every block to reach the layers after them
         cast_to = None
@@ -232,22 +236,35 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
                 for n in names:
                     comp.rotate_layer(n, _module(model, n))
                 imatrix = _Imatrix()
+                act_max: dict[str, torch.Tensor] = {}
                 if data_driven and gi == 0:
                     block = _module(model, block_name)
                     home = next(block.parameters()).device
                     block.to(comp.device)
-                    for n in names:
-                        imatrix.attach(n, _module(model, n))
+                    if comp.use_imatrix:
+                        for n in names:
+                            imatrix.attach(n, _module(model, n))
+                    handles = _nv_act_max_hooks(comp, model, names, act_max)  # in the same FP forward, as upstream
                     outputs = []
-                    with torch.no_grad():
-                        for hidden, extra in stored:
-                            out = block_forward(block, hidden.to(comp.device), _to(extra, comp.device))
-                            outputs.append((out.detach().to(cache_dev), extra))
+                    try:
+                        with torch.no_grad():
+                            for hidden, extra in stored:
+                                out = block_forward(block, hidden.to(comp.device), _to(extra, comp.device))
+                                outputs.append((out.detach().to(cache_dev), extra))
+                    finally:
+                        for h in handles:
+                            h.remove()
                     imatrix.detach()
                     block.to(home)
                     stored = outputs  # the FP chain feeds the next block (no quantized-input chain for RTN)
+                nv_names = [n for n in names if n in nv]
+                nv_scales = _nv_global_scales(comp, model, [block_name], nv_names, act_max) if nv_names else {}
                 release = PageReleaser()  # the mappings as they are now; one read for the block's layers
                 for n in names:
+                    if n in nv_scales:
+                        _record_nv_rtn(comp, n, _module(model, n), cfg[n], fmt, nv_scales[n], imatrix.mean(n),
+                                       layer_opt_rtn(comp, n, moe))
+                        continue
                     record_layer(comp, n, _module(model, n), cfg[n], fmt, imatrix.mean(n), layer_opt_rtn(comp, n, moe),
                                  release)
                 bar.update(1)
@@ -258,6 +275,44 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
         comp.rotate_layer(n, _module(model, n))
         im = outside_imatrix.mean(n) if outside_imatrix is not None else None
         record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe), release)
+
+
+def _nv_rtn_layers(comp: Compressor, model: torch.nn.Module, groups: list[list[str]], outside: list[str]
+                   ) -> set[str]:
+    """The NVFP4 layers RTN quantizes; refuses, by name, the cases fastround does not build yet."""
+    cfg = comp.layer_config
+    nv = {n for n in cfg if quantizes_weight(cfg[n]) and _is_nv_fp(cfg[n])}
+    if not nv:
+        return nv
+    if is_moe_model(model):
+        raise NotImplementedError("NVFP4 RTN (iters=0) on a MoE model is not implemented in fastround yet (upstream "
+                                  "aligns the experts' calibrated input maxima first)")
+    if any(n in outside for n in nv):
+        raise NotImplementedError(f"NVFP4 RTN of layers outside the blocks ({sorted(n for n in nv if n in outside)}, "
+                                  "e.g. quant_lm_head) is not implemented in fastround yet")
+    later = [n for g in groups[1:] for b in g for n in _targets(comp, b) if n in nv]
+    if later:
+        raise NotImplementedError(f"NVFP4 RTN of layers after the first group of blocks ({later[:3]}) is not "
+                                  "implemented in fastround yet (their calibrated input maxima are not collected)")
+    return nv
+
+
+def _record_nv_rtn(comp: Compressor, name: str, module: torch.nn.Module, cfg: dict[str, Any], fmt: str,
+                   global_scales: dict[str, torch.Tensor], imatrix: torch.Tensor | None, opt_rtn: bool) -> None:
+    """An NVFP4 layer's RTN: the SignRound qdq at V = 0 under the block-calibrated weight global scale, with
+    OPT-RTN's searched range factor unless plain RTN was asked for (upstream's opt_rtn_nv_fp4 / nv_fp4)."""
+    from fastround import tune_fp_ops
+    from fastround.compressor import record_codes
+
+    conv = type(module) is conv1d_type()
+    w = module.weight.data
+    w2 = (w.t() if conv else w).detach().contiguous()  # [out, in]
+    factor = tune_fp_ops.nv_opt_rtn_range(w2, imatrix) if opt_rtn else None
+    qdq, codes, scales = tune_fp_ops.mx_qdq_codes(w2, None, factor, 4, "nv_fp",
+                                                  float(global_scales["weight_global_scale"][0]))
+    if comp._packer is None:
+        _set_weight(module, qdq)
+    record_codes(comp, name, module, cfg, fmt, codes, scales, torch.empty(0, dtype=torch.int32), global_scales)
 
 
 def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
@@ -407,15 +462,29 @@ def _nv_calibrate(comp: Compressor, model: torch.nn.Module, unit: torch.nn.Modul
     forward of the block on the inputs it trains on. Leaves an NvGlobalScales on each layer (tune_layers reads
     it) and returns the tensors export writes per layer: weight_global_scale and input_global_scale ([1] fp32,
     the latter the fused minimum of the calibrated max's global scale)."""
-    from fastround import signround, tune_fp_ops
-    from fastround.tune_layers import NV_ATTR, NvGlobalScales, fp_act_spec
+    from fastround import signround
 
     cfg = comp.layer_config
     nv = [n for n in names if _is_nv_fp(cfg[n])]
     if not nv:
         return {}
-    with_act = [n for n in nv if fp_act_spec(cfg[n]) is not None]
     act_max: dict[str, torch.Tensor] = {}
+    handles = _nv_act_max_hooks(comp, model, nv, act_max)
+    try:
+        if handles:
+            signround.block_outputs(comp, unit, samples, train_in, cache, dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    return _nv_global_scales(comp, model, blocks, nv, act_max)
+
+
+def _nv_act_max_hooks(comp: Compressor, model: torch.nn.Module, names: list[str],
+                      act_max: dict[str, torch.Tensor]) -> list:
+    """Forward hooks keeping, in `act_max`, each NVFP4 layer's max |input| (layers whose activations are quantized)."""
+    from fastround.tune_layers import fp_act_spec
+
+    cfg = comp.layer_config
 
     def collect(name: str) -> Any:
         def hook(mod: torch.nn.Module, args: tuple, out: Any) -> None:
@@ -425,15 +494,19 @@ def _nv_calibrate(comp: Compressor, model: torch.nn.Module, unit: torch.nn.Modul
                 act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m.to(act_max[name]))
         return hook
 
-    handles = [_module(model, n).register_forward_hook(collect(n)) for n in with_act]
-    try:
-        if handles:
-            signround.block_outputs(comp, unit, samples, train_in, cache, dtype)
-    finally:
-        for h in handles:
-            h.remove()
+    return [_module(model, n).register_forward_hook(collect(n)) for n in names
+            if _is_nv_fp(cfg[n]) and fp_act_spec(cfg[n]) is not None]
+
+
+def _nv_global_scales(comp: Compressor, model: torch.nn.Module, blocks: list[str], nv: list[str],
+                      act_max: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Upstream's update_block_global_scale_if_needed for the NVFP4 layers `nv` of `blocks` (see _nv_calibrate),
+    given their calibrated input maxima (none: no input_global_scale)."""
+    from fastround import tune_fp_ops
+    from fastround.tune_layers import NV_ATTR, NvGlobalScales
+
     weight = _nv_fused_min(model, blocks, {n: tune_fp_ops.nv_global_scale(_module(model, n).weight) for n in nv})
-    act = _nv_fused_min(model, blocks, {n: tune_fp_ops.nv_global_scale(act_max[n]) for n in with_act if n in act_max})
+    act = _nv_fused_min(model, blocks, {n: tune_fp_ops.nv_global_scale(act_max[n]) for n in nv if n in act_max})
     out: dict[str, dict[str, torch.Tensor]] = {}
     for n in nv:
         setattr(_module(model, n), NV_ATTR, NvGlobalScales(weight[n], act_max.get(n)))

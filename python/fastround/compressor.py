@@ -255,11 +255,7 @@ class Compressor:
         self.layer_config = self.plan.layer_config
         for name in self.plan.quantized():
             if quantizes_weight(self.layer_config[name]):
-                # fail early on a scheme no encoding holds
-                if encoding_name(self.layer_config[name], fmt) == NVFP4_ENCODING and self.signround is None:
-                    raise NotImplementedError(
-                        f"layer {name}: NVFP4 (data_type nv_fp) with iters=0 (RTN) is not implemented in fastround "
-                        "yet; SignRound (iters > 0) is")
+                encoding_name(self.layer_config[name], fmt)  # fail early on a scheme no encoding holds
         self._packer = self._immediate_packer()
         from fastround import blockloop
 

@@ -46,6 +46,60 @@ def mx_qdq_codes(weight: torch.Tensor, v: torch.Tensor | None, max_scale: torch.
     return _ops.fp_qdq_codes(weight, v, max_scale, bits, data_type, global_scale)
 
 
+def nv_opt_rtn_range(weight: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """OPT-RTN's per-group range factor [out, in/16] (fp32) of an NVFP4 weight [out, in], as upstream's
+    opt_rtn_nv_fp4: the factor 1 and each of 0.50 .. 1.51 (step 0.01) through the NVFP4 qdq at V = 0 under the
+    weight's own global scale (not the fused one: upstream's search computes it), kept where the group's
+    imatrix-weighted squared error is strictly lower. The loss is computed with upstream's ops in its order, so
+    ties and sums round as its do."""
+    x = weight.detach().to(torch.float32).contiguous()
+    rows, cols = x.shape
+    gs = nv_global_scale(x)
+    target = x.reshape(-1, GROUP["nv_fp"])
+    qw: torch.Tensor | float = 1.0
+    if imatrix is not None:
+        qw = imatrix.to(torch.float32).reshape(1, cols).expand(rows, cols).reshape(target.shape)
+        if bool(qw.min() == 0):
+            qw = _nv_fix_zero_imatrix(qw, weight.detach().reshape(target.shape))
+
+    def loss(factor: torch.Tensor | None) -> torch.Tensor:
+        diff = mx_qdq(x, None, factor, 4, "nv_fp", gs).reshape(target.shape) - target
+        diff = diff * diff
+        return (diff * qw).sum(dim=-1)
+
+    best_loss = loss(None)
+    best = torch.ones_like(best_loss)
+    factor = torch.empty_like(best_loss)
+    for k in range(50, 152):
+        if k == 100:
+            continue
+        factor.fill_(k / 100.0)
+        cand = loss(factor.reshape(rows, -1))
+        better = cand < best_loss
+        best_loss[better] = cand[better]
+        best[better] = factor[better]
+    return best.reshape(rows, -1)
+
+
+def _nv_fix_zero_imatrix(qw: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Upstream's _imatrix_handle_zero on 16-groups ([groups, 16], the weight in its own dtype), in its ops: a
+    group with more than 8 entries <= 1e-30 takes |w| + sqrt(sum(w^2) / 32); then, if any group has 1..8 of them,
+    every exact zero left takes its group's sum / (16 - count)."""
+    qw = qw.clone()
+    g = qw.shape[-1]
+    small = torch.sum(qw <= 1e-30, dim=-1)
+    mostly = small > g // 2
+    if torch.sum(mostly) > 0:
+        fill = (torch.abs(w) + torch.sqrt(torch.sum(torch.pow(w, 2), dim=-1, keepdim=True) / 32)).to(qw.dtype)
+        qw[mostly, :] = fill[mostly, :]
+    some = (small > 0) & (small <= g // 2)
+    if torch.sum(some) > 0:
+        mean = (torch.sum(qw, dim=-1) / (g - small)).view(-1, 1).expand(-1, g)
+        zero = qw == 0
+        qw[zero] = mean[zero]
+    return qw
+
+
 @torch.library.register_fake("fastround::fp_qdq")
 def _fp_qdq_fake(x, v, max_scale, bits, data_type="mx_fp", global_scale=0.0):
     return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[1] // GROUP[data_type]), dtype=torch.float32)

@@ -1,0 +1,74 @@
+"""RTN (iters=0) on the NVFP4 scheme in the regular flow against auto-round 0.16.1 (eager, CPU).
+
+Upstream needs calibration data even here: NVFP4's activations (nv_fp4_with_static_gs) take a global scale from
+each layer's max |input| over an FP forward of its block, the forward that also collects OPT-RTN's imatrix. The
+weights' global scales are 448 * 6 / max|W| with q/k/v and gate/up sharing their minimum. OPT-RTN (the default)
+searches each group's range factor over 0.50 .. 1.51, weighted by the imatrix, under the weight's own global scale;
+plain RTN (disable_opt_rtn=True) is the qdq at factor 1. Both checkpoints must be byte-identical: packed codes, E4M3
+scales, weight and input global scales, and the config.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from test_signround import _run, assert_same_checkpoint
+
+FAST = {"nsamples": 2, "seqlen": 32, "batch_size": 2}
+
+
+@pytest.mark.parametrize("disable_opt_rtn", [True, None], ids=["rtn", "opt_rtn"])
+def test_nvfp4_rtn_checkpoint_equals_upstream(checkpoint, tmp_path, disable_opt_rtn) -> None:
+    src = checkpoint("llama_aligned")
+    kwargs = {"scheme": "NVFP4", "iters": 0, "disable_opt_rtn": disable_opt_rtn, **FAST}
+    theirs = _run("upstream", src, tmp_path / "up", "auto_round", **kwargs)
+    ours = _run("fastround", src, tmp_path / "fr", "auto_round", **kwargs)
+    tensors = assert_same_checkpoint(theirs, ours)
+    scales = [k for k in tensors if k.endswith("input_global_scale")]
+    assert scales and len(scales) == len([k for k in tensors if k.endswith("weight_global_scale")])
+
+
+def test_opt_rtn_moves_range_factors(checkpoint, tmp_path) -> None:
+    """The OPT-RTN search must change some groups' scales, or the parity above would not cover it."""
+    src = checkpoint("llama_aligned")
+    plain = _run("fastround", src, tmp_path / "rtn", "auto_round", scheme="NVFP4", iters=0, disable_opt_rtn=True,
+                 **FAST)
+    opt = _run("fastround", src, tmp_path / "opt", "auto_round", scheme="NVFP4", iters=0, **FAST)
+    from oracle import read_checkpoint
+
+    a, b = read_checkpoint(plain), read_checkpoint(opt)
+    assert any(a[k] != b[k] for k in a if k.endswith(".weight_scale"))
+
+
+def test_nvfp4_rtn_gaps_are_refused(checkpoint) -> None:
+    """An NVFP4 lm_head under RTN (upstream calibrates its input max from cached inputs) is refused by name."""
+    from fastround import AutoRound
+    from test_signround import COMMON
+
+    ar = AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4", iters=0, quant_lm_head=True,
+                   **{**COMMON, **FAST})
+    with pytest.raises(NotImplementedError, match="NVFP4 RTN of layers outside the blocks .*lm_head"):
+        ar.quantize()
+
+
+@pytest.mark.parametrize("zeros", [0, 3, 12], ids=["no_zero", "few_zeros", "mostly_zero"])
+def test_opt_rtn_search_equals_upstream(zeros) -> None:
+    """The range-factor search alone, bit for bit with upstream's opt_rtn_nv_fp4 (under the fused global scale it
+    is given), including both branches of its zero-imatrix fix-up: a 16-group with <= 8 zeros takes the group mean,
+    one with more takes |w| + sqrt(sum(w^2) / 32)."""
+    import torch
+    from auto_round.data_type.nvfp import opt_rtn_fast_nvfp4
+
+    from fastround import tune_fp_ops
+
+    gen = torch.Generator().manual_seed(zeros)
+    w = torch.randn(256, 64, generator=gen).to(torch.bfloat16)
+    imatrix = torch.rand(64, generator=gen) + 0.05
+    imatrix[16:16 + zeros] = 0.0
+    fused = torch.tensor(tune_fp_ops.nv_global_scale(w) * 0.75, dtype=torch.float32)  # the search uses w's own
+    gs = float(fused)
+    theirs, _, _ = opt_rtn_fast_nvfp4(w, 4, 16, global_scale=fused, imatrix=imatrix)
+    factor = tune_fp_ops.nv_opt_rtn_range(w, imatrix)
+    ours, _, _ = tune_fp_ops.mx_qdq_codes(w, None, factor, 4, "nv_fp", gs)
+    assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    assert bool((factor != 1).any())
