@@ -37,7 +37,7 @@ for step in "${steps[@]}"; do
     inference_cuda) run inference_cuda 120 python3 benchmarks/inference.py --device cuda:0 --layers 32 \
       --json "$OUT/inference-h200.json" ;;
     hooks_cuda) run hooks_cuda 200 python3 benchmarks/inference.py --device cuda:0 --layers 32 --skip_bf16 \
-      --hooks transform,quarot,quarot_r1 --hook_paths fused,hooks --pairs 5 --new_tokens 48 --repeat 1 \
+      --prefill 0 --hooks quarot,transform,quarot_r1 --hook_paths fused --pairs 7 --new_tokens 32 --repeat 1 \
       --json "$OUT/inference-hooks-h200.json" ;;
     woq_cpu) run woq_linear_cpu16 120 python3 benchmarks/woq_linear.py --threads 16 --iters 5 --min_seconds 0.2 \
       --json "$OUT/woq_linear-h200host-16t.json" ;;
