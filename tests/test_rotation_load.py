@@ -165,3 +165,16 @@ def test_unloadable_spinquant_is_refused() -> None:
     with pytest.raises(NotImplementedError, match="trainable_rotation"):
         check_loadable({"r1": True, "trainable_rotation": True})
     check_loadable({"r1": True, "r3": True, "random_r1": True, "random_r3": True})  # tests/test_quarot_r3_random.py
+
+
+def test_fuse_env_does_not_change_what_loads(runs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """AR_FUSE_ONLINE_ROTATION steers quantization; a transform-backend checkpoint (backend auto, fuse unset) still
+    loads with its per-linear hooks when the loading process has it set."""
+    import fastround
+
+    monkeypatch.setenv("AR_FUSE_ONLINE_ROTATION", "1")
+    model = fastround.load_quantized(runs["folders"]["fr_mxfp4_hadamard"])
+    with torch.inference_mode():
+        got = model(torch.tensor(IDS)).logits.float()
+    ref = runs["reference"]["mxfp4_hadamard"]
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-4 * float(ref.abs().max()))

@@ -251,11 +251,11 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
                             for hidden, extra in stored:
                                 out = block_forward(block, hidden.to(comp.device), _to(extra, comp.device))
                                 outputs.append((out.detach().to(cache_dev), extra))
-                    finally:
+                    finally:  # hooks off and the block home whether or not the forward raised
                         for h in handles:
                             h.remove()
-                    imatrix.detach()
-                    block.to(home)
+                        imatrix.detach()
+                        block.to(home)
                     stored = outputs  # the FP chain feeds the next block (no quantized-input chain for RTN)
                 nv_names = [n for n in names if n in nv]
                 nv_scales = _nv_global_scales(comp, model, [block_name], nv_names, act_max) if nv_names else {}

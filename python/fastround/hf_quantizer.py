@@ -317,6 +317,8 @@ def apply_rotation_hooks(model: torch.nn.Module, config: dict[str, Any], plans: 
         data_type = str(config.get("data_type", "mx_fp"))
         known = {f.name for f in dataclass_fields(rotation.RotationConfig)} - {"algorithm"}
         cfg = rotation.RotationConfig(**{k: v for k, v in rotation_config.items() if k in known})
+        # what the checkpoint's own fields resolve to: AR_FUSE_ONLINE_ROTATION steers quantization, not loading
+        cfg.fuse_online_to_weight = bool(cfg.fuse_online_to_weight)
         if rotation.resolve_backend(cfg, data_type) == "inplace":
             # upstream's packed export of an inplace rotation (an int scheme, or fused / inplace_* asked for): its
             # loader would hook every Linear as the per-linear transform, which this model was not rotated for
