@@ -311,3 +311,21 @@ def test_upstreams_packed_inplace_checkpoints_are_refused_at_load() -> None:
         with pytest.raises(ValueError, match="inplace backend"):
             apply_rotation_hooks(model, {"rotation_config": rot, "data_type": data_type}, {"0": LayerPlan("fp")})
     assert apply_rotation_hooks(model, {"rotation_config": written, "data_type": "mx_fp"}, {"0": LayerPlan("fp")})
+
+
+def test_a_refused_format_leaves_the_model_unrotated(checkpoint, tmp_path) -> None:
+    """QuaRot with a format that cannot carry it fails before the model-level rotation: the caller's model is left
+    as it was, without hooks."""
+    from transformers import AutoModelForCausalLM
+
+    from fastround import AutoRound
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint("llama_aligned")), torch_dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ar = AutoRound(model, **COMMON, scheme="W4A16", rotation_config="quarot")
+    with pytest.raises(ValueError, match="cannot carry rotation_config"):
+        ar.quantize_and_save(str(tmp_path / "x"), format="auto_gptq")
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(m._forward_pre_hooks for m in model.modules())

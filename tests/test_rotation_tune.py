@@ -229,3 +229,21 @@ def test_tuning_numerics_are_upstreams_products(hadamard_type) -> None:
     assert not torch.equal(fwht, outs[0][0])  # the two numerics differ here, so the checks above can fail
     rot.use_tuning_numerics(None)
     assert torch.equal(rot.online(x), fwht)
+
+
+def test_a_failure_after_the_rotation_restores_the_hooks_numerics(checkpoint, monkeypatch) -> None:
+    """Whatever raises after apply_quarot (here the layer plan), the R1 hooks leave SignRound's staged numerics: the
+    rotated model keeps computing its inference map (the rotation sat outside the try that restores it)."""
+    from fastround import AutoRound
+    from fastround import compressor
+
+    def refuse(*args, **kwargs):
+        raise ValueError("plan refused")
+
+    monkeypatch.setattr(compressor, "plan_layers", refuse)
+    ar = AutoRound(str(checkpoint("llama_pow2")), **COMMON, dataset=_texts(), scheme="W4A16", iters=2,
+                   rotation_config="quarot")
+    with pytest.raises(ValueError, match="plan refused"):
+        ar.quantize()
+    maps = ar.quarot_plan.staged_maps
+    assert maps and not any(m.staged for m in maps)

@@ -225,41 +225,42 @@ class Compressor:
         # Cast by the block loop, a block at a time (the same tensors in the same dtype as one model.to(dtype)).
         cast_to = dtype if next(model.parameters()).dtype != dtype else None
         split_fused_experts(model)  # expert views of the fused tensors: split before the cast or after, alike
-        if self.quarot is not None and self.quarot_plan is None:
-            from fastround.quarot import apply_quarot
-
-            # upstream's model-level pre-quantization stage: the whole model, in its loaded dtype, fp64 inside
-            # (SignRound: a full-size R1 in upstream's staged numerics, so that the tuned codes are its bytes)
-            self.quarot_plan = apply_quarot(model, self.quarot, tuning=self.signround is not None)
-            for name, tensor in self.quarot_plan.model_tensors().items():
-                if tensor.is_floating_point():
-                    model.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
-                else:
-                    model.register_buffer(name, tensor)
-        if self.inplace is not None and self.inplace_plan is None:
-            from fastround.rotation_inplace import apply_inplace, inplace_group_size
-
-            # upstream's model-level pre-quantization stage: the whole model, in its loaded dtype, fp64 inside
-            cfg = self.inplace
-            self.inplace_plan = apply_inplace(
-                model, cfg.hadamard_type, inplace_group_size(cfg.block_size, self.scheme.get("group_size")),
-                self._inplace_fuse(), cfg.allow_online_rotation)
+        # the format check first: a refusal must leave the caller's model unrotated
         fmt = (self.format or "auto_round").replace(" ", "").split(",")[0]
         if self.inplace is None or self.format is not None:  # an inplace model may stay in memory (no format)
             self._check_rotation_format(fmt)
-        self.plan = plan_layers(
-            model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,
-            quant_lm_head=self.quant_lm_head, to_quant_block_names=self.to_quant_block_names,
-            quant_nontext_module=self.quant_nontext_module, w8_asym_allowed="llm_compressor" in fmt,
-        )
-        self.layer_config = self.plan.layer_config
-        for name in self.plan.quantized():
-            if quantizes_weight(self.layer_config[name]):
-                encoding_name(self.layer_config[name], fmt)  # fail early on a scheme no encoding holds
-        self._packer = self._immediate_packer()
         from fastround import blockloop
 
-        try:
+        try:  # from the rotation on: the finally restores the inference numerics whatever raises
+            if self.quarot is not None and self.quarot_plan is None:
+                from fastround.quarot import apply_quarot
+
+                # upstream's model-level pre-quantization stage: the whole model, in its loaded dtype, fp64 inside
+                # (SignRound: a full-size R1 in upstream's staged numerics, so that the tuned codes are its bytes)
+                self.quarot_plan = apply_quarot(model, self.quarot, tuning=self.signround is not None)
+                for name, tensor in self.quarot_plan.model_tensors().items():
+                    if tensor.is_floating_point():
+                        model.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+                    else:
+                        model.register_buffer(name, tensor)
+            if self.inplace is not None and self.inplace_plan is None:
+                from fastround.rotation_inplace import apply_inplace, inplace_group_size
+
+                # upstream's model-level pre-quantization stage: the whole model, in its loaded dtype, fp64 inside
+                cfg = self.inplace
+                self.inplace_plan = apply_inplace(
+                    model, cfg.hadamard_type, inplace_group_size(cfg.block_size, self.scheme.get("group_size")),
+                    self._inplace_fuse(), cfg.allow_online_rotation)
+            self.plan = plan_layers(
+                model, self.scheme, self.user_layer_config, ignore_layers=self.ignore_layers,
+                quant_lm_head=self.quant_lm_head, to_quant_block_names=self.to_quant_block_names,
+                quant_nontext_module=self.quant_nontext_module, w8_asym_allowed="llm_compressor" in fmt,
+            )
+            self.layer_config = self.plan.layer_config
+            for name in self.plan.quantized():
+                if quantizes_weight(self.layer_config[name]):
+                    encoding_name(self.layer_config[name], fmt)  # fail early on a scheme no encoding holds
+            self._packer = self._immediate_packer()
             if self.signround is not None:
                 if self.rotation is not None:
                     from fastround.signround import amp_of
