@@ -263,7 +263,7 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
                 for n in names:
                     if n in nv_scales:
                         _record_nv_rtn(comp, n, _module(model, n), cfg[n], fmt, nv_scales[n], imatrix.mean(n),
-                                       layer_opt_rtn(comp, n, moe))
+                                       layer_opt_rtn(comp, n, moe), release)
                         continue
                     record_layer(comp, n, _module(model, n), cfg[n], fmt, imatrix.mean(n), layer_opt_rtn(comp, n, moe),
                                  release)
@@ -298,11 +298,13 @@ def _nv_rtn_layers(comp: Compressor, model: torch.nn.Module, groups: list[list[s
 
 
 def _record_nv_rtn(comp: Compressor, name: str, module: torch.nn.Module, cfg: dict[str, Any], fmt: str,
-                   global_scales: dict[str, torch.Tensor], imatrix: torch.Tensor | None, opt_rtn: bool) -> None:
+                   global_scales: dict[str, torch.Tensor], imatrix: torch.Tensor | None, opt_rtn: bool,
+                   release: PageReleaser | None = None) -> None:
     """An NVFP4 layer's RTN: the SignRound qdq at V = 0 under the block-calibrated weight global scale, with
     OPT-RTN's searched range factor unless plain RTN was asked for (upstream's opt_rtn_nv_fp4 / nv_fp4)."""
     from fastround import tune_fp_ops
     from fastround.compressor import record_codes
+    from fastround.mapped import span
 
     conv = type(module) is conv1d_type()
     w = module.weight.data
@@ -313,6 +315,9 @@ def _record_nv_rtn(comp: Compressor, name: str, module: torch.nn.Module, cfg: di
     if comp._packer is None:
         _set_weight(module, qdq)
     record_codes(comp, name, module, cfg, fmt, codes, scales, torch.empty(0, dtype=torch.int32), global_scales)
+    source = span(w)
+    if release is not None and source is not None:
+        release([source])  # as record_layer: the memory-mapped source's pages go back once the layer is recorded
 
 
 def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:

@@ -26,6 +26,7 @@ The C++ dequantizers read CPU tensors; a module on another device copies its pac
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -48,6 +49,12 @@ LAYOUTS = ("gptq", "gptq_v2", "awq")
 FP_ENCODINGS = {"mxfp4": 32, "mxfp8": 32, "nvfp4_e5m3": 16, "nvfp4": 16}  # encoding -> fixed group
 # E2M1 value of each 4-bit code (bit 3 the sign): NVFP4's elements, decoded in Python since its scales are E4M3
 _E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    """The 16 E2M1 values on `device` [16] fp32, made once per device (not a host copy every forward)."""
+    return torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=device)
 
 
 def reference_forced() -> bool:
@@ -362,7 +369,7 @@ class FPQuantLinear(_PackedBuffers):
 
     def _dequantize_nvfp4(self) -> torch.Tensor:
         packed = self.weight_packed
-        table = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=packed.device)
+        table = _e2m1_table(packed.device)
         codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(self.out_features, self.in_features)
         gs = self.weight_global_scale.to(torch.float32)
         # upstream's get_reciprocal: a zero global scale dequantizes to zeros, not inf
