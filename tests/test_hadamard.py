@@ -186,6 +186,25 @@ def test_any_device_path_equals_the_kernel_via_meta_free_dense_product():
     torch.testing.assert_close(T.hadamard_any_device(x, 48, hk, transpose=True).double(), dense, rtol=0, atol=1e-5)
 
 
+def test_block_rotation_fallback_builds_its_dense_matrix_once(monkeypatch):
+    """Where the op has no kernel (MPS, XPU, a CUDA build without fastround's kernels) a BlockRotation multiplies
+    by the block matrix, built on its first call per device and then reused: a decode step must not rebuild it per
+    layer call. Forced on the CPU; the result is the kernel's map."""
+    hk = T.library_matrix(12)
+    sg = T.random_signs(48, torch.Generator().manual_seed(5)).to(torch.int8)
+    rot = T.BlockRotation(48, hk, sg, transpose=True)
+    x = torch.randn(3, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(6))
+    expected = rot(x)  # the kernel
+    built = []
+    real = T.dense_block_map
+    monkeypatch.setattr(T, "_kernel_device", lambda device: False)
+    monkeypatch.setattr(T, "dense_block_map", lambda *a, **k: built.append(a) or real(*a, **k))
+    first, second = rot(x), rot(x)
+    assert len(built) == 1
+    assert first.dtype == torch.bfloat16 and torch.equal(first, second)
+    torch.testing.assert_close(first.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("k,transpose,signs_first", [(1, False, False), (12, True, False), (12, False, True)])
 def test_gradient_is_the_adjoint(k, transpose, signs_first):
     # The op's autograd (the same op, transposed, signs on the other side) against torch's own gradient of the

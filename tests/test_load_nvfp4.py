@@ -170,6 +170,14 @@ def test_layer_equals_upstream_nvfp4_quant_linear(nvfp4: dict[str, Any]) -> None
     x = torch.randn(3, 5, in_f, generator=torch.Generator().manual_seed(0)) * 4
     torch.testing.assert_close(ours.quantize_input(x), theirs.qdq_input(x), rtol=0, atol=0)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # the input scale is read from its buffer once, and again after the buffer is written (a later load)
+    before = ours.quantize_input(x)
+    halved = {**state, "input_global_scale": state["input_global_scale"] * 0.5}
+    theirs.load_state_dict(halved)
+    ours.load_state_dict(halved)
+    after = ours.quantize_input(x)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, theirs.qdq_input(x), rtol=0, atol=0)
     ours.to(torch.bfloat16)  # the global scales stay fp32 as upstream forces them
     assert ours.weight_global_scale.dtype == ours.input_global_scale.dtype == torch.float32
     assert ours.weight_scale.dtype == torch.float8_e4m3fn

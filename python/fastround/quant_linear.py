@@ -394,7 +394,17 @@ class FPQuantLinear(_PackedBuffers):
         nv_fp4_with_static_gs on the fp32 input, through fastround's fp_qdq op."""
         from fastround.tune_fp_ops import mx_qdq
 
-        return mx_qdq(x.float(), None, None, 4, "nv_fp", float(self.input_global_scale.float().reshape(()))).to(x.dtype)
+        return mx_qdq(x.float(), None, None, 4, "nv_fp", self._input_scale()).to(x.dtype)
+
+    def _input_scale(self) -> float:
+        """input_global_scale as a Python float, read from the device once and again only when the buffer is
+        replaced or written (a load, .to(), copy_): reading it every forward would wait for the GPU each layer."""
+        buf = self.input_global_scale
+        key = (buf.data_ptr(), buf.device, buf._version)
+        if getattr(self, "_input_scale_key", None) != key:
+            self._input_scale_value = float(buf.float().reshape(()))
+            self._input_scale_key = key
+        return self._input_scale_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_nvfp4:

@@ -194,26 +194,16 @@ class LinearRotation:
         # tuning numerics (use_tuning_numerics)
         self.tuning_dtype: torch.dtype | None = None
         self.tuning_amp: torch.dtype | None = None  # autocast dtype of the tuning forwards (weight rotation)
-        self._device_matrices: dict[torch.device, torch.Tensor] = {}
         self._tuning_matrices: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._device_operands: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        # x -> x · M^T per b-block: the op (CPU, CUDA), its operands on each device and a dense fallback elsewhere
+        self.block = T.BlockRotation(b, self.hadamard_k, self.signs, transpose=self.random)
 
     # -- the map x -> x · M^T on every b-long chunk of the last dimension -----------------------------------------
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        from fastround import transform_ops as T
-
         if x.shape[-1] % self.block_size:
             raise ValueError(f"[fastround.rotation] last dimension {x.shape[-1]} is not a multiple of block_size "
                              f"{self.block_size}")
-        if x.device.type == "cpu":
-            return T.hadamard_transform(x, self.block_size, self.hadamard_k, self.signs, transpose=self.random)
-        if x.device.type == "cuda" and T.has_cuda_kernel():
-            hk, sg = self._operands_on(x.device)
-            return T.hadamard_transform(x, self.block_size, hk, sg, transpose=self.random)
-        # Other devices: the same block product as a dense matmul in fp32.
-        shape = x.shape
-        xb = x.reshape(-1, shape[-1] // self.block_size, self.block_size).float()
-        return (xb @ self._matrix_t_on(x.device)).reshape(shape).to(x.dtype)
+        return self.block(x)
 
     def use_tuning_numerics(self, load_dtype: torch.dtype | None, amp: torch.dtype | None = None) -> None:
         """While SignRound tunes, the weight rotation and the online hook compute what upstream's patched
@@ -257,21 +247,6 @@ class LinearRotation:
             m = self._tuning_matrices[key] = self.matrix.to(x.device, dtype)  # [b, b] M
         # the operand exactly as upstream passes it (a transposed view for random: BLAS's transposed path)
         return (x.reshape(-1, b).to(dtype) @ (m.T if self.random else m)).reshape(x.shape).to(x.dtype)
-
-    def _operands_on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """hadamard_k and signs as int8 on `device`, copied once: the CUDA op then neither copies nor waits per call
-        (and the hook can be captured in a CUDA graph)."""
-        cached = self._device_operands.get(device)
-        if cached is None:
-            cached = self._device_operands[device] = tuple(
-                None if t is None else t.to(torch.int8).to(device) for t in (self.hadamard_k, self.signs))
-        return cached
-
-    def _matrix_t_on(self, device: torch.device) -> torch.Tensor:
-        cached = self._device_matrices.get(device)
-        if cached is None:
-            cached = self._device_matrices[device] = self.matrix.T.contiguous().to(device)
-        return cached
 
     def is_target(self, name: str, module: torch.nn.Module, cfg: dict[str, Any] | None) -> bool:
         """nn.Linear, not lm_head (by name, as upstream), weight quantized below 16 bits."""
@@ -396,7 +371,7 @@ def register_online_hooks(model: torch.nn.Module, config: dict[str, Any], data_t
             module.register_forward_pre_hook(lambda mod, args, f=rotate: (f(args[0]),) + tuple(args[1:]),
                                              prepend=True)
         else:
-            attach_rotation(module, rot._hook, T.BlockRotation(rot.block_size))
+            attach_rotation(module, rot._hook, rot.block)
     return list(names)
 
 

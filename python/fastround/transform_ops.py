@@ -118,21 +118,39 @@ def has_cuda_kernel() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastround::hadamard_transform", "CUDA")
 
 
+def _kernel_device(device: torch.device) -> bool:
+    """Whether hadamard_transform has a kernel for tensors on `device` (CPU; CUDA when built with it)."""
+    return device.type == "cpu" or (device.type == "cuda" and has_cuda_kernel())
+
+
+def dense_block_map(n: int, hadamard_k: torch.Tensor | None = None, signs: torch.Tensor | None = None,
+                    transpose: bool = False, signs_first: bool = False) -> torch.Tensor:
+    """The block map as a matrix acting on rows, [n, n] fp64 (x_block @ it = the op on x_block): the op applied to
+    the identity on the CPU."""
+    return hadamard_transform(torch.eye(n, dtype=torch.float64), n,
+                              None if hadamard_k is None else hadamard_k.cpu(),
+                              None if signs is None else signs.cpu(), transpose, signs_first)
+
+
+def _dense_apply(x: torch.Tensor, rows_of_t: torch.Tensor) -> torch.Tensor:
+    """x [..., cols] through rows_of_t [n, n] fp32 (on x's device) on each n-long block, in fp32, rounded once to
+    x's dtype: the fallback where the op has no kernel."""
+    n, shape = rows_of_t.shape[0], x.shape
+    return (x.reshape(-1, shape[-1] // n, n).float() @ rows_of_t).reshape(shape).to(x.dtype)
+
+
 def hadamard_any_device(x: torch.Tensor, block_size: int, hadamard_k: torch.Tensor | None = None,
                         signs: torch.Tensor | None = None, transpose: bool = False,
                         signs_first: bool = False) -> torch.Tensor:
     """hadamard_transform on a CPU tensor, and on a CUDA tensor when the build has the CUDA kernel (the same result
     bit for bit; hadamard_k and signs are best passed already on x's device, a CPU copy is checked and copied every
-    call); elsewhere the same block map as a dense fp32 matmul on x's device, rounded once to x's dtype."""
-    if x.device.type == "cpu" or (x.device.type == "cuda" and has_cuda_kernel()):
+    call); elsewhere the same block map as a dense fp32 matmul on x's device, rounded once to x's dtype (built per
+    call: BlockRotation keeps it per device)."""
+    if _kernel_device(x.device):
         return hadamard_transform(x, block_size, hadamard_k, signs, transpose, signs_first)
     n = x.shape[-1] if block_size == -1 else block_size
-    rows_of_t = hadamard_transform(torch.eye(n, dtype=torch.float64), n,
-                                   None if hadamard_k is None else hadamard_k.cpu(),
-                                   None if signs is None else signs.cpu(), transpose, signs_first)  # [n, n]
-    shape = x.shape
-    xb = x.reshape(-1, shape[-1] // n, n).float()
-    return (xb @ rows_of_t.to(torch.float32).to(x.device)).reshape(shape).to(x.dtype)
+    rows_of_t = dense_block_map(n, hadamard_k, signs, transpose, signs_first)
+    return _dense_apply(x, rows_of_t.to(torch.float32).to(x.device))
 
 
 _FUSABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -150,6 +168,8 @@ class BlockRotation:
         self.block_size, self.transpose, self.signs_first, self.fp32 = int(block_size), transpose, signs_first, fp32
         self.hadamard_k, self.signs = hadamard_k, signs  # [K, K] / [block_size] ±1, CPU, or None
         self._on: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        # [n, n] fp32 block matrices on devices without the op's kernel, built once per (device, n)
+        self._dense: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def operands(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(hadamard_k, signs) for a tensor on `device`: the CPU tensors as given; elsewhere int8 copies made once,
@@ -164,16 +184,22 @@ class BlockRotation:
 
     def fusable(self, x: torch.Tensor) -> bool:
         """Whether hadamard_transform's own kernel computes this map for x (the fused op then gives its bits)."""
-        return x.dtype in _FUSABLE_DTYPES and (x.device.type == "cpu" or (x.device.type == "cuda"
-                                                                         and has_cuda_kernel()))
+        return x.dtype in _FUSABLE_DTYPES and _kernel_device(x.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        hk, sg = self.operands(x.device)
         # One op call, no casts around it for half types: the kernel computes them in fp32 and rounds once, the bits
         # of upstream's fp32 hook (x.float() -> transform -> cast back)
         y = x.float() if self.fp32 and x.dtype not in _FUSABLE_DTYPES else x
-        return hadamard_any_device(y.contiguous(), self.block_size, hk, sg, self.transpose,
-                                   self.signs_first).to(x.dtype)
+        if _kernel_device(x.device):
+            hk, sg = self.operands(x.device)
+            return hadamard_transform(y.contiguous(), self.block_size, hk, sg, self.transpose,
+                                      self.signs_first).to(x.dtype)
+        n = x.shape[-1] if self.block_size == -1 else self.block_size
+        rows_of_t = self._dense.get((x.device, n))
+        if rows_of_t is None:
+            rows_of_t = self._dense[(x.device, n)] = dense_block_map(
+                n, self.hadamard_k, self.signs, self.transpose, self.signs_first).to(torch.float32).to(x.device)
+        return _dense_apply(y, rows_of_t).to(x.dtype)
 
 
 @torch.library.register_fake("fastround::hadamard_transform")
