@@ -287,7 +287,11 @@ def attach_rotation(module: nn.Module, hook: Callable[..., Any], rotation: Any =
     `rotation` (default: hook.block_rotation, a transform_ops.BlockRotation) as its input_rotation, which its forward
     fuses with woq_linear (no module hook, no Python wrapper, one op call); any other module, or a rotation that is
     no BlockRotation, gets `hook` as its first forward pre-hook, as before. Either way the layer's input is rotated
-    first, with the same bits."""
+    first, with the same bits.
+    One difference to keep in mind: a forward pre-hook added to a fused QuantLinear afterwards (with or without
+    prepend=True) sees the unrotated input, because the rotation now runs inside forward; with the pre-hook path such
+    a hook would see the rotated input unless prepended. No caller adds one; one that must see the rotated input
+    should attach its own hook before the rotation, or call module.input_rotation(x) itself."""
     rotation = rotation if rotation is not None else getattr(hook, "block_rotation", None)
     if (isinstance(module, QuantLinear) and rotation is not None and module.input_rotation is None
             and not module._forward_pre_hooks):
