@@ -1,9 +1,11 @@
 """The batch-1 decode shapes of the online rotations on CUDA: hadamard_transform of one row (QuaRot R4 1 x 14336,
-K = 28; R1 1 x 4096; the transform backend's 32-blocks of 4096 and 14336), split plan against the one-kernel plan
-(FASTROUND_FWHT_SPLIT=0), fp32 and bf16. Two figures per case: the GPU time of one call (a CUDA graph of --inner
+K = 28; R1 1 x 4096 and 1 x 8192; whole power-of-two rows 1024 .. 32768 for the K = 1 split's crossover; the
+transform backend's 32-blocks of 4096 and 14336), split plan against the one-kernel plan (FASTROUND_FWHT_SPLIT=0),
+fp32 and bf16. Two figures per case: the GPU time of one call (a CUDA graph of --inner
 calls, replayed) and the eager call's wall time (host dispatch and launch included, synchronised every --inner calls).
 
     python3 benchmarks/fwht_decode_cuda.py --json fwht-decode-h200.json
+    python3 benchmarks/fwht_decode_cuda.py --rows 8   # the K = 1 split's largest call
 """
 
 from __future__ import annotations
@@ -17,7 +19,18 @@ import torch
 
 from fastround import transform_ops as T
 
-CASES = [("r4", 14336, 14336, 28), ("r1", 4096, 4096, 1), ("transform", 4096, 32, 1), ("transform", 14336, 32, 1)]
+CASES = [("r4", 14336, 14336, 28), ("r1", 4096, 4096, 1), ("r1", 8192, 8192, 1), ("pow2", 1024, 1024, 1),
+         ("pow2", 2048, 2048, 1), ("pow2", 16384, 16384, 1), ("pow2", 32768, 32768, 1), ("transform", 4096, 32, 1),
+         ("transform", 14336, 32, 1)]
+
+
+def has_split(block: int, k: int, blocks: int) -> bool:
+    """Whether a call of `blocks` n-blocks takes a split plan (fwht_cuda.cu's takes_split: K > 1 with under 64
+    tiles, len % 8 == 0, or a power-of-two block of at least 1024 in at most 8 n-blocks)."""
+    if k > 1:
+        bpt = max(1, 2048 // block)
+        return (block // k) % 8 == 0 and (blocks + bpt - 1) // bpt < 64
+    return block >= 1024 and blocks <= 8
 
 
 def timings(x: torch.Tensor, n: int, hk: torch.Tensor | None, inner: int, repeat: int) -> tuple[float, float]:
@@ -52,6 +65,7 @@ def main() -> int:
     ap.add_argument("--inner", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rows", type=int, default=1, help="rows per call (the K = 1 split takes up to 8 n-blocks)")
     args = ap.parse_args()
     rows = []
     print("| case | width | block | K | dtype | plan | GPU us/call | eager us/call |")
@@ -59,18 +73,18 @@ def main() -> int:
     for name, width, block, k in CASES:
         hk = T.spinquant_matrix(k).cuda() if k > 1 else None
         for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(1, width, device="cuda").to(dtype)
+            x = torch.randn(args.rows, width, device="cuda").to(dtype)
             for plan in ("split", "one-kernel"):
-                if plan == "split" and k == 1:
-                    continue  # K = 1 has one plan
+                if plan == "split" and not has_split(block, k, args.rows * width // block):
+                    continue  # small power-of-two blocks have one plan
                 if plan == "one-kernel":
                     os.environ["FASTROUND_FWHT_SPLIT"] = "0"
                 try:
                     gpu, eager = timings(x, block, hk, args.inner, args.repeat)
                 finally:
                     os.environ.pop("FASTROUND_FWHT_SPLIT", None)
-                row = {"case": name, "width": width, "block": block, "k": k, "dtype": str(dtype)[6:], "plan": plan,
-                       "gpu_us": gpu * 1e6, "eager_us": eager * 1e6}
+                row = {"case": name, "rows": args.rows, "width": width, "block": block, "k": k,
+                       "dtype": str(dtype)[6:], "plan": plan, "gpu_us": gpu * 1e6, "eager_us": eager * 1e6}
                 rows.append(row)
                 print(f"| {name} | {width} | {block} | {k} | {row['dtype']} | {plan} | {row['gpu_us']:.2f} | "
                       f"{row['eager_us']:.2f} |", flush=True)

@@ -127,6 +127,92 @@ def test_split_off_env_same_bits(monkeypatch, dtype):
         assert_same_bits(split, one.cpu())
 
 
+def allocations(fn) -> tuple[torch.Tensor, int]:
+    """fn()'s result and how many CUDA allocations it made (the split plan takes one more: its scratch)."""
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    out = fn()
+    return out, torch.cuda.memory_stats()["allocation.all.allocated"] - before
+
+
+def split_and_one_kernel(monkeypatch, x: torch.Tensor, n: int, sg=None, **kw) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The CUDA op on x (a CUDA tensor) with the split plan allowed and with FASTROUND_FWHT_SPLIT=0, and the extra
+    allocations the first call made over the second."""
+    split, a_split = allocations(lambda: T.hadamard_transform(x, n, None, sg, **kw))
+    monkeypatch.setenv("FASTROUND_FWHT_SPLIT", "0")
+    try:
+        one, a_one = allocations(lambda: T.hadamard_transform(x, n, None, sg, **kw))
+    finally:
+        monkeypatch.delenv("FASTROUND_FWHT_SPLIT")
+    torch.cuda.synchronize()
+    return split, one, a_split - a_one
+
+
+# Power-of-two blocks the K = 1 split takes (n >= 1024; fp64 up to the one-kernel plan's shared-memory limit).
+POW2_SPLIT = [(n, d) for d in DTYPES for n in (1024, 2048, 4096, 8192, 16384, 32768)
+              if not (d == torch.float64 and n > 16384)]
+
+
+@pytest.mark.parametrize("n,dtype", POW2_SPLIT)
+def test_pow2_split_and_one_kernel_plans_agree(monkeypatch, n, dtype):
+    """A power-of-two n-block (n >= 1024) in a call of at most 8 n-blocks takes the K = 1 split plan (low stages per
+    n/8 chunk into scratch, the last three stages across the chunks): the one-kernel plan's bits and the CPU op's,
+    rows 1 .. 8 (and 9 n-blocks: the one-kernel plan, no scratch); signs on either side, transposed, unnormalized;
+    two n-blocks per row (block-diagonal)."""
+    sg = T.random_signs(n, torch.Generator().manual_seed(n + 1)).to(torch.int8)
+    sgc = sg.cuda()
+    for rows in range(1, 10):
+        x = rand(rows, n, dtype, n + rows)
+        split, one, extra = split_and_one_kernel(monkeypatch, x.cuda(), -1)
+        assert extra == (1 if rows <= 8 else 0), (rows, extra)  # the split plan ran (its scratch) up to 8 n-blocks
+        assert_same_bits(split, one.cpu())
+        assert_same_bits(split, T.hadamard_transform(x, -1))
+    x = rand(3, n, dtype, n + 50)
+    xc = x.cuda()
+    for signs_first in (False, True):
+        for transpose in (False, True):
+            for normalize in (True, False):
+                kw = dict(transpose=transpose, signs_first=signs_first, normalize=normalize)
+                split, one, extra = split_and_one_kernel(monkeypatch, xc, n, sgc, **kw)
+                assert extra == 1
+                assert_same_bits(split, one.cpu())
+                assert_same_bits(split, T.hadamard_transform(x, n, None, sg, **kw))
+    for rows in (4, 5):  # two n-blocks per row: 8 n-blocks take the split, 10 the one-kernel plan
+        xr = rand(rows, 2 * n, dtype, n + 60 + rows)
+        split, one, extra = split_and_one_kernel(monkeypatch, xr.cuda(), n, sgc, signs_first=True)
+        assert extra == (1 if rows == 4 else 0)
+        assert_same_bits(split, one.cpu())
+        assert_same_bits(split, T.hadamard_transform(xr, n, None, sg, signs_first=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_r1_decode_row_split_in_cuda_graph(dtype):
+    """QuaRot's online R1 at batch 1: 1 x 4096, random signs first (the split plan), captured in a CUDA graph (the
+    scratch comes from the graph's pool) and replayed on new input: the CPU op's bits; the R1 hook too."""
+    n = 4096
+    sg = T.random_signs(n, torch.Generator().manual_seed(7)).to(torch.int8)
+    sgc, xc = sg.cuda(), rand(1, n, dtype, 40).cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        T.hadamard_transform(xc, n, None, sgc, signs_first=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = T.hadamard_transform(xc, n, None, sgc, signs_first=True)
+        z = T.hadamard_transform(y, -1)
+    xc.copy_(rand(1, n, dtype, 41).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    want = T.hadamard_transform(xc.cpu(), n, None, sg, signs_first=True)
+    assert_same_bits(y, want)
+    assert_same_bits(z, T.hadamard_transform(want, -1))
+    hook = Q.online_hook("r1", n, 1)
+    x = rand(1, n, dtype, 42).reshape(1, 1, n)
+    (got,) = hook(None, (x.cuda(),))
+    (want,) = hook(None, (x,))
+    assert_same_bits(got, want)
+
+
 def test_r4_hook_decode_row_cuda_equals_cpu():
     hook = Q.online_hook("r4", 14336, 28)
     x = rand(1, 14336, torch.bfloat16, 23).reshape(1, 1, 14336)

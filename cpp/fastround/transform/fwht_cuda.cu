@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include <cmath>
 #include <mutex>
@@ -403,6 +404,43 @@ __global__ void __launch_bounds__(kMixThreads) kmix_kernel(const Params<typename
   for (int q = 0; q < KB; ++q) finish8<IO>(p, y, (k0 + q) * p.len + r0, 8, acc[q]);
 }
 
+// The K = 1 split plan's second kernel (a power-of-two n-block of a few rows: one thread block per n-block left
+// the GPU idle). t holds the butterfly pass's result: strides 1 .. chunk/2 of every chunk-long segment, leading signs
+// applied, unrounded ([blocks, n] compute type, n = R * chunk); strides chunk .. n/2 remain, a length-R transform
+// across the R chunks at each offset r. One work item is 8 consecutive r of one n-block with all R chunks in
+// registers. The stages run in increasing stride, each (lower, upper) -> (lower + upper, lower - upper), as the
+// one-kernel plan's shuffles and shared-memory passes do, and scale / trailing signs / store are finish8's, so every
+// output is the same tree of operations on the same values: the same bits.
+template <int R, typename IO>
+__global__ void __launch_bounds__(kMixThreads) high_stages_kernel(const Params<typename IO::C> p,
+                                                                  const typename IO::C* t, int chunk) {
+  using C = typename IO::C;
+  const int rgroups = chunk / 8;
+  const int64_t it = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (it >= p.blocks * rgroups) return;
+  const int r0 = static_cast<int>(it % rgroups) * 8;
+  const int64_t b = it / rgroups;
+  const C* src = t + b * p.n + r0;
+  C v[8][R];  // [offset j][chunk c]
+#pragma unroll
+  for (int c = 0; c < R; ++c) {
+    C in[8];
+    vload8<true>(src + static_cast<int64_t>(c) * chunk, in);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j][c] = in[j];
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) radix<R>(v[j], R);
+  typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + b * p.n;
+#pragma unroll
+  for (int c = 0; c < R; ++c) {
+    C out[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = v[j][c];
+    finish8<IO>(p, y, c * chunk + r0, 8, out);
+  }
+}
+
 void check_launch(const char* site, cudaError_t e) {
   if (e != cudaSuccess)
     throw std::runtime_error(std::string("[") + site + "] CUDA launch failed: " + cudaGetErrorString(e));
@@ -451,10 +489,41 @@ int64_t blocks_per_tile(int64_t n, int64_t blocks) {
 // tiles' thread blocks no longer repay.
 constexpr int64_t kSplitBelowTiles = 64;
 
-bool takes_split(int64_t rows, int64_t cols, const FwhtSpec& spec) {
-  const int64_t len = spec.n / spec.k;
-  if (spec.k <= 1 || len % 8 != 0) return false;
+// A power-of-two (K = 1) n-block of at least kPow2SplitMin elements, in a call of at most kPow2SplitMaxBlocks
+// n-blocks, takes the split plan too: the butterflies of its n / kHighRadix-long chunks (one thread block each) into
+// scratch, then the last log2(kHighRadix) stages across the chunks over the grid. A QuaRot R1 decode row (1 x 4096)
+// was one thread block of 256 threads. From 16 n-blocks on, the one-kernel plan already spreads over as many SMs
+// and the split's second launch and scratch round trip are not repaid (an estimate: fwht_decode_cuda.py times both).
+constexpr int64_t kPow2SplitMin = 1024;
+constexpr int64_t kPow2SplitMaxBlocks = 8;
+constexpr int kHighRadix = 8;  // stages of the second kernel: 8 chunks x 8 offsets in one thread's registers
+
+// The device's opt-in shared memory per block, read once per device (a decode step asks every call).
+int smem_optin_cached(const char* site) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> bytes[kDevices] = {};
+  int device = 0;
+  check_launch(site, cudaGetDevice(&device));
+  if (device < 0 || device >= kDevices) return smem_optin(site);
+  int b = bytes[device].load(std::memory_order_relaxed);
+  if (b == 0) {
+    b = smem_optin(site);
+    bytes[device].store(b, std::memory_order_relaxed);
+  }
+  return b;
+}
+
+// compute_bytes: sizeof the compute type (4, or 8 for F64).
+bool takes_split(int64_t rows, int64_t cols, const FwhtSpec& spec, int64_t compute_bytes, const char* site) {
   const int64_t blocks = rows * (cols / spec.n);
+  if (spec.k == 1) {
+    // Only where the one-kernel plan runs too (its n-block fits the shared memory): the split must not widen what
+    // the op accepts, or a 1-row call would pass where the same n with more rows is refused.
+    return is_pow2(spec.n) && spec.n >= kPow2SplitMin && blocks <= kPow2SplitMaxBlocks &&
+           spec.n * compute_bytes <= smem_optin_cached(site);
+  }
+  const int64_t len = spec.n / spec.k;
+  if (len % 8 != 0) return false;
   const int64_t bpt = blocks_per_tile(spec.n, blocks);
   return (blocks + bpt - 1) / bpt < kSplitBelowTiles;
 }
@@ -480,11 +549,14 @@ Params<typename IO::C> make_params(const void* x, void* y, int64_t rows, int64_t
   return p;
 }
 
-// One fwht_kernel launch over p (its tiles of p.bpt n-blocks, each thread block one tile).
+// One fwht_kernel launch over p (its tiles of p.bpt n-blocks, each thread block one tile). max_bpt > 0 caps the
+// n-blocks per tile (the K = 1 split plan: one chunk per thread block; its chunks are multiples of 8 long, so a tile
+// still holds whole 8-element groups).
 template <typename IO>
-void launch_tiles(Params<typename IO::C> p, void* stream, const char* site) {
+void launch_tiles(Params<typename IO::C> p, void* stream, const char* site, int64_t max_bpt = 0) {
   using C = typename IO::C;
-  const int64_t bpt = blocks_per_tile(p.n, p.blocks);
+  int64_t bpt = blocks_per_tile(p.n, p.blocks);
+  if (max_bpt > 0) bpt = std::min(bpt, max_bpt);
   p.bpt = static_cast<int>(bpt);
   const int64_t tile = bpt * p.n;
   const bool through_smem = p.k > 1 || p.len > 2 * kShuffleTop;
@@ -516,22 +588,41 @@ void launch_tiles(Params<typename IO::C> p, void* stream, const char* site) {
   }
 }
 
-// The split plan (takes_split): the butterflies of every len-long segment with the leading signs into `scratch`
-// ([blocks, n] compute type, unrounded, unscaled), then kmix_kernel's K stage, scale, trailing signs and store.
+// The K = 1 split plan's second kernel over the butterfly pass's scratch t (chunks of `chunk` = n / kHighRadix).
+template <typename IO>
+void launch_high_stages(const Params<typename IO::C>& p, int chunk, const typename IO::C* t, void* stream,
+                        const char* site) {
+  const int64_t items = p.blocks * (chunk / 8);
+  const int64_t grid = (items + kMixThreads - 1) / kMixThreads;
+  if (grid > 0x7FFFFFFF) throw OptionError(std::string("[") + site + "] x: too many blocks for one launch");
+  Params<typename IO::C> pb = p;
+  pb.vec = reinterpret_cast<uintptr_t>(p.y) % 16 == 0;  // the scratch is read as 16-byte vectors (aligned)
+  high_stages_kernel<kHighRadix, IO><<<static_cast<unsigned>(grid), kMixThreads, 0,
+                                       static_cast<cudaStream_t>(stream)>>>(pb, t, chunk);
+  check_launch(site, cudaGetLastError());
+}
+
+// The split plan (takes_split): the butterflies of every seg-long segment with the leading signs into `scratch`
+// ([blocks, n] compute type, unrounded, unscaled), then the rest, scale, trailing signs and store: for K > 1
+// (seg = len) kmix_kernel's K stage; for K = 1 (seg = n / kHighRadix) high_stages_kernel's last stages.
 template <typename IO>
 void launch_split(const Params<typename IO::C>& p, void* scratch, void* stream, const char* site) {
   using C = typename IO::C;
+  const bool pow2 = p.k == 1;
+  const int seg = pow2 ? p.n / kHighRadix : p.len;
   Params<C> pa = p;
   pa.y = scratch;
-  pa.n = p.len;
+  pa.n = seg;
+  pa.len = seg;
   pa.k = 1;
   pa.hadk = nullptr;
-  pa.blocks = p.blocks * p.k;
+  pa.blocks = p.blocks * (p.n / seg);
   pa.signs = p.signs_first ? p.signs : nullptr;
   pa.normalize = false;
   pa.c = C(1);
   pa.vec = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (reinterpret_cast<uintptr_t>(scratch) % 16 == 0);
-  launch_tiles<ToCompute<IO>>(pa, stream, site);
+  launch_tiles<ToCompute<IO>>(pa, stream, site, pow2 ? 1 : 0);
+  if (pow2) return launch_high_stages<IO>(p, seg, static_cast<const C*>(scratch), stream, site);
 
   const int64_t rgroups = p.len / 8;
   // Widest register block that still leaves ~2048 work items (a batch-1 R4 row: KB = 1, 1792 items, 14 blocks).
@@ -563,7 +654,8 @@ template <typename IO>
 void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec, void* stream, void* scratch,
             const char* site) {
   const Params<typename IO::C> p = make_params<IO>(x, y, rows, cols, spec);
-  if (scratch && takes_split(rows, cols, spec)) return launch_split<IO>(p, scratch, stream, site);
+  if (scratch && takes_split(rows, cols, spec, sizeof(typename IO::C), site))
+    return launch_split<IO>(p, scratch, stream, site);
   launch_tiles<IO>(p, stream, site);
 }
 
@@ -576,7 +668,7 @@ int64_t fwht_cuda_max_block(DType dtype) {
 
 int64_t fwht_cuda_scratch_bytes(DType dtype, int64_t rows, int64_t cols, const FwhtSpec& spec) {
   if (rows <= 0 || cols <= 0 || spec.n <= 0 || spec.k <= 0 || cols % spec.n != 0 || spec.n % spec.k != 0) return 0;
-  if (!takes_split(rows, cols, spec)) return 0;
+  if (!takes_split(rows, cols, spec, dtype == DType::F64 ? 8 : 4, "fwht_cuda_scratch_bytes")) return 0;
   return rows * cols * (dtype == DType::F64 ? 8 : 4);
 }
 
