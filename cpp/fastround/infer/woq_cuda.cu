@@ -1045,7 +1045,9 @@ using GemvKernel = void (*)(GemvArgs);
 // Registers (sm_90, ptxas -v, no spills): batch 1 U 4 / 8 / 16: 56 / 72 / 107, with prefetch U 4 / 8: 77 / 122;
 // batches 2 and 4 at U 8: 114 / 128; batch 8 at U 4: 168.
 // half2 (4 bits, batch 1, no prefetch): the settings the planner picks on the Llama shapes and their neighbours.
-// ROTATE (4 bits, batches 1..4, no half2): the same settings rotating x as they stage it (rotated_plan).
+// ROTATE (4 bits, batches 1..4, no half2): the same settings rotating x as they stage it (rotated_plan); at most 6
+// registers above the plain ones, under the same caps (ptxas -v, sm_90: batch 1 U 4 / 8 / 16: 56 / 72 / 107-112,
+// batch 2 at U 8: 118-120), no spills.
 template <int BITS, int MT, DType XT, DType ST, bool ROTATE = false>
 GemvKernel staged_kernel(int u, int tx, bool prefetch, bool half2 = false) {
   constexpr bool R = ROTATE;
