@@ -15,7 +15,10 @@ rotation.register_online_hooks), `quarot` QuaRot's default online part (R4: a 14
 before every down_proj; R1 and R2 are fused into the weights), `quarot_r1` adds the online R1 (4096-wide, before
 q/k/v/gate/up) of fuse_online_to_weight=False. Each kind is timed on the path a load takes (`fused`: the rotation
 inside QuantLinear's woq_linear_rotated call, quant_linear.attach_rotation) and, with `--hook_paths fused,hooks`, as
-plain forward pre-hooks too (the path before the fusion, and that of non-QuantLinear layers). The overhead is the
+plain forward pre-hooks too (the path before the fusion, and that of non-QuantLinear layers); `two_ops` times the
+`fused` path with FASTROUND_WOQ_FUSE_ROTATION=0, the op's two kernels (hadamard_transform, then woq_linear) where
+on CUDA it otherwise runs the rotation inside the staged GEMV (power-of-two blocks at batch 1..4, as `transform`'s
+32-blocks). The overhead is the
 median over `--pairs` alternating with/without pairs (order flipped every pair) of the generate-time ratio, with its
 spread (min, max over pairs): single runs vary by ~10% at decode.
 """
@@ -23,8 +26,10 @@ spread (min, max over pairs): single runs vary by ~10% at decode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -230,6 +235,22 @@ def hook_overhead(model: torch.nn.Module, device: str, kind: str, fused: bool, p
     return res
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """`name` set to `value` (None: left as it is) inside the block, restored after."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
 @torch.no_grad()
 def kernel_seconds(model: torch.nn.Module, ids: torch.Tensor, device: str, new: int) -> float:
     """Sum of the device kernels' times over one generate (torch.profiler; each kernel counted once, as its
@@ -275,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hooks", default="", help="comma list of online rotation hooks to time on the W4 model: "
                     "transform, quarot, quarot_r1")
     ap.add_argument("--hook_paths", default="fused", help="comma list: fused (QuantLinear's one-op rotation, as a "
-                    "load attaches it), hooks (forward pre-hooks)")
+                    "load attaches it), two_ops (the same with FASTROUND_WOQ_FUSE_ROTATION=0: the rotation's own "
+                    "kernel before the GEMV), hooks (forward pre-hooks)")
     ap.add_argument("--pairs", type=int, default=7, help="alternating with/without pairs per hook kind and path")
     ap.add_argument("--clock", default="wall", choices=("wall", "process"), help="clock of the hook timings")
     ap.add_argument("--skip_bf16", action="store_true", help="time only the W4 model (and its hooks)")
@@ -294,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"device": args.device, "threads": torch.get_num_threads(), "layers": args.layers,
                            "vocab": args.vocab, "group_size": args.group_size, "torch": torch.__version__,
                            "machine": platform.platform(),
+                           "fuse_rotation_env": os.environ.get("FASTROUND_WOQ_FUSE_ROTATION"),
                            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     if not args.skip_bf16:
         bsteps: dict[str, float] = {}
@@ -326,12 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w4g{args.group_size}: decode {res['w4_decode_tok_s']:.2f} tok/s", flush=True)
     for kind in filter(None, args.hooks.split(",")):
         for path in filter(None, args.hook_paths.split(",")):
-            if path not in ("fused", "hooks"):
-                raise SystemExit(f"--hook_paths: unknown path {path!r} (fused, hooks)")
-            with torch.no_grad():
-                r = hook_overhead(model, args.device, kind, path == "fused", max(1, args.pairs), args.prompt,
+            if path not in ("fused", "two_ops", "hooks"):
+                raise SystemExit(f"--hook_paths: unknown path {path!r} (fused, two_ops, hooks)")
+            with torch.no_grad(), _env("FASTROUND_WOQ_FUSE_ROTATION", "0" if path == "two_ops" else None):
+                r = hook_overhead(model, args.device, kind, path != "hooks", max(1, args.pairs), args.prompt,
                                   args.new_tokens, args.vocab)
-            tag = kind if path == "fused" else f"{kind}_prehook"
+            tag = {"fused": kind, "two_ops": f"{kind}_two_ops", "hooks": f"{kind}_prehook"}[path]
             res[f"{tag}_hooks"] = r
             res[f"{tag}_hooks_step_overhead"] = r["overhead_median"]
             print(f"w4 + {kind} rotations ({r['rotations']}, {path}): decode {r['hooked_tok_s_median']:.2f} tok/s "

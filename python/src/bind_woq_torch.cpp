@@ -12,6 +12,7 @@
 
 #include "fastround/infer/woq_gemm.h"
 #include "torch_adapter.h"
+#include "woq_rotated.h"
 
 using namespace fastround_torch;
 namespace fi = fastround::infer;
@@ -138,15 +139,18 @@ at::Tensor woq_tile_qweight_cpu(const at::Tensor& qweight, bool untile) {
   });
 }
 
+}  // namespace
+
 // woq_linear(hadamard_transform(x, ...), ...): a rotated checkpoint's online input rotation and its linear in one
 // op call. The two kernels are the ops' own (same bits as the two calls), reached through C++ dispatcher handles:
 // the Python call, its argument parsing and the module hook around it are what a batch-1 decode step paid per layer.
-// Registered CompositeExplicitAutograd (below autograd, any device whose kernels the two ops have).
-at::Tensor woq_linear_rotated(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
-                              const at::Tensor& scales, const std::optional<at::Tensor>& bias, int64_t bits,
-                              int64_t group_size, c10::string_view layout, int64_t block_size,
-                              const std::optional<at::Tensor>& hadamard_k, const std::optional<at::Tensor>& signs,
-                              bool transpose, bool signs_first) {
+// Registered CompositeExplicitAutograd (below autograd, any device whose kernels the two ops have); CUDA has its own
+// kernel (bind_woq_cuda.cpp), which fuses the rotation into the GEMV where it can and calls this elsewhere.
+at::Tensor fastround_torch::woq_linear_rotated_two_ops(
+    const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+    const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, c10::string_view layout,
+    int64_t block_size, const std::optional<at::Tensor>& hadamard_k, const std::optional<at::Tensor>& signs,
+    bool transpose, bool signs_first) {
   return guarded([&]() -> at::Tensor {
     static const auto rotate =
         c10::Dispatcher::singleton()
@@ -166,8 +170,6 @@ at::Tensor woq_linear_rotated(const at::Tensor& x, const at::Tensor& qweight, co
   });
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(fastround, m) {
   m.def("woq_linear_rotated(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int bits, "
         "int group_size, str layout, int block_size, Tensor? hadamard_k=None, Tensor? signs=None, "
@@ -178,7 +180,7 @@ TORCH_LIBRARY_FRAGMENT(fastround, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastround, CompositeExplicitAutograd, m) {
-  m.impl("woq_linear_rotated", TORCH_FN(woq_linear_rotated));
+  m.impl("woq_linear_rotated", TORCH_FN(woq_linear_rotated_two_ops));
 }
 
 TORCH_LIBRARY_IMPL(fastround, CPU, m) {

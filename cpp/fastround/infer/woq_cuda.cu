@@ -29,6 +29,9 @@
 #include <vector>
 
 #include "fastround/common/error.h"
+#include "fastround/common/fp_codes.h"
+#include "fastround/common/half.h"
+#include "fastround/transform/fwht_butterfly.cuh"
 #include "fastround/tune/cuda_elements.cuh"
 
 namespace fastround::infer::gpu {
@@ -117,6 +120,12 @@ struct GemvArgs {
   int split;         // blocks of a cluster sharing one column tile's inputs
   bool bias_f32;
   float zero_add;    // added to stored zero points: 1 for GPTQ v1, else 0
+  // x's online rotation, applied by the staged kernel's ROTATE instantiation as it stages x (WoqInputHadamard):
+  // the block size (a power of two), the sign vector [rot_n] or null, and 1/sqrt(rot_n) as fwht_cuda.cu rounds it
+  int rot_n;
+  const int8_t* rot_signs;
+  bool rot_signs_first;
+  float rot_scale;
 };
 
 // acc [MT][CPT] holds this thread's sums for columns tx*CPT .. tx*CPT+CPT-1 of the block's CT-column tile.
@@ -424,6 +433,56 @@ __device__ __forceinline__ float word_dot_half2(uint32_t w, const uint4& xp, Hal
 
 // ---- GEMV, GPTQ words, activations staged in shared memory ("staged") ----
 
+// One qweight row's PF inputs of x (16-byte aligned) as PF/2 words of x's dtype, element 2i in the low half.
+template <int PF>
+__device__ __forceinline__ void load_x_words(const uint16_t* xp, uint32_t (&xw)[PF / 2]) {
+  if constexpr (PF == 4) {
+    const uint2 t = __ldg(reinterpret_cast<const uint2*>(xp));
+    xw[0] = t.x;
+    xw[1] = t.y;
+  } else {
+    const uint4 t = __ldg(reinterpret_cast<const uint4*>(xp));
+    xw[0] = t.x;
+    xw[1] = t.y;
+    xw[2] = t.z;
+    xw[3] = t.w;
+  }
+}
+
+// Inputs k0 .. k0+7 of one x row, in place: the rotation's leading signs, the Sylvester butterflies of its
+// rot_n-blocks, the scale, the trailing signs and the rounding to x's dtype, each as fwht_cuda.cu's one-kernel plan
+// does them (the same helpers, F16 / BF16 widening and narrowing), so the words are the bits hadamard_transform
+// writes. Consecutive lanes must hold consecutive groups of 8 inputs, and every lane of the warp must call it.
+template <DType XT>
+__device__ __forceinline__ void rotate_x_words(const GemvArgs& a, int k0, int lane, uint32_t (&xw)[4]) {
+  namespace tg = fastround::transform::gpu;
+  auto widen = [](uint32_t h) {
+    return XT == DType::BF16 ? bf16_to_float(static_cast<uint16_t>(h)) : fp16_to_float(static_cast<uint16_t>(h));
+  };
+  auto narrow = [](float f) -> uint32_t { return XT == DType::BF16 ? float_to_bf16(f) : float_to_fp16(f); };
+  float v[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = widen(xw[i] & 0xFFFFu);
+    v[2 * i + 1] = widen(xw[i] >> 16);
+  }
+  const int sign_mask = a.rot_n - 1;  // rot_n divides the row and k0 counts from the row's start
+  if (a.rot_signs && a.rot_signs_first) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = tg::apply_sign(v[j], __ldg(a.rot_signs + ((k0 + j) & sign_mask)));
+  }
+  tg::radix<8>(v, a.rot_n);
+  tg::shuffle_stages(v, a.rot_n, lane);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = tg::rmul(v[j], a.rot_scale);
+  if (a.rot_signs && !a.rot_signs_first) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = tg::apply_sign(v[j], __ldg(a.rot_signs + ((k0 + j) & sign_mask)));
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) xw[i] = narrow(v[2 * i]) | (narrow(v[2 * i + 1]) << 16);
+}
+
 // Blocks per SM the staged kernel is compiled for: register caps that hold its loads without spills (ptxas -v).
 template <int U, bool PREFETCH>
 constexpr int staged_min_blocks(int mt) {
@@ -444,7 +503,10 @@ constexpr int staged_min_blocks(int mt) {
 // PREFETCH: a worker issues its next chunk's loads before it uses the current one (twice the registers).
 // HALF2 (4 bits, batch 1): products in x's half2 arithmetic (word_dot_half2); xs then holds per qweight row the
 // pairs (x_j, x_{j+4}), j = 0..3, as 4 words of x's dtype.
-template <int BITS, int MT, int U, int TX, bool PREFETCH, DType XT, DType ST, bool HALF2 = false>
+// ROTATE (4 bits): x is rotated by a's power-of-two block Hadamard (rot_n, which divides this block's slice) as it
+// is staged, one launch instead of hadamard_transform's kernel, its output buffer and this kernel reading it back;
+// the staged values, hence the sums, are bit for bit those of the two launches.
+template <int BITS, int MT, int U, int TX, bool PREFETCH, DType XT, DType ST, bool HALF2 = false, bool ROTATE = false>
 __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) gemv_gptq_staged_kernel(GemvArgs a) {
   constexpr int PF = 32 / BITS;     // inputs per word
   constexpr int LANES = 16 / BITS;  // codes per 16-bit half
@@ -452,6 +514,7 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
   constexpr int CT = 4 * TX;         // columns per block
   static_assert(PF == 4 || PF == 8, "the staged GEMV takes 4 and 8 bits");
   static_assert(!HALF2 || (BITS == 4 && MT == 1 && !PREFETCH), "the half2 variant: 4 bits, batch 1");
+  static_assert(!ROTATE || (PF == 8 && !HALF2), "the rotation takes a qweight row's 8 inputs as one group of 8");
   extern __shared__ float4 staged_smem[];
   const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * CT + tx * 4;
@@ -478,50 +541,63 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
   int64_t c = c0 + ty;
   if (active && c < c1) load_chunk(c, q, graw);
 
-  // Stage x: one qweight row's PF inputs per thread and step (unrolled so that several steps' loads are in flight).
+  // Stage x: one qweight row's PF inputs per thread and step, given as PF/2 words of x's dtype.
   const int in32 = static_cast<int>(a.in);
+  auto stage_row = [&](int m, int r, const uint32_t(&xw)[PF / 2]) {
+    float xf[PF];
+#pragma unroll
+    for (int i = 0; i < PF / 2; ++i) {
+      xf[2 * i] = lo_f32<XT>(xw[i]);
+      xf[2 * i + 1] = hi_f32<XT>(xw[i]);
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PF; ++j) s += xf[j];
+    xrow[m * nrows + r] = s;
+    if constexpr (HALF2) {
+      reinterpret_cast<uint4*>(staged_smem)[m * nrows + r] =
+          make_uint4(__byte_perm(xw[0], xw[2], 0x5410), __byte_perm(xw[0], xw[2], 0x7632),
+                     __byte_perm(xw[1], xw[3], 0x5410), __byte_perm(xw[1], xw[3], 0x7632));
+      return;
+    }
+    float4* dst = reinterpret_cast<float4*>(xs + m * nin + r * PF);
+#pragma unroll
+    for (int i = 0; i < PF / 4; ++i)
+      dst[i] = make_float4(xf[4 * i] * inv_pow2(BITS * ((4 * i) % LANES)),
+                           xf[4 * i + 1] * inv_pow2(BITS * ((4 * i + 1) % LANES)),
+                           xf[4 * i + 2] * inv_pow2(BITS * ((4 * i + 2) % LANES)),
+                           xf[4 * i + 3] * inv_pow2(BITS * ((4 * i + 3) % LANES)));
+  };
+  if constexpr (ROTATE) {
+    // A row's 8 inputs are one butterfly group and consecutive threads take consecutive rows, so the rot_n-blocks
+    // (rot_n / 8 <= 32 lanes, aligned) sit inside warps. Every lane runs every round for the shuffles; lanes past
+    // the slice carry zeros, which no staged input pairs with (rot_n divides the slice).
+    const int lane = threadIdx.x & 31;
+    for (int r0 = 0; r0 < nrows; r0 += kThreads) {
+      const int r = r0 + threadIdx.x;
+      const bool valid = r < nrows;
+      const int k0 = static_cast<int>((c0 * U + r) * PF);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m >= a.m) break;
+        uint32_t xw[PF / 2] = {};
+        if (valid) load_x_words<PF>(static_cast<const uint16_t*>(a.x) + m * in32 + k0, xw);
+        rotate_x_words<XT>(a, k0, lane, xw);
+        if (valid) stage_row(m, r, xw);
+      }
+    }
+  } else {
+    // Unrolled so that several steps' loads are in flight.
 #pragma unroll 4
-  for (int r = threadIdx.x; r < nrows; r += kThreads) {
-    const int64_t k0 = (c0 * U + r) * PF;
+    for (int r = threadIdx.x; r < nrows; r += kThreads) {
+      const int64_t k0 = (c0 * U + r) * PF;
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m >= a.m) break;
-      const uint16_t* xp = static_cast<const uint16_t*>(a.x) + m * in32 + k0;
-      uint32_t xw[PF / 2];
-      if constexpr (PF == 4) {
-        const uint2 t = __ldg(reinterpret_cast<const uint2*>(xp));
-        xw[0] = t.x;
-        xw[1] = t.y;
-      } else {
-        const uint4 t = __ldg(reinterpret_cast<const uint4*>(xp));
-        xw[0] = t.x;
-        xw[1] = t.y;
-        xw[2] = t.z;
-        xw[3] = t.w;
+      for (int m = 0; m < MT; ++m) {
+        if (m >= a.m) break;
+        uint32_t xw[PF / 2];
+        load_x_words<PF>(static_cast<const uint16_t*>(a.x) + m * in32 + k0, xw);
+        stage_row(m, r, xw);
       }
-      float xf[PF];
-#pragma unroll
-      for (int i = 0; i < PF / 2; ++i) {
-        xf[2 * i] = lo_f32<XT>(xw[i]);
-        xf[2 * i + 1] = hi_f32<XT>(xw[i]);
-      }
-      float s = 0.0f;
-#pragma unroll
-      for (int j = 0; j < PF; ++j) s += xf[j];
-      xrow[m * nrows + r] = s;
-      if constexpr (HALF2) {
-        reinterpret_cast<uint4*>(staged_smem)[m * nrows + r] =
-            make_uint4(__byte_perm(xw[0], xw[2], 0x5410), __byte_perm(xw[0], xw[2], 0x7632),
-                       __byte_perm(xw[1], xw[3], 0x5410), __byte_perm(xw[1], xw[3], 0x7632));
-        continue;
-      }
-      float4* dst = reinterpret_cast<float4*>(xs + m * nin + r * PF);
-#pragma unroll
-      for (int i = 0; i < PF / 4; ++i)
-        dst[i] = make_float4(xf[4 * i] * inv_pow2(BITS * ((4 * i) % LANES)),
-                             xf[4 * i + 1] * inv_pow2(BITS * ((4 * i + 1) % LANES)),
-                             xf[4 * i + 2] * inv_pow2(BITS * ((4 * i + 2) % LANES)),
-                             xf[4 * i + 3] * inv_pow2(BITS * ((4 * i + 3) % LANES)));
     }
   }
   __syncthreads();
@@ -969,10 +1045,17 @@ using GemvKernel = void (*)(GemvArgs);
 // Registers (sm_90, ptxas -v, no spills): batch 1 U 4 / 8 / 16: 56 / 72 / 107, with prefetch U 4 / 8: 77 / 122;
 // batches 2 and 4 at U 8: 114 / 128; batch 8 at U 4: 168.
 // half2 (4 bits, batch 1, no prefetch): the settings the planner picks on the Llama shapes and their neighbours.
-template <int BITS, int MT, DType XT, DType ST>
+// ROTATE (4 bits, batches 1..4, no half2): the same settings rotating x as they stage it (rotated_plan); at most 6
+// registers above the plain ones, under the same caps (ptxas -v, sm_90: batch 1 U 4 / 8 / 16: 56 / 72 / 107-112,
+// batch 2 at U 8: 118-120), no spills.
+template <int BITS, int MT, DType XT, DType ST, bool ROTATE = false>
 GemvKernel staged_kernel(int u, int tx, bool prefetch, bool half2 = false) {
-  if constexpr (BITS == 4 && MT == 1) {
+  constexpr bool R = ROTATE;
+  if constexpr (ROTATE && (BITS != 4 || MT > 4)) {
+    return nullptr;
+  } else if constexpr (BITS == 4 && MT == 1) {
     if (half2) {
+      if (ROTATE) return nullptr;
       if (prefetch) return nullptr;
       switch (u * 100 + tx) {
         case 408: return gemv_gptq_staged_kernel<4, 1, 4, 8, false, XT, ST, true>;
@@ -986,23 +1069,23 @@ GemvKernel staged_kernel(int u, int tx, bool prefetch, bool half2 = false) {
     }
     if (prefetch) {
       switch (u * 100 + tx) {
-        case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, true, XT, ST>;
-        case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, true, XT, ST>;
-        case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, true, XT, ST>;
-        case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, true, XT, ST>;
+        case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, true, XT, ST, false, R>;
+        case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, true, XT, ST, false, R>;
+        case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, true, XT, ST, false, R>;
+        case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, true, XT, ST, false, R>;
         default: return nullptr;
       }
     }
     switch (u * 100 + tx) {
-      case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, false, XT, ST>;
-      case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, false, XT, ST>;
-      case 408: return gemv_gptq_staged_kernel<4, 1, 4, 8, false, XT, ST>;
-      case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, false, XT, ST>;
-      case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, false, XT, ST>;
-      case 808: return gemv_gptq_staged_kernel<4, 1, 8, 8, false, XT, ST>;
-      case 1632: return gemv_gptq_staged_kernel<4, 1, 16, 32, false, XT, ST>;
-      case 1616: return gemv_gptq_staged_kernel<4, 1, 16, 16, false, XT, ST>;
-      case 1608: return gemv_gptq_staged_kernel<4, 1, 16, 8, false, XT, ST>;
+      case 432: return gemv_gptq_staged_kernel<4, 1, 4, 32, false, XT, ST, false, R>;
+      case 416: return gemv_gptq_staged_kernel<4, 1, 4, 16, false, XT, ST, false, R>;
+      case 408: return gemv_gptq_staged_kernel<4, 1, 4, 8, false, XT, ST, false, R>;
+      case 832: return gemv_gptq_staged_kernel<4, 1, 8, 32, false, XT, ST, false, R>;
+      case 816: return gemv_gptq_staged_kernel<4, 1, 8, 16, false, XT, ST, false, R>;
+      case 808: return gemv_gptq_staged_kernel<4, 1, 8, 8, false, XT, ST, false, R>;
+      case 1632: return gemv_gptq_staged_kernel<4, 1, 16, 32, false, XT, ST, false, R>;
+      case 1616: return gemv_gptq_staged_kernel<4, 1, 16, 16, false, XT, ST, false, R>;
+      case 1608: return gemv_gptq_staged_kernel<4, 1, 16, 8, false, XT, ST, false, R>;
       default: return nullptr;
     }
   } else if constexpr (BITS == 8 && MT == 1) {
@@ -1018,8 +1101,8 @@ GemvKernel staged_kernel(int u, int tx, bool prefetch, bool half2 = false) {
     constexpr int U = MT <= 4 ? 8 : 4;  // batch 8 with 8 rows a chunk spills at 128 registers
     if (prefetch || half2) return nullptr;
     switch (u * 100 + tx) {
-      case U * 100 + 32: return gemv_gptq_staged_kernel<4, MT, U, 32, false, XT, ST>;
-      case U * 100 + 16: return gemv_gptq_staged_kernel<4, MT, U, 16, false, XT, ST>;
+      case U * 100 + 32: return gemv_gptq_staged_kernel<4, MT, U, 32, false, XT, ST, false, R>;
+      case U * 100 + 16: return gemv_gptq_staged_kernel<4, MT, U, 16, false, XT, ST, false, R>;
       default: return nullptr;
     }
   }
@@ -1031,6 +1114,8 @@ struct StagedPlan {
   int split = 1;
   int64_t tiles = 0;
   size_t smem = 0;
+  int u = 0, tx = 0;  // the setting behind `kernel`, which rotated_plan instantiates again
+  bool prefetch = false, half2 = false;
 };
 
 // Per kernel: the dynamic shared memory it may take (the device's opt-in limit less its static part), raised once
@@ -1156,6 +1241,10 @@ StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& t
             best.split = split;
             best.tiles = (w.out + 4 * tx - 1) / (4 * tx);
             best.smem = smem;
+            best.u = u;
+            best.tx = tx;
+            best.prefetch = pre != 0;
+            best.half2 = half2;
             best_cost = cost.us;
           }
         }
@@ -1182,6 +1271,40 @@ StagedPlan cached_plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTu
   return it->second;
 }
 
+// The plan `base` (the problem's staged plan without rotation) in the kernel that rotates x's rot_n-blocks as it
+// stages them, or a null kernel where that kernel cannot take it: the same setting, so the same sums in the same
+// order, provided every block's slice of x (whole chunks of U * 8 inputs) starts on a multiple of rot_n.
+template <int BITS, int MT, DType XT, DType ST>
+StagedPlan rotated_plan(const StagedPlan& base, int64_t rows, int64_t rot_n) {
+  constexpr int PF = 32 / BITS;
+  if (!base.kernel || base.half2 || rot_n < 1 || rot_n > 8 * 32 || (rot_n & (rot_n - 1)) != 0) return {};
+  const int64_t chunks = rows / base.u;
+  for (int y = 0; y <= base.split; ++y)
+    if (chunks * y / base.split * base.u * PF % rot_n != 0) return {};
+  StagedPlan p = base;
+  p.kernel = staged_kernel<BITS, MT, XT, ST, true>(base.u, base.tx, base.prefetch);
+  if (!p.kernel || staged_max_dynamic(p.kernel) < p.smem || staged_blocks_per_sm(p.kernel, p.smem) <= 0 ||
+      !staged_cluster_fits(p.kernel, p.split, p.smem))
+    return {};
+  return p;
+}
+
+// rotated_plan, asked once per base plan, rows and block size (the fusion check runs at every call).
+template <int BITS, int MT, DType XT, DType ST>
+StagedPlan cached_rotated_plan(const StagedPlan& base, int64_t rows, int64_t rot_n) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, StagedPlan> plans;
+  int device = 0;
+  check_launch("woq_gemv_cuda", cudaGetDevice(&device));
+  const std::string key = std::to_string(device) + ":" + std::to_string(reinterpret_cast<uintptr_t>(base.kernel)) +
+                          ":" + std::to_string(base.split) + ":" + std::to_string(base.smem) + ":" +
+                          std::to_string(rows) + ":" + std::to_string(rot_n);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = plans.find(key);
+  if (it == plans.end()) it = plans.emplace(key, rotated_plan<BITS, MT, XT, ST>(base, rows, rot_n)).first;
+  return it->second;
+}
+
 void launch_staged(const StagedPlan& p, GemvArgs a, cudaStream_t stream) {
   a.split = p.split;
   cudaLaunchConfig_t cfg = {};
@@ -1197,6 +1320,65 @@ void launch_staged(const StagedPlan& p, GemvArgs a, cudaStream_t stream) {
   cfg.attrs = attr;
   cfg.numAttrs = p.split > 1 ? 1 : 0;
   check_launch("woq_gemv_cuda", cudaLaunchKernelEx(&cfg, p.kernel, a));
+}
+
+// The staged plan woq_gemv_cuda launches for a GPTQ problem of m rows (null kernel: the rows kernel takes it), in
+// the kernel rotating x's rot_n-blocks where rot_n > 0 (null kernel: that one cannot).
+StagedPlan staged_plan_for(const WoqWeights& w, DType x_dtype, int64_t m, const WoqGemvTuning& staged_tune,
+                           int64_t rot_n) {
+  constexpr const char* site = "woq_gemv_cuda";
+  const int64_t rows = w.in * w.bits / 32;
+  StagedPlan plan;
+  with_half_dtype(x_dtype, site, "x", [&](auto xt) {
+    with_half_dtype(w.scale_dtype, site, "scales", [&](auto sd) {
+      constexpr DType XT = decltype(xt)::value, SD = decltype(sd)::value;
+      auto plan_for = [&](auto bits_c, auto mt_c) {
+        constexpr int BITS = decltype(bits_c)::value, MT = decltype(mt_c)::value;
+        plan = cached_plan_staged<BITS, MT, XT, SD>(w, rows, staged_tune);
+        if (rot_n > 0) plan = cached_rotated_plan<BITS, MT, XT, SD>(plan, rows, rot_n);
+      };
+      with_rows(m, [&](auto mt) {
+        if (w.bits == 4) plan_for(std::integral_constant<int, 4>{}, mt);
+        else plan_for(std::integral_constant<int, 8>{}, mt);
+      });
+    });
+  });
+  return plan;
+}
+
+// What woq_gemv_cuda checks of its tuning, and the tuning its staged planner is given: the benchmark knobs at batch
+// 1 only, and half2 at 4 bits only.
+WoqGemvTuning checked_staged_tuning(const WoqWeights& w, int64_t m, const WoqGemvTuning& tune) {
+  constexpr const char* site = "woq_gemv_cuda";
+  const bool force_staged = tune.kernel == WoqGemvKernel::Staged || tune.kernel == WoqGemvKernel::StagedHalf2;
+  if (tune.kernel != WoqGemvKernel::Auto && tune.kernel != WoqGemvKernel::Rows && !force_staged)
+    bad(site, "tuning kernel must be auto, rows, staged or staged_half2");
+  if (force_staged) {
+    if (tune.unroll != 0 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
+      bad(site, "staged tuning unroll must be 0, 4, 8 or 16, got " + std::to_string(tune.unroll));
+    if (tune.split != 0 && tune.split != 1 && tune.split != 2 && tune.split != 4 && tune.split != 8)
+      bad(site, "staged tuning split must be 0, 1, 2, 4 or 8, got " + std::to_string(tune.split));
+    if (tune.tx != 0 && tune.tx != 8 && tune.tx != 16 && tune.tx != 32)
+      bad(site, "staged tuning tx must be 0, 8, 16 or 32, got " + std::to_string(tune.tx));
+    if (tune.prefetch < 0 || tune.prefetch > 2)
+      bad(site, "staged tuning prefetch must be 0, 1 (off) or 2 (on), got " + std::to_string(tune.prefetch));
+  } else {
+    if (tune.unroll != 0 && tune.unroll != 2 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
+      bad(site, "tuning unroll must be 0, 2, 4, 8 or 16, got " + std::to_string(tune.unroll));
+    if (tune.split < 0 || tune.split > kMaxSplit)
+      bad(site, "tuning split must be 0..8, got " + std::to_string(tune.split));
+    if (tune.tx != 0 || tune.prefetch != 0)
+      bad(site, "tuning tx and prefetch apply to the staged kernel only");
+  }
+  WoqGemvTuning staged_tune = tune;
+  if (m != 1 || !force_staged) staged_tune = {};
+  if (tune.kernel == WoqGemvKernel::StagedHalf2 && w.bits != 4) staged_tune = {};  // half2 takes 4 bits only
+  return staged_tune;
+}
+
+// GPTQ words at 4 bits (and 8 bits at batch 1) take the staged kernel where it applies (see its comment).
+bool takes_staged(const WoqWeights& w, int64_t m, const WoqGemvTuning& tune) {
+  return w.layout != WoqLayout::Awq && tune.kernel != WoqGemvKernel::Rows && (w.bits == 4 || (w.bits == 8 && m == 1));
 }
 
 }  // namespace
@@ -1229,35 +1411,27 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
   return w.out % 4 == 0 && w.in % pf == 0 && w.group % pf == 0 && aligned(w.scales, 8) && aligned(w.qzeros, 4);
 }
 
+bool woq_gemv_fuses_hadamard(const WoqWeights& w, DType x_dtype, int64_t m, const void* x,
+                             const WoqInputHadamard& rot, const WoqGemvTuning& tune) {
+  if (!woq_gemv_supported(w, x_dtype, m, x) || m > 4 || w.bits != 4 || rot.n <= 0 || w.in % rot.n != 0) return false;
+  const WoqGemvTuning staged_tune = checked_staged_tuning(w, m, tune);
+  return takes_staged(w, m, tune) && staged_plan_for(w, x_dtype, m, staged_tune, rot.n).kernel != nullptr;
+}
+
 void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
-                   void* out, void* stream, WoqGemvTuning tune) {
+                   void* out, void* stream, WoqGemvTuning tune, const WoqInputHadamard* rot) {
   constexpr const char* site = "woq_gemv_cuda";
   woq_check(w, site);
   if (!x || !out) bad(site, "x and out are required");
   if (bias && bias_dtype != x_dtype && bias_dtype != DType::F32)
     bad(site, "bias dtype must be x's or F32, got " + std::string(dtype_name(bias_dtype)));
   if (!woq_gemv_supported(w, x_dtype, m, x)) bad(site, "this problem needs the dequantize path");
+  const WoqGemvTuning staged_tune = checked_staged_tuning(w, m, tune);
   const bool force_staged = tune.kernel == WoqGemvKernel::Staged || tune.kernel == WoqGemvKernel::StagedHalf2;
-  if (tune.kernel != WoqGemvKernel::Auto && tune.kernel != WoqGemvKernel::Rows && !force_staged)
-    bad(site, "tuning kernel must be auto, rows, staged or staged_half2");
-  if (force_staged) {
-    if (tune.unroll != 0 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
-      bad(site, "staged tuning unroll must be 0, 4, 8 or 16, got " + std::to_string(tune.unroll));
-    if (tune.split != 0 && tune.split != 1 && tune.split != 2 && tune.split != 4 && tune.split != 8)
-      bad(site, "staged tuning split must be 0, 1, 2, 4 or 8, got " + std::to_string(tune.split));
-    if (tune.tx != 0 && tune.tx != 8 && tune.tx != 16 && tune.tx != 32)
-      bad(site, "staged tuning tx must be 0, 8, 16 or 32, got " + std::to_string(tune.tx));
-    if (tune.prefetch < 0 || tune.prefetch > 2)
-      bad(site, "staged tuning prefetch must be 0, 1 (off) or 2 (on), got " + std::to_string(tune.prefetch));
-  } else {
-    if (tune.unroll != 0 && tune.unroll != 2 && tune.unroll != 4 && tune.unroll != 8 && tune.unroll != 16)
-      bad(site, "tuning unroll must be 0, 2, 4, 8 or 16, got " + std::to_string(tune.unroll));
-    if (tune.split < 0 || tune.split > kMaxSplit)
-      bad(site, "tuning split must be 0..8, got " + std::to_string(tune.split));
-    if (tune.tx != 0 || tune.prefetch != 0)
-      bad(site, "tuning tx and prefetch apply to the staged kernel only");
-  }
-  // GPTQ words at 4 bits (and 8 bits at batch 1) take the staged kernel where it applies (see its comment).
+  StagedPlan plan;
+  if (takes_staged(w, m, tune)) plan = staged_plan_for(w, x_dtype, m, staged_tune, rot ? rot->n : 0);
+  if (rot && (w.in % rot->n != 0 || !plan.kernel))
+    bad(site, "rot: this problem's GEMV cannot rotate x (see woq_gemv_fuses_hadamard)");
   // Rows kernel, batch-1 defaults from the H200 sweep (woq_cuda_bench.py --sweep, docs/performance.md): GPTQ words
   // at 4 and 8 bits run best with 4 loads in flight and 2 blocks per cluster on the 8B shapes (geometric mean 1.59x / 1.21x bf16
   // against 1.25x / 0.91x for 8 and the occupancy-chosen split); AWQ keeps 8 and the chosen split.
@@ -1266,9 +1440,6 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   const bool rows_tuned = !force_staged;
   const int unroll = m != 1 ? kBatch : rows_tuned && tune.unroll != 0 ? tune.unroll : gptq48 ? 4 : kBatch;
   const int split = m != 1 ? 0 : rows_tuned && tune.split != 0 ? tune.split : gptq48 ? 2 : 0;
-  WoqGemvTuning staged_tune = tune;
-  if (m != 1 || !force_staged) staged_tune = {};
-  if (tune.kernel == WoqGemvKernel::StagedHalf2 && w.bits != 4) staged_tune = {};  // half2 takes 4 bits only
   GemvArgs a{};
   a.qweight = w.qweight;
   a.qzeros = w.qzeros;
@@ -1283,7 +1454,19 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   a.m = static_cast<int>(m);
   a.split = 1;
   a.zero_add = w.layout == WoqLayout::Gptq ? 1.0f : 0.0f;
+  a.rows = w.in * w.bits / 32;  // gptq (the awq branch below sets its own)
+  a.zwords = zwords_of(w);
+  if (rot) {
+    a.rot_n = static_cast<int>(rot->n);
+    a.rot_signs = rot->signs;
+    a.rot_signs_first = rot->signs_first;
+    a.rot_scale = transform::gpu::fwht_scale<float>(rot->n);
+  }
   const auto st = static_cast<cudaStream_t>(stream);
+  if (plan.kernel) {
+    launch_staged(plan, a, st);
+    return;
+  }
   with_half_dtype(x_dtype, site, "x", [&](auto xt) {
     with_half_dtype(w.scale_dtype, site, "scales", [&](auto sd) {
       constexpr DType XT = decltype(xt)::value, SD = decltype(sd)::value;
@@ -1300,22 +1483,6 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
           });
         });
         return;
-      }
-      a.rows = w.in * w.bits / 32;
-      a.zwords = zwords_of(w);
-      if (tune.kernel != WoqGemvKernel::Rows && (w.bits == 4 || (w.bits == 8 && m == 1))) {
-        StagedPlan plan;
-        auto plan_for = [&](auto bits_c, auto mt_c) {
-          plan = cached_plan_staged<decltype(bits_c)::value, decltype(mt_c)::value, XT, SD>(w, a.rows, staged_tune);
-        };
-        with_rows(m, [&](auto mt) {
-          if (w.bits == 4) plan_for(std::integral_constant<int, 4>{}, mt);
-          else plan_for(std::integral_constant<int, 8>{}, mt);
-        });
-        if (plan.kernel) {
-          launch_staged(plan, a, st);
-          return;
-        }
       }
       const int64_t tiles = (w.out + kGptqCols - 1) / kGptqCols;
       with_bits(w.bits, [&](auto bits) {

@@ -73,8 +73,26 @@ struct WoqGemvTuning {
   int prefetch = 0;
 };
 
+// An online rotation of x's rows that the GEMV can apply as it reads x (a rotated checkpoint's input rotation, fused
+// into woq_linear_rotated): per n-block of inputs, the signs (if any) before or after the Sylvester FWHT, scaled by
+// 1/sqrt(n), rounded to x's dtype; the bits of fwht_rows_cuda (transform/fwht_cuda.h) with FwhtSpec{n, k = 1,
+// signs, signs_first, normalize}. n: a power of two up to 256; signs: [n] int8 on the device (> 0: +1), or null.
+struct WoqInputHadamard {
+  int64_t n = 0;
+  const int8_t* signs = nullptr;
+  bool signs_first = false;
+};
+
+// Whether woq_gemv_cuda takes `rot` for this problem and tuning: the GEMV it plans is the staged kernel at 4 bits
+// (gptq layouts, 1..4 rows, not the half2 variant) and n divides every thread block's slice of the inputs (whole
+// chunks of the plan). Otherwise the caller rotates x first (fwht_rows_cuda) and calls without `rot`.
+bool woq_gemv_fuses_hadamard(const WoqWeights& w, DType x_dtype, int64_t m, const void* x,
+                             const WoqInputHadamard& rot, const WoqGemvTuning& tune = {});
+
+// rot (null: none; else requires woq_gemv_fuses_hadamard): x is the unrotated input, and out the bits of the GEMV
+// of the rotated one, in one launch.
 void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
-                   void* out, void* stream, WoqGemvTuning tune = {});
+                   void* out, void* stream, WoqGemvTuning tune = {}, const WoqInputHadamard* rot = nullptr);
 
 // dst [in, out] (row-major, input-major as a matmul's right operand) = dequant(W) rounded to out_dtype
 // (F32, F16 or BF16). Any layout, bits, group and scale dtype woq_check accepts.

@@ -15,6 +15,7 @@
 #include "fastround/common/error.h"
 #include "fastround/common/fp_codes.h"
 #include "fastround/common/half.h"
+#include "fastround/transform/fwht_butterfly.cuh"
 
 namespace fastround::transform::gpu {
 
@@ -22,17 +23,8 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 constexpr int kTileTarget = 2048;  // elements per thread block when blocks are small: 256 threads x 8
-constexpr int kShuffleTop = 128;   // largest stride done by warp shuffles: 32 lanes x 8 elements = 256
 
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
-
-// One correctly rounded operation each, never contracted into an FMA (fwht.h's bit-for-bit contract).
-__device__ __forceinline__ float radd(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ float rsub(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ float rmul(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double radd(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ double rsub(double a, double b) { return __dsub_rn(a, b); }
-__device__ __forceinline__ double rmul(double a, double b) { return __dmul_rn(a, b); }
 
 // Storage types and their exact widening / RNE narrowing (the CPU's half.h / fp_codes.h functions, so ties and NaNs
 // round alike on both sides).
@@ -164,28 +156,6 @@ __device__ __forceinline__ void sload8(const C* s, C v[8]) { vload8<false>(s, v)
 template <typename C>
 __device__ __forceinline__ void sstore8(C* s, const C v[8]) { vstore8(s, v); }
 
-// Butterfly stages with register strides 1, 2, ..., R/2 over v[0..R) (strides h·1, h·2, ... of the data), in
-// increasing order, stopping at `limit` (the Sylvester length in these units).
-template <int R, typename C>
-__device__ __forceinline__ void radix(C v[], int limit) {
-#pragma unroll
-  for (int w = 1; w < R; w *= 2) {
-    if (w >= limit) break;
-#pragma unroll
-    for (int j = 0; j < R; ++j)
-      if ((j & w) == 0) {
-        const C a = v[j], b = v[j + w];
-        v[j] = radd(a, b);
-        v[j + w] = rsub(a, b);
-      }
-  }
-}
-
-template <typename C>
-__device__ __forceinline__ C apply_sign(C v, int8_t s) {
-  return s > 0 ? v : -v;
-}
-
 // Scale, trailing signs and store of 8 outputs starting at tile element e0.
 template <typename IO>
 __device__ __forceinline__ void finish8(const Params<typename IO::C>& p, typename IO::TO* y, int e0, int count,
@@ -305,13 +275,7 @@ __global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename
         if (j < count) v[j] = apply_sign(v[j], __ldg(p.signs + (sign_base + e0 + j) % p.sign_n));
     }
     radix<8>(v, p.len);
-    for (int w = 1; 8 * w < p.len && w <= kShuffleTop / 8; w *= 2) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const C o = __shfl_xor_sync(0xffffffffu, v[j], w);
-        v[j] = (lane & w) ? rsub(o, v[j]) : radd(v[j], o);
-      }
-    }
+    shuffle_stages(v, p.len, lane);
     if (count == 0) continue;
     if (!through_smem) {
       finish8<IO>(p, y, e0, count, v);
@@ -544,7 +508,7 @@ Params<typename IO::C> make_params(const void* x, void* y, int64_t rows, int64_t
   p.transpose = spec.transpose;
   p.signs_first = spec.signs_first;
   p.normalize = spec.normalize;
-  p.c = spec.normalize ? static_cast<C>(1.0 / std::sqrt(static_cast<double>(spec.n))) : C(1);
+  p.c = spec.normalize ? fwht_scale<C>(spec.n) : C(1);
   p.vec = (reinterpret_cast<uintptr_t>(x) % 16 == 0) && (reinterpret_cast<uintptr_t>(y) % 16 == 0);
   return p;
 }
