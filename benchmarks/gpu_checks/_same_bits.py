@@ -30,7 +30,7 @@ def same_bits(cpu: torch.Tensor | None, dev: torch.Tensor | None, *, nan_payload
 def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
     """same_bits(want, got, nan_payloads=False) as an assertion naming how many values differ and the first one."""
     assert got.dtype == want.dtype and got.shape == want.shape
-    g, w = got.cpu().contiguous(), want.contiguous()
+    g, w = got.cpu().contiguous(), want.cpu().contiguous()  # want may be the CPU op's or a second CUDA result
     both_nan = g.isnan() & w.isnan()
     diff = ((g.view(_WORDS[g.dtype]) != w.view(_WORDS[w.dtype])) & ~both_nan).reshape(-1)
     if bool(diff.any()):
