@@ -458,7 +458,11 @@ constexpr int64_t kSplitBelowTiles = 64;
 // scratch, then the last log2(kHighRadix) stages across the chunks over the grid. A QuaRot R1 decode row (1 x 4096)
 // was one thread block of 256 threads. From 16 n-blocks on, the one-kernel plan already spreads over as many SMs
 // and the split's second launch and scratch round trip are not repaid (an estimate: fwht_decode_cuda.py times both).
-constexpr int64_t kPow2SplitMin = 1024;
+// Measured on the H200 (benchmarks/results/fwht-decode-h200-pow2split.json, 1 row): GPU time 4096 4.5 -> 4.3-5.1 us,
+// 8192 7.1-7.5 -> 5.2, 16384 12.3-13.1 -> 5.8-6.0, 32768 25.3-26.6 -> 7.8-8.0 us; but the eager host cost of a call
+// rises from ~15 to ~22 us (scratch allocation, second launch), so at batch-1 eager decode, which is host-bound,
+// the split pays only where the one-kernel GPU time exceeds that: from 32768 on.
+constexpr int64_t kPow2SplitMin = 32768;
 constexpr int64_t kPow2SplitMaxBlocks = 8;
 constexpr int kHighRadix = 8;  // stages of the second kernel: 8 chunks x 8 offsets in one thread's registers
 
