@@ -28,6 +28,44 @@ def test_nvfp4_rtn_checkpoint_equals_upstream(checkpoint, tmp_path, disable_opt_
     assert scales and len(scales) == len([k for k in tensors if k.endswith("weight_global_scale")])
 
 
+# Upstream writes NVFP4 in llm_compressor (both names: the auto_round tensors under compressed-tensors'
+# nvfp4-pack-quantized config) and fake (the qdq weights, an auto_round:fake config) for RTN and SignRound alike.
+@pytest.mark.parametrize(
+    "fmt,kwargs",
+    [
+        ("llm_compressor", {"iters": 0, "disable_opt_rtn": True}),
+        ("fake", {"iters": 0}),
+        ("auto_round:llm_compressor", {"iters": 2}),
+    ],
+    ids=["llm_compressor_rtn", "fake_opt_rtn", "ar_llm_compressor_tuned"],
+)
+def test_nvfp4_formats_equal_upstream(checkpoint, tmp_path, fmt, kwargs) -> None:
+    import json
+
+    src = checkpoint("llama_aligned")
+    theirs = _run("upstream", src, tmp_path / "up", fmt, scheme="NVFP4", **kwargs, **FAST)
+    ours = _run("fastround", src, tmp_path / "fr", fmt, scheme="NVFP4", **kwargs, **FAST)
+    tensors = assert_same_checkpoint(theirs, ours)
+    config = json.loads((ours / "config.json").read_text())["quantization_config"]
+    if fmt == "fake":
+        assert config["packing_format"] == "auto_round:fake" and config["data_type"] == "nv_fp"
+        assert not any(k.endswith("global_scale") for k in tensors)
+    else:
+        assert config["format"] == "nvfp4-pack-quantized" and config["ignore"] == ["lm_head"]
+        assert json.loads((ours / "quantization_config.json").read_text()) == config
+        assert any(k.endswith("input_global_scale") for k in tensors)
+
+
+def test_nvfp4_integer_formats_are_refused(checkpoint, tmp_path) -> None:
+    """GPTQ / AWQ words cannot hold E2M1 codes under E4M3 scales: refused by name before quantizing."""
+    from fastround import AutoRound
+    from test_signround import COMMON
+
+    ar = AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4", iters=0, **{**COMMON, **FAST})
+    with pytest.raises(ValueError, match="format auto_gptq cannot store NVFP4"):
+        ar.quantize_and_save(str(tmp_path / "out"), format="auto_gptq")
+
+
 def test_opt_rtn_moves_range_factors(checkpoint, tmp_path) -> None:
     """The OPT-RTN search must change some groups' scales, or the parity above would not cover it."""
     src = checkpoint("llama_aligned")
