@@ -221,8 +221,14 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
         cast_outside_blocks(model, {b for g in groups for b in g}, cast_to)
     stored: list = []
     outside_imatrix = None
+    outside_act_max: dict[str, torch.Tensor] = {}  # NVFP4 outside layers' max |input| over the FP model's pass
     if data_driven:
-        stored, outside_imatrix = _capture(comp, model, groups[0][0], outside)
+        handles = _nv_act_max_hooks(comp, model, [n for n in outside if n in nv], outside_act_max)
+        try:
+            stored, outside_imatrix = _capture(comp, model, groups[0][0], outside)
+        finally:
+            for h in handles:
+                h.remove()
     cache_dev = torch.device("cpu") if comp.low_gpu_mem_usage else comp.device
     total = sum(len(g) for g in groups)
     bar = tqdm(total=total, desc="quantizing blocks")
@@ -274,6 +280,10 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
     for n in outside:
         comp.rotate_layer(n, _module(model, n))
         im = outside_imatrix.mean(n) if outside_imatrix is not None else None
+        if n in nv:  # its own weight global scale (nothing to fuse with), the input's from the FP pass's max
+            scales = _nv_global_scales(comp, model, [], [n], outside_act_max)[n]
+            _record_nv_rtn(comp, n, _module(model, n), cfg[n], fmt, scales, im, layer_opt_rtn(comp, n, moe), release)
+            continue
         record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe), release)
 
 
@@ -287,9 +297,6 @@ def _nv_rtn_layers(comp: Compressor, model: torch.nn.Module, groups: list[list[s
     if is_moe_model(model):
         raise NotImplementedError("NVFP4 RTN (iters=0) on a MoE model is not implemented in fastround yet (upstream "
                                   "aligns the experts' calibrated input maxima first)")
-    if any(n in outside for n in nv):
-        raise NotImplementedError(f"NVFP4 RTN of layers outside the blocks ({sorted(n for n in nv if n in outside)}, "
-                                  "e.g. quant_lm_head) is not implemented in fastround yet")
     later = [n for g in groups[1:] for b in g for n in _targets(comp, b) if n in nv]
     if later:
         raise NotImplementedError(f"NVFP4 RTN of layers after the first group of blocks ({later[:3]}) is not "
