@@ -29,15 +29,18 @@ def test_nvfp4_rtn_checkpoint_equals_upstream(checkpoint, tmp_path, disable_opt_
 
 
 # Upstream writes NVFP4 in llm_compressor (both names: the auto_round tensors under compressed-tensors'
-# nvfp4-pack-quantized config) and fake (the qdq weights, an auto_round:fake config) for RTN and SignRound alike.
+# nvfp4-pack-quantized config) and fake (the qdq weights, an auto_round:fake config), for RTN and SignRound alike,
+# and quantizes an NVFP4 lm_head: its own weight global scale, the input's from the max |input| over its cached
+# inputs (the quantized model's when SignRound uses quantized inputs), OPT-RTN's search without an imatrix.
 @pytest.mark.parametrize(
     "fmt,kwargs",
     [
         ("llm_compressor", {"iters": 0, "disable_opt_rtn": True}),
         ("fake", {"iters": 0}),
-        ("auto_round:llm_compressor", {"iters": 2}),
+        ("auto_round", {"iters": 0, "quant_lm_head": True}),
+        ("auto_round:llm_compressor", {"iters": 2, "quant_lm_head": True}),
     ],
-    ids=["llm_compressor_rtn", "fake_opt_rtn", "ar_llm_compressor_tuned"],
+    ids=["llm_compressor_rtn", "fake_opt_rtn", "lm_head_opt_rtn", "ar_llm_compressor_lm_head_tuned"],
 )
 def test_nvfp4_formats_equal_upstream(checkpoint, tmp_path, fmt, kwargs) -> None:
     import json
@@ -47,11 +50,15 @@ def test_nvfp4_formats_equal_upstream(checkpoint, tmp_path, fmt, kwargs) -> None
     ours = _run("fastround", src, tmp_path / "fr", fmt, scheme="NVFP4", **kwargs, **FAST)
     tensors = assert_same_checkpoint(theirs, ours)
     config = json.loads((ours / "config.json").read_text())["quantization_config"]
+    head = kwargs.get("quant_lm_head", False)
+    assert ("lm_head.input_global_scale" in tensors) == head
     if fmt == "fake":
         assert config["packing_format"] == "auto_round:fake" and config["data_type"] == "nv_fp"
         assert not any(k.endswith("global_scale") for k in tensors)
+    elif fmt == "auto_round":
+        assert config["packing_format"] == "auto_round:llm_compressor" and "lm_head" in config["extra_config"]
     else:
-        assert config["format"] == "nvfp4-pack-quantized" and config["ignore"] == ["lm_head"]
+        assert config["format"] == "nvfp4-pack-quantized" and config["ignore"] == ([] if head else ["lm_head"])
         assert json.loads((ours / "quantization_config.json").read_text()) == config
         assert any(k.endswith("input_global_scale") for k in tensors)
 
@@ -76,17 +83,6 @@ def test_opt_rtn_moves_range_factors(checkpoint, tmp_path) -> None:
 
     a, b = read_checkpoint(plain), read_checkpoint(opt)
     assert any(a[k] != b[k] for k in a if k.endswith(".weight_scale"))
-
-
-def test_nvfp4_rtn_gaps_are_refused(checkpoint) -> None:
-    """An NVFP4 lm_head under RTN (upstream calibrates its input max from cached inputs) is refused by name."""
-    from fastround import AutoRound
-    from test_signround import COMMON
-
-    ar = AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4", iters=0, quant_lm_head=True,
-                   **{**COMMON, **FAST})
-    with pytest.raises(NotImplementedError, match="NVFP4 RTN of layers outside the blocks .*lm_head"):
-        ar.quantize()
 
 
 @pytest.mark.parametrize("zeros", [0, 3, 12], ids=["no_zero", "few_zeros", "mostly_zero"])
