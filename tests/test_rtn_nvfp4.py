@@ -36,11 +36,11 @@ def test_nvfp4_rtn_checkpoint_equals_upstream(checkpoint, tmp_path, disable_opt_
     "fmt,kwargs",
     [
         ("llm_compressor", {"iters": 0, "disable_opt_rtn": True}),
-        ("fake", {"iters": 0}),
+        ("fake", {"iters": 0, "disable_opt_rtn": True}),
         ("auto_round", {"iters": 0, "quant_lm_head": True}),
         ("auto_round:llm_compressor", {"iters": 2, "quant_lm_head": True}),
     ],
-    ids=["llm_compressor_rtn", "fake_opt_rtn", "lm_head_opt_rtn", "ar_llm_compressor_lm_head_tuned"],
+    ids=["llm_compressor_rtn", "fake_rtn", "lm_head_opt_rtn", "ar_llm_compressor_lm_head_tuned"],
 )
 def test_nvfp4_formats_equal_upstream(checkpoint, tmp_path, fmt, kwargs) -> None:
     import json
