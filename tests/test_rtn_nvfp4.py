@@ -73,6 +73,16 @@ def test_nvfp4_integer_formats_are_refused(checkpoint, tmp_path) -> None:
         ar.quantize_and_save(str(tmp_path / "out"), format="auto_gptq")
 
 
+def test_nvfp4_llm_compressor_with_another_scheme_is_refused(checkpoint, tmp_path) -> None:
+    """An int layer in an NVFP4 llm_compressor run has no place in the NVFP4-only config fastround writes: the
+    layer is named and nothing is published."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj"):
+        _run("fastround", checkpoint("llama_aligned"), out, "llm_compressor", scheme="NVFP4", iters=0,
+             disable_opt_rtn=True, layer_config={"model.layers.0.mlp.down_proj": "W4A16"}, **FAST)
+    assert not any(out.rglob("*.safetensors"))
+
+
 def test_opt_rtn_moves_range_factors(checkpoint, tmp_path) -> None:
     """The OPT-RTN search must change some groups' scales, or the parity above would not cover it."""
     src = checkpoint("llama_aligned")
