@@ -38,16 +38,21 @@ def test_nvfp4_rtn_checkpoint_equals_upstream(checkpoint, tmp_path, disable_opt_
         ("llm_compressor", {"iters": 0, "disable_opt_rtn": True}),
         ("fake", {"iters": 0, "disable_opt_rtn": True}),
         ("auto_round", {"iters": 0, "quant_lm_head": True}),
-        ("auto_round:llm_compressor", {"iters": 2, "quant_lm_head": True}),
+        ("auto_round:llm_compressor", {"iters": 2, "lr": 0.02, "quant_lm_head": True}),
     ],
     ids=["llm_compressor_rtn", "fake_rtn", "lm_head_opt_rtn", "ar_llm_compressor_lm_head_tuned"],
 )
-def test_nvfp4_formats_equal_upstream(checkpoint, tmp_path, fmt, kwargs) -> None:
+def test_nvfp4_formats_equal_upstream(checkpoint, tmp_path, caplog, fmt, kwargs) -> None:
     import json
+    import logging
+    import re
 
     src = checkpoint("llama_aligned")
     theirs = _run("upstream", src, tmp_path / "up", fmt, scheme="NVFP4", **kwargs, **FAST)
-    ours = _run("fastround", src, tmp_path / "fr", fmt, scheme="NVFP4", **kwargs, **FAST)
+    with caplog.at_level(logging.INFO, logger="fastround"):
+        ours = _run("fastround", src, tmp_path / "fr", fmt, scheme="NVFP4", **kwargs, **FAST)
+    if kwargs["iters"]:  # the tuned lm_head must move, or its parity would compare RTN with RTN
+        assert re.search(r"lm_head: tuned, loss iter 0: [0-9.e+-]+ -> iter [1-9]", caplog.text), caplog.text[-2000:]
     tensors = assert_same_checkpoint(theirs, ours)
     config = json.loads((ours / "config.json").read_text())["quantization_config"]
     head = kwargs.get("quant_lm_head", False)
