@@ -28,6 +28,66 @@ def test_nvfp4_rtn_checkpoint_equals_upstream(checkpoint, tmp_path, disable_opt_
     assert scales and len(scales) == len([k for k in tensors if k.endswith("weight_global_scale")])
 
 
+# Upstream writes NVFP4 in llm_compressor (both names: the auto_round tensors under compressed-tensors'
+# nvfp4-pack-quantized config) and fake (the qdq weights, an auto_round:fake config), for RTN and SignRound alike,
+# and quantizes an NVFP4 lm_head: its own weight global scale, the input's from the max |input| over its cached
+# inputs (the quantized model's when SignRound uses quantized inputs), OPT-RTN's search without an imatrix.
+@pytest.mark.parametrize(
+    "fmt,kwargs",
+    [
+        ("llm_compressor", {"iters": 0, "disable_opt_rtn": True}),
+        ("fake", {"iters": 0, "disable_opt_rtn": True}),
+        ("auto_round", {"iters": 0, "quant_lm_head": True}),
+        ("auto_round:llm_compressor", {"iters": 2, "lr": 0.02, "quant_lm_head": True}),
+    ],
+    ids=["llm_compressor_rtn", "fake_rtn", "lm_head_opt_rtn", "ar_llm_compressor_lm_head_tuned"],
+)
+def test_nvfp4_formats_equal_upstream(checkpoint, tmp_path, caplog, fmt, kwargs) -> None:
+    import json
+    import logging
+    import re
+
+    src = checkpoint("llama_aligned")
+    theirs = _run("upstream", src, tmp_path / "up", fmt, scheme="NVFP4", **kwargs, **FAST)
+    with caplog.at_level(logging.INFO, logger="fastround"):
+        ours = _run("fastround", src, tmp_path / "fr", fmt, scheme="NVFP4", **kwargs, **FAST)
+    if kwargs["iters"]:  # the tuned lm_head must move, or its parity would compare RTN with RTN
+        assert re.search(r"lm_head: tuned, loss iter 0: [0-9.e+-]+ -> iter [1-9]", caplog.text), caplog.text[-2000:]
+    tensors = assert_same_checkpoint(theirs, ours)
+    config = json.loads((ours / "config.json").read_text())["quantization_config"]
+    head = kwargs.get("quant_lm_head", False)
+    assert ("lm_head.input_global_scale" in tensors) == head
+    if fmt == "fake":
+        assert config["packing_format"] == "auto_round:fake" and config["data_type"] == "nv_fp"
+        assert not any(k.endswith("global_scale") for k in tensors)
+    elif fmt == "auto_round":
+        assert config["packing_format"] == "auto_round:llm_compressor" and "lm_head" in config["extra_config"]
+    else:
+        assert config["format"] == "nvfp4-pack-quantized" and config["ignore"] == ([] if head else ["lm_head"])
+        assert json.loads((ours / "quantization_config.json").read_text()) == config
+        assert any(k.endswith("input_global_scale") for k in tensors)
+
+
+def test_nvfp4_integer_formats_are_refused(checkpoint, tmp_path) -> None:
+    """GPTQ / AWQ words cannot hold E2M1 codes under E4M3 scales: refused by name before quantizing."""
+    from fastround import AutoRound
+    from test_signround import COMMON
+
+    ar = AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4", iters=0, **{**COMMON, **FAST})
+    with pytest.raises(ValueError, match="format auto_gptq cannot store NVFP4"):
+        ar.quantize_and_save(str(tmp_path / "out"), format="auto_gptq")
+
+
+def test_nvfp4_llm_compressor_with_another_scheme_is_refused(checkpoint, tmp_path) -> None:
+    """An int layer in an NVFP4 llm_compressor run has no place in the NVFP4-only config fastround writes: the
+    layer is named and nothing is published."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj"):
+        _run("fastround", checkpoint("llama_aligned"), out, "llm_compressor", scheme="NVFP4", iters=0,
+             disable_opt_rtn=True, layer_config={"model.layers.0.mlp.down_proj": "W4A16"}, **FAST)
+    assert not any(out.rglob("*.safetensors"))
+
+
 def test_opt_rtn_moves_range_factors(checkpoint, tmp_path) -> None:
     """The OPT-RTN search must change some groups' scales, or the parity above would not cover it."""
     src = checkpoint("llama_aligned")
@@ -38,17 +98,6 @@ def test_opt_rtn_moves_range_factors(checkpoint, tmp_path) -> None:
 
     a, b = read_checkpoint(plain), read_checkpoint(opt)
     assert any(a[k] != b[k] for k in a if k.endswith(".weight_scale"))
-
-
-def test_nvfp4_rtn_gaps_are_refused(checkpoint) -> None:
-    """An NVFP4 lm_head under RTN (upstream calibrates its input max from cached inputs) is refused by name."""
-    from fastround import AutoRound
-    from test_signround import COMMON
-
-    ar = AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4", iters=0, quant_lm_head=True,
-                   **{**COMMON, **FAST})
-    with pytest.raises(NotImplementedError, match="NVFP4 RTN of layers outside the blocks .*lm_head"):
-        ar.quantize()
 
 
 @pytest.mark.parametrize("zeros", [0, 3, 12], ids=["no_zero", "few_zeros", "mostly_zero"])

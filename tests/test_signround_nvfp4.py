@@ -31,19 +31,14 @@ def test_nvfp4_checkpoint_equals_upstream(checkpoint, tmp_path, caplog) -> None:
     assert any(k.endswith("input_global_scale") for k in tensors)
 
 
-def test_nvfp4_gaps_are_refused(checkpoint) -> None:
-    """What is not built is refused by name: a tuned NVFP4 lm_head and formats other than auto_round (RTN's
-    gaps: tests/test_rtn_nvfp4.py)."""
-    from fastround import AutoRound
-    from test_signround import COMMON
-
-    ar = AutoRound(str(checkpoint("llama_aligned")), scheme="NVFP4", iters=2, quant_lm_head=True, **COMMON)
-    with pytest.raises(NotImplementedError, match="outside the blocks .*lm_head"):
-        ar.quantize()
-    from fastround.export import resolve_format
+def test_nvfp4_integer_layouts_are_refused() -> None:
+    """GPTQ / AWQ words cannot hold NVFP4; every other format is written (tests/test_rtn_nvfp4.py compares them)."""
     from fastround.compressor import resolve_scheme
+    from fastround.export import resolve_format
 
     scheme, _ = resolve_scheme("NVFP4", {})
-    for fmt in ("llm_compressor", "fake", "auto_gptq"):
-        with pytest.raises(ValueError, match="auto_round only"):
+    for fmt in ("auto_gptq", "auto_awq", "auto_round:auto_gptq", "auto_round:auto_awq"):
+        with pytest.raises(ValueError, match=f"format {fmt} cannot store NVFP4"):
             resolve_format(fmt, scheme)
+    assert resolve_format("llm_compressor", scheme).backend == "llm_compressor:nv_fp"
+    assert resolve_format("fake", scheme).family == "fake"

@@ -221,8 +221,14 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
         cast_outside_blocks(model, {b for g in groups for b in g}, cast_to)
     stored: list = []
     outside_imatrix = None
+    outside_act_max: dict[str, torch.Tensor] = {}  # NVFP4 outside layers' max |input| over the FP model's pass
     if data_driven:
-        stored, outside_imatrix = _capture(comp, model, groups[0][0], outside)
+        handles = _nv_act_max_hooks(comp, model, [n for n in outside if n in nv], outside_act_max)
+        try:
+            stored, outside_imatrix = _capture(comp, model, groups[0][0], outside)
+        finally:
+            for h in handles:
+                h.remove()
     cache_dev = torch.device("cpu") if comp.low_gpu_mem_usage else comp.device
     total = sum(len(g) for g in groups)
     bar = tqdm(total=total, desc="quantizing blocks")
@@ -274,6 +280,14 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
     for n in outside:
         comp.rotate_layer(n, _module(model, n))
         im = outside_imatrix.mean(n) if outside_imatrix is not None else None
+        if n in nv:  # its own weight global scale (nothing to fuse with), the input's from the FP pass's max
+            if fp_act_spec(cfg[n]) is not None and n not in outside_act_max:
+                raise ValueError(f"NVFP4 layer {n}: the calibration pass never reached it, so it has no input "
+                                 "maximum for its static input global scale (upstream fails at export)")
+            # no imatrix: upstream's OPT-RTN collects it only inside the blocks, so the search here is unweighted
+            scales = _nv_global_scales(comp, model, [], [n], outside_act_max)[n]
+            _record_nv_rtn(comp, n, _module(model, n), cfg[n], fmt, scales, None, layer_opt_rtn(comp, n, moe), release)
+            continue
         record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe), release)
 
 
@@ -287,9 +301,6 @@ def _nv_rtn_layers(comp: Compressor, model: torch.nn.Module, groups: list[list[s
     if is_moe_model(model):
         raise NotImplementedError("NVFP4 RTN (iters=0) on a MoE model is not implemented in fastround yet (upstream "
                                   "aligns the experts' calibrated input maxima first)")
-    if any(n in outside for n in nv):
-        raise NotImplementedError(f"NVFP4 RTN of layers outside the blocks ({sorted(n for n in nv if n in outside)}, "
-                                  "e.g. quant_lm_head) is not implemented in fastround yet")
     later = [n for g in groups[1:] for b in g for n in _targets(comp, b) if n in nv]
     if later:
         raise NotImplementedError(f"NVFP4 RTN of layers after the first group of blocks ({later[:3]}) is not "
@@ -344,9 +355,6 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     if nv and is_moe_model(model):
         raise NotImplementedError("NVFP4 SignRound on a MoE model is not implemented in fastround yet (upstream "
                                   "aligns the experts' calibrated input maxima first)")
-    if any(n in outside for n in nv):
-        raise NotImplementedError(f"NVFP4 SignRound of layers outside the blocks ({[n for n in nv if n in outside]}, "
-                                  "e.g. quant_lm_head) is not implemented in fastround yet")
     outside_in: dict[str, list[torch.Tensor]] = {}
     outside_ids: list[torch.Tensor] = []
     groups = [g for g in plan.block_names if g]
@@ -484,6 +492,22 @@ def _nv_calibrate(comp: Compressor, model: torch.nn.Module, unit: torch.nn.Modul
     return _nv_global_scales(comp, model, blocks, nv, act_max)
 
 
+def _nv_outside_scales(comp: Compressor, model: torch.nn.Module, name: str, inputs: list[torch.Tensor]
+                       ) -> dict[str, torch.Tensor] | None:
+    """An NVFP4 layer outside the blocks before SignRound tunes it, as upstream's outside-layer act_max: the weight
+    global scale from its own weight, the input's from the max |input| over the samples it trains on (the quantized
+    model's when enable_quanted_input). None for any other layer."""
+    from fastround.tune_layers import fp_act_spec
+
+    cfg = comp.layer_config[name]
+    if not _is_nv_fp(cfg):
+        return None
+    act_max: dict[str, torch.Tensor] = {}
+    if fp_act_spec(cfg) is not None and inputs:
+        act_max[name] = torch.stack([x.detach().abs().amax().float() for x in inputs]).amax().reshape(1)
+    return _nv_global_scales(comp, model, [], [name], act_max)[name]
+
+
 def _nv_act_max_hooks(comp: Compressor, model: torch.nn.Module, names: list[str],
                       act_max: dict[str, torch.Tensor]) -> list:
     """Forward hooks keeping, in `act_max`, each NVFP4 layer's max |input| (layers whose activations are quantized)."""
@@ -542,15 +566,19 @@ def _tune_outside(comp: Compressor, model: torch.nn.Module, fmt: str, outside: l
     for n in outside:
         mod = _module(model, n)
         comp.rotate_layer(n, mod)  # lm_head never is; another outside layer's target runs through its hook
+        if n not in fp_in and _is_nv_fp(comp.layer_config[n]):
+            raise ValueError(f"NVFP4 layer {n}: the calibration pass never reached it, so it has no input maximum "
+                             "for its static input global scale (upstream fails at export)")
         if n not in fp_in:  # the calibration pass never reached it: plain RTN, as upstream without inputs
             logger.info("%s: no cached inputs, quantized with RTN", n)
             record_layer(comp, n, mod, comp.layer_config[n], fmt, None, False)
             continue
         home = mod.weight.device
         mod.to(comp.device)
-        qdq, codes, scales, zeros = signround.tune_outside(
-            comp, n, mod, fp_in[n], q_in[n] if q_in is not None else None, masks, settings, dtype)
+        train = q_in[n] if q_in is not None else None
+        nv_scales = _nv_outside_scales(comp, model, n, train if train is not None else fp_in[n])
+        qdq, codes, scales, zeros = signround.tune_outside(comp, n, mod, fp_in[n], train, masks, settings, dtype)
         _set_weight(mod, qdq)
         mod.to(home)
-        record_codes(comp, n, mod, comp.layer_config[n], fmt, codes, scales, zeros)
+        record_codes(comp, n, mod, comp.layer_config[n], fmt, codes, scales, zeros, nv_scales)
         del fp_in[n]

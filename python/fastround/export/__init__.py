@@ -24,14 +24,14 @@ SUPPORTED_FORMATS = (
 # What `fastround list format` prints: the preset schemes each format takes in fastround (fake: all).
 _INT_WOQ = ["W4A16", "W2A16", "W8A16", "W2A16G64", "W2A16G32", "W4A16_MIXED"]
 FORMAT_SCHEMES: dict[str, list[str]] = {
-    "auto_round": _INT_WOQ + ["MXFP4", "MXFP8", "NVFP4_E5M3", "BF16"],
+    "auto_round": _INT_WOQ + ["MXFP4", "MXFP8", "NVFP4", "NVFP4_E5M3", "BF16"],
     "auto_round:auto_gptq": list(_INT_WOQ),
     "auto_round:gptqmodel": list(_INT_WOQ),
     "auto_round:auto_awq": ["W4A16"],
-    "auto_round:llm_compressor": ["MXFP4", "MXFP8", "NVFP4_E5M3"],
+    "auto_round:llm_compressor": ["MXFP4", "MXFP8", "NVFP4", "NVFP4_E5M3"],
     "auto_gptq": list(_INT_WOQ),
     "auto_awq": ["W4A16"],
-    "llm_compressor": ["MXFP4", "MXFP8", "NVFP4_E5M3"],
+    "llm_compressor": ["MXFP4", "MXFP8", "NVFP4", "NVFP4_E5M3"],
     "fake": ["All schemes"],
 }
 NVFP4_E5M3_DATA_TYPE = "nvfp4_v2"  # upstream's data_type of the NVFP4_E5M3 preset
@@ -113,12 +113,7 @@ def resolve_format(
     if name not in SUPPORTED_FORMATS:
         raise ValueError(f"format {name} is not supported; choose from {', '.join(SUPPORTED_FORMATS)}")
     if dt in ("nv_fp", "nv_fp4") and bits == 4:
-        # compressed-tensors-like tensors with global scales under packing_format auto_round:llm_compressor; upstream's
-        # fake and llm_compressor writers add NVFP4 tensors fastround does not write yet
-        if name != "auto_round":
-            raise ValueError(f"format {name}: NVFP4 (data_type={dt}) is written by fastround in format auto_round "
-                             "only yet")
-        return ResolvedFormat(name, "auto_round", f"auto_round:{dt}", "auto_round:llm_compressor")
+        return _resolve_nvfp4(name, dt)
     if name == "fake":
         return ResolvedFormat("fake", "fake", "fake")
     fp8 = (dt.startswith("fp") and bits == 8) or (
@@ -187,6 +182,21 @@ def resolve_format(
     if name == "auto_awq":
         return ResolvedFormat(name, "auto_awq", "auto_awq", "", "awq")
     return ResolvedFormat(name, "auto_round", name, name, "awq")
+
+
+def _resolve_nvfp4(name: str, dt: str) -> ResolvedFormat:
+    """NVFP4 (E2M1 codes, E4M3 group scales, fp32 weight and input global scales): auto_round writes the
+    compressed-tensors tensors under packing_format auto_round:llm_compressor, both llm_compressor names the same
+    tensors under compressed-tensors' nvfp4-pack-quantized config, fake the qdq weights (upstream keeps all four;
+    its static activation scheme is not reset to fake). Integer layouts cannot hold it."""
+    if name == "auto_round":
+        return ResolvedFormat(name, "auto_round", f"auto_round:{dt}", "auto_round:llm_compressor")
+    if name in ("llm_compressor", "auto_round:llm_compressor"):
+        return ResolvedFormat(name, "llm_compressor", f"{name}:{dt}")
+    if name == "fake":
+        return ResolvedFormat("fake", "fake", "fake")
+    raise ValueError(f"format {name} cannot store NVFP4 (data_type={dt}): it holds integer codes; use auto_round, "
+                     "llm_compressor or fake")
 
 
 def _resolve_nvfp4_e5m3(name: str) -> ResolvedFormat:

@@ -1,7 +1,7 @@
-"""Format llm_compressor for MXFP and NVFP4_E5M3 schemes (upstream export_to_llmcompressor/export_to_fp): the same
-packed tensors as auto_round's layout, described by a compressed-tensors quantization_config (the config
-compressed-tensors' MXFP4 / MXFP8 presets serialise to, one config group per scheme when bits are mixed;
-upstream's own fixed dict for NVFP4_E5M3)."""
+"""Format llm_compressor for MXFP, NVFP4 and NVFP4_E5M3 schemes (upstream export_to_llmcompressor/export_to_fp): the
+same packed tensors as auto_round's layout, described by a compressed-tensors quantization_config (the config
+compressed-tensors' MXFP4 / MXFP8 / NVFP4 presets serialise to, one config group per scheme when MXFP bits are
+mixed; upstream's own fixed dict for NVFP4_E5M3)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,24 @@ def _mx_bits(bits: int, data_type: str, where: str) -> int:
     return bits
 
 
+def _nvfp4_args(activations: bool) -> dict[str, Any]:
+    """compressed-tensors' NVFP4 preset args: float E2M1, symmetric, groups of 16 under a global scale
+    (tensor_group), E4M3 group scales; the activations' scales are computed per batch under the static
+    calibrated global scale (dynamic "local", observer static_minmax)."""
+    args: dict[str, Any] = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16,
+                            "strategy": "tensor_group", "dynamic": "local" if activations else False,
+                            "scale_dtype": "torch.float8_e4m3fn"}
+    if activations:
+        args["observer"] = "static_minmax"
+    return args
+
+
+def _nvfp4_config(ignore: list[str]) -> dict[str, Any]:
+    group = {"targets": ["Linear"], "weights": _nvfp4_args(False), "input_activations": _nvfp4_args(True),
+             "output_activations": None, "format": None}
+    return _config({"group_0": group}, "nvfp4-pack-quantized", ignore)
+
+
 def _nvfp4_e5m3_args(dynamic: bool | str) -> dict[str, Any]:
     """The quantization args upstream writes for NVFP4_E5M3 (its own fixed dict, not a compressed-tensors
     preset): float E2M1, symmetric, groups of 16, tensor_group strategy, no global scale."""
@@ -93,6 +111,12 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
             raise ValueError(f"format llm_compressor: layer {other[0]} has a scheme other than NVFP4_E5M3; fastround "
                              "writes NVFP4_E5M3 in this format only with every quantized layer in NVFP4_E5M3")
         return _nvfp4_e5m3_config(ignore)
+    if data_type in ("nv_fp", "nv_fp4"):
+        other = [names[0] for key, names in groups.items() if key != (bits, data_type, int(act_bits))]
+        if other:
+            raise ValueError(f"format llm_compressor: layer {other[0]} has a scheme other than NVFP4; fastround "
+                             "writes NVFP4 in this format only with every quantized layer in NVFP4")
+        return _nvfp4_config(ignore)
     for (layer_bits, layer_dt, _), names in groups.items():
         _mx_bits(layer_bits, layer_dt, f"layer {names[0]}")
     if len(groups) > 1:

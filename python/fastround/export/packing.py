@@ -69,7 +69,7 @@ class LayerPacker:
         if layer.encoding == NVFP4_ENCODING:
             if not self.nv_fp_ok:
                 raise ValueError(f"format {self.format_name} cannot store NVFP4 layer {layer.name} in a run whose "
-                                 "scheme is not NVFP4 (fastround writes NVFP4 layers in NVFP4 auto_round runs only)")
+                                 "scheme is not NVFP4 (fastround packs NVFP4 layers in NVFP4 runs only)")
             return layer.encoding, 0, _NV_ORDER
         if layer.encoding in ("mxfp4", "mxfp8") or (layer.encoding == "nvfp4_e5m3" and self.nvfp4_ok):
             return layer.encoding, 0, _MX_ORDER
@@ -139,11 +139,12 @@ def format_packer(ctx: ExportContext, fmt: ResolvedFormat, *, check: bool = True
     if fmt.family == "auto_awq":
         return LayerPacker(ctx, "awq", conv1d_ok=False, format_name=fmt.name, check=check)
     nvfp4_ok = fmt.backend.endswith(":nvfp4_v2")
+    nv_fp_ok = fmt.backend.endswith((":nv_fp", ":nv_fp4"))  # resolved for an NVFP4 run (auto_round or llm_compressor)
     if fmt.family == "llm_compressor":
-        return LayerPacker(ctx, None, format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok)
+        return LayerPacker(ctx, None, format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok, nv_fp_ok=nv_fp_ok)
     return LayerPacker(ctx, fmt.int_layout, fmt.zero_offset, fmt.g_idx, conv1d_ok=fmt.int_layout != "awq",
                        format_name=fmt.name, check=check, nvfp4_ok=nvfp4_ok,
-                       nv_fp_ok=fmt.backend in ("auto_round:nv_fp", "auto_round:nv_fp4"))
+                       nv_fp_ok=nv_fp_ok)
 
 
 def save_packed(ctx: ExportContext, output_dir: Path, fmt: ResolvedFormat, config: dict[str, Any],
