@@ -44,6 +44,7 @@ PRESETS = ("hadamard", "random_hadamard", "quarot_hadamard")
 # How far M·Mᵀ (fp64) may be from the identity for a custom matrix: an fp32 QR factor is within ~1e-6
 ORTHOGONALITY_ATOL = 1e-4
 
+
 def is_custom_matrix(hadamard_type: Any) -> bool:
     """Whether rotation_config's hadamard_type is a custom matrix (a tensor or a {size: tensor} dict), not a preset."""
     return isinstance(hadamard_type, (torch.Tensor, dict))
@@ -142,7 +143,8 @@ class InplaceRotation:
     """rows -> rows·A on every n-block of the last dimension. Deterministic: A = Tᵀ, T = (H_K ⊗ H_2^m)/sqrt(n) with
     K = 1 for a power of two and otherwise the largest order of upstream's file with n/K a power of two (its
     get_hadK). Random: A = a dense fp64 matrix, M = diag(d)·Tᵀ itself (the full residual Q: W·Q) or Mᵀ (every other
-    site: upstream's x·Mᵀ); the online map of Mᵀ is the FWHT with the signs after Tᵀ's transpose."""
+    site: upstream's x·Mᵀ); the online map of Mᵀ is the FWHT with the signs after Tᵀ's transpose. Custom: A = Mᵀ
+    for a user's M (fp64), its online map a dense product."""
 
     def __init__(self, n: int, signs: torch.Tensor | None = None, residual_q: bool = False,
                  matrix: torch.Tensor | None = None) -> None:
@@ -330,13 +332,16 @@ def apply_inplace(model: torch.nn.Module, preset: str | torch.Tensor | dict[int,
     rotates without hooks, a QUIRK). Random matrices are drawn from the global torch RNG, one per size, in upstream's
     order."""
     g = group_size if group_size is not None and group_size > 0 else None
-    custom: InplaceRotation | None = None
+    custom: InplaceRotation | None = None  # the one g-block rotation of every site (custom matrices)
     if is_custom_matrix(preset):
         matrix = custom_block_matrix(preset, g)
         custom = InplaceRotation(matrix.shape[0], matrix=matrix)
-    elif preset not in PRESETS:
+        name = "custom"
+    elif not isinstance(preset, str) or preset not in PRESETS:
         raise ValueError(f"rotation_config: the inplace backend supports hadamard_type {list(PRESETS)} or a custom "
                          f"matrix, got {preset!r}")
+    else:
+        name = preset
     lay, registered = layout_of(model)
     fused = registered if fuse is None else bool(fuse)
     if not fused and not allow_online:
@@ -359,7 +364,7 @@ def apply_inplace(model: torch.nn.Module, preset: str | torch.Tensor | dict[int,
             drawn[n] = (torch.randint(0, 2, (n,)) * 2 - 1).to(torch.int8)
         return drawn[n]
 
-    random = preset == "random_hadamard"
+    random = name == "random_hadamard"
 
     def online(n: int) -> InplaceRotation:
         if custom is not None:  # grouped mode only: n is g
@@ -370,8 +375,8 @@ def apply_inplace(model: torch.nn.Module, preset: str | torch.Tensor | dict[int,
     if g is not None:
         residual = online(g)
     elif fused:
-        residual = InplaceRotation(hidden, signs(hidden) if preset != "hadamard" else None, residual_q=True)
-    elif preset == "quarot_hadamard":
+        residual = InplaceRotation(hidden, signs(hidden) if name != "hadamard" else None, residual_q=True)
+    elif name == "quarot_hadamard":
         signs(hidden)  # upstream builds its random full-mode Q unfused too, unused: the RNG moves the same way
     hooked: dict[str, str] = {}
 
@@ -429,7 +434,7 @@ def apply_inplace(model: torch.nn.Module, preset: str | torch.Tensor | dict[int,
                     rot = online(g) if g is not None else online(lin.in_features)
                     _rotate_input(lin, rot)
                     hook(lin, names[id(lin)], "group" if g is not None else "full", rot.block_map())
-    return InplacePlan("custom" if custom is not None else str(preset), g, fused, hooked)
+    return InplacePlan(name, g, fused, hooked)
 
 
 def inplace_group_size(block_size: int | None, scheme_group_size: int | None) -> int | None:
