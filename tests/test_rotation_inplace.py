@@ -441,6 +441,9 @@ def test_custom_matrix_refusals(checkpoint) -> None:
                   rotation_config={"hadamard_type": torch.eye(32, dtype=torch.int64), "block_size": 32})
     with pytest.raises(ValueError, match="inplace backend only, not backend='transform'"):
         AutoRound(src, **COMMON, scheme="MXFP4", rotation_config={"backend": "transform", "hadamard_type": m})
+    # backend auto takes it to the inplace backend even for an MXFP scheme (the transform one takes presets only)
+    ar = AutoRound(src, **COMMON, scheme="MXFP4", rotation_config={"hadamard_type": m, "block_size": 32})
+    assert ar.rotation is None and ar.inplace is not None and ar.inplace.hadamard_type is m
     # a size that does not divide the model's widths: known at rotation (hidden 160, intermediate 96)
     ar = AutoRound(src, **COMMON, scheme="W4A16", rotation_config={"hadamard_type": _orthogonal(64), "block_size": 64})
     with pytest.raises(ValueError, match="block_size 64 must divide hidden_size 160"):
