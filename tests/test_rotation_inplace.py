@@ -50,6 +50,12 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
+def _orthogonal(n: int, seed: int = 3) -> torch.Tensor:
+    """A random orthogonal n×n fp32 matrix (QR of a seeded Gaussian): no Hadamard, so nothing can match by luck."""
+    q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))[0]
+    return q.to(torch.float32)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "opt"])
 @pytest.mark.parametrize("group,fuse", MODES)
 def test_rotation_leaves_logits_unchanged(kind, group, fuse) -> None:
@@ -126,38 +132,63 @@ def _fake_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {k: f.get_tensor(k) for k in f.keys()}
 
 
+# Upstream's fake checkpoints, one per job, in one process (one import). A job with a "matrix" file: 0.16.1's
+# RotationConfig holds hadamard_type as a str, so its AutoRound cannot take a matrix; the run's inplace backend
+# (apply_rotation_transform, which takes it as rotation_matrix) is handed it instead.
 _UPSTREAM_FAKE = """
-import json, sys
+import json, sys, torch
+import auto_round.algorithms.transforms.hadamard.inplace as inplace
 from auto_round import AutoRound
-kw = json.loads(sys.argv[1])
-ar = AutoRound(kw.pop("src"), enable_torch_compile=False, **kw)
-_, folder = ar.quantize_and_save(sys.argv[2], format="fake")
-print("FOLDER=" + folder)
+rotate = inplace.apply_rotation_transform
+for job in json.loads(sys.argv[1]):
+    kw = job["kw"]
+    m = torch.load(job["matrix"]) if job.get("matrix") else None
+    inplace.apply_rotation_transform = rotate if m is None else (
+        lambda model, m=m, **k: rotate(model, **dict(k, rotation_matrix=m)))
+    ar = AutoRound(kw.pop("src"), enable_torch_compile=False, **kw)
+    _, folder = ar.quantize_and_save(job["folder"], format="fake")
+    print("FOLDER=" + folder)
 """
 
 
 def test_w4a16_rtn_fake_checkpoint_equals_upstream(checkpoint, tmp_path) -> None:
-    """W4A16 RTN with rotation_config="hadamard": an int scheme resolves to the inplace backend, the string's
-    block_size is upstream's 32 (its string normaliser assumes mx_fp), fused grouped mode on the aligned Llama;
-    every tensor of the fake checkpoint and config.json equal upstream's."""
+    """W4A16 RTN, fused grouped mode on the aligned Llama (hidden 160, intermediate 96); every tensor of the fake
+    checkpoint and config.json equal upstream's, for
+    * rotation_config="hadamard": an int scheme resolves to the inplace backend, the string's block_size is
+      upstream's 32 (its string normaliser assumes mx_fp);
+    * a custom matrix, {"hadamard_type": M, "block_size": 32} with M a seeded-QR orthogonal 32×32, against
+      upstream's run with the same M handed to its inplace backend (see _UPSTREAM_FAKE)."""
     from fastround import AutoRound
 
     src = checkpoint("llama_aligned")
-    kw = dict(COMMON, dataset=_texts(), src=str(src), scheme="W4A16", rotation_config="hadamard")
-    run = subprocess.run([sys.executable, "-c", _UPSTREAM_FAKE, json.dumps(kw), str(tmp_path / "up")],
+    m = _orthogonal(32, seed=11)
+    torch.save(m, tmp_path / "m.pt")
+    forms = {"preset": ("hadamard", "hadamard", None), "custom": (
+        {"hadamard_type": "hadamard", "block_size": 32}, {"hadamard_type": m, "block_size": 32}, tmp_path / "m.pt")}
+    jobs = [{"kw": dict(COMMON, dataset=_texts(), src=str(src), scheme="W4A16", rotation_config=theirs),
+             "folder": str(tmp_path / f"up_{name}"), "matrix": str(matrix) if matrix else None}
+            for name, (theirs, _, matrix) in forms.items()]
+    run = subprocess.run([sys.executable, "-c", _UPSTREAM_FAKE, json.dumps(jobs)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    theirs = Path(run.stdout.split("FOLDER=")[-1].strip())
-    ar = AutoRound(str(src), dataset=_texts(), **COMMON, scheme="W4A16", rotation_config="hadamard")
-    _, ours = ar.quantize_and_save(str(tmp_path / "fr"), format="fake")
-    assert ar.inplace_plan is not None and ar.inplace_plan.group_size == 32 and ar.inplace_plan.fused
-    ours = Path(ours)
-    assert ours.relative_to(tmp_path / "fr") == theirs.relative_to(tmp_path / "up")
-    a, b = _fake_tensors(ours), _fake_tensors(theirs)
-    assert set(a) == set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+    up_folders = [Path(line.split("FOLDER=")[-1].strip()) for line in run.stdout.splitlines() if "FOLDER=" in line]
+    assert len(up_folders) == 2
+    down = {}
+    for (name, (_, form, _)), theirs in zip(forms.items(), up_folders):
+        ar = AutoRound(str(src), dataset=_texts(), **COMMON, scheme="W4A16", rotation_config=form)
+        _, ours = ar.quantize_and_save(str(tmp_path / f"fr_{name}"), format="fake")
+        plan = ar.inplace_plan
+        assert plan is not None and plan.group_size == 32 and plan.fused
+        assert plan.preset == ("custom" if name == "custom" else "hadamard")
+        ours = Path(ours)
+        assert ours.relative_to(tmp_path / f"fr_{name}") == theirs.relative_to(tmp_path / f"up_{name}")
+        a, b = _fake_tensors(ours), _fake_tensors(theirs)
+        assert set(a) == set(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (name, k)
+        assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+        down[name] = a["model.layers.0.mlp.down_proj.weight"]
+    assert not torch.equal(down["custom"], down["preset"])  # the custom run is not the preset's by accident
 
 
 def test_in_memory_model_computes_with_its_hooks(checkpoint) -> None:
@@ -329,3 +360,95 @@ def test_a_refused_format_leaves_the_model_unrotated(checkpoint, tmp_path) -> No
     assert sorted(after) == sorted(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+# --- custom matrices (hadamard_type a g×g tensor or a {g: tensor} dict; grouped mode only) ---
+
+
+@pytest.mark.parametrize("kind,group,form,fuse", [
+    ("llama", 32, "tensor", True), ("qwen2", 64, "dict", True), ("opt", 32, "tensor", True),
+    ("llama", 32, "dict", False)])
+def test_custom_matrix_leaves_logits_unchanged(kind, group, form, fuse) -> None:
+    """fp32: the rotated model computes the original function; every hook (o / down fused, every linear unfused) is
+    x·Mᵀ per group, fp32, and no random draw is made (upstream draws none in grouped mode either)."""
+    from fastround.tune_layers import run_pre_hooks
+
+    model = _tiny(kind)
+    m = _orthogonal(group)
+    with torch.no_grad():
+        before = model(_ids()).logits
+    torch.manual_seed(9)
+    plan = I.apply_inplace(model, m if form == "tensor" else {group: m}, group, fuse)
+    after = torch.rand(3)
+    torch.manual_seed(9)
+    assert torch.equal(after, torch.rand(3))
+    assert plan.preset == "custom" and plan.group_size == group and set(plan.hooked.values()) == {"group"}
+    assert len(plan.hooked) == (4 if fuse else 14)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, before, rtol=0, atol=5e-5)
+    down = model.get_submodule(next(n for n in plan.hooked if n.endswith(("down_proj", "fc2"))))
+    x = torch.randn(3, down.in_features)
+    want = (x.reshape(3, -1, group) @ m.t().contiguous()).reshape(3, -1)
+    torch.testing.assert_close(run_pre_hooks(down, x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,group,form,fuse", [("llama", 32, "tensor", True), ("qwen2", 64, "dict", False)])
+def test_custom_matrix_rotated_weights_equal_upstreams(kind, group, form, fuse) -> None:
+    """bf16 weights after the rotation with the same custom matrix, byte for byte (upstream's
+    apply_rotation_transform takes it as rotation_matrix)."""
+    from auto_round.algorithms.transforms.hadamard.inplace import apply_rotation_transform
+
+    ours = _tiny(kind, torch.bfloat16)
+    theirs = copy.deepcopy(ours)
+    m = _orthogonal(group)
+    matrix = m if form == "tensor" else {group: m}
+    I.apply_inplace(ours, matrix, group, fuse)
+    apply_rotation_transform(theirs, group_size=group, rotation_matrix=matrix, fuse_online_to_weight=fuse,
+                             compute_device="cpu")
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert set(a) == set(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], _tiny(kind, torch.bfloat16).state_dict()[
+        "model.layers.0.mlp.down_proj.weight"])
+
+
+def test_custom_matrix_refusals(checkpoint) -> None:
+    """Each refused with an error naming the option. Upstream: a tensor in full mode is refused, a dict there is
+    silently ignored (a random residual rotation, as quarot_hadamard); a size other than the group's silently gives
+    the Sylvester Hadamard; a non-square matrix fails an assert; orthogonality is never checked."""
+    from fastround import AutoRound
+
+    m = _orthogonal(32)
+    src = str(checkpoint("llama_aligned"))
+    for full in ({"hadamard_type": m, "block_size": -1}, {"hadamard_type": {32: m}, "block_size": 0},
+                 {"hadamard_type": {32: m}}):  # unset: the scheme's group_size, -1 for W4A16 per channel
+        with pytest.raises(ValueError, match="custom rotation matrix.*grouped mode.*block_size"):
+            AutoRound(src, **COMMON, scheme="W4A16", group_size=-1, rotation_config=full)
+    with pytest.raises(ValueError, match=r"hadamard_type is 32×32 but block_size is 128; set block_size=32"):
+        AutoRound(src, **COMMON, scheme="W4A16", rotation_config={"hadamard_type": m})  # group_size 128
+    with pytest.raises(ValueError, match=r"uses exactly one matrix, of size 32; the dict has sizes \[32, 64\]"):
+        AutoRound(src, **COMMON, scheme="W4A16",
+                  rotation_config={"hadamard_type": {32: m, 64: _orthogonal(64)}, "block_size": 32})
+    with pytest.raises(ValueError, match=r"dict has sizes \[64\]"):
+        AutoRound(src, **COMMON, scheme="W4A16", rotation_config={"hadamard_type": {64: m}, "block_size": 32})
+    with pytest.raises(ValueError, match=r"hadamard_type\[32\] must be a square matrix, got shape \(32, 16\)"):
+        AutoRound(src, **COMMON, scheme="W4A16",
+                  rotation_config={"hadamard_type": {32: torch.randn(32, 16)}, "block_size": 32})
+    with pytest.raises(ValueError, match="hadamard_type must be orthogonal"):
+        AutoRound(src, **COMMON, scheme="W4A16", rotation_config={"hadamard_type": 2 * m, "block_size": 32})
+    with pytest.raises(ValueError, match="finite floating-point"):
+        AutoRound(src, **COMMON, scheme="W4A16",
+                  rotation_config={"hadamard_type": torch.eye(32, dtype=torch.int64), "block_size": 32})
+    with pytest.raises(ValueError, match="inplace backend only, not backend='transform'"):
+        AutoRound(src, **COMMON, scheme="MXFP4", rotation_config={"backend": "transform", "hadamard_type": m})
+    # backend auto takes it to the inplace backend even for an MXFP scheme (the transform one takes presets only)
+    ar = AutoRound(src, **COMMON, scheme="MXFP4", rotation_config={"hadamard_type": m, "block_size": 32})
+    assert ar.rotation is None and ar.inplace is not None and ar.inplace.hadamard_type is m
+    # a size that does not divide the model's widths: known at rotation (hidden 160, intermediate 96)
+    ar = AutoRound(src, **COMMON, scheme="W4A16", rotation_config={"hadamard_type": _orthogonal(64), "block_size": 64})
+    with pytest.raises(ValueError, match="block_size 64 must divide hidden_size 160"):
+        ar.quantize()
+    with pytest.raises(ValueError, match="custom rotation matrix.*grouped mode"):
+        I.apply_inplace(_tiny("llama"), m, None, True)
+    with pytest.raises(ValueError, match="block_size 48 must divide hidden_size 64"):
+        I.apply_inplace(_tiny("llama"), _orthogonal(48), 48, True)

@@ -291,9 +291,11 @@ class Compressor:
         return None
 
     def _check_inplace(self, cfg: RotationConfig, fmt: str | None) -> None:
-        from fastround.rotation_inplace import PRESETS
+        from fastround.rotation_inplace import PRESETS, custom_block_matrix, inplace_group_size, is_custom_matrix
 
-        if cfg.hadamard_type not in PRESETS:
+        if is_custom_matrix(cfg.hadamard_type):  # its shape and orthogonality now; its fit to the model at rotation
+            custom_block_matrix(cfg.hadamard_type, inplace_group_size(cfg.block_size, self.scheme.get("group_size")))
+        elif cfg.hadamard_type not in PRESETS:
             raise ValueError(f"rotation_config: the inplace backend supports hadamard_type {list(PRESETS)}, got "
                              f"{cfg.hadamard_type!r}")
         if not cfg.allow_online_rotation and cfg.fuse_online_to_weight is False:

@@ -40,7 +40,7 @@ class RotationConfig:
     layerwise: bool = False
     backend: str = "auto"
     block_size: int | None = None
-    hadamard_type: str = "hadamard"
+    hadamard_type: Any = "hadamard"  # a name, or (inplace backend) a custom g×g tensor / {g: tensor} dict
     fuse_online_to_weight: bool | None = None
     allow_online_rotation: bool = True
     random_seed: bool = False  # excluded from the dump, unused (as upstream)
@@ -50,7 +50,13 @@ class RotationConfig:
             raise ValueError(f"rotation_config: algorithm must be 'hadamard' here, got {self.algorithm!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"rotation_config: unsupported backend {self.backend!r}; expected one of {list(BACKENDS)}")
-        if self.hadamard_type not in HADAMARD_TYPES:
+        if isinstance(self.hadamard_type, (torch.Tensor, dict)):
+            # a custom matrix (upstream's rotation_matrix Tensor / dict, which its own RotationConfig, a str field,
+            # rejects): checked against the block size by rotation_inplace.custom_block_matrix
+            if self.backend == "transform":
+                raise ValueError("rotation_config: a custom rotation matrix (hadamard_type a tensor or a {size: "
+                                 "tensor} dict) is taken by the inplace backend only, not backend='transform'")
+        elif not isinstance(self.hadamard_type, str) or self.hadamard_type not in HADAMARD_TYPES:
             raise ValueError(f"rotation_config: unsupported hadamard_type {self.hadamard_type!r}; expected one of "
                              f"{sorted(HADAMARD_TYPES)}")
         # <= 0 is upstream's "full dimension" for the inplace backend; the transform backend needs a block
@@ -112,6 +118,8 @@ def resolve_backend(cfg: RotationConfig, data_type: str) -> str:
     """upstream's resolve_hadamard_backend, without its QUIRK: only a literal "inplace_" prefix is stripped and
     "inplace_random" means random_hadamard (upstream cuts 8 characters whatever they are: backend="inplace" with
     "hadamard" became "" and "inplace_random" became "random", both invalid)."""
+    if not isinstance(cfg.hadamard_type, str):
+        return "inplace"  # a custom matrix: only the inplace backend takes one (transform refused by the config)
     if cfg.backend == "inplace" or "inplace" in cfg.hadamard_type:
         if cfg.hadamard_type.startswith("inplace_"):
             cfg.hadamard_type = cfg.hadamard_type[len("inplace_"):]

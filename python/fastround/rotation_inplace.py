@@ -15,13 +15,17 @@ Modes (group size g from rotation_config.block_size, None / <= 0: full dimension
 Presets: hadamard (deterministic: Sylvester, or H_K ⊗ Sylvester with K from upstream's file), random_hadamard
 (diag(d)·Tᵀ per size, d from the global torch RNG, one matrix per size), quarot_hadamard (a random residual Q in
 full mode, everything else deterministic; grouped: as hadamard, since upstream's fast_hadamard_transform path is
-Sylvester too).
+Sylvester too). Custom: hadamard_type a g×g tensor M or a {g: M} dict (upstream's rotation_matrix Tensor / dict),
+grouped mode only: every rotation above is x·Mᵀ per g-block (residual and online sites alike, as upstream), the
+weights by the fp64 product with M in fp64, the hooks by M in fp32 (transform_ops' dense block map, rounded once).
 
 Numerics: weights in fp64 and cast back, as upstream: a deterministic block by the FWHT kernel unnormalised, divided
 by upstream's scale sqrt(n) rounded to fp32 (torch.tensor(n).sqrt()), so the rotated weights are upstream's bits; a
 random one as the fp64 product with the fp64 matrix. Online hooks run the FWHT kernel in the activation's dtype
 (computed in fp32, rounded once). Deviations from upstream (docs/compatibility.md): a v_proj bias is rotated with
-its weight; unfused mode always registers its hooks; unsupported head counts are refused up front."""
+its weight; unfused mode always registers its hooks; unsupported head counts are refused up front; a custom matrix
+is checked (square, orthogonal, g×g for the block size; upstream ignores a dict in full mode and a size it does not
+find)."""
 
 from __future__ import annotations
 
@@ -37,6 +41,51 @@ from fastround.quarot import _hook, fuse_norm, untie_lm_head
 logger = logging.getLogger("fastround")
 
 PRESETS = ("hadamard", "random_hadamard", "quarot_hadamard")
+# How far M·Mᵀ (fp64) may be from the identity for a custom matrix: an fp32 QR factor is within ~1e-6
+ORTHOGONALITY_ATOL = 1e-4
+
+
+def is_custom_matrix(hadamard_type: Any) -> bool:
+    """Whether rotation_config's hadamard_type is a custom matrix (a tensor or a {size: tensor} dict), not a preset."""
+    return isinstance(hadamard_type, (torch.Tensor, dict))
+
+
+def custom_block_matrix(hadamard_type: Any, group_size: int | None) -> torch.Tensor:
+    """The g×g matrix M of a custom hadamard_type for group size g (None: full-dimension mode), checked: upstream
+    refuses a tensor in full mode but silently ignores a dict there (a random residual rotation instead), and in
+    grouped mode silently falls back to the Sylvester Hadamard when no matrix has the group's size; it never checks
+    orthogonality. Each of those is refused here, naming the option."""
+    what = "rotation_config: a custom rotation matrix (hadamard_type a tensor or a {size: tensor} dict)"
+    if group_size is None:
+        raise ValueError(f"{what} needs the inplace backend's grouped mode: set block_size to the matrix size (a "
+                         "positive value; unset, it is the scheme's group_size), not a full-dimension <= 0 / -1")
+    if isinstance(hadamard_type, dict):
+        for key, t in hadamard_type.items():
+            if isinstance(key, bool) or not isinstance(key, int) or not isinstance(t, torch.Tensor):
+                raise ValueError(f"{what}: every entry must be int size -> tensor, got {key!r} -> "
+                                 f"{type(t).__name__}")
+        unused = sorted(k for k in hadamard_type if k != group_size)
+        if group_size not in hadamard_type or unused:
+            raise ValueError(f"{what}: grouped mode with block_size {group_size} uses exactly one matrix, of size "
+                             f"{group_size}; the dict has sizes {sorted(hadamard_type)}")
+        matrix = hadamard_type[group_size]
+        label = f"hadamard_type[{group_size}]"
+    else:
+        matrix, label = hadamard_type, "hadamard_type"
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"rotation_config: {label} must be a square matrix, got shape {tuple(matrix.shape)}")
+    if matrix.shape[0] != group_size:
+        raise ValueError(f"rotation_config: {label} is {matrix.shape[0]}×{matrix.shape[1]} but block_size is "
+                         f"{group_size}; set block_size={matrix.shape[0]} (upstream would silently use the "
+                         "Sylvester Hadamard instead)")
+    if not matrix.is_floating_point() or not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"rotation_config: {label} must be a finite floating-point matrix, got {matrix.dtype}")
+    m = matrix.detach().cpu().to(torch.float64)
+    err = float((m @ m.t() - torch.eye(group_size, dtype=torch.float64)).abs().max())
+    if err > ORTHOGONALITY_ATOL:
+        raise ValueError(f"rotation_config: {label} must be orthogonal (M·Mᵀ = I within {ORTHOGONALITY_ATOL}), "
+                         f"off by {err:.3g}: the rotated model would not compute the original function")
+    return matrix
 
 
 @dataclass(frozen=True)
@@ -94,15 +143,20 @@ class InplaceRotation:
     """rows -> rows·A on every n-block of the last dimension. Deterministic: A = Tᵀ, T = (H_K ⊗ H_2^m)/sqrt(n) with
     K = 1 for a power of two and otherwise the largest order of upstream's file with n/K a power of two (its
     get_hadK). Random: A = a dense fp64 matrix, M = diag(d)·Tᵀ itself (the full residual Q: W·Q) or Mᵀ (every other
-    site: upstream's x·Mᵀ); the online map of Mᵀ is the FWHT with the signs after Tᵀ's transpose."""
+    site: upstream's x·Mᵀ); the online map of Mᵀ is the FWHT with the signs after Tᵀ's transpose. Custom: A = Mᵀ
+    for a user's M (fp64), its online map a dense product."""
 
-    def __init__(self, n: int, signs: torch.Tensor | None = None, residual_q: bool = False) -> None:
-        k = 1 if T.is_pow2(n) else T.file_divisor(n)
+    def __init__(self, n: int, signs: torch.Tensor | None = None, residual_q: bool = False,
+                 matrix: torch.Tensor | None = None) -> None:
+        k = 1 if matrix is not None or T.is_pow2(n) else T.file_divisor(n)
         self.n = n
         self.hk = T.library_matrix(k) if k > 1 else None  # [K, K] int8 ±1
         self.signs = signs  # [n] int8 ±1 (random) or None
-        self.dense: torch.Tensor | None = None  # [n, n] fp64 right multiplier A (random)
-        if signs is not None:
+        self.matrix = matrix  # [n, n] custom M (any float dtype) or None
+        self.dense: torch.Tensor | None = None  # [n, n] fp64 right multiplier A (random, custom)
+        if matrix is not None:  # A = Mᵀ: upstream's flat @ H.T with H = M in fp64
+            self.dense = matrix.detach().cpu().to(torch.float64).t()
+        elif signs is not None:
             m = self.unnormalised(torch.diag(signs.to(torch.float64))) / upstream_sqrt(n)  # M = diag(d)·Tᵀ
             self.dense = m if residual_q else m.t()  # a transposed view, as upstream's `@ H.T` (BLAS's path)
         self.residual_q = residual_q
@@ -118,12 +172,29 @@ class InplaceRotation:
         shape = t.shape
         return (t.detach().to(torch.float64).reshape(-1, self.n) @ self.dense.to(t.device)).reshape(shape)
 
-    def block_map(self) -> T.BlockRotation:
+    def block_map(self) -> T.BlockRotation | CustomBlockMap:
         """The online map x -> x·A in x's dtype (FWHT kernel); not defined for the residual Q (never online).
-        Random: x·Mᵀ = x·T·diag(d), the kernel's transpose with the signs after."""
+        Random: x·Mᵀ = x·T·diag(d), the kernel's transpose with the signs after. Custom: x·Mᵀ, a dense product."""
         if self.residual_q:
             raise AssertionError("the residual rotation has no online map")
+        if self.matrix is not None:
+            return CustomBlockMap(self.matrix)
         return T.BlockRotation(self.n, self.hk, self.signs, transpose=self.signs is not None)
+
+
+class CustomBlockMap:
+    """x [..., cols] -> x·Mᵀ on each n-block of the last dimension: transform_ops' dense block map (fp32, rounded
+    once to x's dtype; differentiable), Mᵀ in fp32 copied to each device once."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.rows_of_t = matrix.detach().cpu().to(torch.float32).t().contiguous()  # [n, n] Mᵀ
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._on.get(x.device)
+        if rows is None:
+            rows = self._on[x.device] = self.rows_of_t.to(x.device)
+        return T._dense_apply(x, rows)
 
 
 class CrossHeadMap:
@@ -216,7 +287,8 @@ class InplacePlan:
     hooked: dict[str, str]  # layer name -> hook kind ("full", "group", "cross_head")
 
 
-def _check_sizes(model: torch.nn.Module, lay: Layout, g: int | None, fused: bool) -> tuple[int, int, int, int]:
+def _check_sizes(model: torch.nn.Module, lay: Layout, g: int | None, fused: bool,
+                 custom: bool = False) -> tuple[int, int, int, int]:
     cfg = model.config
     hidden, inter, heads = int(cfg.hidden_size), int(getattr(cfg, lay.inter_attr)), int(cfg.num_attention_heads)
     hd = getattr(cfg, "head_dim", None)
@@ -236,7 +308,7 @@ def _check_sizes(model: torch.nn.Module, lay: Layout, g: int | None, fused: bool
         for what, n in widths:
             if n % g:
                 raise ValueError(f"rotation_config: block_size {g} must divide {what} {n} (inplace backend)")
-        if not decomposable(g):
+        if not custom and not decomposable(g):
             raise ValueError(f"rotation_config: block_size {g} is neither a power of two nor K·2^m with a known K")
         return hidden, inter, heads, head_dim
     need = [("hidden_size", hidden), ("intermediate size", inter), ("o_proj in_features", heads * head_dim)]
@@ -252,23 +324,31 @@ def _check_sizes(model: torch.nn.Module, lay: Layout, g: int | None, fused: bool
     return hidden, inter, heads, head_dim
 
 
-def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, fuse: bool | None,
-                  allow_online: bool = True) -> InplacePlan:
-    """Rotate `model` in place (upstream's apply_rotation_transform with rotation_matrix=preset); the online hooks
-    stay registered. fuse None: fused for a registered layout, unfused otherwise (as upstream). allow_online=False
-    is ignored when fused (as upstream) and refused unfused (upstream then rotates without hooks, a QUIRK). Random
-    matrices are drawn from the global torch RNG, one per size, in upstream's order."""
-    if preset not in PRESETS:
-        raise ValueError(f"rotation_config: the inplace backend supports hadamard_type {list(PRESETS)}, "
-                         f"got {preset!r}")
+def apply_inplace(model: torch.nn.Module, preset: str | torch.Tensor | dict[int, torch.Tensor],
+                  group_size: int | None, fuse: bool | None, allow_online: bool = True) -> InplacePlan:
+    """Rotate `model` in place (upstream's apply_rotation_transform with rotation_matrix=preset: a name, or a custom
+    matrix for grouped mode); the online hooks stay registered. fuse None: fused for a registered layout, unfused
+    otherwise (as upstream). allow_online=False is ignored when fused (as upstream) and refused unfused (upstream then
+    rotates without hooks, a QUIRK). Random matrices are drawn from the global torch RNG, one per size, in upstream's
+    order."""
+    g = group_size if group_size is not None and group_size > 0 else None
+    custom: InplaceRotation | None = None  # the one g-block rotation of every site (custom matrices)
+    if is_custom_matrix(preset):
+        matrix = custom_block_matrix(preset, g)
+        custom = InplaceRotation(matrix.shape[0], matrix=matrix)
+        name = "custom"
+    elif not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"rotation_config: the inplace backend supports hadamard_type {list(PRESETS)} or a custom "
+                         f"matrix, got {preset!r}")
+    else:
+        name = preset
     lay, registered = layout_of(model)
     fused = registered if fuse is None else bool(fuse)
     if not fused and not allow_online:
         raise ValueError("rotation_config: allow_online_rotation=False with the unfused inplace rotation (fuse_online"
                          "_to_weight False, or unset on an unregistered model) would leave the rotated weights "
                          "without their online hooks; allow online rotation or fuse")
-    g = group_size if group_size is not None and group_size > 0 else None
-    hidden, inter, heads, head_dim = _check_sizes(model, lay, g, fused)
+    hidden, inter, heads, head_dim = _check_sizes(model, lay, g, fused, custom is not None)
     layers = list(_get(model, lay.layers))
     if fused and lay is _OPT and (not getattr(model.config, "do_layer_norm_before", True)
                                   or getattr(model.config, "word_embed_proj_dim", hidden) != hidden):
@@ -284,24 +364,26 @@ def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, f
             drawn[n] = (torch.randint(0, 2, (n,)) * 2 - 1).to(torch.int8)
         return drawn[n]
 
-    random = preset == "random_hadamard"
+    random = name == "random_hadamard"
 
     def online(n: int) -> InplaceRotation:
+        if custom is not None:  # grouped mode only: n is g
+            return custom
         return InplaceRotation(n, signs(n) if random else None)
 
     residual: InplaceRotation | None = None
     if g is not None:
-        residual = online(g) if random else InplaceRotation(g)
+        residual = online(g)
     elif fused:
-        residual = InplaceRotation(hidden, signs(hidden) if preset != "hadamard" else None, residual_q=True)
-    elif preset == "quarot_hadamard":
+        residual = InplaceRotation(hidden, signs(hidden) if name != "hadamard" else None, residual_q=True)
+    elif name == "quarot_hadamard":
         signs(hidden)  # upstream builds its random full-mode Q unfused too, unused: the RNG moves the same way
     hooked: dict[str, str] = {}
 
     def hook(lin: torch.nn.Linear, name: str, kind: str, fn: Any) -> None:
         if isinstance(fn, T.BlockRotation):
             pre_hook = _hook(fn)  # a QuantLinear could fold this one (quant_linear.attach_rotation)
-        else:  # the cross-head map is no block rotation of the input: nothing may fold it
+        else:  # the cross-head and custom maps are no FWHT of the input: nothing may fold them
 
             def pre_hook(module: torch.nn.Module, args: tuple, fn: Any = fn) -> tuple:
                 return (fn(args[0]),) + tuple(args[1:])
@@ -352,7 +434,7 @@ def apply_inplace(model: torch.nn.Module, preset: str, group_size: int | None, f
                     rot = online(g) if g is not None else online(lin.in_features)
                     _rotate_input(lin, rot)
                     hook(lin, names[id(lin)], "group" if g is not None else "full", rot.block_map())
-    return InplacePlan(preset, g, fused, hooked)
+    return InplacePlan(name, g, fused, hooked)
 
 
 def inplace_group_size(block_size: int | None, scheme_group_size: int | None) -> int | None:
