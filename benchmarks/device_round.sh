@@ -40,7 +40,7 @@ for step in "${steps[@]}"; do
       --prefill 0 --hooks quarot,transform,quarot_r1 --hook_paths fused --pairs 7 --new_tokens 32 --repeat 1 \
       --json "$OUT/inference-hooks-h200.json" ;;
     hooks_fuse) run hooks_fuse 240 python3 benchmarks/inference.py --device cuda:0 --layers 32 --skip_bf16 \
-      --prefill 0 --hooks transform,quarot_r1,quarot --hook_paths fused,two_ops --pairs 7 --new_tokens 32 --repeat 1 \
+      --prefill 0 --hooks transform --hook_paths fused,two_ops --pairs 7 --new_tokens 32 --repeat 1 \
       --json "$OUT/inference-hooks-h200-fusefwht.json" ;;
     woq_cpu) run woq_linear_cpu16 120 python3 benchmarks/woq_linear.py --threads 16 --iters 5 --min_seconds 0.2 \
       --json "$OUT/woq_linear-h200host-16t.json" ;;
