@@ -178,6 +178,10 @@ def test_layer_equals_upstream_nvfp4_quant_linear(nvfp4: dict[str, Any]) -> None
     after = ours.quantize_input(x)
     assert not torch.equal(after, before)
     torch.testing.assert_close(after, theirs.qdq_input(x), rtol=0, atol=0)
+    with torch.inference_mode():  # a layer built and loaded there: buffers without a version counter
+        inf = FPQuantLinear(in_f, out_f, "nvfp4", act_nvfp4=True, input_global_scale=True)
+        inf.load_state_dict(halved)
+        torch.testing.assert_close(inf.quantize_input(x), after, rtol=0, atol=0)
     ours.to(torch.bfloat16)  # the global scales stay fp32 as upstream forces them
     assert ours.weight_global_scale.dtype == ours.input_global_scale.dtype == torch.float32
     assert ours.weight_scale.dtype == torch.float8_e4m3fn

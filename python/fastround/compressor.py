@@ -321,9 +321,20 @@ class Compressor:
             logger.warning("inplace rotation: the %s checkpoint holds the rotated weights but not the online hooks "
                            "(down_proj / o_proj, or every linear unfused); loaded as is it does not compute the "
                            "quantized model (as upstream's)", fmt)
-        if (self.rotation is not None or self.quarot is not None) and fmt.split(":")[0] not in ROTATION_FORMATS:
+        if (self.rotation is not None or self.quarot is not None) and self._writer_family(fmt) not in ROTATION_FORMATS:
             raise ValueError(f"format {fmt!r} cannot carry rotation_config (a rotated checkpoint needs its online "
                              f"activation rotation at load time); use one of {list(ROTATION_FORMATS)}")
+
+    def _writer_family(self, fmt: str) -> str:
+        """The writer a format name resolves to for this scheme (auto_round:llm_compressor is written by the
+        llm_compressor writer, which has no rotation_config); a name the scheme cannot use keeps its prefix, and
+        its own format check refuses it."""
+        from fastround import export
+
+        try:
+            return export.resolve_format(fmt, self.scheme).family
+        except ValueError:
+            return fmt.split(":")[0]
 
     def rotate_layer(self, name: str, module: torch.nn.Module) -> None:
         """The transform backend's weight rotation and online hook for one layer, just before it is calibrated or

@@ -30,6 +30,7 @@ import functools
 import logging
 import os
 import threading
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -402,13 +403,16 @@ class FPQuantLinear(_PackedBuffers):
 
     def _input_scale(self) -> float:
         """input_global_scale as a Python float, read from the device once and again only when the buffer is
-        replaced or written (a load, .to(), copy_): reading it every forward would wait for the GPU each layer."""
+        replaced or written in place (a load, .to(), copy_; writes through .data bypass the version counter, as
+        everywhere in torch): reading it every forward would wait for the GPU each layer. A buffer made under
+        inference_mode has no version counter and is read every call."""
         buf = self.input_global_scale
-        key = (buf.data_ptr(), buf.device, buf._version)
-        if getattr(self, "_input_scale_key", None) != key:
-            self._input_scale_value = float(buf.float().reshape(()))
-            self._input_scale_key = key
-        return self._input_scale_value
+        if torch.is_inference(buf):
+            return float(buf.float().reshape(()))
+        cached = getattr(self, "_input_scale_cache", None)  # (weakref to the buffer, its version, the value)
+        if cached is None or cached[0]() is not buf or cached[1] != buf._version:
+            cached = self._input_scale_cache = (weakref.ref(buf), buf._version, float(buf.float().reshape(())))
+        return cached[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_nvfp4:

@@ -41,8 +41,13 @@ from fastround.quarot import _hook, fuse_norm, untie_lm_head
 logger = logging.getLogger("fastround")
 
 PRESETS = ("hadamard", "random_hadamard", "quarot_hadamard")
-# How far M·Mᵀ (fp64) may be from the identity for a custom matrix: an fp32 QR factor is within ~1e-6
+# How far M·Mᵀ (fp64) may be from the identity for a custom matrix: an fp32 QR factor is within ~1e-6; a matrix
+# given in a half type is as orthogonal as its rounding allows (bf16 1/sqrt(32) is off by ~1e-3), hence the eps term
 ORTHOGONALITY_ATOL = 1e-4
+
+
+def orthogonality_atol(dtype: torch.dtype) -> float:
+    return max(ORTHOGONALITY_ATOL, 8 * torch.finfo(dtype).eps)
 
 
 def is_custom_matrix(hadamard_type: Any) -> bool:
@@ -64,10 +69,14 @@ def custom_block_matrix(hadamard_type: Any, group_size: int | None) -> torch.Ten
             if isinstance(key, bool) or not isinstance(key, int) or not isinstance(t, torch.Tensor):
                 raise ValueError(f"{what}: every entry must be int size -> tensor, got {key!r} -> "
                                  f"{type(t).__name__}")
+        if group_size not in hadamard_type:
+            raise ValueError(f"{what}: grouped mode with block_size {group_size} needs a matrix of size "
+                             f"{group_size}; the dict has sizes {sorted(hadamard_type)} (upstream would silently "
+                             "use the Sylvester Hadamard instead)")
         unused = sorted(k for k in hadamard_type if k != group_size)
-        if group_size not in hadamard_type or unused:
-            raise ValueError(f"{what}: grouped mode with block_size {group_size} uses exactly one matrix, of size "
-                             f"{group_size}; the dict has sizes {sorted(hadamard_type)}")
+        if unused:  # upstream takes the group's size and ignores the rest too
+            logger.warning("rotation_config: block_size %d uses hadamard_type[%d]; sizes %s are not used",
+                           group_size, group_size, unused)
         matrix = hadamard_type[group_size]
         label = f"hadamard_type[{group_size}]"
     else:
@@ -82,8 +91,9 @@ def custom_block_matrix(hadamard_type: Any, group_size: int | None) -> torch.Ten
         raise ValueError(f"rotation_config: {label} must be a finite floating-point matrix, got {matrix.dtype}")
     m = matrix.detach().cpu().to(torch.float64)
     err = float((m @ m.t() - torch.eye(group_size, dtype=torch.float64)).abs().max())
-    if err > ORTHOGONALITY_ATOL:
-        raise ValueError(f"rotation_config: {label} must be orthogonal (M·Mᵀ = I within {ORTHOGONALITY_ATOL}), "
+    atol = orthogonality_atol(matrix.dtype)
+    if err > atol:
+        raise ValueError(f"rotation_config: {label} must be orthogonal (M·Mᵀ = I within {atol:.3g}), "
                          f"off by {err:.3g}: the rotated model would not compute the original function")
     return matrix
 
