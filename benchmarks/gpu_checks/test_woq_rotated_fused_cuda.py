@@ -78,13 +78,22 @@ def test_gptq4_fused_equals_two_ops(cuda, monkeypatch, in_f, out_f, block, dtype
 @pytest.mark.parametrize("block", [16, 64, 128, 256])
 @pytest.mark.parametrize("layout", ["gptq", "gptq_v2"])
 def test_group_sizes_and_v2(cuda, monkeypatch, group_size, block, layout):
-    for in_f, out_f in ((4096, 1024), (2048, 4096)):
+    """Same bits whether the call fuses or not (5120 inputs: slices a 256-block may straddle, the two-op fallback),
+    and at least one shape fuses (one launch), so the comparison covers the fused kernel."""
+    fused = 0
+    for in_f, out_f in ((4096, 1024), (2048, 4096), (5120, 1024)):
+        if group_size > 0 and in_f % group_size:
+            continue
         layer = make_layer(in_f, out_f, 4, group_size, layout, group_size + in_f, cuda)
         for m in (1, 2, 4):
             x = inputs(m, in_f, torch.bfloat16, m, cuda)
             got, off, want = both_paths(x, layer, None, 4, group_size, layout, block, monkeypatch=monkeypatch)
             assert_same_bits(got, want)
             assert_same_bits(off, want)
+        x = inputs(1, in_f, torch.bfloat16, 1, cuda)
+        fused += len(kernels(lambda: _ops.woq_linear_rotated(x, *layer, None, 4, group_size, layout, block, None,
+                                                             None))) == 1
+    assert fused >= 1
 
 
 @pytest.mark.parametrize("signs_first", [False, True])
@@ -101,6 +110,11 @@ def test_signs(cuda, monkeypatch, signs_first, signs_dtype, dtype):
                                             monkeypatch=monkeypatch)
                 assert_same_bits(got, want)
                 assert_same_bits(off, want)
+        x = inputs(1, 4096, dtype, 1, cuda)
+        sc = signs.to(signs_dtype).to(cuda)
+        names = kernels(lambda: _ops.woq_linear_rotated(x, *layer, None, 4, 128, "gptq", block, None, sc, False,
+                                                        signs_first))
+        assert len(names) == 1 and "gemv_gptq_staged_kernel" in names[0], names  # signs on the device: fused
 
 
 @pytest.mark.parametrize("case", ["gptq8", "gptq2", "awq", "rows6", "rows8", "fp32", "k28", "block512",

@@ -1428,6 +1428,7 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   if (!woq_gemv_supported(w, x_dtype, m, x)) bad(site, "this problem needs the dequantize path");
   const WoqGemvTuning staged_tune = checked_staged_tuning(w, m, tune);
   const bool force_staged = tune.kernel == WoqGemvKernel::Staged || tune.kernel == WoqGemvKernel::StagedHalf2;
+  if (rot && rot->n <= 0) bad(site, "rot: block size n must be positive, got " + std::to_string(rot->n));
   StagedPlan plan;
   if (takes_staged(w, m, tune)) plan = staged_plan_for(w, x_dtype, m, staged_tune, rot ? rot->n : 0);
   if (rot && (w.in % rot->n != 0 || !plan.kernel))

@@ -28,7 +28,7 @@ int64_t fwht_cuda_max_block(DType dtype);
 
 // Device scratch bytes fwht_rows_cuda wants for this call (0: none). A K > 1 transform of few n-blocks (a batch-1
 // decode row) runs as two kernels, the butterflies into scratch ([rows, cols] in the compute type) and the K stage
-// spread over the GPU, instead of one thread block walking it all; a power-of-two n-block (n >= 1024) of a call with
+// spread over the GPU, instead of one thread block walking it all; a power-of-two n-block (n >= 32768) of a call with
 // at most 8 of them likewise runs its low stages per n/8-long chunk (one thread block each) into scratch and its
 // last three stages across the chunks in a second kernel. The bits are the same either way.
 int64_t fwht_cuda_scratch_bytes(DType dtype, int64_t rows, int64_t cols, const FwhtSpec& spec);
