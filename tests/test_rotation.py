@@ -62,8 +62,9 @@ for line in sys.stdin:
                 if "signround_config" in kw:  # iters / lr through SignRound's config object (test_rotation_tune)
                     from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
                     kw["alg_configs"] = [SignRoundConfig(**kw.pop("signround_config"))]
+                fmt = kw.pop("format", "auto_round")
                 ar = AutoRound(kw.pop("src"), enable_torch_compile=False, **kw)
-                _, folder = ar.quantize_and_save(out, format="auto_round")
+                _, folder = ar.quantize_and_save(out, format=fmt)
                 print("FOLDER=" + folder)
             except BaseException:
                 traceback.print_exc()
@@ -87,8 +88,9 @@ def _upstream_server() -> subprocess.Popen:
 
 
 class UpstreamRuns:
-    """Upstream quantize_and_save(format="auto_round") runs, each {"src": ..., **AutoRound kwargs} into its out
-    folder (an optional "signround_config": {"iters", "lr"} becomes alg_configs=[SignRoundConfig(...)]), in the
+    """Upstream quantize_and_save runs, each {"src": ..., **AutoRound kwargs} into its out folder (an optional
+    "format", "auto_round" by default; an optional "signround_config": {"iters", "lr"} becomes
+    alg_configs=[SignRoundConfig(...)]), in the
     session's upstream process; they run while the caller does its own work. wait() -> [(folder, log)]. One
     UpstreamRuns at a time: wait() before starting the next."""
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from fastround import rotation as R
 from fastround import rotation_inplace as I
 from fastround import transform_ops as T
 
-from test_rotation import COMMON, _texts
+from test_rotation import COMMON, UpstreamRuns, _texts
 
 # (group size, fuse): fused full, fused grouped, unfused full, unfused grouped
 MODES = [(None, True), (16, True), (None, False), (32, False)]
@@ -126,16 +124,6 @@ def _fake_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {k: f.get_tensor(k) for k in f.keys()}
 
 
-_UPSTREAM_FAKE = """
-import json, sys
-from auto_round import AutoRound
-kw = json.loads(sys.argv[1])
-ar = AutoRound(kw.pop("src"), enable_torch_compile=False, **kw)
-_, folder = ar.quantize_and_save(sys.argv[2], format="fake")
-print("FOLDER=" + folder)
-"""
-
-
 def test_w4a16_rtn_fake_checkpoint_equals_upstream(checkpoint, tmp_path) -> None:
     """W4A16 RTN with rotation_config="hadamard": an int scheme resolves to the inplace backend, the string's
     block_size is upstream's 32 (its string normaliser assumes mx_fp), fused grouped mode on the aligned Llama;
@@ -143,11 +131,8 @@ def test_w4a16_rtn_fake_checkpoint_equals_upstream(checkpoint, tmp_path) -> None
     from fastround import AutoRound
 
     src = checkpoint("llama_aligned")
-    kw = dict(COMMON, dataset=_texts(), src=str(src), scheme="W4A16", rotation_config="hadamard")
-    run = subprocess.run([sys.executable, "-c", _UPSTREAM_FAKE, json.dumps(kw), str(tmp_path / "up")],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = Path(run.stdout.split("FOLDER=")[-1].strip())
+    kw = dict(COMMON, dataset=_texts(), src=str(src), scheme="W4A16", rotation_config="hadamard", format="fake")
+    ((theirs, _),) = UpstreamRuns([(kw, tmp_path / "up")]).wait()  # a fresh (forked) process: see test_rotation
     ar = AutoRound(str(src), dataset=_texts(), **COMMON, scheme="W4A16", rotation_config="hadamard")
     _, ours = ar.quantize_and_save(str(tmp_path / "fr"), format="fake")
     assert ar.inplace_plan is not None and ar.inplace_plan.group_size == 32 and ar.inplace_plan.fused
