@@ -9,20 +9,55 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "model_free.py"
 REGULAR = SCRIPT.with_name("regular_flow.py")
 
 
-def run(tmp_path: Path, *args: str) -> dict:
-    out = tmp_path / "result.json"
-    r = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(tmp_path / "work"), "--json", str(out), *args],
-                       capture_output=True, text=True, timeout=600)
+class Started:
+    """A benchmark script's process, started when the module's first test asks (they all run side by side)."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def result(self) -> subprocess.CompletedProcess:
+        stdout, stderr = self.proc.communicate(timeout=600)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, stdout, stderr)
+
+
+def _model_free(root: Path, *args: str) -> tuple[Started, Path]:
+    out = root / "result.json"
+    return Started([sys.executable, str(SCRIPT), "--workdir", str(root / "work"), "--json", str(out), *args]), out
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Started, Path]]:
+    """name -> (its process, its output): the three tiny runs below are independent, so they overlap."""
+    # $OUT is where the device run hands results back; the JSON names it, never the machine's path
+    out = tmp_path_factory.mktemp("regular") / "out"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), HF_HUB_OFFLINE="1")
+    regular = Started([sys.executable, str(REGULAR), "--shape", "tiny", "--layers", "2", "--vocab", "1024",
+                       "--only", "upstream", "--devices", "cpu", "--no_prime", "--workdir", str(out / "work"),
+                       "--json", str(out / "regular.json")], env)
+    return {
+        "regular": (regular, out),
+        "table": _model_free(tmp_path_factory.mktemp("table"), "--layers", "1", "--vocab", "256", "--schemes",
+                             "W4A16,MXFP4", "--tools", "read,fastround"),
+        "kernels": _model_free(tmp_path_factory.mktemp("kernels"), "--kernels", "--kernel_shape", "64,256"),
+    }
+
+
+def run(started: dict[str, tuple[Started, Path]], name: str) -> dict:
+    proc, out = started[name]
+    r = proc.result()
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(out.read_text())
 
 
-def test_end_to_end_table(tmp_path):
-    res = run(tmp_path, "--layers", "1", "--vocab", "256", "--schemes", "W4A16,MXFP4", "--tools", "read,fastround")
+def test_end_to_end_table(started):
+    res = run(started, "table")
     runs = {(r["tool"], r["scheme"]): r for r in res["runs"]}
     assert set(runs) == {("read", "-"), ("fastround", "W4A16"), ("fastround", "MXFP4"), ("fastround-1t", "W4A16"),
                          ("fastround-1t", "MXFP4")}
@@ -35,8 +70,8 @@ def test_end_to_end_table(tmp_path):
     assert 0.43 < runs[("read", "-")]["source_gb"] < 0.45
 
 
-def test_kernel_micro_benchmark(tmp_path):
-    res = run(tmp_path, "--kernels", "--kernel_shape", "64,256")
+def test_kernel_micro_benchmark(started):
+    res = run(started, "kernels")
     names = {(k["kernel"], k["path"]) for k in res["kernels"]}
     for kernel in ("int4_sym_g128", "mxfp4_optrtn", "nvfp4_e5m3_plain"):
         assert (kernel, "reference") in names and (kernel, "fast") in names
@@ -45,14 +80,9 @@ def test_kernel_micro_benchmark(tmp_path):
                                                                                                      res["isa"]}
 
 
-def test_regular_flow_upstream(tmp_path):
-    # $OUT is where the device run hands results back; the JSON names it, never the machine's path
-    out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, OUT=str(out), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, str(REGULAR), "--shape", "tiny", "--layers", "2", "--vocab", "1024",
-                        "--only", "upstream", "--devices", "cpu", "--no_prime", "--workdir", str(out / "work"),
-                        "--json", str(out / "regular.json")], capture_output=True, text=True, timeout=600, env=env)
+def test_regular_flow_upstream(started):
+    proc, out = started["regular"]
+    r = proc.result()
     assert r.returncode == 0, r.stdout + r.stderr
     text = (out / "regular.json").read_text()
     assert str(out) not in text and "$OUT/regular.json" in text

@@ -351,13 +351,15 @@ def test_rtn_recipe_entry_point(src, outdir):
     exe = shutil.which("fastround-rtn", path=sysconfig.get_path("scripts")) or shutil.which("fastround-rtn")
     assert exe, "the fastround-rtn console script is not installed"
     out = outdir("recipe")
-    r = subprocess.run([exe, str(src), "--disable_model_free", "--output_dir", str(out), "--no_progress",
-                        "--device", "cpu", "--group_size", "32"], capture_output=True, text=True, env=_env(),
-                       timeout=180)
-    assert_ok(r)
+    cmd = [exe, str(src), "--disable_model_free", "--output_dir", str(out), "--no_progress", "--device", "cpu",
+           "--group_size", "32"]
+    # the recipe's process runs while the spelled-out one does (independent outputs)
+    recipe = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     flags = outdir("recipe-flags")
     r2 = run_cli(str(src), "--iters", "0", "--disable_opt_rtn", "--disable_model_free", "--nsamples", "1",
                  "--group_size", "32", "--output_dir", str(flags), "--no_progress", "--device", "cpu")
+    stdout, stderr = recipe.communicate(timeout=180)
+    assert_ok(subprocess.CompletedProcess(cmd, recipe.returncode, stdout, stderr))
     assert_ok(r2)
     assert snapshot(out) == snapshot(flags)
 

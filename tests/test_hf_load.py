@@ -109,15 +109,23 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _run_child(code: str, arg: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+def _start_child(code: str, arg: Any, env: dict[str, str] | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     # The child inherits this process's environment, so it imports the same fastround (installed, or a build tree
     # named by PYTHONPATH); prepending the source tree would shadow an installed build with sources lacking _C.
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(arg)], capture_output=True, text=True,
-                          env=full_env, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(arg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env)
+
+
+def _child_result(proc: subprocess.Popen) -> dict[str, Any]:
+    stdout, stderr = proc.communicate(timeout=600)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"child failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _run_child(code: str, arg: Any, env: dict[str, str] | None = None) -> dict[str, Any]:
+    return _child_result(_start_child(code, arg, env))
 
 
 def _fp16_exact_fp32(kind: str, root: Path) -> Path:
@@ -154,8 +162,12 @@ def _quantize(producer: str, src: Path, out: Path, fmt: str, kwargs: dict[str, A
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("hf_load")
     sources = {kind: _fp16_exact_fp32(kind, root) for kind in ("llama_aligned", "qwen2_aligned")}
-    folders = {name: _quantize(prod, sources[kind], root / name, fmt, kw)
-               for name, (prod, kind, fmt, kw) in CASES.items()}
+    folders: dict[str, tuple[str, str]] = {}
+    for name, (prod, kind, fmt, kw) in CASES.items():
+        folders[name] = _quantize(prod, sources[kind], root / name, fmt, kw)
+        if name == "fr_auto_round_mixed":
+            # test_upstream_installed_backend_auto's child (auto_round importable) runs while the rest is built
+            upstream_child = _start_child(_CHILD_UPSTREAM, folders[name])
     from fastround import AutoRound
 
     ar = AutoRound(str(SMALL_MODEL), scheme="W4A16", **COMMON)
@@ -166,6 +178,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "ppl": [str(small[0]), str(small[1]), str(text_file)]}
     result = _run_child(_BLOCK + _CHILD, spec)
     result["folders"] = folders
+    result["upstream_child"] = upstream_child
     return result
 
 
@@ -232,8 +245,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_upstream_installed_backend_auto(loaded: dict[str, Any]) -> None:
-    packed, fake = loaded["folders"]["fr_auto_round_mixed"]
-    r = _run_child(_CHILD_UPSTREAM, [packed, fake])
+    r = _child_result(loaded["upstream_child"])  # started by the fixture on folders["fr_auto_round_mixed"]
     assert r["auto"]["auto-round"] == "upstream" and r["auto_class"] == "AutoRoundQuantizer"
     assert r["upstream_loaded"] and not r["upstream_has_ours"]
     assert r["fastround"] == {"auto-round": "fastround", "gptq": "fastround", "awq": "fastround"}

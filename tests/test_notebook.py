@@ -13,8 +13,17 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "quantize_and_run.ipynb"
 
 
+# The SignRound recipe and the perplexity text at a test's size: every cell still runs the same calls, and what is
+# asserted (layers, table rows, error lines, model-free == RTN, perplexity < 2x bf16) holds at any size.
+SMALLER = {"iters=50,": "iters=5,", "nsamples=32, seqlen=256": "nsamples=8, seqlen=128", "[: 8 * 512]": "[: 2 * 512]"}
+
+
 def test_notebook_executes(tmp_path: Path) -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    for old, new in SMALLER.items():
+        cells = [cell for cell in nb.cells if cell.cell_type == "code" and old in cell.source]
+        assert len(cells) == 1 and cells[0].source.count(old) == 1, f"the notebook no longer has {old!r}"
+        cells[0].source = cells[0].source.replace(old, new)
     # The notebook finds the repo's model by walking up from its working directory, as in a user's checkout.
     work = tmp_path / "examples"
     work.mkdir()

@@ -105,31 +105,37 @@ def test_spinquant_k_rule_and_matrices_equal_upstream() -> None:
         assert torch.equal(T.spinquant_matrix(k), theirs) == (k != 20), k
 
 
-@pytest.mark.parametrize("rotation_config,r1", [
-    ("quarot", False),
-    ({"algorithm": "spinquant", "online_r1_rotation": False, "rotation_size": 32}, True),
-])
-def test_quarot_rtn_matches_upstream(checkpoint, tmp_path, rotation_config, r1) -> None:
+QUAROT_RTN = [("quarot", False), ({"algorithm": "spinquant", "online_r1_rotation": False, "rotation_size": 32}, True)]
+
+
+@pytest.fixture(scope="module")
+def upstream_quarot_rtn(checkpoint, tmp_path_factory) -> list[str]:
+    """Upstream's checkpoint folder for each QUAROT_RTN rotation_config, both runs from one UpstreamRuns."""
+    from test_rotation import COMMON, UpstreamRuns, _texts
+
+    root = tmp_path_factory.mktemp("quarot_upstream")
+    src = checkpoint("llama_aligned")
+    runs = UpstreamRuns([(dict(COMMON, dataset=_texts(), src=str(src), scheme="W4A16", rotation_config=rc),
+                          root / f"up{i}") for i, (rc, _) in enumerate(QUAROT_RTN)]).wait()
+    return [str(folder) for folder, _ in runs]
+
+
+@pytest.mark.parametrize("rotation_config,r1", QUAROT_RTN)
+def test_quarot_rtn_matches_upstream(checkpoint, tmp_path, upstream_quarot_rtn, rotation_config, r1) -> None:
     """W4A16 RTN on the aligned Llama: "quarot" (hidden 160: R1 off as upstream decides, R2 on head_dim 32), and
     offline block R1 of 32 (untied, RMSNorm fused, embedding and lm_head rotated) with R2: every tensor
     (spinquant_R1 / spinquant_R2_head included) and config.json equal upstream's.
     quantization_config.json also carries spinquant_config here; upstream adds it there only when some layer got
     rotation buffers (docs/compatibility.md)."""
     import json
-    import subprocess
-    import sys
 
     import oracle
-    from test_rotation import _UPSTREAM_SCRIPT, COMMON, _texts
+    from test_rotation import COMMON, _texts
 
     from fastround import AutoRound
 
     src = checkpoint("llama_aligned")
-    kw = dict(COMMON, dataset=_texts(), src=str(src), scheme="W4A16", rotation_config=rotation_config)
-    run = subprocess.run([sys.executable, "-c", _UPSTREAM_SCRIPT, json.dumps(kw), str(tmp_path / "up")],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = run.stdout.split("FOLDER=")[-1].strip()
+    theirs = upstream_quarot_rtn[[rc for rc, _ in QUAROT_RTN].index(rotation_config)]
     ar = AutoRound(str(src), dataset=_texts(), **COMMON, scheme="W4A16", rotation_config=rotation_config)
     _, ours = ar.quantize_and_save(str(tmp_path / "fr"), format="auto_round")
     # the tokenizer files: upstream saves its tokenizer as its calibration left it (fastround's RTN reads no data)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -162,7 +161,7 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from test_hf_load import _BLOCK, _fp16_exact_fp32, _run_child
-    from test_rotation import _UPSTREAM_SCRIPT, _texts
+    from test_rotation import UpstreamRuns, _texts
 
     from fastround import AutoRound
 
@@ -170,16 +169,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     src = _fp16_exact_fp32("llama_aligned", root)
     kw = dict(COMMON, dataset=_texts(), rotation_config=CKPT, scheme="W4A16")
     # upstream in a fresh process (it patches its layers once per process), running while fastround quantizes
-    up = subprocess.Popen([sys.executable, "-c", _UPSTREAM_SCRIPT, json.dumps(dict(kw, src=str(src))),
-                           str(root / "up")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    up = UpstreamRuns([(dict(kw, src=str(src)), root / "up")])
     model, _ = AutoRound(str(src), **kw).quantize()
     with torch.inference_mode():
         reference = model(torch.tensor(IDS)).logits.float()
     # quantize_and_save packs as it goes and writes upstream's tensor order (save_quantized after quantize does not)
     _, ours = AutoRound(str(src), **kw).quantize_and_save(str(root / "fr"), format="auto_round")
-    out, err = up.communicate(timeout=600)
-    assert up.returncode == 0, err[-3000:]
-    folders = {"fr": str(ours), "up": out.split("FOLDER=")[-1].strip()}
+    ((theirs, _),) = up.wait()
+    folders = {"fr": str(ours), "up": str(theirs)}
     loaded = _run_child(_BLOCK + _CHILD, {"folders": folders, "ids": IDS})
     return {"folders": folders, "loaded": loaded, "reference": reference}
 

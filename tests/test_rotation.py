@@ -4,10 +4,12 @@ copied), the function a rotated model computes, the load-side hooks and the CLI 
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,85 @@ ar = AutoRound(kw.pop("src"), enable_torch_compile=False, **kw)
 _, folder = ar.quantize_and_save(sys.argv[2], format="auto_round")
 print("FOLDER=" + folder)
 """
+
+
+# Upstream runs from one process per test session that imports auto_round once (~6 CPU-seconds): each run in a
+# child forked before anything ran there, so it starts from the same unpatched state as a fresh process (see _run).
+# The server reads one JSON list of jobs per line and answers one line per list; each child writes its output to
+# its own log file, which a run that succeeded ends with FOLDER=.
+_UPSTREAM_FORKS = """
+import json, os, sys, traceback
+from auto_round import AutoRound
+for line in sys.stdin:
+    failed = []
+    for i, (kw, out, log) in enumerate(json.loads(line)):
+        sys.stdout.flush(); sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1); os.dup2(fd, 2)
+            code = 0
+            try:
+                if "signround_config" in kw:  # iters / lr through SignRound's config object (test_rotation_tune)
+                    from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
+                    kw["alg_configs"] = [SignRoundConfig(**kw.pop("signround_config"))]
+                fmt = kw.pop("format", "auto_round")
+                ar = AutoRound(kw.pop("src"), enable_torch_compile=False, **kw)
+                _, folder = ar.quantize_and_save(out, format=fmt)
+                print("FOLDER=" + folder)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+        if os.waitpid(pid, 0)[1] != 0:
+            failed.append(i)
+    print("DONE " + json.dumps(failed), flush=True)
+"""
+_server: subprocess.Popen | None = None
+
+
+def _upstream_server() -> subprocess.Popen:
+    global _server
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen([sys.executable, "-c", _UPSTREAM_FORKS], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        atexit.register(_server.kill)
+    return _server
+
+
+class UpstreamRuns:
+    """Upstream quantize_and_save runs, each {"src": ..., **AutoRound kwargs} into its out folder (an optional
+    "format", "auto_round" by default; an optional "signround_config": {"iters", "lr"} becomes
+    alg_configs=[SignRoundConfig(...)]), in the
+    session's upstream process; they run while the caller does its own work. wait() -> [(folder, log)]. One
+    UpstreamRuns at a time: wait() before starting the next."""
+
+    def __init__(self, jobs: list[tuple[dict[str, Any], Path]]) -> None:
+        self.jobs = [(kw, str(out), str(Path(str(out) + ".log"))) for kw, out in jobs]
+        self.server = _upstream_server()
+        assert self.server.stdin is not None
+        self.server.stdin.write(json.dumps(self.jobs) + "\n")
+        self.server.stdin.flush()
+
+    def wait(self) -> list[tuple[Path, str]]:
+        assert self.server.stdout is not None
+        said = []  # anything the server printed outside the children's logs, for the failure message
+        watchdog = threading.Timer(900, self.server.kill)  # a hung run fails the test instead of hanging it
+        watchdog.start()
+        try:
+            for line in self.server.stdout:
+                if line.startswith("DONE "):
+                    failed = json.loads(line[5:])
+                    break
+                said.append(line)
+            else:
+                failed = None  # the server died (or the watchdog killed it)
+        finally:
+            watchdog.cancel()
+        logs = [Path(log).read_text() if Path(log).exists() else "" for _, _, log in self.jobs]
+        assert failed == [], "".join(said)[-3000:] + "".join(log[-3000:] for log in logs)
+        return [(Path(log.split("FOLDER=")[-1].strip()), log) for log in logs]
 
 
 def _run(which: str, src: Path, out: Path, **kwargs: Any) -> Path:
@@ -93,12 +174,26 @@ def _assert_same_rotated_checkpoint(ours: Path, theirs: Path, zero_signs: bool =
         (theirs / "quantization_config.json").read_text())
 
 
-@pytest.mark.parametrize("rotation_config", ["hadamard", "random_hadamard"])
-def test_mxfp4_rtn_matches_upstream(checkpoint, tmp_path, rotation_config) -> None:
+MXFP4_RTN_ROTATIONS = ["hadamard", "random_hadamard"]
+
+
+@pytest.fixture(scope="module")
+def upstream_mxfp4_rtn(checkpoint, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """rotation_config -> (upstream's out folder, its checkpoint folder), both runs from one UpstreamRuns."""
     src = checkpoint("llama_aligned")
-    theirs = _run("upstream", src, tmp_path / "up", scheme="MXFP4", rotation_config=rotation_config)
+    root = tmp_path_factory.mktemp("rotation_upstream")
+    outs = [root / f"up_{rc}" for rc in MXFP4_RTN_ROTATIONS]
+    runs = UpstreamRuns([(dict(COMMON, dataset=_texts(), src=str(src), scheme="MXFP4", rotation_config=rc), out)
+                         for rc, out in zip(MXFP4_RTN_ROTATIONS, outs)]).wait()
+    return {rc: (out, folder) for rc, out, (folder, _) in zip(MXFP4_RTN_ROTATIONS, outs, runs)}
+
+
+@pytest.mark.parametrize("rotation_config", MXFP4_RTN_ROTATIONS)
+def test_mxfp4_rtn_matches_upstream(checkpoint, tmp_path, upstream_mxfp4_rtn, rotation_config) -> None:
+    src = checkpoint("llama_aligned")
+    up_root, theirs = upstream_mxfp4_rtn[rotation_config]
     ours = _run("fastround", src, tmp_path / "fr", scheme="MXFP4", rotation_config=rotation_config)
-    assert ours.relative_to(tmp_path / "fr") == theirs.relative_to(tmp_path / "up")
+    assert ours.relative_to(tmp_path / "fr") == theirs.relative_to(up_root)
     _assert_same_rotated_checkpoint(ours, theirs)
 
 

@@ -8,8 +8,6 @@ within fp32 tolerance (one through fastround.load_quantized); a checkpoint witho
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 import torch
 
 from test_hf_load import _BLOCK, _fp16_exact_fp32, _run_child
-from test_rotation import _UPSTREAM_SCRIPT, _texts
+from test_rotation import UpstreamRuns, _texts
 
 COMMON = {"iters": 0, "disable_opt_rtn": True, "disable_model_free": True, "device_map": "cpu", "nsamples": 8,
           "seqlen": 32, "batch_size": 4, "amp": False}
@@ -57,21 +55,15 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _upstream(src: Path, out: Path, kwargs: dict[str, Any]) -> str:
-    # a fresh process per run: upstream patches its layers once per process with the first run's transform
-    kw = dict(COMMON, dataset=_texts(), src=str(src), **kwargs)
-    run = subprocess.run([sys.executable, "-c", _UPSTREAM_SCRIPT, json.dumps(kw), str(out)], capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout.split("FOLDER=")[-1].strip()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from fastround import AutoRound
 
     root = tmp_path_factory.mktemp("rotation_load")
     src = _fp16_exact_fp32("llama_aligned", root)
+    # upstream's runs (a fresh process each, as upstream patches its layers once per process) while fastround's run
+    upstream = UpstreamRuns([(dict(COMMON, dataset=_texts(), src=str(src), **CONFIGS[name]), root / f"up_{name}")
+                             for name in UPSTREAM])
     ids = torch.tensor(IDS)
     reference: dict[str, torch.Tensor] = {}
     folders: dict[str, str] = {}
@@ -84,8 +76,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         _, folder = ar.quantize_and_save(str(root / f"fr_{name}"), format="auto_round")
         folders[f"fr_{name}"] = str(folder)
     folders["fr_mxfp4_random_bf16"] = folders["fr_mxfp4_random"]
-    for name in UPSTREAM:
-        folders[f"up_{name}"] = _upstream(src, root / f"up_{name}", CONFIGS[name])
+    for name, (folder, _) in zip(UPSTREAM, upstream.wait()):
+        folders[f"up_{name}"] = str(folder)
     loaded = _run_child(_BLOCK + _CHILD, {"folders": folders, "ids": IDS, "load_quantized_case": "up_w4_quarot"})
     return {"loaded": loaded, "reference": reference, "folders": folders}
 

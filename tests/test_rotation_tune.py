@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +22,45 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from test_rotation import _UPSTREAM_SCRIPT, _assert_same_rotated_checkpoint, _texts
+from test_rotation import UpstreamRuns, _assert_same_rotated_checkpoint, _texts
 
 COMMON = {"disable_model_free": True, "device_map": "cpu", "nsamples": 8, "seqlen": 32, "batch_size": 4}
 BEST = re.compile(r"loss iter 0: ([0-9.e+-]+) -> iter (\d+): ([0-9.e+-]+)")
 
 
-def _upstream(src: Path, out: Path, **kwargs: Any) -> tuple[Path, list[tuple]]:
-    kw = dict(COMMON, dataset=_texts(), src=str(src), **kwargs)
-    run = subprocess.run([sys.executable, "-c", _UPSTREAM_SCRIPT, json.dumps(kw), str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    losses = [(float(a), int(i), float(b)) for a, i, b in BEST.findall(run.stdout + run.stderr)]
-    return Path(run.stdout.split("FOLDER=")[-1].strip()), losses
+def _losses(log: str) -> list[tuple]:
+    return [(float(a), int(i), float(b)) for a, i, b in BEST.findall(log)]
+
+
+HADAMARD_TYPES = ["hadamard", "random_hadamard"]
+QUAROT_SCHEMES = ["W4A16", "MXFP4"]
+
+
+def _hadamard_kwargs(rotation_config: str) -> dict[str, Any]:
+    return {"scheme": "MXFP4", "iters": 6, "lr": 0.02, "rotation_config": rotation_config}
+
+
+def _quarot_kwargs(scheme: str) -> dict[str, Any]:
+    return {"scheme": scheme, "iters": 4, "lr": 0.02, "rotation_config": "quarot"}
+
+
+@pytest.fixture(scope="module")
+def upstream(checkpoint, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Path, list[tuple]]]:
+    """(test, parameter) -> (upstream's out folder, its checkpoint folder, its logged losses): the four upstream
+    runs of the tests below from one UpstreamRuns (one auto_round import, a fresh forked process per run).
+    Upstream with a "quarot" rotation_config drops direct iters / lr (SpinQuantConfig has both fields too): they
+    reach SignRound through its config object."""
+    root = tmp_path_factory.mktemp("rotation_tune_upstream")
+    jobs: dict[tuple[str, str], tuple[dict[str, Any], Path]] = {}
+    for rc in HADAMARD_TYPES:
+        kw = dict(COMMON, dataset=_texts(), src=str(checkpoint("llama_aligned")), **_hadamard_kwargs(rc))
+        jobs[("hadamard", rc)] = (kw, root / f"up_hadamard_{rc}")
+    for scheme in QUAROT_SCHEMES:
+        kw = dict(COMMON, dataset=_texts(), src=str(checkpoint("llama_pow2")), **_quarot_kwargs(scheme))
+        kw["signround_config"] = {"iters": kw.pop("iters"), "lr": kw.pop("lr")}
+        jobs[("quarot", scheme)] = (kw, root / f"up_quarot_{scheme}")
+    runs = UpstreamRuns(list(jobs.values())).wait()
+    return {key: (out, folder, _losses(log)) for (key, (_, out)), (folder, log) in zip(jobs.items(), runs)}
 
 
 def _ours(src: Path, out: Path, caplog: pytest.LogCaptureFixture, keep: bool = False, **kwargs: Any
@@ -57,18 +81,17 @@ def _ours(src: Path, out: Path, caplog: pytest.LogCaptureFixture, keep: bool = F
     return ar, Path(folder), losses
 
 
-@pytest.mark.parametrize("rotation_config", ["hadamard", "random_hadamard"])
-def test_mxfp4_hadamard_signround_matches_upstream(checkpoint, tmp_path, caplog, rotation_config) -> None:
+@pytest.mark.parametrize("rotation_config", HADAMARD_TYPES)
+def test_mxfp4_hadamard_signround_matches_upstream(checkpoint, tmp_path, caplog, upstream, rotation_config) -> None:
     """Byte-equal checkpoints, zero signs included, and the same logged losses: while SignRound tunes, the
     rotation computes upstream's products (the weight's under the tuning autocast, a bf16 matmul by the
     bf16-rounded matrix; the activation's a dense matmul in the load dtype for hadamard, in fp32 for
     random_hadamard, both under that autocast), not the fp32 FWHT (docs/compatibility.md)."""
     src = checkpoint("llama_aligned")
-    kwargs = {"scheme": "MXFP4", "iters": 6, "lr": 0.02, "rotation_config": rotation_config}
-    theirs, up_losses = _upstream(src, tmp_path / "up", **kwargs)
-    _, ours, losses = _ours(src, tmp_path / "fr", caplog, **kwargs)
+    up_root, theirs, up_losses = upstream[("hadamard", rotation_config)]
+    _, ours, losses = _ours(src, tmp_path / "fr", caplog, **_hadamard_kwargs(rotation_config))
     assert len(up_losses) == 2 and min(i for _, i, _ in up_losses) > 0, up_losses  # tuned past RTN's codes
-    assert ours.relative_to(tmp_path / "fr") == theirs.relative_to(tmp_path / "up")
+    assert ours.relative_to(tmp_path / "fr") == theirs.relative_to(up_root)
     assert [f"{a:.3e} {i} {b:.3e}" for a, i, b in losses] == [f"{a:.3e} {i} {b:.3e}" for a, i, b in up_losses]
     _assert_same_rotated_checkpoint(ours, theirs, zero_signs=False)
     qa = json.loads((ours / "config.json").read_text())["quantization_config"]
@@ -100,22 +123,8 @@ def test_w4a16_quarot_signround_loads_and_beats_rtn(checkpoint, tmp_path, caplog
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-# upstream with a "quarot" rotation_config drops direct iters / lr (SpinQuantConfig has both fields too): they reach
-# SignRound through its config object
-_UPSTREAM_QUAROT_SCRIPT = """
-import json, sys
-from auto_round import AutoRound
-from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
-kw = json.loads(sys.argv[1])
-kw["alg_configs"] = [SignRoundConfig(iters=kw.pop("iters"), lr=kw.pop("lr"))]
-ar = AutoRound(kw.pop("src"), enable_torch_compile=False, **kw)
-_, folder = ar.quantize_and_save(sys.argv[2], format="auto_round")
-print("FOLDER=" + folder)
-"""
-
-
-@pytest.mark.parametrize("scheme", ["W4A16", "MXFP4"])
-def test_quarot_r1_signround_matches_upstream(checkpoint, tmp_path, caplog, scheme) -> None:
+@pytest.mark.parametrize("scheme", QUAROT_SCHEMES)
+def test_quarot_r1_signround_matches_upstream(checkpoint, tmp_path, caplog, upstream, scheme) -> None:
     """"quarot" on a hidden-128 Llama (full-size online R1 on q/k/v/gate/up, R2 per head) tuned by SignRound: the
     checkpoint is upstream's byte for byte and the logged losses are its. Upstream rotates those weights and runs
     the R1 hooks with matmul_hadU in the model's dtype (bf16 rounding after every butterfly stage); with the FWHT
@@ -123,14 +132,8 @@ def test_quarot_r1_signround_matches_upstream(checkpoint, tmp_path, caplog, sche
     from fastround import quarot
 
     src = checkpoint("llama_pow2")
-    kwargs = {"scheme": scheme, "iters": 4, "lr": 0.02, "rotation_config": "quarot"}
-    kw = dict(COMMON, dataset=_texts(), src=str(src), **kwargs)
-    run = subprocess.run([sys.executable, "-c", _UPSTREAM_QUAROT_SCRIPT, json.dumps(kw), str(tmp_path / "up")],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    up_losses = [(float(a), int(i), float(b)) for a, i, b in BEST.findall(run.stdout + run.stderr)]
-    theirs = Path(run.stdout.split("FOLDER=")[-1].strip())
-    ar, ours, losses = _ours(src, tmp_path / "fr", caplog, **kwargs)
+    _, theirs, up_losses = upstream[("quarot", scheme)]
+    ar, ours, losses = _ours(src, tmp_path / "fr", caplog, **_quarot_kwargs(scheme))
     assert len(up_losses) == 2 and min(i for _, i, _ in up_losses) > 0, up_losses  # tuned past RTN's codes
     assert [f"{a:.3e} {i} {b:.3e}" for a, i, b in losses] == [f"{a:.3e} {i} {b:.3e}" for a, i, b in up_losses]
     a = safe_open(str(ours / "model.safetensors"), "pt")
