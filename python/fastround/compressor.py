@@ -26,7 +26,7 @@ from fastround.rotation import (
     parse_rotation_config,
     resolve_backend,
 )
-from fastround.schemes import QuantizationScheme, SchemeLike, scheme_to_job
+from fastround.schemes import QuantizationScheme, SchemeLike, is_nvfp4, scheme_to_job
 
 logger = logging.getLogger("fastround")
 
@@ -73,7 +73,7 @@ def _device_of(device_map: Any) -> torch.device:
 
 
 def encoding_name(cfg: dict[str, Any], fmt: str) -> str:
-    if str(cfg["data_type"]) in ("nv_fp", "nv_fp4") and int(cfg["bits"]) == 4:
+    if is_nvfp4(cfg["data_type"], cfg["bits"]):
         return NVFP4_ENCODING
     enc = _C.encoding_for(int(cfg["bits"]), str(cfg["data_type"]), fmt)
     if enc is None:

@@ -47,6 +47,12 @@ class QuantizationScheme:
         return out
 
 
+def is_nvfp4(data_type: str, bits: int) -> bool:
+    """NVFP4 weights (E2M1 codes, E4M3 group-16 scales, a global scale): data_type nv_fp or nv_fp4 at 4 bits; the
+    one rule every path (encodings, formats, tuning, llm_compressor config) asks."""
+    return str(data_type) in ("nv_fp", "nv_fp4") and int(bits) == 4
+
+
 def preset_names() -> list[str]:
     return list(_C.preset_names())
 

@@ -11,6 +11,7 @@ import torch
 
 from fastround import tune_fp_ops, tune_ops
 from fastround.modeling import conv1d_type
+from fastround.schemes import is_nvfp4
 from fastround.tune_settings import SignRoundSettings
 
 logger = logging.getLogger("fastround")
@@ -122,7 +123,7 @@ def _fp_kind(data_type: str, bits: int) -> str | None:
         return "mx_fp"
     if data_type == "nvfp4_v2" and bits == 4:
         return "nvfp4_v2"
-    if data_type in ("nv_fp", "nv_fp4") and bits == 4:
+    if is_nvfp4(data_type, bits):
         return "nv_fp"
     return None
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastround.export.common import check_output_dir
 from fastround.quantized import ExportContext
+from fastround.schemes import is_nvfp4
 
 logger = logging.getLogger("fastround")
 
@@ -112,7 +113,7 @@ def resolve_format(
                          f"choose from {', '.join(SUPPORTED_FORMATS)}")
     if name not in SUPPORTED_FORMATS:
         raise ValueError(f"format {name} is not supported; choose from {', '.join(SUPPORTED_FORMATS)}")
-    if dt in ("nv_fp", "nv_fp4") and bits == 4:
+    if is_nvfp4(dt, bits):
         return _resolve_nvfp4(name, dt)
     if name == "fake":
         return ResolvedFormat("fake", "fake", "fake")

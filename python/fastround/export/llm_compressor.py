@@ -14,6 +14,7 @@ from fastround.export.common import lm_head_name
 from fastround.export.config import standard_regex
 from fastround.export.packing import save_packed
 from fastround.quantized import ExportContext
+from fastround.schemes import is_nvfp4
 
 _GROUP_FORMAT = {4: "mxfp4-pack-quantized", 8: "mxfp8-quantized"}
 
@@ -111,8 +112,10 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
             raise ValueError(f"format llm_compressor: layer {other[0]} has a scheme other than NVFP4_E5M3; fastround "
                              "writes NVFP4_E5M3 in this format only with every quantized layer in NVFP4_E5M3")
         return _nvfp4_e5m3_config(ignore)
-    if data_type in ("nv_fp", "nv_fp4"):
-        other = [names[0] for key, names in groups.items() if key != (bits, data_type, int(act_bits))]
+    if is_nvfp4(data_type, bits):
+        # nv_fp and nv_fp4 name the same format: a layer counts as NVFP4 by the rule, not by its spelling
+        other = [names[0] for (layer_bits, layer_dt, layer_act), names in groups.items()
+                 if not is_nvfp4(layer_dt, layer_bits) or layer_act != int(act_bits)]
         if other:
             raise ValueError(f"format llm_compressor: layer {other[0]} has a scheme other than NVFP4; fastround "
                              "writes NVFP4 in this format only with every quantized layer in NVFP4")
