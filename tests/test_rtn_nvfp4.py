@@ -80,12 +80,13 @@ def test_nvfp4_integer_formats_are_refused(checkpoint, tmp_path) -> None:
 
 def test_nvfp4_llm_compressor_with_another_scheme_is_refused(checkpoint, tmp_path) -> None:
     """An int layer in an NVFP4 llm_compressor run has no place in the NVFP4-only config fastround writes: the
-    layer is named and nothing is published."""
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj"):
-        _run("fastround", checkpoint("llama_aligned"), out, "llm_compressor", scheme="NVFP4", iters=0,
-             disable_opt_rtn=True, layer_config={"model.layers.0.mlp.down_proj": "W4A16"}, **FAST)
-    assert not any(out.rglob("*.safetensors"))
+    layer is named and nothing is published, also when another format of the same call would be written first."""
+    for i, fmt in enumerate(("llm_compressor", "auto_round,llm_compressor")):
+        out = tmp_path / f"out{i}"
+        with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj"):
+            _run("fastround", checkpoint("llama_aligned"), out, fmt, scheme="NVFP4", iters=0,
+                 disable_opt_rtn=True, layer_config={"model.layers.0.mlp.down_proj": "W4A16"}, **FAST)
+        assert not any(out.rglob("*.safetensors")) and not any(out.rglob("config.json")), fmt
 
 
 def test_opt_rtn_moves_range_factors(checkpoint, tmp_path) -> None:
