@@ -31,6 +31,20 @@ def rand(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 
 
+def captured(fn):
+    """fn() run once on a side stream (its allocations and plans made), then captured in a CUDA graph:
+    (the graph, what the captured fn returned)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 POW2 = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 # (K, 2^m): len 1/2/4 (K stage alone), len 8..256 (registers and shuffles), len >= 512 (shared-memory passes), and
@@ -97,14 +111,7 @@ def test_r4_decode_row_k28(dtype):
                 got, want = both(x, n, hk, signs, transpose=transpose, signs_first=signs_first)
                 assert_same_bits(got, want)
     hkc, sgc, xc = hk.cuda(), sg.cuda(), x.cuda()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        T.hadamard_transform(xc, n, hkc, sgc, signs_first=True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = T.hadamard_transform(xc, n, hkc, sgc, signs_first=True)
+    graph, y = captured(lambda: T.hadamard_transform(xc, n, hkc, sgc, signs_first=True))
     xc.copy_(rand(1, n, dtype, 22).cuda())
     graph.replay()
     torch.cuda.synchronize()
@@ -190,20 +197,17 @@ def test_pow2_split_and_one_kernel_plans_agree(monkeypatch, n, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_r1_decode_row_split_in_cuda_graph(dtype):
-    """QuaRot's online R1 at batch 1: 1 x 4096, random signs first (the split plan), captured in a CUDA graph (the
-    scratch comes from the graph's pool, where a size takes the split plan) and replayed on new input: the CPU op's bits; the R1 hook too."""
+    """QuaRot's online R1 at batch 1: 1 x 4096, random signs first, captured in a CUDA graph (a split plan's
+    scratch would come from the graph's pool) and replayed on new input: the CPU op's bits; the R1 hook too."""
     n = 4096
     sg = T.random_signs(n, torch.Generator().manual_seed(7)).to(torch.int8)
     sgc, xc = sg.cuda(), rand(1, n, dtype, 40).cuda()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        T.hadamard_transform(xc, n, None, sgc, signs_first=True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def r1_then_full() -> tuple[torch.Tensor, torch.Tensor]:
         y = T.hadamard_transform(xc, n, None, sgc, signs_first=True)
-        z = T.hadamard_transform(y, -1)
+        return y, T.hadamard_transform(y, -1)
+
+    graph, (y, z) = captured(r1_then_full)
     xc.copy_(rand(1, n, dtype, 41).cuda())
     graph.replay()
     torch.cuda.synchronize()
