@@ -89,3 +89,50 @@ def _assert_codes_close(ours: dict, theirs: dict, bits: int) -> None:
             assert ours[name] == rec, name
     assert total > 0
     assert same / total >= 0.999, f"{same}/{total} codes agree"
+
+
+# quant_lm_head=True: upstream collects OPT-RTN's imatrix inside the blocks only, so the lm_head's scale search is
+# unweighted. A weighted one changes its codes and scales here (fastround did that before), so byte parity pins it.
+@pytest.mark.parametrize("scheme", ["W4A16", "W2A16G64"])
+def test_opt_rtn_lm_head_checkpoint_equals_upstream(checkpoint, tmp_path, scheme) -> None:
+    from test_signround import assert_same_checkpoint
+
+    src = checkpoint("llama_aligned")
+    theirs = _run("upstream", src, tmp_path / "up", scheme=scheme, quant_lm_head=True)
+    ours = _run("fastround", src, tmp_path / "fr", scheme=scheme, quant_lm_head=True)
+    tensors = assert_same_checkpoint(theirs, ours)
+    assert "lm_head.qweight" in tensors
+
+
+def test_rtn_lm_head_is_packed_with_upstream_values(checkpoint, tmp_path) -> None:
+    """Plain RTN (disable_opt_rtn=True) runs zero-shot, where upstream quantizes the lm_head after the blocks but
+    never packs it: it writes the bf16 qdq weight under a config whose extra_config says 4 bits (a deliberate
+    deviation, docs/compatibility.md). fastround packs it; its codes must dequantize to upstream's qdq values, and
+    every other tensor and the config must be byte-identical."""
+    import torch
+
+    from test_signround import _config
+
+    src = checkpoint("llama_aligned")
+    kwargs = {"scheme": "W4A16", "quant_lm_head": True, "disable_opt_rtn": True}
+    up, fr = _run("upstream", src, tmp_path / "up", **kwargs), _run("fastround", src, tmp_path / "fr", **kwargs)
+    theirs, ours = oracle.read_checkpoint(up), oracle.read_checkpoint(fr)
+    head = {"lm_head.qweight", "lm_head.qzeros", "lm_head.scales"}
+    assert set(theirs) - {"lm_head.weight"} == set(ours) - head and head <= set(ours)
+    assert [k for k in ours if k not in head and ours[k] != theirs[k]] == []
+    assert _config(fr) == _config(up) and _config(fr)["extra_config"]["lm_head"]["bits"] == 4
+
+    def lanes(rec: oracle.TensorRecord, axis: int) -> np.ndarray:  # unpack 4-bit lanes of int32 words along axis
+        words = np.frombuffer(rec[2], np.int32).reshape(rec[1]).view(np.uint32)
+        return np.stack([(words >> np.uint32(4 * j)) & np.uint32(15) for j in range(8)], axis=axis + 1).reshape(
+            [s * 8 if i == axis else s for i, s in enumerate(rec[1])]).astype(np.int32)
+
+    codes = lanes(ours["lm_head.qweight"], 0)  # [in, out]
+    zeros = lanes(ours["lm_head.qzeros"], 1) + 1  # [groups, out], GPTQ v1: zp - 1 stored
+    scales = np.frombuffer(ours["lm_head.scales"][2], np.float16).reshape(ours["lm_head.scales"][1])  # [groups, out]
+    group = np.arange(codes.shape[0]) // 128
+    w = torch.from_numpy(((codes - zeros[group]) * scales[group].astype(np.float32)).T.copy()).to(torch.bfloat16)
+    dtype, shape, raw = theirs["lm_head.weight"]
+    qdq = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).reshape(shape)
+    assert dtype == "BF16" and torch.equal(w, qdq)
+    assert len(torch.unique(qdq[:, :128])) < 0.5 * qdq[:, :128].numel()  # it is a qdq weight, not the source's

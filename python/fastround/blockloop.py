@@ -78,11 +78,11 @@ class _Imatrix:
 
 def _capture(comp: Compressor, model: torch.nn.Module, first_block: str | None, outside: list[str],
              ids: list[torch.Tensor] | None = None, layer_inputs: dict[str, list[torch.Tensor]] | None = None
-             ) -> tuple[list, _Imatrix]:
+             ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """Run the calibration batches through the model until the first block; keep its inputs per batch (and, in
     `ids`, each batch's token ids with upstream's loss-excluded positions set to -100). With `outside` layers
-    the whole model runs: their imatrix is collected or, given `layer_inputs`, their inputs are kept there per
-    sample (SignRound tunes them on those). No `first_block`: only the outside layers are captured."""
+    the whole model runs (for the caller's hooks on them) and, given `layer_inputs`, their inputs are kept there
+    per sample (SignRound tunes them on those). No `first_block`: only the outside layers are captured."""
     from fastround.calib import clamp_seqlen, get_calibration_batches, loss_input_ids
 
     if comp.tokenizer is None and _needs_tokenizer(comp.dataset):
@@ -96,7 +96,6 @@ def _capture(comp: Compressor, model: torch.nn.Module, first_block: str | None, 
     cache_dev = torch.device("cpu") if comp.low_gpu_mem_usage else comp.device
     block = _module(model, first_block) if first_block is not None else None
     stored: list[tuple[torch.Tensor, dict[str, Any]]] = []
-    imatrix = _Imatrix()
 
     def pre_hook(mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -115,11 +114,8 @@ def _capture(comp: Compressor, model: torch.nn.Module, first_block: str | None, 
         return hook
 
     handles = [block.register_forward_pre_hook(pre_hook, with_kwargs=True)] if block is not None else []
-    for name in outside:
-        if layer_inputs is None:
-            imatrix.attach(name, _module(model, name))
-        else:
-            handles.append(_module(model, name).register_forward_hook(keep_input(name)))
+    if layer_inputs is not None:
+        handles += [_module(model, name).register_forward_hook(keep_input(name)) for name in outside]
     # Everything but the blocks goes to the device for this pass; blocks move one at a time later (all of it when
     # the outside layers' inputs are kept: the pass runs the tuned blocks too).
     blocks = {b for g in comp.plan.block_names for b in g} if layer_inputs is None else set()  # type: ignore
@@ -143,11 +139,10 @@ def _capture(comp: Compressor, model: torch.nn.Module, first_block: str | None, 
     finally:
         for h in handles:
             h.remove()
-        imatrix.detach()
         _move_back(moved)
     if not stored and block is not None:
         raise ValueError(f"no calibration sample reached the first block (dataset {comp.dataset!r})")
-    return stored, imatrix
+    return stored
 
 
 def _needs_tokenizer(dataset: Any) -> bool:
@@ -214,18 +209,19 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
     # NVFP4's input global scales come from a calibration forward even for plain RTN, as upstream (act
     # nv_fp4_with_static_gs needs calibration)
     data_driven = comp.use_imatrix or any(fp_act_spec(cfg[n]) is not None for n in nv)
-    if cast_to is not None and data_driven and outside:
+    # the calibration pass goes past the blocks only to reach the NVFP4 outside layers (their input maxima)
+    past_blocks = [n for n in outside if n in nv]
+    if cast_to is not None and data_driven and past_blocks:
         cast_module(model, cast_to)  # the calibration pass runs every block to reach the layers after them
         cast_to = None
     elif cast_to is not None:
         cast_outside_blocks(model, {b for g in groups for b in g}, cast_to)
     stored: list = []
-    outside_imatrix = None
     outside_act_max: dict[str, torch.Tensor] = {}  # NVFP4 outside layers' max |input| over the FP model's pass
     if data_driven:
-        handles = _nv_act_max_hooks(comp, model, [n for n in outside if n in nv], outside_act_max)
+        handles = _nv_act_max_hooks(comp, model, past_blocks, outside_act_max)
         try:
-            stored, outside_imatrix = _capture(comp, model, groups[0][0], outside)
+            stored = _capture(comp, model, groups[0][0], past_blocks)
         finally:
             for h in handles:
                 h.remove()
@@ -276,19 +272,19 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
                 bar.update(1)
     finally:
         bar.close()
+    # No imatrix outside the blocks, for any data type: upstream's OPT-RTN collects it inside them only, so these
+    # layers' searches are unweighted.
     release = PageReleaser()
     for n in outside:
         comp.rotate_layer(n, _module(model, n))
-        im = outside_imatrix.mean(n) if outside_imatrix is not None else None
         if n in nv:  # its own weight global scale (nothing to fuse with), the input's from the FP pass's max
             if fp_act_spec(cfg[n]) is not None and n not in outside_act_max:
                 raise ValueError(f"NVFP4 layer {n}: the calibration pass never reached it, so it has no input "
                                  "maximum for its static input global scale (upstream fails at export)")
-            # no imatrix: upstream's OPT-RTN collects it only inside the blocks, so the search here is unweighted
             scales = _nv_global_scales(comp, model, [], [n], outside_act_max)[n]
             _record_nv_rtn(comp, n, _module(model, n), cfg[n], fmt, scales, None, layer_opt_rtn(comp, n, moe), release)
             continue
-        record_layer(comp, n, _module(model, n), cfg[n], fmt, im, layer_opt_rtn(comp, n, moe), release)
+        record_layer(comp, n, _module(model, n), cfg[n], fmt, None, layer_opt_rtn(comp, n, moe), release)
 
 
 def _nv_rtn_layers(comp: Compressor, model: torch.nn.Module, groups: list[list[str]], outside: list[str]
@@ -378,7 +374,7 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
             ids: list[torch.Tensor] = []
             # The first pass also keeps the outside layers' FP inputs (it then runs the whole model).
             keep = outside if gi == 0 else []
-            stored, _ = _capture(comp, model, group[0], keep, ids, outside_in if keep else None)
+            stored = _capture(comp, model, group[0], keep, ids, outside_in if keep else None)
             if keep:
                 outside_ids = list(ids)
             samples = signround.split_samples(stored, ids or None, comp.nsamples)
