@@ -13,7 +13,8 @@ loaded auto_round checkpoint has; embeddings, norms and lm_head stay bf16 in bot
 12's <= 10% target): `transform` is the per-linear backend (x <- x·M^T per 32-block before every decoder linear,
 rotation.register_online_hooks), `quarot` QuaRot's default online part (R4: a 14336-wide fp32 Hadamard, K=28,
 before every down_proj; R1 and R2 are fused into the weights), `quarot_r1` adds the online R1 (4096-wide, before
-q/k/v/gate/up) of fuse_online_to_weight=False. Each kind is timed on the path a load takes (`fused`: the rotation
+q/k/v/gate/up: one transform per shared input on the fused path, as a load does) of fuse_online_to_weight=False.
+Each kind is timed on the path a load takes (`fused`: the rotation
 inside QuantLinear's woq_linear_rotated call, quant_linear.attach_rotation) and, with `--hook_paths fused,hooks`, as
 plain forward pre-hooks too (the path before the fusion, and that of non-QuantLinear layers); `two_ops` times the
 `fused` path with FASTROUND_WOQ_FUSE_ROTATION=0, the op's two kernels (hadamard_transform, then woq_linear) where
@@ -129,9 +130,13 @@ def add_hooks(model: torch.nn.Module, kind: str, fused: bool = True) -> list[Any
         for layer in model.model.layers:
             attach(layer.mlp.down_proj, _online_hook("r4", inter, quarot.T.spinquant_divisor(inter)))
             if kind == "quarot_r1":
-                for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
-                          layer.mlp.up_proj):
-                    attach(m, _online_hook("r1", hidden, quarot.T.spinquant_divisor(hidden)))
+                r1 = _online_hook("r1", hidden, quarot.T.spinquant_divisor(hidden))
+                attn, mlp = layer.self_attn, layer.mlp
+                for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+                    # as a load does (quarot.register_online_hooks): one R1 per shared input; pre-hooks: one each
+                    hook = quarot._hook(quarot.T.SharedInputRotation(r1.block_rotation, len(group))) if fused else r1
+                    for m in group:
+                        attach(m, hook)
     else:
         raise SystemExit(f"--hooks: unknown kind {kind!r} (transform, quarot, quarot_r1)")
     handles: list[Any] = []

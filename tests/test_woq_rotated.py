@@ -111,3 +111,53 @@ def test_register_online_hooks_fuses_quant_linears_only():
     with torch.inference_mode():
         same_bits(model(x), ref(x))
     same_bits(seen[0], seen[1])  # the older pre-hook saw the rotated input on both
+
+
+def test_r1_is_one_transform_per_shared_input(monkeypatch):
+    """A loaded QuaRot checkpoint with online R1 (fuse_online_to_weight=False): q/k/v (and gate/up) rotate one input,
+    so register_online_hooks gives each group one SharedInputRotation: one transform for the three layers, the bits
+    of each layer rotating on its own; another input, an input written in place, or autograd: its own transform."""
+    width = 64
+
+    def parent(*names: str) -> torch.nn.Module:
+        m = torch.nn.Module()
+        for i, n in enumerate(names):
+            q = quant_linear(width, 32, 20 + i)
+            q.register_buffer("spinquant_r1_type", torch.tensor(0, dtype=torch.int32))
+            q.register_buffer("spinquant_r1_size", torch.tensor(width, dtype=torch.int32))
+            setattr(m, n, q)
+        return m
+
+    layer = torch.nn.Module()
+    layer.self_attn, layer.mlp = parent("q_proj", "k_proj", "v_proj"), parent("gate_proj", "up_proj")
+    model = torch.nn.ModuleDict({"0": layer})
+    hooked = Q.register_online_hooks(model, {"r1": True})
+    assert len(hooked["r1"]) == 5
+    attn, mlp = layer.self_attn, layer.mlp
+    shared = attn.q_proj.input_rotation
+    assert isinstance(shared, T.SharedInputRotation) and shared.consumers == 3
+    assert attn.k_proj.input_rotation is shared and attn.v_proj.input_rotation is shared
+    assert mlp.gate_proj.input_rotation is mlp.up_proj.input_rotation is not shared
+    calls = []
+    real = T.hadamard_transform
+    monkeypatch.setattr(T, "hadamard_transform", lambda *a, **k: calls.append(1) or real(*a, **k))
+    own = Q.online_hook("r1", width, 1)
+    x = rand((1, 3, width), torch.bfloat16, 1)
+    with torch.inference_mode():
+        outs = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        assert len(calls) == 1 and shared._x is None  # one transform; the cache released after the third layer
+        for m, y in zip((attn.q_proj, attn.k_proj, attn.v_proj), outs):
+            m.input_rotation = None
+            same_bits(y, m(own(None, (x,))[0]))
+            m.input_rotation = shared
+        calls.clear()
+        x2 = x.clone()
+        attn.q_proj(x2)
+        attn.k_proj(x)  # another tensor: its own transform
+        x2.add_(1.0)
+        attn.k_proj(x2)  # written in place after q took it: recomputed
+        assert len(calls) == 3
+    calls.clear()
+    xg = rand((1, 2, width), torch.float32, 2).requires_grad_()
+    attn.q_proj(xg), attn.k_proj(xg)
+    assert len(calls) == 2  # autograd: no cache across layers

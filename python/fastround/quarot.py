@@ -559,6 +559,8 @@ def register_online_hooks(model: torch.nn.Module, spinquant_config: dict[str, An
     Returns {"r1": names, "r4": names, "r3": names}."""
     check_loadable(spinquant_config)
     hooked: dict[str, list[str]] = {"r1": [], "r4": [], "r3": []}
+    # R1 is the same map on q/k/v (and on gate/up), which read one input: one rotation per parent, shared
+    r1_groups: dict[tuple[str, int, int, bytes], list[tuple[torch.nn.Module, Any]]] = {}
     for name, module in model.named_modules():
         for pos in ("r1", "r4"):
             kind = getattr(module, f"spinquant_{pos}_type", None)
@@ -585,8 +587,18 @@ def register_online_hooks(model: torch.nn.Module, spinquant_config: dict[str, An
             else:
                 raise NotImplementedError(f"fastround: {name}.spinquant_{pos}_type={kind} (trained matrix) is not "
                                           "implemented yet; 0 (Hadamard) and 1 (random) are")
-            attach_rotation(module, hook)
             hooked[pos].append(name)
+            if pos == "r1":
+                stored = getattr(module, "spinquant_r1_matrix", None) if kind == 1 else None
+                key = (name.rpartition(".")[0], kind, size,
+                       b"" if stored is None else torch.sign(stored.detach().float()).to(torch.int8).cpu().numpy().tobytes())
+                r1_groups.setdefault(key, []).append((module, hook))
+            else:
+                attach_rotation(module, hook)
+    for members in r1_groups.values():
+        shared = T.SharedInputRotation(members[0][1].block_rotation, len(members))
+        for module, _ in members:
+            attach_rotation(module, _hook(shared))
     if spinquant_config.get("r3"):
         head_dim = int(spinquant_config.get("head_dim") or _arch(model).head_dim)
         if not T.is_pow2(head_dim):

@@ -202,6 +202,39 @@ class BlockRotation:
         return _dense_apply(y, rows_of_t).to(x.dtype)
 
 
+class SharedInputRotation:
+    """One online rotation of an input several layers read (QuaRot's R1 before q/k/v and before gate/up): the first
+    of them rotates it, the other `consumers - 1` take that result, so a decode step runs 2 transforms a layer, not 5.
+    The input is matched by identity (and version), so a layer fed another tensor computes its own; the cache holds
+    the input and its rotation only until the last consumer took it. Same bits as each layer rotating its input."""
+
+    def __init__(self, rotation: BlockRotation, consumers: int) -> None:
+        self.rotation, self.consumers = rotation, int(consumers)
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._version: int | None = None
+        self._left = 0
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Never fused into the linear's op: the shared result is the saving."""
+        return False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return self.rotation(x)  # autograd: no cache across layers
+        version = None if torch.is_inference(x) else x._version  # inference tensors have no version counter
+        if self._left > 0 and x is self._x and version == self._version:
+            y = self._y
+            self._left -= 1
+            if self._left == 0:
+                self._x = self._y = None
+            return y
+        y = self.rotation(x)
+        if self.consumers > 1:
+            self._x, self._y, self._version, self._left = x, y, version, self.consumers - 1
+        return y
+
+
 @torch.library.register_fake("fastround::hadamard_transform")
 def _hadamard_transform_fake(x, block_size, hadamard_k=None, signs=None, transpose=False, signs_first=False,
                              normalize=True):
