@@ -277,12 +277,8 @@ def run(comp: Compressor, model: torch.nn.Module, fmt: str, cast_to: torch.dtype
     release = PageReleaser()
     for n in outside:
         comp.rotate_layer(n, _module(model, n))
-        if n in nv:  # its own weight global scale (nothing to fuse with), the input's from the FP pass's max
-            if fp_act_spec(cfg[n]) is not None and n not in outside_act_max:
-                raise ValueError(f"NVFP4 layer {n}: the calibration pass never reached it, so it has no input "
-                                 "maximum for its static input global scale (upstream fails at export)")
-            scales = _nv_global_scales(comp, model, [], [n], outside_act_max)[n]
-            _record_nv_rtn(comp, n, _module(model, n), cfg[n], fmt, scales, None, layer_opt_rtn(comp, n, moe), release)
+        if n in nv:
+            _record_nv_outside_rtn(comp, model, n, fmt, outside_act_max, layer_opt_rtn(comp, n, moe), release)
             continue
         record_layer(comp, n, _module(model, n), cfg[n], fmt, None, layer_opt_rtn(comp, n, moe), release)
 
@@ -325,6 +321,22 @@ def _record_nv_rtn(comp: Compressor, name: str, module: torch.nn.Module, cfg: di
     source = span(w)
     if release is not None and source is not None:
         release([source])  # as record_layer: the memory-mapped source's pages go back once the layer is recorded
+
+
+def _record_nv_outside_rtn(comp: Compressor, model: torch.nn.Module, name: str, fmt: str,
+                           act_max: dict[str, torch.Tensor], opt_rtn: bool, release: PageReleaser | None = None
+                           ) -> None:
+    """An NVFP4 layer outside the blocks by RTN, with no imatrix (as upstream): its own weight global scale
+    (nothing to fuse with) and the input's from `act_max`, the FP calibration pass's maximum. One rule for RTN and
+    for a layer SignRound's pass never reached: an activation-quantized layer without a maximum is refused."""
+    from fastround.tune_layers import fp_act_spec
+
+    cfg = comp.layer_config[name]
+    if fp_act_spec(cfg) is not None and name not in act_max:
+        raise ValueError(f"NVFP4 layer {name}: the calibration pass never reached it, so it has no input maximum "
+                         "for its static input global scale (upstream fails at export)")
+    scales = _nv_global_scales(comp, model, [], [name], act_max)[name]
+    _record_nv_rtn(comp, name, _module(model, name), cfg, fmt, scales, None, opt_rtn, release)
 
 
 def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
@@ -562,12 +574,12 @@ def _tune_outside(comp: Compressor, model: torch.nn.Module, fmt: str, outside: l
     for n in outside:
         mod = _module(model, n)
         comp.rotate_layer(n, mod)  # lm_head never is; another outside layer's target runs through its hook
-        if n not in fp_in and _is_nv_fp(comp.layer_config[n]):
-            raise ValueError(f"NVFP4 layer {n}: the calibration pass never reached it, so it has no input maximum "
-                             "for its static input global scale (upstream fails at export)")
         if n not in fp_in:  # the calibration pass never reached it: plain RTN, as upstream without inputs
             logger.info("%s: no cached inputs, quantized with RTN", n)
-            record_layer(comp, n, mod, comp.layer_config[n], fmt, None, False)
+            if _is_nv_fp(comp.layer_config[n]):
+                _record_nv_outside_rtn(comp, model, n, fmt, {}, False)
+            else:
+                record_layer(comp, n, mod, comp.layer_config[n], fmt, None, False)
             continue
         home = mod.weight.device
         mod.to(comp.device)
