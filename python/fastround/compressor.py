@@ -23,6 +23,7 @@ from fastround.rotation import (
     ROTATION_FORMATS,
     LinearRotation,
     RotationConfig,
+    is_custom_matrix,
     parse_rotation_config,
     resolve_backend,
 )
@@ -291,7 +292,7 @@ class Compressor:
         return None
 
     def _check_inplace(self, cfg: RotationConfig, fmt: str | None) -> None:
-        from fastround.rotation_inplace import PRESETS, custom_block_matrix, inplace_group_size, is_custom_matrix
+        from fastround.rotation_inplace import PRESETS, custom_block_matrix, inplace_group_size
 
         if is_custom_matrix(cfg.hadamard_type):  # its shape and orthogonality now; its fit to the model at rotation
             custom_block_matrix(cfg.hadamard_type, inplace_group_size(cfg.block_size, self.scheme.get("group_size")))

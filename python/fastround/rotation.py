@@ -50,7 +50,7 @@ class RotationConfig:
             raise ValueError(f"rotation_config: algorithm must be 'hadamard' here, got {self.algorithm!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"rotation_config: unsupported backend {self.backend!r}; expected one of {list(BACKENDS)}")
-        if isinstance(self.hadamard_type, (torch.Tensor, dict)):
+        if is_custom_matrix(self.hadamard_type):
             # a custom matrix (upstream's rotation_matrix Tensor / dict, which its own RotationConfig, a str field,
             # rejects): checked against the block size by rotation_inplace.custom_block_matrix
             if self.backend == "transform":
@@ -118,7 +118,7 @@ def resolve_backend(cfg: RotationConfig, data_type: str) -> str:
     """upstream's resolve_hadamard_backend, without its QUIRK: only a literal "inplace_" prefix is stripped and
     "inplace_random" means random_hadamard (upstream cuts 8 characters whatever they are: backend="inplace" with
     "hadamard" became "" and "inplace_random" became "random", both invalid)."""
-    if not isinstance(cfg.hadamard_type, str):
+    if is_custom_matrix(cfg.hadamard_type):
         return "inplace"  # a custom matrix: only the inplace backend takes one (transform refused by the config)
     if cfg.backend == "inplace" or "inplace" in cfg.hadamard_type:
         if cfg.hadamard_type.startswith("inplace_"):
@@ -159,6 +159,11 @@ def fill_block_size(cfg: RotationConfig, data_type: str) -> None:
         logger.warning("data_type is 'mx_fp' but block_size=%d; recommended value is 32.", cfg.block_size)
     elif is_nv_fp(data_type) and cfg.block_size != 16:
         logger.warning("data_type is 'nv_fp' but block_size=%d; recommended value is 16.", cfg.block_size)
+
+
+def is_custom_matrix(hadamard_type: Any) -> bool:
+    """Whether rotation_config's hadamard_type is a custom matrix (a tensor or a {size: tensor} dict), not a preset."""
+    return isinstance(hadamard_type, (torch.Tensor, dict))
 
 
 class LinearRotation:

@@ -37,6 +37,7 @@ import torch
 
 from fastround import transform_ops as T
 from fastround.quarot import _hook, fuse_norm, untie_lm_head
+from fastround.rotation import is_custom_matrix
 
 logger = logging.getLogger("fastround")
 
@@ -48,11 +49,6 @@ ORTHOGONALITY_ATOL = 1e-4
 
 def orthogonality_atol(dtype: torch.dtype) -> float:
     return max(ORTHOGONALITY_ATOL, 8 * torch.finfo(dtype).eps)
-
-
-def is_custom_matrix(hadamard_type: Any) -> bool:
-    """Whether rotation_config's hadamard_type is a custom matrix (a tensor or a {size: tensor} dict), not a preset."""
-    return isinstance(hadamard_type, (torch.Tensor, dict))
 
 
 def custom_block_matrix(hadamard_type: Any, group_size: int | None) -> torch.Tensor:
