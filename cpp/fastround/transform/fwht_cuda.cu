@@ -22,6 +22,11 @@ namespace fastround::transform::gpu {
 namespace {
 
 constexpr int kMaxThreads = 256;
+// A power-of-two (K = 1) tile of more than kMaxThreads 8-element groups, fp32 compute, runs with up to kWideThreads
+// threads: a decode row (1 x 4096) had 256 threads walk it in two rounds, each round waiting on its own global
+// loads (4.5 us against 2.8 us for 2048, one round). Its own instantiation, so the 256-thread ones keep their
+// register budget.
+constexpr int kWideThreads = 1024;
 constexpr int kTileTarget = 2048;  // elements per thread block when blocks are small: 256 threads x 8
 
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
@@ -206,6 +211,9 @@ __device__ __forceinline__ void kmix8(const Params<C>& p, const C* src, int k0, 
   const int col_step = p.transpose ? p.k : 1;
   const int row_step = p.transpose ? 1 : p.k;
   const int8_t* hrow = p.hadk + k0 * row_step;
+  // Unrolled so that several k' loads are in flight at once: the split plan's batch-1 R4 row (K = 28, KB = 1) had
+  // each of its 28 scratch reads wait on the previous one's add (9.2 us for the two kernels).
+#pragma unroll 4
   for (int kp = 0; kp < p.k; ++kp) {
     C in[8];
     vload8<Global>(src + static_cast<int64_t>(kp) * p.len, in);
@@ -240,8 +248,8 @@ __device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, co
 
 // One tile (bpt consecutive n-blocks) per thread block. KB > 0: the K stage register-blocked by KB (kstage_blocked; K % KB == 0, len % 8 == 0), a separate instantiation so
 // the accumulators' registers don't lower the occupancy of the other shapes; KB = 0: K = 1 or len < 8.
-template <typename IO, int KB>
-__global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename IO::C> p) {
+template <typename IO, int KB, int MaxThreads = kMaxThreads>
+__global__ void __launch_bounds__(MaxThreads) fwht_kernel(const Params<typename IO::C> p) {
   using C = typename IO::C;
   using T = typename IO::T;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -539,7 +547,8 @@ void launch_tiles(Params<typename IO::C> p, void* stream, const char* site, int6
   const int64_t grid = (p.blocks + bpt - 1) / bpt;
   if (grid > 0x7FFFFFFF) throw OptionError(std::string("[") + site + "] x: too many blocks for one launch");
   const int64_t groups = (tile + 7) / 8;
-  const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (groups + 31) / 32 * 32));
+  const bool wide = p.k == 1 && sizeof(C) == 4 && groups > kMaxThreads;
+  const int threads = static_cast<int>(std::min<int64_t>(wide ? kWideThreads : kMaxThreads, (groups + 31) / 32 * 32));
   const bool blocked = p.k > 1 && p.len % 8 == 0;
   const int kb = !blocked ? 0 : p.k % 8 == 0 ? 8 : p.k % 4 == 0 ? 4 : p.k % 2 == 0 ? 2 : 1;
   auto run = [&](auto kernel) {
@@ -547,6 +556,7 @@ void launch_tiles(Params<typename IO::C> p, void* stream, const char* site, int6
     kernel<<<static_cast<unsigned>(grid), threads, static_cast<size_t>(smem), static_cast<cudaStream_t>(stream)>>>(p);
     check_launch(site, cudaGetLastError());
   };
+  if (wide) return run(fwht_kernel<IO, 0, kWideThreads>);
   switch (kb) {
     case 8: return run(fwht_kernel<IO, 8>);
     case 4: return run(fwht_kernel<IO, 4>);
