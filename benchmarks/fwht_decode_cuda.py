@@ -1,11 +1,12 @@
 """The batch-1 decode shapes of the online rotations on CUDA: hadamard_transform of one row (QuaRot R4 1 x 14336,
-K = 28; R1 1 x 4096 and 1 x 8192; whole power-of-two rows 1024 .. 32768 for the K = 1 split's crossover; the
-transform backend's 32-blocks of 4096 and 14336), split plan against the one-kernel plan (FASTROUND_FWHT_SPLIT=0),
-fp32 and bf16. Two figures per case: the GPU time of one call (a CUDA graph of --inner
-calls, replayed) and the eager call's wall time (host dispatch and launch included, synchronised every --inner calls).
+K = 28; R1 1 x 4096 and 1 x 8192; whole power-of-two rows 1024 .. 32768; the transform backend's 32-blocks of 4096
+and 14336), fp32 and bf16, under each plan that applies: "cluster" (the default for calls of up to 8 n-blocks: one
+launch, a thread-block cluster per n-block), "split" (FASTROUND_FWHT_CLUSTER=0: two launches through a scratch) and
+"one-kernel" (both off). Two figures per case: the GPU time of one call (a CUDA graph of --inner calls, replayed)
+and the eager call's wall time (host dispatch and launch included, synchronised every --inner calls).
 
     python3 benchmarks/fwht_decode_cuda.py --json fwht-decode-h200.json
-    python3 benchmarks/fwht_decode_cuda.py --rows 8   # the K = 1 split's largest call
+    python3 benchmarks/fwht_decode_cuda.py --rows 8   # the cluster and K = 1 split plans' largest call
 """
 
 from __future__ import annotations
@@ -24,13 +25,28 @@ CASES = [("r4", 14336, 14336, 28), ("r1", 4096, 4096, 1), ("r1", 8192, 8192, 1),
          ("transform", 14336, 32, 1)]
 
 
+def has_cluster(block: int, k: int, blocks: int) -> bool:
+    """Whether a call takes the cluster plan (fwht_cuda.cu's cluster_parts: at most 8 n-blocks; a power of two from
+    4096, or K > 1 with len % 8 == 0 and a divisor of K from 2 to 8; a slice within 48 KiB of fp32)."""
+    if blocks > 8:
+        return False
+    if k == 1:
+        return block >= 4096 and block & (block - 1) == 0 and block // 8 * 4 <= 48 * 1024
+    parts = next((q for q in range(8, 1, -1) if k % q == 0), 0)
+    return (block // k) % 8 == 0 and parts > 0 and block // parts * 4 <= 48 * 1024
+
+
 def has_split(block: int, k: int, blocks: int) -> bool:
-    """Whether a call of `blocks` n-blocks takes a split plan (fwht_cuda.cu's takes_split: K > 1 with under 64
-    tiles, len % 8 == 0, or a power-of-two block of at least 1024 in at most 8 n-blocks)."""
+    """Whether a call takes a split plan with the cluster plan off (fwht_cuda.cu's takes_split: K > 1 with under 64
+    tiles, len % 8 == 0, or a power-of-two block of at least 32768 in at most 8 n-blocks)."""
     if k > 1:
         bpt = max(1, 2048 // block)
         return (block // k) % 8 == 0 and (blocks + bpt - 1) // bpt < 64
-    return block >= 1024 and blocks <= 8
+    return block >= 32768 and blocks <= 8
+
+
+PLANS = {"cluster": {}, "split": {"FASTROUND_FWHT_CLUSTER": "0"},
+         "one-kernel": {"FASTROUND_FWHT_CLUSTER": "0", "FASTROUND_FWHT_SPLIT": "0"}}
 
 
 def timings(x: torch.Tensor, n: int, hk: torch.Tensor | None, inner: int, repeat: int) -> tuple[float, float]:
@@ -74,15 +90,17 @@ def main() -> int:
         hk = T.spinquant_matrix(k).cuda() if k > 1 else None
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(args.rows, width, device="cuda").to(dtype)
-            for plan in ("split", "one-kernel"):
-                if plan == "split" and not has_split(block, k, args.rows * width // block):
-                    continue  # small power-of-two blocks have one plan
-                if plan == "one-kernel":
-                    os.environ["FASTROUND_FWHT_SPLIT"] = "0"
+            blocks = args.rows * width // block
+            for plan, env in PLANS.items():
+                if (plan == "cluster" and not has_cluster(block, k, blocks)) or (
+                        plan == "split" and not has_split(block, k, blocks)):
+                    continue  # the plan does not apply: the next one would time the same kernels
+                os.environ.update(env)
                 try:
                     gpu, eager = timings(x, block, hk, args.inner, args.repeat)
                 finally:
-                    os.environ.pop("FASTROUND_FWHT_SPLIT", None)
+                    for key in env:
+                        os.environ.pop(key, None)
                 row = {"case": name, "rows": args.rows, "width": width, "block": block, "k": k,
                        "dtype": str(dtype)[6:], "plan": plan, "gpu_us": gpu * 1e6, "eager_us": eager * 1e6}
                 rows.append(row)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _profile import kernels
 from _same_bits import assert_same_bits
 
 from fastround import quarot as Q
@@ -80,10 +81,12 @@ def test_k_times_pow2(k, m, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,m", [(28, 8), (12, 32), (20, 512), (28, 512), (160, 32), (224, 64), (40, 128)])
-def test_split_and_one_kernel_plans_agree(k, m, dtype):
+def test_split_and_one_kernel_plans_agree(monkeypatch, k, m, dtype):
     """K > 1 with len % 8 == 0 below 64 tiles takes the split plan (butterflies into scratch, then the K stage over
     the grid); at and above it the one-kernel plan. Both against the CPU, on the tile counts either side of the
-    switch, and the 1-row case (a decode step) against the same row inside a many-row launch."""
+    switch, and the 1-row case (a decode step) against the same row inside a many-row launch. The cluster plan is
+    off here (it takes the calls of up to 8 n-blocks; test_cluster_plan covers it)."""
+    monkeypatch.setenv("FASTROUND_FWHT_CLUSTER", "0")
     n = k * m
     hk = T.library_matrix(k)
     bpt = max(1, 2048 // n)  # blocks per tile (n is a multiple of 8 here)
@@ -168,6 +171,7 @@ def test_pow2_split_and_one_kernel_plans_agree(monkeypatch, n, dtype):
     n/8 chunk into scratch, the last three stages across the chunks): the one-kernel plan's bits and the CPU op's,
     rows 1 .. 8 (and 9 n-blocks: the one-kernel plan, no scratch); signs on either side, transposed, unnormalized;
     two n-blocks per row (block-diagonal)."""
+    monkeypatch.setenv("FASTROUND_FWHT_CLUSTER", "0")  # the cluster plan takes these calls first (test_cluster_plan)
     sg = T.random_signs(n, torch.Generator().manual_seed(n + 1)).to(torch.int8)
     sgc = sg.cuda()
     takes = int(n >= POW2_SPLIT_MIN)
@@ -193,6 +197,64 @@ def test_pow2_split_and_one_kernel_plans_agree(monkeypatch, n, dtype):
         assert extra == (takes if rows == 4 else 0)
         assert_same_bits(split, one.cpu())
         assert_same_bits(split, T.hadamard_transform(xr, n, None, sg, signs_first=True))
+
+
+# (K, 2^m) of the cluster plan: powers of two from 4096 (8 blocks per n-block), and K > 1 with len % 8 == 0 split
+# over the largest divisor of K up to 8 (28 -> 7 blocks, 12 -> 6, 20 -> 5, 172 -> 4, 40/160/224 -> 8).
+CLUSTER_CASES = [(1, 4096), (1, 8192), (1, 16384), (1, 32768), (28, 512), (28, 8), (12, 32), (20, 512), (160, 32),
+                 (224, 64), (40, 128), (172, 16), (12, 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,m", CLUSTER_CASES)
+def test_cluster_plan(monkeypatch, k, m, dtype):
+    """Calls of up to 8 n-blocks take the cluster plan (one launch, a thread-block cluster per n-block, the last
+    stages or the K stage through distributed shared memory): the CPU op's bits and the other plans' (cluster off),
+    rows 1 .. 8 and two n-blocks a row, signs on either side, transposed, unnormalized; 9 n-blocks take
+    another plan; and the cluster kernel is what ran."""
+    n = k * m
+    hk = T.library_matrix(k) if k > 1 else None
+    hkc = None if hk is None else hk.cuda()
+    sg = T.random_signs(n, torch.Generator().manual_seed(n + 3)).to(torch.int8)
+    sgc = sg.cuda()
+    for rows in (1, 2, 5, 8, 9):
+        x = rand(rows, n, dtype, n + rows)
+        xc = x.cuda()
+        names = kernels(lambda: T.hadamard_transform(xc, n, hkc))
+        assert any("fwht_cluster_kernel" in nm for nm in names) == (rows <= 8), (rows, names)
+        assert_same_bits(T.hadamard_transform(xc, n, hkc), T.hadamard_transform(x, n, hk))
+    x = rand(3, n, dtype, n + 50)
+    xc = x.cuda()
+    for signs_first in (False, True):
+        for transpose in (False, True):
+            for normalize in (True, False):
+                kw = dict(transpose=transpose, signs_first=signs_first, normalize=normalize)
+                got = T.hadamard_transform(xc, n, hkc, sgc, **kw)
+                monkeypatch.setenv("FASTROUND_FWHT_CLUSTER", "0")
+                other = T.hadamard_transform(xc, n, hkc, sgc, **kw)
+                monkeypatch.delenv("FASTROUND_FWHT_CLUSTER")
+                torch.cuda.synchronize()
+                assert_same_bits(got, other.cpu())
+                assert_same_bits(got, T.hadamard_transform(x, n, hk, sg, **kw))
+    xr = rand(4, 2 * n, dtype, n + 70)  # two n-blocks a row: 8 n-blocks, block-diagonal
+    assert_same_bits(T.hadamard_transform(xr.cuda(), n, hkc, sgc, signs_first=True),
+                     T.hadamard_transform(xr, n, hk, sg, signs_first=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cluster_plan_in_cuda_graph(dtype):
+    """The decode rows (R1 1 x 4096 with signs first; R4 1 x 14336, K = 28) captured in a CUDA graph and replayed on
+    new input: the CPU op's bits."""
+    for n, k in ((4096, 1), (14336, 28)):
+        hk = T.spinquant_matrix(k) if k > 1 else None
+        hkc = None if hk is None else hk.cuda()
+        sg = T.random_signs(n, torch.Generator().manual_seed(n)).to(torch.int8)
+        sgc, xc = sg.cuda(), rand(1, n, dtype, 90).cuda()
+        graph, y = captured(lambda: T.hadamard_transform(xc, n, hkc, sgc, signs_first=True))
+        xc.copy_(rand(1, n, dtype, 91).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_same_bits(y, T.hadamard_transform(xc.cpu(), n, hk, sg, signs_first=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

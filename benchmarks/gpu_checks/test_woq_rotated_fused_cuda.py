@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _profile import kernels
 from _same_bits import assert_same_bits
 
 from fastround import transform_ops as T
@@ -48,16 +49,6 @@ def both_paths(x, layer, bias, bits, group_size, layout, block, signs=None, sign
     want = _ops.woq_linear(_ops.hadamard_transform(x, block, hk, signs, False, signs_first, True), *args)
     torch.cuda.synchronize()
     return got, off, want
-
-
-def kernels(fn) -> list[str]:
-    """Names of the device kernels `fn` launches."""
-    fn()  # plans and attributes are set up on the first call
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 @pytest.mark.parametrize("in_f,out_f", [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)])

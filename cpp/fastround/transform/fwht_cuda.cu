@@ -1,11 +1,13 @@
 #include "fastround/transform/fwht_cuda.h"
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <atomic>
 
 #include <cmath>
+#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <utility>
@@ -22,11 +24,6 @@ namespace fastround::transform::gpu {
 namespace {
 
 constexpr int kMaxThreads = 256;
-// A power-of-two (K = 1) tile of more than kMaxThreads 8-element groups, fp32 compute, runs with up to kWideThreads
-// threads: a decode row (1 x 4096) had 256 threads walk it in two rounds, each round waiting on its own global
-// loads (4.5 us against 2.8 us for 2048, one round). Its own instantiation, so the 256-thread ones keep their
-// register budget.
-constexpr int kWideThreads = 1024;
 constexpr int kTileTarget = 2048;  // elements per thread block when blocks are small: 256 threads x 8
 
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
@@ -201,8 +198,10 @@ __device__ __forceinline__ void smem_pass(C* s, int valid, int h, int log_h) {
 // The K stage of 8 consecutive r for outputs k0 .. k0+KB-1 of one n-block, src at its (k' = 0, r) element (shared
 // memory, or global scratch for the split plan): acc[q][j] = sum over k' of ±src[k' * len + j], added k' = 0, 1, ...
 // in order from 0, so the one-kernel and split plans give the same bits.
-template <int KB, bool Global, typename C>
-__device__ __forceinline__ void kmix8(const Params<C>& p, const C* src, int k0, C (&acc)[KB][8]) {
+// row(kp): where (k' = kp, r) lies: one buffer for the one-kernel and split plans, a cluster block's shared memory for
+// the cluster plan.
+template <int KB, bool Global, typename C, typename Row>
+__device__ __forceinline__ void kmix8(const Params<C>& p, Row row, int k0, C (&acc)[KB][8]) {
 #pragma unroll
   for (int q = 0; q < KB; ++q)
 #pragma unroll
@@ -211,12 +210,11 @@ __device__ __forceinline__ void kmix8(const Params<C>& p, const C* src, int k0, 
   const int col_step = p.transpose ? p.k : 1;
   const int row_step = p.transpose ? 1 : p.k;
   const int8_t* hrow = p.hadk + k0 * row_step;
-  // Unrolled so that several k' loads are in flight at once: the split plan's batch-1 R4 row (K = 28, KB = 1) had
-  // each of its 28 scratch reads wait on the previous one's add (9.2 us for the two kernels).
+  // Unrolled so that several k' reads are in flight at once (the one-kernel plan's R4 row: 22.5 -> 18 us on the H200)
 #pragma unroll 4
   for (int kp = 0; kp < p.k; ++kp) {
     C in[8];
-    vload8<Global>(src + static_cast<int64_t>(kp) * p.len, in);
+    vload8<Global>(row(kp), in);
 #pragma unroll
     for (int q = 0; q < KB; ++q) {
       const bool plus = __ldg(hrow + q * row_step + kp * col_step) > 0;
@@ -236,7 +234,8 @@ __device__ __forceinline__ void kstage_blocked(const Params<typename IO::C>& p, 
     const int rg = it % rgroups, rest = it / rgroups, kc = rest % kchunks, b = rest / kchunks;
     const int r0 = rg * 8, k0 = kc * KB;
     C acc[KB][8];
-    kmix8<KB, false>(p, s + b * p.n + r0, k0, acc);
+    const C* src = s + b * p.n + r0;
+    kmix8<KB, false>(p, [&](int kp) { return src + kp * p.len; }, k0, acc);
 #pragma unroll
     for (int q = 0; q < KB; ++q) finish8<IO>(p, y, b * p.n + (k0 + q) * p.len + r0, 8, acc[q]);
   }
@@ -246,30 +245,17 @@ template <typename IO>
 __device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, const typename IO::C* s,
                                              typename IO::TO* y, int valid, int groups);
 
-// One tile (bpt consecutive n-blocks) per thread block. KB > 0: the K stage register-blocked by KB (kstage_blocked; K % KB == 0, len % 8 == 0), a separate instantiation so
-// the accumulators' registers don't lower the occupancy of the other shapes; KB = 0: K = 1 or len < 8.
-template <typename IO, int KB, int MaxThreads = kMaxThreads>
-__global__ void __launch_bounds__(MaxThreads) fwht_kernel(const Params<typename IO::C> p) {
+// Phase 1 of a tile of `valid` elements (x, y and sign_base at its start): load, leading signs, strides 1..4 in
+// registers, 8..128 across the warp; then into s (through_smem) or scaled, signed and stored to y. Every lane of a
+// warp runs the same iterations (the bound is rounded up to the block size): the shuffles need all 32; lanes past
+// the tile hold zeros that no valid element pairs with (a stride-h partner lies in the same len-long segment).
+template <typename IO>
+__device__ __forceinline__ void low_stages(const Params<typename IO::C>& p, const typename IO::T* x,
+                                           typename IO::TO* y, typename IO::C* s, int valid, int sign_base,
+                                           bool through_smem) {
   using C = typename IO::C;
-  using T = typename IO::T;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  C* s = reinterpret_cast<C*>(smem_raw);
-
-  const int64_t first_block = static_cast<int64_t>(blockIdx.x) * p.bpt;
-  const int tile_blocks = static_cast<int>(p.blocks - first_block < p.bpt ? p.blocks - first_block : p.bpt);
-  const int valid = tile_blocks * p.n;  // elements of this tile
-  const int groups = (valid + 7) / 8;
-  const T* x = static_cast<const T*>(p.x) + first_block * p.n;
-  typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + first_block * p.n;
   const int lane = threadIdx.x & 31;
-  // Where this tile starts in the sign vector's period: 0 when tiles are whole n-blocks; the split plan's butterfly
-  // pass tiles len-blocks, whose leading signs continue across its tiles
-  const int sign_base = p.signs ? static_cast<int>(first_block * p.n % p.sign_n) : 0;
-  const bool through_smem = p.k > 1 || p.len > 2 * kShuffleTop;
-
-  // Phase 1: load, leading signs, strides 1..4 in registers, 8..128 across the warp. Every lane of a warp runs the
-  // same iterations (the bound is rounded up to the block size): the shuffles need all 32; lanes past the tile hold
-  // zeros that no valid element pairs with (a stride-h partner lies in the same len-long segment).
+  const int groups = (valid + 7) / 8;
   const int rounds = (groups + blockDim.x - 1) / blockDim.x;
   for (int it = 0; it < rounds; ++it) {
     const int g = it * blockDim.x + threadIdx.x;
@@ -293,12 +279,14 @@ __global__ void __launch_bounds__(MaxThreads) fwht_kernel(const Params<typename 
       for (int j = 0; j < count; ++j) s[e0 + j] = v[j];
     }
   }
-  if (!through_smem) return;
-  __syncthreads();
+}
 
-  // Phase 2: strides 256 .. len/2 through shared memory, up to three per pass.
-  for (int h = 2 * kShuffleTop, log_h = 8; h < p.len;) {
-    const int r = p.len / h;
+// Phase 2, after phase 1 filled s and a barrier: strides 256 .. len/2 through shared memory, up to three per pass,
+// a barrier after each.
+template <typename C>
+__device__ __forceinline__ void smem_stages(C* s, int valid, int len) {
+  for (int h = 2 * kShuffleTop, log_h = 8; h < len;) {
+    const int r = len / h;
     if (r >= 8) {
       smem_pass<8>(s, valid, h, log_h);
       h *= 8, log_h += 3;
@@ -311,6 +299,32 @@ __global__ void __launch_bounds__(MaxThreads) fwht_kernel(const Params<typename 
     }
     __syncthreads();
   }
+}
+
+// One tile (bpt consecutive n-blocks) per thread block. KB > 0: the K stage register-blocked by KB (kstage_blocked; K % KB == 0, len % 8 == 0), a separate instantiation so
+// the accumulators' registers don't lower the occupancy of the other shapes; KB = 0: K = 1 or len < 8.
+template <typename IO, int KB>
+__global__ void __launch_bounds__(kMaxThreads) fwht_kernel(const Params<typename IO::C> p) {
+  using C = typename IO::C;
+  using T = typename IO::T;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  C* s = reinterpret_cast<C*>(smem_raw);
+
+  const int64_t first_block = static_cast<int64_t>(blockIdx.x) * p.bpt;
+  const int tile_blocks = static_cast<int>(p.blocks - first_block < p.bpt ? p.blocks - first_block : p.bpt);
+  const int valid = tile_blocks * p.n;  // elements of this tile
+  const int groups = (valid + 7) / 8;
+  const T* x = static_cast<const T*>(p.x) + first_block * p.n;
+  typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + first_block * p.n;
+  // Where this tile starts in the sign vector's period: 0 when tiles are whole n-blocks; the split plan's butterfly
+  // pass tiles len-blocks, whose leading signs continue across its tiles
+  const int sign_base = p.signs ? static_cast<int>(first_block * p.n % p.sign_n) : 0;
+  const bool through_smem = p.k > 1 || p.len > 2 * kShuffleTop;
+
+  low_stages<IO>(p, x, y, s, valid, sign_base, through_smem);
+  if (!through_smem) return;
+  __syncthreads();
+  smem_stages(s, valid, p.len);
 
   // Phase 3: the K stage (out[k][r] = sum over k' ascending, from 0, of ±y[k'][r]), scale, trailing signs, store.
   if constexpr (KB > 0) {
@@ -359,6 +373,7 @@ __device__ __forceinline__ void phase3_plain(const Params<typename IO::C>& p, co
 // of one n-block, the items spread over the whole grid. Each accumulator adds k' = 0, 1, ... in order from 0, as
 // kstage_blocked does, so the bits are the one-kernel plan's.
 constexpr int kMixThreads = 128;
+constexpr int kHighRadix = 8;  // the K = 1 split and cluster plans' last stages: 8 chunks x 8 offsets in one thread's registers
 
 template <int KB, typename IO>
 __global__ void __launch_bounds__(kMixThreads) kmix_kernel(const Params<typename IO::C> p, const typename IO::C* t) {
@@ -371,7 +386,8 @@ __global__ void __launch_bounds__(kMixThreads) kmix_kernel(const Params<typename
   const int r0 = rg * 8, k0 = kc * KB;
   typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + b * p.n;
   C acc[KB][8];
-  kmix8<KB, true>(p, t + b * p.n + r0, k0, acc);
+  const C* src = t + b * p.n + r0;
+  kmix8<KB, true>(p, [&](int kp) { return src + static_cast<int64_t>(kp) * p.len; }, k0, acc);
 #pragma unroll
   for (int q = 0; q < KB; ++q) finish8<IO>(p, y, (k0 + q) * p.len + r0, 8, acc[q]);
 }
@@ -411,6 +427,71 @@ __global__ void __launch_bounds__(kMixThreads) high_stages_kernel(const Params<t
     for (int j = 0; j < 8; ++j) out[j] = v[j][c];
     finish8<IO>(p, y, c * chunk + r0, 8, out);
   }
+}
+
+// The cluster plan (few n-blocks, sm_90): one launch, a thread-block cluster of `parts` blocks per n-block, each
+// block a slice of the n-block in its shared memory (`part` = n / parts elements). Each block runs the one-kernel
+// plan's low stages over its slice (segments of p.len: a power of two's n / 8, or K > 1's len, `part` holding whole
+// segments), then, after the cluster barrier, the rest reads every block's slice through distributed shared memory:
+//   K = 1: the last three strides (parts = 8 chunks), high_stages_kernel's radix-8 across the chunks at each offset;
+//   K > 1: the K stage, kmix8's sums over k' in increasing order, for the k rows of this block's slice.
+// The split plans did the same in two launches through a global scratch (the R4 decode row: 9.2 us, R1's 4096-wide
+// row in one thread block: 4.5 us). Same operations on the same values as the other plans: the same bits.
+namespace cg = cooperative_groups;
+constexpr int kClusterThreads = 512;
+
+template <typename IO>
+__global__ void __launch_bounds__(kClusterThreads) fwht_cluster_kernel(const Params<typename IO::C> p, int part) {
+  using C = typename IO::C;
+  using T = typename IO::T;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  C* s = reinterpret_cast<C*>(smem_raw);
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int parts = static_cast<int>(cluster.num_blocks());
+  const int64_t b = blockIdx.x / parts;  // the n-block
+  const T* x = static_cast<const T*>(p.x) + b * p.n + static_cast<int64_t>(rank) * part;
+  typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + b * p.n;
+
+  low_stages<IO>(p, x, nullptr, s, part, rank * part, true);
+  __syncthreads();
+  smem_stages(s, part, p.len);
+  cluster.sync();  // every slice's low stages are done, and every block has read its x (y may alias x)
+
+  if (p.k == 1) {
+    const int share = part / kHighRadix;  // offsets of the chunks this block finishes
+    for (int r0 = rank * share + static_cast<int>(threadIdx.x) * 8; r0 < (rank + 1) * share;
+         r0 += static_cast<int>(blockDim.x) * 8) {
+      C v[8][kHighRadix];  // [offset j][chunk c]
+#pragma unroll
+      for (int c = 0; c < kHighRadix; ++c) {
+        C in[8];
+        vload8<false>(cluster.map_shared_rank(s, c) + r0, in);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j][c] = in[j];
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) radix<kHighRadix>(v[j], kHighRadix);
+#pragma unroll
+      for (int c = 0; c < kHighRadix; ++c) {
+        C out[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) out[j] = v[j][c];
+        finish8<IO>(p, y, c * part + r0, 8, out);
+      }
+    }
+  } else {
+    const int rows = part / p.len;  // k rows per slice
+    const int rgroups = p.len / 8;
+    for (int it = threadIdx.x; it < rows * rgroups; it += blockDim.x) {
+      const int r0 = (it % rgroups) * 8, k0 = rank * rows + it / rgroups;
+      C acc[1][8];
+      kmix8<1, false>(p, [&](int kp) { return cluster.map_shared_rank(s, kp / rows) + (kp % rows) * p.len + r0; },
+                      k0, acc);
+      finish8<IO>(p, y, k0 * p.len + r0, 8, acc[0]);
+    }
+  }
+  cluster.sync();  // no block leaves while another still reads its shared memory
 }
 
 void check_launch(const char* site, cudaError_t e) {
@@ -472,7 +553,6 @@ constexpr int64_t kSplitBelowTiles = 64;
 // the split pays only where the one-kernel GPU time exceeds that: from 32768 on.
 constexpr int64_t kPow2SplitMin = 32768;
 constexpr int64_t kPow2SplitMaxBlocks = 8;
-constexpr int kHighRadix = 8;  // stages of the second kernel: 8 chunks x 8 offsets in one thread's registers
 
 // The device's opt-in shared memory per block, read once per device (a decode step asks every call).
 int smem_optin_cached(const char* site) {
@@ -489,8 +569,55 @@ int smem_optin_cached(const char* site) {
   return b;
 }
 
+// The cluster plan (fwht_cluster_kernel) for calls of at most kClusterMaxBlocks n-blocks: powers of two from
+// kClusterPow2Min (8 chunks; below it the one-kernel plan's single block is as fast), and K > 1 with len % 8 == 0 and a
+// divisor of K from 2 to 8 (the blocks per n-block: R4's K = 28 is 7 blocks of 4 x 512); fp32 compute (fp64's last
+// stages would spill). A slice must fit the default 48 KiB of shared memory, and the n-block the opt-in shared
+// memory, so the plan never widens what the op accepts.
+// FASTROUND_FWHT_CLUSTER=0 turns it off (read per call: a benchmark times both in one process).
+constexpr int64_t kClusterMaxBlocks = 8;
+constexpr int64_t kClusterPow2Min = 4096;
+
+// Whether the current device launches thread-block clusters (compute capability 9.0 and up), read once per device.
+bool clusters_available(const char* site) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  check_launch(site, cudaGetDevice(&device));
+  int v = device >= 0 && device < kDevices ? known[device].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    int major = 0;
+    check_launch(site, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    v = major >= 9 ? 2 : 1;
+    if (device >= 0 && device < kDevices) known[device].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+}
+
+// Blocks per n-block of the cluster plan for this call (0: the plan does not apply).
+int cluster_parts(int64_t rows, int64_t cols, const FwhtSpec& spec, int64_t compute_bytes, const char* site) {
+  const int64_t blocks = rows * (cols / spec.n);
+  if (compute_bytes != 4 || blocks <= 0 || blocks > kClusterMaxBlocks) return 0;
+  int parts = 0;
+  if (spec.k == 1) {
+    if (!is_pow2(spec.n) || spec.n < kClusterPow2Min) return 0;
+    parts = kHighRadix;
+  } else {
+    const int64_t len = spec.n / spec.k;
+    if (len % 8 != 0) return 0;
+    for (int q = 8; q >= 2 && parts == 0; --q)
+      if (spec.k % q == 0) parts = q;
+    if (parts == 0) return 0;
+  }
+  if (spec.n / parts * compute_bytes > 48 * 1024 || spec.n * compute_bytes > smem_optin_cached(site)) return 0;
+  const char* env = std::getenv("FASTROUND_FWHT_CLUSTER");
+  if (env && std::string(env) == "0") return 0;
+  return clusters_available(site) ? parts : 0;
+}
+
 // compute_bytes: sizeof the compute type (4, or 8 for F64).
 bool takes_split(int64_t rows, int64_t cols, const FwhtSpec& spec, int64_t compute_bytes, const char* site) {
+  if (cluster_parts(rows, cols, spec, compute_bytes, site) > 0) return false;
   const int64_t blocks = rows * (cols / spec.n);
   if (spec.k == 1) {
     // Only where the one-kernel plan runs too (its n-block fits the shared memory): the split must not widen what
@@ -547,8 +674,7 @@ void launch_tiles(Params<typename IO::C> p, void* stream, const char* site, int6
   const int64_t grid = (p.blocks + bpt - 1) / bpt;
   if (grid > 0x7FFFFFFF) throw OptionError(std::string("[") + site + "] x: too many blocks for one launch");
   const int64_t groups = (tile + 7) / 8;
-  const bool wide = p.k == 1 && sizeof(C) == 4 && groups > kMaxThreads;
-  const int threads = static_cast<int>(std::min<int64_t>(wide ? kWideThreads : kMaxThreads, (groups + 31) / 32 * 32));
+  const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (groups + 31) / 32 * 32));
   const bool blocked = p.k > 1 && p.len % 8 == 0;
   const int kb = !blocked ? 0 : p.k % 8 == 0 ? 8 : p.k % 4 == 0 ? 4 : p.k % 2 == 0 ? 2 : 1;
   auto run = [&](auto kernel) {
@@ -556,7 +682,6 @@ void launch_tiles(Params<typename IO::C> p, void* stream, const char* site, int6
     kernel<<<static_cast<unsigned>(grid), threads, static_cast<size_t>(smem), static_cast<cudaStream_t>(stream)>>>(p);
     check_launch(site, cudaGetLastError());
   };
-  if (wide) return run(fwht_kernel<IO, 0, kWideThreads>);
   switch (kb) {
     case 8: return run(fwht_kernel<IO, 8>);
     case 4: return run(fwht_kernel<IO, 4>);
@@ -628,10 +753,37 @@ void launch_split(const Params<typename IO::C>& p, void* scratch, void* stream, 
   }
 }
 
+// The cluster plan: one cluster of `parts` blocks per n-block, each block a slice of n / parts elements.
+template <typename IO>
+void launch_cluster(Params<typename IO::C> p, int parts, void* stream, const char* site) {
+  using C = typename IO::C;
+  const int part = p.n / parts;
+  if (p.k == 1) p.len = part;  // the low stages run over the 8 chunks; the last three strides cross them
+  p.bpt = 1;
+  const int threads = static_cast<int>(std::min<int64_t>(kClusterThreads, (part / 8 + 31) / 32 * 32));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.blocks * parts), 1, 1);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
+  cfg.dynamicSmemBytes = static_cast<size_t>(part) * sizeof(C);
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(parts);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  check_launch(site, cudaLaunchKernelEx(&cfg, fwht_cluster_kernel<IO>, p, part));
+}
+
 template <typename IO>
 void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec, void* stream, void* scratch,
             const char* site) {
   const Params<typename IO::C> p = make_params<IO>(x, y, rows, cols, spec);
+  if constexpr (sizeof(typename IO::C) == 4) {  // fp64's 8 x 8 registers of the last stages would spill
+    if (const int parts = cluster_parts(rows, cols, spec, sizeof(typename IO::C), site); parts > 0)
+      return launch_cluster<IO>(p, parts, stream, site);
+  }
   if (scratch && takes_split(rows, cols, spec, sizeof(typename IO::C), site))
     return launch_split<IO>(p, scratch, stream, site);
   launch_tiles<IO>(p, stream, site);
