@@ -1,7 +1,7 @@
 """The batch-1 decode shapes of the online rotations on CUDA: hadamard_transform of one row (QuaRot R4 1 x 14336,
 K = 28; R1 1 x 4096 and 1 x 8192; whole power-of-two rows 1024 .. 32768; the transform backend's 32-blocks of 4096
-and 14336), fp32 and bf16, under each plan that applies: "cluster" (the default for calls of up to 8 n-blocks: one
-launch, a thread-block cluster per n-block), "split" (FASTROUND_FWHT_CLUSTER=0: two launches through a scratch) and
+and 14336), fp32 and bf16, under each plan that applies: "cluster" (the default for power-of-two n-blocks from 4096
+in calls of up to 8: one launch, a thread-block cluster per n-block), "split" (FASTROUND_FWHT_CLUSTER=0: two launches through a scratch) and
 "one-kernel" (both off). Two figures per case: the GPU time of one call (a CUDA graph of --inner calls, replayed)
 and the eager call's wall time (host dispatch and launch included, synchronised every --inner calls).
 
@@ -26,14 +26,9 @@ CASES = [("r4", 14336, 14336, 28), ("r1", 4096, 4096, 1), ("r1", 8192, 8192, 1),
 
 
 def has_cluster(block: int, k: int, blocks: int) -> bool:
-    """Whether a call takes the cluster plan (fwht_cuda.cu's cluster_parts: at most 8 n-blocks; a power of two from
-    4096, or K > 1 with len % 8 == 0 and a divisor of K from 2 to 8; a slice within 48 KiB of fp32)."""
-    if blocks > 8:
-        return False
-    if k == 1:
-        return block >= 4096 and block & (block - 1) == 0 and block // 8 * 4 <= 48 * 1024
-    parts = next((q for q in range(8, 1, -1) if k % q == 0), 0)
-    return (block // k) % 8 == 0 and parts > 0 and block // parts * 4 <= 48 * 1024
+    """Whether a call takes the cluster plan (fwht_cuda.cu's takes_cluster: a power of two from 4096 in at most 8
+    n-blocks, its n/8 chunk within 48 KiB of fp32)."""
+    return k == 1 and blocks <= 8 and block >= 4096 and block & (block - 1) == 0 and block // 8 * 4 <= 48 * 1024
 
 
 def has_split(block: int, k: int, blocks: int) -> bool:

@@ -198,10 +198,8 @@ __device__ __forceinline__ void smem_pass(C* s, int valid, int h, int log_h) {
 // The K stage of 8 consecutive r for outputs k0 .. k0+KB-1 of one n-block, src at its (k' = 0, r) element (shared
 // memory, or global scratch for the split plan): acc[q][j] = sum over k' of ±src[k' * len + j], added k' = 0, 1, ...
 // in order from 0, so the one-kernel and split plans give the same bits.
-// row(kp): where (k' = kp, r) lies: one buffer for the one-kernel and split plans, a cluster block's shared memory for
-// the cluster plan.
-template <int KB, bool Global, typename C, typename Row>
-__device__ __forceinline__ void kmix8(const Params<C>& p, Row row, int k0, C (&acc)[KB][8]) {
+template <int KB, bool Global, typename C>
+__device__ __forceinline__ void kmix8(const Params<C>& p, const C* src, int k0, C (&acc)[KB][8]) {
 #pragma unroll
   for (int q = 0; q < KB; ++q)
 #pragma unroll
@@ -214,7 +212,7 @@ __device__ __forceinline__ void kmix8(const Params<C>& p, Row row, int k0, C (&a
 #pragma unroll 4
   for (int kp = 0; kp < p.k; ++kp) {
     C in[8];
-    vload8<Global>(row(kp), in);
+    vload8<Global>(src + static_cast<int64_t>(kp) * p.len, in);
 #pragma unroll
     for (int q = 0; q < KB; ++q) {
       const bool plus = __ldg(hrow + q * row_step + kp * col_step) > 0;
@@ -234,8 +232,7 @@ __device__ __forceinline__ void kstage_blocked(const Params<typename IO::C>& p, 
     const int rg = it % rgroups, rest = it / rgroups, kc = rest % kchunks, b = rest / kchunks;
     const int r0 = rg * 8, k0 = kc * KB;
     C acc[KB][8];
-    const C* src = s + b * p.n + r0;
-    kmix8<KB, false>(p, [&](int kp) { return src + kp * p.len; }, k0, acc);
+    kmix8<KB, false>(p, s + b * p.n + r0, k0, acc);
 #pragma unroll
     for (int q = 0; q < KB; ++q) finish8<IO>(p, y, b * p.n + (k0 + q) * p.len + r0, 8, acc[q]);
   }
@@ -386,8 +383,7 @@ __global__ void __launch_bounds__(kMixThreads) kmix_kernel(const Params<typename
   const int r0 = rg * 8, k0 = kc * KB;
   typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + b * p.n;
   C acc[KB][8];
-  const C* src = t + b * p.n + r0;
-  kmix8<KB, true>(p, [&](int kp) { return src + static_cast<int64_t>(kp) * p.len; }, k0, acc);
+  kmix8<KB, true>(p, t + b * p.n + r0, k0, acc);
 #pragma unroll
   for (int q = 0; q < KB; ++q) finish8<IO>(p, y, (k0 + q) * p.len + r0, 8, acc[q]);
 }
@@ -429,14 +425,15 @@ __global__ void __launch_bounds__(kMixThreads) high_stages_kernel(const Params<t
   }
 }
 
-// The cluster plan (few n-blocks, sm_90): one launch, a thread-block cluster of `parts` blocks per n-block, each
-// block a slice of the n-block in its shared memory (`part` = n / parts elements). Each block runs the one-kernel
-// plan's low stages over its slice (segments of p.len: a power of two's n / 8, or K > 1's len, `part` holding whole
-// segments), then, after the cluster barrier, the rest reads every block's slice through distributed shared memory:
-//   K = 1: the last three strides (parts = 8 chunks), high_stages_kernel's radix-8 across the chunks at each offset;
-//   K > 1: the K stage, kmix8's sums over k' in increasing order, for the k rows of this block's slice.
-// The split plans did the same in two launches through a global scratch (the R4 decode row: 9.2 us, R1's 4096-wide
-// row in one thread block: 4.5 us). Same operations on the same values as the other plans: the same bits.
+// The cluster plan (a power-of-two n-block in a call of few of them, sm_90): one launch, a thread-block cluster of
+// kHighRadix blocks per n-block, each block one n/8-long chunk in its shared memory. Each block runs the one-kernel
+// plan's low stages over its chunk, then, after the cluster barrier, the last three strides read the 8 chunks through
+// distributed shared memory (high_stages_kernel's radix-8 across the chunks at each offset), each block finishing
+// an eighth of the offsets. The one-kernel plan walked R1's 4096-wide decode row in one thread block (4.6 us on the
+// H200; the cluster: 3.6 us fp32, 4.4 bf16), the split plan used two launches and a scratch. Same operations on the
+// same values as the other plans: the same bits. (A K > 1 variant, the K stage over the slices through distributed
+// shared memory, gave the bits but took 30 us on R4's 1 x 14336 row against the split plan's 9.3: 28 remote reads per
+// output. K > 1 keeps the split plan.)
 namespace cg = cooperative_groups;
 constexpr int kClusterThreads = 512;
 
@@ -448,49 +445,37 @@ __global__ void __launch_bounds__(kClusterThreads) fwht_cluster_kernel(const Par
   C* s = reinterpret_cast<C*>(smem_raw);
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
-  const int parts = static_cast<int>(cluster.num_blocks());
-  const int64_t b = blockIdx.x / parts;  // the n-block
+  const int64_t b = blockIdx.x / kHighRadix;  // the n-block
   const T* x = static_cast<const T*>(p.x) + b * p.n + static_cast<int64_t>(rank) * part;
   typename IO::TO* y = static_cast<typename IO::TO*>(p.y) + b * p.n;
 
-  low_stages<IO>(p, x, nullptr, s, part, rank * part, true);
+  low_stages<IO>(p, x, nullptr, s, part, rank * part, true);  // p.len == part: the chunk's own stages
   __syncthreads();
   smem_stages(s, part, p.len);
   cluster.sync();  // every slice's low stages are done, and every block has read its x (y may alias x)
 
-  if (p.k == 1) {
-    const int share = part / kHighRadix;  // offsets of the chunks this block finishes
-    for (int r0 = rank * share + static_cast<int>(threadIdx.x) * 8; r0 < (rank + 1) * share;
-         r0 += static_cast<int>(blockDim.x) * 8) {
-      C v[8][kHighRadix];  // [offset j][chunk c]
+  const int share = part / kHighRadix;  // offsets of the chunks this block finishes
+  for (int r0 = rank * share + static_cast<int>(threadIdx.x) * 8; r0 < (rank + 1) * share;
+       r0 += static_cast<int>(blockDim.x) * 8) {
+    C v[8][kHighRadix];  // [offset j][chunk c]
 #pragma unroll
-      for (int c = 0; c < kHighRadix; ++c) {
-        C in[8];
-        vload8<false>(cluster.map_shared_rank(s, c) + r0, in);
+    for (int c = 0; c < kHighRadix; ++c) {
+      C in[8];
+      vload8<false>(cluster.map_shared_rank(s, c) + r0, in);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j][c] = in[j];
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) radix<kHighRadix>(v[j], kHighRadix);
-#pragma unroll
-      for (int c = 0; c < kHighRadix; ++c) {
-        C out[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) out[j] = v[j][c];
-        finish8<IO>(p, y, c * part + r0, 8, out);
-      }
+      for (int j = 0; j < 8; ++j) v[j][c] = in[j];
     }
-  } else {
-    const int rows = part / p.len;  // k rows per slice
-    const int rgroups = p.len / 8;
-    for (int it = threadIdx.x; it < rows * rgroups; it += blockDim.x) {
-      const int r0 = (it % rgroups) * 8, k0 = rank * rows + it / rgroups;
-      C acc[1][8];
-      kmix8<1, false>(p, [&](int kp) { return cluster.map_shared_rank(s, kp / rows) + (kp % rows) * p.len + r0; },
-                      k0, acc);
-      finish8<IO>(p, y, k0 * p.len + r0, 8, acc[0]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) radix<kHighRadix>(v[j], kHighRadix);
+#pragma unroll
+    for (int c = 0; c < kHighRadix; ++c) {
+      C out[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) out[j] = v[j][c];
+      finish8<IO>(p, y, c * part + r0, 8, out);
     }
   }
+
   cluster.sync();  // no block leaves while another still reads its shared memory
 }
 
@@ -569,12 +554,11 @@ int smem_optin_cached(const char* site) {
   return b;
 }
 
-// The cluster plan (fwht_cluster_kernel) for calls of at most kClusterMaxBlocks n-blocks: powers of two from
-// kClusterPow2Min (8 chunks; below it the one-kernel plan's single block is as fast), and K > 1 with len % 8 == 0 and a
-// divisor of K from 2 to 8 (the blocks per n-block: R4's K = 28 is 7 blocks of 4 x 512); fp32 compute (fp64's last
-// stages would spill). A slice must fit the default 48 KiB of shared memory, and the n-block the opt-in shared
-// memory, so the plan never widens what the op accepts.
-// FASTROUND_FWHT_CLUSTER=0 turns it off (read per call: a benchmark times both in one process).
+// The cluster plan (fwht_cluster_kernel) for a power-of-two n-block from kClusterPow2Min (below it the one-kernel
+// plan's single block is as fast) in a call of at most kClusterMaxBlocks of them, fp32 compute (fp64's 8 x 8
+// registers of the last stages would spill). A chunk must fit the default 48 KiB of shared memory, and the n-block
+// the opt-in shared memory, so the plan never widens what the op accepts. FASTROUND_FWHT_CLUSTER=0 turns it off
+// (read per call: a benchmark times both in one process).
 constexpr int64_t kClusterMaxBlocks = 8;
 constexpr int64_t kClusterPow2Min = 4096;
 
@@ -594,30 +578,20 @@ bool clusters_available(const char* site) {
   return v == 2;
 }
 
-// Blocks per n-block of the cluster plan for this call (0: the plan does not apply).
-int cluster_parts(int64_t rows, int64_t cols, const FwhtSpec& spec, int64_t compute_bytes, const char* site) {
+// Whether this call takes the cluster plan.
+bool takes_cluster(int64_t rows, int64_t cols, const FwhtSpec& spec, int64_t compute_bytes, const char* site) {
   const int64_t blocks = rows * (cols / spec.n);
-  if (compute_bytes != 4 || blocks <= 0 || blocks > kClusterMaxBlocks) return 0;
-  int parts = 0;
-  if (spec.k == 1) {
-    if (!is_pow2(spec.n) || spec.n < kClusterPow2Min) return 0;
-    parts = kHighRadix;
-  } else {
-    const int64_t len = spec.n / spec.k;
-    if (len % 8 != 0) return 0;
-    for (int q = 8; q >= 2 && parts == 0; --q)
-      if (spec.k % q == 0) parts = q;
-    if (parts == 0) return 0;
-  }
-  if (spec.n / parts * compute_bytes > 48 * 1024 || spec.n * compute_bytes > smem_optin_cached(site)) return 0;
+  if (compute_bytes != 4 || blocks <= 0 || blocks > kClusterMaxBlocks) return false;
+  if (spec.k != 1 || !is_pow2(spec.n) || spec.n < kClusterPow2Min) return false;
+  if (spec.n / kHighRadix * compute_bytes > 48 * 1024 || spec.n * compute_bytes > smem_optin_cached(site)) return false;
   const char* env = std::getenv("FASTROUND_FWHT_CLUSTER");
-  if (env && std::string(env) == "0") return 0;
-  return clusters_available(site) ? parts : 0;
+  if (env && std::string(env) == "0") return false;
+  return clusters_available(site);
 }
 
 // compute_bytes: sizeof the compute type (4, or 8 for F64).
 bool takes_split(int64_t rows, int64_t cols, const FwhtSpec& spec, int64_t compute_bytes, const char* site) {
-  if (cluster_parts(rows, cols, spec, compute_bytes, site) > 0) return false;
+  if (takes_cluster(rows, cols, spec, compute_bytes, site)) return false;
   const int64_t blocks = rows * (cols / spec.n);
   if (spec.k == 1) {
     // Only where the one-kernel plan runs too (its n-block fits the shared memory): the split must not widen what
@@ -753,22 +727,22 @@ void launch_split(const Params<typename IO::C>& p, void* scratch, void* stream, 
   }
 }
 
-// The cluster plan: one cluster of `parts` blocks per n-block, each block a slice of n / parts elements.
+// The cluster plan: one cluster of kHighRadix blocks per n-block, each block one chunk of n / kHighRadix elements.
 template <typename IO>
-void launch_cluster(Params<typename IO::C> p, int parts, void* stream, const char* site) {
+void launch_cluster(Params<typename IO::C> p, void* stream, const char* site) {
   using C = typename IO::C;
-  const int part = p.n / parts;
-  if (p.k == 1) p.len = part;  // the low stages run over the 8 chunks; the last three strides cross them
+  const int part = p.n / kHighRadix;
+  p.len = part;  // the low stages run within each chunk; the last three strides cross them
   p.bpt = 1;
   const int threads = static_cast<int>(std::min<int64_t>(kClusterThreads, (part / 8 + 31) / 32 * 32));
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.blocks * parts), 1, 1);
+  cfg.gridDim = dim3(static_cast<unsigned>(p.blocks * kHighRadix), 1, 1);
   cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
   cfg.dynamicSmemBytes = static_cast<size_t>(part) * sizeof(C);
   cfg.stream = static_cast<cudaStream_t>(stream);
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(parts);
+  attr[0].val.clusterDim.x = static_cast<unsigned>(kHighRadix);
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
@@ -781,8 +755,7 @@ void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& 
             const char* site) {
   const Params<typename IO::C> p = make_params<IO>(x, y, rows, cols, spec);
   if constexpr (sizeof(typename IO::C) == 4) {  // fp64's 8 x 8 registers of the last stages would spill
-    if (const int parts = cluster_parts(rows, cols, spec, sizeof(typename IO::C), site); parts > 0)
-      return launch_cluster<IO>(p, parts, stream, site);
+    if (takes_cluster(rows, cols, spec, sizeof(typename IO::C), site)) return launch_cluster<IO>(p, stream, site);
   }
   if (scratch && takes_split(rows, cols, spec, sizeof(typename IO::C), site))
     return launch_split<IO>(p, scratch, stream, site);

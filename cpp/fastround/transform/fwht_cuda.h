@@ -26,14 +26,14 @@ namespace fastround::transform::gpu {
 // down to a tile).
 int64_t fwht_cuda_max_block(DType dtype);
 
-// Device scratch bytes fwht_rows_cuda wants for this call (0: none). A call of at most 8 n-blocks (a decode row) runs
-// on sm_90 as one launch of a thread-block cluster per n-block (powers of two from 4096; K > 1 with len % 8 == 0 and
-// a divisor of K from 2 to 8), the blocks exchanging their slices through distributed shared memory, and needs
-// none. Otherwise a K > 1 transform of few n-blocks runs as two kernels, the butterflies into scratch ([rows, cols]
-// in the compute type) and the K stage spread over the GPU, instead of one thread block walking it all; a
-// power-of-two n-block (n >= 32768) of a call with at most 8 of them likewise runs its low stages per n/8-long
-// chunk (one thread block each) into scratch and its last three stages across the chunks in a second kernel. The
-// bits are the same whichever plan runs. FASTROUND_FWHT_CLUSTER=0 turns the cluster plan off.
+// Device scratch bytes fwht_rows_cuda wants for this call (0: none). A power-of-two n-block from 4096 in a call of at
+// most 8 of them (a decode row: QuaRot's R1) runs on sm_90 as one launch of a thread-block cluster per n-block, the
+// blocks exchanging their chunks through distributed shared memory, and needs none (FASTROUND_FWHT_CLUSTER=0 turns
+// it off). Otherwise a K > 1 transform of few n-blocks runs as two kernels, the butterflies into scratch ([rows,
+// cols] in the compute type) and the K stage spread over the GPU, instead of one thread block walking it all; a
+// power-of-two n-block (n >= 32768) of a call with at most 8 of them likewise runs its low stages per n/8-long chunk
+// (one thread block each) into scratch and its last three strides across the chunks in a second kernel. The bits
+// are the same whichever plan runs.
 int64_t fwht_cuda_scratch_bytes(DType dtype, int64_t rows, int64_t cols, const FwhtSpec& spec);
 
 // x [rows, cols] of `dtype` (device) -> y [rows, cols] of `dtype` (device; may equal x: the transform is in place
