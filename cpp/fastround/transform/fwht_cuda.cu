@@ -562,7 +562,30 @@ int smem_optin_cached(const char* site) {
 constexpr int64_t kClusterMaxBlocks = 8;
 constexpr int64_t kClusterPow2Min = 4096;
 
-// Whether the current device launches thread-block clusters (compute capability 9.0 and up), read once per device.
+// Whether the cluster plan's largest launch (kClusterThreads threads and a 48 KiB chunk per block) can have a
+// cluster of kHighRadix blocks resident on the current device.
+bool cluster_launch_fits(const void* kernel) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(kHighRadix, 1, 1);
+  cfg.blockDim = dim3(kClusterThreads, 1, 1);
+  cfg.dynamicSmemBytes = 48 * 1024;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kHighRadix;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
+    (void)cudaGetLastError();  // not sticky: clear it so the next launch does not report it
+    return false;
+  }
+  return true;
+}
+
+// Whether the current device runs the cluster plan: compute capability 9.0 and up, and room for a cluster of 8
+// blocks (a MIG partition narrower than a GPC may have none). Asked once per device, the answer cached.
 bool clusters_available(const char* site) {
   constexpr int kDevices = 64;
   static std::atomic<int> known[kDevices] = {};  // 0 unknown, 1 no, 2 yes
@@ -572,7 +595,10 @@ bool clusters_available(const char* site) {
   if (v == 0) {
     int major = 0;
     check_launch(site, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    v = major >= 9 ? 2 : 1;
+    const bool fits = major >= 9 && cluster_launch_fits(reinterpret_cast<const void*>(fwht_cluster_kernel<F32>)) &&
+                      cluster_launch_fits(reinterpret_cast<const void*>(fwht_cluster_kernel<F16>)) &&
+                      cluster_launch_fits(reinterpret_cast<const void*>(fwht_cluster_kernel<BF16>));
+    v = fits ? 2 : 1;
     if (device >= 0 && device < kDevices) known[device].store(v, std::memory_order_relaxed);
   }
   return v == 2;
