@@ -174,6 +174,14 @@ __device__ __forceinline__ void finish8(const Params<typename IO::C>& p, typenam
   store8<IO>(y + e0, p.vec, count, v);
 }
 
+// finish8's scale, trailing sign and store for the one output at tile element e.
+template <typename IO>
+__device__ __forceinline__ void finish1(const Params<typename IO::C>& p, typename IO::TO* y, int e, typename IO::C v) {
+  if (p.normalize) v = rmul(v, p.c);
+  if (p.signs && !p.signs_first) v = apply_sign(v, __ldg(p.signs + e % p.sign_n));
+  y[e] = IO::out(v);
+}
+
 // radix-R pass over shared memory for data strides h, 2h, ... (h >= 256, a power of two): group q takes the R
 // elements base + j·h; consecutive threads take consecutive bases, so a warp reads 32 consecutive words.
 template <int R, typename C>
@@ -429,7 +437,7 @@ __global__ void __launch_bounds__(kMixThreads) high_stages_kernel(const Params<t
 // kHighRadix blocks per n-block, each block one n/8-long chunk in its shared memory. Each block runs the one-kernel
 // plan's low stages over its chunk, then, after the cluster barrier, the last three strides read the 8 chunks through
 // distributed shared memory (high_stages_kernel's radix-8 across the chunks at each offset), each block finishing
-// an eighth of the offsets. The one-kernel plan walked R1's 4096-wide decode row in one thread block (4.6 us on the
+// an eighth of the offsets, one per thread. The one-kernel plan walked R1's 4096-wide decode row in one thread block (4.6 us on the
 // H200; the cluster: 3.6 us fp32, 4.4 bf16), the split plan used two launches and a scratch. Same operations on the
 // same values as the other plans: the same bits. (A K > 1 variant, the K stage over the slices through distributed
 // shared memory, gave the bits but took 30 us on R4's 1 x 14336 row against the split plan's 9.3: 28 remote reads per
@@ -454,26 +462,17 @@ __global__ void __launch_bounds__(kClusterThreads) fwht_cluster_kernel(const Par
   smem_stages(s, part, p.len);
   cluster.sync();  // every slice's low stages are done, and every block has read its x (y may alias x)
 
-  const int share = part / kHighRadix;  // offsets of the chunks this block finishes
-  for (int r0 = rank * share + static_cast<int>(threadIdx.x) * 8; r0 < (rank + 1) * share;
-       r0 += static_cast<int>(blockDim.x) * 8) {
-    C v[8][kHighRadix];  // [offset j][chunk c]
+  // One offset r of every chunk per thread, so the block's share (part / 8 offsets) spreads over part / 8 threads;
+  // with 8 consecutive offsets per thread, R1's bf16 row had 8 threads a block convert and store 64 outputs each.
+  const int share = part / kHighRadix;
+  for (int r = rank * share + static_cast<int>(threadIdx.x); r < (rank + 1) * share;
+       r += static_cast<int>(blockDim.x)) {
+    C v[kHighRadix];  // [chunk c]
 #pragma unroll
-    for (int c = 0; c < kHighRadix; ++c) {
-      C in[8];
-      vload8<false>(cluster.map_shared_rank(s, c) + r0, in);
+    for (int c = 0; c < kHighRadix; ++c) v[c] = cluster.map_shared_rank(s, c)[r];
+    radix<kHighRadix>(v, kHighRadix);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v[j][c] = in[j];
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) radix<kHighRadix>(v[j], kHighRadix);
-#pragma unroll
-    for (int c = 0; c < kHighRadix; ++c) {
-      C out[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) out[j] = v[j][c];
-      finish8<IO>(p, y, c * part + r0, 8, out);
-    }
+    for (int c = 0; c < kHighRadix; ++c) finish1<IO>(p, y, c * part + r, v[c]);
   }
 
   cluster.sync();  // no block leaves while another still reads its shared memory
