@@ -157,6 +157,11 @@ def split_and_one_kernel(monkeypatch, x: torch.Tensor, n: int, sg=None, **kw) ->
     return split, one, a_split - a_one
 
 
+# Every combination of the op's sign side, transpose and normalization.
+OPTION_SETS = [dict(transpose=t, signs_first=f, normalize=z) for f in (False, True) for t in (False, True)
+               for z in (True, False)]
+
+
 # Power-of-two blocks around the K = 1 split's minimum (kPow2SplitMin = 32768; below it the one-kernel plan runs and
 # the split's scratch is not allocated; fp64 up to the one-kernel plan's shared-memory limit). With the minimum at
 # 1024 every size here took the split and matched bit for bit on the H200 (2026-12-03).
@@ -183,14 +188,11 @@ def test_pow2_split_and_one_kernel_plans_agree(monkeypatch, n, dtype):
         assert_same_bits(split, T.hadamard_transform(x, -1))
     x = rand(3, n, dtype, n + 50)
     xc = x.cuda()
-    for signs_first in (False, True):
-        for transpose in (False, True):
-            for normalize in (True, False):
-                kw = dict(transpose=transpose, signs_first=signs_first, normalize=normalize)
-                split, one, extra = split_and_one_kernel(monkeypatch, xc, n, sgc, **kw)
-                assert extra == takes
-                assert_same_bits(split, one.cpu())
-                assert_same_bits(split, T.hadamard_transform(x, n, None, sg, **kw))
+    for kw in OPTION_SETS:
+        split, one, extra = split_and_one_kernel(monkeypatch, xc, n, sgc, **kw)
+        assert extra == takes
+        assert_same_bits(split, one.cpu())
+        assert_same_bits(split, T.hadamard_transform(x, n, None, sg, **kw))
     for rows in (4, 5):  # two n-blocks per row: 8 n-blocks take the split, 10 the one-kernel plan
         xr = rand(rows, 2 * n, dtype, n + 60 + rows)
         split, one, extra = split_and_one_kernel(monkeypatch, xr.cuda(), n, sgc, signs_first=True)
@@ -224,17 +226,14 @@ def test_cluster_plan(monkeypatch, k, m, dtype):
         assert_same_bits(T.hadamard_transform(xc, n, hkc), T.hadamard_transform(x, n, hk))
     x = rand(3, n, dtype, n + 50)
     xc = x.cuda()
-    for signs_first in (False, True):
-        for transpose in (False, True):
-            for normalize in (True, False):
-                kw = dict(transpose=transpose, signs_first=signs_first, normalize=normalize)
-                got = T.hadamard_transform(xc, n, hkc, sgc, **kw)
-                monkeypatch.setenv("FASTROUND_FWHT_CLUSTER", "0")
-                other = T.hadamard_transform(xc, n, hkc, sgc, **kw)
-                monkeypatch.delenv("FASTROUND_FWHT_CLUSTER")
-                torch.cuda.synchronize()
-                assert_same_bits(got, other.cpu())
-                assert_same_bits(got, T.hadamard_transform(x, n, hk, sg, **kw))
+    for kw in OPTION_SETS:
+        got = T.hadamard_transform(xc, n, hkc, sgc, **kw)
+        monkeypatch.setenv("FASTROUND_FWHT_CLUSTER", "0")
+        other = T.hadamard_transform(xc, n, hkc, sgc, **kw)
+        monkeypatch.delenv("FASTROUND_FWHT_CLUSTER")
+        torch.cuda.synchronize()
+        assert_same_bits(got, other.cpu())
+        assert_same_bits(got, T.hadamard_transform(x, n, hk, sg, **kw))
     xr = rand(4, 2 * n, dtype, n + 70)  # two n-blocks a row: 8 n-blocks, block-diagonal
     assert_same_bits(T.hadamard_transform(xr.cuda(), n, hkc, sgc, signs_first=True),
                      T.hadamard_transform(xr, n, hk, sg, signs_first=True))
