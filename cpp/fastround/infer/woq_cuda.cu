@@ -753,7 +753,7 @@ __device__ __forceinline__ uint32_t code_pair(uint32_t shifted, uint32_t zm) {
 }
 
 template <int U, DType XT, DType ST>
-__global__ void __launch_bounds__(kThreads, 2) gemv_gptq_mma_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kThreads, U <= 4 ? 3 : 2) gemv_gptq_mma_kernel(GemvArgs a) {
   __shared__ float part[kWarps][kBatchCols * kMmaCols];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -761,17 +761,20 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_gptq_mma_kernel(GemvArgs a) 
   const bool active = n0 < a.out_features;  // out % 4 == 0: all 4 in or all out
   const bool has_x = g < a.m;               // batch rows past m multiply by zeros
 
-  // Steps of 4 qweight rows: blockIdx.y's share, then this warp's contiguous run.
-  const int64_t steps = a.rows / 4;
-  const int64_t b0 = steps * blockIdx.y / a.split, b1 = steps * (blockIdx.y + 1) / a.split;
-  const int64_t s0 = b0 + (b1 - b0) * warp / kWarps, s1 = b0 + (b1 - b0) * (warp + 1) / kWarps;
-  const int64_t steps_per_group = a.group / 32;
+  // Steps of 4 qweight rows (32-bit: in < 2^31): blockIdx.y's share, then this warp's contiguous run.
+  const int steps = static_cast<int>(a.rows / 4);
+  const int b0 = static_cast<int>(int64_t{steps} * blockIdx.y / a.split);
+  const int b1 = static_cast<int>(int64_t{steps} * (blockIdx.y + 1) / a.split);
+  const int s0 = b0 + (b1 - b0) * warp / kWarps, s1 = b0 + (b1 - b0) * (warp + 1) / kWarps;
+  const int steps_per_group = static_cast<int>(a.group / 32);
 
   float c[2][4] = {};    // this group's sum((q - z) x): tile i, mma C fragment (columns 4g+2i, 4g+2i+1)
   float acc[2][4] = {};  // the scaled total, same layout
   float sc[4] = {};      // the group's scales of columns n0 .. n0+3
   uint32_t zm[4] = {};   // (magic + z) pairs of the 4 columns
-  int64_t g_end = s0;    // first step past the current group: the first step loads its group
+  // Groups are walked in order, one multiply per boundary: g_end is the first step past the current group (s0:
+  // the first step opens one) and g_next the group starting there.
+  int g_next = s0 / steps_per_group, g_end = s0;
   auto fold = [&]() {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -788,30 +791,34 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_gptq_mma_kernel(GemvArgs a) 
     for (int k = 0; k < 4; ++k) zm[k] = MmaMagic<XT>::value + static_cast<uint32_t>(zf[k]) * 0x00010001u;
   };
 
-  const int in32 = static_cast<int>(a.in);
-  const uint16_t* xg = static_cast<const uint16_t*>(a.x) + g * in32;
-  for (int64_t s = s0; s < s1; s += U) {
+  // Running pointers at this lane's qweight row 4s + t (columns n0 ..) and x[g, 8(4s + t) ..].
+  const int64_t row0 = 4 * s0 + t;
+  const int32_t* qp = a.qweight + row0 * a.out_features + n0;
+  const uint16_t* xp = static_cast<const uint16_t*>(a.x) + static_cast<int64_t>(g) * a.in + row0 * 8;
+  const int64_t q_step = 4 * a.out_features;
+  for (int s = s0; s < s1; s += U) {
     uint4 q[U], xv[U];  // per step: qweight row 4s+t at n0 .. n0+3, and x[g, 8(4s+t) .. +7]
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t row = 4 * (s + u) + t;
       const bool in_run = s + u < s1;
-      q[u] = in_run && active ? load_stream(a.qweight + row * a.out_features + n0) : make_uint4(0, 0, 0, 0);
-      xv[u] = in_run && has_x ? __ldg(reinterpret_cast<const uint4*>(xg + row * 8)) : make_uint4(0, 0, 0, 0);
+      q[u] = in_run && active ? load_stream(qp) : make_uint4(0, 0, 0, 0);
+      xv[u] = in_run && has_x ? __ldg(reinterpret_cast<const uint4*>(xp)) : make_uint4(0, 0, 0, 0);
+      qp += q_step;
+      xp += 32;
     }
-    // The chunk's first group, issued with its loads; a later group inside the chunk (groups of 32 to 96 inputs)
-    // is loaded where it starts.
-    const int64_t g_first = s / steps_per_group;
-    const GroupRaw g_pre = active && s >= g_end ? load_group_raw<4>(a, g_first, n0) : GroupRaw{};
+    // A group opening at the chunk's first step is loaded with the chunk; one opening later inside the chunk
+    // (groups of 32 to 96 inputs) where it starts.
+    const bool opens = s == g_end;
+    const GroupRaw g_pre = active && opens ? load_group_raw<4>(a, g_next, n0) : GroupRaw{};
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t st = s + u;
+      const int st = s + u;
       if (st >= s1) break;
-      if (st >= g_end) {  // warp-uniform: the warp's lanes share the step
-        if (st > s0) fold();
-        const int64_t grp = st / steps_per_group;
-        g_end = (grp + 1) * steps_per_group;
-        set_group(grp == g_first ? g_pre : active ? load_group_raw<4>(a, grp, n0) : GroupRaw{});
+      if (st == g_end) {  // warp-uniform: the warp's lanes share the step
+        fold();
+        set_group(u == 0 ? g_pre : active ? load_group_raw<4>(a, g_next, n0) : GroupRaw{});
+        g_end = (g_next + 1) * steps_per_group;
+        ++g_next;
       }
       // x's pairs (x_j, x_{j+4}), j = 0..3: the B fragments of k-half 0 (j = 0, 1) and 1 (j = 2, 3).
       const uint32_t x04 = __byte_perm(xv[u].x, xv[u].z, 0x5410), x15 = __byte_perm(xv[u].x, xv[u].z, 0x7632);
