@@ -29,8 +29,8 @@ constexpr const char* kOp = "woq_linear";
 // S (the original sweep's spelling); "rows" or "rows:U,S" the same; "staged" or "staged:U,S,T[,P]" the staged
 // kernel with U rows per chunk, split S, T lanes per row worker and prefetch P (1 off, 2 on); "half2" or
 // "half2:U,S,T" the staged kernel's half2 variant (woq_cuda.h); "mma" or "mma:U,S" the tensor-core GEMV with U
-// steps in flight per warp and split S (woq_cuda.h WoqGemvKernel::Mma); unset or empty: the built-in choice. Read at every
-// call so that a sweep can change it between calls of one process; a CUDA graph keeps what was read at capture.
+// steps in flight per warp and split S (woq_cuda.h WoqGemvKernel::Mma); unset or empty: the built-in choice. Read at
+// every call so that a sweep can change it between calls of one process; a CUDA graph keeps what was read at capture.
 fi::WoqGemvTuning tuning_from_env() {
   fi::WoqGemvTuning t;
   const char* v = std::getenv("FASTROUND_WOQ_CUDA_VARIANT");

@@ -754,7 +754,7 @@ __device__ __forceinline__ uint32_t code_pair(uint32_t shifted, uint32_t zm) {
 
 template <int U, DType XT, DType ST>
 __global__ void __launch_bounds__(kThreads, U <= 4 ? 3 : 2) gemv_gptq_mma_kernel(GemvArgs a) {
-  __shared__ float part[kWarps][kBatchCols * kMmaCols];
+  __shared__ float part[kWarps][kBatchCols * kMmaCols];  // [warp][batch row * 32 + column of the tile]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmaCols + 4 * g;  // this lane's 4 columns
@@ -1575,9 +1575,7 @@ void check_mma_tuning(const WoqGemvTuning& tune) {
 }
 
 // U (steps of 4 qweight rows a warp has in flight) and the cluster split: the tuned ones where given, else the
-// cheapest of waves x (chunks per warp + a cluster's barrier), every warp at least one step. A chunk is one
-// round trip to memory, so a warp's chain of chunks is the block's time and waves of resident blocks add up; a
-// rough model (not fitted: the H200 sweep of woq_cuda_bench.py --mma with mma:U,S settings should replace it).
+// cheapest by mma_cost (woq_cuda_plan.h), a rough model to be fitted on the H200 sweep (woq_cuda_bench.py --mma).
 StagedPlan plan_mma(const WoqWeights& w, DType x_dtype, const WoqGemvTuning& tune) {
   constexpr const char* site = "woq_gemv_cuda";
   const int64_t steps = w.in / 32, tiles = (w.out + kMmaCols - 1) / kMmaCols;
@@ -1593,11 +1591,8 @@ StagedPlan plan_mma(const WoqWeights& w, DType x_dtype, const WoqGemvTuning& tun
         for (int split = 1; split <= gs.max_split; split *= 2) {
           if (tune.split != 0 && split != forced_split(reinterpret_cast<const void*>(k), tune.split))
             continue;
-          if (split > 1 && tune.split == 0 && steps / split < kWarps) break;
-          const int64_t warp_steps = (steps / split + kWarps - 1) / kWarps;
-          const double resident = gs.sms * gs.per_sm * cluster_sm_share(split);
-          const double waves = std::ceil(static_cast<double>(tiles * split) / resident);
-          const double cost = waves * (static_cast<double>((warp_steps + u - 1) / u) + (split > 1 ? 0.5 : 0.0));
+          if (tune.split == 0 && !mma_auto_admits(steps, split)) break;
+          const double cost = mma_cost(steps, tiles, gs.sms, gs.per_sm, u, split);
           if (!best.kernel || cost < best_cost * (1.0 - 1e-9)) {
             best.kernel = k;
             best.split = split;

@@ -88,7 +88,7 @@ struct WoqInputHadamard {
 };
 
 // Whether woq_gemv_cuda takes `rot` for this problem and tuning: the GEMV it plans is the staged kernel at 4 bits
-// (gptq layouts, 1..4 rows, not the half2 variant) and n divides every thread block's slice of the inputs (whole
+// (gptq layouts, 1..4 rows, not the half2 or mma variant) and n divides every thread block's slice of the inputs (whole
 // chunks of the plan). Otherwise the caller rotates x first (fwht_rows_cuda) and calls without `rot`.
 bool woq_gemv_fuses_hadamard(const WoqWeights& w, DType x_dtype, int64_t m, const void* x,
                              const WoqInputHadamard& rot, const WoqGemvTuning& tune = {});
