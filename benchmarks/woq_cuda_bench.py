@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--sweep", action="store_true", help="time every GEMV variant at m=1 and report the best")
     ap.add_argument("--staged", action="store_true", help="time every staged GEMV setting at m=1 (see above)")
-    ap.add_argument("--budget_s", type=float, default=95.0, help="--staged: stop adding variants after this")
+    ap.add_argument("--budget_s", type=float, default=95.0, help="--staged, --mma: stop adding variants after this")
     ap.add_argument("--half2", action="store_true",
                     help="the built-in choice, the rows kernel and the half2 variant vs bf16 at m=1 (see above)")
     ap.add_argument("--mma", action="store_true",

@@ -700,8 +700,9 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
 // Dequantization is exact in x's 16-bit type: (0x4300 | q) is bf16 128 + q and (0x6400 | q) fp16 1024 + q, so one
 // HSUB2 of (magic + z) leaves q - z (|q - z| <= 16, representable). The products of 16-bit values are exact in
 // the fp32 accumulator; the group scale stays out of the mma: sum((q - z) x) per group in fp32, times the fp32
-// scale into the running total at the group's end, so the rounding is that of the fp32 path (one rounding to x's
-// dtype at the store). Needs group % 32 == 0 (a step inside one group) and in % 32 == 0.
+// scale into the running total at the group's end, so only fp32 sums round (the tensor cores' accumulation, then
+// fmaf), unlike the half2 variant's 16-bit products, and once to x's dtype at the store. Needs group % 32 == 0 (a
+// step inside one group) and in % 32 == 0.
 // Blocks: 32 columns x 8 warps, each warp a contiguous run of steps of blockIdx.y's share of the inputs; the warps
 // meet in shared memory and the blocks of a cluster (split-K) in distributed shared memory (block_store).
 
@@ -725,13 +726,13 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
                                           uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (XT == DType::BF16) {
-    asm volatile(
+    asm(  // no side effects: the scheduler may move it
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   } else {
-    asm volatile(
+    asm(  // no side effects: the scheduler may move it
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
