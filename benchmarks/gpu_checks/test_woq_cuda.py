@@ -500,6 +500,7 @@ def test_mma_variant(cuda, variant, dtype, monkeypatch):
         run_case(cuda, 1056, 64, 4, 96, "gptq", m, dtype, bias=False)     # 33 steps, groups of 3 steps
         run_case(cuda, 2080, 36, 4, -1, "gptq_v2", m, dtype, scale_dtype=torch.bfloat16)  # per channel, odd steps
         run_case(cuda, 256, 32, 4, 32, "gptq", m, dtype, bias_dtype=torch.float32)  # fewer steps than warps
+        run_case(cuda, 1088, 64, 4, 128, "gptq_v2", m, dtype)            # a partial last group
 
 
 @pytest.mark.parametrize("in_f,out_f", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
