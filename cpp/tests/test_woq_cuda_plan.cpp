@@ -91,7 +91,7 @@ int main() {
   // The half2 variant issues fewer instructions per chunk: never dearer than the fp32 path.
   const fg::StagedShape small_h2{512, 4096, 4, 1, 132, 1.98, true};
   check(fg::staged_cost(small_h2, s).us < fg::staged_cost(small, s).us, "half2 costs less");
-  // The mma kernel's model (H200: 132 SMs, 3 blocks per SM at U 4, 2 at U 8, ptxas -v 80 / 128 registers).
+  // The mma kernel's model (H200: 132 SMs, 2 blocks per SM at U 4 and 8: launch bounds and registers).
   auto mma_plan = [](int64_t in, int64_t out) {
     const int64_t steps = in / 32, tiles = (out + 31) / 32;
     Choice best;
@@ -99,7 +99,7 @@ int main() {
     for (int u : {4, 8})
       for (int split = 1; split <= 8; split *= 2) {
         if (!fg::mma_auto_admits(steps, split)) break;
-        const double c = fg::mma_cost(steps, tiles, 132, u == 4 ? 3 : 2, u, split);
+        const double c = fg::mma_cost(steps, tiles, 132, 2, u, split);
         if (best.u == 0 || c < best_cost * (1.0 - 1e-9)) {
           best = {u, split, 0};
           best_cost = c;

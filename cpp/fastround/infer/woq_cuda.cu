@@ -747,14 +747,17 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 // zm = (magic + z) in both halves.
 template <DType XT>
 __device__ __forceinline__ uint32_t code_pair(uint32_t shifted, uint32_t zm) {
-  const Half2Of<XT> v = __hsub2(half2_bits<XT>((shifted & 0x000F000Fu) | MmaMagic<XT>::value), half2_bits<XT>(zm));
+  // (shifted & 0x000F000F) | magic as one LOP3 (0xEA: a & b | c): written as C, ptxas emits two, one per immediate.
+  uint32_t biased;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(biased) : "r"(shifted), "n"(0x000F000F), "n"(MmaMagic<XT>::value));
+  const Half2Of<XT> v = __hsub2(half2_bits<XT>(biased), half2_bits<XT>(zm));
   uint32_t u;
   memcpy(&u, &v, 4);
   return u;
 }
 
 template <int U, DType XT, DType ST>
-__global__ void __launch_bounds__(kThreads, U <= 4 ? 3 : 2) gemv_gptq_mma_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) gemv_gptq_mma_kernel(GemvArgs a) {
   __shared__ float part[kWarps][kBatchCols * kMmaCols];  // [warp][batch row * 32 + column of the tile]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -771,12 +774,15 @@ __global__ void __launch_bounds__(kThreads, U <= 4 ? 3 : 2) gemv_gptq_mma_kernel
 
   float c[2][4] = {};    // this group's sum((q - z) x): tile i, mma C fragment (columns 4g+2i, 4g+2i+1)
   float acc[2][4] = {};  // the scaled total, same layout
-  float sc[4] = {};      // the group's scales of columns n0 .. n0+3
+  uint2 sc_raw = {};     // the group's scales of columns n0 .. n0+3 as loaded (ST words), widened at the fold
   uint32_t zm[4] = {};   // (magic + z) pairs of the 4 columns
+  // magic + the stored zero's offset (gptq v1: +1) in both halves; the codes' zero points add to it.
+  const uint32_t z_base = MmaMagic<XT>::value + static_cast<uint32_t>(a.zero_add) * 0x00010001u;
   // Groups are walked in order, one multiply per boundary: g_end is the first step past the current group (s0:
   // the first step opens one) and g_next the group starting there.
   int g_next = s0 / steps_per_group, g_end = s0;
   auto fold = [&]() {
+    const float sc[4] = {lo_f32<ST>(sc_raw.x), hi_f32<ST>(sc_raw.x), lo_f32<ST>(sc_raw.y), hi_f32<ST>(sc_raw.y)};
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -785,11 +791,12 @@ __global__ void __launch_bounds__(kThreads, U <= 4 ? 3 : 2) gemv_gptq_mma_kernel
         c[i][j] = 0.0f;
       }
   };
+  // Integer work only: the group's zero points straight from their nibbles (n0 % 8 is 0 or 4).
   auto set_group = [&](const GroupRaw& r) {
-    float zf[4];
-    unpack_group<4, ST>(r, n0, a.zero_add, sc, zf);
+    sc_raw = r.scales;
+    const uint32_t zw = r.zeros >> (4 * (n0 & 7));
 #pragma unroll
-    for (int k = 0; k < 4; ++k) zm[k] = MmaMagic<XT>::value + static_cast<uint32_t>(zf[k]) * 0x00010001u;
+    for (int k = 0; k < 4; ++k) zm[k] = ((zw >> (4 * k)) & 0xFu) * 0x00010001u + z_base;
   };
 
   // Running pointers at this lane's qweight row 4s + t (columns n0 ..) and x[g, 8(4s + t) ..].
