@@ -65,6 +65,8 @@ for step in "${steps[@]}"; do
       > $OUT/woq_cuda_staged.json 2> $OUT/woq_cuda_staged_rows.jsonl" ;;
     woq_half2) run woq_cuda_half2 120 sh -c "python3 benchmarks/woq_cuda_bench.py --half2 \
       > $OUT/woq_cuda_half2.json 2> $OUT/woq_cuda_half2_rows.jsonl" ;;
+    woq_mma) run woq_cuda_mma 240 sh -c "python3 benchmarks/woq_cuda_bench.py --mma --budget_s 150 \
+      > $OUT/woq_cuda_mma.json 2> $OUT/woq_cuda_mma_rows.jsonl" ;;
     woq_checks) run woq_checks 300 python3 -m pytest -q -p no:cacheprovider benchmarks/gpu_checks/test_woq_cuda.py ;;
     woq_sweep) run woq_cuda_sweep 150 sh -c "python3 benchmarks/woq_cuda_bench.py --sweep > $OUT/woq_cuda_sweep.json \
       2> $OUT/woq_cuda_sweep_rows.jsonl" ;;

@@ -14,6 +14,7 @@ packed_gbps counts the bytes the op must read at the least (qweight + qzeros + s
     python3 benchmarks/woq_cuda_bench.py --sweep [--layouts ...]
     python3 benchmarks/woq_cuda_bench.py --staged [--budget_s 95]
     python3 benchmarks/woq_cuda_bench.py --half2
+    python3 benchmarks/woq_cuda_bench.py --mma [--budget_s 150]
 
 --sweep times the batch-1 GEMV under every FASTROUND_WOQ_CUDA_VARIANT "U,S" (U loads in flight per thread, S the
 cluster split, 0 the built-in choice) on each shape and layout and reports the best per case and the variant with
@@ -28,6 +29,10 @@ Each variant's output is compared with the rows kernel's (max_abs_diff_vs_rows).
 --half2 times the built-in choice (the staged kernel's launch planner), the rows kernel and the staged kernel's half2
 variant (FASTROUND_WOQ_CUDA_VARIANT=half2) at batch 1 against the bf16 linear on the same shapes, GPTQ 4 bits with
 bf16 and fp16 activations and GPTQ v2 8 bits with bf16, in about a minute.
+
+--mma times the bf16 linear, the built-in choice and the tensor-core GEMV (FASTROUND_WOQ_CUDA_VARIANT=mma) on the
+same shapes, GPTQ 4 bits, at batch 1 (bf16 and fp16 x) and 4 (bf16), then every forced "mma:U,S" at batch 1 while
+within --budget_s.
 
 Needs a CUDA device and a fastround built with CUDA (benchmarks/gpu_build.sh builds one into /tmp).
 """
@@ -332,6 +337,64 @@ def half2_compare(group: int, dev: torch.device) -> dict:
             "summary ([us, speedup vs bf16] per variant/x dtype)": summary, "rows": rows}
 
 
+MMA_SETTINGS = [f"mma:{u},{s}" for u in (4, 8) for s in (1, 2, 4, 8)]
+
+
+def mma_compare(group: int, budget_s: float, dev: torch.device) -> dict:
+    """Graph time of the bf16 linear, the built-in choice and the tensor-core GEMV (FASTROUND_WOQ_CUDA_VARIANT=mma,
+    its planner's choice) on STAGED_SHAPES, GPTQ 4 bits: batch 1 with bf16 and fp16 x and batch 4 with bf16, then
+    at batch 1 (bf16) every forced "mma:U,S" setting (steps in flight per warp, cluster split) while within
+    budget_s, so that the planner can be fitted. rel_diff_vs_default: the largest difference from the built-in
+    choice's output relative to the largest output."""
+    t0 = time.monotonic()
+    op = torch.ops.fastround.woq_linear
+    env = "FASTROUND_WOQ_CUDA_VARIANT"
+    layout, bits = "gptq", 4
+    rows, summary, truncated = [], {}, False
+    try:
+        for in_f, out_f in STAGED_SHAPES:
+            ws = _dense_weights(in_f, out_f, dev)
+            dense_copies = len(ws)
+            layer = _random_layer(in_f, out_f, bits, group, layout, dev)
+            copies = max(2, -(-2 * L2_BYTES // _nbytes(*layer)))
+            layers = [layer] + [_random_layer(in_f, out_f, bits, group, layout, dev) for _ in range(copies - 1)]
+            case = f"{layout}:{bits} {in_f}x{out_f}"
+            by = {}
+            for m in (1, 4):
+                xb = torch.randn(m, in_f, device=dev, dtype=torch.bfloat16)
+                dense_us = _graph_us([lambda t=t: torch.nn.functional.linear(xb, t) for t in ws]) / dense_copies
+                by[f"bf16/m{m}"] = [round(dense_us, 2), 1.0]
+                for x_dtype in (torch.bfloat16, torch.float16) if m == 1 else (torch.bfloat16,):
+                    x = xb.to(x_dtype)
+                    os.environ[env] = ""
+                    ref = op(x, *layer, None, bits, group, layout).float()
+                    variants = ["", "mma"]
+                    if m == 1 and x_dtype == torch.bfloat16:
+                        variants += MMA_SETTINGS
+                    for v in variants:
+                        if v.startswith("mma:") and time.monotonic() - t0 > budget_s:
+                            truncated = True
+                            continue
+                        os.environ[env] = v
+                        y = op(x, *layer, None, bits, group, layout).float()
+                        rel = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                        us = _graph_us([lambda t=t: op(x, *t, None, bits, group, layout) for t in layers]) / copies
+                        name = f"{v or 'default'}/{str(x_dtype).split('.')[-1]}/m{m}"
+                        rows.append({"case": case, "variant": name, "woq_graph_us": round(us, 2),
+                                     "speedup_vs_bf16": round(dense_us / us, 3), "rel_diff_vs_default": rel})
+                        by[name] = [rows[-1]["woq_graph_us"], rows[-1]["speedup_vs_bf16"]]
+                        print(json.dumps(rows[-1]), file=sys.stderr)
+            summary[case] = by
+            os.environ.pop(env, None)
+            del layers, layer, ws
+            torch.cuda.empty_cache()
+    finally:
+        os.environ.pop(env, None)
+    return {"target": f"gptq:4 m=1 >= {TARGET_SPEEDUP}x bf16", "truncated": truncated,
+            "seconds": round(time.monotonic() - t0, 1),
+            "summary ([us, speedup vs bf16] per variant/x dtype/batch)": summary, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layouts", default="gptq:4,awq:4,gptq_v2:8", help="layout:bits,...")
@@ -339,14 +402,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--sweep", action="store_true", help="time every GEMV variant at m=1 and report the best")
     ap.add_argument("--staged", action="store_true", help="time every staged GEMV setting at m=1 (see above)")
-    ap.add_argument("--budget_s", type=float, default=95.0, help="--staged: stop adding variants after this")
+    ap.add_argument("--budget_s", type=float, default=95.0, help="--staged, --mma: stop adding variants after this")
     ap.add_argument("--half2", action="store_true",
                     help="the built-in choice, the rows kernel and the half2 variant vs bf16 at m=1 (see above)")
+    ap.add_argument("--mma", action="store_true",
+                    help="bf16, the built-in choice and the tensor-core GEMV at m=1 and 4, then mma:U,S (see above)")
     args = ap.parse_args(argv)
     from fastround import _torch
 
     assert torch.cuda.is_available() and _torch.with_cuda(), "needs a CUDA device and fastround built with CUDA"
     dev = torch.device("cuda")
+    if args.mma:
+        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  **mma_compare(args.group, args.budget_s, dev)}
+        print(json.dumps(report, indent=1))
+        return 0
     if args.half2:
         report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **half2_compare(args.group, dev)}
         print(json.dumps(report, indent=1))

@@ -457,3 +457,149 @@ def test_half2_deterministic_and_rejected(cuda, monkeypatch):
         monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", bad)
         with pytest.raises(ValueError, match=what):
             _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")
+
+
+# ---- the tensor-core GEMV (FASTROUND_WOQ_CUDA_VARIANT=mma, woq_cuda.cu gemv_gptq_mma_kernel) ----
+# It takes gptq / gptq_v2 at 4 bits, batches 1..8, in and group multiples of 32; elsewhere the built-in choice runs
+# (same bits as without the variable). Its products are exact and its sums fp32, so it stays within the output
+# dtype's rounding of the fp32 reference.
+
+_MMA_SETTINGS = ["mma", "mma:4,1", "mma:8,1", "mma:4,2", "mma:8,4", "mma:4,8"]
+
+
+def _kernel_names(fn) -> list[str]:
+    """Names of the device kernels `fn` launches (after one call that sets up plans and attributes)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _runs_mma(dev, in_f, out_f, group_size, layout, m, dtype=torch.bfloat16) -> bool:
+    qweight, qzeros, scales = (t.to(dev) for t in make_layer(in_f, out_f, 4, group_size, layout))
+    x = torch.randn(m, in_f, device=dev, dtype=dtype)
+    names = _kernel_names(lambda: _op(x, qweight, qzeros, scales, None, 4, group_size, layout))
+    return any("gemv_gptq_mma_kernel" in n for n in names)
+
+
+@pytest.mark.parametrize("variant", _MMA_SETTINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_variant(cuda, variant, dtype, monkeypatch):
+    """Every setting within the output dtype's tolerance of the fp32 reference: sym (gptq) and asym (gptq_v2) zeros
+    with all 16 codes and the extreme zero points, groups of 32 / 64 / 128 / whole rows, a partial column tile, a
+    group straddling chunks and blocks (96), runs that split unevenly over warps and clusters; every batch 1..8 for
+    the planner's choice, 1, 3 and 8 for the forced settings (one kernel serves every batch)."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
+    for m in range(1, 9) if variant == "mma" else (1, 3, 8):
+        for layout in ("gptq", "gptq_v2"):
+            for group_size in (32, 64, 128, -1):
+                run_case(cuda, 1024, 384, 4, group_size, layout, m, dtype, seed=group_size + len(layout) + m)
+        run_case(cuda, 1024, 124, 4, 128, "gptq_v2", m, dtype)           # a partial column tile
+        run_case(cuda, 1056, 64, 4, 96, "gptq", m, dtype, bias=False)     # 33 steps, groups of 3 steps
+        run_case(cuda, 2080, 36, 4, -1, "gptq_v2", m, dtype, scale_dtype=torch.bfloat16)  # per channel, odd steps
+        run_case(cuda, 256, 32, 4, 32, "gptq", m, dtype, bias_dtype=torch.float32)  # fewer steps than warps
+        run_case(cuda, 1088, 64, 4, 128, "gptq_v2", m, dtype)            # a partial last group
+
+
+@pytest.mark.parametrize("in_f,out_f", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_llama_shapes(cuda, in_f, out_f, dtype, monkeypatch):
+    """The Llama-3-8B layer shapes at batches 1, 4 and 8, as the built-in plan chooses them, both layouts."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "mma")
+    for m, layout in ((1, "gptq"), (4, "gptq_v2"), (8, "gptq")):
+        run_case(cuda, in_f, out_f, 4, 128, layout, m, dtype, seed=m)
+    assert _runs_mma(cuda, in_f, out_f, 128, "gptq", 1, dtype)
+
+
+def test_mma_takes_what_it_says(cuda, monkeypatch):
+    """The variant runs the mma kernel where it applies (woq_cuda.h WoqGemvKernel::Mma), and the built-in choice,
+    same bits as without the variable, elsewhere: 2 and 8 bits, awq, groups of 16 or 48 inputs, in not a
+    multiple of 32."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "mma")
+    for m in (1, 8):
+        assert _runs_mma(cuda, 1024, 256, 128, "gptq", m)
+        assert _runs_mma(cuda, 1024, 256, -1, "gptq_v2", m)
+    assert _runs_mma(cuda, 1024, 256, 32, "gptq", 3)
+    for in_f, out_f, bits, group_size, layout, m in ((1024, 256, 8, 128, "gptq", 1), (1024, 256, 2, 128, "gptq", 2),
+                                                     (1024, 256, 4, 128, "awq", 1), (1024, 256, 4, 16, "gptq", 1),
+                                                     (960, 256, 4, 48, "gptq_v2", 4), (1040, 256, 4, -1, "gptq", 1)):
+        qweight, qzeros, scales = (t.to(cuda) for t in make_layer(in_f, out_f, bits, group_size, layout))
+        x = torch.randn(m, in_f, device=cuda, dtype=torch.bfloat16)
+        call = lambda: _op(x, qweight, qzeros, scales, None, bits, group_size, layout)
+        names = _kernel_names(call)
+        assert not any("gemv_gptq_mma_kernel" in n for n in names), (in_f, bits, group_size, layout, names)
+        got = call()
+        monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "")
+        want = call()
+        monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "mma")
+        assert torch.equal(got, want), (in_f, bits, group_size, layout)
+    # Batches beyond the GEMV take the dequantize path whatever the variant.
+    run_case(cuda, 1024, 256, 4, 128, "gptq", 33, torch.bfloat16)
+
+
+def test_mma_large_activations(cuda, monkeypatch):
+    """fp16 x near its range: the products and sums are fp32, so nothing overflows before the one rounding."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "mma")
+    qweight, qzeros, scales = make_layer(1024, 256, 4, 128, "gptq", torch.float16, 3)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(2, 1024, generator=g) * 2 - 1) * 4000.0
+    x[0, :8] = torch.tensor([16000.0, -16000.0, 8000.0, -8000.0, 0.0, 1e-6, -1e-6, 60000.0])
+    x = x.half()
+    ref = linear_reference(x, qweight, qzeros, scales, None, 4, 128, "gptq")
+    y = _op(x.to(cuda), qweight.to(cuda), qzeros.to(cuda), scales.to(cuda), None, 4, 128, "gptq")
+    assert torch.isfinite(y.float()).all()
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("variant", ["mma", "mma:4,8", "mma:8,2"])
+def test_mma_deterministic_and_graph_capture(cuda, variant, monkeypatch):
+    """Same bits on every call (fixed-order sums, no atomics) and inside a CUDA graph, at batches 1 and 5."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
+    qweight, qzeros, scales = (t.to(cuda) for t in make_layer(4096, 4096, 4, 128, "gptq_v2"))
+    for m in (1, 5):
+        x = torch.randn(m, 4096, device=cuda, dtype=torch.bfloat16)
+        first = _op(x, qweight, qzeros, scales, None, 4, 128, "gptq_v2")
+        for _ in range(3):
+            assert torch.equal(first, _op(x, qweight, qzeros, scales, None, 4, 128, "gptq_v2"))
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            _op(static_x, qweight, qzeros, scales, None, 4, 128, "gptq_v2")  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = _op(static_x, qweight, qzeros, scales, None, 4, 128, "gptq_v2")
+        x2 = torch.randn_like(x)
+        static_x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, _op(x2, qweight, qzeros, scales, None, 4, 128, "gptq_v2"))
+
+
+def test_mma_rotated_runs_two_ops(cuda, monkeypatch):
+    """The mma variant never fuses the rotation: woq_linear_rotated is hadamard_transform then the mma GEMV."""
+    monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "mma")
+    qweight, qzeros, scales = (t.to(cuda) for t in make_layer(4096, 1024, 4, 128, "gptq"))
+    x = torch.randn(1, 4096, device=cuda, dtype=torch.bfloat16)
+    ops_ = torch.ops.fastround
+    call = lambda: ops_.woq_linear_rotated(x, qweight, qzeros, scales, None, 4, 128, "gptq", 64, None, None, False,
+                                           False)
+    names = _kernel_names(call)
+    assert any("gemv_gptq_mma_kernel" in n for n in names), names
+    assert not any("staged" in n for n in names), names
+    want = _op(ops_.hadamard_transform(x, 64, None, None, False, False, True), qweight, qzeros, scales, None, 4, 128,
+               "gptq")
+    assert torch.equal(call(), want)
+
+
+def test_mma_rejected(cuda, monkeypatch):
+    qweight, qzeros, scales = (t.to(cuda) for t in make_layer(1024, 256, 4, 128, "gptq"))
+    x = torch.randn(1, 1024, device=cuda, dtype=torch.bfloat16)
+    for bad, what in (("mma:8,2,32", "FASTROUND_WOQ_CUDA_VARIANT"), ("mma:16,0", "unroll"), ("mma:4,3", "split"),
+                      ("mmax", "FASTROUND_WOQ_CUDA_VARIANT")):
+        monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", bad)
+        with pytest.raises(ValueError, match=what):
+            _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")

@@ -3,7 +3,8 @@
 // H200's 132 SMs and the occupancy the kernels' registers (ptxas -v: U 4 / 8 / 16 -> 4 / 3 / 2 blocks per SM) and
 // shared memory allow, the automatic choice must be a setting the sweep timed within 3% of the shape's best. The
 // choices are pinned too (a changed model must be re-checked against the sweep), and the cost must grow with the
-// work. Plain C++, no GPU; tests/test_woq_cuda_plan.py runs it. Ends with "N passed, N failed".
+// work. The tensor-core GEMV's model (mma_cost, not fitted yet) has its Llama choices pinned the same way. Plain C++,
+// no GPU; tests/test_woq_cuda_plan.py runs it. Ends with "N passed, N failed".
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -90,5 +91,37 @@ int main() {
   // The half2 variant issues fewer instructions per chunk: never dearer than the fp32 path.
   const fg::StagedShape small_h2{512, 4096, 4, 1, 132, 1.98, true};
   check(fg::staged_cost(small_h2, s).us < fg::staged_cost(small, s).us, "half2 costs less");
+  // The mma kernel's model (H200: 132 SMs, 2 blocks per SM at U 4 and 8: launch bounds and registers).
+  auto mma_plan = [](int64_t in, int64_t out) {
+    const int64_t steps = in / 32, tiles = (out + 31) / 32;
+    Choice best;
+    double best_cost = 0.0;
+    for (int u : {4, 8})
+      for (int split = 1; split <= 8; split *= 2) {
+        if (!fg::mma_auto_admits(steps, split)) break;
+        const double c = fg::mma_cost(steps, tiles, 132, 2, u, split);
+        if (best.u == 0 || c < best_cost * (1.0 - 1e-9)) {
+          best = {u, split, 0};
+          best_cost = c;
+        }
+      }
+    return best;
+  };
+  // Pinned choices on the Llama-3-8B shapes (a changed model must be re-checked against the sweep): the column
+  // tiles alone fill the SMs on the wide shapes, the narrow ones split the inputs over clusters.
+  const struct {
+    int64_t in, out;
+    int u, split;
+  } mma_pins[] = {{4096, 4096, 8, 2}, {4096, 1024, 4, 4}, {4096, 14336, 8, 1}, {14336, 4096, 8, 2}};
+  for (const auto& p : mma_pins) {
+    const Choice c = mma_plan(p.in, p.out);
+    const std::string name = "mma " + std::to_string(p.in) + "x" + std::to_string(p.out);
+    check(c.u == p.u && c.split == p.split,
+          name + ": chose U " + std::to_string(c.u) + " split " + std::to_string(c.split));
+  }
+  // Every warp gets a step; more steps or a second wave never cost less.
+  check(!fg::mma_auto_admits(64, 16) && fg::mma_auto_admits(64, 8) && fg::mma_auto_admits(4, 1), "one step a warp");
+  check(fg::mma_cost(448, 128, 132, 2, 8, 2) > fg::mma_cost(128, 128, 132, 2, 8, 2), "more steps cost more");
+  check(fg::mma_cost(128, 448, 132, 2, 8, 2) > fg::mma_cost(128, 128, 132, 2, 8, 2), "a second wave costs more");
   return fastround::test::report();
 }

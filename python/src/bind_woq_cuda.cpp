@@ -28,8 +28,9 @@ constexpr const char* kOp = "woq_linear";
 // WoqGemvTuning), 0 for the built-in choice: "U" or "U,S" the rows kernel with U loads in flight and cluster split
 // S (the original sweep's spelling); "rows" or "rows:U,S" the same; "staged" or "staged:U,S,T[,P]" the staged
 // kernel with U rows per chunk, split S, T lanes per row worker and prefetch P (1 off, 2 on); "half2" or
-// "half2:U,S,T" the staged kernel's half2 variant (woq_cuda.h); unset or empty: the built-in choice. Read at every
-// call so that a sweep can change it between calls of one process; a CUDA graph keeps what was read at capture.
+// "half2:U,S,T" the staged kernel's half2 variant (woq_cuda.h); "mma" or "mma:U,S" the tensor-core GEMV with U
+// steps in flight per warp and split S (woq_cuda.h WoqGemvKernel::Mma); unset or empty: the built-in choice. Read at
+// every call so that a sweep can change it between calls of one process; a CUDA graph keeps what was read at capture.
 fi::WoqGemvTuning tuning_from_env() {
   fi::WoqGemvTuning t;
   const char* v = std::getenv("FASTROUND_WOQ_CUDA_VARIANT");
@@ -37,11 +38,14 @@ fi::WoqGemvTuning tuning_from_env() {
   const std::string spec(v);
   auto fail = [&]() -> fr::OptionError {
     return fr::OptionError("[woq_linear] FASTROUND_WOQ_CUDA_VARIANT must be 'U,S', 'rows[:U,S]' or "
-                           "'staged[:U,S,T[,P]]' or 'half2[:U,S,T]', got '" + spec + "'");
+                           "'staged[:U,S,T[,P]]', 'half2[:U,S,T]' or 'mma[:U,S]', got '" + spec + "'");
   };
   const char* p = v;
   int max_fields = 2;
-  if (spec.rfind("half2", 0) == 0) {
+  if (spec.rfind("mma", 0) == 0) {
+    t.kernel = fi::WoqGemvKernel::Mma;
+    p += 3;
+  } else if (spec.rfind("half2", 0) == 0) {
     t.kernel = fi::WoqGemvKernel::StagedHalf2;
     p += 5;
     max_fields = 3;

@@ -128,31 +128,13 @@ struct GemvArgs {
   float rot_scale;
 };
 
-// acc [MT][CPT] holds this thread's sums for columns tx*CPT .. tx*CPT+CPT-1 of the block's CT-column tile.
-// Lanes of a warp with the same tx meet through shuffles, warps through shared memory, and the blocks of a
-// cluster through distributed shared memory; each output is then written once, bias added, in x's dtype.
-template <int MT, int CPT, int TX, DType XT>
-__device__ __forceinline__ void reduce_store(float (&acc)[MT][CPT], const GemvArgs& a) {
-  constexpr int CT = CPT * TX;
+// The block's sums of part [kWarps][MT * CT] (every warp's share written, batch row-major over the CT-column tile),
+// then the cluster's: the blocks of a cluster meet through distributed shared memory; each output is then written
+// once, bias added, in x's dtype. Every thread of the block calls it.
+template <int MT, int CT, DType XT>
+__device__ __forceinline__ void block_store(float (&part)[kWarps][MT * CT], const GemvArgs& a) {
   constexpr int E = MT * CT;
-  __shared__ float part[kWarps][E];
   __shared__ float red[E];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tx = threadIdx.x % TX;
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int c = 0; c < CPT; ++c) {
-      float v = acc[m][c];
-#pragma unroll
-      for (int off = TX; off < 32; off <<= 1) v += __shfl_xor_sync(kFullMask, v, off);
-      acc[m][c] = v;
-    }
-  if (lane < TX) {
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int c = 0; c < CPT; ++c) part[warp][m * CT + tx * CPT + c] = acc[m][c];
-  }
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += kThreads) {
     float s = 0.0f;
@@ -183,6 +165,32 @@ __device__ __forceinline__ void reduce_store(float (&acc)[MT][CPT], const GemvAr
     store(e, s);
   }
   cluster.sync();  // no block leaves while another still reads its shared memory
+}
+
+// acc [MT][CPT] holds this thread's sums for columns tx*CPT .. tx*CPT+CPT-1 of the block's CT-column tile.
+// Lanes of a warp with the same tx meet through shuffles, then warps and blocks in block_store.
+template <int MT, int CPT, int TX, DType XT>
+__device__ __forceinline__ void reduce_store(float (&acc)[MT][CPT], const GemvArgs& a) {
+  constexpr int CT = CPT * TX;
+  constexpr int E = MT * CT;
+  __shared__ float part[kWarps][E];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tx = threadIdx.x % TX;
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      float v = acc[m][c];
+#pragma unroll
+      for (int off = TX; off < 32; off <<= 1) v += __shfl_xor_sync(kFullMask, v, off);
+      acc[m][c] = v;
+    }
+  if (lane < TX) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) part[warp][m * CT + tx * CPT + c] = acc[m][c];
+  }
+  block_store<MT, CT, XT>(part, a);
 }
 
 // The rows [r0, r1) of qweight this thread walks: blockIdx.y's share of the inputs, then this thread's slice.
@@ -677,6 +685,171 @@ __global__ void __launch_bounds__(kThreads, staged_min_blocks<U, PREFETCH>(MT)) 
     }
   }
   reduce_store<MT, 4, TX, XT>(acc, a);
+}
+
+// ---- GEMV, GPTQ 4 bits on the tensor cores ("mma"; FASTROUND_WOQ_CUDA_VARIANT=mma) ----
+// The staged kernel spends ~25 instructions per qweight word on fp32 FMAs; here mma.sync m16n8k16 takes the
+// products, 16x16 weights by 16x8 activations per instruction. The mma's M rows are output columns, its N = 8
+// columns the batch rows (those past m carry zeros) and its K the inputs, in an order both operands share (the sum
+// over K does not care): a lane's qweight word feeds its A pairs directly, with no shuffles and no half-used loads.
+//   lane = 4g + t; per step a warp covers 4 qweight rows (32 inputs) x 32 output columns; lane (g, t) loads the
+//   16-byte word run of qweight row 4s + t, columns 4g .. 4g+3 of the tile (8 lanes: one 128-byte segment per row)
+//   and 16 bytes of x row g (inputs 8(4s+t) .. +7). Column pair (4g + 2i, 4g + 2i + 1) is A's rows (g, g + 8) of
+//   mma tile i (i = 0, 1); its two k-halves h take codes (2h, 2h+4) and (2h+1, 2h+5) of each word, which the
+//   magic-number dequant puts in a 16-bit pair with one shift and one LOP3, and x's matching pairs (x_j, x_{j+4}).
+// Dequantization is exact in x's 16-bit type: (0x4300 | q) is bf16 128 + q and (0x6400 | q) fp16 1024 + q, so one
+// HSUB2 of (magic + z) leaves q - z (|q - z| <= 16, representable). The products of 16-bit values are exact in
+// the fp32 accumulator; the group scale stays out of the mma: sum((q - z) x) per group in fp32, times the fp32
+// scale into the running total at the group's end, so only fp32 sums round (the tensor cores' accumulation, then
+// fmaf), unlike the half2 variant's 16-bit products, and once to x's dtype at the store. Needs group % 32 == 0 (a
+// step inside one group) and in % 32 == 0.
+// Blocks: 32 columns x 8 warps, each warp a contiguous run of steps of blockIdx.y's share of the inputs; the warps
+// meet in shared memory and the blocks of a cluster (split-K) in distributed shared memory (block_store).
+
+constexpr int kMmaCols = 32;   // output columns per block (and per warp)
+constexpr int kBatchCols = 8;  // the mma's N: batch rows, those past m zero
+
+template <DType XT>
+struct MmaMagic;
+template <>
+struct MmaMagic<DType::BF16> {
+  static constexpr uint32_t value = 0x43004300u;  // bf16 (128, 128): one mantissa unit is 1
+};
+template <>
+struct MmaMagic<DType::F16> {
+  static constexpr uint32_t value = 0x64006400u;  // fp16 (1024, 1024): one mantissa unit is 1
+};
+
+// d [16 x 8 fp32] += a [16 x 16] * b [16 x 8], 16-bit operands of x's dtype, row.col fragments of m16n8k16.
+template <DType XT>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (XT == DType::BF16) {
+    asm(  // no side effects: the scheduler may move it
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm(  // no side effects: the scheduler may move it
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // the host never launches the mma kernel below sm_80 (mma_takes)
+#endif
+}
+
+// The pair (q_j - z, q_{j+4} - z) in x's 16-bit type from a word shifted so that code j sits at bit 0;
+// zm = (magic + z) in both halves.
+template <DType XT>
+__device__ __forceinline__ uint32_t code_pair(uint32_t shifted, uint32_t zm) {
+  // (shifted & 0x000F000F) | magic as one LOP3 (0xEA: a & b | c): written as C, ptxas emits two, one per immediate.
+  uint32_t biased;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(biased) : "r"(shifted), "n"(0x000F000F), "n"(MmaMagic<XT>::value));
+  const Half2Of<XT> v = __hsub2(half2_bits<XT>(biased), half2_bits<XT>(zm));
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+
+template <int U, DType XT, DType ST>
+__global__ void __launch_bounds__(kThreads, 2) gemv_gptq_mma_kernel(GemvArgs a) {
+  __shared__ float part[kWarps][kBatchCols * kMmaCols];  // [warp][batch row * 32 + column of the tile]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmaCols + 4 * g;  // this lane's 4 columns
+  const bool active = n0 < a.out_features;  // out % 4 == 0: all 4 in or all out
+  const bool has_x = g < a.m;               // batch rows past m multiply by zeros
+
+  // Steps of 4 qweight rows (32-bit: in < 2^31): blockIdx.y's share, then this warp's contiguous run.
+  const int steps = static_cast<int>(a.rows / 4);
+  const int b0 = static_cast<int>(int64_t{steps} * blockIdx.y / a.split);
+  const int b1 = static_cast<int>(int64_t{steps} * (blockIdx.y + 1) / a.split);
+  const int s0 = b0 + (b1 - b0) * warp / kWarps, s1 = b0 + (b1 - b0) * (warp + 1) / kWarps;
+  const int steps_per_group = static_cast<int>(a.group / 32);
+
+  float c[2][4] = {};    // this group's sum((q - z) x): tile i, mma C fragment (columns 4g+2i, 4g+2i+1)
+  float acc[2][4] = {};  // the scaled total, same layout
+  uint2 sc_raw = {};     // the group's scales of columns n0 .. n0+3 as loaded (ST words), widened at the fold
+  uint32_t zm[4] = {};   // (magic + z) pairs of the 4 columns
+  // magic + the stored zero's offset (gptq v1: +1) in both halves; the codes' zero points add to it.
+  const uint32_t z_base = MmaMagic<XT>::value + static_cast<uint32_t>(a.zero_add) * 0x00010001u;
+  // Groups are walked in order, one multiply per boundary: g_end is the first step past the current group (s0:
+  // the first step opens one) and g_next the group starting there.
+  int g_next = s0 / steps_per_group, g_end = s0;
+  auto fold = [&]() {
+    const float sc[4] = {lo_f32<ST>(sc_raw.x), hi_f32<ST>(sc_raw.x), lo_f32<ST>(sc_raw.y), hi_f32<ST>(sc_raw.y)};
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[i][j] = fmaf(sc[2 * i + (j >> 1)], c[i][j], acc[i][j]);
+        c[i][j] = 0.0f;
+      }
+  };
+  // Integer work only: the group's zero points straight from their nibbles (n0 % 8 is 0 or 4).
+  auto set_group = [&](const GroupRaw& r) {
+    sc_raw = r.scales;
+    const uint32_t zw = r.zeros >> (4 * (n0 & 7));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) zm[k] = ((zw >> (4 * k)) & 0xFu) * 0x00010001u + z_base;
+  };
+
+  // Running pointers at this lane's qweight row 4s + t (columns n0 ..) and x[g, 8(4s + t) ..].
+  const int64_t row0 = 4 * s0 + t;
+  const int32_t* qp = a.qweight + row0 * a.out_features + n0;
+  const uint16_t* xp = static_cast<const uint16_t*>(a.x) + static_cast<int64_t>(g) * a.in + row0 * 8;
+  const int64_t q_step = 4 * a.out_features;
+  for (int s = s0; s < s1; s += U) {
+    uint4 q[U], xv[U];  // per step: qweight row 4s+t at n0 .. n0+3, and x[g, 8(4s+t) .. +7]
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool in_run = s + u < s1;
+      q[u] = in_run && active ? load_stream(qp) : make_uint4(0, 0, 0, 0);
+      xv[u] = in_run && has_x ? __ldg(reinterpret_cast<const uint4*>(xp)) : make_uint4(0, 0, 0, 0);
+      qp += q_step;
+      xp += 32;
+    }
+    // A group opening at the chunk's first step is loaded with the chunk; one opening later inside the chunk
+    // (groups of 32 to 96 inputs) where it starts.
+    const bool opens = s == g_end;
+    const GroupRaw g_pre = active && opens ? load_group_raw<4>(a, g_next, n0) : GroupRaw{};
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int st = s + u;
+      if (st >= s1) break;
+      if (st == g_end) {  // warp-uniform: the warp's lanes share the step
+        fold();
+        set_group(u == 0 ? g_pre : active ? load_group_raw<4>(a, g_next, n0) : GroupRaw{});
+        g_end = (g_next + 1) * steps_per_group;
+        ++g_next;
+      }
+      // x's pairs (x_j, x_{j+4}), j = 0..3: the B fragments of k-half 0 (j = 0, 1) and 1 (j = 2, 3).
+      const uint32_t x04 = __byte_perm(xv[u].x, xv[u].z, 0x5410), x15 = __byte_perm(xv[u].x, xv[u].z, 0x7632);
+      const uint32_t x26 = __byte_perm(xv[u].y, xv[u].w, 0x5410), x37 = __byte_perm(xv[u].y, xv[u].w, 0x7632);
+      const uint32_t w[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint32_t wa = w[2 * i], wb = w[2 * i + 1];  // A rows g and g + 8
+        const uint32_t za = zm[2 * i], zb = zm[2 * i + 1];
+        mma_16816<XT>(c[i], code_pair<XT>(wa, za), code_pair<XT>(wb, zb), code_pair<XT>(wa >> 4, za),
+                      code_pair<XT>(wb >> 4, zb), x04, x15);
+        mma_16816<XT>(c[i], code_pair<XT>(wa >> 8, za), code_pair<XT>(wb >> 8, zb), code_pair<XT>(wa >> 12, za),
+                      code_pair<XT>(wb >> 12, zb), x26, x37);
+      }
+    }
+  }
+  fold();
+  // C fragment (row, col) = (column 4g + 2i + (j >> 1), batch 2t + (j & 1)).
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) part[warp][(2 * t + (j & 1)) * kMmaCols + 4 * g + 2 * i + (j >> 1)] = acc[i][j];
+  block_store<kBatchCols, kMmaCols, XT>(part, a);
 }
 
 // ---- GEMV, AWQ layout (4 bits) ----
@@ -1381,6 +1554,66 @@ bool takes_staged(const WoqWeights& w, int64_t m, const WoqGemvTuning& tune) {
   return w.layout != WoqLayout::Awq && tune.kernel != WoqGemvKernel::Rows && (w.bits == 4 || (w.bits == 8 && m == 1));
 }
 
+
+// ---- the mma kernel's launch plan ----
+
+template <DType XT, DType ST>
+GemvKernel mma_kernel(int u) {
+  return u == 8 ? gemv_gptq_mma_kernel<8, XT, ST> : gemv_gptq_mma_kernel<4, XT, ST>;
+}
+
+// What the mma kernel takes (else the built-in choice runs): gptq layouts at 4 bits, whole steps of 32 inputs in
+// one group, a device with mma.sync bf16 (sm_80 and later).
+bool mma_takes(const WoqWeights& w, DType x_dtype, int64_t m, const void* x) {
+  if (!woq_gemv_supported(w, x_dtype, m, x) || w.layout == WoqLayout::Awq || w.bits != 4) return false;
+  if (w.in % 32 != 0 || w.group % 32 != 0) return false;
+  int device = 0, major = 0;
+  check_launch("woq_gemv_cuda", cudaGetDevice(&device));
+  check_launch("woq_gemv_cuda", cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
+void check_mma_tuning(const WoqGemvTuning& tune) {
+  constexpr const char* site = "woq_gemv_cuda";
+  if (tune.unroll != 0 && tune.unroll != 4 && tune.unroll != 8)
+    bad(site, "mma tuning unroll must be 0, 4 or 8, got " + std::to_string(tune.unroll));
+  if (tune.split != 0 && tune.split != 1 && tune.split != 2 && tune.split != 4 && tune.split != 8)
+    bad(site, "mma tuning split must be 0, 1, 2, 4 or 8, got " + std::to_string(tune.split));
+  if (tune.tx != 0 || tune.prefetch != 0) bad(site, "mma tuning takes unroll and split only");
+}
+
+// U (steps of 4 qweight rows a warp has in flight) and the cluster split: the tuned ones where given, else the
+// cheapest by mma_cost (woq_cuda_plan.h), a rough model to be fitted on the H200 sweep (woq_cuda_bench.py --mma).
+StagedPlan plan_mma(const WoqWeights& w, DType x_dtype, const WoqGemvTuning& tune) {
+  constexpr const char* site = "woq_gemv_cuda";
+  const int64_t steps = w.in / 32, tiles = (w.out + kMmaCols - 1) / kMmaCols;
+  StagedPlan best;
+  double best_cost = 0.0;
+  with_half_dtype(x_dtype, site, "x", [&](auto xt) {
+    with_half_dtype(w.scale_dtype, site, "scales", [&](auto sd) {
+      constexpr DType XT = decltype(xt)::value, SD = decltype(sd)::value;
+      for (int u : {4, 8}) {
+        if (tune.unroll != 0 && u != tune.unroll) continue;
+        const GemvKernel k = mma_kernel<XT, SD>(u);
+        const GpuShape gs = gpu_shape(reinterpret_cast<const void*>(k));
+        for (int split = 1; split <= gs.max_split; split *= 2) {
+          if (tune.split != 0 && split != forced_split(reinterpret_cast<const void*>(k), tune.split))
+            continue;
+          if (tune.split == 0 && !mma_auto_admits(steps, split)) break;
+          const double cost = mma_cost(steps, tiles, gs.sms, gs.per_sm, u, split);
+          if (!best.kernel || cost < best_cost * (1.0 - 1e-9)) {
+            best.kernel = k;
+            best.split = split;
+            best.tiles = tiles;
+            best.u = u;
+            best_cost = cost;
+          }
+        }
+      }
+    });
+  });
+  return best;
+}
 }  // namespace
 
 void woq_check(const WoqWeights& w, const char* site) {
@@ -1413,6 +1646,7 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
 
 bool woq_gemv_fuses_hadamard(const WoqWeights& w, DType x_dtype, int64_t m, const void* x,
                              const WoqInputHadamard& rot, const WoqGemvTuning& tune) {
+  if (tune.kernel == WoqGemvKernel::Mma) return false;  // the mma variant never rotates: the caller runs two ops
   if (!woq_gemv_supported(w, x_dtype, m, x) || m > 4 || w.bits != 4 || rot.n <= 0 || w.in % rot.n != 0) return false;
   const WoqGemvTuning staged_tune = checked_staged_tuning(w, m, tune);
   return takes_staged(w, m, tune) && staged_plan_for(w, x_dtype, m, staged_tune, rot.n).kernel != nullptr;
@@ -1426,6 +1660,31 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   if (bias && bias_dtype != x_dtype && bias_dtype != DType::F32)
     bad(site, "bias dtype must be x's or F32, got " + std::string(dtype_name(bias_dtype)));
   if (!woq_gemv_supported(w, x_dtype, m, x)) bad(site, "this problem needs the dequantize path");
+  if (tune.kernel == WoqGemvKernel::Mma) {
+    check_mma_tuning(tune);
+    if (rot) bad(site, "rot: the mma variant does not rotate x (see woq_gemv_fuses_hadamard)");
+    if (mma_takes(w, x_dtype, m, x)) {
+      GemvArgs a{};
+      a.qweight = w.qweight;
+      a.qzeros = w.qzeros;
+      a.scales = w.scales;
+      a.x = x;
+      a.bias = bias;
+      a.bias_f32 = bias_dtype == DType::F32;
+      a.out = out;
+      a.in = w.in;
+      a.out_features = w.out;
+      a.group = w.group;
+      a.m = static_cast<int>(m);
+      a.split = 1;
+      a.zero_add = w.layout == WoqLayout::Gptq ? 1.0f : 0.0f;
+      a.rows = w.in / 8;
+      a.zwords = zwords_of(w);
+      launch_staged(plan_mma(w, x_dtype, tune), a, static_cast<cudaStream_t>(stream));
+      return;
+    }
+    tune = {};  // elsewhere the built-in choice, as the half2 variant does
+  }
   const WoqGemvTuning staged_tune = checked_staged_tuning(w, m, tune);
   const bool force_staged = tune.kernel == WoqGemvKernel::Staged || tune.kernel == WoqGemvKernel::StagedHalf2;
   if (rot && rot->n <= 0) bad(site, "rot: block size n must be positive, got " + std::to_string(rot->n));

@@ -62,4 +62,20 @@ inline StagedCost staged_cost(const StagedShape& p, const StagedSetting& s) {
 // The automatic choice leaves U = 16 to problems where each worker has one chunk and all blocks fit one wave.
 inline bool staged_auto_admits(int u, const StagedCost& c) { return u != 16 || (c.chain == 1 && c.waves == 1); }
 
+// The tensor-core GEMV (woq_cuda.cu gemv_gptq_mma_kernel): blocks of 32 columns x 8 warps, each warp a run of
+// steps (4 qweight rows) of its block's share of the inputs, U steps' loads in flight at once. A chunk of U steps is one
+// round trip to memory, so a block takes about its warps' chunks, and waves of resident blocks add up; a cluster
+// barrier costs about half a round trip. Not fitted yet (the H200 sweep, woq_cuda_bench.py --mma, should fit it).
+inline constexpr int kMmaWarps = kStagedThreads / 32;
+
+inline double mma_cost(int64_t steps, int64_t tiles, int sms, int per_sm, int u, int split) {
+  const int64_t warp_steps = (steps / split + kMmaWarps - 1) / kMmaWarps;
+  const double resident = static_cast<double>(sms) * per_sm * cluster_sm_share(split);
+  const double waves = std::ceil(static_cast<double>(tiles * split) / resident);
+  return waves * (static_cast<double>((warp_steps + u - 1) / u) + (split > 1 ? 0.5 : 0.0));
+}
+
+// Whether the automatic choice considers `split`: every warp has at least one step.
+inline bool mma_auto_admits(int64_t steps, int split) { return split == 1 || steps / split >= kMmaWarps; }
+
 }  // namespace fastround::infer::gpu
