@@ -290,9 +290,6 @@ def _nv_rtn_layers(comp: Compressor, model: torch.nn.Module, groups: list[list[s
     nv = {n for n in cfg if quantizes_weight(cfg[n]) and _is_nv_fp(cfg[n])}
     if not nv:
         return nv
-    if is_moe_model(model):
-        raise NotImplementedError("NVFP4 RTN (iters=0) on a MoE model is not implemented in fastround yet (upstream "
-                                  "aligns the experts' calibrated input maxima first)")
     later = [n for g in groups[1:] for b in g for n in _targets(comp, b) if n in nv]
     if later:
         raise NotImplementedError(f"NVFP4 RTN of layers after the first group of blocks ({later[:3]}) is not "
@@ -360,9 +357,6 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
         require_tunable(cfg[name], f"layer {name}")
     outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
     nv = [n for n in plan.quantized() if quantizes_weight(cfg[n]) and _is_nv_fp(cfg[n])]
-    if nv and is_moe_model(model):
-        raise NotImplementedError("NVFP4 SignRound on a MoE model is not implemented in fastround yet (upstream "
-                                  "aligns the experts' calibrated input maxima first)")
     outside_in: dict[str, list[torch.Tensor]] = {}
     outside_ids: list[torch.Tensor] = []
     groups = [g for g in plan.block_names if g]
@@ -475,6 +469,53 @@ def _nv_fused_min(model: torch.nn.Module, blocks: list[str], values: dict[str, f
     return out
 
 
+# Upstream's expert projection names by MoE block class (get_expert_linear_names: a substring of the lower-case
+# class name); any other MoE block is taken to name them w1 / w2 / w3.
+_MOE_EXPERT_LINEARS = (
+    (("qwen2moesparsemoeblock", "qwen3moesparsemoeblock", "deepseekmoe", "deepseekv2moe", "deepseekv3moe",
+      "qwen3vlmoetextsparsemoeblock", "qwen3omnimoethinkertextsparsemoeblock", "qwen3omnimoetalkertextsparsemoeblock"),
+     ("gate_proj", "down_proj", "up_proj")),
+    (("mixtralmoesparsemoeblock",), ("linear_fc1", "linear_fc2")),
+    (("dbrxmoesparsemoeblock",), ("w1_linear", "w2_linear", "v1_linear")),
+)
+
+
+def _moe_expert_linears(moe: torch.nn.Module) -> tuple[str, ...]:
+    kind = type(moe).__name__.lower()
+    for classes, linears in _MOE_EXPERT_LINEARS:
+        if any(c in kind for c in classes):
+            return linears
+    return ("w1", "w2", "w3")
+
+
+def _nv_fill_unreached_experts(model: torch.nn.Module, blocks: list[str], act_max: dict[str, torch.Tensor]
+                               ) -> dict[str, torch.Tensor]:
+    """`act_max` with upstream's set_amax_for_all_moe_layers applied to `blocks` before their global scales: in each
+    MoE block (class name with "moe", or DbrxFFN) whose experts are a list, an expert projection no calibration
+    token was routed to takes the largest max |input| of the same projection over the block's reached experts
+    (experts.3.up_proj: the max over experts.*.up_proj). Reached experts keep their own maximum (upstream's
+    AR_ENABLE_UNIFY_MOE_INPUT_SCALE, off by default, is not read)."""
+    from collections.abc import Iterable
+
+    out = dict(act_max)
+    for block in blocks:
+        for sub, mod in _module(model, block).named_modules():
+            kind = type(mod).__name__.lower()
+            experts = getattr(mod, "experts", None)
+            if not ("moe" in kind or "dbrxffn" in kind) or not isinstance(experts, torch.nn.Module) \
+                    or not isinstance(experts, Iterable):
+                continue
+            prefix = f"{block}.{sub}.experts" if sub else f"{block}.experts"
+            for proj in _moe_expert_linears(mod):
+                members = [f"{prefix}.{e}.{proj}" for e, expert in experts.named_children() if hasattr(expert, proj)]
+                reached = [out[m].reshape(-1) for m in members if m in out]
+                if not reached:
+                    continue
+                top = torch.cat([r.to(reached[0].device) for r in reached]).max().reshape(1)
+                out.update({m: top.clone() for m in members if m not in out})
+    return out
+
+
 def _nv_calibrate(comp: Compressor, model: torch.nn.Module, unit: torch.nn.Module, blocks: list[str],
                   names: list[str], samples: Any, train_in: list[torch.Tensor], cache: torch.device,
                   dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
@@ -540,8 +581,15 @@ def _nv_global_scales(comp: Compressor, model: torch.nn.Module, blocks: list[str
     """Upstream's update_block_global_scale_if_needed for the NVFP4 layers `nv` of `blocks` (see _nv_calibrate),
     given their calibrated input maxima (none: no input_global_scale)."""
     from fastround import tune_fp_ops
-    from fastround.tune_layers import NV_ATTR, NvGlobalScales
+    from fastround.tune_layers import NV_ATTR, NvGlobalScales, fp_act_spec
 
+    if blocks:
+        act_max = _nv_fill_unreached_experts(model, blocks, act_max)
+        unreached = [n for n in nv if n not in act_max and fp_act_spec(comp.layer_config[n]) is not None]
+        if unreached:
+            raise ValueError(f"NVFP4 layers {unreached[:3]}: the calibration forward of their block never reached "
+                             "them and no reached peer gives them an input maximum, so they have no static input "
+                             "global scale (upstream fails at export)")
     weight = _nv_fused_min(model, blocks, {n: tune_fp_ops.nv_global_scale(_module(model, n).weight) for n in nv})
     act = _nv_fused_min(model, blocks, {n: tune_fp_ops.nv_global_scale(act_max[n]) for n in nv if n in act_max})
     out: dict[str, dict[str, torch.Tensor]] = {}

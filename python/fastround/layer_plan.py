@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fastround import _C
-from fastround.modeling import find_block_names, lm_head_name, quantizable_layers, weight_out_in
+from fastround.modeling import find_block_names, is_quantizable, lm_head_name, quantizable_layers, weight_out_in
 from fastround.schemes import QuantizationScheme
 
 logger = logging.getLogger("fastround")
@@ -119,6 +119,22 @@ def _to_quant_blocks(model: torch.nn.Module, to_quant_block_names: Any, quant_no
     return groups
 
 
+def _moe_router_gates(model: torch.nn.Module) -> list[str]:
+    """Upstream's regular-flow fallback when no model-family rule applies: on a MoE model (its config's text
+    mentions moe or expert) every module named `*.gate` / `*.shared_expert_gate` (the routers) stays in full
+    precision. Only Linear-like routers are named: transformers' own TopKRouter (what fastround's loading keeps,
+    where upstream swaps in a Linear router) is no quantization target either way, and naming it would add a regex
+    entry to extra_config that upstream's Linear router does not get. Model-free has no such fallback."""
+    config = getattr(model, "config", None)
+    try:
+        text = str(config).lower()
+    except Exception:  # a config whose repr fails: upstream falls back to its dict
+        text = str(config.to_dict()).lower() if hasattr(config, "to_dict") else ""
+    if "moe" not in text and "expert" not in text:
+        return []
+    return [n for n, m in model.named_modules() if n.endswith((".gate", ".shared_expert_gate")) and is_quantizable(m)]
+
+
 def plan_layers(
     model: torch.nn.Module,
     scheme: dict[str, Any],
@@ -138,7 +154,7 @@ def plan_layers(
     flat_blocks = [b for g in blocks for b in g]
     config = dict(getattr(model, "config", {}).to_dict()) if hasattr(getattr(model, "config", None), "to_dict") else {}
     predefined = [
-        n for n in _C.predefined_ignore_layers(json.dumps(config, default=str))
+        n for n in _C.predefined_ignore_layers(json.dumps(config, default=str)) or _moe_router_gates(model)
         if any(n.startswith(p) for p in flat_blocks) or not any(p.startswith(n.split(".")[0]) for p in flat_blocks)
     ]
     if predefined:
