@@ -257,6 +257,8 @@ def test_cluster_plan_in_cuda_graph(dtype):
         hkc = None if hk is None else hk.cuda()
         sg = T.random_signs(n, torch.Generator().manual_seed(n)).to(torch.int8)
         sgc, xc = sg.cuda(), rand(1, n, dtype, 90).cuda()
+        names = kernels(lambda: T.hadamard_transform(xc, n, hkc, sgc, signs_first=True))
+        assert any("fwht_cluster_kernel" in nm for nm in names), names
         graph, y = captured(lambda: T.hadamard_transform(xc, n, hkc, sgc, signs_first=True))
         xc.copy_(rand(1, n, dtype, 91).cuda())
         graph.replay()
@@ -265,9 +267,9 @@ def test_cluster_plan_in_cuda_graph(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_r1_decode_row_split_in_cuda_graph(dtype):
-    """QuaRot's online R1 at batch 1: 1 x 4096, random signs first, captured in a CUDA graph (a split plan's
-    scratch would come from the graph's pool) and replayed on new input: the CPU op's bits; the R1 hook too."""
+def test_r1_decode_row_in_cuda_graph(dtype):
+    """QuaRot's online R1 at batch 1: 1 x 4096, random signs first (the cluster plan), then the whole row again,
+    captured in a CUDA graph and replayed on new input: the CPU op's bits; the R1 hook too."""
     n = 4096
     sg = T.random_signs(n, torch.Generator().manual_seed(7)).to(torch.int8)
     sgc, xc = sg.cuda(), rand(1, n, dtype, 40).cuda()

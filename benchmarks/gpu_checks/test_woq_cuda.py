@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _profile import kernels
 from fastround import ops
 
 
@@ -467,20 +468,10 @@ def test_half2_deterministic_and_rejected(cuda, monkeypatch):
 _MMA_SETTINGS = ["mma", "mma:4,1", "mma:8,1", "mma:4,2", "mma:8,4", "mma:4,8"]
 
 
-def _kernel_names(fn) -> list[str]:
-    """Names of the device kernels `fn` launches (after one call that sets up plans and attributes)."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def _runs_mma(dev, in_f, out_f, group_size, layout, m, dtype=torch.bfloat16) -> bool:
     qweight, qzeros, scales = (t.to(dev) for t in make_layer(in_f, out_f, 4, group_size, layout))
     x = torch.randn(m, in_f, device=dev, dtype=dtype)
-    names = _kernel_names(lambda: _op(x, qweight, qzeros, scales, None, 4, group_size, layout))
+    names = kernels(lambda: _op(x, qweight, qzeros, scales, None, 4, group_size, layout))
     return any("gemv_gptq_mma_kernel" in n for n in names)
 
 
@@ -499,8 +490,13 @@ def test_mma_variant(cuda, variant, dtype, monkeypatch):
         run_case(cuda, 1024, 124, 4, 128, "gptq_v2", m, dtype)           # a partial column tile
         run_case(cuda, 1056, 64, 4, 96, "gptq", m, dtype, bias=False)     # 33 steps, groups of 3 steps
         run_case(cuda, 2080, 36, 4, -1, "gptq_v2", m, dtype, scale_dtype=torch.bfloat16)  # per channel, odd steps
-        run_case(cuda, 256, 32, 4, 32, "gptq", m, dtype, bias_dtype=torch.float32)  # fewer steps than warps
+        run_case(cuda, 128, 32, 4, 32, "gptq", m, dtype, bias_dtype=torch.float32)  # fewer steps than warps
         run_case(cuda, 1088, 64, 4, 128, "gptq_v2", m, dtype)            # a partial last group
+    # Tolerance alone would pass a silent fallback to the built-in GEMV: the odd cases ran the mma kernel.
+    for in_f, out_f, group_size, layout in ((1024, 124, 128, "gptq_v2"), (1056, 64, 96, "gptq"),
+                                            (2080, 36, -1, "gptq_v2"), (128, 32, 32, "gptq"),
+                                            (1088, 64, 128, "gptq_v2")):
+        assert _runs_mma(cuda, in_f, out_f, group_size, layout, 3, dtype), (variant, in_f, out_f, group_size)
 
 
 @pytest.mark.parametrize("in_f,out_f", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
@@ -528,7 +524,7 @@ def test_mma_takes_what_it_says(cuda, monkeypatch):
         qweight, qzeros, scales = (t.to(cuda) for t in make_layer(in_f, out_f, bits, group_size, layout))
         x = torch.randn(m, in_f, device=cuda, dtype=torch.bfloat16)
         call = lambda: _op(x, qweight, qzeros, scales, None, bits, group_size, layout)
-        names = _kernel_names(call)
+        names = kernels(call)
         assert not any("gemv_gptq_mma_kernel" in n for n in names), (in_f, bits, group_size, layout, names)
         got = call()
         monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", "")
@@ -587,7 +583,7 @@ def test_mma_rotated_runs_two_ops(cuda, monkeypatch):
     ops_ = torch.ops.fastround
     call = lambda: ops_.woq_linear_rotated(x, qweight, qzeros, scales, None, 4, 128, "gptq", 64, None, None, False,
                                            False)
-    names = _kernel_names(call)
+    names = kernels(call)
     assert any("gemv_gptq_mma_kernel" in n for n in names), names
     assert not any("staged" in n for n in names), names
     want = _op(ops_.hadamard_transform(x, 64, None, None, False, False, True), qweight, qzeros, scales, None, 4, 128,

@@ -64,8 +64,9 @@ bool woq_gemv_supported(const WoqWeights& w, DType x_dtype, int64_t m, const voi
 // staged_half2: the staged kernel with its products in x's half2 arithmetic (fewer instructions per code, products
 // rounded to x's dtype), at batch 1 and 4 bits; elsewhere the built-in choice. Takes unroll, split and tx.
 // mma: the tensor-core GEMV (mma.sync m16n8k16, sm_80+), gptq and gptq_v2 at 4 bits, batches 1..8, x fp16 or bf16,
-// in and group multiples of 32; products exact in fp32, the fp32 path's rounding. Elsewhere (awq, 2 or 8 bits, group
-// or in not a multiple of 32, pre-sm_80) the built-in choice, as half2. Takes unroll (4 or 8 steps of 4 qweight rows
+// in and group multiples of 32; products exact, sums in fp32 (the tensor cores' accumulation, not IEEE
+// round-to-nearest at every add). Elsewhere (awq, 2 or 8 bits, group or in not a multiple of 32, pre-sm_80) the
+// built-in choice, as half2. Takes unroll (4 or 8 steps of 4 qweight rows
 // in flight per warp) and split; never fuses a rotation (woq_gemv_fuses_hadamard is false; rot throws OptionError).
 enum class WoqGemvKernel : int { Auto = 0, Rows = 1, Staged = 2, StagedHalf2 = 3, Mma = 4 };
 
