@@ -253,27 +253,33 @@ def test_unaligned_activations(cuda):
     torch.testing.assert_close(y.float().cpu(), ref, rtol=1.6e-2, atol=1.6e-2 * float(ref.abs().max()))
 
 
-def test_deterministic_and_graph_capture(cuda):
-    """Same bits on every call (no atomics), and the op replays inside a CUDA graph."""
-    qweight, qzeros, scales = (t.to(cuda) for t in make_layer(4096, 4096, 4, 128, "gptq"))
-    x = torch.randn(1, 4096, device=cuda, dtype=torch.bfloat16)
-    first = _op(x, qweight, qzeros, scales, None, 4, 128, "gptq")
+def assert_deterministic_and_replays(qweight, qzeros, scales, layout: str, x: torch.Tensor) -> None:
+    """Same bits on every call, and the op captured in a CUDA graph replays on new input with the eager bits."""
+    call = lambda inp: _op(inp, qweight, qzeros, scales, None, 4, 128, layout)  # noqa: E731
+    first = call(x)
     for _ in range(3):
-        assert torch.equal(first, _op(x, qweight, qzeros, scales, None, 4, 128, "gptq"))
+        assert torch.equal(first, call(x))
     static_x = x.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        _op(static_x, qweight, qzeros, scales, None, 4, 128, "gptq")  # warm-up outside capture
+        call(static_x)  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = _op(static_x, qweight, qzeros, scales, None, 4, 128, "gptq")
+        static_y = call(static_x)
     x2 = torch.randn_like(x)
     static_x.copy_(x2)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(static_y, _op(x2, qweight, qzeros, scales, None, 4, 128, "gptq"))
+    assert torch.equal(static_y, call(x2))
+
+
+def test_deterministic_and_graph_capture(cuda):
+    """Same bits on every call (no atomics), and the op replays inside a CUDA graph."""
+    qweight, qzeros, scales = (t.to(cuda) for t in make_layer(4096, 4096, 4, 128, "gptq"))
+    assert_deterministic_and_replays(qweight, qzeros, scales, "gptq",
+                                     torch.randn(1, 4096, device=cuda, dtype=torch.bfloat16))
 
 
 def test_bad_arguments(cuda):
@@ -555,24 +561,8 @@ def test_mma_deterministic_and_graph_capture(cuda, variant, monkeypatch):
     monkeypatch.setenv("FASTROUND_WOQ_CUDA_VARIANT", variant)
     qweight, qzeros, scales = (t.to(cuda) for t in make_layer(4096, 4096, 4, 128, "gptq_v2"))
     for m in (1, 5):
-        x = torch.randn(m, 4096, device=cuda, dtype=torch.bfloat16)
-        first = _op(x, qweight, qzeros, scales, None, 4, 128, "gptq_v2")
-        for _ in range(3):
-            assert torch.equal(first, _op(x, qweight, qzeros, scales, None, 4, 128, "gptq_v2"))
-        static_x = x.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            _op(static_x, qweight, qzeros, scales, None, 4, 128, "gptq_v2")  # warm-up outside capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = _op(static_x, qweight, qzeros, scales, None, 4, 128, "gptq_v2")
-        x2 = torch.randn_like(x)
-        static_x.copy_(x2)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_y, _op(x2, qweight, qzeros, scales, None, 4, 128, "gptq_v2"))
+        assert_deterministic_and_replays(qweight, qzeros, scales, "gptq_v2",
+                                         torch.randn(m, 4096, device=cuda, dtype=torch.bfloat16))
 
 
 def test_mma_rotated_runs_two_ops(cuda, monkeypatch):

@@ -1652,6 +1652,27 @@ bool woq_gemv_fuses_hadamard(const WoqWeights& w, DType x_dtype, int64_t m, cons
   return takes_staged(w, m, tune) && staged_plan_for(w, x_dtype, m, staged_tune, rot.n).kernel != nullptr;
 }
 
+// The GEMV arguments every kernel shares; rows are GPTQ's qweight rows (AWQ's launch sets its own), split 1.
+GemvArgs gemv_args(const WoqWeights& w, const void* x, int64_t m, const void* bias, DType bias_dtype, void* out) {
+  GemvArgs a{};
+  a.qweight = w.qweight;
+  a.qzeros = w.qzeros;
+  a.scales = w.scales;
+  a.x = x;
+  a.bias = bias;
+  a.bias_f32 = bias_dtype == DType::F32;
+  a.out = out;
+  a.in = w.in;
+  a.out_features = w.out;
+  a.group = w.group;
+  a.m = static_cast<int>(m);
+  a.split = 1;
+  a.zero_add = w.layout == WoqLayout::Gptq ? 1.0f : 0.0f;
+  a.rows = w.in * w.bits / 32;
+  a.zwords = zwords_of(w);
+  return a;
+}
+
 void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m, const void* bias, DType bias_dtype,
                    void* out, void* stream, WoqGemvTuning tune, const WoqInputHadamard* rot) {
   constexpr const char* site = "woq_gemv_cuda";
@@ -1664,22 +1685,7 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
     check_mma_tuning(tune);
     if (rot) bad(site, "rot: the mma variant does not rotate x (see woq_gemv_fuses_hadamard)");
     if (mma_takes(w, x_dtype, m, x)) {
-      GemvArgs a{};
-      a.qweight = w.qweight;
-      a.qzeros = w.qzeros;
-      a.scales = w.scales;
-      a.x = x;
-      a.bias = bias;
-      a.bias_f32 = bias_dtype == DType::F32;
-      a.out = out;
-      a.in = w.in;
-      a.out_features = w.out;
-      a.group = w.group;
-      a.m = static_cast<int>(m);
-      a.split = 1;
-      a.zero_add = w.layout == WoqLayout::Gptq ? 1.0f : 0.0f;
-      a.rows = w.in / 8;
-      a.zwords = zwords_of(w);
+      const GemvArgs a = gemv_args(w, x, m, bias, bias_dtype, out);
       launch_staged(plan_mma(w, x_dtype, tune), a, static_cast<cudaStream_t>(stream));
       return;
     }
@@ -1700,22 +1706,7 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   const bool rows_tuned = !force_staged;
   const int unroll = m != 1 ? kBatch : rows_tuned && tune.unroll != 0 ? tune.unroll : gptq48 ? 4 : kBatch;
   const int split = m != 1 ? 0 : rows_tuned && tune.split != 0 ? tune.split : gptq48 ? 2 : 0;
-  GemvArgs a{};
-  a.qweight = w.qweight;
-  a.qzeros = w.qzeros;
-  a.scales = w.scales;
-  a.x = x;
-  a.bias = bias;
-  a.bias_f32 = bias_dtype == DType::F32;
-  a.out = out;
-  a.in = w.in;
-  a.out_features = w.out;
-  a.group = w.group;
-  a.m = static_cast<int>(m);
-  a.split = 1;
-  a.zero_add = w.layout == WoqLayout::Gptq ? 1.0f : 0.0f;
-  a.rows = w.in * w.bits / 32;  // gptq (the awq branch below sets its own)
-  a.zwords = zwords_of(w);
+  GemvArgs a = gemv_args(w, x, m, bias, bias_dtype, out);  // rows: gptq's (the awq branch below sets its own)
   if (rot) {
     a.rot_n = static_cast<int>(rot->n);
     a.rot_signs = rot->signs;
