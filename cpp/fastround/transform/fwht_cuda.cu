@@ -437,9 +437,9 @@ __global__ void __launch_bounds__(kMixThreads) high_stages_kernel(const Params<t
 // kHighRadix blocks per n-block, each block one n/8-long chunk in its shared memory. Each block runs the one-kernel
 // plan's low stages over its chunk, then, after the cluster barrier, the last three strides read the 8 chunks through
 // distributed shared memory (high_stages_kernel's radix-8 across the chunks at each offset), each block finishing
-// an eighth of the offsets, one per thread. The one-kernel plan walked R1's 4096-wide decode row in one thread block (4.6 us on the
-// H200; the cluster: 3.6 us fp32, 4.4 bf16), the split plan used two launches and a scratch. Same operations on the
-// same values as the other plans: the same bits. (A K > 1 variant, the K stage over the slices through distributed
+// an eighth of the offsets, one per thread. The one-kernel plan walked R1's 4096-wide decode row in one thread block
+// (4.6-4.8 us on the H200; the cluster: 3.2 us fp32 and bf16), the split plan used two launches and a scratch. Same
+// operations on the same values as the other plans: the same bits. (A K > 1 variant, the K stage over the slices through distributed
 // shared memory, gave the bits but took 30 us on R4's 1 x 14336 row against the split plan's 9.3: 28 remote reads per
 // output. K > 1 keeps the split plan.)
 namespace cg = cooperative_groups;
@@ -610,24 +610,32 @@ bool takes_cluster(int64_t rows, int64_t cols, const FwhtSpec& spec, int64_t com
   if (spec.k != 1 || !is_pow2(spec.n) || spec.n < kClusterPow2Min) return false;
   if (spec.n / kHighRadix * compute_bytes > 48 * 1024 || spec.n * compute_bytes > smem_optin_cached(site)) return false;
   const char* env = std::getenv("FASTROUND_FWHT_CLUSTER");
-  if (env && std::string(env) == "0") return false;
+  if (env && env[0] == '0' && env[1] == '\0') return false;
   return clusters_available(site);
 }
 
+// Which kernels run a call: the cluster plan where it applies, else the split plan where it applies and a scratch
+// is at hand (have_scratch; fwht_cuda_scratch_bytes asks as if it were), else one fwht_kernel launch over tiles.
+// Decided once per call: the conditions read the environment and per-device caches on the decode hot path.
 // compute_bytes: sizeof the compute type (4, or 8 for F64).
-bool takes_split(int64_t rows, int64_t cols, const FwhtSpec& spec, int64_t compute_bytes, const char* site) {
-  if (takes_cluster(rows, cols, spec, compute_bytes, site)) return false;
+enum class Plan { Tiles, Split, Cluster };
+
+Plan plan_for(int64_t rows, int64_t cols, const FwhtSpec& spec, int64_t compute_bytes, bool have_scratch,
+              const char* site) {
+  if (takes_cluster(rows, cols, spec, compute_bytes, site)) return Plan::Cluster;
+  if (!have_scratch) return Plan::Tiles;
   const int64_t blocks = rows * (cols / spec.n);
   if (spec.k == 1) {
     // Only where the one-kernel plan runs too (its n-block fits the shared memory): the split must not widen what
     // the op accepts, or a 1-row call would pass where the same n with more rows is refused.
-    return is_pow2(spec.n) && spec.n >= kPow2SplitMin && blocks <= kPow2SplitMaxBlocks &&
-           spec.n * compute_bytes <= smem_optin_cached(site);
+    const bool split = is_pow2(spec.n) && spec.n >= kPow2SplitMin && blocks <= kPow2SplitMaxBlocks &&
+                       spec.n * compute_bytes <= smem_optin_cached(site);
+    return split ? Plan::Split : Plan::Tiles;
   }
   const int64_t len = spec.n / spec.k;
-  if (len % 8 != 0) return false;
+  if (len % 8 != 0) return Plan::Tiles;
   const int64_t bpt = blocks_per_tile(spec.n, blocks);
-  return (blocks + bpt - 1) / bpt < kSplitBelowTiles;
+  return (blocks + bpt - 1) / bpt < kSplitBelowTiles ? Plan::Split : Plan::Tiles;
 }
 
 template <typename IO>
@@ -704,7 +712,7 @@ void launch_high_stages(const Params<typename IO::C>& p, int chunk, const typena
   check_launch(site, cudaGetLastError());
 }
 
-// The split plan (takes_split): the butterflies of every seg-long segment with the leading signs into `scratch`
+// The split plan (plan_for): the butterflies of every seg-long segment with the leading signs into `scratch`
 // ([blocks, n] compute type, unrounded, unscaled), then the rest, scale, trailing signs and store: for K > 1
 // (seg = len) kmix_kernel's K stage; for K = 1 (seg = n / kHighRadix) high_stages_kernel's last stages.
 template <typename IO>
@@ -779,11 +787,11 @@ template <typename IO>
 void launch(const void* x, void* y, int64_t rows, int64_t cols, const FwhtSpec& spec, void* stream, void* scratch,
             const char* site) {
   const Params<typename IO::C> p = make_params<IO>(x, y, rows, cols, spec);
-  if constexpr (sizeof(typename IO::C) == 4) {  // fp64's 8 x 8 registers of the last stages would spill
-    if (takes_cluster(rows, cols, spec, sizeof(typename IO::C), site)) return launch_cluster<IO>(p, stream, site);
+  const Plan plan = plan_for(rows, cols, spec, sizeof(typename IO::C), scratch != nullptr, site);
+  if constexpr (sizeof(typename IO::C) == 4) {  // no fp64 instantiation: takes_cluster refuses fp64 compute
+    if (plan == Plan::Cluster) return launch_cluster<IO>(p, stream, site);
   }
-  if (scratch && takes_split(rows, cols, spec, sizeof(typename IO::C), site))
-    return launch_split<IO>(p, scratch, stream, site);
+  if (plan == Plan::Split) return launch_split<IO>(p, scratch, stream, site);
   launch_tiles<IO>(p, stream, site);
 }
 
@@ -796,7 +804,7 @@ int64_t fwht_cuda_max_block(DType dtype) {
 
 int64_t fwht_cuda_scratch_bytes(DType dtype, int64_t rows, int64_t cols, const FwhtSpec& spec) {
   if (rows <= 0 || cols <= 0 || spec.n <= 0 || spec.k <= 0 || cols % spec.n != 0 || spec.n % spec.k != 0) return 0;
-  if (!takes_split(rows, cols, spec, dtype == DType::F64 ? 8 : 4, "fwht_cuda_scratch_bytes")) return 0;
+  if (plan_for(rows, cols, spec, dtype == DType::F64 ? 8 : 4, true, "fwht_cuda_scratch_bytes") != Plan::Split) return 0;
   return rows * cols * (dtype == DType::F64 ? 8 : 4);
 }
 
