@@ -739,7 +739,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
 #else
-  __trap();  // the host never launches the mma kernel below sm_80 (mma_takes)
+  __trap();  // the host never launches the mma kernel below sm_80 (cached_plan_mma)
 #endif
 }
 
@@ -1564,13 +1564,10 @@ GemvKernel mma_kernel(int u) {
 
 // What the mma kernel takes (else the built-in choice runs): gptq layouts at 4 bits, whole steps of 32 inputs in
 // one group, a device with mma.sync bf16 (sm_80 and later).
-bool mma_takes(const WoqWeights& w, DType x_dtype, int64_t m, const void* x) {
-  if (!woq_gemv_supported(w, x_dtype, m, x) || w.layout == WoqLayout::Awq || w.bits != 4) return false;
-  if (w.in % 32 != 0 || w.group % 32 != 0) return false;
-  int device = 0, major = 0;
-  check_launch("woq_gemv_cuda", cudaGetDevice(&device));
-  check_launch("woq_gemv_cuda", cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8;
+// The problems the mma kernel takes (its device rule is cached_plan_mma's). woq_gemv_cuda checked
+// woq_gemv_supported already.
+bool mma_shape_ok(const WoqWeights& w) {
+  return w.layout != WoqLayout::Awq && w.bits == 4 && w.in % 32 == 0 && w.group % 32 == 0;
 }
 
 void check_mma_tuning(const WoqGemvTuning& tune) {
@@ -1613,6 +1610,27 @@ StagedPlan plan_mma(const WoqWeights& w, DType x_dtype, const WoqGemvTuning& tun
     });
   });
   return best;
+}
+
+// plan_mma asked once per problem and tuning (as cached_plan_staged: the op runs at every decode step and inside
+// CUDA graph capture); a null kernel on a device without the instruction (before sm_80).
+StagedPlan cached_plan_mma(const WoqWeights& w, DType x_dtype, const WoqGemvTuning& tune) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, StagedPlan> plans;
+  int device = 0;
+  check_launch("woq_gemv_cuda", cudaGetDevice(&device));
+  const std::string key = std::to_string(device) + ":" + std::to_string(w.in) + ":" + std::to_string(w.out) + ":" +
+                          std::to_string(w.group) + ":" + std::to_string(static_cast<int>(x_dtype)) + ":" +
+                          std::to_string(static_cast<int>(w.scale_dtype)) + ":" + std::to_string(tune.unroll) +
+                          ":" + std::to_string(tune.split);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = plans.find(key);
+  if (it == plans.end()) {
+    int major = 0;
+    check_launch("woq_gemv_cuda", cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    it = plans.emplace(key, major >= 8 ? plan_mma(w, x_dtype, tune) : StagedPlan{}).first;
+  }
+  return it->second;
 }
 }  // namespace
 
@@ -1684,9 +1702,9 @@ void woq_gemv_cuda(const WoqWeights& w, DType x_dtype, const void* x, int64_t m,
   if (tune.kernel == WoqGemvKernel::Mma) {
     check_mma_tuning(tune);
     if (rot) bad(site, "rot: the mma variant does not rotate x (see woq_gemv_fuses_hadamard)");
-    if (mma_takes(w, x_dtype, m, x)) {
-      const GemvArgs a = gemv_args(w, x, m, bias, bias_dtype, out);
-      launch_staged(plan_mma(w, x_dtype, tune), a, static_cast<cudaStream_t>(stream));
+    const StagedPlan plan = mma_shape_ok(w) ? cached_plan_mma(w, x_dtype, tune) : StagedPlan{};
+    if (plan.kernel) {
+      launch_staged(plan, gemv_args(w, x, m, bias, bias_dtype, out), static_cast<cudaStream_t>(stream));
       return;
     }
     tune = {};  // elsewhere the built-in choice, as the half2 variant does
