@@ -317,10 +317,7 @@ def half2_compare(group: int, dev: torch.device) -> dict:
                     os.environ[env] = "rows"
                     ref = op(x, *layer, None, bits, group, layout).float()
                     for v in ["rows", ""] + (["half2"] if bits == 4 else []):
-                        os.environ[env] = v
-                        y = op(x, *layer, None, bits, group, layout).float()
-                        rel = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-                        us = _graph_us([lambda t=t: op(x, *t, None, bits, group, layout) for t in layers]) / copies
+                        us, rel = _time_variant(v, x, layers, ref, bits, group, layout)
                         name = f"{v or 'default'}/{str(x_dtype).split('.')[-1]}"
                         rows.append({"case": case, "variant": name, "woq_graph_us": round(us, 2),
                                      "speedup_vs_bf16": round(dense_us / us, 3), "rel_diff_vs_rows": rel})
@@ -335,6 +332,18 @@ def half2_compare(group: int, dev: torch.device) -> dict:
         os.environ.pop(env, None)
     return {"target": f"gptq:4 m=1 >= {TARGET_SPEEDUP}x bf16", "seconds": round(time.monotonic() - t0, 1),
             "summary ([us, speedup vs bf16] per variant/x dtype)": summary, "rows": rows}
+
+
+def _time_variant(variant: str, x: torch.Tensor, layers: list, ref: torch.Tensor, bits: int, group: int,
+                  layout: str) -> tuple[float, float]:
+    """(graph us per call over the `layers` copies, largest difference of layers[0]'s output from `ref` relative to
+    ref's largest) with FASTROUND_WOQ_CUDA_VARIANT=variant (left set: the caller restores it)."""
+    op = torch.ops.fastround.woq_linear
+    os.environ["FASTROUND_WOQ_CUDA_VARIANT"] = variant
+    y = op(x, *layers[0], None, bits, group, layout).float()
+    rel = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    us = _graph_us([lambda t=t: op(x, *t, None, bits, group, layout) for t in layers]) / len(layers)
+    return us, rel
 
 
 MMA_SETTINGS = [f"mma:{u},{s}" for u in (4, 8) for s in (1, 2, 4, 8)]
@@ -375,10 +384,7 @@ def mma_compare(group: int, budget_s: float, dev: torch.device) -> dict:
                         if v.startswith("mma:") and time.monotonic() - t0 > budget_s:
                             truncated = True
                             continue
-                        os.environ[env] = v
-                        y = op(x, *layer, None, bits, group, layout).float()
-                        rel = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-                        us = _graph_us([lambda t=t: op(x, *t, None, bits, group, layout) for t in layers]) / copies
+                        us, rel = _time_variant(v, x, layers, ref, bits, group, layout)
                         name = f"{v or 'default'}/{str(x_dtype).split('.')[-1]}/m{m}"
                         rows.append({"case": case, "variant": name, "woq_graph_us": round(us, 2),
                                      "speedup_vs_bf16": round(dense_us / us, 3), "rel_diff_vs_default": rel})

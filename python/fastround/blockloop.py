@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -356,7 +357,6 @@ def run_tuned(comp: Compressor, model: torch.nn.Module, fmt: str) -> None:
     for name in plan.quantized():
         require_tunable(cfg[name], f"layer {name}")
     outside = [n for n in cfg if not cfg[n].get("in_blocks") and quantizes_weight(cfg[n])]
-    nv = [n for n in plan.quantized() if quantizes_weight(cfg[n]) and _is_nv_fp(cfg[n])]
     outside_in: dict[str, list[torch.Tensor]] = {}
     outside_ids: list[torch.Tensor] = []
     groups = [g for g in plan.block_names if g]
@@ -495,8 +495,6 @@ def _nv_fill_unreached_experts(model: torch.nn.Module, blocks: list[str], act_ma
     token was routed to takes the largest max |input| of the same projection over the block's reached experts
     (experts.3.up_proj: the max over experts.*.up_proj). Reached experts keep their own maximum (upstream's
     AR_ENABLE_UNIFY_MOE_INPUT_SCALE, off by default, is not read)."""
-    from collections.abc import Iterable
-
     out = dict(act_max)
     for block in blocks:
         for sub, mod in _module(model, block).named_modules():

@@ -1427,21 +1427,29 @@ StagedPlan plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& t
   return best;
 }
 
-// Plans are asked once per problem and tuning (the op runs at every decode step, and inside CUDA graph capture).
-template <int BITS, int MT, DType XT, DType ST>
-StagedPlan cached_plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& tune) {
+// Plans are asked once per problem and tuning (the op runs at every decode step, and inside CUDA graph capture):
+// make() runs on the first call for (the current device, key), its plan is returned from then on. Each caller's
+// make type has its own table.
+template <typename Make>
+StagedPlan plan_once(const std::string& key, Make make) {
   static std::mutex mu;
   static std::unordered_map<std::string, StagedPlan> plans;
   int device = 0;
   check_launch("woq_gemv_cuda", cudaGetDevice(&device));
-  const std::string key = std::to_string(device) + ":" + std::to_string(w.in) + ":" + std::to_string(w.out) + ":" +
-                          std::to_string(w.group) + ":" + std::to_string(tune.unroll) + ":" +
-                          std::to_string(tune.tx) + ":" + std::to_string(tune.split) + ":" +
-                          std::to_string(tune.prefetch) + ":" + std::to_string(static_cast<int>(tune.kernel));
+  const std::string k = std::to_string(device) + ":" + key;
   std::lock_guard<std::mutex> lock(mu);
-  auto it = plans.find(key);
-  if (it == plans.end()) it = plans.emplace(key, plan_staged<BITS, MT, XT, ST>(w, rows, tune)).first;
+  auto it = plans.find(k);
+  if (it == plans.end()) it = plans.emplace(k, make(device)).first;
   return it->second;
+}
+
+template <int BITS, int MT, DType XT, DType ST>
+StagedPlan cached_plan_staged(const WoqWeights& w, int64_t rows, const WoqGemvTuning& tune) {
+  const std::string key = std::to_string(w.in) + ":" + std::to_string(w.out) + ":" + std::to_string(w.group) + ":" +
+                          std::to_string(tune.unroll) + ":" + std::to_string(tune.tx) + ":" +
+                          std::to_string(tune.split) + ":" + std::to_string(tune.prefetch) + ":" +
+                          std::to_string(static_cast<int>(tune.kernel));
+  return plan_once(key, [&](int) { return plan_staged<BITS, MT, XT, ST>(w, rows, tune); });
 }
 
 // The plan `base` (the problem's staged plan without rotation) in the kernel that rotates x's rot_n-blocks as it
@@ -1465,17 +1473,10 @@ StagedPlan rotated_plan(const StagedPlan& base, int64_t rows, int64_t rot_n) {
 // rotated_plan, asked once per base plan, rows and block size (the fusion check runs at every call).
 template <int BITS, int MT, DType XT, DType ST>
 StagedPlan cached_rotated_plan(const StagedPlan& base, int64_t rows, int64_t rot_n) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, StagedPlan> plans;
-  int device = 0;
-  check_launch("woq_gemv_cuda", cudaGetDevice(&device));
-  const std::string key = std::to_string(device) + ":" + std::to_string(reinterpret_cast<uintptr_t>(base.kernel)) +
-                          ":" + std::to_string(base.split) + ":" + std::to_string(base.smem) + ":" +
-                          std::to_string(rows) + ":" + std::to_string(rot_n);
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = plans.find(key);
-  if (it == plans.end()) it = plans.emplace(key, rotated_plan<BITS, MT, XT, ST>(base, rows, rot_n)).first;
-  return it->second;
+  const std::string key = std::to_string(reinterpret_cast<uintptr_t>(base.kernel)) + ":" +
+                          std::to_string(base.split) + ":" + std::to_string(base.smem) + ":" + std::to_string(rows) +
+                          ":" + std::to_string(rot_n);
+  return plan_once(key, [&](int) { return rotated_plan<BITS, MT, XT, ST>(base, rows, rot_n); });
 }
 
 void launch_staged(const StagedPlan& p, GemvArgs a, cudaStream_t stream) {
@@ -1615,22 +1616,15 @@ StagedPlan plan_mma(const WoqWeights& w, DType x_dtype, const WoqGemvTuning& tun
 // plan_mma asked once per problem and tuning (as cached_plan_staged: the op runs at every decode step and inside
 // CUDA graph capture); a null kernel on a device without the instruction (before sm_80).
 StagedPlan cached_plan_mma(const WoqWeights& w, DType x_dtype, const WoqGemvTuning& tune) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, StagedPlan> plans;
-  int device = 0;
-  check_launch("woq_gemv_cuda", cudaGetDevice(&device));
-  const std::string key = std::to_string(device) + ":" + std::to_string(w.in) + ":" + std::to_string(w.out) + ":" +
-                          std::to_string(w.group) + ":" + std::to_string(static_cast<int>(x_dtype)) + ":" +
+  const std::string key = std::to_string(w.in) + ":" + std::to_string(w.out) + ":" + std::to_string(w.group) + ":" +
+                          std::to_string(static_cast<int>(x_dtype)) + ":" +
                           std::to_string(static_cast<int>(w.scale_dtype)) + ":" + std::to_string(tune.unroll) +
                           ":" + std::to_string(tune.split);
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = plans.find(key);
-  if (it == plans.end()) {
+  return plan_once(key, [&](int device) {
     int major = 0;
     check_launch("woq_gemv_cuda", cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    it = plans.emplace(key, major >= 8 ? plan_mma(w, x_dtype, tune) : StagedPlan{}).first;
-  }
-  return it->second;
+    return major >= 8 ? plan_mma(w, x_dtype, tune) : StagedPlan{};
+  });
 }
 }  // namespace
 
